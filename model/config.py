@@ -1,0 +1,163 @@
+"""ModelConfig: every hyperparameter of a V4-style model, validated at construction.
+
+Presets live as Hydra YAML in ``conf/model/<name>.yaml`` (the single source of truth);
+``ModelConfig.from_preset("tiny")`` loads one outside Hydra, and ``ModelConfig.from_dict``
+turns a Hydra ``cfg.model`` node into a config (unknown keys are an error).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
+
+HYPER_CONNECTION_KINDS = ("mhc", "hc", "residual")
+ATTENTION_MODES = ("dense", "sparse")
+
+
+class ConfigError(ValueError):
+    """An invalid model configuration; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "custom"
+    # --- sizes
+    vocab_size: int = 129280
+    dim: int = 4096
+    n_layers: int = 43
+    max_seq_len: int = 1048576
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    # --- attention (one shared K=V head, MQA)
+    n_heads: int = 64
+    head_dim: int = 512
+    rope_dim: int = 64            # RoPE on the last rope_dim channels of q and kv
+    q_lora_rank: int = 1024
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    window: int = 128             # sliding window: query t sees keys t-window+1 .. t
+    # compress ratio per layer: 0 = window only, csa_ratio = CSA (overlap + indexer),
+    # any other positive ratio = HCA (dense over all visible compressed entries).
+    compress_ratios: list[int] = field(default_factory=list)
+    csa_ratio: int = 4
+    attention_mode: str = "sparse"  # "dense": CSA attends all visible entries (curriculum phase 1)
+    # --- lightning indexer (CSA layers)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    # --- RoPE: theta on window-only layers; YaRN-scaled theta on compressed layers
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    yarn_factor: float = 16.0
+    yarn_original_max_pos: int = 65536
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    # --- MoE (every layer)
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 6
+    moe_inter_dim: int = 2048
+    route_scale: float = 1.5
+    n_hash_layers: int = 3
+    hash_seed: int = 0
+    swiglu_limit: float = 10.0
+    bias_update_speed: float = 0.001
+    balance_loss_alpha: float = 1e-4
+    # --- hyper-connections
+    hyper_connections: str = "mhc"
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    hc_init_alpha: float = 0.01   # gating factors alpha (paper); fn init scale is ours
+    # --- multi-token prediction
+    mtp_depth: int = 1
+    mtp_compress_ratio: int = 0   # the MTP block is window-only in V4
+    mtp_loss_weight: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not self.compress_ratios:
+            self.compress_ratios = [0] * self.n_layers
+        self.compress_ratios = [int(r) for r in self.compress_ratios]
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def need(cond: bool, fld: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"model.{fld}: {msg}")
+
+        for f in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "q_lora_rank",
+                  "o_groups", "o_lora_rank", "window", "index_n_heads", "index_head_dim",
+                  "n_routed_experts", "n_activated_experts", "moe_inter_dim", "hc_mult"):
+            need(int(getattr(self, f)) >= 1, f, f"must be >= 1, got {getattr(self, f)}")
+        need(len(self.compress_ratios) == self.n_layers, "compress_ratios",
+             f"needs one entry per layer ({self.n_layers}), got {len(self.compress_ratios)}")
+        for i, r in enumerate(self.compress_ratios):
+            need(r >= 0 and (r == 0 or r >= 2), "compress_ratios",
+                 f"ratio {r} at layer {i} not allowed: use 0 (window only) or an integer >= 2")
+        need(self.csa_ratio >= 2, "csa_ratio", f"must be >= 2, got {self.csa_ratio}")
+        need(self.index_topk >= 1, "index_topk", f"top-k must be >= 1, got {self.index_topk}")
+        need(self.n_heads % self.o_groups == 0, "o_groups",
+             f"n_heads ({self.n_heads}) must be divisible by o_groups ({self.o_groups})")
+        need(0 < self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0, "rope_dim",
+             f"must be even and in (0, head_dim={self.head_dim}], got {self.rope_dim}")
+        need(0 < self.rope_dim <= self.index_head_dim, "rope_dim",
+             f"must be <= index_head_dim ({self.index_head_dim}), got {self.rope_dim}")
+        need(self.n_activated_experts <= self.n_routed_experts, "n_activated_experts",
+             f"top-k ({self.n_activated_experts}) exceeds n_routed_experts ({self.n_routed_experts})")
+        need(0 <= self.n_hash_layers <= self.n_layers, "n_hash_layers",
+             f"must be in [0, n_layers={self.n_layers}], got {self.n_hash_layers}")
+        need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+        need(self.hyper_connections in HYPER_CONNECTION_KINDS, "hyper_connections",
+             f"must be one of {HYPER_CONNECTION_KINDS}, got {self.hyper_connections!r}")
+        need(self.attention_mode in ATTENTION_MODES, "attention_mode",
+             f"must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
+        need(self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
+        need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def n_streams(self) -> int:
+        """Residual streams carried between blocks (1 for a plain residual)."""
+        return 1 if self.hyper_connections == "residual" else self.hc_mult
+
+    def is_csa(self, ratio: int) -> bool:
+        return ratio == self.csa_ratio
+
+    @property
+    def max_compress_ratio(self) -> int:
+        return max(self.compress_ratios + [1])
+
+    def layer_kind(self, layer: int) -> str:
+        r = self.compress_ratios[layer]
+        return "window" if r == 0 else ("csa" if self.is_csa(r) else "hca")
+
+    # ------------------------------------------------------------------ io
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"model: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        path = PRESET_DIR / f"{name}.yaml"
+        if not path.is_file():
+            avail = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+            raise ConfigError(f"model: unknown preset {name!r}; available presets: {avail}")
+        import yaml  # PyYAML ships with hydra/omegaconf
+
+        with open(path) as fh:
+            d = yaml.safe_load(fh) or {}
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        d.update(overrides)
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

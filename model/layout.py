@@ -1,0 +1,110 @@
+"""Packed-sequence layout: where each document starts, positions within documents, and
+which compressed entries exist.
+
+A batch row may pack several documents. ``doc_ids [B, L]`` (any integers, a new document
+starts wherever the value changes) fully describes the packing. From it we derive:
+
+* ``positions [B, L]``  position of each token inside its document (RoPE restarts per doc);
+* ``doc_start [B, L]``  global index of the first token of each token's document.
+
+Visibility rules used everywhere (reference, kernels, indexer):
+
+* window key s is visible to query t  iff  max(doc_start[t], t - window + 1) <= s <= t;
+* compressed entry i (covering tokens up to ``c_end[i]``) is visible to query t
+  iff  doc_start[t] <= c_end[i] <= t.  For one document starting at 0 with ratio m this is
+  exactly ``i < (t + 1) // m``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DocLayout:
+    positions: torch.Tensor  # [B, L] long, position within document
+    doc_start: torch.Tensor  # [B, L] long, global index of the document's first token
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.positions.shape
+
+    @staticmethod
+    def single(batch: int, length: int, device: torch.device | str = "cpu") -> "DocLayout":
+        """One document per row (no packing)."""
+        pos = torch.arange(length, device=device).expand(batch, length)
+        return DocLayout(positions=pos, doc_start=torch.zeros_like(pos))
+
+    @staticmethod
+    def from_doc_ids(doc_ids: torch.Tensor) -> "DocLayout":
+        """doc_ids: [B, L] integers; a document boundary wherever consecutive values differ."""
+        if doc_ids.dim() != 2:
+            raise ValueError(f"doc_ids must be [batch, length], got shape {tuple(doc_ids.shape)}")
+        B, L = doc_ids.shape
+        idx = torch.arange(L, device=doc_ids.device).expand(B, L)
+        is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+        is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        start = torch.where(is_start, idx, torch.zeros_like(idx))
+        doc_start = torch.cummax(start, dim=1).values
+        return DocLayout(positions=idx - doc_start, doc_start=doc_start)
+
+
+@dataclass
+class CompressedLayout:
+    """Which compression blocks exist for ratio m under a DocLayout.
+
+    Blocks never straddle documents; a trailing partial block of a document is dropped.
+    Entries are listed per row in order and padded to ``n_max = L // m`` (an upper bound).
+    """
+
+    block_start: torch.Tensor  # [B, N] long, global index of the block's first token (0 for pads)
+    c_end: torch.Tensor        # [B, N] long, global index of the block's last token; L for pads
+    c_pos: torch.Tensor        # [B, N] long, in-document position of the block's first token
+    prev_index: torch.Tensor   # [B, N] long, entry index of the previous block in the same doc, -1 if none
+    valid: torch.Tensor        # [B, N] bool
+
+    @staticmethod
+    def build(layout: DocLayout, ratio: int) -> "CompressedLayout":
+        pos, dstart = layout.positions, layout.doc_start
+        B, L = pos.shape
+        dev = pos.device
+        n_max = L // ratio
+        idx = torch.arange(L, device=dev).expand(B, L)
+        # document end (exclusive) for each token: next doc_start, found by a reverse cummin
+        is_start = pos == 0
+        nxt = torch.where(is_start, idx, torch.full_like(idx, L))
+        nxt = torch.cat([nxt[:, 1:], torch.full_like(nxt[:, :1], L)], dim=1)
+        doc_end = torch.flip(torch.cummin(torch.flip(nxt, [1]), dim=1).values, [1])
+        is_block = (pos % ratio == 0) & (idx + ratio <= doc_end)
+        count = is_block.sum(1)
+        # stable order of block starts: sort keys (not a block -> L + idx)
+        key = torch.where(is_block, idx, idx + L)
+        order = torch.sort(key, dim=1, stable=True).indices[:, :n_max] if n_max > 0 else idx[:, :0]
+        valid = torch.arange(n_max, device=dev).expand(B, n_max) < count[:, None]
+        block_start = torch.where(valid, order, torch.zeros_like(order))
+        c_end = torch.where(valid, block_start + ratio - 1, torch.full_like(order, L))
+        c_pos = torch.where(valid, torch.gather(pos, 1, block_start), torch.zeros_like(order))
+        ent = torch.arange(n_max, device=dev).expand(B, n_max)
+        prev_index = torch.where(valid & (c_pos >= ratio), ent - 1, torch.full_like(ent, -1))
+        return CompressedLayout(block_start, c_end, c_pos, prev_index, valid)
+
+    @staticmethod
+    def build_single(batch: int, length: int, ratio: int, device="cpu") -> "CompressedLayout":
+        return CompressedLayout.build(DocLayout.single(batch, length, device), ratio)
+
+
+def window_mask(layout: DocLayout, window: int) -> torch.Tensor:
+    """[B, L, L] bool: query t may attend window key s."""
+    B, L = layout.shape
+    t = torch.arange(L, device=layout.doc_start.device)
+    s = t
+    lo = torch.maximum(layout.doc_start, (t - window + 1).expand(B, L))  # [B, L]
+    return (s[None, None, :] >= lo[:, :, None]) & (s[None, None, :] <= t[None, :, None])
+
+
+def compressed_mask(layout: DocLayout, c_end: torch.Tensor) -> torch.Tensor:
+    """[B, L, N] bool: query t may attend compressed entry i (pads have c_end = L)."""
+    L = layout.shape[1]
+    t = torch.arange(L, device=c_end.device)
+    return (c_end[:, None, :] >= layout.doc_start[:, :, None]) & (c_end[:, None, :] <= t[None, :, None])

@@ -1,0 +1,38 @@
+"""RMS normalisation: a learned-scale module and a weightless function.
+
+Both compute in fp32 and return the input dtype, so bf16 activations keep full-precision
+statistics (as in DeepSeek's reference and HF's DeepseekV4RMSNorm).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Weightless RMSNorm over the last dim (used per head on q): x / sqrt(mean(x^2) + eps)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned per-channel scale `weight` (init 1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"RMSNorm: dim must be >= 1, got {dim}")
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., dim]
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"RMSNorm: last dim of input is {x.shape[-1]}, expected {self.dim}")
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
