@@ -1,7 +1,8 @@
 """RMS normalisation: a learned-scale module and a weightless function.
 
-Both compute in fp32 and return the input dtype, so bf16 activations keep full-precision
-statistics (as in DeepSeek's reference and HF's DeepseekV4RMSNorm).
+Both compute in fp32 (fp64 for fp64 inputs, so float64 gradchecks stay exact) and return the
+input dtype, so bf16 activations keep full-precision statistics (as DeepSeek's reference and
+HF's DeepseekV4RMSNorm: the weight multiplies in fp32, one cast at the end).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Weightless RMSNorm over the last dim (used per head on q): x / sqrt(mean(x^2) + eps)."""
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -30,9 +31,10 @@ class RMSNorm(nn.Module):
         # x: [..., dim]
         if x.shape[-1] != self.dim:
             raise ValueError(f"RMSNorm: last dim of input is {x.shape[-1]}, expected {self.dim}")
-        xf = x.float()
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(cdt)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(cdt)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

@@ -16,6 +16,11 @@ from __future__ import annotations
 import torch
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (float64 gradcheck of callers)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _window_mask(doc_start: torch.Tensor, window: int) -> torch.Tensor:
     B, L = doc_start.shape
     t = torch.arange(L, device=doc_start.device)
@@ -41,7 +46,7 @@ def sparse_attention(
     return_lse: bool = False,
 ):
     B, L, H, D = q.shape
-    qf, kvf = q.float(), kv.float()
+    qf, kvf = _acc(q), _acc(kv)
     t = torch.arange(L, device=q.device)
     # window part: [B, H, L, L]
     s_win = torch.einsum("blhd,bsd->bhls", qf, kvf) * scale
@@ -50,7 +55,7 @@ def sparse_attention(
     if ckv is not None:
         if c_end is None:
             raise ValueError("sparse_attention: c_end is required with ckv")
-        ckvf = ckv.float()
+        ckvf = _acc(ckv)
         if topk_idx is None:
             vis = _entry_visible(doc_start[:, :, None], c_end[:, None, :], t[None, :, None])  # [B, L, N]
             s_c = torch.einsum("blhd,bnd->bhln", qf, ckvf) * scale
@@ -65,7 +70,7 @@ def sparse_attention(
             s_c = s_c.masked_fill(~vis[:, None], float("-inf"))
             values = sel
         parts.append(s_c)
-    s_sink = sink.float().view(1, H, 1, 1).expand(B, H, L, 1)
+    s_sink = _acc(sink).to(qf.dtype).view(1, H, 1, 1).expand(B, H, L, 1)
     logits = torch.cat(parts + [s_sink], dim=-1)
     lse = torch.logsumexp(logits, dim=-1)  # [B, H, L]; finite thanks to the sink
     p = torch.exp(logits - lse[..., None])
@@ -73,7 +78,7 @@ def sparse_attention(
     if ckv is not None:
         pc = p[..., L:-1]
         if topk_idx is None:
-            o = o + torch.einsum("bhln,bnd->blhd", pc, ckv.float())
+            o = o + torch.einsum("bhln,bnd->blhd", pc, ckvf)
         else:
             o = o + torch.einsum("bhlk,blkd->blhd", pc, values)
     o = o.to(q.dtype)

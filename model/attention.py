@@ -1,0 +1,152 @@
+"""V4 hybrid attention layer: one shared K=V head over a sliding window of raw tokens plus
+compressed entries (HCA: all visible; CSA: the indexer's top-k, or all visible in dense mode),
+with a learnable per-head sink, all in ONE softmax (``model.sparse_attention``).
+
+    qr = q_norm(wq_a x)                         # shared query latent (also feeds the indexer)
+    q  = RoPE(rms_norm_per_head(wq_b qr))       # [B, L, H, hd]
+    kv = RoPE(kv_norm(wkv x))                   # [B, L, hd], K = V (value keeps its rope part)
+    ckv = compressor(x)                         # [B, N, hd], ratio > 0 only
+    o  = attend(q, kv, ckv, sink)               # scale hd^-0.5
+    o  = RoPE^-1(o) at the query position       # makes each value's rope part relative
+    out = wo_b(concat_g wo_a_g(o_g))            # grouped low-rank output projection
+
+Layer kinds: ratio 0 (window only, theta rope_theta), ratio == csa_ratio (CSA: overlapped
+compressor + indexer), other ratios (HCA). Compressed layers use the YaRN-scaled RoPE.
+Parameter names follow docs/ARCHITECTURE.md and map one-to-one onto the official checkpoint
+(HF: q_a_proj, q_a_norm, q_b_proj, kv_proj, kv_norm, o_a_proj, o_b_proj, sinks).
+``wo_a.weight`` is stored as [o_groups * o_lora_rank, n_heads * head_dim / o_groups]: group g
+uses rows g*o_lora_rank .. (g+1)*o_lora_rank, as the official einsum and HF's grouped linear.
+
+CompressedLayouts: built here from the DocLayout (cheap index math) unless the caller passes a
+``clayouts`` dict {ratio: CompressedLayout} to share them across layers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.compressor import Compressor
+from model.config import ATTENTION_MODES, ModelConfig
+from model.indexer import Indexer, indexer_kl_loss, select_topk
+from model.layout import CompressedLayout, DocLayout
+from model.norms import RMSNorm, rms_norm
+from model.rope import RoPE
+from model.sparse_attention import sparse_attention
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, compress_ratio: int | None = None) -> None:
+        """``compress_ratio`` defaults to ``cfg.compress_ratios[layer_idx]``; layers past the
+        main stack (MTP blocks, ``layer_idx >= n_layers``) default to ``cfg.mtp_compress_ratio``."""
+        super().__init__()
+        if layer_idx < 0:
+            raise ValueError(f"Attention: layer_idx must be >= 0, got {layer_idx}")
+        if compress_ratio is None:
+            compress_ratio = (cfg.compress_ratios[layer_idx] if layer_idx < cfg.n_layers
+                              else cfg.mtp_compress_ratio)
+        if compress_ratio != 0 and compress_ratio < 2:
+            raise ValueError(f"Attention: compress_ratio must be 0 or >= 2, got {compress_ratio}")
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.ratio = compress_ratio
+        self.is_csa = compress_ratio != 0 and cfg.is_csa(compress_ratio)
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.window = cfg.window
+        self.o_groups, self.o_lora_rank = cfg.o_groups, cfg.o_lora_rank
+        self.scale = cfg.head_dim ** -0.5
+        self.eps = cfg.norm_eps
+        self.attention_mode = cfg.attention_mode
+        self.rope = RoPE.for_ratio(cfg, compress_ratio)
+
+        H, hd = cfg.n_heads, cfg.head_dim
+        self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, H * hd, bias=False)
+        self.wkv = nn.Linear(cfg.dim, hd, bias=False)
+        self.kv_norm = RMSNorm(hd, cfg.norm_eps)
+        self.wo_a = nn.Linear(H * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, bias=False)
+        self.sink = nn.Parameter(torch.zeros(H, dtype=torch.float32))
+        self.compressor = (Compressor(cfg, compress_ratio, hd, overlap=self.is_csa, rope=self.rope)
+                           if compress_ratio else None)
+        self.indexer = Indexer(cfg, self.rope) if self.is_csa else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for lin in (self.wq_a, self.wq_b, self.wkv, self.wo_a, self.wo_b):
+            nn.init.normal_(lin.weight, std=std)
+        self.q_norm.weight.fill_(1.0)
+        self.kv_norm.weight.fill_(1.0)
+        self.sink.zero_()  # as HF's _init_weights
+        if self.compressor is not None:
+            self.compressor.reset_parameters()
+        if self.indexer is not None:
+            self.indexer.reset_parameters()
+
+    def set_attention_mode(self, mode: str) -> None:
+        """CSA mode: "dense" attends every visible compressed entry, "sparse" the top-k."""
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
+        self.attention_mode = mode
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, doc_start: torch.Tensor,
+                ckv: torch.Tensor | None, c_end: torch.Tensor | None,
+                topk_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one attention call (kernel dispatch point). -> o [B, L, H, hd], lse [B, L, H] fp32."""
+        return sparse_attention(q, kv, self.sink, doc_start, self.window, self.scale,
+                                ckv=ckv, c_end=c_end, topk_idx=topk_idx, return_lse=True)
+
+    def _check_inputs(self, x: torch.Tensor, layout: DocLayout) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.cfg.dim:
+            raise ValueError(f"Attention: x must be [batch, length, dim={self.cfg.dim}], got {tuple(x.shape)}")
+        B, L, _ = x.shape
+        if tuple(layout.positions.shape) != (B, L) or tuple(layout.doc_start.shape) != (B, L):
+            raise ValueError(f"Attention: layout shape {tuple(layout.positions.shape)} does not match "
+                             f"x's [batch, length] = {(B, L)}")
+        if L < 1 or L > self.cfg.max_seq_len:
+            raise ValueError(f"Attention: sequence length {L} is not handled: it must be in "
+                             f"[1, model.max_seq_len={self.cfg.max_seq_len}]")
+
+    def forward(self, x: torch.Tensor, layout: DocLayout,
+                clayouts: dict[int, CompressedLayout] | None = None) -> tuple[torch.Tensor, dict]:
+        # x: [B, L, D]
+        self._check_inputs(x, layout)
+        B, L, _ = x.shape
+        H, hd = self.n_heads, self.head_dim
+        pos, doc_start = layout.positions, layout.doc_start
+
+        qr = self.q_norm(self.wq_a(x))                                   # [B, L, q_lora_rank]
+        q = rms_norm(self.wq_b(qr).view(B, L, H, hd), self.eps)          # [B, L, H, hd]
+        q = self.rope.apply(q, pos)
+        kv = self.rope.apply(self.kv_norm(self.wkv(x)), pos)             # [B, L, hd]
+
+        ckv = c_end = topk_idx = scores = None
+        if self.compressor is not None:
+            cl = clayouts.get(self.ratio) if clayouts is not None else None
+            if cl is None:
+                cl = CompressedLayout.build(layout, self.ratio)
+            ckv, c_end = self.compressor(x, cl), cl.c_end                # [B, N, hd], [B, N]
+            sparse = self.attention_mode == "sparse"
+            if self.indexer is not None and (sparse or self.training):
+                scores = self.indexer(x, qr, pos, doc_start, cl)         # [B, L, N], fp32
+                if sparse:
+                    topk_idx = select_topk(scores, self.cfg.index_topk)  # [B, L, K]
+
+        o, lse = self._attend(q, kv, doc_start, ckv, c_end, topk_idx)    # [B, L, H, hd], [B, L, H]
+
+        indexer_loss = None
+        if scores is not None and self.training:
+            indexer_loss = indexer_kl_loss(q, ckv, lse, self.scale, scores, c_end, doc_start, topk_idx)
+
+        o = self.rope.apply(o, pos, inverse=True)
+        g = self.o_groups
+        o = o.reshape(B, L, g, H * hd // g)                              # [B, L, g, H*hd/g]
+        wo_a = self.wo_a.weight.view(g, self.o_lora_rank, -1)            # [g, r, H*hd/g]
+        o = torch.einsum("blgi,gri->blgr", o, wo_a)                      # [B, L, g, r]
+        out = self.wo_b(o.flatten(2))                                    # [B, L, D]
+        with torch.no_grad():
+            sink_mass = torch.exp(self.sink.float()[None, None, :] - lse.float()).mean()
+        aux = {"indexer_loss": indexer_loss, "sink_mass": sink_mass, "topk_idx": topk_idx}
+        return out, aux

@@ -1,0 +1,90 @@
+"""KV compressor: gated pooling of ``ratio`` consecutive tokens into one compressed entry.
+
+For block i of a document (tokens j = 0..m-1, m = ratio):
+
+    C_i = RMSNorm( sum_j softmax_j(wgate(x)_j + ape_j) * wkv(x)_j )     (softmax per channel)
+
+then RoPE on the last rope_dim channels at the block's first in-document position.
+
+Overlap form (CSA, ``overlap=True``): wkv/wgate/ape have 2*out_dim channels. Entry i is one
+softmax over 2m slots: the m tokens of block i-1 read through the FIRST half of the channels
+(``[:out_dim]``) and the m tokens of block i read through the SECOND half (``[out_dim:]``).
+This is the official ``overlap_transform`` layout (HF: "Ca"/"Cb"); the first block of a
+document has its previous slots masked (-inf gate), i.e. it pools only its own m tokens.
+
+Numerics follow DeepSeek's official code: projections, gates and the pooled sum in fp32, the
+sum cast to the activation dtype, then the (fp32-internal) RMSNorm. Blocks come from
+``CompressedLayout``: compression restarts at every packed document and a trailing partial
+block is dropped. Everything is gathers, no python loop over tokens or documents.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.layout import CompressedLayout
+from model.norms import RMSNorm
+from model.rope import RoPE
+
+
+class Compressor(nn.Module):
+    def __init__(self, cfg: ModelConfig, ratio: int, out_dim: int, overlap: bool, rope: RoPE) -> None:
+        super().__init__()
+        if ratio < 2:
+            raise ValueError(f"Compressor: ratio must be >= 2, got {ratio}")
+        if out_dim < rope.rope_dim:
+            raise ValueError(f"Compressor: out_dim {out_dim} is smaller than rope_dim {rope.rope_dim}")
+        self.ratio = ratio
+        self.out_dim = out_dim
+        self.overlap = overlap
+        self.init_std = cfg.init_std
+        coff = 2 if overlap else 1
+        self.wkv = nn.Linear(cfg.dim, coff * out_dim, bias=False)
+        self.wgate = nn.Linear(cfg.dim, coff * out_dim, bias=False)
+        self.ape = nn.Parameter(torch.zeros(ratio, coff * out_dim))  # learned per-slot gate bias
+        self.norm = RMSNorm(out_dim, cfg.norm_eps)
+        self.rope = rope  # plain object (no parameters), shared with the owning layer
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.wkv.weight, std=self.init_std)
+        nn.init.normal_(self.wgate.weight, std=self.init_std)
+        nn.init.zeros_(self.ape)  # as HF (position_bias); unpublished in the paper
+        self.norm.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor, clayout: CompressedLayout) -> torch.Tensor:
+        # x: [B, L, D] -> ckv: [B, N, out_dim] (N = L // ratio; pad entries are zero)
+        B, L, _ = x.shape
+        m, c = self.ratio, self.out_dim
+        N = clayout.block_start.shape[1]
+        if clayout.block_start.shape[0] != B or N != L // m:
+            raise ValueError(f"Compressor: clayout has shape {tuple(clayout.block_start.shape)}, "
+                             f"expected [{B}, {L // m}] for ratio {m} and length {L}")
+        if N == 0:
+            return x.new_zeros(B, 0, c)
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(cdt)
+        kv = F.linear(xf, self.wkv.weight.to(cdt))      # [B, L, coff*c]
+        gate = F.linear(xf, self.wgate.weight.to(cdt))  # [B, L, coff*c]
+        C = kv.shape[-1]
+        # tokens of each block: [B, N, m]; pads point at token 0.. m-1 (masked at the end)
+        tok = clayout.block_start[:, :, None] + torch.arange(m, device=x.device)
+        flat = tok.reshape(B, N * m, 1).expand(B, N * m, C)
+        kv_b = torch.gather(kv, 1, flat).view(B, N, m, C)                                 # [B, N, m, C]
+        gate_b = torch.gather(gate, 1, flat).view(B, N, m, C) + self.ape.to(cdt)          # [B, N, m, C]
+        if self.overlap:
+            prev = clayout.prev_index                                # [B, N], -1 at a doc's first block
+            has_prev = (prev >= 0)[:, :, None, None]
+            pidx = prev.clamp(min=0)[:, :, None, None].expand(B, N, m, c)
+            prev_kv = torch.gather(kv_b[..., :c], 1, pidx)           # block i-1, first half
+            prev_gate = torch.gather(gate_b[..., :c], 1, pidx)
+            prev_gate = prev_gate.masked_fill(~has_prev, float("-inf"))
+            kv_b = torch.cat([prev_kv, kv_b[..., c:]], dim=2)         # [B, N, 2m, c]
+            gate_b = torch.cat([prev_gate, gate_b[..., c:]], dim=2)
+        pooled = (kv_b * gate_b.softmax(dim=2)).sum(dim=2)            # [B, N, c]
+        ckv = self.norm(pooled.to(x.dtype))
+        ckv = self.rope.apply(ckv, clayout.c_pos)
+        return ckv.masked_fill(~clayout.valid[:, :, None], 0.0)

@@ -1,0 +1,337 @@
+"""DeepSeek-V4 Mixture-of-Experts: router (learned or hash), dropless routed experts, shared expert.
+
+    s      = sqrt(softplus(x W_g^T))                      fp32 scores            [T, E]
+    idx    = topk(s + b)            (learned layers)      b: rule-updated bias buffer, not trained
+           = tid2eid[token id]      (hash layers, layer_idx < n_hash_layers)
+           = routing_indices        (supplied from outside: anticipatory routing)
+    w      = s[idx] / sum s[idx] * route_scale            unbiased scores of the chosen experts
+    y      = sum_k w_k SwiGLU_{idx_k}(x) + SwiGLU_shared(x)
+
+SwiGLU with clamp (routed AND shared experts; math in fp32, the matmuls in the input dtype):
+    gate = min(x W1^T, limit);  up = clamp(x W3^T, -limit, limit);  out = (silu(gate) * up) W2^T
+As in DeepSeek's inference code the routing weight multiplies the hidden activation before W2.
+
+Parameter layout (names in docs/ARCHITECTURE.md):
+  gate.weight [E, D]           router (trained)
+  gate.bias   [E] fp32 buffer  aux-loss-free balancing bias (learned-router layers only)
+  gate.tid2eid [V, K] long     frozen hash table (hash layers only; saved in the state dict)
+  experts.w1, experts.w3 [E, inter, D]; experts.w2 [E, D, inter]
+      One logical matrix per expert (Muon orthogonalises each [inter, D] / [D, inter] slice).
+      HF's DeepseekV4Experts fuses gate_up_proj = cat([w1, w3], dim=1) -> [E, 2*inter, D]
+      (gate first: HF splits with chunk(2)) and names w2 down_proj; the export helper maps.
+  shared.{w1,w2,w3}.weight     nn.Linear, width n_shared_experts * moe_inter_dim
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------- functions
+def swiglu(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor,
+    limit: float,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Clamped SwiGLU expert. x [T, D]; w1, w3 [inter, D]; w2 [D, inter]; weight [T] or None.
+
+    Elementwise math in fp32; the result of W2 is in x's dtype. ``limit <= 0`` disables the
+    clamp (as DeepSeek's code does for swiglu_limit = 0).
+    """
+    gate = F.linear(x, w1).float()  # [T, inter]
+    up = F.linear(x, w3).float()
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    h = F.silu(gate) * up
+    if weight is not None:
+        h = h * weight.float()[:, None]
+    return F.linear(h.to(x.dtype), w2)  # [T, D]
+
+
+def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """s = sqrt(softplus(x W^T)) in fp32 (V4's "sqrtsoftplus"). x [..., D], weight [E, D] -> [..., E]."""
+    return F.softplus(F.linear(x.float(), weight.float())).sqrt()
+
+
+def hash_routing_table(vocab_size: int, n_experts: int, k: int, seed: int) -> torch.Tensor:
+    """Deterministic token -> K distinct experts table [vocab_size, k] (long), balanced over the vocab.
+
+    DeepSeek did not publish how their table is built; ours: lay the vocab_size * k slots out in
+    token order and fill them round after round with a fresh random permutation of the experts
+    (torch.Generator seeded with ``seed``). Every expert appears exactly once per round, so
+    per-expert counts differ by at most one. A token whose k slots straddle two rounds gets
+    the head of the next round re-ordered (first candidates not already used by that token),
+    which keeps its experts distinct.
+    """
+    if not 1 <= k <= n_experts:
+        raise ValueError(f"hash_routing_table: need 1 <= k ({k}) <= n_experts ({n_experts})")
+    if vocab_size < 1:
+        raise ValueError(f"hash_routing_table: vocab_size must be >= 1, got {vocab_size}")
+    total = vocab_size * k
+    n_rounds = -(-total // n_experts)
+    gen = torch.Generator().manual_seed(seed)
+    perms = torch.rand(n_rounds, n_experts, generator=gen).argsort(dim=1).tolist()
+    flat: list[int] = []
+    for perm in perms:
+        filled = len(flat) % k  # slots of the current token already filled by the last round
+        if filled:
+            used = set(flat[-filled:])
+            head = [e for e in perm if e not in used][: k - filled]
+            head_set = set(head)
+            perm = head + [e for e in perm if e not in head_set]
+        flat.extend(perm)
+    return torch.tensor(flat[:total], dtype=torch.long).view(vocab_size, k)
+
+
+def hash_seed_for_layer(hash_seed: int, layer_idx: int) -> int:
+    """Seed of one hash layer's table: distinct per (hash_seed, layer) for layer < 2**20."""
+    return int(hash_seed) * (1 << 20) + int(layer_idx)
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio = (max load - mean load) / mean load over experts (0 = perfectly balanced).
+
+    load [E] or [..., E] token counts; returns a tensor over the leading dims (nan if no tokens).
+    """
+    load = load.float()
+    mean = load.mean(-1)
+    return (load.amax(-1) - mean) / mean
+
+
+def sequence_balance_loss(
+    scores: torch.Tensor, indices: torch.Tensor, n_experts: int, alpha: float
+) -> torch.Tensor:
+    """Sequence-wise balance loss, one sequence per batch row, averaged over rows.
+
+    scores [B, L, E] (unbiased s), indices [B, L, K] (the experts actually used).
+    L_b = alpha * sum_i f_i P_i,  f_i = E / (K L) * #{t : i in idx_t},  P_i = mean_t s_ti / sum_j s_tj.
+    f is a count (no gradient); P carries the gradient into the router.
+    """
+    B, L, K = indices.shape
+    counts = torch.zeros(B, n_experts, device=scores.device, dtype=torch.float32)
+    counts.scatter_add_(1, indices.reshape(B, L * K), torch.ones(B, L * K, device=scores.device))
+    f = counts * (n_experts / (K * L))  # [B, E]
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # [B, E]
+    return alpha * (f * p).sum(-1).mean()
+
+
+# ---------------------------------------------------------------------------- modules
+class Router(nn.Module):
+    """Gate: scores, top-k selection (or hash table / supplied indices) and routing weights."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.n_activated_experts
+        self.route_scale = cfg.route_scale
+        self.is_hash = layer_idx < cfg.n_hash_layers
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        if self.is_hash:
+            table = hash_routing_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts,
+                                       hash_seed_for_layer(cfg.hash_seed, layer_idx))
+            self.register_buffer("tid2eid", table, persistent=True)
+        else:
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        routing_indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, D], input_ids [T] -> (weights [T, K] fp32, indices [T, K] long, scores [T, E] fp32)."""
+        scores = router_scores(x, self.weight)  # [T, E]
+        if routing_indices is not None:
+            indices = routing_indices
+        elif self.is_hash:
+            if input_ids is None:
+                raise ValueError("MoE: input_ids is required for hash-routed layers")
+            indices = self.tid2eid[input_ids]
+        else:
+            # the bias only decides which experts are chosen, never how much they weigh
+            indices = torch.topk(scores.detach() + self.bias, self.top_k, dim=-1).indices
+        chosen = scores.gather(1, indices)  # [T, K]
+        weights = chosen / (chosen.sum(-1, keepdim=True) + 1e-20) * self.route_scale
+        return weights, indices, scores
+
+
+class RoutedExperts(nn.Module):
+    """E clamped-SwiGLU experts as 3-D parameters, dropless dispatch (any load is served)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, D, inter = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        self.n_experts = E
+        self.limit = cfg.swiglu_limit
+        self.w1 = nn.Parameter(torch.empty(E, inter, D))
+        self.w3 = nn.Parameter(torch.empty(E, inter, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, inter))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [T, D], weights [T, K], indices [T, K] -> y [T, D] fp32 (sum over each token's K experts)."""
+        T, K = indices.shape
+        flat_expert = indices.reshape(-1)  # [T*K]
+        # sort the (token, slot) pairs by expert so each expert sees one contiguous segment
+        order = torch.argsort(flat_expert, stable=True)
+        token_of = order // K  # [T*K] source token of each sorted slot
+        counts = torch.bincount(flat_expert, minlength=self.n_experts).tolist()
+        x_sorted = x.index_select(0, token_of)  # [T*K, D]
+        w_sorted = weights.reshape(-1).index_select(0, order)  # [T*K]
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            seg = slice(start, start + n)
+            outs.append(swiglu(x_sorted[seg], self.w1[e], self.w2[e], self.w3[e], self.limit, w_sorted[seg]))
+            start += n
+        y = torch.zeros(T, x.shape[-1], device=x.device, dtype=torch.float32)
+        if outs:
+            y.index_add_(0, token_of, torch.cat(outs).float())
+        return y
+
+
+class SharedExpert(nn.Module):
+    """The always-on expert(s): one clamped SwiGLU of width n_shared_experts * moe_inter_dim."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        inter = cfg.n_shared_experts * cfg.moe_inter_dim
+        self.limit = cfg.swiglu_limit
+        self.w1 = nn.Linear(cfg.dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, cfg.dim, bias=False)
+        self.w3 = nn.Linear(cfg.dim, inter, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.limit)
+
+
+class MoE(nn.Module):
+    """V4 MoE layer. forward(x [B,L,D], input_ids [B,L], routing_indices [B,L,K] | None) -> (y, aux).
+
+    aux = {"balance_loss": scalar (0 on hash layers), "indices": [B,L,K] long, "load": [E] float}.
+    In training mode with grad enabled, loads also add up in the buffer ``load_accum`` until
+    ``update_bias()``; no-grad passes (e.g. an anticipatory-routing pre-pass) and eval do not count.
+    Activation-checkpoint recomputation counts a micro-batch twice, which scales every expert's load
+    equally and so changes neither the sign rule of ``update_bias`` nor MaxVio.
+    ``gate.bias`` and ``load_accum`` stay fp32 when the module is cast to bf16/fp16.
+    """
+
+    _FP32_BUFFERS = ("load_accum", "gate.bias")
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        if layer_idx < 0:
+            raise ValueError(f"MoE: layer_idx must be >= 0, got {layer_idx}")
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.n_experts = cfg.n_routed_experts
+        self.top_k = cfg.n_activated_experts
+        self.is_hash = layer_idx < cfg.n_hash_layers
+        self.gate = Router(cfg, layer_idx)
+        self.experts = RoutedExperts(cfg)
+        self.shared = SharedExpert(cfg) if cfg.n_shared_experts > 0 else None
+        self.register_buffer("load_accum", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Our init (V4's is unpublished): every matrix N(0, init_std), as HF initialises V4."""
+        std = self.cfg.init_std
+        for p in (self.gate.weight, self.experts.w1, self.experts.w2, self.experts.w3):
+            p.normal_(0.0, std)
+        if self.shared is not None:
+            for lin in (self.shared.w1, self.shared.w2, self.shared.w3):
+                lin.weight.normal_(0.0, std)
+
+    # ------------------------------------------------------------------ forward
+    def _check_routing_indices(self, ri: torch.Tensor, B: int, L: int) -> torch.Tensor:
+        if ri.shape != (B, L, self.top_k):
+            raise ValueError(f"MoE: routing_indices must have shape [B, L, K] = {[B, L, self.top_k]}, "
+                             f"got {list(ri.shape)}")
+        if ri.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"MoE: routing_indices must be an integer tensor, got {ri.dtype}")
+        if ri.numel() and (int(ri.min()) < 0 or int(ri.max()) >= self.n_experts):
+            raise ValueError(f"MoE: routing_indices must lie in [0, {self.n_experts}), "
+                             f"got range [{int(ri.min())}, {int(ri.max())}]")
+        return ri.long().reshape(B * L, self.top_k)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        routing_indices: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if x.dim() != 3 or x.shape[-1] != self.cfg.dim:
+            raise ValueError(f"MoE: x must be [B, L, {self.cfg.dim}], got {list(x.shape)}")
+        B, L, D = x.shape
+        ids = None
+        if input_ids is not None:
+            if input_ids.shape != (B, L):
+                raise ValueError(f"MoE: input_ids must be [B, L] = {[B, L]}, got {list(input_ids.shape)}")
+            ids = input_ids.reshape(B * L)
+        ri = None if routing_indices is None else self._check_routing_indices(routing_indices, B, L)
+
+        x_flat = x.reshape(B * L, D)  # [T, D]
+        weights, indices, scores = self.gate(x_flat, ids, ri)  # [T, K], [T, K], [T, E]
+        y = self.experts(x_flat, weights, indices)  # [T, D] fp32
+        if self.shared is not None:
+            y = y + self.shared(x_flat).float()
+
+        load = torch.bincount(indices.reshape(-1), minlength=self.n_experts).float()  # [E]
+        if self.training and torch.is_grad_enabled():
+            self.load_accum += load
+        indices = indices.view(B, L, self.top_k)
+        if self.is_hash:
+            balance = scores.new_zeros(())
+        else:
+            balance = sequence_balance_loss(scores.view(B, L, -1), indices, self.n_experts,
+                                            self.cfg.balance_loss_alpha)
+        aux = {"balance_loss": balance, "indices": indices, "load": load}
+        return y.to(x.dtype).view(B, L, D), aux
+
+    # ------------------------------------------------------------------ balancing
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor | None = None) -> None:
+        """Aux-loss-free balancing: b_i += speed * sign(mean load - load_i), then clear load_accum.
+
+        ``load`` [E] (e.g. the all-reduced ``load_accum``) replaces the local accumulator when given.
+        Hash layers have no bias: only the accumulator is cleared.
+        """
+        if load is None:
+            load = self.load_accum
+        elif load.shape != (self.n_experts,):
+            raise ValueError(f"MoE.update_bias: load must be [{self.n_experts}], got {list(load.shape)}")
+        if not self.is_hash:
+            load = load.to(device=self.gate.bias.device, dtype=torch.float32)
+            self.gate.bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
+        self.load_accum.zero_()
+
+    def _apply(self, fn, recurse: bool = True):
+        # Casting the model to bf16 must not cast the balancing state: bias steps of 1e-3 and
+        # token counts above 256 are not representable in bf16. Keep them fp32 (moved, not cast).
+        kept = {name: self.get_buffer(name) for name in self._FP32_BUFFERS if self._has_buffer(name)}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self.get_buffer(name)
+            if new.dtype in _HALF_DTYPES:
+                owner, _, leaf = name.rpartition(".")
+                module = self.get_submodule(owner) if owner else self
+                module._buffers[leaf] = old.to(device=new.device, dtype=torch.float32)
+        return self
+
+    def _has_buffer(self, name: str) -> bool:
+        try:
+            self.get_buffer(name)
+            return True
+        except AttributeError:
+            return False

@@ -1,0 +1,52 @@
+"""Parameter accounting: total and per-token active parameters.
+
+Active = every parameter a token touches: all dense weights, the shared experts and
+n_activated_experts of the routed experts in each MoE layer. Embedding and head count (one row
+of the embedding is read, but by convention, as in DeepSeek's reports, the whole table counts).
+The MTP module is reported separately: DeepSeek's headline totals (284B Flash, 1.6T Pro)
+exclude it, as V3's 671B did.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+
+@dataclass
+class ParamCount:
+    total: int           # main model, MTP excluded
+    active: int          # per token, main model, MTP excluded
+    mtp: int             # MTP modules (total)
+    embedding: int       # embedding + head
+    routed_experts: int  # all routed expert weights of the main model
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def count_params(model: nn.Module) -> ParamCount:
+    cfg = model.cfg
+    total = mtp = emb = routed = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if name.startswith("mtp."):
+            mtp += n
+            continue
+        total += n
+        if name in ("embed.weight", "head.weight"):
+            emb += n
+        if ".ffn.experts." in name:
+            routed += n
+    inactive = routed * (cfg.n_routed_experts - cfg.n_activated_experts) // cfg.n_routed_experts
+    return ParamCount(total=total, active=total - inactive, mtp=mtp, embedding=emb, routed_experts=routed)
+
+
+def build_on_meta(cfg) -> nn.Module:
+    """Build the model without allocating memory (for flash/pro accounting)."""
+    import torch
+
+    from model.transformer import Transformer
+
+    with torch.device("meta"):
+        return Transformer(cfg)

@@ -1,0 +1,113 @@
+"""Partial rotary position embedding (RoPE) on the last ``rope_dim`` channels.
+
+Convention (same as DeepSeek's official V4 code and HF's ``modeling_deepseek_v4``): the rope
+slice is the *trailing* ``rope_dim`` channels of a head, and rotation acts on *interleaved*
+pairs ``(x[2i], x[2i+1])`` with frequency ``inv_freq[i]`` (complex multiplication of
+``x[2i] + j x[2i+1]`` by ``exp(j pos inv_freq[i])``). HF keeps the official layout (no
+permutation at conversion), so our weights export as they are.
+
+Frequencies:
+* window-only layers (ratio 0): ``theta = cfg.rope_theta``, no scaling;
+* compressed layers (ratio > 0): ``theta = cfg.compress_rope_theta`` with YaRN frequency
+  interpolation (factor, original max positions, beta fast/slow). No YaRN mscale: V4 does not
+  scale cos/sin (HF forces ``attention_factor = 1``).
+
+Angles are computed in fp32 from integer positions (as the official code; HF casts cos/sin to
+the activation dtype, a small numeric difference only in bf16). Positions come from
+``DocLayout.positions`` so RoPE restarts at every packed document.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.config import ModelConfig
+
+
+def default_inv_freq(rope_dim: int, theta: float) -> list[float]:
+    """Plain RoPE frequencies theta^(-2i/rope_dim), i < rope_dim/2 (python floats)."""
+    return [1.0 / (theta ** (2 * i / rope_dim)) for i in range(rope_dim // 2)]
+
+
+def yarn_inv_freq(rope_dim: int, theta: float, factor: float, original_max_pos: int,
+                  beta_fast: float, beta_slow: float) -> list[float]:
+    """YaRN frequencies: interpolate (divide by ``factor``) the low frequencies, keep the high
+    ones, with a linear ramp between the correction dims of beta_fast and beta_slow rotations."""
+
+    def correction_dim(n_rot: float) -> float:
+        return rope_dim * math.log(original_max_pos / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    out = []
+    for i, f in enumerate(default_inv_freq(rope_dim, theta)):
+        ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 0 keep, 1 interpolate
+        keep = 1.0 - ramp
+        out.append(f / factor * (1.0 - keep) + f * keep)
+    return out
+
+
+class RoPE:
+    """Rotary embedding for one layer kind. Holds no parameters or buffers (so ``module.to(
+    bfloat16)`` can never round the frequencies); fp32 frequency tensors are cached per device."""
+
+    def __init__(self, rope_dim: int, inv_freq: list[float]) -> None:
+        if rope_dim < 2 or rope_dim % 2:
+            raise ValueError(f"RoPE: rope_dim must be even and >= 2, got {rope_dim}")
+        if len(inv_freq) != rope_dim // 2:
+            raise ValueError(f"RoPE: need rope_dim/2 = {rope_dim // 2} frequencies, got {len(inv_freq)}")
+        self.rope_dim = rope_dim
+        self.inv_freq = list(inv_freq)
+        self._cache: dict[torch.device, torch.Tensor] = {}
+
+    @staticmethod
+    def for_ratio(cfg: ModelConfig, ratio: int) -> "RoPE":
+        """The RoPE of a layer with compress ratio ``ratio`` (0 = window only)."""
+        if ratio == 0:
+            return RoPE(cfg.rope_dim, default_inv_freq(cfg.rope_dim, cfg.rope_theta))
+        return RoPE(cfg.rope_dim, yarn_inv_freq(cfg.rope_dim, cfg.compress_rope_theta, cfg.yarn_factor,
+                                                cfg.yarn_original_max_pos, cfg.yarn_beta_fast,
+                                                cfg.yarn_beta_slow))
+
+    def _freq(self, device: torch.device) -> torch.Tensor:
+        f = self._cache.get(device)
+        if f is None:
+            f = torch.tensor(self.inv_freq, dtype=torch.float32, device=device)
+            self._cache[device] = f
+        return f
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] integer -> cos, sin [..., rope_dim/2] fp32."""
+        ang = positions.to(torch.float32)[..., None] * self._freq(positions.device)
+        return ang.cos(), ang.sin()
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Rotate the last rope_dim channels of x by its position (``inverse``: by -position).
+
+        x: [B, L, D] or [B, L, H, D]; positions: [B, L] (broadcast over heads).
+        Returns x's dtype; the rotation is computed in fp32 (fp64 for fp64 inputs).
+        """
+        rd = self.rope_dim
+        if x.shape[-1] < rd:
+            raise ValueError(f"RoPE.apply: last dim {x.shape[-1]} is smaller than rope_dim {rd}")
+        if tuple(positions.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"RoPE.apply: positions shape {tuple(positions.shape)} does not match "
+                             f"x's leading dims {tuple(x.shape[:2])}")
+        cos, sin = self.cos_sin(positions)  # [B, L, rd/2]
+        extra = x.dim() - 3
+        cos = cos.view(*cos.shape[:2], *([1] * extra), rd // 2)
+        sin = sin.view(*sin.shape[:2], *([1] * extra), rd // 2)
+        if inverse:
+            sin = -sin
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        rope = x[..., -rd:].to(cdt)
+        a, b = rope[..., 0::2], rope[..., 1::2]  # interleaved pairs
+        ra = a * cos - b * sin
+        rb = a * sin + b * cos
+        rotated = torch.stack((ra, rb), dim=-1).flatten(-2).to(x.dtype)
+        if rd == x.shape[-1]:
+            return rotated
+        return torch.cat([x[..., :-rd], rotated], dim=-1)

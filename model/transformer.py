@@ -1,0 +1,250 @@
+"""The V4 transformer: embedding -> n streams -> blocks (attention site, MoE site, each wrapped
+in a hyper-connection) -> head mixer -> norm -> head, plus multi-token prediction (MTP).
+
+Losses are returned separately (lm, mtp, balance, indexer) and summed into ``loss``:
+    loss = lm + mtp_loss_weight * mtp + sum_layers balance + mean_CSA_layers indexer
+The indexer loss only reaches indexer parameters (its inputs and target are detached), so adding
+it to the total never changes the main model's gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import Attention
+from model.config import ModelConfig
+from model.diagnostics import DiagnosticsCollector
+from model.hyper_connections import HyperConnection, HyperHead
+from model.layout import DocLayout
+from model.moe import MoE
+from model.norms import RMSNorm
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
+    logits: torch.Tensor | None = None                              # [B, L, V]
+    routing_indices: list[torch.Tensor] = field(default_factory=list)  # per layer [B, L, K]
+    diagnostics: dict = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    """One transformer block: attention site and MoE site, each inside a hyper-connection."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg, layer_idx)
+        # site index 2i / 2i+1: plain HC's static one-hot pre-weights rotate over sites
+        self.hc_attn = HyperConnection(cfg, 2 * layer_idx)
+        self.hc_ffn = HyperConnection(cfg, 2 * layer_idx + 1)
+
+    def forward(self, x, input_ids, layout: DocLayout, routing_indices=None):
+        # x: [B, L, n, D]
+        h, post, comb = self.hc_attn.pre(x)
+        a, attn_aux = self.attn(self.attn_norm(h), layout)
+        x = self.hc_attn.post(a, x, post, comb)
+        comb_attn = comb
+        h, post, comb = self.hc_ffn.pre(x)
+        f, moe_aux = self.ffn(self.ffn_norm(h), input_ids, routing_indices)
+        x = self.hc_ffn.post(f, x, post, comb)
+        return x, {"attn": attn_aux, "moe": moe_aux, "comb": (comb_attn, comb)}
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k: combines the main model's streams at t with the embedding
+    of token t+k and predicts token t+k+1 through one extra block. Embedding and head are
+    shared with the main model (passed in at call time, not owned)."""
+
+    def __init__(self, cfg: ModelConfig, block_cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.e_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.h_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.block = Block(block_cfg, layer_idx)
+        self.hc_head = HyperHead(cfg)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, h_streams, next_embed, input_ids, layout, routing_indices=None):
+        # h_streams: [B, L, n, D]; next_embed: [B, L, D] embedding of token t+k
+        x = self.e_proj(self.enorm(next_embed)).unsqueeze(2) + self.h_proj(self.hnorm(h_streams))
+        x, aux = self.block(x, input_ids, layout, routing_indices)
+        return x, self.norm(self.hc_head(x)), aux
+
+
+def _mtp_block_config(cfg: ModelConfig) -> ModelConfig:
+    """Config whose layer list covers the MTP blocks (layer indices n_layers .. n_layers+depth-1)."""
+    return dataclasses.replace(
+        cfg,
+        n_layers=cfg.n_layers + cfg.mtp_depth,
+        compress_ratios=list(cfg.compress_ratios) + [cfg.mtp_compress_ratio] * cfg.mtp_depth,
+    )
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
+        self.hc_head = HyperHead(cfg)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        block_cfg = _mtp_block_config(cfg)
+        self.mtp = nn.ModuleList(
+            [MTPModule(cfg, block_cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth)]
+        )
+        self.mtp_loss_weight = cfg.mtp_loss_weight  # the trainer lowers it at LR decay (0.3 -> 0.1)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        nn.init.normal_(self.embed.weight, std=std)
+        nn.init.normal_(self.head.weight, std=std)
+        for mod in self.mtp:
+            nn.init.normal_(mod.e_proj.weight, std=std)
+            nn.init.normal_(mod.h_proj.weight, std=std)
+
+    # ------------------------------------------------------------------ control
+    def set_attention_mode(self, mode: str) -> None:
+        """'dense' (CSA attends every visible compressed entry) or 'sparse' (indexer top-k)."""
+        if mode not in ("dense", "sparse"):
+            raise ValueError(f"attention mode must be 'dense' or 'sparse', got {mode!r}")
+        self.cfg.attention_mode = mode
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.mode = mode
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def router_load_buffers(self) -> list[torch.Tensor]:
+        """Per-MoE token-count accumulators; all-reduce them (sum) across data-parallel ranks
+        before calling update_router_biases()."""
+        return [m.load_accum for m in self.moe_layers()]
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Aux-loss-free balancing: b_i += gamma * sign(mean_load - load_i), once per optimizer step."""
+        for m in self.moe_layers():
+            m.update_bias()
+
+    def indexer_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if ".indexer." in n]
+
+    def num_params(self) -> tuple[int, int]:
+        from model.params import count_params
+
+        c = count_params(self)
+        return c.total, c.active
+
+    # ------------------------------------------------------------------ forward
+    def _run_block(self, block: Block, x, input_ids, layout, routing):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, input_ids, layout, routing, use_reentrant=False)
+        return block(x, input_ids, layout, routing)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        routing_indices: list[torch.Tensor] | None = None,
+        diagnostics: bool = False,
+    ) -> ModelOutput:
+        cfg = self.cfg
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        if doc_ids is not None and doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        n_moe = cfg.n_layers + cfg.mtp_depth
+        if routing_indices is not None and len(routing_indices) not in (cfg.n_layers, n_moe):
+            raise ValueError(
+                f"routing_indices needs one entry per MoE layer ({cfg.n_layers}, or {n_moe} with MTP), "
+                f"got {len(routing_indices)}"
+            )
+        layout = DocLayout.from_doc_ids(doc_ids) if doc_ids is not None else DocLayout.single(B, L, input_ids.device)
+        collect = DiagnosticsCollector(enabled=diagnostics)
+
+        emb = self.embed(input_ids)                                     # [B, L, D]
+        x = emb.unsqueeze(2).expand(B, L, cfg.n_streams, cfg.dim).contiguous()  # [B, L, n, D]
+        balance, idx_losses, used_routes = [], [], []
+        for i, block in enumerate(self.layers):
+            route = routing_indices[i] if routing_indices is not None else None
+            x, aux = self._run_block(block, x, input_ids, layout, route)
+            balance.append(aux["moe"]["balance_loss"])
+            if aux["attn"].get("indexer_loss") is not None:
+                idx_losses.append(aux["attn"]["indexer_loss"])
+            used_routes.append(aux["moe"]["indices"])
+            collect.block(i, block, aux)
+        h_main = x
+        hidden = self.norm(self.hc_head(x))                             # [B, L, D]
+        logits = self.head(hidden)                                      # [B, L, V]
+
+        losses: dict[str, torch.Tensor] = {}
+        total = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            lm = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            total = lm
+            losses["lm"] = lm
+            if cfg.mtp_depth > 0:
+                mtp_losses = []
+                x_mtp = h_main
+                tok_in = labels  # depth k+1 reads token t+k+1 and predicts token t+k+2
+                for k, mod in enumerate(self.mtp):
+                    tgt = self._shift(tok_in, doc_ids).masked_fill(tok_in == IGNORE_INDEX, IGNORE_INDEX)
+                    safe_in = tok_in.clamp(min=0)
+                    route = routing_indices[cfg.n_layers + k] if routing_indices is not None and len(routing_indices) == n_moe else None
+                    x_mtp, h_k, aux = mod(x_mtp, self.embed(safe_in), safe_in, layout, route)
+                    balance.append(aux["moe"]["balance_loss"])
+                    if aux["attn"].get("indexer_loss") is not None:
+                        idx_losses.append(aux["attn"]["indexer_loss"])
+                    used_routes.append(aux["moe"]["indices"])
+                    collect.block(cfg.n_layers + k, mod.block, aux, composite=False)
+                    mtp_logits = self.head(h_k)
+                    mtp_losses.append(
+                        F.cross_entropy(mtp_logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX)
+                    )
+                    tok_in = tgt
+                mtp = torch.stack(mtp_losses).mean()
+                losses["mtp"] = mtp
+                total = total + self.mtp_loss_weight * mtp
+            bal = torch.stack([b.float() for b in balance]).sum()
+            losses["balance"] = bal
+            total = total + bal
+            if idx_losses:
+                il = torch.stack(idx_losses).mean()
+                losses["indexer"] = il
+                total = total + il
+            losses = {k: v.detach() for k, v in losses.items()}
+        diag = collect.finish(self) if diagnostics else {}
+        return ModelOutput(loss=total, losses=losses, logits=logits, routing_indices=used_routes, diagnostics=diag)
+
+    @staticmethod
+    def _shift(t: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """t[:, i] <- t[:, i+1]; the last position and positions whose next token lies in another
+        document get IGNORE_INDEX (MTP never predicts across a document boundary)."""
+        out = torch.cat([t[:, 1:], t.new_full((t.shape[0], 1), IGNORE_INDEX)], dim=1)
+        if doc_ids is not None:
+            cross = torch.zeros_like(out, dtype=torch.bool)
+            cross[:, :-1] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            out = out.masked_fill(cross, IGNORE_INDEX)
+        return out
