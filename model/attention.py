@@ -19,6 +19,11 @@ uses rows g*o_lora_rank .. (g+1)*o_lora_rank, as the official einsum and HF's gr
 
 CompressedLayouts: built here from the DocLayout (cheap index math) unless the caller passes a
 ``clayouts`` dict {ratio: CompressedLayout} to share them across layers.
+
+CSA mode is the attribute ``mode`` ("dense" | "sparse", from cfg.attention_mode; change it with
+``set_attention_mode``). The indexer runs in sparse mode (to select) and, in dense mode, only in
+training (for its loss). ``aux["indexer_loss"]`` is computed in training mode only (None in eval
+and on non-CSA layers); ``aux["topk_idx"]`` is the selection [B, L, K] in sparse CSA, else None.
 """
 from __future__ import annotations
 
@@ -55,7 +60,7 @@ class Attention(nn.Module):
         self.o_groups, self.o_lora_rank = cfg.o_groups, cfg.o_lora_rank
         self.scale = cfg.head_dim ** -0.5
         self.eps = cfg.norm_eps
-        self.attention_mode = cfg.attention_mode
+        self.mode = cfg.attention_mode  # CSA mode, switchable at run time (set_attention_mode)
         self.rope = RoPE.for_ratio(cfg, compress_ratio)
 
         H, hd = cfg.n_heads, cfg.head_dim
@@ -89,7 +94,7 @@ class Attention(nn.Module):
         """CSA mode: "dense" attends every visible compressed entry, "sparse" the top-k."""
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
-        self.attention_mode = mode
+        self.mode = mode
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, doc_start: torch.Tensor,
                 ckv: torch.Tensor | None, c_end: torch.Tensor | None,
@@ -128,7 +133,7 @@ class Attention(nn.Module):
             if cl is None:
                 cl = CompressedLayout.build(layout, self.ratio)
             ckv, c_end = self.compressor(x, cl), cl.c_end                # [B, N, hd], [B, N]
-            sparse = self.attention_mode == "sparse"
+            sparse = self.mode == "sparse"
             if self.indexer is not None and (sparse or self.training):
                 scores = self.indexer(x, qr, pos, doc_start, cl)         # [B, L, N], fp32
                 if sparse:

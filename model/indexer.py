@@ -34,7 +34,7 @@ def _visible(c_end: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
     """[B, L, N] bool: query t sees compressed entry i (pads have c_end = L, never visible)."""
     L = doc_start.shape[1]
     t = torch.arange(L, device=c_end.device)
-    return (c_end[:, None, :] >= doc_start[:, :, None]) & (c_end[:, None, :] <= t[None, :, None] + 1)
+    return (c_end[:, None, :] >= doc_start[:, :, None]) & (c_end[:, None, :] <= t[None, :, None])
 
 
 def indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_end: torch.Tensor,

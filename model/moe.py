@@ -78,8 +78,10 @@ def hash_routing_table(vocab_size: int, n_experts: int, k: int, seed: int) -> to
         raise ValueError(f"hash_routing_table: vocab_size must be >= 1, got {vocab_size}")
     total = vocab_size * k
     n_rounds = -(-total // n_experts)
-    gen = torch.Generator().manual_seed(seed)
-    perms = torch.rand(n_rounds, n_experts, generator=gen).argsort(dim=1).tolist()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # explicit CPU device: the table must be real even when the model is built under a
+    # `torch.device("meta")` context (parameter accounting of flash/pro)
+    perms = torch.rand(n_rounds, n_experts, generator=gen, device="cpu").argsort(dim=1).tolist()
     flat: list[int] = []
     for perm in perms:
         filled = len(flat) % k  # slots of the current token already filled by the last round
@@ -89,7 +91,7 @@ def hash_routing_table(vocab_size: int, n_experts: int, k: int, seed: int) -> to
             head_set = set(head)
             perm = head + [e for e in perm if e not in head_set]
         flat.extend(perm)
-    return torch.tensor(flat[:total], dtype=torch.long).view(vocab_size, k)
+    return torch.tensor(flat[:total], dtype=torch.long, device="cpu").view(vocab_size, k)
 
 
 def hash_seed_for_layer(hash_seed: int, layer_idx: int) -> int:
@@ -135,7 +137,10 @@ class Router(nn.Module):
         self.route_scale = cfg.route_scale
         self.is_hash = layer_idx < cfg.n_hash_layers
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
-        if self.is_hash:
+        if self.is_hash and self.weight.is_meta:
+            # meta build (accounting only): shape without the cost of building the table
+            self.register_buffer("tid2eid", torch.empty(cfg.vocab_size, cfg.n_activated_experts, dtype=torch.long))
+        elif self.is_hash:
             table = hash_routing_table(cfg.vocab_size, cfg.n_routed_experts, cfg.n_activated_experts,
                                        hash_seed_for_layer(cfg.hash_seed, layer_idx))
             self.register_buffer("tid2eid", table, persistent=True)

@@ -1,8 +1,9 @@
 """Parameter accounting: total and per-token active parameters.
 
-Active = every parameter a token touches: all dense weights, the shared experts and
-n_activated_experts of the routed experts in each MoE layer. Embedding and head count (one row
-of the embedding is read, but by convention, as in DeepSeek's reports, the whole table counts).
+Active = every parameter whose matmul a token pays for: all dense weights, the head, the shared
+experts and n_activated_experts of the routed experts in each MoE layer. The input embedding
+is a table lookup, not compute, and is not counted as active (this is the reading under which
+our flash/pro counts land on DeepSeek's 13B/49B; counting it adds 0.5B/0.9B).
 The MTP module is reported separately: DeepSeek's headline totals (284B Flash, 1.6T Pro)
 exclude it, as V3's 671B did.
 """
@@ -39,6 +40,7 @@ def count_params(model: nn.Module) -> ParamCount:
         if ".ffn.experts." in name:
             routed += n
     inactive = routed * (cfg.n_routed_experts - cfg.n_activated_experts) // cfg.n_routed_experts
+    inactive += model.embed.weight.numel()
     return ParamCount(total=total, active=total - inactive, mtp=mtp, embedding=emb, routed_experts=routed)
 
 

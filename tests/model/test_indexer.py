@@ -116,7 +116,7 @@ def test_kl_loss_gradcheck_and_zero_when_matching():
     lse = torch.full((B, L, H), 2.0, dtype=torch.float64)
     scores = indexer_scores(q, w, k, cl.c_end, lay.doc_start).detach().requires_grad_()
     fn = lambda s: indexer_kl_loss(q, ckv, lse, 0.5, s, cl.c_end, lay.doc_start, None)
-    assert torch.autograd.gradcheck(fn, (scores,))
+    assert torch.autograd.gradcheck(fn, (scores,), fast_mode=True)
     # indexer logits equal to the log of the target distribution -> KL = 0
     from model.indexer import attention_mass_on_entries
     vis = torch.isfinite(scores.detach())

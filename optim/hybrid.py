@@ -1,0 +1,148 @@
+"""HybridOptimizer: V4's Muon and AdamW in ONE torch.optim.Optimizer.
+
+One optimizer (rather than two side by side) because the consumers expect one:
+- DeepSpeed's ``deepspeed.initialize(optimizer=...)`` takes a single ``torch.optim.Optimizer``;
+  at ZeRO stage 0 it uses it as is (fp32) or wraps it in its unfused bf16 optimizer, which keeps
+  one fp32 master copy per parameter, shape intact (Muon needs the matrix shape; ZeRO-1/2/3
+  flatten and partition parameters, so this optimizer is for stage 0 only).
+- LR schedulers (torch's LambdaLR, DeepSpeed's) scale ``group["lr"]`` of every group; each group
+  keeps its own base lr in ``initial_lr``, so one schedule scales Muon and AdamW proportionally.
+- ``state_dict``/``load_state_dict`` are torch's: one round trip covers both kinds.
+
+Every param group carries ``kind``: "muon" (see ``optim.muon``) or "adamw" (decoupled weight
+decay, Loshchilov & Hutter; the same math as ``torch.optim.AdamW``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from optim.muon import (UpdateRMSTracker, canonical_ns_dtype, check_muon_params, muon_step_,
+                        validate_muon_hparams)
+from optim.newton_schulz import V4_NS_COEFFICIENTS
+
+MUON_DEFAULTS = dict(momentum=0.95, weight_decay=0.1, update_rms=0.18, ns_dtype="bfloat16",
+                     ns_steps=V4_NS_COEFFICIENTS, row_blocks=1)
+ADAMW_DEFAULTS = dict(betas=(0.9, 0.95), eps=1e-20, weight_decay=0.1)
+KIND_DEFAULTS = {"muon": MUON_DEFAULTS, "adamw": ADAMW_DEFAULTS}
+COMMON_KEYS = {"params", "param_names", "kind", "name", "lr", "initial_lr"}
+
+
+@torch.no_grad()
+def adamw_step_(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float,
+                betas: tuple[float, float], eps: float, weight_decay: float) -> torch.Tensor:
+    """One in-place AdamW update; returns the lr-free update m_hat / (sqrt(v_hat) + eps)."""
+    beta1, beta2 = betas
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    state["step"] += 1
+    t = state["step"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.lerp_(grad, 1.0 - beta1)                                  # m <- b1 m + (1-b1) g
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)    # v <- b2 v + (1-b2) g^2
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2 ** t)).add_(eps)
+    update = exp_avg / (1.0 - beta1 ** t) / denom
+    param.mul_(1.0 - lr * weight_decay)
+    param.add_(update, alpha=-lr)
+    return update
+
+
+class HybridOptimizer(torch.optim.Optimizer):
+    """Muon for matrices, AdamW for the rest, chosen per param group by ``group["kind"]``.
+
+    Every group needs ``params``, ``kind`` and ``lr``; the other keys default to V4's values
+    (``MUON_DEFAULTS``, ``ADAMW_DEFAULTS``). Unknown keys are an error (a typo would otherwise
+    silently fall back to a default). Build groups with ``optim.groups.param_groups``.
+    """
+
+    def __init__(self, param_groups: list[dict], track_update_rms: bool = True):
+        if isinstance(param_groups, torch.Tensor) or not isinstance(param_groups, (list, tuple)):
+            raise TypeError("HybridOptimizer: param_groups must be a list of dicts, each with "
+                            "'params', 'kind' ('muon' | 'adamw') and 'lr'")
+        self.track_update_rms = track_update_rms
+        self._rms = UpdateRMSTracker()
+        super().__init__(list(param_groups), defaults={})
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"HybridOptimizer: a param group must be a dict, got {type(param_group)}")
+        index = len(self.param_groups)
+        where = f"HybridOptimizer param_groups[{index}]" + (
+            f" ({param_group['name']})" if "name" in param_group else "")
+        kind = param_group.get("kind")
+        if kind not in KIND_DEFAULTS:
+            raise ValueError(f"{where}: 'kind' must be 'muon' or 'adamw', got {kind!r}")
+        if "lr" not in param_group:
+            raise ValueError(f"{where}: 'lr' is required")
+        unknown = set(param_group) - COMMON_KEYS - set(KIND_DEFAULTS[kind])
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} for kind {kind!r}; "
+                             f"allowed: {sorted(COMMON_KEYS | set(KIND_DEFAULTS[kind]))}")
+        super().add_param_group({**KIND_DEFAULTS[kind], **param_group})
+        try:  # validate the normalised group; a rejected group must not stay behind
+            self._check_group(self.param_groups[-1], where)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _check_group(group: dict, where: str) -> None:
+        group.setdefault("initial_lr", group["lr"])
+        if group["kind"] == "muon":
+            group["ns_dtype"] = canonical_ns_dtype(group["ns_dtype"])
+            group["ns_steps"] = tuple(tuple(float(c) for c in s) for s in group["ns_steps"])
+            validate_muon_hparams(lr=group["lr"], momentum=group["momentum"],
+                                  weight_decay=group["weight_decay"],
+                                  update_rms=group["update_rms"], where=where)
+            check_muon_params(group["params"], where, group["row_blocks"])
+        else:
+            beta1, beta2 = group["betas"]
+            group["betas"] = (float(beta1), float(beta2))
+            if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+                raise ValueError(f"{where}: betas must be in [0, 1), got {group['betas']}")
+            if not group["eps"] > 0.0:
+                raise ValueError(f"{where}: eps must be > 0, got {group['eps']}")
+            if not (group["lr"] >= 0.0 and group["weight_decay"] >= 0.0):
+                raise ValueError(f"{where}: lr and weight_decay must be >= 0, got "
+                                 f"{group['lr']}, {group['weight_decay']}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._rms.reset()
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"HybridOptimizer: sparse gradients are not supported "
+                                     f"(group {group.get('name', gi)})")
+                state = self.state[p]
+                if group["kind"] == "muon":
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format)
+                    update = muon_step_(
+                        p, p.grad, state["momentum_buffer"], lr=group["lr"],
+                        momentum=group["momentum"], weight_decay=group["weight_decay"],
+                        update_rms=group["update_rms"], ns_steps=group["ns_steps"],
+                        ns_dtype=group["ns_dtype"], row_blocks=group["row_blocks"])
+                else:
+                    update = adamw_step_(p, p.grad, state, lr=group["lr"], betas=group["betas"],
+                                         eps=group["eps"], weight_decay=group["weight_decay"])
+                if self.track_update_rms:
+                    self._rms.add(gi, update)
+        return loss
+
+    def last_update_rms(self) -> dict[str, float]:
+        """RMS of the last step's lr-free update per group (``name`` or index); syncs once.
+
+        Muon groups should read ~update_rms (0.18); AdamW groups typically below 1.
+        """
+        return self._rms.rms(self.param_groups)

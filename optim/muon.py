@@ -1,0 +1,200 @@
+"""V4's Muon: Nesterov momentum, hybrid Newton-Schulz, RMS-matched update, decoupled decay.
+
+Per logical matrix W [n, m] with gradient G (DeepSeek-V4 report, "Training"):
+    M  <- mu M + G
+    O' =  HybridNS(mu M + G)                  # Nesterov look-ahead, then orthogonalise
+    O  =  O' * sqrt(max(n, m)) * update_rms   # update_rms = 0.18
+    W  <- W (1 - lr wd) - lr O
+A semi-orthogonal O' has RMS 1/sqrt(max(n, m)), so O has RMS ~= update_rms whatever the shape:
+this is Moonlight's RMS matching, which lets Muon and AdamW share one learning rate.
+
+Stacked parameters are several logical matrices: an expert tensor [E, n, m] is E matrices
+(orthogonalised separately, in one batched iteration), and a group may set ``row_blocks = g``
+to view a 2-D weight [g*r, c] as g matrices [r, c] (the grouped output projection wo_a).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from optim.newton_schulz import V4_NS_COEFFICIENTS, hybrid_newton_schulz
+
+NS_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp32": torch.float32, "float32": torch.float32,
+             "fp64": torch.float64, "float64": torch.float64}
+
+
+def canonical_ns_dtype(ns_dtype: str | torch.dtype) -> str:
+    """'bf16' | 'bfloat16' | torch.bfloat16 | ... -> 'bfloat16' | 'float32' | 'float64'."""
+    if isinstance(ns_dtype, torch.dtype):
+        if ns_dtype not in NS_DTYPES.values():
+            raise ValueError(f"ns_dtype must be one of {sorted(NS_DTYPES)}, got {ns_dtype}")
+        return str(ns_dtype).removeprefix("torch.")
+    if ns_dtype not in NS_DTYPES:
+        raise ValueError(f"ns_dtype must be one of {sorted(NS_DTYPES)}, got {ns_dtype!r}")
+    return str(NS_DTYPES[ns_dtype]).removeprefix("torch.")
+
+
+def muon_direction(
+    update_input: torch.Tensor,
+    *,
+    update_rms: float,
+    ns_steps: Sequence[Sequence[float]] = V4_NS_COEFFICIENTS,
+    ns_dtype: str | torch.dtype = "bfloat16",
+    row_blocks: int = 1,
+) -> torch.Tensor:
+    """O = HybridNS(X) * sqrt(max(n, m)) * update_rms per logical matrix; fp32, X's shape.
+
+    ``update_input`` is the Nesterov input mu*M + G, shape [..., R, m]; with ``row_blocks = g``
+    its rows are split into g matrices of R/g rows each.
+    """
+    shape = update_input.shape
+    if update_input.ndim < 2:
+        raise ValueError(f"muon_direction: needs a matrix (ndim >= 2), got shape {tuple(shape)}")
+    if row_blocks < 1 or shape[-2] % row_blocks != 0:
+        raise ValueError(f"muon_direction: row_blocks={row_blocks} must divide the row count "
+                         f"{shape[-2]} of shape {tuple(shape)}")
+    X = update_input.reshape(*shape[:-2], row_blocks, shape[-2] // row_blocks, shape[-1])
+    n, m = X.shape[-2:]
+    O = hybrid_newton_schulz(X, ns_steps, NS_DTYPES[canonical_ns_dtype(ns_dtype)])
+    return (O * (math.sqrt(max(n, m)) * update_rms)).reshape(shape)
+
+
+@torch.no_grad()
+def muon_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    update_rms: float,
+    ns_steps: Sequence[Sequence[float]],
+    ns_dtype: str,
+    row_blocks: int,
+) -> torch.Tensor:
+    """One in-place V4 Muon update of ``param``; returns the lr-free update O (fp32)."""
+    momentum_buffer.mul_(momentum).add_(grad)                  # M <- mu M + G
+    nesterov = grad.add(momentum_buffer, alpha=momentum)       # mu M + G
+    O = muon_direction(nesterov, update_rms=update_rms, ns_steps=ns_steps, ns_dtype=ns_dtype,
+                       row_blocks=row_blocks)
+    param.mul_(1.0 - lr * weight_decay)                        # decoupled decay
+    param.add_(O.to(param.dtype), alpha=-lr)
+    return O
+
+
+class UpdateRMSTracker:
+    """Sum of squares and element count of the last step's updates, per param group.
+
+    Accumulates 0-d tensors (no host sync during step); ``rms()`` syncs once when asked.
+    """
+
+    def __init__(self) -> None:
+        self._sq: dict[int, torch.Tensor] = {}
+        self._count: dict[int, int] = {}
+
+    def reset(self) -> None:
+        self._sq.clear()
+        self._count.clear()
+
+    def add(self, group_index: int, update: torch.Tensor) -> None:
+        sq = torch.linalg.vector_norm(update, dtype=torch.float32).square()
+        self._sq[group_index] = self._sq[group_index] + sq if group_index in self._sq else sq
+        self._count[group_index] = self._count.get(group_index, 0) + update.numel()
+
+    def rms(self, param_groups: list[dict]) -> dict[str, float]:
+        out = {}
+        for i, sq in self._sq.items():
+            name = param_groups[i].get("name", str(i))
+            out[name] = math.sqrt(sq.item() / max(self._count[i], 1))
+        return out
+
+
+def check_muon_params(params: Sequence[torch.Tensor], where: str, row_blocks: int = 1) -> None:
+    """Muon orthogonalises matrices: refuse vectors and scalars with a clear message."""
+    if not (isinstance(row_blocks, int) and row_blocks >= 1):
+        raise ValueError(f"{where}: row_blocks must be an int >= 1, got {row_blocks!r}")
+    for i, p in enumerate(params):
+        if p.ndim < 2:
+            raise ValueError(f"{where}: Muon needs matrices (ndim >= 2) but params[{i}] has shape "
+                             f"{tuple(p.shape)}; put it in an AdamW group")
+        if p.shape[-2] % row_blocks != 0:
+            raise ValueError(f"{where}: row_blocks={row_blocks} does not divide the rows of "
+                             f"params[{i}] with shape {tuple(p.shape)}")
+
+
+class Muon(torch.optim.Optimizer):
+    """Standalone V4 Muon (every parameter must be a matrix or a stack of matrices).
+
+    Group keys: lr, momentum (mu), weight_decay, update_rms, ns_dtype, ns_steps, row_blocks.
+    The hybrid Muon + AdamW optimizer used for training is ``optim.hybrid.HybridOptimizer``.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.1,
+                 update_rms: float = 0.18, ns_dtype: str | torch.dtype = "bfloat16",
+                 ns_steps: Sequence[Sequence[float]] = V4_NS_COEFFICIENTS, row_blocks: int = 1):
+        validate_muon_hparams(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                              update_rms=update_rms, where="Muon")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, update_rms=update_rms,
+                        ns_dtype=canonical_ns_dtype(ns_dtype),
+                        ns_steps=tuple(tuple(float(c) for c in s) for s in ns_steps),
+                        row_blocks=row_blocks)
+        self._rms = UpdateRMSTracker()
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f"Muon param_groups[{len(self.param_groups) - 1}]"
+        try:  # a rejected group must not stay behind
+            group["ns_dtype"] = canonical_ns_dtype(group["ns_dtype"])
+            validate_muon_hparams(lr=group["lr"], momentum=group["momentum"],
+                                  weight_decay=group["weight_decay"],
+                                  update_rms=group["update_rms"], where=where)
+            check_muon_params(group["params"], where, group["row_blocks"])
+        except Exception:
+            self.param_groups.pop()
+            raise
+        group.setdefault("initial_lr", group["lr"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._rms.reset()
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("Muon: sparse gradients are not supported")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                O = muon_step_(p, p.grad, state["momentum_buffer"], lr=group["lr"],
+                               momentum=group["momentum"], weight_decay=group["weight_decay"],
+                               update_rms=group["update_rms"], ns_steps=group["ns_steps"],
+                               ns_dtype=group["ns_dtype"], row_blocks=group["row_blocks"])
+                self._rms.add(gi, O)
+        return loss
+
+    def last_update_rms(self) -> dict[str, float]:
+        """RMS of the last step's lr-free update O per group (name or index); syncs once."""
+        return self._rms.rms(self.param_groups)
+
+
+def validate_muon_hparams(*, lr: float, momentum: float, weight_decay: float, update_rms: float,
+                          where: str) -> None:
+    if not lr >= 0.0:
+        raise ValueError(f"{where}: lr must be >= 0, got {lr}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {momentum}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {weight_decay}")
+    if not update_rms > 0.0:
+        raise ValueError(f"{where}: update_rms must be > 0, got {update_rms}")
