@@ -36,7 +36,7 @@ from model.indexer import Indexer, indexer_kl_loss, select_topk
 from model.layout import CompressedLayout, DocLayout
 from model.norms import RMSNorm, rms_norm
 from model.rope import RoPE
-from model.sparse_attention import sparse_attention
+from kernels.dispatch import get_sparse_attention
 
 
 class Attention(nn.Module):
@@ -99,9 +99,11 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, kv: torch.Tensor, doc_start: torch.Tensor,
                 ckv: torch.Tensor | None, c_end: torch.Tensor | None,
                 topk_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The one attention call (kernel dispatch point). -> o [B, L, H, hd], lse [B, L, H] fp32."""
-        return sparse_attention(q, kv, self.sink, doc_start, self.window, self.scale,
-                                ckv=ckv, c_end=c_end, topk_idx=topk_idx, return_lse=True)
+        """The one attention call (kernel dispatch point). -> o [B, L, H, hd], lse [B, L, H] fp32.
+        cfg.attention_impl picks the Triton kernel or the reference (kernels/dispatch.py)."""
+        fn = get_sparse_attention(self.cfg.attention_impl, q.device, q.dtype)
+        return fn(q, kv, self.sink, doc_start, self.window, self.scale,
+                  ckv, c_end, topk_idx, True)
 
     def _check_inputs(self, x: torch.Tensor, layout: DocLayout) -> None:
         if x.dim() != 3 or x.shape[-1] != self.cfg.dim:

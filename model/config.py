@@ -15,6 +15,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 HYPER_CONNECTION_KINDS = ("mhc", "hc", "residual")
 ATTENTION_MODES = ("dense", "sparse")
+KERNEL_IMPLS = ("auto", "triton", "torch")
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,10 @@ class ModelConfig:
     compress_ratios: list[int] = field(default_factory=list)
     csa_ratio: int = 4
     attention_mode: str = "sparse"  # "dense": CSA attends all visible entries (curriculum phase 1)
+    # fused-op implementation (attention.impl): auto = Triton on CUDA, PyTorch reference
+    # elsewhere; triton = Triton or an error; torch = always the reference (kernels/dispatch.py)
+    attention_impl: str = "auto"
+    mhc_impl: str = "auto"
     # --- lightning indexer (CSA layers)
     index_n_heads: int = 64
     index_head_dim: int = 128
@@ -116,6 +121,9 @@ class ModelConfig:
         need(self.attention_mode in ATTENTION_MODES, "attention_mode",
              f"must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
         need(self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
+        for f in ("attention_impl", "mhc_impl"):
+            need(getattr(self, f) in KERNEL_IMPLS, f,
+                 f"must be one of {KERNEL_IMPLS}, got {getattr(self, f)!r}")
         need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
 
     # ------------------------------------------------------------------ derived

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.dispatch import get_mhc_coefficients
 from model.config import ModelConfig
 
 # Our init (V4's is unpublished): comb base logits are c on the diagonal and 0 elsewhere, with c
@@ -181,6 +182,7 @@ class HyperConnection(nn.Module):
         self.iters = cfg.hc_sinkhorn_iters
         self.eps = cfg.hc_eps
         self.norm_eps = cfg.norm_eps
+        self.mhc_impl = cfg.mhc_impl
         self.init_alpha = cfg.hc_init_alpha
         n, D = self.n, cfg.dim
         if self.kind == "mhc":
@@ -217,8 +219,8 @@ class HyperConnection(nn.Module):
 
     def coefficients(self, x: torch.Tensor):
         if self.kind == "mhc":
-            return mhc_coefficients(x, self.fn, self.base, self.scale, self.n, self.iters, self.eps,
-                                    self.norm_eps)
+            fn = get_mhc_coefficients(self.mhc_impl, x.device, x.dtype)  # Triton on CUDA
+            return fn(x, self.fn, self.base, self.scale, self.n, self.iters, self.eps, self.norm_eps)
         return hc_coefficients(x, self.fn, self.base, self.scale, self.n, self.norm_eps)
 
     def pre(self, x: torch.Tensor):

@@ -1,0 +1,351 @@
+"""One GPU call: kernel correctness in bf16 at real sizes, tile sweeps, benchmarks, tables.
+
+    PYTHONUNBUFFERED=1 python bench/gpu_check.py --out $OUT [--sections checks sweep attention peers]
+
+Writes markdown tables to --out (checks.md, sweep.md, attention.md, resources.md) and prints
+them. Every section has a time budget so that the whole call ends inside the lease's limit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import attention as ba  # noqa: E402
+
+
+class Report:
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.files: dict[str, list[str]] = {}
+        os.makedirs(out_dir, exist_ok=True)
+
+    def log(self, name: str, line: str) -> None:
+        print(line, flush=True)
+        self.files.setdefault(name, []).append(line)
+        with open(os.path.join(self.out_dir, name), "w") as fh:
+            fh.write("\n".join(self.files[name]) + "\n")
+
+
+def _rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- correctness
+ATTN_CHECKS = [
+    # name, kind, L, head config, doc cuts, top-k
+    ("flash csa top-512, 2 docs", "csa", 2048, "flash", (700,), 512),
+    ("flash csa top-128, 1 doc", "csa", 2048, "flash", (), 128),
+    ("flash hca ratio 128, 2 docs", "hca", 2048, "flash", (1000,), 0),
+    ("flash csa dense (all visible)", "csa_dense", 2048, "flash", (), 0),
+    ("small csa top-512, 3 docs", "csa", 4096, "small", (1000, 3001), 512),
+    ("small hca, 1 doc", "hca", 4096, "small", (), 0),
+    ("small window only, 2 docs", "window", 3000, "small", (1234,), 0),
+]
+
+
+def check_attention(rep: Report, budget_s: float) -> bool:
+    from kernels.sparse_attention import sparse_attention_triton
+    from model.sparse_attention import sparse_attention
+
+    t0 = time.time()
+    ok_all = True
+    hdr = ["check", "o", "lse", "dq", "dkv", "dsink", "dckv", "dq run-to-run", "pass (< 3e-2)"]
+    rep.log("checks.md", "bf16 Triton vs fp32 PyTorch reference (relative L2 error), real head sizes")
+    rep.log("checks.md", ba.fmt_row(hdr)); rep.log("checks.md", ba.fmt_row(["---"] * len(hdr)))
+    for name, kind, L, cfg, cuts, topk in ATTN_CHECKS:
+        if time.time() - t0 > budget_s:
+            rep.log("checks.md", f"[skipped {name}: time budget]")
+            continue
+        try:
+            ok_all &= _one_check(rep, name, kind, L, cfg, cuts, topk)
+        except Exception as exc:  # report and continue with the other checks
+            ok_all = False
+            rep.log("checks.md", ba.fmt_row([f"{name}", f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+        torch.cuda.empty_cache()
+    return ok_all
+
+
+def _one_check(rep, name, kind, L, cfg, cuts, topk) -> bool:
+    from kernels.sparse_attention import sparse_attention_triton
+    from model.sparse_attention import sparse_attention
+
+    if True:
+        H, D = ba.HEAD_CONFIGS[cfg]
+        k_make = "csa" if kind == "csa_dense" else kind
+        inp = ba.make_inputs(k_make, L, H, D, doc_cuts=cuts, seed=hash(name) % 10000, topk=topk or ba.TOPK)
+        if kind == "csa_dense":
+            inp.topk_idx = None
+        f32 = lambda x: None if x is None else x.detach().float().requires_grad_()
+        ref_leaves = [f32(x) for x in (inp.q, inp.kv, inp.sink, inp.ckv)]
+        args = lambda qq, kk, ss, cc: (qq, kk, ss, inp.doc_start, inp.window, inp.scale, cc, inp.c_end, inp.topk_idx)
+        o_r, lse_r = sparse_attention(*args(*ref_leaves), return_lse=True)
+        do = torch.randn_like(o_r)
+        dlse = torch.randn_like(lse_r)
+        leaves_r = [x for x in ref_leaves if x is not None]
+        g_r = torch.autograd.grad((o_r * do).sum() + (lse_r * dlse).sum(), leaves_r)
+        del o_r  # keep lse_r
+        res = []
+        for _ in range(2):
+            o, lse = sparse_attention_triton(*inp.args(), return_lse=True)
+            g = torch.autograd.grad((o.float() * do).sum() + (lse * dlse).sum(), inp.leaves())
+            res.append((o, lse, g))
+        o, lse, g = res[0]
+        ref_o = sparse_attention(*args(*[None if x is None else x.detach() for x in ref_leaves]))
+        errs = [_rel(o, ref_o), _rel(lse, lse_r)] + [_rel(a, b) for a, b in zip(g, g_r)]
+        while len(errs) < 6:
+            errs.append(float("nan"))
+        rerun = _rel(res[1][2][0], g[0])
+        finite = all(torch.isfinite(x.float()).all().item() for x in [o, lse, *g])
+        ok = finite and all(e < 3e-2 for e in errs if e == e)
+        rep.log("checks.md", ba.fmt_row([f"{name} (L={L}, {H}x{D})"] + [f"{e:.1e}" for e in errs]
+                                        + [f"{rerun:.0e}", "yes" if ok else "NO"]))
+        return ok
+
+
+def check_indexer(rep: Report) -> None:
+    from bench import indexer as bi
+    from kernels.indexer_topk import indexer_scores_triton, indexer_topk
+    from model.indexer import indexer_scores, select_topk
+
+    rep.log("checks.md", "")
+    rep.log("checks.md", "indexer (64 heads x 128, ratio 4), bf16 Triton vs fp32 reference")
+    hdr = ["L", "scores rel err (visible)", "same visibility", "top-512 recall", "selected-score match"]
+    rep.log("checks.md", fmt(hdr)); rep.log("checks.md", fmt(["---"] * len(hdr)))
+    for L in (2048, 8192):
+        try:
+            q, w, k, c_end, ds = bi.make_inputs(L, seed=L)
+            ref = indexer_scores(q.float(), w.float(), k.float(), c_end, ds)
+            got = indexer_scores_triton(q, w, k, c_end, ds)
+            fin = torch.isfinite(ref)
+            same_vis = torch.equal(fin, torch.isfinite(got))
+            err = _rel(got[fin], ref[fin])
+            t_ref = select_topk(ref, 512)
+            t_got = indexer_topk(q, w, k, c_end, ds, 512)
+            N = k.shape[1]
+            sel = lambda idx: torch.zeros(L, N + 1, device="cuda", dtype=torch.bool).scatter_(
+                1, torch.where(idx[0] < 0, N, idx[0]), True)[:, :N]
+            recall = (sel(t_got) & sel(t_ref)).sum().item() / max(1, (t_ref >= 0).sum().item())
+            # where the sets differ, the swapped entries must be near-ties of the bf16 scores
+            pick = lambda idx: torch.gather(ref, 2, idx.clamp(min=0)).masked_fill(idx < 0, 0.0)
+            score_gap = _rel(pick(t_got).sort(-1).values, pick(t_ref).sort(-1).values)
+            rep.log("checks.md", fmt([L, f"{err:.1e}", same_vis, f"{recall:.4f}", f"{score_gap:.1e}"]))
+            del ref, got
+        except Exception as exc:
+            rep.log("checks.md", fmt([L, f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+        torch.cuda.empty_cache()
+
+
+def check_mhc(rep: Report) -> None:
+    from kernels.mhc import mhc_coefficients_triton
+    from model.hyper_connections import mhc_coefficients
+
+    rep.log("checks.md", "")
+    rep.log("checks.md", "mHC coefficients + Sinkhorn (n=4, 20 iters), bf16 x, Triton vs reference")
+    hdr = ["tokens x n x D", "pre", "post", "comb", "dx", "dfn", "dbase", "dscale"]
+    rep.log("checks.md", fmt(hdr)); rep.log("checks.md", fmt(["---"] * len(hdr)))
+    for T, D in ((4097, 1024), (2048, 4096)):
+        try:
+            n, NM = 4, 24
+            x = torch.randn(T, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            fn = (torch.randn(NM, n * D, device="cuda") / (n * D) ** 0.5).requires_grad_()
+            base = torch.randn(NM, device="cuda", requires_grad=True)
+            scale = (torch.rand(3, device="cuda") + 0.5).requires_grad_()
+            outs, grads = [], []
+            for f in (mhc_coefficients_triton, mhc_coefficients):
+                o = f(x, fn, base, scale, n, 20, 1e-6, 1e-6)
+                if not grads:
+                    cot = [torch.randn_like(t) for t in o]
+                grads.append(torch.autograd.grad(sum((a * c).sum() for a, c in zip(o, cot)), [x, fn, base, scale]))
+                outs.append(o)
+            errs = [_rel(a, b) for a, b in zip(outs[0], outs[1])] + [_rel(a, b) for a, b in zip(grads[0], grads[1])]
+            rep.log("checks.md", fmt([f"{T}x{n}x{D}"] + [f"{e:.1e}" for e in errs]))
+        except Exception as exc:
+            print(f"[mhc check failed: {type(exc).__name__}: {exc}]", flush=True)
+            rep.log("checks.md", fmt([f"{T}x4x{D}", f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+        torch.cuda.empty_cache()
+
+
+fmt = ba.fmt_row
+
+
+# ----------------------------------------------------------------------------- resources
+def kernel_resources(rep: Report, fns) -> None:
+    """Registers, spills and shared memory of every compiled variant (from Triton's caches)."""
+    rep.log("resources.md", ba.fmt_row(["kernel", "constexprs", "warps", "stages", "regs", "spills", "smem B"]))
+    rep.log("resources.md", ba.fmt_row(["---"] * 7))
+    for fn in fns:
+        try:
+            for _dev, entry in fn.device_caches.items():
+                cache = entry[0]
+                for _key, k in cache.items():
+                    try:
+                        k._init_handles()
+                    except Exception:
+                        pass
+                    consts = getattr(getattr(k, "src", None), "constants", {}) or {}
+                    cs = ",".join(f"{n[-1] if isinstance(n, tuple) else n}={v}" for n, v in consts.items()
+                                  if isinstance(v, (int, bool)))
+                    md = k.metadata
+                    rep.log("resources.md", ba.fmt_row([fn.fn.__name__, cs[:120], md.num_warps, md.num_stages,
+                                                        getattr(k, "n_regs", "?"), getattr(k, "n_spills", "?"),
+                                                        md.shared]))
+        except Exception as exc:
+            rep.log("resources.md", f"[{getattr(fn, '__name__', fn)}: cache not readable: {exc}]")
+
+
+# ----------------------------------------------------------------------------- tile sweep
+def sweep(rep: Report, budget_s: float):
+    """Time tile variants on one shape per (config, kind); returns the best configs found."""
+    from kernels.sparse_attention import (KernelConfig as KC, SparseAttentionConfigs as SC,
+                                          default_configs, sparse_attention_triton)
+
+    t0 = time.time()
+    best = {}
+    plans = {
+        ("flash", "csa", 16384): dict(
+            fwd=[KC(1, 64, 32, 8, 2), KC(1, 64, 32, 8, 1), KC(1, 64, 64, 8, 1), KC(1, 32, 32, 4, 2),
+                 KC(1, 64, 16, 8, 3)],
+            bwd_q=[KC(1, 32, 32, 4, 1, split=True), KC(1, 32, 32, 8, 1, split=True), KC(1, 32, 16, 4, 1),
+                   KC(1, 16, 32, 4, 1), KC(1, 64, 16, 8, 1, split=True)],
+            bwd_kv=[KC(1, 32, 32, 4, 1), KC(1, 32, 32, 8, 1), KC(1, 32, 64, 8, 1), KC(1, 16, 32, 4, 2),
+                    KC(1, 64, 16, 8, 1)]),
+        ("small", "csa", 16384): dict(
+            fwd=[KC(1, 16, 64, 4, 2), KC(1, 16, 32, 4, 3), KC(1, 16, 128, 4, 2), KC(1, 16, 64, 2, 2)],
+            bwd_q=[KC(1, 16, 32, 4, 1), KC(1, 16, 64, 4, 2), KC(1, 16, 32, 4, 2, split=True)],
+            bwd_kv=[KC(4, 16, 32, 4, 1), KC(4, 16, 64, 4, 1), KC(2, 16, 64, 4, 2), KC(4, 16, 32, 8, 2)]),
+        ("small", "hca", 16384): dict(
+            fwd=[KC(4, 16, 64, 4, 2), KC(4, 16, 64, 8, 2), KC(2, 16, 64, 4, 2)],
+            bwd_q=[KC(4, 16, 32, 4, 1), KC(4, 16, 32, 8, 1), KC(2, 16, 64, 4, 2)],
+            bwd_kv=[]),
+    }
+    hdr = ["config/kind/L", "stage", "tile (t,h,n,warps,stages,split)", "fwd ms", "fwd+bwd ms"]
+    rep.log("sweep.md", ba.fmt_row(hdr)); rep.log("sweep.md", ba.fmt_row(["---"] * len(hdr)))
+    for (cfg, kind, L), plan in plans.items():
+        H, D = ba.HEAD_CONFIGS[cfg]
+        inp = ba.make_inputs(kind, L, H, D)
+        cur = default_configs(H, D, kind == "csa")
+        for stage in ("fwd", "bwd_q", "bwd_kv"):
+            results = []
+            for kc in plan[stage]:
+                if time.time() - t0 > budget_s:
+                    rep.log("sweep.md", f"[sweep stopped: time budget at {cfg} {kind} {stage}]")
+                    break
+                trial = SC(**{**cur.__dict__, stage: kc})
+                fwd, fb = ba.fwd_bwd_fns(sparse_attention_triton, inp, configs=trial)
+                try:
+                    t = ba.time_ms(fwd if stage == "fwd" else fb, budget_s=0.6)
+                except Exception as exc:
+                    rep.log("sweep.md", ba.fmt_row([f"{cfg}/{kind}/{L}", stage, kc, f"error {type(exc).__name__}: {str(exc)[:80]}", ""]))
+                    continue
+                results.append((t, kc))
+                cells = [f"{t:.3f}", ""] if stage == "fwd" else ["", f"{t:.3f}"]
+                rep.log("sweep.md", ba.fmt_row([f"{cfg}/{kind}/{L}", stage,
+                                                (kc.block_t, kc.block_h, kc.block_n, kc.num_warps, kc.num_stages, kc.split)] + cells))
+            if results:
+                cur = SC(**{**cur.__dict__, stage: min(results, key=lambda r: r[0])[1]})
+        best[(cfg, kind)] = cur
+        if cfg == "flash":  # same tiles (one token, 64 heads) serve the HCA path
+            best[(cfg, "hca")] = cur
+        rep.log("sweep.md", f"best {cfg}/{kind}: {cur}")
+        del inp
+        torch.cuda.empty_cache()
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    ap.add_argument("--sections", nargs="+", default=["checks", "sweep", "attention", "peers"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
+    ap.add_argument("--fwd-only-lengths", type=int, nargs="*", default=[])
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole script")
+    a = ap.parse_args(argv)
+    rep = Report(a.out)
+    t_start = time.time()
+    left = lambda: a.budget - (time.time() - t_start)
+    import triton
+
+    rep.log("attention.md", f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; "
+                            f"triton {triton.__version__}; date {time.strftime('%Y-%m-%d')}")
+    if "checks" in a.sections:
+        ok = check_attention(rep, budget_s=min(120, left() * 0.3))
+        print(f"[checks done at {time.time() - t_start:.0f}s, all pass: {ok}]", flush=True)
+    best = {}
+    if "sweep" in a.sections:
+        best = sweep(rep, budget_s=min(150, left() * 0.4))
+        print(f"[sweep done at {time.time() - t_start:.0f}s]", flush=True)
+    if "attention" in a.sections:
+        rep.log("attention.md", "")
+        rep.log("attention.md", ba.fmt_row(ba.OUR_HEADER)); rep.log("attention.md", ba.fmt_row(["---"] * len(ba.OUR_HEADER)))
+        ba.run_table(a.lengths, list(ba.HEAD_CONFIGS), ["csa", "hca"], a.fwd_only_lengths,
+                     log=lambda s: rep.log("attention.md", s), configs=best or None,
+                     time_budget_s=max(30, left() - 100))
+        print(f"[attention table done at {time.time() - t_start:.0f}s]", flush=True)
+    if "peers" in a.sections:
+        rep.log("attention.md", "")
+        rep.log("attention.md", ba.fmt_row(ba.PEER_HEADER)); rep.log("attention.md", ba.fmt_row(["---"] * len(ba.PEER_HEADER)))
+        dense_max = {("efficient", 512, 64): 16384, ("efficient", 512, 16): 16384,
+                     ("efficient", 256, 64): 16384, ("efficient", 256, 16): 65536,
+                     ("flash", 128, 64): 65536, ("cudnn", 128, 64): 65536,
+                     ("flash", 128, 16): 65536, ("cudnn", 128, 16): 65536}
+        ba.run_peers([L for L in a.lengths if L <= 65536], log=lambda s: rep.log("attention.md", s),
+                     dense_max_L=dense_max, reference_L=(2048,), time_budget_s=max(10, left() - 10))
+    if "profile_indexer" in a.sections:  # for ncu: indexer scoring + top-k at 16K, twice
+        from bench import indexer as bi
+        from kernels.indexer_topk import indexer_topk
+
+        q, w, k, c_end, ds = bi.make_inputs(16384)
+        for _ in range(2):
+            indexer_topk(q, w, k, c_end, ds, 512)
+        torch.cuda.synchronize()
+    if "profile_target" in a.sections:  # a short run for ncu: warm-up, then one profiled fwd+bwd
+        from kernels.sparse_attention import sparse_attention_triton
+
+        for kind in ("csa",):
+            try:
+                inp = ba.make_inputs(kind, 8192, *ba.HEAD_CONFIGS["flash"])
+                _, fb = ba.fwd_bwd_fns(sparse_attention_triton, inp)
+                fb(); torch.cuda.synchronize(); fb(); torch.cuda.synchronize()
+            except Exception as exc:
+                print(f"[profile target failed: {type(exc).__name__}: {exc}]")
+    if "indexer" in a.sections:
+        check_indexer(rep)
+        from bench import indexer as bi
+
+        rep.log("indexer.md", f"device: {torch.cuda.get_device_name()}; date {time.strftime('%Y-%m-%d')}")
+        tiles, elems = bi.sweep(log=lambda s: rep.log("indexer.md", s))
+        bi.run([4096, 16384, 65536, 131072], log=lambda s: rep.log("indexer.md", s),
+               time_budget_s=max(10, min(90, left() - 60)), tiles=tiles, max_chunk_elems=elems)
+        print(f"[indexer done at {time.time() - t_start:.0f}s]", flush=True)
+    if "mhc" in a.sections:
+        check_mhc(rep)
+        from bench import mhc as bm
+
+        rep.log("mhc.md", f"device: {torch.cuda.get_device_name()}; date {time.strftime('%Y-%m-%d')}")
+        bm.run(log=lambda s: rep.log("mhc.md", s), time_budget_s=max(10, min(60, left() - 40)))
+        print(f"[mhc done at {time.time() - t_start:.0f}s]", flush=True)
+    if "peers64" in a.sections:  # the 64-head peers the first run had no time for
+        rep.log("peers64.md", ba.fmt_row(ba.PEER_HEADER)); rep.log("peers64.md", ba.fmt_row(["---"] * len(ba.PEER_HEADER)))
+        # (fla NSA at 64 heads, 64K did not finish in 5 minutes in an earlier run: not retried)
+        plans = [("sdpa-cudnn", 64, 128, L) for L in (16384, 65536)]
+        plans += [("sdpa-efficient", 64, 512, 16384)]
+        plans += [("reference-small", 16, 256, 4096), ("reference-flash", 64, 512, 4096)]
+        ba.run_peer_plans(plans, log=lambda s: rep.log("peers64.md", s), time_budget_s=max(10, left() - 15))
+    try:
+        from kernels import sparse_attention as sa
+
+        kernel_resources(rep, [sa._sparse_attn_fwd, sa._sparse_attn_bwd_q, sa._sparse_attn_bwd_window_kv])
+    except Exception as exc:
+        print(f"[resources failed: {exc}]")
+    print(f"[gpu_check done in {time.time() - t_start:.0f}s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Triton kernels for hybridlm, one module per fused op, each named after the PyTorch
+reference it replaces (the reference lives in ``model/`` and is the contract):
+
+* ``kernels.sparse_attention.sparse_attention_triton``  <- ``model.sparse_attention.sparse_attention``
+* ``kernels.indexer_topk``                              <- ``model.indexer`` scoring + top-k
+* ``kernels.mhc``                                       <- ``model.hyper_connections`` coefficients + Sinkhorn
+* ``kernels.dispatch``  picks the implementation (``attention.impl: auto | triton | torch``).
+
+Importing this package never imports Triton; the kernel modules do, so a machine without
+Triton still runs the model through ``kernels.dispatch`` with the PyTorch references.
+"""

@@ -1,0 +1,293 @@
+"""mHC coefficients + Sinkhorn-Knopp in Triton, forward and backward.
+
+Matches ``model.hyper_connections.mhc_coefficients`` (and its ``sinkhorn_knopp``):
+    mixes = (flatten(x) @ fn^T) * rsqrt(mean(x^2) + norm_eps)               [T, (2+n)n]
+    pre   = sigmoid(scale0 * mixes_pre  + base_pre) + eps                    [T, n]
+    post  = 2 * sigmoid(scale1 * mixes_post + base_post)                     [T, n]
+    comb  = sinkhorn(scale2 * mixes_comb + base_comb, iters, eps)            [T, n, n]
+
+Kernels (fp32 math throughout, x read in its own dtype):
+  _mhc_mix_fwd   one pass over x: the skinny product with fn and the sum of squares together;
+                 writes mixes [T, (2+n)n] and r = rsqrt(...) [T] (the reference materialises an
+                 fp32 copy of x and reads it twice);
+  _mhc_tail_fwd  sigmoids and the whole Sinkhorn iteration in registers per token
+                 (the reference launches ~4 kernels per iteration over [T, n, n]);
+  _mhc_tail_bwd  backward of the tail; Sinkhorn's intermediates are recomputed from the
+                 softmax for every step (O(iters^2) tiny n x n ops per token, no memory);
+  _mhc_mix_bwd   dx = (dmix * r) @ fn - (r^3 / nD) * <dmix, x fn^T> x, in x's dtype;
+  _mhc_dfn       dfn = (dmix * r)^T @ x, reduced over tokens per column block of fn.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+@triton.jit
+def _mhc_mix_fwd(X, FN, MIX, R, T, K, NM, norm_eps,
+                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NM_P: tl.constexpr):
+    pid = tl.program_id(0)
+    rt = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    rm = tl.arange(0, NM_P)
+    t_ok = rt < T
+    acc = tl.zeros([BLOCK_T, NM_P], dtype=tl.float32)
+    ssq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(X + rt.to(tl.int64)[:, None] * K + rk[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        f = tl.load(FN + rm[:, None] * K + rk[None, :], mask=(rm < NM)[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(f), input_precision="tf32x3")
+        ssq += tl.sum(x * x, 1)
+    r = 1.0 / tl.sqrt(ssq / K + norm_eps)
+    tl.store(MIX + rt.to(tl.int64)[:, None] * NM + rm[None, :], acc * r[:, None],
+             mask=t_ok[:, None] & (rm < NM)[None, :])
+    tl.store(R + rt, r, mask=t_ok)
+
+
+@triton.jit
+def _load_parts(MIX, rt, t_ok, n, NM, NP: tl.constexpr):
+    """pre/post mixes [BT, NP] and comb mixes [BT, NP, NP] of one token block (padded with 0)."""
+    rj = tl.arange(0, NP)
+    j_ok = rj < n
+    row = MIX + rt.to(tl.int64) * NM
+    m2 = t_ok[:, None] & j_ok[None, :]
+    mpre = tl.load(row[:, None] + rj[None, :], mask=m2, other=0.0)
+    mpost = tl.load(row[:, None] + n + rj[None, :], mask=m2, other=0.0)
+    cmask = t_ok[:, None, None] & j_ok[None, :, None] & j_ok[None, None, :]
+    mcomb = tl.load(row[:, None, None] + 2 * n + rj[None, :, None] * n + rj[None, None, :], mask=cmask, other=0.0)
+    return mpre, mpost, mcomb, m2, cmask
+
+
+@triton.jit
+def _softmax_eps(z, cmask, eps):
+    z = tl.where(cmask, z, float("-inf"))
+    zmax = tl.max(z, 2)
+    zmax = tl.where(zmax == float("-inf"), 0.0, zmax)
+    e = tl.where(cmask, tl.exp(z - zmax[:, :, None]), 0.0)
+    den = tl.sum(e, 2)
+    p = e / tl.where(den > 0.0, den, 1.0)[:, :, None]  # padded rows: all zero
+    return p, tl.where(cmask, p + eps, 0.0)
+
+
+@triton.jit
+def _col_norm(m, eps):
+    return m / (tl.sum(m, 1)[:, None, :] + eps)
+
+
+@triton.jit
+def _row_norm(m, eps):
+    return m / (tl.sum(m, 2)[:, :, None] + eps)
+
+
+@triton.jit
+def _col_norm_bwd(m, g, eps):
+    # y = m / (s + eps), s summed over axis 1: dm = (g - sum_1(g * y)) / (s + eps)
+    den = tl.sum(m, 1)[:, None, :] + eps
+    return (g - tl.sum(g * (m / den), 1)[:, None, :]) / den
+
+
+@triton.jit
+def _row_norm_bwd(m, g, eps):
+    den = tl.sum(m, 2)[:, :, None] + eps
+    return (g - tl.sum(g * (m / den), 2)[:, :, None]) / den
+
+
+@triton.jit
+def _mhc_tail_fwd(MIX, BASE, SCALE, PRE, POST, COMB, T, n, NM, iters, eps,
+                  BLOCK_T: tl.constexpr, NP: tl.constexpr):
+    pid = tl.program_id(0)
+    rt = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = rt < T
+    rj = tl.arange(0, NP)
+    j_ok = rj < n
+    mpre, mpost, mcomb, m2, cmask = _load_parts(MIX, rt, t_ok, n, NM, NP)
+    s0 = tl.load(SCALE)
+    s1 = tl.load(SCALE + 1)
+    s2 = tl.load(SCALE + 2)
+    bpre = tl.load(BASE + rj, mask=j_ok, other=0.0)
+    bpost = tl.load(BASE + n + rj, mask=j_ok, other=0.0)
+    bcomb = tl.load(BASE + 2 * n + rj[:, None] * n + rj[None, :], mask=j_ok[:, None] & j_ok[None, :], other=0.0)
+    pre = tl.sigmoid(s0 * mpre + bpre[None, :]) + eps
+    post = 2.0 * tl.sigmoid(s1 * mpost + bpost[None, :])
+    _, m = _softmax_eps(s2 * mcomb + bcomb[None, :, :], cmask, eps)
+    m = _col_norm(m, eps)
+    for _ in range(0, iters - 1):
+        m = _col_norm(_row_norm(m, eps), eps)
+    out2 = rt.to(tl.int64)[:, None] * n + rj[None, :]
+    tl.store(PRE + out2, pre, mask=m2)
+    tl.store(POST + out2, post, mask=m2)
+    tl.store(COMB + rt.to(tl.int64)[:, None, None] * (n * n) + rj[None, :, None] * n + rj[None, None, :], m,
+             mask=cmask)
+
+
+@triton.jit
+def _mhc_tail_bwd(MIX, BASE, SCALE, DPRE, DPOST, DCOMB, DLOGIT, T, n, NM, iters, eps,
+                  BLOCK_T: tl.constexpr, NP: tl.constexpr):
+    """d(logits) [T, (2+n)n] where logits = scale_group * mixes + base."""
+    pid = tl.program_id(0)
+    rt = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = rt < T
+    rj = tl.arange(0, NP)
+    j_ok = rj < n
+    mpre, mpost, mcomb, m2, cmask = _load_parts(MIX, rt, t_ok, n, NM, NP)
+    s0 = tl.load(SCALE)
+    s1 = tl.load(SCALE + 1)
+    s2 = tl.load(SCALE + 2)
+    bpre = tl.load(BASE + rj, mask=j_ok, other=0.0)
+    bpost = tl.load(BASE + n + rj, mask=j_ok, other=0.0)
+    bcomb = tl.load(BASE + 2 * n + rj[:, None] * n + rj[None, :], mask=j_ok[:, None] & j_ok[None, :], other=0.0)
+    in2 = rt.to(tl.int64)[:, None] * n + rj[None, :]
+    g_pre = tl.load(DPRE + in2, mask=m2, other=0.0)
+    g_post = tl.load(DPOST + in2, mask=m2, other=0.0)
+    sp = tl.sigmoid(s0 * mpre + bpre[None, :])
+    sq = tl.sigmoid(s1 * mpost + bpost[None, :])
+    d_pre = g_pre * sp * (1.0 - sp)
+    d_post = 2.0 * g_post * sq * (1.0 - sq)
+    g = tl.load(DCOMB + rt.to(tl.int64)[:, None, None] * (n * n) + rj[None, :, None] * n + rj[None, None, :],
+                mask=cmask, other=0.0)
+    p, m0 = _softmax_eps(s2 * mcomb + bcomb[None, :, :], cmask, eps)
+    # forward: m1 = col(m0), then iters-1 pairs (row, col). Walk the pairs backwards,
+    # recomputing each pair's input from m0 (no intermediates kept).
+    for i in range(0, iters - 1):
+        pair = iters - 2 - i
+        m = _col_norm(m0, eps)
+        for _ in range(0, pair):
+            m = _col_norm(_row_norm(m, eps), eps)
+        m_row = _row_norm(m, eps)
+        g = _col_norm_bwd(m_row, g, eps)
+        g = _row_norm_bwd(m, g, eps)
+    g = _col_norm_bwd(m0, g, eps)
+    g = tl.where(cmask, g, 0.0)
+    d_comb = p * (g - tl.sum(g * p, 2)[:, :, None])  # softmax backward (the +eps has no gradient)
+    row = DLOGIT + rt.to(tl.int64) * NM
+    tl.store(row[:, None] + rj[None, :], d_pre, mask=m2)
+    tl.store(row[:, None] + n + rj[None, :], d_post, mask=m2)
+    tl.store(row[:, None, None] + 2 * n + rj[None, :, None] * n + rj[None, None, :], d_comb, mask=cmask)
+
+
+@triton.jit
+def _mhc_mix_bwd(X, FN, G, COEF, DX, T, K, NM,
+                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NM_P: tl.constexpr):
+    """dx = G @ fn + coef * x, with G = dmix * r [T, NM] and coef [T]."""
+    pid = tl.program_id(0)
+    rt = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    rm = tl.arange(0, NM_P)
+    t_ok = rt < T
+    g = tl.load(G + rt.to(tl.int64)[:, None] * NM + rm[None, :], mask=t_ok[:, None] & (rm < NM)[None, :], other=0.0)
+    c = tl.load(COEF + rt, mask=t_ok, other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        xm = t_ok[:, None] & k_ok[None, :]
+        x = tl.load(X + rt.to(tl.int64)[:, None] * K + rk[None, :], mask=xm, other=0.0).to(tl.float32)
+        f = tl.load(FN + rm[:, None] * K + rk[None, :], mask=(rm < NM)[:, None] & k_ok[None, :], other=0.0)
+        dx = tl.dot(g, f, input_precision="tf32x3") + c[:, None] * x
+        tl.store(DX + rt.to(tl.int64)[:, None] * K + rk[None, :], dx.to(DX.dtype.element_ty), mask=xm)
+
+
+@triton.jit
+def _mhc_dfn(X, G, DFN, T, K, NM, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NM_P: tl.constexpr):
+    """dfn[:, k-block] = sum over tokens of G^T x (one program per column block of fn)."""
+    pid = tl.program_id(0)
+    rk = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = rk < K
+    rm = tl.arange(0, NM_P)
+    acc = tl.zeros([NM_P, BLOCK_K], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        t_ok = rt < T
+        g = tl.load(G + rt.to(tl.int64)[:, None] * NM + rm[None, :], mask=t_ok[:, None] & (rm < NM)[None, :], other=0.0)
+        x = tl.load(X + rt.to(tl.int64)[:, None] * K + rk[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc += tl.dot(tl.trans(g), x, input_precision="tf32x3")
+    tl.store(DFN + rm[:, None] * K + rk[None, :], acc, mask=(rm < NM)[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- host code
+_BT_MIX, _BK, _BT_TAIL = 64, 64, 64
+
+
+class _MHCCoefficients(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps):
+        lead = x.shape[:-2]
+        K = x.shape[-2] * x.shape[-1]
+        xf = x.reshape(-1, K).contiguous()                       # [T, nD], x's dtype
+        T, NM = xf.shape[0], fn.shape[0]
+        fn32 = fn.float().contiguous()
+        base32, scale32 = base.float().contiguous(), scale.float().contiguous()
+        mixes = torch.empty(T, NM, device=x.device, dtype=torch.float32)
+        r = torch.empty(T, device=x.device, dtype=torch.float32)
+        nm_p = max(16, _pow2(NM))
+        if T > 0:
+            _mhc_mix_fwd[(triton.cdiv(T, _BT_MIX),)](xf, fn32, mixes, r, T, K, NM, norm_eps,
+                                                     BLOCK_T=_BT_MIX, BLOCK_K=_BK, NM_P=nm_p)
+        pre = torch.empty(T, n, device=x.device, dtype=torch.float32)
+        post = torch.empty_like(pre)
+        comb = torch.empty(T, n, n, device=x.device, dtype=torch.float32)
+        if T > 0:
+            _mhc_tail_fwd[(triton.cdiv(T, _BT_TAIL),)](mixes, base32, scale32, pre, post, comb, T, n, NM,
+                                                       iters, eps, BLOCK_T=_BT_TAIL, NP=_pow2(n))
+        ctx.save_for_backward(xf, fn32, base32, scale32, mixes, r)
+        ctx.meta = (lead, x.shape, n, iters, eps, x.dtype, fn.dtype, base.dtype, scale.dtype)
+        return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
+
+    @staticmethod
+    def backward(ctx, dpre, dpost, dcomb):
+        xf, fn32, base32, scale32, mixes, r = ctx.saved_tensors
+        lead, xshape, n, iters, eps, xdt, fdt, bdt, sdt = ctx.meta
+        T, K = xf.shape
+        NM = fn32.shape[0]
+        z2 = lambda g, *s: (torch.zeros(T, *s, device=xf.device, dtype=torch.float32) if g is None
+                            else g.reshape(T, *s).float().contiguous())
+        dpre, dpost, dcomb = z2(dpre, n), z2(dpost, n), z2(dcomb, n, n)
+        dlogit = torch.empty(T, NM, device=xf.device, dtype=torch.float32)
+        if T > 0:
+            _mhc_tail_bwd[(triton.cdiv(T, _BT_TAIL),)](mixes, base32, scale32, dpre, dpost, dcomb, dlogit,
+                                                       T, n, NM, iters, eps, BLOCK_T=_BT_TAIL, NP=_pow2(n))
+        # logits = scale_group * mixes + base (groups: pre n | post n | comb n*n)
+        group = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long),
+                           torch.full((n * n,), 2, dtype=torch.long)]).to(xf.device)
+        dbase = dlogit.sum(0)
+        dscale = torch.zeros(3, device=xf.device, dtype=torch.float32).index_add_(0, group, (dlogit * mixes).sum(0))
+        dmix = dlogit * scale32[group][None, :]                                  # [T, NM]
+        # mixes = (x fn^T) * r,  r = (mean(x^2) + e)^-1/2:  dr/dx = -r^3 x / K
+        g = (dmix * r[:, None]).contiguous()                                     # d(x fn^T)
+        coef = (-(dmix * mixes).sum(1) * r * r / K).contiguous()                 # <dmix, x fn^T> * (-r^3/K)
+        nm_p = max(16, _pow2(NM))
+        dx = torch.empty_like(xf)
+        dfn = torch.empty(NM, K, device=xf.device, dtype=torch.float32)
+        if T > 0:
+            _mhc_mix_bwd[(triton.cdiv(T, _BT_MIX),)](xf, fn32, g, coef, dx, T, K, NM,
+                                                     BLOCK_T=_BT_MIX, BLOCK_K=_BK, NM_P=nm_p)
+            _mhc_dfn[(triton.cdiv(K, _BK),)](xf, g, dfn, T, K, NM, BLOCK_T=_BT_MIX, BLOCK_K=_BK, NM_P=nm_p)
+        else:
+            dfn.zero_()
+        return (dx.view(xshape), dfn.to(fdt), dbase.to(bdt), dscale.to(sdt), None, None, None, None)
+
+
+def mhc_coefficients_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                            n: int, iters: int, eps: float, norm_eps: float):
+    """Triton version of ``model.hyper_connections.mhc_coefficients`` (same arguments and
+    results: pre [..., n], post [..., n], comb [..., n, n], fp32; differentiable in x, fn,
+    base and scale)."""
+    if x.dim() < 2 or x.shape[-2] != n:
+        raise ValueError(f"mhc_coefficients_triton: x must be [..., n={n}, D], got {tuple(x.shape)}")
+    K = n * x.shape[-1]
+    if fn.shape != ((2 + n) * n, K):
+        raise ValueError(f"mhc_coefficients_triton: fn must be [{(2 + n) * n}, {K}], got {tuple(fn.shape)}")
+    if base.shape != ((2 + n) * n,) or scale.shape != (3,):
+        raise ValueError(f"mhc_coefficients_triton: base must be [{(2 + n) * n}] and scale [3], "
+                         f"got {tuple(base.shape)} and {tuple(scale.shape)}")
+    if iters < 1:
+        raise ValueError(f"mhc_coefficients_triton: iters must be >= 1, got {iters}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"mhc_coefficients_triton: x dtype must be fp16, bf16 or fp32, got {x.dtype}")
+    return _MHCCoefficients.apply(x, fn, base, scale, int(n), int(iters), float(eps), float(norm_eps))

@@ -1,0 +1,51 @@
+"""attention.impl selection: torch everywhere, triton only on CUDA, auto falls back (logged once)."""
+import logging
+
+import pytest
+import torch
+
+from kernels import dispatch
+from model.sparse_attention import sparse_attention
+
+
+def test_torch_and_auto_on_cpu_give_the_reference():
+    assert dispatch.get_sparse_attention("torch", "cpu") is sparse_attention
+    assert dispatch.get_sparse_attention("auto", "cpu") is sparse_attention
+    from model.hyper_connections import mhc_coefficients
+
+    assert dispatch.get_mhc_coefficients("auto", "cpu") is mhc_coefficients
+
+
+def test_triton_on_cpu_is_an_error_and_bad_impl_names_the_choices():
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        dispatch.get_sparse_attention("triton", "cpu")
+    with pytest.raises(ValueError, match="auto"):
+        dispatch.get_sparse_attention("fast", "cpu")
+
+
+def test_auto_on_cuda_picks_the_kernel_except_fp64():
+    from kernels.sparse_attention import sparse_attention_triton
+
+    assert dispatch.get_sparse_attention("auto", "cuda") is sparse_attention_triton
+    assert dispatch.get_sparse_attention("auto", "cuda", torch.float64) is sparse_attention
+
+
+def test_missing_kernel_module_logs_once(monkeypatch, caplog):
+    ref = object()
+    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+        for _ in range(3):
+            got = dispatch._select("fake_op", "auto", "cuda", "kernels.no_such_module", "f", ref)
+            assert got is ref
+    assert sum("fake_op" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(RuntimeError, match="did not import"):
+        dispatch._select("fake_op", "triton", "cuda", "kernels.no_such_module", "f", ref)
+
+
+def test_reference_indexer_topk_wrapper_matches_model():
+    from model.indexer import indexer_scores, select_topk
+
+    g = torch.Generator().manual_seed(0)
+    q, w, k = torch.randn(1, 12, 2, 16, generator=g), torch.randn(1, 12, 2, generator=g), torch.randn(1, 3, 16, generator=g)
+    c_end, ds = torch.tensor([[3, 7, 11]]), torch.zeros(1, 12, dtype=torch.long)
+    fn = dispatch.get_indexer_topk("torch")
+    assert torch.equal(fn(q, w, k, c_end, ds, 2), select_topk(indexer_scores(q, w, k, c_end, ds), 2))

@@ -1,0 +1,166 @@
+"""Triton sparse attention vs the PyTorch reference (interpreter on CPU, fp32 and fp16):
+forward, lse and every gradient, on fresh random inputs with packed documents, lengths that are
+not multiples of the tiles or the compression ratio, fewer visible entries than top-k, empty
+(-1) slots and duplicate indices."""
+import pytest
+import torch
+
+from kernels.sparse_attention import (KernelConfig, SparseAttentionConfigs, default_configs,
+                                      sparse_attention_triton)
+from model.layout import CompressedLayout, DocLayout
+from model.sparse_attention import sparse_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _layout(B, L, cuts, ratio):
+    doc_ids = torch.zeros(B, L, dtype=torch.long)
+    for b, row_cuts in enumerate(cuts):
+        for c in row_cuts:
+            doc_ids[b, c:] += 1
+    lay = DocLayout.from_doc_ids(doc_ids.to(DEVICE))
+    return lay, CompressedLayout.build(lay, ratio)
+
+
+def _run_both(q, kv, sink, lay, window, ckv, c_end, topk, configs=None, use_lse_grad=True):
+    """Forward + backward of the reference and the kernel with the same random cotangents."""
+    leaves = [q, kv, sink] + ([ckv] if ckv is not None else [])
+    results = []
+    do = dlse = None
+    for fn in ("ref", "triton"):
+        kw = dict(ckv=ckv, c_end=c_end, topk_idx=topk, return_lse=True)
+        if fn == "ref":
+            o, lse = sparse_attention(q, kv, sink, lay.doc_start, window, q.shape[-1] ** -0.5, **kw)
+        else:
+            o, lse = sparse_attention_triton(q, kv, sink, lay.doc_start, window, q.shape[-1] ** -0.5,
+                                             configs=configs, **kw)
+        if do is None:
+            do, dlse = torch.randn_like(o), torch.randn_like(lse)
+        loss = (o.float() * do.float()).sum() + ((lse * dlse).sum() if use_lse_grad else 0.0)
+        grads = torch.autograd.grad(loss, leaves)
+        results.append([o, lse, *grads])
+    return results
+
+
+def _inputs(B, L, H, D, N, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype).requires_grad_()
+    sink = (torch.randn(H, generator=g) * 2).to(DEVICE).requires_grad_()
+    return mk(B, L, H, D), mk(B, L, D), sink, (mk(B, N, D) if N else None)
+
+
+NAMES = ["o", "lse", "dq", "dkv", "dsink", "dckv"]
+
+
+def _check(results, tol):
+    ref, got = results
+    for name, a, b in zip(NAMES, ref, got):
+        assert torch.isfinite(b.float()).all(), f"{name}: non-finite values"
+        err = _rel(b, a)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+
+
+# fp32: interpreter dots are exact fp32, so the kernel must agree to rounding
+CASES = [
+    # mode, B, L, H, D, window, ratio, K, doc cuts per row
+    ("window", 2, 45, 3, 32, 8, 4, 0, [[17], []]),
+    ("dense", 2, 43, 4, 32, 8, 4, 0, [[11, 30], []]),       # CSA dense mode / HCA
+    ("dense", 1, 70, 2, 64, 16, 16, 0, [[25]]),              # HCA-like ratio, partial blocks dropped
+    ("topk", 2, 37, 4, 32, 8, 4, 6, [[20], [3]]),
+    ("topk", 1, 33, 20, 32, 4, 4, 40, [[9]]),                # K > N: fewer visible than top-k; 2 head blocks
+]
+
+
+@pytest.mark.parametrize("mode,B,L,H,D,window,ratio,K,cuts", CASES)
+def test_matches_reference_fp32(mode, B, L, H, D, window, ratio, K, cuts):
+    lay, cl = _layout(B, L, cuts, ratio)
+    N = cl.c_end.shape[1] if mode != "window" else 0
+    q, kv, sink, ckv = _inputs(B, L, H, D, N, torch.float32, seed=hash((mode, L, H)) % 1000)
+    c_end = cl.c_end if N else None
+    topk = None
+    configs = None
+    if mode == "topk":
+        g = torch.Generator().manual_seed(7)
+        topk = torch.randint(-1, N, (B, L, K), generator=g).to(DEVICE)
+        topk[:, :, 0] = topk[:, :, 1]  # duplicate slots count twice, as in the reference
+        if H > 16:  # several head blocks with a partial last one; dq and dckv in two launches
+            configs = SparseAttentionConfigs(KernelConfig(1, 16, 16), KernelConfig(1, 16, 16, split=True),
+                                             KernelConfig(1, 16, 16))
+    _check(_run_both(q, kv, sink, lay, window, ckv, c_end, topk, configs), tol=2e-5)
+
+
+def test_topk_from_indexer_selection_fp16():
+    """Realistic top-k: the indexer's select_topk on random scores (descending, -1 padded)."""
+    from model.indexer import select_topk
+
+    B, L, H, D, W, m, K = 1, 41, 4, 32, 8, 4, 8
+    lay, cl = _layout(B, L, [[14]], m)
+    N = cl.c_end.shape[1]
+    q, kv, sink, ckv = _inputs(B, L, H, D, N, torch.float16, seed=3)
+    t = torch.arange(L, device=DEVICE)
+    vis = (cl.c_end[:, None, :] >= lay.doc_start[:, :, None]) & (cl.c_end[:, None, :] <= t[None, :, None])
+    scores = torch.randn(B, L, N, device=DEVICE).masked_fill(~vis, float("-inf"))
+    topk = select_topk(scores, K)
+    assert (topk == -1).any()  # early tokens see fewer than K entries
+    _check(_run_both(q, kv, sink, lay, W, ckv, cl.c_end, topk), tol=1e-2)
+
+
+def test_dense_fp16_multi_token_tiles_no_lse_grad():
+    """Several tokens per program (block_t > 1) crossing a document boundary, fp16."""
+    B, L, H, D, W, m = 1, 50, 2, 32, 12, 4
+    lay, cl = _layout(B, L, [[21]], m)
+    N = cl.c_end.shape[1]
+    q, kv, sink, ckv = _inputs(B, L, H, D, N, torch.float16, seed=11)
+    cfg = default_configs(H, D, topk_mode=False)
+    assert cfg.fwd.block_t > 1
+    res = _run_both(q, kv, sink, lay, W, ckv, cl.c_end, None, use_lse_grad=False)
+    _check(res, tol=1e-2)
+
+
+def test_window_only_returns_tensor_and_writes_every_element():
+    B, L, H, D = 1, 19, 2, 32
+    lay, _ = _layout(B, L, [[5]], 4)
+    q, kv, sink, _ = _inputs(B, L, H, D, 0, torch.float32, seed=5)
+    o = sparse_attention_triton(q, kv, sink, lay.doc_start, 4, D ** -0.5)
+    assert isinstance(o, torch.Tensor) and o.shape == q.shape and torch.isfinite(o).all()
+    ref = sparse_attention(q, kv, sink, lay.doc_start, 4, D ** -0.5)
+    assert _rel(o, ref) < 2e-5
+
+
+def test_bad_inputs_raise_clear_errors():
+    B, L, H, D = 1, 16, 2, 32
+    lay, cl = _layout(B, L, [[]], 4)
+    q, kv, sink, ckv = _inputs(B, L, H, D, cl.c_end.shape[1], torch.float32, seed=1)
+    with pytest.raises(ValueError, match="c_end is required"):
+        sparse_attention_triton(q, kv, sink, lay.doc_start, 4, 0.1, ckv=ckv)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        sparse_attention_triton(q, kv, sink, lay.doc_start, 4, 0.1, ckv=ckv, c_end=cl.c_end.flip(1))
+    with pytest.raises(ValueError, match="sink"):
+        sparse_attention_triton(q, kv, sink[:1], lay.doc_start, 4, 0.1)
+
+
+def test_tile_that_does_not_fit_shrinks_until_it_fits():
+    """A launch refused for shared memory is retried with a smaller tile (no partial writes
+    happen: Triton refuses before the kernel starts)."""
+    from triton.runtime.errors import OutOfResources
+
+    from kernels.sparse_attention import _with_shrink
+
+    tried = []
+
+    def launch(cfg):
+        tried.append(cfg)
+        if cfg.block_h * cfg.block_n > 32 * 16:
+            raise OutOfResources(300000, 232448, "shared memory")
+        return "ran"
+
+    start = KernelConfig(1, 64, 32, 8, 2)
+    assert _with_shrink(launch, start, True, "test") == "ran"
+    assert tried[-1] == KernelConfig(1, 32, 16, 8, 1)
+    with pytest.raises(OutOfResources):
+        _with_shrink(lambda cfg: (_ for _ in ()).throw(OutOfResources(1, 0, "shared memory")),
+                     KernelConfig(1, 16, 16, 4, 1), True, "test")
