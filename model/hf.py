@@ -1,6 +1,6 @@
 """Hugging Face export: our Transformer -> a transformers ``DeepseekV4ForCausalLM`` directory.
 
-    python -m model.hf export --checkpoint PATH --out DIR [--dtype bf16|fp32] [--config FILE]
+    python -m model.hf export --checkpoint PATH --out DIR [--dtype fp32|bf16] [--config FILE]
 
 Python API:
     to_hf_config(cfg)                       ModelConfig -> DeepseekV4Config (refuses what HF cannot express)
@@ -52,8 +52,9 @@ Checkpoint input (``load_checkpoint``)
   model/ touches DeepSpeed, imported only on that path).
 The model config comes from ``config=`` (a json/yaml file, a preset name or a ModelConfig) or is
 looked up next to the checkpoint: ``model_config.json`` or ``config.yaml`` beside a file; for a
-trainer checkpoint ``<tag>/model_config.json``, ``<run>/checkpoints/model_config.json``,
-``<run>/model_config.json``, then Hydra's ``<run>/.hydra/config.yaml`` (its ``model`` node).
+trainer checkpoint the ``model_config`` entry of ``<tag>/meta.json`` (ModelConfig.to_dict()),
+``<tag>/model_config.json``, ``<run>/checkpoints/model_config.json``, ``<run>/model_config.json``,
+then Hydra's ``<run>/.hydra/config.yaml`` (its ``model`` node).
 """
 from __future__ import annotations
 
@@ -576,12 +577,16 @@ def load_checkpoint(path: str | os.PathLike, config: str | os.PathLike | ModelCo
         raise ExportError(f"checkpoint {p}: expected a .safetensors/.pt/.pth/.bin file or a checkpoint "
                           "directory")
 
+    if config is None and tag_dir is not None and (tag_dir / "meta.json").is_file():
+        meta = json.loads((tag_dir / "meta.json").read_text())
+        if isinstance(meta.get("model_config"), dict):
+            config = ModelConfig.from_dict(meta["model_config"])
     if config is None:
         tried = _config_candidates(p, tag_dir)
         found = next((c for c in tried if c.is_file()), None)
         if found is None:
-            raise FileNotFoundError(f"no model config found for {p}; looked for "
-                                    f"{[str(c) for c in tried]}; pass one with --config")
+            raise FileNotFoundError(f"no model config found for {p}; looked for 'model_config' in "
+                                    f"meta.json and {[str(c) for c in tried]}; pass one with --config")
         config = found
     cfg = read_model_config(config)
     check_state_dict(sd, cfg)
@@ -596,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--checkpoint", required=True,
                     help="a .pt/.safetensors state dict, or a trainer run / checkpoints / step_* directory")
     ex.add_argument("--out", required=True, help="output directory (created atomically)")
-    ex.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ex.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="fp32 (default, lossless) or bf16 (matrices; see the module docstring)")
     ex.add_argument("--config", default=None,
                     help="model config (.json/.yaml or a preset name); default: found next to the checkpoint")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")

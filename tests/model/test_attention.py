@@ -305,20 +305,9 @@ def test_matches_hf_attention(layer):
                 p.uniform_(0.5, 1.5)
             elif p.dim() == 2 and p.shape[0] <= 16:
                 p.normal_(std=0.5)  # ape
-    mapping = {"wq_a.": "q_a_proj.", "q_norm.": "q_a_norm.", "wq_b.": "q_b_proj.", "wkv.": "kv_proj.",
-               "kv_norm.": "kv_norm.", "wo_a.": "o_a_proj.", "wo_b.": "o_b_proj.", "sink": "sinks",
-               "indexer.compressor.wkv.": "compressor.indexer.kv_proj.",
-               "indexer.compressor.wgate.": "compressor.indexer.gate_proj.",
-               "indexer.compressor.ape": "compressor.indexer.position_bias",
-               "indexer.compressor.norm.": "compressor.indexer.kv_norm.",
-               "indexer.wq_b.": "compressor.indexer.q_b_proj.",
-               "indexer.weights_proj.": "compressor.indexer.scorer.weights_proj.",
-               "compressor.wkv.": "compressor.kv_proj.", "compressor.wgate.": "compressor.gate_proj.",
-               "compressor.ape": "compressor.position_bias", "compressor.norm.": "compressor.kv_norm."}
-    sd = {}
-    for name, p in ours.state_dict().items():
-        prefix = next(k for k in mapping if name.startswith(k))  # most specific keys listed first
-        sd[mapping[prefix] + name[len(prefix):]] = p
+    from model.hf import hf_attention_name  # the export's name mapping, checked here per layer
+
+    sd = {hf_attention_name(name): p for name, p in ours.state_dict().items()}
     missing, unexpected = theirs.load_state_dict(sd, strict=False)
     assert not unexpected and not [m for m in missing if "inv_freq" not in m], (missing, unexpected)
 
