@@ -2,8 +2,9 @@
 
     PYTHONUNBUFFERED=1 python bench/gpu_check.py --out $OUT [--sections checks sweep attention peers]
 
-Writes markdown tables to --out (checks.md, sweep.md, attention.md, resources.md) and prints
-them. Every section has a time budget so that the whole call ends inside the lease's limit.
+Writes markdown tables to --out (checks.md, sweep.md, attention.md, resources.md; with the
+sections sparse_path, model_step and layer also sparse_path.md, model_step.md, layer.md and
+profiles.md) and prints them. Every section has a time budget so that the whole call ends inside the lease's limit.
 """
 from __future__ import annotations
 
@@ -107,6 +108,131 @@ def _one_check(rep, name, kind, L, cfg, cuts, topk) -> bool:
         rep.log("checks.md", ba.fmt_row([f"{name} (L={L}, {H}x{D})"] + [f"{e:.1e}" for e in errs]
                                         + [f"{rerun:.0e}", "yes" if ok else "NO"]))
         return ok
+
+
+# ----------------------------------------------------------------------------- sparse-mode indexer path
+SPARSE_PATH_CHECKS = [
+    # name, L, H x D (main), Hi x Di (indexer), top-k, doc cuts
+    ("flash sizes, 2 docs", 4096, (64, 512), (64, 128), 512, (1500,)),
+    ("small sizes, 3 docs", 4096, (16, 256), (16, 128), 256, (900, 2600)),
+]
+
+
+def _sparse_path_inputs(L, H, D, Hi, Di, K, cuts, seed, device="cuda"):
+    """bf16 indexer projections, main q / ckv (unit RMS, as after the layer's norms), the layout,
+    the Triton top-k and the main attention's lse (Triton kernel on random window kv)."""
+    from kernels.dispatch import get_indexer_topk, get_sparse_attention
+    from model.layout import CompressedLayout, DocLayout
+
+    impl = "triton" if torch.device(device).type == "cuda" else "torch"
+    g = torch.Generator(device=device).manual_seed(seed)
+    doc_ids = torch.zeros(1, L, dtype=torch.long, device=device)
+    for c in cuts:
+        doc_ids[:, c:] += 1
+    lay = DocLayout.from_doc_ids(doc_ids)
+    cl = CompressedLayout.build(lay, 4)
+    N = cl.c_end.shape[1]
+    r = lambda *shape: torch.randn(*shape, device=device, generator=g)
+    q_i = r(1, L, Hi, Di).bfloat16()
+    w = (r(1, L, Hi) * (Hi * Di) ** -0.5).bfloat16()
+    k_i = r(1, N, Di).bfloat16()
+    q, kv, ckv = r(1, L, H, D).bfloat16(), r(1, L, D).bfloat16(), r(1, N, D).bfloat16()
+    sink = r(H)
+    topk = get_indexer_topk(impl, device, q_i.dtype)(q_i, w, k_i, cl.c_end, lay.doc_start, K)
+    with torch.no_grad():
+        _, lse = get_sparse_attention(impl, device, q.dtype)(q, kv, sink, lay.doc_start, 128, D ** -0.5, ckv, cl.c_end, topk,
+                                         return_lse=True)
+    return dict(q_i=q_i, w=w, k_i=k_i, q=q, ckv=ckv, lse=lse, topk=topk, c_end=cl.c_end,
+                doc_start=lay.doc_start, scale=D ** -0.5)
+
+
+def check_sparse_path(rep: Report, checks=SPARSE_PATH_CHECKS, device="cuda") -> bool:
+    """Sparse-mode indexer path (selected-set scores with gradient, KL target on the selected set,
+    KL loss) in bf16 against the old full-matrix formulation in fp32; and the same path in fp32
+    against the old one in fp32 (chunking and gathers on CUDA: rounding-level agreement)."""
+    from model.indexer import (attention_mass_on_entries, attention_mass_on_selected, indexer_kl_loss,
+                               indexer_kl_loss_selected, indexer_scores, selected_indexer_scores)
+
+    ok_all = True
+    rep.log("checks.md", "")
+    rep.log("checks.md", "sparse-mode indexer path (selected set only) vs the full-matrix formulation "
+                         "(fp32 reference), relative L2 error")
+    hdr = ["check", "path dtype", "selected scores", "KL target", "loss", "d q_idx", "d w", "d k_idx", "pass"]
+    rep.log("checks.md", fmt(hdr)); rep.log("checks.md", fmt(["---"] * len(hdr)))
+    for name, L, (H, D), (Hi, Di), K, cuts in checks:
+        try:
+            inp = _sparse_path_inputs(L, H, D, Hi, Di, K, cuts, seed=L + H, device=device)
+            topk, c_end, ds, sc = inp["topk"], inp["c_end"], inp["doc_start"], inp["scale"]
+            t = torch.arange(L, device=device)
+            vis = (c_end[:, None, :] >= ds[:, :, None]) & (c_end[:, None, :] <= t[None, :, None])
+            valid = topk >= 0
+            # fp32 reference: the old formulation over full [B, L, N] matrices
+            ref_leaves = [inp[k].float().requires_grad_() for k in ("q_i", "w", "k_i")]
+            full = indexer_scores(*ref_leaves, c_end, ds)
+            loss_ref = indexer_kl_loss(inp["q"].float(), inp["ckv"].float(), inp["lse"], sc, full, c_end, ds, topk)
+            g_ref = torch.autograd.grad(loss_ref, ref_leaves)
+            with torch.no_grad():
+                sel_ref = torch.gather(full, 2, topk.clamp(min=0))[valid]
+                mass_ref = torch.gather(attention_mass_on_entries(inp["q"].float(), inp["ckv"].float(), inp["lse"],
+                                                                  sc, vis), 2, topk.clamp(min=0))[valid]
+            del full
+            for dt in (torch.bfloat16, torch.float32):
+                leaves = [inp[k].to(dt).requires_grad_() for k in ("q_i", "w", "k_i")]
+                sel = selected_indexer_scores(*leaves, topk)
+                loss = indexer_kl_loss_selected(inp["q"].to(dt), inp["ckv"].to(dt), inp["lse"], sc, sel, topk,
+                                                c_end, ds)
+                grads = torch.autograd.grad(loss, leaves)
+                mass = attention_mass_on_selected(inp["q"].to(dt), inp["ckv"].to(dt), inp["lse"], sc, topk)[valid]
+                errs = [_rel(sel.detach()[valid], sel_ref), _rel(mass, mass_ref),
+                        abs(float(loss.detach()) - float(loss_ref.detach())) / abs(float(loss_ref.detach()))]
+                errs += [_rel(a, b) for a, b in zip(grads, g_ref)]
+                tol = 3e-2 if dt == torch.bfloat16 else 1e-4
+                finite = all(torch.isfinite(x).all().item() for x in [sel.detach()[valid], mass, *grads])
+                ok = finite and all(e < tol for e in errs)
+                ok_all &= ok
+                rep.log("checks.md", fmt([f"{name} (L={L}, {H}x{D}, Hi {Hi}x{Di}, top-{K})",
+                                          str(dt).removeprefix("torch."), *[f"{e:.1e}" for e in errs],
+                                          "yes" if ok else "NO"]))
+        except Exception as exc:
+            ok_all = False
+            rep.log("checks.md", fmt([name, f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return ok_all
+
+
+def bench_sparse_path(rep: Report, lengths=(16384, 65536)) -> None:
+    """Time and peak memory of the sparse-mode indexer work per CSA layer: Triton top-k (no
+    grad), then selected-set scores + KL target + KL loss forward and backward."""
+    from kernels.dispatch import get_indexer_topk
+    from model.indexer import indexer_kl_loss_selected, selected_indexer_scores
+
+    rep.log("sparse_path.md", "sparse-mode indexer work per CSA layer, bf16, one document")
+    hdr = ["sizes", "L", "top-k (Triton) ms", "selected scores + target + KL, fwd+bwd ms", "peak MiB of that"]
+    rep.log("sparse_path.md", fmt(hdr)); rep.log("sparse_path.md", fmt(["---"] * len(hdr)))
+    for name, _, (H, D), (Hi, Di), K, _ in SPARSE_PATH_CHECKS:
+        for L in lengths:
+            try:
+                inp = _sparse_path_inputs(L, H, D, Hi, Di, K, (), seed=1)
+                topk_fn = get_indexer_topk("triton", "cuda", torch.bfloat16)
+                t_topk = ba.time_ms(lambda: topk_fn(inp["q_i"], inp["w"], inp["k_i"], inp["c_end"], inp["doc_start"], K),
+                                    budget_s=0.5)
+                leaves = [inp[k].requires_grad_() for k in ("q_i", "w", "k_i")]
+
+                def loss_fb():
+                    sel = selected_indexer_scores(*leaves, inp["topk"])
+                    loss = indexer_kl_loss_selected(inp["q"], inp["ckv"], inp["lse"], inp["scale"], sel, inp["topk"],
+                                                    inp["c_end"], inp["doc_start"])
+                    return torch.autograd.grad(loss, leaves)
+
+                t_loss = ba.time_ms(loss_fb, budget_s=0.5)
+                mib = ba.peak_mib(loss_fb)
+                rep.log("sparse_path.md", fmt([f"{name}: {H}x{D}, Hi {Hi}x{Di}, top-{K}", L, f"{t_topk:.2f}",
+                                               f"{t_loss:.2f}", f"{mib:.0f}"]))
+                del inp, leaves
+            except Exception as exc:
+                rep.log("sparse_path.md", fmt([name, L, f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+            torch.cuda.empty_cache()
 
 
 def check_indexer(rep: Report) -> None:
@@ -266,6 +392,7 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
     ap.add_argument("--fwd-only-lengths", type=int, nargs="*", default=[])
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for the whole script")
+    ap.add_argument("--layer-lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     a = ap.parse_args(argv)
     rep = Report(a.out)
     t_start = time.time()
@@ -338,6 +465,36 @@ def main(argv=None):
         plans += [("sdpa-efficient", 64, 512, 16384)]
         plans += [("reference-small", 16, 256, 4096), ("reference-flash", 64, 512, 4096)]
         ba.run_peer_plans(plans, log=lambda s: rep.log("peers64.md", s), time_budget_s=max(10, left() - 15))
+    if "sparse_path" in a.sections:
+        from model.indexer import BMM_HAS_OUT_DTYPE
+
+        rep.log("checks.md", f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
+                             f"{triton.__version__}; bmm(out_dtype=fp32) available: {BMM_HAS_OUT_DTYPE}")
+        ok = check_sparse_path(rep)
+        print(f"[sparse-path checks done at {time.time() - t_start:.0f}s, all pass: {ok}]", flush=True)
+        bench_sparse_path(rep)
+        print(f"[sparse-path bench done at {time.time() - t_start:.0f}s]", flush=True)
+    if "model_step" in a.sections:
+        from bench import model_step as bms
+
+        log = lambda s: rep.log("model_step.md", s)
+        log(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
+            f"date {time.strftime('%Y-%m-%d')}")
+        res = bms.run("small", 4096, 1, "cuda", steps=5, warmup=2, checkpointing=False, log=log,
+                      profile_log=lambda s: rep.log("profiles.md", s))
+        if len(res) < 2:  # e.g. out of memory: once more with activation checkpointing
+            bms.run("small", 4096, 1, "cuda", steps=5, warmup=2, checkpointing=True, log=log)
+        print(f"[model step done at {time.time() - t_start:.0f}s]", flush=True)
+    if "layer" in a.sections:
+        from bench import layer as bl
+
+        log = lambda s: rep.log("layer.md", s)
+        log(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
+            f"date {time.strftime('%Y-%m-%d')}")
+        bl.run(a.layer_lengths, ["flash", "small"], impl="triton", device="cuda", log=log,
+               time_budget_s=max(10, left() - 45), profile_L=max(a.layer_lengths),
+               profile_log=lambda s: rep.log("profiles.md", s))
+        print(f"[layer done at {time.time() - t_start:.0f}s]", flush=True)
     try:
         from kernels import sparse_attention as sa
 

@@ -22,8 +22,11 @@ CompressedLayouts: built here from the DocLayout (cheap index math) unless the c
 
 CSA mode is the attribute ``mode`` ("dense" | "sparse", from cfg.attention_mode; change it with
 ``set_attention_mode``). The indexer runs in sparse mode (to select) and, in dense mode, only in
-training (for its loss). ``aux["indexer_loss"]`` is computed in training mode only (None in eval
-and on non-CSA layers); ``aux["topk_idx"]`` is the selection [B, L, K] in sparse CSA, else None.
+training (for its loss). Sparse mode selects with ``kernels.dispatch.get_indexer_topk`` (no
+gradient, no [B, L, N] matrix on CUDA) and computes the indexer loss on the selected set only
+(``model.indexer.indexer_kl_loss_selected``); dense mode scores every visible entry.
+``aux["indexer_loss"]`` is computed in training mode only (None in eval and on non-CSA layers);
+``aux["topk_idx"]`` is the selection [B, L, K] in sparse CSA, else None.
 """
 from __future__ import annotations
 
@@ -32,11 +35,11 @@ from torch import nn
 
 from model.compressor import Compressor
 from model.config import ATTENTION_MODES, ModelConfig
-from model.indexer import Indexer, indexer_kl_loss, select_topk
+from model.indexer import Indexer, indexer_kl_loss, indexer_kl_loss_selected, selected_indexer_scores
 from model.layout import CompressedLayout, DocLayout
 from model.norms import RMSNorm, rms_norm
 from model.rope import RoPE
-from kernels.dispatch import get_sparse_attention
+from kernels.dispatch import get_indexer_topk, get_sparse_attention
 
 
 class Attention(nn.Module):
@@ -129,23 +132,31 @@ class Attention(nn.Module):
         q = self.rope.apply(q, pos)
         kv = self.rope.apply(self.kv_norm(self.wkv(x)), pos)             # [B, L, hd]
 
-        ckv = c_end = topk_idx = scores = None
+        ckv = c_end = topk_idx = scores = selected = None
         if self.compressor is not None:
             cl = clayouts.get(self.ratio) if clayouts is not None else None
             if cl is None:
                 cl = CompressedLayout.build(layout, self.ratio)
             ckv, c_end = self.compressor(x, cl), cl.c_end                # [B, N, hd], [B, N]
-            sparse = self.mode == "sparse"
-            if self.indexer is not None and (sparse or self.training):
-                scores = self.indexer(x, qr, pos, doc_start, cl)         # [B, L, N], fp32
-                if sparse:
-                    topk_idx = select_topk(scores, self.cfg.index_topk)  # [B, L, K]
+            if self.indexer is not None and self.mode == "sparse":
+                # select without gradient and without the [B, L, N] matrix; score (with
+                # gradient) only the K selected entries, for the indexer loss
+                q_i, w_i, k_i = self.indexer.project(x, qr, pos, cl)     # [B,L,Hi,Di] [B,L,Hi] [B,N,Di]
+                topk_fn = get_indexer_topk(self.cfg.attention_impl, x.device, q_i.dtype)
+                with torch.no_grad():
+                    topk_idx = topk_fn(q_i, w_i, k_i, c_end, doc_start, self.cfg.index_topk)  # [B, L, K]
+                if self.training:
+                    selected = selected_indexer_scores(q_i, w_i, k_i, topk_idx)            # [B, L, K]
+            elif self.indexer is not None and self.training:
+                scores = self.indexer(x, qr, pos, doc_start, cl)         # dense mode: [B, L, N]
 
         o, lse = self._attend(q, kv, doc_start, ckv, c_end, topk_idx)    # [B, L, H, hd], [B, L, H]
 
         indexer_loss = None
-        if scores is not None and self.training:
-            indexer_loss = indexer_kl_loss(q, ckv, lse, self.scale, scores, c_end, doc_start, topk_idx)
+        if selected is not None:
+            indexer_loss = indexer_kl_loss_selected(q, ckv, lse, self.scale, selected, topk_idx, c_end, doc_start)
+        elif scores is not None:
+            indexer_loss = indexer_kl_loss(q, ckv, lse, self.scale, scores, c_end, doc_start)
 
         o = self.rope.apply(o, pos, inverse=True)
         g = self.o_groups

@@ -18,6 +18,15 @@ the indexer sees DETACHED inputs (x and qr) and learns only from ``indexer_kl_lo
 divergence from the main attention's distribution over compressed entries (detached) to the
 softmax of the indexer scores over the same set: all visible entries in dense mode, the
 selected top-k set in sparse mode.
+
+Sparse mode never builds [B, L, N] (nor the main attention's [B, L, H, N] mass): the top-k is
+chosen without gradient (``kernels.dispatch.get_indexer_topk``: chunked Triton on CUDA, the
+reference elsewhere), then ``selected_indexer_scores`` (with gradient) and
+``attention_mass_on_selected`` (the detached KL target) are computed on the K selected entries
+only, gathering the K keys per query in query chunks so that memory stays bounded
+(``max_chunk_elems`` elements per chunk instead of O(L * K * D)); the backward of the scores
+recomputes each chunk's gather. ``indexer_kl_loss_selected`` is the KL on that set: the same
+numbers as ``indexer_kl_loss(..., topk_idx)`` over the full score matrix.
 """
 from __future__ import annotations
 
@@ -111,6 +120,13 @@ def indexer_kl_loss(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale
         in_set = (topk_idx >= 0) & torch.gather(visible, 2, safe)
         target = torch.gather(target, 2, safe)
         logits = torch.gather(logits, 2, safe)
+    return _kl_over_set(target, logits, in_set)
+
+
+def _kl_over_set(target: torch.Tensor, logits: torch.Tensor, in_set: torch.Tensor) -> torch.Tensor:
+    """target [B, L, S] (unnormalised mass, no grad), logits [B, L, S], in_set [B, L, S] bool ->
+    mean over queries with a non-empty set of KL(normalised target || softmax(logits over the set))."""
+    cdt = logits.dtype
     target = target.to(cdt).masked_fill(~in_set, 0.0)
     target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(cdt).tiny)
     has = in_set.any(-1)                                                      # [B, L]
@@ -124,6 +140,163 @@ def indexer_kl_loss(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale
     kl = kl_terms.sum(-1)                                                     # [B, L]
     n = has.sum()
     return (kl * has).sum() / n.clamp_min(1).to(cdt)
+
+# ----------------------------------------------------------------------------- sparse mode: the selected set only
+# Elements of one query chunk's largest temporary ([B, chunk, K, max(D, H)]): 2^26 keeps a chunk
+# at <= 256 MB in fp32 (flash, K = 512, D = 512: 256 queries per chunk).
+MAX_CHUNK_ELEMS = 1 << 26
+
+
+def _query_chunk(B: int, K: int, width: int, max_chunk_elems: int) -> int:
+    if max_chunk_elems < 1:
+        raise ValueError(f"max_chunk_elems must be >= 1, got {max_chunk_elems}")
+    return max(1, max_chunk_elems // max(1, B * K * width))
+
+
+def gather_entries(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t [B, N, D], idx [B, Lc, K] long in [0, N) -> [B, Lc, K, D] (row idx[b, l, j] of t[b])."""
+    B, N, D = t.shape
+    offset = (torch.arange(B, device=t.device) * N).view(B, 1, 1)
+    return t.reshape(B * N, D).index_select(0, (idx + offset).reshape(-1)).view(*idx.shape, D)
+
+
+# torch >= 2.8: bmm(..., out_dtype=fp32) on fp16/bf16 CUDA inputs (a constant of the install)
+BMM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
+
+
+def _matmul_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a [..., m, k] @ b [..., k, n] -> [..., m, n] in ``acc`` (fp32 / fp64).
+
+    fp16/bf16 on CUDA: tensor-core product with fp32 output (``bmm(out_dtype=fp32)``), as the
+    Triton kernels accumulate; anything else (or an older torch) is upcast first."""
+    if (a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and acc == torch.float32
+            and BMM_HAS_OUT_DTYPE):
+        lead = a.shape[:-2]
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        return out.view(*lead, a.shape[-2], b.shape[-1])
+    return a.to(acc) @ b.to(acc)
+
+
+class _SelectedIndexerScores(torch.autograd.Function):
+    """I[t, j] = sum_h w[t, h] * ReLU(q[t, h] . k[idx[t, j]]) for the K selected entries, in query
+    chunks; backward recomputes each chunk's gather instead of keeping [B, L, K, Di]."""
+
+    @staticmethod
+    def forward(ctx, q, w, k, idx, chunk):
+        B, L, Hi, Di = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        safe = idx.clamp(min=0)
+        out = torch.empty(B, L, idx.shape[-1], device=q.device, dtype=acc)
+        for t0 in range(0, L, chunk):
+            t1 = min(L, t0 + chunk)
+            ks = gather_entries(k, safe[:, t0:t1])                               # [B, Lc, K, Di]
+            dots = _matmul_acc(q[:, t0:t1], ks.transpose(-1, -2), acc)           # [B, Lc, Hi, K]
+            out[:, t0:t1] = (dots.relu_() * w[:, t0:t1, :, None].to(acc)).sum(2)
+        ctx.save_for_backward(q, w, k, idx)
+        ctx.chunk = chunk
+        return out.masked_fill_(idx < 0, float("-inf"))
+
+    @staticmethod
+    def backward(ctx, g):
+        q, w, k, idx = ctx.saved_tensors
+        B, L, Hi, Di = q.shape
+        N = k.shape[1]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        safe = idx.clamp(min=0)
+        g = g.to(acc).masked_fill(idx < 0, 0.0)                                  # [B, L, K]
+        dq = torch.empty_like(q)
+        dw = torch.empty(B, L, Hi, device=q.device, dtype=acc)
+        dk = torch.zeros(B * N, Di, device=q.device, dtype=acc)
+        offset = (torch.arange(B, device=q.device) * N).view(B, 1, 1)
+        for t0 in range(0, L, ctx.chunk):
+            t1 = min(L, t0 + ctx.chunk)
+            qc, sc = q[:, t0:t1], safe[:, t0:t1]
+            ks = gather_entries(k, sc)                                           # [B, Lc, K, Di]
+            dots = _matmul_acc(qc, ks.transpose(-1, -2), acc)                    # [B, Lc, Hi, K]
+            gc = g[:, t0:t1, None, :]                                            # [B, Lc, 1, K]
+            dw[:, t0:t1] = (dots.relu() * gc).sum(-1)
+            # d dots = g * w where the ReLU passes
+            dd = torch.where(dots > 0, gc * w[:, t0:t1, :, None].to(acc), 0.0).to(q.dtype)
+            dq[:, t0:t1] = _matmul_acc(dd, ks, acc).to(q.dtype)                  # [B, Lc, Hi, Di]
+            dks = _matmul_acc(dd.transpose(-1, -2), qc, acc)                     # [B, Lc, K, Di]
+            dk.index_add_(0, (sc + offset).reshape(-1), dks.reshape(-1, Di))
+        return dq, dw.to(w.dtype), dk.view(B, N, Di).to(k.dtype), None, None
+
+
+def _check_selected(name: str, q: torch.Tensor, table: torch.Tensor, topk_idx: torch.Tensor) -> None:
+    B, L = q.shape[:2]
+    if topk_idx.dim() != 3 or tuple(topk_idx.shape[:2]) != (B, L):
+        raise ValueError(f"{name}: topk_idx must be [B, L, K] = [{B}, {L}, K], got {tuple(topk_idx.shape)}")
+    if table.dim() != 3 or table.shape[0] != B or table.shape[2] != q.shape[-1]:
+        raise ValueError(f"{name}: entries must be [B={B}, N, {q.shape[-1]}], got {tuple(table.shape)}")
+    if topk_idx.numel() and int(topk_idx.max()) >= table.shape[1]:
+        raise ValueError(f"{name}: topk_idx holds an index >= N = {table.shape[1]}")
+
+
+def selected_indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk_idx: torch.Tensor,
+                            max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
+    """Indexer scores of the selected entries only, differentiable in q_idx, w and k_idx.
+
+    q_idx [B, L, Hi, Di], w [B, L, Hi] (scales included), k_idx [B, N, Di], topk_idx [B, L, K]
+    (-1 = empty slot) -> [B, L, K] fp32 (fp64 for fp64 inputs), -inf in empty slots. Equals
+    ``indexer_scores(...)`` gathered at topk_idx for visible entries (visibility is not checked
+    here: selected entries are visible by construction). Queries go in chunks of at most
+    ``max_chunk_elems`` elements of [B, chunk, K, max(Di, Hi)].
+    """
+    B, L, Hi, Di = q_idx.shape
+    if w.shape != (B, L, Hi):
+        raise ValueError(f"selected_indexer_scores: w must be [B, L, Hi] = {(B, L, Hi)}, got {tuple(w.shape)}")
+    _check_selected("selected_indexer_scores", q_idx, k_idx, topk_idx)
+    K = topk_idx.shape[-1]
+    chunk = _query_chunk(B, K, max(Di, Hi), max_chunk_elems)
+    return _SelectedIndexerScores.apply(q_idx, w, k_idx, topk_idx.long(), chunk)
+
+
+@torch.no_grad()
+def attention_mass_on_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale: float,
+                               topk_idx: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
+    """Main attention's probability on each selected entry, summed over heads (no gradient).
+
+    q [B, L, H, D] (roped, as attended), ckv [B, N, D], lse [B, L, H], topk_idx [B, L, K] (-1 =
+    empty) -> [B, L, K] fp32 (fp64 for fp64 inputs), 0 in empty slots: ``attention_mass_on_entries``
+    gathered at topk_idx, computed from the K gathered entries per query (chunks as above).
+    """
+    B, L, H, D = q.shape
+    if lse.shape != (B, L, H):
+        raise ValueError(f"attention_mass_on_selected: lse must be [B, L, H] = {(B, L, H)}, got {tuple(lse.shape)}")
+    _check_selected("attention_mass_on_selected", q, ckv, topk_idx)
+    K = topk_idx.shape[-1]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    safe = topk_idx.clamp(min=0).long()
+    mass = torch.empty(B, L, K, device=q.device, dtype=acc)
+    chunk = _query_chunk(B, K, max(D, H), max_chunk_elems)
+    for t0 in range(0, L, chunk):
+        t1 = min(L, t0 + chunk)
+        sel = gather_entries(ckv, safe[:, t0:t1])                                  # [B, Lc, K, D]
+        logit = _matmul_acc(q[:, t0:t1], sel.transpose(-1, -2), acc)               # [B, Lc, H, K]
+        logit = logit.mul_(scale).sub_(lse[:, t0:t1, :, None].to(acc))
+        mass[:, t0:t1] = logit.exp_().sum(2)
+    return mass.masked_fill_(topk_idx < 0, 0.0)
+
+
+def indexer_kl_loss_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale: float,
+                             selected_scores: torch.Tensor, topk_idx: torch.Tensor, c_end: torch.Tensor,
+                             doc_start: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
+    """Sparse-mode indexer loss from the selected set alone: the value of
+    ``indexer_kl_loss(q, ckv, lse, scale, scores, c_end, doc_start, topk_idx)`` with
+    ``selected_scores [B, L, K]`` = scores gathered at topk_idx (``selected_indexer_scores``).
+    The target (main attention mass on the set) is detached; only selected_scores get gradient."""
+    if selected_scores.shape != topk_idx.shape:
+        raise ValueError(f"indexer_kl_loss_selected: selected_scores {tuple(selected_scores.shape)} and "
+                         f"topk_idx {tuple(topk_idx.shape)} must have the same shape")
+    B, L = doc_start.shape
+    safe = topk_idx.clamp(min=0).long()
+    sel_end = torch.gather(c_end, 1, safe.reshape(B, -1)).view_as(safe)            # [B, L, K]
+    t = torch.arange(L, device=c_end.device)
+    in_set = (topk_idx >= 0) & (sel_end >= doc_start[:, :, None]) & (sel_end <= t[None, :, None])
+    target = attention_mass_on_selected(q.detach(), ckv.detach(), lse.detach(), scale, topk_idx, max_chunk_elems)
+    cdt = torch.promote_types(selected_scores.dtype, torch.float32)
+    return _kl_over_set(target, selected_scores.to(cdt), in_set)
 
 
 class Indexer(nn.Module):
@@ -148,14 +321,21 @@ class Indexer(nn.Module):
         nn.init.normal_(self.weights_proj.weight, std=self.init_std)
         self.compressor.reset_parameters()
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, doc_start: torch.Tensor,
-                clayout: CompressedLayout) -> torch.Tensor:
-        """x [B, L, D], qr [B, L, q_lora_rank] -> scores [B, L, N] (-inf where not visible).
-        Inputs are detached here: the indexer learns only from its own loss."""
+    def project(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor,
+                clayout: CompressedLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, L, D], qr [B, L, q_lora_rank] -> (q [B, L, Hi, Di], w [B, L, Hi] with the scales
+        folded in, k [B, N, Di]). Inputs are detached here: the indexer learns only from its loss."""
         x, qr = x.detach(), qr.detach()
         B, L, _ = x.shape
         q = self.wq_b(qr).view(B, L, self.n_heads, self.head_dim)             # [B, L, Hi, Di]
         q = self.rope.apply(q, positions)
         k = self.compressor(x, clayout)                                       # [B, N, Di]
         w = self.weights_proj(x) * self.weight_scale                          # [B, L, Hi]
+        return q, w, k
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, doc_start: torch.Tensor,
+                clayout: CompressedLayout) -> torch.Tensor:
+        """x [B, L, D], qr [B, L, q_lora_rank] -> the full score matrix [B, L, N] (-inf where not
+        visible; dense mode). Sparse mode uses ``project`` and the selected-set functions."""
+        q, w, k = self.project(x, qr, positions, clayout)
         return indexer_scores(q, w, k, clayout.c_end, doc_start)
