@@ -1,0 +1,67 @@
+"""Multi-process helpers: start N gloo ranks of a worker script as subprocesses.
+
+Each rank is a fresh interpreter (DeepSpeed keeps process-wide state), with the rank variables
+torch.distributed's env:// rendezvous reads. DeepSpeed's CPU backend JIT-builds its shared-memory
+op once per machine; TORCH_EXTENSIONS_DIR points at a persistent cache so that happens once.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+WORKERS = Path(__file__).resolve().parent / "workers"
+EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR",
+                                str(Path.home() / ".cache" / "torch_extensions"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=EXTENSIONS_DIR,
+               OMP_NUM_THREADS="1", WANDB_MODE="disabled", TORCHDYNAMO_DISABLE="1")
+    env.update(extra)
+    return env
+
+
+def run_ranks(worker: str, args: list[str], world: int = 2, timeout: float = 240,
+              cwd: Path | None = None) -> list[str]:
+    """Run ``workers/<worker>`` as ``world`` ranks; returns each rank's output, raises on failure."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = base_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, str(WORKERS / worker), *args], env=env,
+                                      cwd=cwd or REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=timeout)
+            outputs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        raise AssertionError(f"{worker} ranks {failed} failed:\n" +
+                             "\n".join(f"--- rank {r} ---\n{outputs[r][-4000:]}" for r in failed))
+    return outputs
+
+
+@pytest.fixture
+def ranks():
+    return run_ranks

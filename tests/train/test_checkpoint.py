@@ -1,0 +1,129 @@
+"""Checkpoints: atomic saves (a kill mid-save keeps the last good one), pruning, resume lookup."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from train.checkpoint import (LATEST, CheckpointError, CheckpointManager, find_resume, latest_in,
+                              rng_state, set_rng_state, tag_for)
+from train.engine import deepspeed_config, initialize_engine, resolve_device, setup_distributed
+
+DS = {"zero_stage": 0, "overlap_comm": False, "contiguous_gradients": True,
+      "reduce_bucket_size": 1, "allgather_bucket_size": 1, "offload_optimizer": "none",
+      "offload_param": "none", "extra": {}}
+
+
+def make_engine(seed=0):
+    setup_distributed(resolve_device("cpu"))
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    cfg = deepspeed_config(DS, micro_batch=1, grad_accum=1, world_size=1, grad_clip=0.0,
+                           precision="fp32")
+    return initialize_engine(model, opt, cfg)
+
+
+def train_step(engine):
+    loss = engine(torch.ones(2, 4)).square().sum()
+    engine.backward(loss)
+    engine.step()
+
+
+def weights(engine):
+    return [p.detach().clone() for p in engine.module.parameters()]
+
+
+def test_save_load_round_trip_and_pruning(tmp_path):
+    engine = make_engine()
+    mgr = CheckpointManager(tmp_path / "ckpt", rank=0, world_size=1, keep=2)
+    saved = {}
+    for step in (1, 2, 3):
+        train_step(engine)
+        mgr.save(engine, step, {"stage": 0}, {"data": {"position": step}, "rng": rng_state()})
+        saved[step] = weights(engine)
+    assert (tmp_path / "ckpt" / LATEST).read_text() == tag_for(3)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [LATEST, tag_for(2), tag_for(3)]
+
+    other = make_engine(seed=1)
+    meta, rank_state = mgr.load(other, latest_in(tmp_path / "ckpt"))
+    assert meta["step"] == 3 and rank_state["data"] == {"position": 3}
+    for a, b in zip(weights(other), saved[3]):
+        assert torch.equal(a, b)
+    # optimizer state came back too: one more step matches
+    train_step(engine)
+    train_step(other)
+    for a, b in zip(weights(other), weights(engine)):
+        assert torch.equal(a, b)
+
+
+def test_a_kill_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    engine = make_engine()
+    mgr = CheckpointManager(tmp_path / "ckpt", rank=0, world_size=1, keep=2)
+    train_step(engine)
+    mgr.save(engine, 1, {}, {"rng": rng_state()})
+    good = weights(engine)
+    train_step(engine)
+
+    real_save = engine.save_checkpoint
+
+    def dies_halfway(save_dir, tag, **kw):   # writes part of the files, then the process "dies"
+        real_save(save_dir, tag, **kw)
+        path = os.path.join(save_dir, tag, "mp_rank_00_model_states.pt")
+        with open(path, "r+b") as fh:
+            fh.truncate(100)
+        raise KeyboardInterrupt("killed during save")
+
+    monkeypatch.setattr(engine, "save_checkpoint", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(engine, 2, {}, {"rng": rng_state()})
+    ref = latest_in(tmp_path / "ckpt")
+    assert ref.tag == tag_for(1)
+    fresh = make_engine(seed=5)
+    meta, _ = mgr.load(fresh, ref)
+    assert meta["step"] == 1
+    for a, b in zip(weights(fresh), good):
+        assert torch.equal(a, b)
+    # the next save cleans the half-written directory up
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    mgr.save(engine, 2, {}, {"rng": rng_state()})
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith(".tmp")]
+    assert latest_in(tmp_path / "ckpt").tag == tag_for(2)
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def _fake_run(root, name, overrides, saved_at):
+    save_dir = root / name / "checkpoints"
+    (save_dir / tag_for(5)).mkdir(parents=True)
+    (save_dir / tag_for(5) / "meta.json").write_text(json.dumps(
+        {"step": 5, "overrides": overrides, "saved_at": saved_at, "world_size": 1}))
+    (save_dir / LATEST).write_text(tag_for(5))
+    return save_dir / tag_for(5)
+
+
+def test_resume_auto_picks_the_newest_run_of_the_same_job(tmp_path):
+    old = _fake_run(tmp_path, "runs/a", ["optim.lr=0.1"], 100.0)
+    new = _fake_run(tmp_path, "runs/b", ["optim.lr=0.1", "train.stop_at_step=3"], 200.0)
+    other = _fake_run(tmp_path, "sweeps/x/0", ["optim.lr=0.2"], 300.0)
+    assert find_resume("auto", tmp_path, ["optim.lr=0.1", "train.resume=auto"]).path == new
+    assert find_resume("auto", tmp_path, ["optim.lr=0.2"]).path == other
+    assert find_resume("auto", tmp_path, ["optim.lr=0.3"]) is None
+    assert find_resume("none", tmp_path, []) is None
+    # explicit paths: a run dir, its checkpoints dir, a checkpoint dir
+    assert find_resume(str(tmp_path / "runs/a"), tmp_path, []).path == old
+    assert find_resume(str(old.parent), tmp_path, []).path == old
+    assert find_resume(str(old), tmp_path, []).path == old
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        find_resume(str(tmp_path / "nowhere"), tmp_path, [])

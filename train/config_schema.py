@@ -1,0 +1,181 @@
+"""The schema of the Hydra config tree, as structured configs in Hydra's ConfigStore.
+
+``conf/config.yaml`` starts from ``train_schema`` (the ``JobConfig`` dataclass below), so every
+YAML file and every command-line override is checked against these dataclasses when the config
+is composed: a misspelt key fails with Hydra's "Key 'x' not in ..." error naming it, and a value
+of the wrong type fails with the key and the expected type. The ``model`` node is
+``model.config.ModelConfig`` itself, so the model presets are checked field by field too.
+
+Each group maps one-to-one onto a builder:
+    model       -> model.config.ModelConfig.from_dict -> model.transformer.Transformer
+    optim       -> optim.builder.build_optimizer (+ the lr schedule in train/trainer.py)
+    data        -> data.builder.build_data
+    curriculum  -> train.curriculum.build_stages
+    deepspeed   -> train.engine.deepspeed_config (the dict passed to deepspeed.initialize)
+    logging     -> train.metrics.MetricsLogger (metrics.jsonl + wandb)
+    launch      -> train.engine.setup_distributed (timeout); launch=slurm records sbatch settings
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from model.config import ModelConfig
+
+
+@dataclass
+class TrainSection:
+    seed: int = 1234
+    # Used by curriculum=none (one stage); curriculum presets set their own per stage.
+    seq_len: int = 256
+    tokens: int = 1_000_000            # training tokens (curriculum=none)
+    global_batch_tokens: int = 8192    # tokens per optimizer step, all ranks together
+    # Tokens per micro-batch per rank: micro batch = micro_batch_tokens // seq_len sequences,
+    # so the micro batch shrinks as the curriculum lengthens the sequences (memory stays flat).
+    micro_batch_tokens: int = 4096
+    grad_clip: float = 1.0             # global grad-norm clip; 0 disables
+    device: str = "auto"               # auto (cuda if available) | cpu | cuda
+    precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    activation_checkpointing: bool = False
+    # MTP loss weight once the lr decays (V4: 0.3 -> 0.1); null keeps model.mtp_loss_weight.
+    mtp_loss_weight_at_decay: Optional[float] = 0.1
+    val_every: int = 50                # optimizer steps between validations (0: only start/end)
+    ckpt_every: int = 100              # optimizer steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2          # newest checkpoints kept in the run's checkpoints/
+    # none | auto (continue the newest run with the same overrides, if any) | a path to a run
+    # directory, its checkpoints/ directory, or one checkpoint (step_XXXXXXXX) directory.
+    resume: str = "none"
+    runs_root: str = "outputs"         # where resume=auto looks for earlier runs
+    # End this invocation after this optimizer step (the lr schedule still spans the whole run),
+    # with a checkpoint; e.g. to fit a scheduler's time limit, then train.resume=auto.
+    stop_at_step: Optional[int] = None
+    progress: bool = True              # tqdm bar on rank 0
+
+
+@dataclass
+class OptimSection:
+    """Keys of optim.builder.build_optimizer plus the lr-schedule keys (see optim/builder.py)."""
+    name: str = "muon"                 # muon (Muon + AdamW groups) | adamw (AdamW everywhere)
+    lr: float = MISSING                # peak AdamW lr
+    muon_lr: Optional[float] = None    # peak Muon lr; null = lr (update-RMS matching)
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-20
+    momentum: float = 0.95
+    update_rms: float = 0.18
+    ns_dtype: str = "bf16"
+    wo_a_blocks: Optional[int] = None
+    track_update_rms: bool = True
+    warmup_steps: int = 2000
+    total_steps: Optional[int] = None  # null: the curriculum's optimizer steps
+    decay_start: Optional[int] = None
+    decay_fraction: Optional[float] = None
+    final_fraction: float = 0.1
+
+
+@dataclass
+class DataSection:
+    """Keys of data.builder.build_data (see data/builder.py for their meaning)."""
+    kind: str = "embedded"             # embedded | files | hf
+    paths: List[str] = field(default_factory=list)      # files: files or directories
+    name: Optional[str] = None         # hf: dataset name or local dataset directory
+    subset: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    text_field: str = "text"
+    sample_by: str = "document"        # files (text): document | paragraph | line
+    max_documents: Optional[int] = None
+    tokenizer: str = "gpt2-embedded"   # gpt2-embedded | a Hugging Face tokenizer name or path
+    eos_token: Optional[str] = None    # HF tokenizers: document separator (null: its eos)
+    cache_dir: Optional[str] = None    # token cache; null: ~/.cache/hybridlm
+    val_fraction: float = 0.01         # held-out fraction (whole documents/groups)
+    val_batches: int = 8               # micro-batches per validation pass
+
+
+@dataclass
+class StageConfig:
+    name: str = MISSING
+    seq_len: int = MISSING
+    tokens: int = MISSING              # training tokens of this stage (warm-up included)
+    global_batch_tokens: int = MISSING
+    attention_mode: str = "dense"      # dense | sparse (CSA layers)
+    # Optimizer steps of indexer warm-up at the start of this stage (main model frozen, the
+    # indexer trained on its KL loss only, attention kept dense); V3.2 style, before sparse.
+    indexer_warmup_steps: int = 0
+    micro_batch: Optional[int] = None  # null: train.micro_batch_tokens // seq_len
+
+
+@dataclass
+class CurriculumSection:
+    name: str = "none"
+    stages: List[StageConfig] = field(default_factory=list)
+    indexer_warmup_lr: float = 1e-3    # V3.2's warm-up lr, every indexer parameter
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 0
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    offload_optimizer: str = "none"    # none | cpu (ZeRO-1..3)
+    offload_param: str = "none"        # none | cpu (ZeRO-3)
+    # Build DeepSpeed's shared-memory CPU all-reduce op (a ~1 min C++ JIT build on first use).
+    # auto: only for multi-process CPU runs; a single process never uses it.
+    cpu_shm_comm: str = "auto"         # auto | on | off
+    extra: Dict[str, Any] = field(default_factory=dict)  # merged verbatim into the DS config
+
+
+@dataclass
+class WandbSection:
+    mode: str = "offline"              # online | offline | disabled (WANDB_MODE env wins)
+    project: str = "hybridlm"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None         # null: the run directory's name
+    tags: List[str] = field(default_factory=list)
+    notes: Optional[str] = None
+
+
+@dataclass
+class LoggingSection:
+    log_every: int = 1                 # optimizer steps between training metric lines
+    diagnostics_every: int = 10        # steps between model diagnostics (MoE, mHC, sinks)
+    peak_tflops: Optional[float] = None  # per device, for MFU; null: known GPUs, none on CPU
+    wandb: WandbSection = field(default_factory=WandbSection)
+
+
+@dataclass
+class LaunchSection:
+    kind: str = "local"                # local | slurm
+    dist_timeout_minutes: int = 30
+    # slurm: sbatch settings, recorded with the run for the multi-node launcher
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"
+    extra_sbatch: List[str] = field(default_factory=list)
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: DataSection = field(default_factory=DataSection)
+    curriculum: CurriculumSection = field(default_factory=CurriculumSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore (idempotent); conf/config.yaml builds on it."""
+    ConfigStore.instance().store(name="train_schema", node=JobConfig)

@@ -1,0 +1,186 @@
+"""Metrics: ``metrics.jsonl`` in the run directory, wandb, and the FLOP model behind MFU.
+
+``metrics.jsonl`` holds one JSON object per line, every line with ``step`` (optimizer steps
+done) and ``kind`` (train | val | diagnostics | event). Training lines carry ``loss`` (the total
+the optimizer saw) and ``loss/lm``, ``loss/mtp``, ``loss/balance``, ``loss/indexer``,
+``grad_norm``, ``lr/<group>``, ``tokens``, ``tokens_per_s``, ``tflops`` (achieved, per device),
+``mfu``, ``peak_mem_gb``, ``update_rms/<group>``; validation lines carry ``val_loss`` and
+``val_ppl``; diagnostics lines carry the model's diagnostics (``moe/maxvio/<layer>``,
+``moe/load/<layer>`` as a list, ``moe/bias_spread/<layer>``, ``mhc/gain_fwd/<layer>.<site>``,
+``mhc/composite_gain_fwd``, ``attn/sink_mass/<layer>``, ...). wandb gets the same keys (the
+"/" makes sections: loss, lr, moe, mhc, attn) and histograms of the expert loads.
+
+FLOP model (training FLOPs per token, forward + backward = 3 x forward):
+
+    6 * N_matmul  +  sum over attention layers of 12 * H * d_head * A(layer)  +  indexers
+
+* ``N_matmul``: parameters a token multiplies with: all dense weights, shared experts and
+  ``n_activated_experts`` of the routed experts, the head once per prediction (main + each MTP
+  depth), the MTP blocks; the embedding table is a lookup and does not count.
+* ``A(layer)``: keys a query attends, averaged over the positions t = 0 .. L-1 of a row:
+  window ``min(window, t+1)`` plus compressed entries ``(t+1) // m`` (HCA, and CSA when
+  dense) or ``min(top_k, (t+1) // m)`` (CSA when sparse). Each key costs 2 FLOPs per channel
+  for q.k and 2 for p.v, per head: 4 H d forward, 12 H d with backward. Packed documents attend
+  less than this (per-document masking is not subtracted): it is an upper bound.
+* CSA indexer: scoring ``(t+1) // m`` entries with ``index_n_heads x index_head_dim``, 2 FLOPs
+  each, x 3 for training.
+Compressors, RoPE, norms, softmax and mHC mixing are not counted (they are O(L D), small).
+MFU = achieved FLOP/s per device / the device's peak (``logging.peak_tflops``; known GPUs).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- FLOP model
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters multiplied per token in training (see the module docstring)."""
+    cfg = model.cfg
+    frac_active = cfg.n_activated_experts / cfg.n_routed_experts
+    n = 0.0
+    for name, p in model.named_parameters():
+        if name == "embed.weight":
+            continue
+        if name == "head.weight":
+            n += p.numel() * (1 + cfg.mtp_depth)
+        elif ".ffn.experts." in name:
+            n += p.numel() * frac_active
+        else:
+            n += p.numel()
+    return int(n)
+
+
+def _mean_attended(seq_len: int, window: int, ratio: int, topk: int | None) -> float:
+    """Mean over t in [0, L) of the keys query t attends (window + compressed entries)."""
+    t1 = np.arange(1, seq_len + 1, dtype=np.int64)          # t + 1
+    keys = np.minimum(window, t1)
+    if ratio:
+        entries = t1 // ratio
+        keys = keys + (np.minimum(topk, entries) if topk is not None else entries)
+    return float(keys.sum()) / seq_len
+
+
+def _mean_entries(seq_len: int, ratio: int) -> float:
+    return float((np.arange(1, seq_len + 1, dtype=np.int64) // ratio).sum()) / seq_len
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int, attention_mode: str) -> float:
+    cfg = model.cfg
+    ratios = list(cfg.compress_ratios) + [cfg.mtp_compress_ratio] * cfg.mtp_depth
+    attn = idx = 0.0
+    for r in ratios:
+        sparse_csa = r == cfg.csa_ratio and attention_mode == "sparse"
+        a = _mean_attended(seq_len, cfg.window, r, cfg.index_topk if sparse_csa else None)
+        attn += 12.0 * cfg.n_heads * cfg.head_dim * a
+        if r == cfg.csa_ratio:
+            idx += 6.0 * cfg.index_n_heads * cfg.index_head_dim * _mean_entries(seq_len, r)
+    return 6.0 * matmul_params(model) + attn + idx
+
+
+# ----------------------------------------------------------------------------- logging
+def _plain(value: Any) -> Any:
+    """JSON-friendly: tensors to numbers or lists."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value
+
+
+class MetricsLogger:
+    """Rank 0 writes ``metrics.jsonl`` and logs to wandb; other ranks do nothing."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, wandb_cfg: Mapping[str, Any],
+                 config: dict, resume_run_id: str | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = None
+        self.wandb_run_id: str | None = resume_run_id
+        if not enabled:
+            return
+        self._file = open(self.path, "a")
+        mode = os.environ.get("WANDB_MODE") or wandb_cfg["mode"]
+        if mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"logging.wandb.mode must be online | offline | disabled, got {mode!r}")
+        if mode != "disabled":
+            import wandb
+
+            run_dir = Path(run_dir)
+            self.wandb = wandb.init(
+                project=wandb_cfg["project"], entity=wandb_cfg["entity"], group=wandb_cfg["group"],
+                tags=list(wandb_cfg["tags"] or []), notes=wandb_cfg["notes"],
+                name=wandb_cfg["name"] or f"{run_dir.parent.name}/{run_dir.name}",
+                mode=mode, dir=str(run_dir), config=config,
+                id=resume_run_id, resume="allow" if resume_run_id else None,
+                reinit="finish_previous",
+                # our own log says where things are; keep wandb's banner and summary table out
+                settings=wandb.Settings(quiet=True, show_info=False),
+            )
+            self.wandb_run_id = self.wandb.id
+
+    def log(self, step: int, kind: str, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind}
+        record.update((k, _plain(v)) for k, v in metrics.items())
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.wandb is not None:
+            self.wandb.log(self._for_wandb(metrics), step=step)
+
+    def _for_wandb(self, metrics: Mapping[str, Any]) -> dict:
+        import wandb
+
+        out = {}
+        for k, v in metrics.items():
+            if isinstance(v, torch.Tensor) and v.numel() > 1:
+                out[k] = wandb.Histogram(v.detach().float().cpu().numpy())
+            elif isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool):
+                out[k] = float(v)
+        return out
+
+    def copy_history(self, previous: Path, up_to_step: int) -> int:
+        """Start this run's metrics.jsonl with an earlier run's lines up to ``up_to_step``
+        (a resume), so that one file holds the whole curve. Returns the lines copied."""
+        if not self.enabled or not Path(previous).is_file() or Path(previous) == self.path:
+            return 0
+        n = 0
+        with open(previous) as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break                       # a line cut by the kill: stop there
+                if rec.get("step", 0) <= up_to_step and not (
+                        rec.get("step") == up_to_step and rec.get("kind") == "event"):
+                    self._file.write(line if line.endswith("\n") else line + "\n")
+                    n += 1
+        self._file.flush()
+        return n
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+    except ImportError:
+        return None

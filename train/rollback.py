@@ -1,0 +1,123 @@
+"""Snapshots of the whole training state every N steps, for rollback after a loss spike.
+
+A snapshot taken at step ``s`` is the state *before* step ``s`` runs (``s`` optimizer steps
+done): the ``state_dict`` of every registered object (model, optimizer, scheduler, loader, ...)
+deep-copied to CPU, plus the RNG states (python, numpy, torch CPU and CUDA). ``restore`` loads
+one back bit-exactly and forgets the snapshots taken after it (they belong to the abandoned
+branch of the run). In memory the ring costs about one copy of model + optimizer state per kept
+snapshot; ``location="disk"`` writes ``torch.save`` files under ``directory`` instead.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import random
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+
+class RollbackExhausted(RuntimeError):
+    """Spikes kept coming back after the allowed number of rollbacks."""
+
+
+def to_cpu_copy(obj: Any) -> Any:
+    """Deep copy with every tensor cloned onto the CPU (containers keep their structure)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, Mapping):
+        return type(obj)((k, to_cpu_copy(v)) for k, v in obj.items()) if not isinstance(obj, dict) \
+            else {k: to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class SnapshotRing:
+    """Keep the last ``keep`` snapshots, one every ``every`` steps."""
+
+    def __init__(self, every: int, keep: int = 2, location: str = "memory",
+                 directory: str | os.PathLike | None = None):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"rollback: every must be an integer >= 1, got {every!r}")
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"rollback: keep must be an integer >= 1, got {keep!r}")
+        if location not in ("memory", "disk"):
+            raise ValueError(f"rollback: location must be 'memory' or 'disk', got {location!r}")
+        if location == "disk" and directory is None:
+            raise ValueError("rollback: location='disk' needs a directory")
+        self.every, self.keep, self.location = every, keep, location
+        self.directory = Path(directory) if directory is not None else None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        self._snapshots: list[tuple[int, Any]] = []  # (step, state or file path), oldest first
+
+    @property
+    def steps(self) -> list[int]:
+        return [s for s, _ in self._snapshots]
+
+    def maybe_save(self, step: int, objects: Mapping[str, Any]) -> bool:
+        """Snapshot at multiples of ``every`` (once per step: after a rollback the replayed
+        step keeps the snapshot it already has)."""
+        if step % self.every or step in self.steps:
+            return False
+        self.save(step, objects)
+        return True
+
+    def save(self, step: int, objects: Mapping[str, Any]) -> None:
+        state = {"step": step, "rng": rng_state(),
+                 "objects": {name: to_cpu_copy(obj.state_dict()) for name, obj in objects.items()}}
+        if self.location == "disk":
+            path = self.directory / f"snapshot_{step:09d}.pt"
+            torch.save(state, path)
+            state = path
+        self._snapshots = [(s, v) for s, v in self._snapshots if s != step] + [(step, state)]
+        self._snapshots.sort(key=lambda sv: sv[0])
+        while len(self._snapshots) > self.keep:
+            self._drop(0)
+
+    def _drop(self, i: int) -> None:
+        _, v = self._snapshots.pop(i)
+        if isinstance(v, Path):
+            v.unlink(missing_ok=True)
+
+    def restore(self, objects: Mapping[str, Any], n_back: int = 1) -> int:
+        """Load the ``n_back``-th newest snapshot (1 = newest) into ``objects``; snapshots newer
+        than it are forgotten. Returns its step (the next step to run)."""
+        if not self._snapshots:
+            raise RollbackExhausted("rollback requested but no snapshot has been taken yet")
+        if not isinstance(n_back, int) or not 1 <= n_back <= len(self._snapshots):
+            raise RollbackExhausted(f"rollback: cannot go {n_back} snapshot(s) back, the ring holds "
+                                    f"{len(self._snapshots)} (steps {self.steps})")
+        idx = len(self._snapshots) - n_back
+        step, state = self._snapshots[idx]
+        if isinstance(state, Path):
+            state = torch.load(state, weights_only=False)
+        missing = set(objects) - set(state["objects"])
+        if missing:
+            raise KeyError(f"rollback: snapshot at step {step} has no state for {sorted(missing)}")
+        for name, obj in objects.items():
+            # load a copy: optimizers/loaders may keep references into the dict they load
+            obj.load_state_dict(to_cpu_copy(state["objects"][name]))
+        set_rng_state(state["rng"])
+        while len(self._snapshots) > idx + 1:
+            self._drop(len(self._snapshots) - 1)
+        return step

@@ -1,0 +1,218 @@
+"""The stability policy of a training run: spike detection, rollback, anticipatory routing.
+
+``StabilityController`` ties ``SpikeDetector`` (train/spikes.py), ``SnapshotRing``
+(train/rollback.py) and ``AnticipatoryRouter`` (train/anticipatory.py) into three calls the
+training loop makes per optimizer step ``s``:
+
+    batches = ctl.begin_step(s, model, prefetcher, grad_accum, objects)
+        # snapshot (every N steps), skip batches marked bad, take this step's micro-batches and,
+        # while anticipatory routing is on for step s + dt, cache its indices under theta_s
+    routing = ctl.routing_for(s, m, micro_batch)          # per micro-batch; None = route normally
+    s = ctl.end_step(s, {"loss": ..., "grad_norm": ..., "update_norm": ...}, objects)
+        # after the optimizer step: detect spikes; returns s + 1, or the step to resume from
+        # after a rollback
+
+Modes of anticipatory routing (``mode``):
+    off   never (spikes are still detected and rolled back when a ring is given)
+    on    always: step t routes with indices computed under theta_{t-dt}
+    auto  V4: off until a spike; then roll back to the newest snapshot s0 and keep it on for
+          steps [s0, s0 + on_steps); then off again
+
+Rollback: on a spike at step t the newest snapshot (taken before step s0 <= t) is restored, the
+``skip_batches`` optimizer steps' worth of batches that step t would have drawn are skipped
+when the replay reaches t (the replay of s0..t-1 is bit-identical: same state, same batches, same
+RNG), and the run continues. Repeated spikes before the run gets past the last one go one
+snapshot further back each time; after ``max_retries`` rollbacks in a row ``RollbackExhausted``
+stops the run. Without a ring a non-finite value stops the run (``NonFiniteLossError``): never
+silently continue on NaN.
+
+Every detection, rollback and mode change is an event (``pop_events``) for metrics.jsonl/wandb.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Mapping
+
+from train.anticipatory import AnticipatoryRouter
+from train.rollback import RollbackExhausted, SnapshotRing
+from train.spikes import SpikeDetector
+from train.stability import NonFiniteLossError
+
+logger = logging.getLogger(__name__)
+
+MODES = ("off", "on", "auto")
+
+
+class StabilityController:
+    def __init__(self, mode: str = "off", dt: int = 1, on_steps: int = 100,
+                 detector: SpikeDetector | None = None, ring: SnapshotRing | None = None,
+                 max_retries: int = 3, skip_batches: int = 1):
+        if mode not in MODES:
+            raise ValueError(f"stability.anticipatory_routing must be one of {MODES}, got {mode!r}")
+        if not isinstance(on_steps, int) or on_steps < 1:
+            raise ValueError(f"stability.on_steps must be an integer >= 1, got {on_steps!r}")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"stability.max_retries must be an integer >= 0, got {max_retries!r}")
+        if not isinstance(skip_batches, int) or skip_batches < 0:
+            raise ValueError(f"stability.skip_batches must be an integer >= 0, got {skip_batches!r}")
+        self.mode, self.on_steps = mode, on_steps
+        self.detector = detector if detector is not None else SpikeDetector()
+        self.ring = ring
+        self.max_retries, self.skip_batches = max_retries, skip_batches
+        self.router = AnticipatoryRouter(dt)
+        self.dt = dt
+        # auto mode: anticipatory routing is on for steps [on_from, on_until)
+        self.on_from: int | None = None
+        self.on_until: int | None = None
+        self.retries = 0                      # rollbacks since the run last got past a spike
+        self.last_spike_step: int | None = None
+        self.pending_skips: dict[int, int] = {}  # step -> optimizer steps' worth of batches to skip
+        self.rollbacks = 0
+        self._events: list[dict] = []
+
+    # -- anticipatory routing window --------------------------------------------------------
+    def anticipatory_active(self, step: int) -> bool:
+        if self.mode == "on":
+            return True
+        if self.mode == "auto" and self.on_from is not None:
+            return self.on_from <= step < self.on_until
+        return False
+
+    def _window_start(self) -> int:
+        return 0 if self.mode == "on" else (self.on_from if self.on_from is not None else 0)
+
+    # -- per-step calls ---------------------------------------------------------------------
+    def begin_step(self, step: int, model: Callable, loader, grad_accum: int,
+                   objects: Mapping[str, Any]) -> list:
+        """Snapshot, skip bad batches, return this step's micro-batches, precompute step + dt's
+        routing under the current parameters (theta_step) when anticipatory routing is on then."""
+        if self.ring is not None:
+            self.ring.maybe_save(step, {**objects, "stability": _ReplayState(self)})
+        skip = self.pending_skips.pop(step, 0)
+        if skip:
+            loader.skip(skip * grad_accum)
+            self._event(step, "skip", batches=skip * grad_accum)
+        batches = [next(loader) for _ in range(grad_accum)]
+        target = step + self.dt
+        if self.anticipatory_active(target):
+            # batches between now and step `target` that a rollback marked for skipping are
+            # not target's: look past them
+            skipped = sum(self.pending_skips.get(s, 0) for s in range(step + 1, target + 1))
+            offset = (self.dt - 1 + skipped) * grad_accum
+            ahead = [loader.peek(offset + m) for m in range(grad_accum)]
+            self.router.precompute(model, target, ahead, params_step=step)
+        return batches
+
+    def routing_for(self, step: int, micro_step: int, batch: Mapping) -> list | None:
+        if not self.anticipatory_active(step) or step < self._window_start() + self.dt:
+            return None  # off, or inside the first dt steps of a window: no older parameters
+        return self.router.indices_for(step, micro_step, batch)
+
+    def end_step(self, step: int, metrics: Mapping[str, float | None],
+                 objects: Mapping[str, Any]) -> int:
+        """Observe the finished step; returns the next step to run (``step + 1`` or, after a
+        rollback, the restored snapshot's step)."""
+        events = self.detector.observe(step, metrics)
+        for ev in events:
+            self._event(step, "spike", **{k: v for k, v in ev.as_dict().items() if k != "step"})
+        if not events:
+            if self.last_spike_step is not None and step > self.last_spike_step:
+                self.retries = 0  # got past the spike
+                self.last_spike_step = None
+            self._maybe_switch_off(step)
+            return step + 1
+        worst = max(events, key=lambda e: e.zscore)
+        if self.ring is None:
+            non_finite = [e for e in events if not math.isfinite(e.value)]
+            if non_finite:
+                raise NonFiniteLossError(step, non_finite[0].metric, non_finite[0].value)
+            if self.mode == "auto":
+                self._switch_on(step + 1)
+            return step + 1
+        self.retries += 1
+        if self.retries > self.max_retries:
+            raise RollbackExhausted(
+                f"stability: {worst.metric} = {worst.value:.6g} (z = {worst.zscore:.3g}) at step {step} "
+                f"after {self.max_retries} rollback(s) in a row (snapshots every {self.ring.every} "
+                f"steps, skipping {self.skip_batches} step(s) of batches each time): training "
+                "stopped; lower the learning rate, inspect the data around this step, or raise "
+                "stability.max_retries")
+        self.last_spike_step = step if self.last_spike_step is None else max(step, self.last_spike_step)
+        n_back = min(self.retries, len(self.ring.steps))
+        restored = self.ring.restore({**objects, "stability": _ReplayState(self)}, n_back=n_back)
+        self.rollbacks += 1
+        if self.skip_batches:
+            self.pending_skips[step] = self.pending_skips.get(step, 0) + self.skip_batches
+        self._event(step, "rollback", to_step=restored, retry=self.retries, metric=worst.metric,
+                    value=worst.value)
+        logger.warning("stability: %s spike at step %d (%.6g, z=%.3g): rolled back to step %d "
+                       "(retry %d/%d)", worst.metric, step, worst.value, worst.zscore, restored,
+                       self.retries, self.max_retries)
+        if self.mode == "auto":
+            self._switch_on(restored)
+        return restored
+
+    # -- mode changes -----------------------------------------------------------------------
+    def _switch_on(self, step: int) -> None:
+        was_on = self.on_from is not None
+        self.on_from, self.on_until = step, step + self.on_steps
+        self.router.clear()
+        self._event(step, "mode", anticipatory="on", until=self.on_until, extended=was_on)
+
+    def _maybe_switch_off(self, step: int) -> None:
+        if self.mode == "auto" and self.on_until is not None and step + 1 >= self.on_until:
+            self._event(step + 1, "mode", anticipatory="off")
+            self.on_from = self.on_until = None
+            self.router.clear()
+
+    # -- logging ----------------------------------------------------------------------------
+    def _event(self, step: int, event: str, **fields) -> None:
+        self._events.append({"kind": "stability", "event": event, "step": step, **fields})
+
+    def pop_events(self) -> list[dict]:
+        out, self._events = self._events, []
+        return out
+
+    def pop_metrics(self, step: int) -> dict[str, float]:
+        """Per-log-interval numbers: whether routing is anticipatory now, the time of the extra
+        no-grad forwards and the cache hit/miss counts."""
+        stats = self.router.pop_stats()
+        return {"stability/anticipatory": float(self.anticipatory_active(step)),
+                "stability/anticipatory_forward_s": stats["forward_s"],
+                "stability/anticipatory_hits": stats["hits"],
+                "stability/anticipatory_misses": stats["misses"],
+                "stability/rollbacks": self.rollbacks}
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "on_from": self.on_from, "on_until": self.on_until,
+                "retries": self.retries, "last_spike_step": self.last_spike_step,
+                "pending_skips": dict(self.pending_skips), "rollbacks": self.rollbacks,
+                **_ReplayState(self).state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["mode"] != self.mode:
+            logger.warning("stability: checkpoint was written with anticipatory_routing=%s, "
+                           "continuing with %s", state["mode"], self.mode)
+        self.on_from, self.on_until = state["on_from"], state["on_until"]
+        self.retries, self.last_spike_step = state["retries"], state["last_spike_step"]
+        self.pending_skips = {int(k): int(v) for k, v in state["pending_skips"].items()}
+        self.rollbacks = state["rollbacks"]
+        _ReplayState(self).load_state_dict(state)
+
+
+class _ReplayState:
+    """The part of the controller that a rollback rewinds with the model: the detector's
+    history and the routing cache (the replayed steps see exactly what they saw the first
+    time). Rollback bookkeeping (retries, skips, mode window) is deliberately not rewound."""
+
+    def __init__(self, ctl: StabilityController):
+        self.ctl = ctl
+
+    def state_dict(self) -> dict:
+        return {"detector": self.ctl.detector.state_dict(), "router": self.ctl.router.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ctl.detector.load_state_dict(state["detector"])
+        self.ctl.router.load_state_dict(state["router"])

@@ -1,0 +1,410 @@
+"""The training loop, top to bottom: ``train(cfg, run_dir)``.
+
+    1. checks that need neither data nor model (model config, curriculum shapes, lr schedule)
+    2. data (a missing path or an unknown tokenizer fails here, before the model is built)
+    3. model, optimizer, DeepSpeed engine
+    4. resume (train.resume), metrics (metrics.jsonl + wandb), progress bar
+    5. for every optimizer step:
+         curriculum position -> stage switch (seq_len, micro batch), attention mode, warm-up
+         lr -> micro-batches (forward, backward) -> finite check -> optimizer step
+         -> MoE router-bias update -> metrics -> validation -> checkpoint
+    6. final validation and checkpoint; print where they are
+
+The indexer warm-up (curriculum stages with ``indexer_warmup_steps``) freezes every parameter
+but the indexers' (``requires_grad=False``: no gradient, so the optimizer leaves them and their
+state alone), keeps attention dense, skips the router-bias update, and trains the indexers on
+their KL loss at ``curriculum.indexer_warmup_lr``: the total loss's other terms have no path to
+an indexer parameter (the model detaches the indexer's inputs and target).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.builder import build_data
+from model.config import ModelConfig
+from model.transformer import Transformer
+from optim.deepspeed import ShardedHybridOptimizer, build_sharded_optimizer
+from optim.schedule import lr_factor
+from train.checkpoint import CheckpointManager, CheckpointRef, find_resume, rng_state, set_rng_state
+from train.curriculum import PHASE_WARMUP, Curriculum, Position, build_curriculum
+from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
+                          resolve_device, resolve_precision, set_batch_shape, setup_distributed)
+from train.metrics import MetricsLogger, flops_per_token, peak_memory_gb
+from train.progress import Progress
+from train.stability import check_finite
+
+log = logging.getLogger("train")
+LOSS_KEYS = ("lm", "mtp", "balance", "indexer")
+INDEXER_SUFFIX = "/indexer"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics_path: Path
+    checkpoint: Path | None       # the newest checkpoint directory
+    step: int                     # optimizer steps done
+    initial_val_loss: float | None
+    final_val_loss: float | None
+
+
+def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> TrainResult:
+    """Run (or continue) the job described by ``cfg``, writing into ``run_dir``.
+
+    ``overrides`` are the command-line overrides (Hydra's task overrides); resume=auto uses
+    them to find an earlier run of the same job.
+    """
+    tc = cfg.train
+
+    # ---- 1. everything that needs neither data nor model -------------------------------------
+    model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    if cfg.launch.kind not in ("local", "slurm"):
+        raise ValueError(f"launch.kind must be local | slurm, got {cfg.launch.kind!r}")
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    dist = setup_distributed(device, cfg.deepspeed.cpu_shm_comm, cfg.launch.dist_timeout_minutes)
+    device = dist.device
+    # every rank writes into rank 0's run directory (Hydra's ${now:} may differ across ranks)
+    run_dir = Path(_from_rank0(str(Path(run_dir).resolve()), dist))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    curriculum = build_curriculum(
+        OmegaConf.to_container(cfg.curriculum.stages, resolve=True),
+        micro_batch_tokens=tc.micro_batch_tokens, world_size=dist.world_size,
+        compress_ratios=model_cfg.compress_ratios, max_seq_len=model_cfg.max_seq_len)
+    optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
+    schedule = _lr_schedule(optim_cfg, curriculum)
+    schedule(0)   # validates the schedule settings now rather than at the first step
+
+    # ---- 2. data ----------------------------------------------------------------------------
+    first = curriculum.stages[0]
+    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), seq_len=first.seq_len,
+                      micro_batch=first.micro_batch, seed=tc.seed, rank=dist.rank,
+                      world_size=dist.world_size, grad_accum=first.grad_accum)
+    if data.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"data.tokenizer has {data.vocab_size} tokens but model.vocab_size is "
+                         f"{model_cfg.vocab_size}: raise model.vocab_size")
+    train_loader, val_loader = data.train_loader, data.val_loader
+
+    # ---- 3. model, optimizer, DeepSpeed engine -----------------------------------------------
+    _seed_everything(tc.seed)
+    model = Transformer(model_cfg)
+    model.activation_checkpointing = bool(tc.activation_checkpointing)
+    base_mtp_weight = model.mtp_loss_weight
+    optimizer = separate_indexer_groups(build_sharded_optimizer(model, optim_cfg), model)
+    ds_config = deepspeed_config(cfg.deepspeed, micro_batch=first.micro_batch,
+                                 grad_accum=first.grad_accum, world_size=dist.world_size,
+                                 grad_clip=tc.grad_clip, precision=precision)
+    engine = initialize_engine(model, optimizer, ds_config)
+    indexer_ids = {id(p) for p in model.indexer_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    total_params, active_params = model.num_params()
+
+    # ---- 4. resume, metrics, progress ---------------------------------------------------------
+    ckpt = CheckpointManager(run_dir / "checkpoints", dist.rank, dist.world_size,
+                             keep=tc.keep_checkpoints)
+    resume_ref = find_resume(tc.resume, Path(tc.runs_root), overrides)
+    step, wandb_id, resumed_meta = 0, None, None
+    if resume_ref is not None:
+        resumed_meta, rank_state = ckpt.load(engine, resume_ref)
+        step, wandb_id = int(resumed_meta["step"]), resumed_meta.get("wandb_run_id")
+        train_loader.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state["rng"])
+    end_step = curriculum.total_steps if tc.stop_at_step is None else min(tc.stop_at_step,
+                                                                          curriculum.total_steps)
+    metrics = MetricsLogger(run_dir, enabled=dist.is_main, wandb_cfg=cfg.logging.wandb,
+                            config=OmegaConf.to_container(cfg, resolve=True), resume_run_id=wandb_id)
+    progress = Progress(curriculum.total_steps, step, is_main=dist.is_main, show_bar=tc.progress)
+    say = progress.say
+    say(f"run directory: {run_dir}")
+    say(f"model {model_cfg.name}: {total_params / 1e6:.2f}M parameters, {active_params / 1e6:.2f}M "
+        f"active per token; {device.type} {precision}, world size {dist.world_size}, "
+        f"ZeRO stage {cfg.deepspeed.zero_stage}")
+    say(f"data: {data.stats['documents']} documents, {data.stats['train_tokens']} training / "
+        f"{data.stats['val_tokens']} validation tokens (skipped {data.stats['skipped_empty']} empty, "
+        f"{data.stats['skipped_undecodable']} undecodable)")
+    say(f"curriculum {cfg.curriculum.name}: {curriculum.total_steps} steps, "
+        f"{curriculum.total_tokens:,} tokens\n{curriculum.describe()}")
+    metrics.log(step, "event", {"event": "start", "data": data.stats, "params": total_params,
+                                "active_params": active_params, "world_size": dist.world_size})
+    if resume_ref is not None:
+        copied = metrics.copy_history(Path(resumed_meta.get("metrics_path", "")), step)
+        say(f"resumed from {resume_ref.path} at step {step} ({copied} metric lines carried over)")
+        metrics.log(step, "event", {"event": "resume", "from": str(resume_ref.path)})
+    peak = peak_tflops(device, cfg.logging.peak_tflops)
+
+    stage = None
+    initial_val = final_val = None
+    last_ckpt: CheckpointRef | None = resume_ref
+    window_tokens, window_start = 0, time.perf_counter()
+    engine.train()
+    if step == 0:
+        initial_val = _validate_and_log(engine, val_loader, curriculum.at(0), step, dist, metrics, say)
+
+    # ---- 5. the loop --------------------------------------------------------------------------
+    while step < end_step:
+        pos = curriculum.at(step)
+        if pos.stage is not stage:
+            stage = _enter_stage(pos, engine, train_loader, val_loader)
+            flops_tok = flops_per_token(model, stage.seq_len, stage.attention_mode)
+            say(f"stage {stage.index} ({stage.name}): seq_len {stage.seq_len}, micro batch "
+                f"{stage.micro_batch} x {stage.grad_accum} accumulation x {dist.world_size} ranks, "
+                f"{stage.attention_mode} attention" +
+                (f" after {stage.warmup_steps} indexer warm-up steps" if stage.warmup_steps else ""))
+            metrics.log(step, "event", {"event": "stage", "stage": stage.index, "name": stage.name,
+                                        "seq_len": stage.seq_len, "micro_batch": stage.micro_batch,
+                                        "grad_accum": stage.grad_accum})
+        warmup = pos.phase == PHASE_WARMUP
+        model.set_attention_mode(pos.attention_mode)
+        for p in trainable:   # the indexer warm-up trains the indexers only
+            p.requires_grad_(not warmup or id(p) in indexer_ids)
+
+        # learning rate: the schedule over main steps, or the warm-up lr
+        factor = None if warmup else schedule(pos.main_step)
+        for group in optimizer.param_groups:
+            if not warmup:
+                group["lr"] = group["initial_lr"] * factor
+            else:   # lr 0 keeps the main model's weights exact whatever DeepSpeed hands over
+                # (groups are found by name: loading optimizer state replaces the group dicts)
+                group["lr"] = (cfg.curriculum.indexer_warmup_lr
+                               if group["name"].endswith(INDEXER_SUFFIX) else 0.0)
+        if tc.mtp_loss_weight_at_decay is not None:   # V4: MTP weight 0.3 -> 0.1 at lr decay
+            decaying = not warmup and pos.main_step >= cfg.optim.warmup_steps and factor < 1.0
+            model.mtp_loss_weight = tc.mtp_loss_weight_at_decay if decaying else base_mtp_weight
+
+        # forward / backward over the micro-batches of this optimizer step
+        diagnose = dist.is_main and _every(step + 1, cfg.logging.diagnostics_every)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64)
+        diagnostics: dict[str, Any] = {}
+        for micro in range(stage.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(train_loader).items()}
+            engine.set_gradient_accumulation_boundary(micro == stage.grad_accum - 1)
+            out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
+                         labels=batch["labels"], diagnostics=diagnose and micro == 0)
+            engine.backward(out.loss)
+            loss_sum += torch.tensor([float(out.loss.detach())] +
+                                     [float(out.losses.get(k, 0.0)) for k in LOSS_KEYS],
+                                     dtype=torch.float64)
+            if out.diagnostics:
+                diagnostics = out.diagnostics
+        losses = _mean_over_ranks(loss_sum / stage.grad_accum, device)
+        check_finite(step + 1, {"loss": losses[0], **{f"loss/{k}": v
+                                                      for k, v in zip(LOSS_KEYS, losses[1:])}})
+        grad_norm = _grad_norm(trainable) if cfg.deepspeed.zero_stage == 0 else None
+        check_finite(step + 1, {"grad_norm": grad_norm})
+
+        engine.step()
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
+            check_finite(step + 1, {"grad_norm": None if grad_norm is None else float(grad_norm)})
+        # aux-loss-free balancing: loads summed over the step and all ranks, then the bias update
+        loads = _reduce_router_loads(model, dist)
+        if warmup:
+            for buf in model.router_load_buffers():   # the frozen router keeps its biases
+                buf.zero_()
+        else:
+            model.update_router_biases()
+        step += 1
+        step_time = time.perf_counter() - t0
+
+        # metrics
+        window_tokens += stage.tokens_per_step
+        if _every(step, cfg.logging.log_every) or step == end_step:
+            elapsed = time.perf_counter() - window_start
+            tok_s = window_tokens / max(elapsed, 1e-9)
+            achieved = flops_tok * tok_s / dist.world_size / 1e12
+            record = {
+                "loss": losses[0], **{f"loss/{k}": v for k, v in zip(LOSS_KEYS, losses[1:])},
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                **{f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)},
+                "tokens": curriculum.tokens_before(step), "tokens_per_s": tok_s,
+                "step_time_s": step_time, "tflops": achieved,
+                "mfu": achieved / peak if peak else None,
+                "peak_mem_gb": peak_memory_gb(device), "stage": stage.index,
+                "seq_len": stage.seq_len, "phase": pos.phase,
+                "attention_mode": pos.attention_mode, "mtp_loss_weight": model.mtp_loss_weight,
+                **{f"moe/maxvio_step/{i}": v for i, v in enumerate(loads)},
+            }
+            if loads:
+                record["moe/maxvio_step_max"] = max(loads)
+            if hasattr(optimizer, "last_update_rms") and getattr(optimizer, "track_update_rms", False):
+                record.update({f"update_rms/{k}": v for k, v in optimizer.last_update_rms().items()})
+            metrics.log(step, "train", {k: v for k, v in record.items() if v is not None})
+            progress.update(step, loss=f"{losses[0]:.3f}", lm=f"{losses[1]:.3f}",
+                            tok_s=f"{tok_s:,.0f}", stage=stage.index)
+            window_tokens, window_start = 0, time.perf_counter()
+        if diagnostics:
+            metrics.log(step, "diagnostics", diagnostics)
+        if _every(step, tc.val_every) and step < end_step:
+            final_val = _validate_and_log(engine, val_loader, pos, step, dist, metrics, say)
+        if _every(step, tc.ckpt_every) and step < end_step:
+            last_ckpt = _save(ckpt, engine, step, stage, curriculum, train_loader, metrics,
+                              overrides, run_dir)
+
+    # ---- 6. the end -----------------------------------------------------------------------------
+    progress.close()
+    if stage is not None:   # this invocation trained: validate and save where it ended
+        final_pos = curriculum.at(step - 1)
+        final_val = _validate_and_log(engine, val_loader, final_pos, step, dist, metrics, say)
+        last_ckpt = _save(ckpt, engine, step, final_pos.stage, curriculum, train_loader, metrics,
+                          overrides, run_dir)
+    done = "finished" if step >= curriculum.total_steps else f"stopped at step {step} (train.stop_at_step)"
+    metrics.log(step, "event", {"event": "end", "status": done})
+    if initial_val is not None and final_val is not None:
+        say(f"validation loss {initial_val:.4f} -> {final_val:.4f}")
+    say(f"{done} after {step} steps")
+    if last_ckpt is not None:
+        say(f"checkpoint: {last_ckpt.path}")
+    say(f"metrics: {metrics.path}")
+    metrics.close()
+    return TrainResult(run_dir=run_dir, metrics_path=metrics.path,
+                       checkpoint=None if last_ckpt is None else last_ckpt.path, step=step,
+                       initial_val_loss=initial_val, final_val_loss=final_val)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+def _from_rank0(value, dist: DistInfo):
+    if dist.world_size == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _lr_schedule(optim_cfg: dict, curriculum: Curriculum):
+    """main step -> lr factor (optim.schedule.lr_factor over the curriculum's main steps)."""
+    total = optim_cfg.get("total_steps") or curriculum.main_steps
+    warmup = int(optim_cfg["warmup_steps"])
+    if warmup >= total:
+        raise ValueError(f"optim.warmup_steps={warmup} must be less than the run's "
+                         f"{total} optimizer steps (the curriculum's, or optim.total_steps)")
+
+    def factor(main_step: int) -> float:
+        return lr_factor(main_step, warmup_steps=warmup, total_steps=int(total),
+                         decay_start=optim_cfg.get("decay_start"),
+                         decay_fraction=optim_cfg.get("decay_fraction"),
+                         final_fraction=float(optim_cfg["final_fraction"]))
+    return factor
+
+
+def separate_indexer_groups(optimizer: ShardedHybridOptimizer, model: Transformer
+                            ) -> ShardedHybridOptimizer:
+    """The same optimizer with every group split in two: the indexers' parameters in a group of
+    their own (named ``<group>/indexer``), so the indexer warm-up can give them a learning rate
+    while every other group gets 0 (ZeRO and DeepSpeed's bf16 optimizer hand the optimizer flat
+    group shards: a per-group lr is the only way to hold the main model exactly still)."""
+    indexer = {id(p) for p in model.indexer_parameters()}
+    groups = []
+    for g in optimizer.param_groups:
+        names = g.get("param_names") or [""] * len(g["params"])
+        for suffix, keep in (("", False), (INDEXER_SUFFIX, True)):
+            picked = [(p, n) for p, n in zip(g["params"], names) if (id(p) in indexer) == keep]
+            if picked:
+                groups.append({**g, "name": g.get("name", "group") + suffix,
+                               "params": [p for p, _ in picked],
+                               "param_names": [n for _, n in picked]})
+    return ShardedHybridOptimizer(groups, track_update_rms=optimizer.track_update_rms,
+                                  ns_placement=optimizer.ns_placement)
+
+
+def _enter_stage(pos: Position, engine, train_loader, val_loader):
+    """Switch sequence length and micro batch at a stage boundary. After a resume the loader's
+    state already has the shape of the step it stopped at: inside a stage nothing changes, at a
+    boundary the switch happens exactly as it would have without the interruption."""
+    s = pos.stage
+    if (train_loader.seq_len, train_loader.micro_batch) != (s.seq_len, s.micro_batch):
+        train_loader.set_seq_len(s.seq_len, s.micro_batch)
+    if val_loader is not None:
+        val_loader.set_seq_len(s.seq_len, s.micro_batch)
+    set_batch_shape(engine, s.micro_batch, s.grad_accum)
+    return s
+
+
+def _mean_over_ranks(values: torch.Tensor, device: torch.device) -> list[float]:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        t = values.to(device=device, dtype=torch.float32)
+        torch.distributed.all_reduce(t)
+        values = t.double().cpu() / torch.distributed.get_world_size()
+    return [float(v) for v in values]
+
+
+def _grad_norm(params: list[torch.Tensor]) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+
+
+def _reduce_router_loads(model: Transformer, dist: DistInfo) -> list[float]:
+    """All-reduce the per-layer token counts of this step; return each layer's MaxVio."""
+    buffers = model.router_load_buffers()
+    if dist.world_size > 1 and buffers:
+        flat = torch.cat([b.flatten() for b in buffers])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset: offset + b.numel()].view_as(b))
+            offset += b.numel()
+    out = []
+    for b in buffers:
+        mean = float(b.mean())
+        out.append((float(b.max()) - mean) / mean if mean > 0 else 0.0)
+    return out
+
+
+@torch.no_grad()
+def _validate_and_log(engine, val_loader, pos: Position, step: int, dist: DistInfo,
+                      metrics: MetricsLogger, say) -> float | None:
+    """Mean LM loss over the fixed validation batches (current sequence length)."""
+    if val_loader is None:
+        return None
+    engine.eval()
+    total, count = torch.zeros(2, dtype=torch.float64), 0
+    for batch in val_loader:
+        batch = {k: v.to(dist.device) for k, v in batch.items()}
+        out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"])
+        total[0] += float(out.losses["lm"])
+        count += 1
+    total[1] = count
+    engine.train()
+    if dist.world_size > 1:
+        t = total.to(device=dist.device, dtype=torch.float32)
+        torch.distributed.all_reduce(t)
+        total = t.double().cpu()
+    val_loss = float(total[0] / total[1])
+    check_finite(step, {"val_loss": val_loss})
+    ppl = float(np.exp(min(val_loss, 50.0)))
+    metrics.log(step, "val", {"val_loss": val_loss, "val_ppl": ppl, "seq_len": pos.stage.seq_len})
+    say(f"step {step}: validation loss {val_loss:.4f} (perplexity {ppl:.1f})")
+    return val_loss
+
+
+def _save(ckpt: CheckpointManager, engine, step: int, stage, curriculum: Curriculum,
+          train_loader, metrics: MetricsLogger, overrides: Sequence[str], run_dir: Path) -> CheckpointRef:
+    meta = {"stage": stage.index, "stage_name": stage.name,
+            "tokens": curriculum.tokens_before(step), "wandb_run_id": metrics.wandb_run_id,
+            "overrides": list(overrides), "run_dir": str(run_dir), "metrics_path": str(metrics.path)}
+    rank_state = {"data": train_loader.state_dict(), "rng": rng_state()}
+    ref = ckpt.save(engine, step, meta, rank_state)
+    metrics.log(step, "event", {"event": "checkpoint", "path": str(ref.path)})
+    return ref
