@@ -403,7 +403,9 @@ def _save(ckpt: CheckpointManager, engine, step: int, stage, curriculum: Curricu
           train_loader, metrics: MetricsLogger, overrides: Sequence[str], run_dir: Path) -> CheckpointRef:
     meta = {"stage": stage.index, "stage_name": stage.name,
             "tokens": curriculum.tokens_before(step), "wandb_run_id": metrics.wandb_run_id,
-            "overrides": list(overrides), "run_dir": str(run_dir), "metrics_path": str(metrics.path)}
+            "overrides": list(overrides), "run_dir": str(run_dir), "metrics_path": str(metrics.path),
+            # makes a copied step directory self-contained for `python -m model.hf export`
+            "model_config": engine.module.cfg.to_dict()}
     rank_state = {"data": train_loader.state_dict(), "rng": rng_state()}
     ref = ckpt.save(engine, step, meta, rank_state)
     metrics.log(step, "event", {"event": "checkpoint", "path": str(ref.path)})

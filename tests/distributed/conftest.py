@@ -34,9 +34,25 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# the rendezvous port is picked free, then released: another process on the machine can take
+# it before rank 0 binds it. Such a start is retried on a fresh port.
+PORT_TAKEN = ("Address already in use", "EADDRINUSE", "address already in use")
+
+
 def run_ranks(worker: str, args: list[str], world: int = 2, timeout: float = 240,
-              cwd: Path | None = None) -> list[str]:
+              cwd: Path | None = None, attempts: int = 3) -> list[str]:
     """Run ``workers/<worker>`` as ``world`` ranks; returns each rank's output, raises on failure."""
+    for attempt in range(attempts):
+        try:
+            return _run_ranks_once(worker, args, world, timeout, cwd)
+        except AssertionError as e:
+            if attempt == attempts - 1 or not any(m in str(e) for m in PORT_TAKEN):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_ranks_once(worker: str, args: list[str], world: int, timeout: float,
+                    cwd: Path | None) -> list[str]:
     port = str(free_port())
     procs = []
     for rank in range(world):
