@@ -332,8 +332,10 @@ def _enter_stage(pos: Position, engine, train_loader, val_loader):
     state already has the shape of the step it stopped at: inside a stage nothing changes, at a
     boundary the switch happens exactly as it would have without the interruption."""
     s = pos.stage
-    if (train_loader.seq_len, train_loader.micro_batch) != (s.seq_len, s.micro_batch):
-        train_loader.set_seq_len(s.seq_len, s.micro_batch)
+    if (train_loader.seq_len, train_loader.micro_batch, train_loader.grad_accum) != \
+            (s.seq_len, s.micro_batch, s.grad_accum):
+        # grad_accum too: epochs end on optimizer-step boundaries of the current stage
+        train_loader.set_seq_len(s.seq_len, s.micro_batch, s.grad_accum)
     if val_loader is not None:
         val_loader.set_seq_len(s.seq_len, s.micro_batch)
     set_batch_shape(engine, s.micro_batch, s.grad_accum)
