@@ -35,15 +35,8 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.compressor import Compressor
-from model.layout import CompressedLayout
+from model.layout import CompressedLayout, compressed_mask
 from model.rope import RoPE
-
-
-def _visible(c_end: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
-    """[B, L, N] bool: query t sees compressed entry i (pads have c_end = L, never visible)."""
-    L = doc_start.shape[1]
-    t = torch.arange(L, device=c_end.device)
-    return (c_end[:, None, :] >= doc_start[:, :, None]) & (c_end[:, None, :] <= t[None, :, None])
 
 
 def indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_end: torch.Tensor,
@@ -66,7 +59,7 @@ def indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_
         h1 = min(h0 + head_chunk, Hi)
         dots = torch.einsum("blhd,bnd->blhn", qf[:, :, h0:h1], kf).relu()       # [B, L, h, N]
         scores = scores + (dots * wf[:, :, h0:h1, None]).sum(dim=2)
-    return scores.masked_fill(~_visible(c_end, doc_start), float("-inf"))
+    return scores.masked_fill(~compressed_mask(doc_start, c_end), float("-inf"))
 
 
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -108,7 +101,7 @@ def indexer_kl_loss(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale
     those entries summed over heads and L1-normalised over the set; it is DETACHED, so only
     ``scores`` (the indexer) receives gradient. scores: [B, L, N] from ``indexer_scores``.
     """
-    visible = _visible(c_end, doc_start)                                      # [B, L, N]
+    visible = compressed_mask(doc_start, c_end)                                      # [B, L, N]
     with torch.no_grad():
         target = attention_mass_on_entries(q.detach(), ckv.detach(), lse.detach(), scale, visible)
     cdt = torch.promote_types(scores.dtype, torch.float32)

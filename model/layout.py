@@ -94,17 +94,25 @@ class CompressedLayout:
         return CompressedLayout.build(DocLayout.single(batch, length, device), ratio)
 
 
-def window_mask(layout: DocLayout, window: int) -> torch.Tensor:
-    """[B, L, L] bool: query t may attend window key s."""
-    B, L = layout.shape
-    t = torch.arange(L, device=layout.doc_start.device)
-    s = t
-    lo = torch.maximum(layout.doc_start, (t - window + 1).expand(B, L))  # [B, L]
-    return (s[None, None, :] >= lo[:, :, None]) & (s[None, None, :] <= t[None, :, None])
+def window_mask(doc_start: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, L, L] bool: query t may attend window key s (doc_start [B, L])."""
+    B, L = doc_start.shape
+    t = torch.arange(L, device=doc_start.device)
+    lo = torch.maximum(doc_start, (t - window + 1).expand(B, L))  # [B, L]
+    return (t[None, None, :] >= lo[:, :, None]) & (t[None, None, :] <= t[None, :, None])
 
 
-def compressed_mask(layout: DocLayout, c_end: torch.Tensor) -> torch.Tensor:
-    """[B, L, N] bool: query t may attend compressed entry i (pads have c_end = L)."""
-    L = layout.shape[1]
-    t = torch.arange(L, device=c_end.device)
-    return (c_end[:, None, :] >= layout.doc_start[:, :, None]) & (c_end[:, None, :] <= t[None, :, None])
+def entry_visible(doc_start: torch.Tensor, c_end: torch.Tensor) -> torch.Tensor:
+    """Query t may attend compressed entry i iff doc_start[t] <= c_end[i] <= t.
+
+    doc_start [B, L]; c_end either [B, N] (every entry, -> [B, L, N]) or [B, L, K] (per-query
+    selected entries, -> [B, L, K]). Pads carry c_end = L and are never visible."""
+    L = doc_start.shape[1]
+    t = torch.arange(L, device=c_end.device)[None, :, None]
+    ce = c_end[:, None, :] if c_end.dim() == 2 else c_end
+    return (ce >= doc_start[:, :, None]) & (ce <= t)
+
+
+def compressed_mask(doc_start: torch.Tensor, c_end: torch.Tensor) -> torch.Tensor:
+    """[B, L, N] bool: query t may attend compressed entry i."""
+    return entry_visible(doc_start, c_end)

@@ -15,22 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from model.layout import entry_visible, window_mask
+
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """Accumulation dtype: fp32, or fp64 for fp64 inputs (float64 gradcheck of callers)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _window_mask(doc_start: torch.Tensor, window: int) -> torch.Tensor:
-    B, L = doc_start.shape
-    t = torch.arange(L, device=doc_start.device)
-    lo = torch.maximum(doc_start, (t - window + 1).expand(B, L))
-    return (t[None, None, :] >= lo[:, :, None]) & (t[None, None, :] <= t[None, :, None])
-
-
-def _entry_visible(doc_start: torch.Tensor, c_end: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    # doc_start [B, L, 1], c_end [B, L, K] or [B, 1, N], t [1, L, 1]
-    return (c_end >= doc_start) & (c_end <= t)
 
 
 def sparse_attention(
@@ -47,17 +37,16 @@ def sparse_attention(
 ):
     B, L, H, D = q.shape
     qf, kvf = _acc(q), _acc(kv)
-    t = torch.arange(L, device=q.device)
     # window part: [B, H, L, L]
     s_win = torch.einsum("blhd,bsd->bhls", qf, kvf) * scale
-    s_win = s_win.masked_fill(~_window_mask(doc_start, window)[:, None], float("-inf"))
+    s_win = s_win.masked_fill(~window_mask(doc_start, window)[:, None], float("-inf"))
     parts, values = [s_win], None
     if ckv is not None:
         if c_end is None:
             raise ValueError("sparse_attention: c_end is required with ckv")
         ckvf = _acc(ckv)
         if topk_idx is None:
-            vis = _entry_visible(doc_start[:, :, None], c_end[:, None, :], t[None, :, None])  # [B, L, N]
+            vis = entry_visible(doc_start, c_end)  # [B, L, N]
             s_c = torch.einsum("blhd,bnd->bhln", qf, ckvf) * scale
             s_c = s_c.masked_fill(~vis[:, None], float("-inf"))
         else:
@@ -65,7 +54,7 @@ def sparse_attention(
             safe = topk_idx.clamp(min=0).long()
             sel = torch.gather(ckvf, 1, safe.reshape(B, L * K, 1).expand(B, L * K, D)).view(B, L, K, D)
             sel_end = torch.gather(c_end, 1, safe.reshape(B, L * K)).view(B, L, K)
-            vis = (topk_idx >= 0) & _entry_visible(doc_start[:, :, None], sel_end, t[None, :, None])
+            vis = (topk_idx >= 0) & entry_visible(doc_start, sel_end)
             s_c = torch.einsum("blhd,blkd->bhlk", qf, sel) * scale
             s_c = s_c.masked_fill(~vis[:, None], float("-inf"))
             values = sel

@@ -165,6 +165,15 @@ class LaunchSection:
 
 
 @dataclass
+class ParallelSection:
+    # expert parallelism (train/expert_parallel.py): routed experts sharded over groups of
+    # ep_size ranks; must divide the world size and every layer's expert count; ZeRO 0/1/2
+    ep_size: int = 1
+    # where Muon's Newton-Schulz runs under ZeRO (optim/deepspeed.py): owner | redundant
+    ns_placement: str = "owner"
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -173,6 +182,7 @@ class JobConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     launch: LaunchSection = field(default_factory=LaunchSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
     train: TrainSection = field(default_factory=TrainSection)
 
 

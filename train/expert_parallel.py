@@ -138,6 +138,7 @@ class ParallelExperts(_moe_marker_base()):
             p = nn.Parameter(getattr(experts, name).detach()[local].clone())
             p.allreduce = False                    # DeepSpeed: reduce over the EDP group only
             p.group_name = groups.group_name
+            p.ep_size = P                          # FLOP accounting: one slice of P
             self.register_parameter(name, p)
         self.last_counts = TokenCounts()
 

@@ -52,8 +52,8 @@ def matmul_params(model: torch.nn.Module) -> int:
             continue
         if name == "head.weight":
             n += p.numel() * (1 + cfg.mtp_depth)
-        elif ".ffn.experts." in name:
-            n += p.numel() * frac_active
+        elif ".ffn.experts." in name:   # an expert-parallel slice stands for ep_size slices
+            n += p.numel() * getattr(p, "ep_size", 1) * frac_active
         else:
             n += p.numel()
     return int(n)

@@ -36,6 +36,7 @@ from optim.deepspeed import ShardedHybridOptimizer, build_sharded_optimizer
 from optim.schedule import lr_factor
 from train.checkpoint import CheckpointManager, CheckpointRef, find_resume, rng_state, set_rng_state
 from train.curriculum import PHASE_WARMUP, Curriculum, Position, build_curriculum
+from train.expert_parallel import apply_expert_parallel, check_zero_stage_for_ep
 from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
                           resolve_device, resolve_precision, set_batch_shape, setup_distributed)
 from train.metrics import MetricsLogger, flops_per_token, peak_memory_gb
@@ -71,7 +72,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         raise ValueError(f"launch.kind must be local | slurm, got {cfg.launch.kind!r}")
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
-    dist = setup_distributed(device, cfg.deepspeed.cpu_shm_comm, cfg.launch.dist_timeout_minutes)
+    dist = setup_distributed(device, cfg.deepspeed.cpu_shm_comm, cfg.launch.dist_timeout_minutes,
+                             launch_kind=cfg.launch.kind)
     device = dist.device
     # every rank writes into rank 0's run directory (Hydra's ${now:} may differ across ranks)
     run_dir = Path(_from_rank0(str(Path(run_dir).resolve()), dist))
@@ -100,14 +102,17 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     model = Transformer(model_cfg)
     model.activation_checkpointing = bool(tc.activation_checkpointing)
     base_mtp_weight = model.mtp_loss_weight
-    optimizer = separate_indexer_groups(build_sharded_optimizer(model, optim_cfg), model)
+    total_params, active_params = model.num_params()   # before EP keeps only local experts
+    check_zero_stage_for_ep(cfg.parallel.ep_size, cfg.deepspeed.zero_stage)
+    expert_parallel = apply_expert_parallel(model, cfg.parallel.ep_size)
+    optimizer = separate_indexer_groups(
+        build_sharded_optimizer(model, optim_cfg, ns_placement=cfg.parallel.ns_placement), model)
     ds_config = deepspeed_config(cfg.deepspeed, micro_batch=first.micro_batch,
                                  grad_accum=first.grad_accum, world_size=dist.world_size,
                                  grad_clip=tc.grad_clip, precision=precision)
     engine = initialize_engine(model, optimizer, ds_config)
     indexer_ids = {id(p) for p in model.indexer_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    total_params, active_params = model.num_params()
 
     # ---- 4. resume, metrics, progress ---------------------------------------------------------
     ckpt = CheckpointManager(run_dir / "checkpoints", dist.rank, dist.world_size,
@@ -128,7 +133,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     say(f"run directory: {run_dir}")
     say(f"model {model_cfg.name}: {total_params / 1e6:.2f}M parameters, {active_params / 1e6:.2f}M "
         f"active per token; {device.type} {precision}, world size {dist.world_size}, "
-        f"ZeRO stage {cfg.deepspeed.zero_stage}")
+        f"ZeRO stage {cfg.deepspeed.zero_stage}" +
+        (f", expert parallel {cfg.parallel.ep_size}" if expert_parallel is not None else ""))
     say(f"data: {data.stats['documents']} documents, {data.stats['train_tokens']} training / "
         f"{data.stats['val_tokens']} validation tokens (skipped {data.stats['skipped_empty']} empty, "
         f"{data.stats['skipped_undecodable']} undecodable)")
@@ -237,6 +243,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             }
             if loads:
                 record["moe/maxvio_step_max"] = max(loads)
+            if expert_parallel is not None:   # rows each EP rank's experts processed (last micro-batch)
+                for name, rows in expert_parallel.gather_token_counts().items():
+                    record[f"ep/tokens/{name}"] = rows
             if hasattr(optimizer, "last_update_rms") and getattr(optimizer, "track_update_rms", False):
                 record.update({f"update_rms/{k}": v for k, v in optimizer.last_update_rms().items()})
             metrics.log(step, "train", {k: v for k, v in record.items() if v is not None})

@@ -60,9 +60,9 @@ def test_masks_match_naive():
     lay = DocLayout.from_doc_ids(DOC_IDS)
     B, L = DOC_IDS.shape
     window, ratio = 5, 3
-    wm = window_mask(lay, window)
+    wm = window_mask(lay.doc_start, window)
     cl = CompressedLayout.build(lay, ratio)
-    cm = compressed_mask(lay, cl.c_end)
+    cm = compressed_mask(lay.doc_start, cl.c_end)
     for b, row in enumerate(DOC_IDS.tolist()):
         blocks = _naive_blocks(row, ratio)
         for s, e in _docs(row):
@@ -78,7 +78,7 @@ def test_single_document_visibility_rule():
     # one document from 0: entry i visible to t iff i < (t + 1) // m
     L, m = 29, 4
     lay = DocLayout.single(1, L)
-    cm = compressed_mask(lay, CompressedLayout.build(lay, m).c_end)[0]
+    cm = compressed_mask(lay.doc_start, CompressedLayout.build(lay, m).c_end)[0]
     for t in range(L):
         for i in range(L // m):
             assert bool(cm[t, i]) == (i < (t + 1) // m)
