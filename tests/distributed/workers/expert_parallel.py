@@ -101,7 +101,9 @@ def main() -> None:
     gathered = ep.gather_token_counts()["experts"]
     assert gathered[ep.groups.ep_rank] == counts.received and len(gathered) == args.ep
     print(f"OK {rank} counts={gathered}", flush=True)
-    dist.barrier()
+    # an orderly teardown: gloo threads alive at interpreter exit can abort the process
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def main() -> None:
     if rank == 0:
         torch.save(result, ckpt / ("after.pt" if mode == "save" else "resumed.pt"))
     print(f"rank {rank} done", flush=True)
+    # an orderly teardown: gloo threads alive at interpreter exit can abort the process
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

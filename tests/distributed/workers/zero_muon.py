@@ -103,6 +103,9 @@ def main() -> None:
                     "resume_diff": resume_diff},
                    args.out)
     print(f"rank {rank} done", flush=True)
+    # an orderly teardown: gloo threads alive at interpreter exit can abort the process
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
