@@ -9,8 +9,8 @@
 """
 from optim.builder import build_lr_scheduler, build_optimizer
 from optim.groups import GroupingError, assign_groups, param_groups
-from optim.hybrid import HybridOptimizer
-from optim.muon import Muon, muon_direction
+from optim.hybrid import HybridOptimizer, Muon
+from optim.muon import muon_direction
 from optim.newton_schulz import V4_NS_COEFFICIENTS, hybrid_newton_schulz
 from optim.schedule import BatchSizeRamp, lr_factor, lr_scheduler
 

@@ -146,3 +146,23 @@ class HybridOptimizer(torch.optim.Optimizer):
         Muon groups should read ~update_rms (0.18); AdamW groups typically below 1.
         """
         return self._rms.rms(self.param_groups)
+
+
+class Muon(HybridOptimizer):
+    """Standalone V4 Muon: a HybridOptimizer whose every group is a Muon group (every parameter
+    must be a matrix or a stack of matrices). Keyword hyperparameters are the defaults of each
+    group; a group dict may override them (torch's usual ``params`` forms are accepted)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.1,
+                 update_rms: float = 0.18, ns_dtype: str | torch.dtype = "bfloat16",
+                 ns_steps=None, row_blocks: int = 1, track_update_rms: bool = True):
+        self._muon_defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                   update_rms=update_rms, ns_dtype=ns_dtype, row_blocks=row_blocks)
+        if ns_steps is not None:
+            self._muon_defaults["ns_steps"] = ns_steps
+        params = list(params)
+        groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+        super().__init__(groups, track_update_rms=track_update_rms)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group({**self._muon_defaults, **param_group, "kind": "muon"})

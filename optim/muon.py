@@ -126,68 +126,6 @@ def check_muon_params(params: Sequence[torch.Tensor], where: str, row_blocks: in
                              f"params[{i}] with shape {tuple(p.shape)}")
 
 
-class Muon(torch.optim.Optimizer):
-    """Standalone V4 Muon (every parameter must be a matrix or a stack of matrices).
-
-    Group keys: lr, momentum (mu), weight_decay, update_rms, ns_dtype, ns_steps, row_blocks.
-    The hybrid Muon + AdamW optimizer used for training is ``optim.hybrid.HybridOptimizer``.
-    """
-
-    def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.1,
-                 update_rms: float = 0.18, ns_dtype: str | torch.dtype = "bfloat16",
-                 ns_steps: Sequence[Sequence[float]] = V4_NS_COEFFICIENTS, row_blocks: int = 1):
-        validate_muon_hparams(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              update_rms=update_rms, where="Muon")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, update_rms=update_rms,
-                        ns_dtype=canonical_ns_dtype(ns_dtype),
-                        ns_steps=tuple(tuple(float(c) for c in s) for s in ns_steps),
-                        row_blocks=row_blocks)
-        self._rms = UpdateRMSTracker()
-        super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        where = f"Muon param_groups[{len(self.param_groups) - 1}]"
-        try:  # a rejected group must not stay behind
-            group["ns_dtype"] = canonical_ns_dtype(group["ns_dtype"])
-            validate_muon_hparams(lr=group["lr"], momentum=group["momentum"],
-                                  weight_decay=group["weight_decay"],
-                                  update_rms=group["update_rms"], where=where)
-            check_muon_params(group["params"], where, group["row_blocks"])
-        except Exception:
-            self.param_groups.pop()
-            raise
-        group.setdefault("initial_lr", group["lr"])
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._rms.reset()
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("Muon: sparse gradients are not supported")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                O = muon_step_(p, p.grad, state["momentum_buffer"], lr=group["lr"],
-                               momentum=group["momentum"], weight_decay=group["weight_decay"],
-                               update_rms=group["update_rms"], ns_steps=group["ns_steps"],
-                               ns_dtype=group["ns_dtype"], row_blocks=group["row_blocks"])
-                self._rms.add(gi, O)
-        return loss
-
-    def last_update_rms(self) -> dict[str, float]:
-        """RMS of the last step's lr-free update O per group (name or index); syncs once."""
-        return self._rms.rms(self.param_groups)
-
-
 def validate_muon_hparams(*, lr: float, momentum: float, weight_decay: float, update_rms: float,
                           where: str) -> None:
     if not lr >= 0.0:

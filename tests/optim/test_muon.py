@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from optim.hybrid import HybridOptimizer
-from optim.muon import Muon, muon_direction
+from optim.hybrid import HybridOptimizer, Muon
+from optim.muon import muon_direction
 from optim.newton_schulz import V4_NS_COEFFICIENTS, hybrid_newton_schulz
 
 
