@@ -562,46 +562,100 @@ MUON_STATE_KEY = "momentum_buffer"
 
 
 def to_universal(input_folder: str | Path, output_folder: str | Path, workers: int = 1) -> Path:
-    """DeepSpeed's universal (reshardable) checkpoint of a ZeRO-1/2 checkpoint with Muon state.
+    """DeepSpeed's universal (reshardable) checkpoint of a ZeRO-1/2/3 checkpoint with Muon state.
 
     ``python -m deepspeed.checkpoint.ds_to_universal`` (0.19.8) reads Adam's state slots
-    (exp_avg, exp_avg_sq) of every param group and fails on Muon groups, whose only state is the
-    momentum. The universal format itself stores any state key (one ``<key>.pt`` per parameter,
-    restored by name), so: the Muon momentum goes through the converter in the exp_avg slot (a
-    temporary copy of the optimizer shards with a zero exp_avg_sq), and comes out renamed to
-    ``momentum_buffer.pt``. Load the result with ``"checkpoint": {"load_universal": true}`` at
-    any world size. ``input_folder`` is one tag's folder (``<save_dir>/<tag>``).
+    (exp_avg, exp_avg_sq) of every param group (ZeRO-3: sub-group) and fails on Muon groups, whose
+    only state is the momentum. So the converter runs on a staging copy of the checkpoint in
+    which the Muon momentum sits in the exp_avg slot (with a zero exp_avg_sq, and at stage 3 the
+    AdamW step, which DeepSpeed's stage-3 loader reads from the first sub-group):
+    - ZeRO-1/2: the universal format stores any state key (one ``<key>.pt`` per parameter,
+      restored by name), so the momentum comes out renamed to ``momentum_buffer.pt``.
+    - ZeRO-3: DeepSpeed's stage-3 loader reads exactly fp32/exp_avg/exp_avg_sq, so the momentum
+      stays in ``exp_avg.pt``; ``train.checkpoint.load_universal`` moves it back into the Muon
+      state after loading.
+    Expert parallelism (ZeRO-1/2; ``parallel.ep_size`` equal to the world size, so the expert
+    groups are not partitioned further): rank r's ZeRO shard holds the whole slice of experts
+    [r E/P, (r+1) E/P) of each expert stack; the staging copy declares the full ``[E, ...]``
+    shape, so the converter's concatenation over ranks is the consolidated stack.
+    Load the result with ``train.checkpoint.load_universal`` at any world size (experts
+    unsharded, ``ep_size=1``). ``input_folder`` is one tag's folder (``<save_dir>/<tag>``).
     """
     import shutil
     import subprocess
     import sys
 
     src, out = Path(input_folder), Path(output_folder)
-    optim_files = sorted(src.glob("*_optim_states.pt"))
+    optim_files = sorted(f for f in src.glob("*_optim_states.pt") if not f.name.startswith("expp_rank_"))
     if not optim_files:
+        if any(src.glob("expp_rank_*_optim_states.pt")):
+            raise ValueError(f"to_universal: {src} is a ZeRO stage 0 checkpoint with expert "
+                             f"parallelism (expp_rank_* optimizer files): it has no ZeRO shards "
+                             f"to reshard; save with deepspeed=zero1|zero2 to convert")
         raise FileNotFoundError(f"to_universal: no ZeRO optimizer shards (*_optim_states.pt) in {src}")
+    model_files = sorted(f for f in src.glob("*mp_rank_*_model_states.pt")
+                         if not f.name.startswith("layer_"))
+    world = len(optim_files)
+    # refuse what cannot be converted before writing anything
+    first = torch.load(optim_files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    if "base_optimizer_state" in first:
+        stage3 = False
+        ep_groups = {gi: g["name"] for gi, g in enumerate(first["base_optimizer_state"]["param_groups"])
+                     if g.get("moe")}
+        for name in set(ep_groups.values()):
+            ep_size = int(str(name).rsplit("_", 1)[-1])
+            if ep_size != world:
+                raise NotImplementedError(
+                    f"to_universal: {src} was saved with expert parallelism {name} on {world} "
+                    f"ranks: each expert slice is also ZeRO-partitioned over an expert-data-"
+                    f"parallel group of {world // ep_size} ranks, which is not consolidated here; "
+                    f"only checkpoints with parallel.ep_size equal to the world size convert")
+    elif "fp32_flat_groups" in first:
+        stage3, ep_groups = True, {}
+    else:
+        raise ValueError(f"to_universal: {optim_files[0].name} is not a ZeRO-1/2/3 optimizer shard")
+    del first
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     muon_params: set[str] = set()
     try:
         for f in src.iterdir():
-            if f.is_file() and f not in optim_files:
+            if f.is_file() and f not in optim_files and f not in model_files \
+                    and not f.name.startswith(("layer_", "expp_rank_")):
                 (staging / f.name).symlink_to(f.resolve())
+        shapes = torch.load(model_files[0], map_location="cpu", weights_only=False)["param_shapes"]
+        for f in model_files:
+            sd = torch.load(f, map_location="cpu", weights_only=False)
+            for gi, name in ep_groups.items():      # local expert slices -> the whole stack
+                ep_size = int(str(name).rsplit("_", 1)[-1])
+                for pname, shape in sd["param_shapes"][gi].items():
+                    sd["param_shapes"][gi][pname] = torch.Size((shape[0] * ep_size, *shape[1:]))
+            torch.save(sd, staging / f.name)
         for f in optim_files:
             sd = torch.load(f, map_location="cpu", weights_only=False)
             osd = sd["optimizer_state_dict"]
-            if "base_optimizer_state" not in osd:
-                raise ValueError(f"to_universal: {f.name} is not a ZeRO-1/2 shard (ZeRO-3 checkpoints "
-                                 f"are not converted here)")
-            base = osd["base_optimizer_state"]
-            for gi, group in enumerate(base["param_groups"]):
-                if group.get("kind") != "muon":
-                    continue
-                state = base["state"][gi]
-                momentum = state.pop(MUON_STATE_KEY)
-                state["exp_avg"], state["exp_avg_sq"] = momentum, torch.zeros_like(momentum)
-                muon_params.update(osd["param_slice_mappings"][gi])
+            if stage3:
+                base = osd["optimizer_state_dict"]
+                steps = [st["step"] for st in base["state"].values() if "step" in st]
+                for group in base["param_groups"]:
+                    if group.get("kind") != "muon":
+                        continue
+                    for idx in group["params"]:     # state index == ZeRO-3 sub-group index
+                        state = base["state"][idx]
+                        momentum = state.pop(MUON_STATE_KEY)
+                        state["exp_avg"], state["exp_avg_sq"] = momentum, torch.zeros_like(momentum)
+                        state["step"] = steps[0] if steps else 0
+                        muon_params.update(shapes[idx])
+            else:
+                base = osd["base_optimizer_state"]
+                for gi, group in enumerate(base["param_groups"]):
+                    if group.get("kind") != "muon":
+                        continue
+                    state = base["state"][gi]
+                    momentum = state.pop(MUON_STATE_KEY)
+                    state["exp_avg"], state["exp_avg_sq"] = momentum, torch.zeros_like(momentum)
+                    muon_params.update(osd["param_slice_mappings"][gi])
             torch.save(sd, staging / f.name)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                str(staging), "--output_folder", str(out), "--inject_missing_state",
@@ -612,8 +666,9 @@ def to_universal(input_folder: str | Path, output_folder: str | Path, workers: i
                                f"\n{result.stderr[-3000:]}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for name in muon_params:
-        folder = out / "zero" / name
-        (folder / "exp_avg.pt").rename(folder / f"{MUON_STATE_KEY}.pt")
-        (folder / "exp_avg_sq.pt").unlink()
+    if not stage3:
+        for name in muon_params:
+            folder = out / "zero" / name
+            (folder / "exp_avg.pt").rename(folder / f"{MUON_STATE_KEY}.pt")
+            (folder / "exp_avg_sq.pt").unlink()
     return out

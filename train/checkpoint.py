@@ -156,8 +156,11 @@ class CheckpointManager:
         """Load model/optimizer/engine state into ``engine``; returns (meta, this rank's state)."""
         meta = ref.meta()
         if meta["world_size"] != self.world_size:
-            raise CheckpointError(f"checkpoint {ref.path} was written by {meta['world_size']} ranks; "
-                                  f"this run has {self.world_size}: resume with the same world size")
+            raise CheckpointError(
+                f"checkpoint {ref.path} was written by {meta['world_size']} ranks; this run has "
+                f"{self.world_size}: resume with the same world size (the data position is saved "
+                f"per rank). The model and optimizer state reshard through "
+                f"train.checkpoint.to_universal + load_universal")
         load_path, _ = engine.load_checkpoint(str(ref.save_dir), tag=ref.tag,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
@@ -165,6 +168,79 @@ class CheckpointManager:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {ref.path}")
         rank_state = torch.load(ref.path / f"rank{self.rank}_state.pt", weights_only=False)
         return meta, rank_state
+
+
+# ----------------------------------------------------------------------------- other world sizes
+def to_universal(tag_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Convert one saved checkpoint (``<save_dir>/<tag>``) into DeepSpeed's universal format, which
+    loads at any world size (``load_universal``). ZeRO-1/2/3 with Muon state; expert parallelism
+    at ZeRO-1/2 with ``ep_size`` equal to the world size (the experts come out whole). Refuses
+    (before writing anything) what it cannot convert. Default output: ``<tag_dir>_universal``."""
+    from optim.deepspeed import to_universal as convert
+
+    tag_dir = Path(tag_dir)
+    out = Path(out_dir) if out_dir is not None else tag_dir.with_name(tag_dir.name + "_universal")
+    return convert(tag_dir, out)
+
+
+def _muon_states(engine):
+    """This rank's optimizer state entries of the Muon groups (ZeRO-1/2 flat groups, ZeRO-3
+    sub-groups, or plain parameters without ZeRO)."""
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    if hasattr(opt, "fp32_partitioned_groups_flat"):       # ZeRO-3
+        pairs = [(opt.sub_group_to_group_id[sub], flat)
+                 for sub, flat in enumerate(opt.fp32_partitioned_groups_flat)]
+    else:
+        pairs = [(gi, p) for gi, g in enumerate(base.param_groups) for p in g["params"]]
+    for gi, p in pairs:
+        if base.param_groups[gi].get("kind") == "muon" and p in base.state:
+            yield base.state[p]
+
+
+def load_universal(engine, universal_dir: str | Path) -> None:
+    """Load a universal checkpoint (``to_universal``'s output) into ``engine``, whatever its world
+    size. DeepSpeed's universal loaders (0.19.8) need three repairs for our optimizer:
+    - they copy the checkpoint's param-group hyper-parameters onto the groups by position (ZeRO-3:
+      group 0's onto every group): a run whose groups differ (expert groups split out under EP,
+      Muon vs AdamW) would get the wrong ones. The engine's own (from this run's config) are kept;
+    - at ZeRO-3 the Muon momentum arrives as exp_avg (with an exp_avg_sq and a step): moved back;
+    - the model's buffers (e.g. the MoE router biases) are not restored at all: read from the
+      checkpoint's module state.
+    """
+    universal_dir = Path(universal_dir)
+    if not (universal_dir / "zero").is_dir():
+        raise CheckpointError(f"{universal_dir} is not a universal checkpoint (no zero/ folder): "
+                              "convert it first with train.checkpoint.to_universal")
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)
+    hparams = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    config = engine._config
+    was = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        load_path, _ = engine.load_checkpoint(str(universal_dir.parent), tag=universal_dir.name,
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    finally:
+        config.load_universal_checkpoint = was
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {universal_dir}")
+    for group, saved in zip(base.param_groups, hparams):
+        group.update(saved)
+    for state in _muon_states(engine):
+        if "exp_avg" in state and "momentum_buffer" not in state:
+            state["momentum_buffer"] = state.pop("exp_avg")
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            state.pop(key, None)
+    model_files = sorted(f for f in universal_dir.glob("*model_states.pt")
+                         if not f.name.startswith("layer_"))
+    if model_files:
+        module_state = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
+        with torch.no_grad():
+            for name, buf in engine.module.named_buffers():
+                if name in module_state:
+                    buf.copy_(module_state[name].to(buf.dtype))
 
 
 def latest_in(save_dir: Path) -> CheckpointRef | None:

@@ -29,8 +29,18 @@ need the expert parameters in their own optimizer groups (``optim.deepspeed.buil
 splits them). ZeRO-3 is refused (DeepSpeed 0.19.8 does not support its native MoE at stage 3).
 Known DeepSpeed behaviour: at ZeRO stage 0, gradient clipping uses the mean of the per-rank
 gradient norms (deepspeed.runtime.utils.clip_grad_norm_), not the global norm; ZeRO-1/2 use the
-global norm. DeepSpeed's MoE checkpoint format expects its own expert module layout: saving an
-EP engine through ``engine.save_checkpoint`` is not supported here yet.
+global norm.
+
+Checkpoints. DeepSpeed saves the experts of its MoE modules in files of their own, one per
+(MoE layer, global expert): ``layer_<l>_expert_<e>_mp_rank_00_model_states.pt``, written by the
+first rank of each EDP group, and leaves them out of ``mp_rank_00_model_states.pt``. It finds them
+through the module's state-dict keys (``...deepspeed_moe.experts.deepspeed_experts.<local id>...``),
+so ``ParallelExperts``' state dict is in that layout: one key per local expert and weight,
+``deepspeed_moe.experts.deepspeed_experts.<i>.w1`` = ``w1[i]``, and loading accepts it (or the
+stacked ``w1``) back. Exact resume at the same world size and ``ep_size`` then goes through
+``engine.load_checkpoint`` unchanged. Resume on another world size: train.checkpoint.to_universal
+merges the expert slices into whole ``[E, ...]`` tensors (ZeRO-1/2 with ``ep_size`` equal to the
+world size).
 """
 from __future__ import annotations
 
@@ -40,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import RoutedExperts, swiglu
+from model.moe import RoutedExperts, run_experts
 
 
 # ---------------------------------------------------------------------------- groups
@@ -100,6 +110,10 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 
 # ---------------------------------------------------------------------------- experts
+EXPERT_WEIGHTS = ("w1", "w2", "w3")
+# DeepSpeed's native MoE key infix: its checkpoint code splits and renumbers experts by it
+DS_EXPERT_KEY = "deepspeed_moe.experts.deepspeed_experts."
+
 def _moe_marker_base():
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
@@ -129,18 +143,36 @@ class ParallelExperts(_moe_marker_base()):
         self.n_local = E // P
         self.first_expert = groups.ep_rank * self.n_local
         self.limit = experts.limit
+        self.impl = experts.impl
         self.groups = groups
         # attributes DeepSpeed's engine reads from its MoE modules
         self.num_experts, self.ep_size, self.num_local_experts = E, P, self.n_local
         self.expert_group_name = groups.group_name
         local = slice(self.first_expert, self.first_expert + self.n_local)
-        for name in ("w1", "w2", "w3"):
+        for name in EXPERT_WEIGHTS:
             p = nn.Parameter(getattr(experts, name).detach()[local].clone())
             p.allreduce = False                    # DeepSpeed: reduce over the EDP group only
             p.group_name = groups.group_name
             p.ep_size = P                          # FLOP accounting: one slice of P
             self.register_parameter(name, p)
         self.last_counts = TokenCounts()
+
+    # ---- state dict in DeepSpeed's native MoE layout (see the module docstring) ----
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name in EXPERT_WEIGHTS:
+            weight = getattr(self, name)
+            weight = weight if keep_vars else weight.detach()
+            for i in range(self.n_local):
+                destination[f"{prefix}{DS_EXPERT_KEY}{i}.{name}"] = weight[i]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in EXPERT_WEIGHTS:
+            keys = [f"{prefix}{DS_EXPERT_KEY}{i}.{name}" for i in range(self.n_local)]
+            if prefix + name not in state_dict and all(k in state_dict for k in keys):
+                state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by DeepSpeed's engine: the groups exist already (``expert_parallel_groups``)."""
@@ -181,11 +213,10 @@ class ParallelExperts(_moe_marker_base()):
                    for s in range(P)]
             segments.append(torch.cat(idx).to(x.device))
         perm = torch.cat(segments)                               # [R] expert-major -> received
-        outs = []
-        for e, seg in enumerate(segments):  # every local expert runs (zero rows: zero gradient)
-            outs.append(swiglu(x_recv.index_select(0, seg), self.w1[e], self.w2[e], self.w3[e],
-                               self.limit, w_recv.index_select(0, seg)))
-        y_expert_major = torch.cat(outs)                         # [R, D] x.dtype
+        # every local expert runs (zero rows: zero gradient); grouped GEMM or the loop (moe_impl)
+        y_expert_major = run_experts(self.impl, x_recv.index_select(0, perm), recv_counts.sum(0),
+                                     self.w1, self.w2, self.w3, self.limit,
+                                     w_recv.index_select(0, perm))   # [R, D] x.dtype
         y_recv = torch.empty_like(y_expert_major).index_copy(0, perm, y_expert_major) \
             if perm.numel() else y_expert_major
         y_sorted = all_to_all(y_recv, in_splits, out_splits, group)          # [T*K, D]

@@ -119,3 +119,37 @@ def test_submitit_launcher_config_maps_the_launch_settings():
     assert cfg.defaults == ["submitit_slurm"]
     raw = OmegaConf.to_container(cfg)
     assert raw["tasks_per_node"] == "${launch.gpus_per_node}" and raw["nodes"] == "${launch.nodes}"
+
+
+def test_submitit_sweep_submits_one_slurm_array_job_per_sweep(tmp_path):
+    """The real ``python -m train -m hydra/launcher=hybridlm_slurm ...`` with the submitit plugin
+    (the ``slurm`` extra, part of ``dev``) up to the ``sbatch`` call (workers/submitit_dryrun.py
+    captures it): the sweep becomes one array job of 2 tasks, each with the cluster shape taken
+    from ``launch.*`` and its own overrides; nothing is run."""
+    import json
+    import sys
+
+    out = tmp_path / "out"
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "distributed" / "workers" / "submitit_dryrun.py"),
+         str(out), "hydra/launcher=hybridlm_slurm", "launch=slurm", "launch.nodes=2",
+         "launch.gpus_per_node=4", "launch.cpus_per_task=6", "launch.partition=gpu",
+         "launch.account=proj", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    script = (out / "sbatch.sh").read_text()
+    for line in ("#SBATCH --array=0-1", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4",
+                 "#SBATCH --gpus-per-node=4", "#SBATCH --cpus-per-task=6",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --job-name=train",
+                 "export OMP_NUM_THREADS=1", f"srun --unbuffered --output {sweep}/.submitit/"):
+        assert line in script, f"{line!r} not in the sbatch script:\n{script}"
+    assert "qos" not in script                       # unset settings stay out
+    jobs = json.loads((out / "jobs.json").read_text())
+    assert [j["job_num"] for j in jobs] == [0, 1]
+    assert {j["launcher"] for j in jobs} == {"SlurmLauncher"}
+    assert [[o for o in j["overrides"] if o.startswith("optim.lr")] for j in jobs] == \
+        [["optim.lr=0.001"], ["optim.lr=0.002"]]
+    assert all("launch=slurm" in j["overrides"] for j in jobs)   # ranks read SLURM's variables
+    assert jobs[0]["params"]["submitit_folder"] == f"{sweep}/.submitit/%j"
+    assert not list(sweep.glob("*/metrics.jsonl")), "a job ran locally"

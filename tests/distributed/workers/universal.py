@@ -2,8 +2,8 @@
 
     save: python universal.py save CKPT STAGE    (3 steps, save tag "t", a 4th step; rank 0
                                                   writes CKPT/after.pt = the params after it)
-    load: python universal.py load CKPT STAGE    (load tag "t_universal", the same 4th step;
-                                                  rank 0 writes CKPT/resumed.pt)
+    load: python universal.py load CKPT STAGE    (train.checkpoint.load_universal of CKPT/t_universal,
+                                                  the same 4th step; rank 0 writes CKPT/resumed.pt)
 The global batch is 2 micro-batches: N ranks x (2 / N) accumulation steps, so every world size
 sees the same data per optimizer step.
 """
@@ -27,6 +27,7 @@ def main() -> None:
 
     from models import MICRO_BATCH, OPTIM_CFG, batch, make_small
     from optim.deepspeed import build_sharded_optimizer, initialize
+    from train.checkpoint import load_universal
 
     mode, ckpt, stage = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -38,9 +39,8 @@ def main() -> None:
     config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": gas,
               "gradient_clipping": 0.5, "zero_optimization": {"stage": stage},
               "steps_per_print": 2**62}
-    if mode == "load":
-        config["checkpoint"] = {"load_universal": True}
     engine = initialize(model, opt, config)
+    kinds_before = [g["kind"] for g in opt.param_groups]
 
     def step(s: int) -> None:
         ids = batch(s, 2)
@@ -58,9 +58,16 @@ def main() -> None:
             step(s)
         engine.save_checkpoint(str(ckpt), tag="t")
     else:
-        engine.load_checkpoint(str(ckpt), tag="t_universal")
-        kinds = {g["kind"]: sorted(opt.state[g["params"][0]]) for g in opt.param_groups}
+        load_universal(engine, ckpt / "t_universal")
+        zopt = engine.optimizer
+        if stage == 3:   # the base optimizer's state is keyed by ZeRO-3's flat sub-groups
+            flats = [(zopt.sub_group_to_group_id[s], f)
+                     for s, f in enumerate(zopt.fp32_partitioned_groups_flat)]
+        else:
+            flats = [(gi, g["params"][0]) for gi, g in enumerate(opt.param_groups)]
+        kinds = {opt.param_groups[gi]["kind"]: sorted(opt.state[f]) for gi, f in flats}
         assert kinds == {"muon": ["momentum_buffer"], "adamw": ["exp_avg", "exp_avg_sq", "step"]}, kinds
+        assert [g["kind"] for g in opt.param_groups] == kinds_before, "group hyper-parameters moved"
     step(3)
     result = params()
     if rank == 0:
