@@ -16,6 +16,9 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 HYPER_CONNECTION_KINDS = ("mhc", "hc", "residual")
 ATTENTION_MODES = ("dense", "sparse")
 KERNEL_IMPLS = ("auto", "triton", "torch")
+INDEXER_SCORE_DTYPES = ("bf16", "fp8")   # = kernels.dispatch.INDEXER_SCORE_DTYPES
+INDEXER_SELECTS = ("chunked", "fused")   # = kernels.dispatch.INDEXER_SELECTS
+MOE_IMPLS = ("auto", "grouped", "loop")
 
 
 class ConfigError(ValueError):
@@ -49,10 +52,19 @@ class ModelConfig:
     # elsewhere; triton = Triton or an error; torch = always the reference (kernels/dispatch.py)
     attention_impl: str = "auto"
     mhc_impl: str = "auto"
+    # routed experts: grouped = torch._grouped_mm over all experts (no per-expert launches),
+    # loop = one SwiGLU per expert (the reference); auto = grouped where supported (model/moe.py)
+    moe_impl: str = "auto"
     # --- lightning indexer (CSA layers)
     index_n_heads: int = 64
     index_head_dim: int = 128
     index_topk: int = 512
+    # indexer selection on CUDA (kernels/indexer_topk.py): score precision bf16 (the model dtype)
+    # or fp8 (e4m3 q per token-head, k per entry, fp32 scales; as V4 runs its indexer); the
+    # top-k: chunked (torch.topk per chunk) or fused (exact in-house select over L2-sized chunks,
+    # ties to the lower index). fp8 without fp8 tensor cores: logged, PyTorch fp8 reference.
+    indexer_score_dtype: str = "bf16"
+    indexer_select: str = "chunked"
     # --- RoPE: theta on window-only layers; YaRN-scaled theta on compressed layers
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
@@ -105,6 +117,10 @@ class ModelConfig:
                  f"ratio {r} at layer {i} not allowed: use 0 (window only) or an integer >= 2")
         need(self.csa_ratio >= 2, "csa_ratio", f"must be >= 2, got {self.csa_ratio}")
         need(self.index_topk >= 1, "index_topk", f"top-k must be >= 1, got {self.index_topk}")
+        need(self.indexer_score_dtype in INDEXER_SCORE_DTYPES, "indexer_score_dtype",
+             f"must be one of {INDEXER_SCORE_DTYPES}, got {self.indexer_score_dtype!r}")
+        need(self.indexer_select in INDEXER_SELECTS, "indexer_select",
+             f"must be one of {INDEXER_SELECTS}, got {self.indexer_select!r}")
         need(self.n_heads % self.o_groups == 0, "o_groups",
              f"n_heads ({self.n_heads}) must be divisible by o_groups ({self.o_groups})")
         need(0 < self.rope_dim <= self.head_dim and self.rope_dim % 2 == 0, "rope_dim",
@@ -124,6 +140,8 @@ class ModelConfig:
         for f in ("attention_impl", "mhc_impl"):
             need(getattr(self, f) in KERNEL_IMPLS, f,
                  f"must be one of {KERNEL_IMPLS}, got {getattr(self, f)!r}")
+        need(self.moe_impl in MOE_IMPLS, "moe_impl",
+             f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
 
     # ------------------------------------------------------------------ derived

@@ -23,11 +23,15 @@ Parameter layout (names in docs/ARCHITECTURE.md):
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -169,6 +173,89 @@ class Router(nn.Module):
         return weights, indices, scores
 
 
+# ---------------------------------------------------------------------------- expert FFN over sorted rows
+# The routed experts run on rows already sorted by expert (segment e = rows of expert e).
+#   loop:    one SwiGLU per non-empty expert (the reference; 3 GEMMs + ~8 elementwise launches
+#            per expert, and a host sync for the segment sizes: launch-bound on GPUs)
+#   grouped: torch._grouped_mm over all experts at once (3 grouped GEMMs per layer, no host sync);
+#            CPU (any float dtype) and CUDA bf16 (SM >= 90 kernels; SM 80 has them from torch 2.9)
+# `moe_impl=auto` picks grouped where supported and logs once where it cannot.
+_LOGGED: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        logger.warning(msg)
+
+
+def grouped_unsupported_reason(x: torch.Tensor, w1: torch.Tensor) -> str | None:
+    """Why torch._grouped_mm cannot run the experts on these operands, or None."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16:
+            return f"grouped GEMM on CUDA needs bf16 activations, got {x.dtype}"
+        if torch.cuda.get_device_capability(x.device) < (8, 0):
+            return "grouped GEMM needs a GPU with compute capability >= 8.0"
+    elif x.device.type != "cpu":
+        return f"no grouped GEMM on device {x.device.type}"
+    inter, D = w1.shape[-2:]
+    if (inter * x.element_size()) % 16 or (D * x.element_size()) % 16:
+        return f"grouped GEMM needs rows of 16-byte multiples (dim {D}, moe_inter_dim {inter})"
+    return None
+
+
+def _grad_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # _grouped_mm's backward rejects broadcast (stride-0) gradients, e.g. from a bare .sum()
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def experts_loop(x_sorted: torch.Tensor, counts: list[int], w1, w2, w3, limit: float,
+                 w_sorted: torch.Tensor) -> torch.Tensor:
+    """Reference: x_sorted [N, D] grouped by expert, counts[e] rows each -> [N, D] in x's dtype."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            seg = slice(start, start + n)
+            outs.append(swiglu(x_sorted[seg], w1[e], w2[e], w3[e], limit, w_sorted[seg]))
+            start += n
+    return torch.cat(outs) if outs else x_sorted.new_zeros(0, x_sorted.shape[-1])
+
+
+def experts_grouped(x_sorted: torch.Tensor, counts: torch.Tensor, w1, w2, w3, limit: float,
+                    w_sorted: torch.Tensor) -> torch.Tensor:
+    """The same as ``experts_loop`` with grouped GEMMs; counts [E] (device tensor, no host sync)."""
+    offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    dt = x_sorted.dtype
+    gate = _grad_contiguous(torch._grouped_mm(x_sorted, w1.to(dt).transpose(-2, -1), offs=offs))
+    up = _grad_contiguous(torch._grouped_mm(x_sorted, w3.to(dt).transpose(-2, -1), offs=offs))
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    h = (F.silu(gate) * up * w_sorted.float()[:, None]).to(dt)
+    return _grad_contiguous(torch._grouped_mm(h, w2.to(dt).transpose(-2, -1), offs=offs))
+
+
+def run_experts(impl: str, x_sorted: torch.Tensor, counts: torch.Tensor, w1, w2, w3,
+                limit: float, w_sorted: torch.Tensor) -> torch.Tensor:
+    """Dispatch on ``moe_impl`` (auto | grouped | loop). counts: [E] rows per expert."""
+    if x_sorted.shape[0] == 0:   # no rows here (e.g. an idle EP rank): zero output, zero gradients
+        touch = sum(w.sum() for w in (w1, w2, w3)).to(x_sorted.dtype) * 0
+        return x_sorted.new_zeros(0, w2.shape[-2]) + touch
+    if impl != "loop":
+        reason = grouped_unsupported_reason(x_sorted, w1)
+        if reason is None:
+            return experts_grouped(x_sorted, counts, w1, w2, w3, limit, w_sorted)
+        if impl == "grouped":
+            raise RuntimeError(f"model.moe_impl=grouped: {reason}")
+        _log_once(f"MoE experts run as a per-expert loop (moe_impl=auto): {reason}")
+    return experts_loop(x_sorted, counts.tolist(), w1, w2, w3, limit, w_sorted)
+
+
 class RoutedExperts(nn.Module):
     """E clamped-SwiGLU experts as 3-D parameters, dropless dispatch (any load is served)."""
 
@@ -177,6 +264,7 @@ class RoutedExperts(nn.Module):
         E, D, inter = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         self.n_experts = E
         self.limit = cfg.swiglu_limit
+        self.impl = cfg.moe_impl
         self.w1 = nn.Parameter(torch.empty(E, inter, D))
         self.w3 = nn.Parameter(torch.empty(E, inter, D))
         self.w2 = nn.Parameter(torch.empty(E, D, inter))
@@ -188,19 +276,13 @@ class RoutedExperts(nn.Module):
         # sort the (token, slot) pairs by expert so each expert sees one contiguous segment
         order = torch.argsort(flat_expert, stable=True)
         token_of = order // K  # [T*K] source token of each sorted slot
-        counts = torch.bincount(flat_expert, minlength=self.n_experts).tolist()
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)
         x_sorted = x.index_select(0, token_of)  # [T*K, D]
         w_sorted = weights.reshape(-1).index_select(0, order)  # [T*K]
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            seg = slice(start, start + n)
-            outs.append(swiglu(x_sorted[seg], self.w1[e], self.w2[e], self.w3[e], self.limit, w_sorted[seg]))
-            start += n
+        out = run_experts(self.impl, x_sorted, counts, self.w1, self.w2, self.w3, self.limit, w_sorted)
         y = torch.zeros(T, x.shape[-1], device=x.device, dtype=torch.float32)
-        if outs:
-            y.index_add_(0, token_of, torch.cat(outs).float())
+        if out.numel():
+            y.index_add_(0, token_of, out.float())
         return y
 
 
