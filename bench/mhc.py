@@ -3,6 +3,12 @@ Triton vs the PyTorch reference, at the small (D=1024) and flash (D=4096) widths
 
 (The issue's end-to-end measure, the small model's step time with mhc vs residual, needs the
 kernel wired into the model first; this isolates the op that mHC adds.)
+
+``--ops streams`` checks (bf16, real size, Triton vs reference: output and every gradient) and
+times the stream ops of kernels/mhc_streams.py, collapse (h = sum_j pre_j x_j) and mix
+(x'_k = post_k f + sum_j comb[j, k] x_j), at the small preset's shapes (n = 4, D = 1024):
+
+    python bench/mhc.py --ops streams
 """
 from __future__ import annotations
 
@@ -60,11 +66,149 @@ def run(token_counts=(4096, 16384, 65536), dims=(1024, 4096), n=4, log=print, ti
             torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- stream ops
+STREAM_HEADER = ["op", "tokens", "n x D", "ref fwd ms", "triton fwd ms", "speed-up fwd", "ref fwd+bwd ms",
+                 "triton fwd+bwd ms", "speed-up fwd+bwd", "triton fwd GB/s"]
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _stream_inputs(T, n, D, dtype=torch.bfloat16):
+    x = torch.randn(T, n, D, device="cuda", dtype=dtype, requires_grad=True)
+    f = torch.randn(T, D, device="cuda", dtype=dtype, requires_grad=True)
+    pre = (torch.rand(T, n, device="cuda") + 0.1).requires_grad_()
+    post = (2 * torch.rand(T, n, device="cuda")).requires_grad_()
+    comb = torch.rand(T, n, n, device="cuda")
+    comb = (comb / comb.sum(-1, keepdim=True)).requires_grad_()
+    return x, f, pre, post, comb
+
+
+def _stream_ops():
+    from kernels.mhc_streams import collapse_streams_triton, mix_streams_triton
+    from model.hyper_connections import collapse_streams, mix_streams
+
+    # op name -> (reference, triton, args(x, f, pre, post, comb), names of the differentiable args)
+    return {
+        "collapse": (collapse_streams, collapse_streams_triton, lambda x, f, pre, post, comb: (x, pre),
+                     ["dx", "dpre"]),
+        "mix": (mix_streams, mix_streams_triton, lambda x, f, pre, post, comb: (f, x, post, comb),
+                ["df", "dx", "dpost", "dcomb"]),
+    }
+
+
+def check_streams(shapes=((4096, 4, 1024), (4097, 4, 1024), (2048, 3, 1000)), log=print,
+                  tol_low=1e-2, tol_fp32=1e-4) -> bool:
+    """bf16 x/f (fp32 coefficients), Triton vs reference: rel. errors of the output and every
+    gradient. bf16 results (out, dx, df) pass under tol_low (both round the same fp32 value, so
+    expect ~1e-3 or less), fp32 reductions (dpre, dpost, dcomb) under tol_fp32."""
+    ok_all = True
+    hdr = ["op", "tokens x n x D", "out", "grads (name: rel err)", "pass"]
+    log("stream ops, bf16, Triton vs reference (relative error norms)")
+    log(fmt_row(hdr)); log(fmt_row(["---"] * len(hdr)))
+    for T, n, D in shapes:
+        for name, (ref_fn, tri_fn, pick, gnames) in _stream_ops().items():
+            try:
+                inp = _stream_inputs(T, n, D)
+                args = pick(*inp)
+                ref, got = ref_fn(*args), tri_fn(*args)
+                cot = torch.randn_like(ref)
+                g_ref = torch.autograd.grad(ref, args, cot)
+                g_got = torch.autograd.grad(got, args, cot)
+                errs = [(gn, _rel(a, b), a.dtype) for gn, a, b in zip(gnames, g_got, g_ref)]
+                e_out = _rel(got, ref)
+                ok = (got.dtype == ref.dtype and e_out < tol_low
+                      and all(e < (tol_fp32 if dt == torch.float32 else tol_low) for _, e, dt in errs)
+                      and all(a.dtype == b.dtype for a, b in zip(g_got, g_ref)))
+                ok_all &= ok
+                log(fmt_row([name, f"{T}x{n}x{D}", f"{e_out:.1e}", ", ".join(f"{gn}: {e:.1e}" for gn, e, _ in errs),
+                             "yes" if ok else "NO"]))
+            except Exception as exc:
+                ok_all = False
+                log(fmt_row([name, f"{T}x{n}x{D}", f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+            torch.cuda.empty_cache()
+    return ok_all
+
+
+def run_streams(token_counts=(4096, 16384), n=4, D=1024, log=print, time_budget_s=1e9) -> None:
+    """Reference vs Triton for collapse and mix, forward (no grad) and forward+backward, bf16."""
+    t0 = time.time()
+    log(fmt_row(STREAM_HEADER)); log(fmt_row(["---"] * len(STREAM_HEADER)))
+    for T in token_counts:
+        for name, (ref_fn, tri_fn, pick, _) in _stream_ops().items():
+            if time.time() - t0 > time_budget_s:
+                log(f"[skip {name} T={T}: time budget]")
+                continue
+            try:
+                args = pick(*_stream_inputs(T, n, D))
+                cot = torch.randn_like(ref_fn(*args))
+                res = {}
+                for impl, fn in (("ref", ref_fn), ("tri", tri_fn)):
+                    def fwd():
+                        with torch.no_grad():
+                            return fn(*args)
+
+                    def fb():
+                        return torch.autograd.grad(fn(*args), args, cot)
+
+                    res[impl] = (time_ms(fwd, budget_s=0.3), time_ms(fb, budget_s=0.3))
+                # bytes the forward must move: collapse reads x, writes h; mix reads x and f, writes x'
+                elems = T * D * (n + 1) if name == "collapse" else T * D * (2 * n + 1)
+                gbs = elems * 2 / res["tri"][0] / 1e6
+                log(fmt_row([name, T, f"{n}x{D}", f"{res['ref'][0]:.3f}", f"{res['tri'][0]:.3f}",
+                             f"{res['ref'][0] / res['tri'][0]:.1f}x", f"{res['ref'][1]:.3f}", f"{res['tri'][1]:.3f}",
+                             f"{res['ref'][1] / res['tri'][1]:.1f}x", f"{gbs:.0f}"]))
+            except Exception as exc:
+                log(fmt_row([name, T, f"{n}x{D}", f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+            torch.cuda.empty_cache()
+
+
+def sweep_streams(T=4096, n=4, D=1024, log=print,
+                  tiles=((None, None), (2, 64), (4, 64), (2, 128), (4, 128), (8, 128), (2, 256), (4, 256),
+                         (8, 256), (2, 512), (4, 512))) -> None:
+    """Triton tile sizes (block_t, block_d; None = the defaults of kernels/mhc_streams.py), forward
+    and forward+backward, bf16. The same tiles serve both directions here; the forward grid is
+    (T/block_t, D/block_d), the backward one program per token block looping over D."""
+    hdr = ["op", "block_t", "block_d", "fwd ms", "fwd+bwd ms"]
+    log(f"stream-op tile sweep, {T} tokens, n={n}, D={D}, bf16")
+    log(fmt_row(hdr)); log(fmt_row(["---"] * len(hdr)))
+    for name, (_, tri_fn, pick, _) in _stream_ops().items():
+        args = pick(*_stream_inputs(T, n, D))
+        cot = torch.randn_like(tri_fn(*args))
+        for bt, bd in tiles:
+            try:
+                kw = {"block_t": bt, "block_d": bd}
+
+                def fwd():
+                    with torch.no_grad():
+                        return tri_fn(*args, **kw)
+
+                def fb():
+                    return torch.autograd.grad(tri_fn(*args, **kw), args, cot)
+
+                log(fmt_row([name, bt or "default", bd or "default", f"{time_ms(fwd, budget_s=0.2):.4f}",
+                             f"{time_ms(fb, budget_s=0.2):.4f}"]))
+            except Exception as exc:
+                log(fmt_row([name, bt, bd, f"ERROR {type(exc).__name__}: {str(exc)[:120]}"]))
+        del args, cot
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ops", nargs="+", choices=["coefficients", "streams"], default=["coefficients", "streams"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
+    ap.add_argument("--stream-tokens", type=int, nargs="+", default=[4096, 16384])
     a = ap.parse_args(argv)
-    run(a.tokens)
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
+    if "streams" in a.ops:
+        ok = check_streams()
+        print(f"stream-op checks pass: {ok}")
+        run_streams(a.stream_tokens)
+        sweep_streams()
+    if "coefficients" in a.ops:
+        run(a.tokens)
 
 
 if __name__ == "__main__":

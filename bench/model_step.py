@@ -121,6 +121,21 @@ def measure(kind: str, preset: str, seq: int, micro_batch: int, device, steps: i
                          profile_log, top=25)
         except Exception as exc:  # the profile is extra: keep the timings
             profile_log(f"[profile {kind} failed: {type(exc).__name__}: {exc}]")
+        try:   # the optimizer phase too (clip + Muon/AdamW + copy-back + bias update); the
+            # gradients of one backward are saved and put back before each profiled step
+            # (their copies show up as extra copy_ rows)
+            tr.forward_backward(batches[0])
+            saved = [(pb, pb.grad.detach().clone()) for _, pb in tr.pairs if pb.grad is not None]
+
+            def one_optimizer_step():
+                for pb, g in saved:
+                    pb.grad = g.clone()
+                tr.optimizer_step()
+
+            profile_step(one_optimizer_step, device, f"{preset} optimizer step, hyper_connections={kind}",
+                         profile_log, top=25)
+        except Exception as exc:
+            profile_log(f"[optimizer profile {kind} failed: {type(exc).__name__}: {exc}]")
     n_total, n_active = tr.model.num_params()
     res = {"kind": kind, "fb_ms": _median(fb), "step_ms": _median(whole), "fb_all": fb, "step_all": whole,
            "peak_gib": peak, "params": n_total, "active": n_active, "streams": cfg.n_streams}
@@ -171,8 +186,12 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print a per-kernel profile of one forward+backward and one optimizer step")
+    ap.add_argument("--kinds", nargs="+", default=["residual", "mhc"])
     a = ap.parse_args(argv)
-    run(a.preset, a.seq, a.micro_batch, a.device, a.steps, a.warmup, a.checkpointing)
+    run(a.preset, a.seq, a.micro_batch, a.device, a.steps, a.warmup, a.checkpointing, kinds=tuple(a.kinds),
+        profile_log=print if a.profile else None)
 
 
 if __name__ == "__main__":

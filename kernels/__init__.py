@@ -3,6 +3,8 @@ reference it replaces (the reference lives in ``model/`` and is the contract):
 
 * ``kernels.sparse_attention.sparse_attention_triton``  <- ``model.sparse_attention.sparse_attention``
 * ``kernels.indexer_topk``                              <- ``model.indexer`` scoring + top-k
+  (bf16 | fp8 scores, chunked torch.topk | fused exact select); ``kernels.indexer_fp8`` is the
+  plain-PyTorch fp8 quantisation reference (no Triton import)
 * ``kernels.mhc``                                       <- ``model.hyper_connections`` coefficients + Sinkhorn
 * ``kernels.dispatch``  picks the implementation (``attention.impl: auto | triton | torch``).
 

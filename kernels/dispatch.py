@@ -92,12 +92,59 @@ def _reference_indexer_topk(q_idx, w, k_idx, c_end, doc_start, k):
     return select_topk(indexer_scores(q_idx, w, k_idx, c_end, doc_start), k)
 
 
+def _reference_indexer_topk_fp8(q_idx, w, k_idx, c_end, doc_start, k):
+    from kernels.indexer_fp8 import indexer_topk_fp8_reference
+
+    return indexer_topk_fp8_reference(q_idx, w, k_idx, c_end, doc_start, k)
+
+
+# model.indexer_score_dtype / model.indexer_select (model/config.py holds the same tuples)
+INDEXER_SCORE_DTYPES = ("bf16", "fp8")
+INDEXER_SELECTS = ("chunked", "fused")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fp8_once(reason: str) -> None:
+    log.warning("indexer_topk: fp8 scoring requested but the Triton fp8 path is unavailable (%s); using "
+                "the PyTorch fp8 reference (same quantisation, fp32 math, no [L, N] bound)", reason)
+
+
+def _fp8_kernel_ok(device: torch.device | str | None) -> tuple[bool, str]:
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type != "cuda":
+        return False, f"device {dev} is not CUDA"
+    cap = torch.cuda.get_device_capability(dev)
+    if cap < (8, 9):  # fp8 tensor-core products: Ada (8.9) and Hopper (9.0) and later
+        return False, f"CUDA capability {cap[0]}.{cap[1]} < 8.9 has no fp8 tensor cores"
+    return True, ""
+
+
 def get_indexer_topk(impl: str = "auto", device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None) -> Callable:
+                     dtype: torch.dtype | None = None, score_dtype: str = "bf16",
+                     select: str = "chunked") -> Callable:
     """fn(q_idx, w, k_idx, c_end, doc_start, k) -> topk_idx [B, L, min(k, N)] (-1 = empty):
-    the chunked Triton scorer + top-k, or ``select_topk(indexer_scores(...), k)``."""
-    return _select("indexer_topk", impl, device, "kernels.indexer_topk", "indexer_topk",
-                   _reference_indexer_topk, dtype)
+    the Triton scorer + top-k (``kernels.indexer_topk``: score_dtype bf16 | fp8, select chunked
+    | fused), or the reference ``select_topk(indexer_scores(...), k)`` (fp8: of the fp8-quantised
+    q and k, ``kernels.indexer_fp8``). fp8 without fp8 tensor cores: impl='triton' raises;
+    'auto' logs once and takes the PyTorch fp8 reference (never a silent bf16 fallback)."""
+    if score_dtype not in INDEXER_SCORE_DTYPES:
+        raise ValueError(f"indexer score_dtype must be one of {INDEXER_SCORE_DTYPES}, got {score_dtype!r}")
+    if select not in INDEXER_SELECTS:
+        raise ValueError(f"indexer select must be one of {INDEXER_SELECTS}, got {select!r}")
+    reference = _reference_indexer_topk_fp8 if score_dtype == "fp8" else _reference_indexer_topk
+    fn = _select("indexer_topk", impl, device, "kernels.indexer_topk", "indexer_topk", reference, dtype)
+    if score_dtype == "fp8" and impl != "torch":
+        ok, reason = _fp8_kernel_ok(device)
+        if not ok:
+            if impl == "triton":
+                raise RuntimeError(f"indexer_topk: impl='triton' with fp8 scoring needs CUDA sm_89+ ({reason})")
+            _log_fp8_once(reason)
+            return reference
+    if fn is reference:
+        return reference
+    if score_dtype == "bf16" and select == "chunked":
+        return fn
+    return functools.partial(fn, score_dtype=score_dtype, select=select)
 
 
 def get_mhc_coefficients(impl: str = "auto", device: torch.device | str | None = None,
@@ -108,3 +155,22 @@ def get_mhc_coefficients(impl: str = "auto", device: torch.device | str | None =
 
     return _select("mhc_coefficients", impl, device, "kernels.mhc", "mhc_coefficients_triton",
                    mhc_coefficients, dtype)
+
+
+def get_collapse_streams(impl: str = "auto", device: torch.device | str | None = None,
+                         dtype: torch.dtype | None = None) -> Callable:
+    """fn(x, pre) -> h, the signature of ``model.hyper_connections.collapse_streams`` (Triton:
+    ``kernels.mhc_streams``, one pass forward and one backward)."""
+    from model.hyper_connections import collapse_streams
+
+    return _select("collapse_streams", impl, device, "kernels.mhc_streams", "collapse_streams_triton",
+                   collapse_streams, dtype)
+
+
+def get_mix_streams(impl: str = "auto", device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> Callable:
+    """fn(f, x, post, comb) -> x_new, the signature of ``model.hyper_connections.mix_streams``."""
+    from model.hyper_connections import mix_streams
+
+    return _select("mix_streams", impl, device, "kernels.mhc_streams", "mix_streams_triton",
+                   mix_streams, dtype)

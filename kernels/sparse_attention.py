@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,38 @@ def _online_update(q, k, vis, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
+def _topk_first(tk_base, K, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the first tile's indices when prefetching (a dummy scalar otherwise)
+    if PREFETCH:
+        r = tl.arange(0, BLOCK_N)
+        return tl.load(tk_base + r, mask=r < K, other=-1)
+    else:
+        return 0
+
+
+@triton.jit
+def _topk_tile(tk_base, cend_base, idx_nx, k0, K, N, ds_first, t_first,
+               CLEAN_IDX: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Indices of top-k slots k0 .. k0+BLOCK_N-1 of one token and which of them are visible.
+    With PREFETCH the caller passes this tile's indices (loaded one iteration earlier) and gets
+    the next tile's back; otherwise they are loaded here (idx_nx is passed through)."""
+    rk = k0 + tl.arange(0, BLOCK_N)
+    if PREFETCH:
+        idx = idx_nx
+        rk2 = rk + BLOCK_N
+        idx_nx = tl.load(tk_base + rk2, mask=rk2 < K, other=-1)
+    else:
+        idx = tl.load(tk_base + rk, mask=rk < K, other=-1)
+    if CLEAN_IDX:
+        ok = idx >= 0
+    else:
+        ok = (idx >= 0) & (idx < N)
+        ce = tl.load(cend_base + idx, mask=ok, other=0)
+        ok = ok & (ce >= ds_first) & (ce <= t_first)
+    return idx, ok, idx_nx
+
+
+@triton.jit
 def _sparse_attn_fwd(
     Q, KV, CKV, CEND, TOPK, SINK, DSTART, NRANGE, O, LSE,
     sq_b, sq_t, sq_h, skv_b, skv_t, sc_b, sc_n, sce_b, stk_b, stk_t, sds_b,
@@ -78,7 +111,11 @@ def _sparse_attn_fwd(
     L, H, N, K, D, window, qk_scale,
     HAS_C: tl.constexpr, TOPK_MODE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    CLEAN_IDX: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
+    # CLEAN_IDX: the host already turned invisible / out-of-range top-k slots into -1, so the row
+    # gather depends on the index load only (no c_end gather in between). PREFETCH: the next
+    # tile's indices are loaded one iteration ahead (a loop-carried value).
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -111,12 +148,11 @@ def _sparse_attn_fwd(
     if HAS_C:
         c_base = CKV + b * sc_b
         if TOPK_MODE:  # BLOCK_T == 1: every row is token t_first
+            tk_base = TOPK + b * stk_b + t_first.to(tl.int64) * stk_t
+            idx_nx = _topk_first(tk_base, K, PREFETCH, BLOCK_N)
             for k0 in range(0, K, BLOCK_N):
-                rk = k0 + tl.arange(0, BLOCK_N)
-                idx = tl.load(TOPK + b * stk_b + t_first.to(tl.int64) * stk_t + rk, mask=rk < K, other=-1)
-                ok = (idx >= 0) & (idx < N)
-                ce = tl.load(CEND + b * sce_b + idx, mask=ok, other=0)
-                ok = ok & (ce >= ds_first) & (ce <= t_first)
+                idx, ok, idx_nx = _topk_tile(tk_base, CEND + b * sce_b, idx_nx, k0, K, N, ds_first, t_first,
+                                             CLEAN_IDX, PREFETCH, BLOCK_N)
                 k = tl.load(c_base + idx.to(tl.int64)[:, None] * sc_n + rd[None, :],
                             mask=ok[:, None] & d_ok[None, :], other=0.0)
                 vis = ok[None, :] & row_ok[:, None]
@@ -160,9 +196,12 @@ def _sparse_attn_bwd_q(
     HAS_C: tl.constexpr, TOPK_MODE: tl.constexpr, HAS_DLSE: tl.constexpr,
     DO_DQ: tl.constexpr, DO_DC: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    LOAD_DELTA: tl.constexpr = False, CLEAN_IDX: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):
     # DO_DQ: delta, dq (window + compressed). DO_DC: d(compressed kv) by atomics. Both in one
     # pass by default; split into two launches when the fused tile needs too many registers.
+    # LOAD_DELTA: delta was computed beforehand (_bwd_delta), O is not read here.
+    # CLEAN_IDX / PREFETCH: as in the forward.
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -174,7 +213,7 @@ def _sparse_attn_bwd_q(
     do = _load_rows(DO + b * so_b, t, h, row_ok, so_t, so_h, rd, d_ok)
     l_off = b * sl_b + t.to(tl.int64) * sl_t + h
     lse2 = tl.load(LSE + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
-    if DO_DQ:
+    if DO_DQ and not LOAD_DELTA:
         o = _load_rows(O + b * so_b, t, h, row_ok, so_t, so_h, rd, d_ok)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         if HAS_DLSE:
@@ -205,12 +244,11 @@ def _sparse_attn_bwd_q(
         c_base = CKV + b * sc_b
         dc_base = DCKV + b * sdc_b
         if TOPK_MODE:
+            tk_base = TOPK + b * stk_b + t_first.to(tl.int64) * stk_t
+            idx_nx = _topk_first(tk_base, K, PREFETCH, BLOCK_N)
             for k0 in range(0, K, BLOCK_N):
-                rk = k0 + tl.arange(0, BLOCK_N)
-                idx = tl.load(TOPK + b * stk_b + t_first.to(tl.int64) * stk_t + rk, mask=rk < K, other=-1)
-                ok = (idx >= 0) & (idx < N)
-                ce = tl.load(CEND + b * sce_b + idx, mask=ok, other=0)
-                ok = ok & (ce >= ds_first) & (ce <= t_first)
+                idx, ok, idx_nx = _topk_tile(tk_base, CEND + b * sce_b, idx_nx, k0, K, N, ds_first, t_first,
+                                             CLEAN_IDX, PREFETCH, BLOCK_N)
                 k = tl.load(c_base + idx.to(tl.int64)[:, None] * sc_n + rd[None, :],
                             mask=ok[:, None] & d_ok[None, :], other=0.0)
                 vis = ok[None, :] & row_ok[:, None]
@@ -289,6 +327,117 @@ def _sparse_attn_bwd_window_kv(
              mask=s_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _bwd_delta(O, DO, DLSE, DELTA, R, D, HAS_DLSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # delta[r] = sum_d dO[r, d] * O[r, d] - dlse[r] over the R = B * L * H contiguous rows
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        rd = d0 + tl.arange(0, BLOCK_D)
+        off = rr.to(tl.int64)[:, None] * D + rd[None, :]
+        m = r_ok[:, None] & (rd < D)[None, :]
+        o = tl.load(O + off, mask=m, other=0.0).to(tl.float32)
+        do = tl.load(DO + off, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(o * do, 1)
+    if HAS_DLSE:
+        acc -= tl.load(DLSE + rr, mask=r_ok, other=0.0)
+    tl.store(DELTA + rr, acc, mask=r_ok)
+
+
+@triton.jit
+def _dc_chunk_loads(Q, DO, t, h, row_ok, sq_t, sq_h, so_t, so_h, c0, D, DC: tl.constexpr):
+    rd = c0 + tl.arange(0, DC)
+    d_ok = rd < D
+    return (_load_rows(Q, t, h, row_ok, sq_t, sq_h, rd, d_ok),
+            _load_rows(DO, t, h, row_ok, so_t, so_h, rd, d_ok))
+
+
+@triton.jit
+def _dc_scores(CB, rows, ok, q0, do0, q1, do1, sc_n, D, DC: tl.constexpr, NUM_DC: tl.constexpr):
+    # key-major scores of one key tile: s^T = K q^T and dp^T = K dO^T, [BLOCK_N, M], over D chunks
+    rd = tl.arange(0, DC)
+    k0 = tl.load(CB + rows[:, None] * sc_n + rd[None, :], mask=ok[:, None] & (rd < D)[None, :], other=0.0)
+    st = tl.dot(k0, tl.trans(q0))
+    dpt = tl.dot(k0, tl.trans(do0))
+    if NUM_DC == 2:
+        rd1 = DC + rd
+        k1 = tl.load(CB + rows[:, None] * sc_n + rd1[None, :], mask=ok[:, None] & (rd1 < D)[None, :], other=0.0)
+        st = tl.dot(k1, tl.trans(q1), st)
+        dpt = tl.dot(k1, tl.trans(do1), dpt)
+    return st, dpt
+
+
+@triton.jit
+def _dc_scatter(DCB, rows, ok, pt, dst, q0, do0, q1, do1, sdc_n, D, DC: tl.constexpr, NUM_DC: tl.constexpr):
+    # d(ckv) rows += dS^T q + P^T dO, one D chunk at a time (each chunk's tile dies at its atomic)
+    rd = tl.arange(0, DC)
+    dk = tl.dot(pt.to(do0.dtype), do0, tl.dot(dst.to(q0.dtype), q0))
+    tl.atomic_add(DCB + rows[:, None] * sdc_n + rd[None, :], dk, mask=ok[:, None] & (rd < D)[None, :], sem="relaxed")
+    if NUM_DC == 2:
+        rd1 = DC + rd
+        dk1 = tl.dot(pt.to(do1.dtype), do1, tl.dot(dst.to(q1.dtype), q1))
+        tl.atomic_add(DCB + rows[:, None] * sdc_n + rd1[None, :], dk1, mask=ok[:, None] & (rd1 < D)[None, :],
+                      sem="relaxed")
+
+
+@triton.jit
+def _sparse_attn_bwd_dc(
+    Q, CKV, CEND, TOPK, DSTART, NRANGE, DO, LSE, DELTA, DCKV,
+    sq_b, sq_t, sq_h, sc_b, sc_n, sce_b, stk_b, stk_t, sds_b,
+    so_b, so_t, so_h, sl_b, sl_t, snr_b, sdc_b, sdc_n,
+    L, H, N, K, D, qk_scale, scale,
+    TOPK_MODE: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DC: tl.constexpr, NUM_DC: tl.constexpr,
+):
+    """d(compressed kv) only, key-major: for each tile of BLOCK_N entries seen by the program's
+    M = BLOCK_T x BLOCK_H query rows, s^T = K q^T and dp^T = K dO^T ([BLOCK_N, M]: the entries are
+    the M side of the tensor-core product, so BLOCK_N = 64 gives Hopper's wgmma), then
+    dK = dS^T q + P^T dO added with fp32 atomics in head-dim chunks of DC (NUM_DC chunks) so that
+    only a [BLOCK_N, DC] fp32 tile is live. q and dO stay in shared memory once, as B operands
+    of both products. Top-k mode takes clean indices (-1 = invisible) and BLOCK_T = 1."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    t, h, row_ok = _row_coords(pid_t, pid_h, L, H, BLOCK_T, BLOCK_H)
+    q0, do0 = _dc_chunk_loads(Q + b * sq_b, DO + b * so_b, t, h, row_ok, sq_t, sq_h, so_t, so_h, 0, D, DC)
+    if NUM_DC == 2:
+        q1, do1 = _dc_chunk_loads(Q + b * sq_b, DO + b * so_b, t, h, row_ok, sq_t, sq_h, so_t, so_h, DC, D, DC)
+    else:
+        q1, do1 = q0, do0
+    l_off = b * sl_b + t.to(tl.int64) * sl_t + h
+    lse2 = tl.load(LSE + l_off, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+    t_first = pid_t * BLOCK_T
+    c_base = CKV + b * sc_b
+    dc_base = DCKV + b * sdc_b
+    if TOPK_MODE:
+        tk_base = TOPK + b * stk_b + t_first.to(tl.int64) * stk_t
+        idx_nx = _topk_first(tk_base, K, PREFETCH, BLOCK_N)
+        for k0 in range(0, K, BLOCK_N):
+            idx, ok, idx_nx = _topk_tile(tk_base, CEND, idx_nx, k0, K, N, 0, t_first, True, PREFETCH, BLOCK_N)
+            rows = idx.to(tl.int64)
+            st, dpt = _dc_scores(c_base, rows, ok, q0, do0, q1, do1, sc_n, D, DC, NUM_DC)
+            vis = ok[:, None] & row_ok[None, :]
+            pt = tl.where(vis, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+            dst = pt * (dpt - delta[None, :]) * scale
+            _dc_scatter(dc_base, rows, ok, pt, dst, q0, do0, q1, do1, sdc_n, D, DC, NUM_DC)
+    else:
+        ds_row = tl.load(DSTART + b * sds_b + t, mask=t < L, other=0)
+        n_lo = tl.load(NRANGE + b * snr_b + 2 * pid_t)
+        n_hi = tl.load(NRANGE + b * snr_b + 2 * pid_t + 1)
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            ok = rn < n_hi
+            ce = tl.load(CEND + b * sce_b + rn, mask=ok, other=0)
+            rows = rn.to(tl.int64)
+            st, dpt = _dc_scores(c_base, rows, ok, q0, do0, q1, do1, sc_n, D, DC, NUM_DC)
+            vis = ok[:, None] & row_ok[None, :] & (ce[:, None] >= ds_row[None, :]) & (ce[:, None] <= t[None, :])
+            pt = tl.where(vis, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
+            dst = pt * (dpt - delta[None, :]) * scale
+            _dc_scatter(dc_base, rows, ok, pt, dst, q0, do0, q1, do1, sdc_n, D, DC, NUM_DC)
+
+
 # ----------------------------------------------------------------------------- host code
 @dataclass(frozen=True)
 class KernelConfig:
@@ -300,6 +449,8 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     split: bool = False  # bwd_q only: dq and d(compressed kv) in two launches
+    prefetch: bool = False  # top-k loops: the next tile's indices are loaded one iteration ahead
+    d_chunk: int = 0  # bwd_dc only: head-dim chunk of the d(ckv) tile (0 = the whole head dim)
 
 
 @dataclass(frozen=True)
@@ -307,6 +458,12 @@ class SparseAttentionConfigs:
     fwd: KernelConfig
     bwd_q: KernelConfig
     bwd_kv: KernelConfig  # block_n is the key block BLOCK_S here
+    # When set (and there are compressed entries): delta in its own small kernel, bwd_q computes
+    # dq only, and d(ckv) comes from the key-major _sparse_attn_bwd_dc pass with this tile.
+    bwd_dc: KernelConfig | None = None
+    # Top-k slots that are invisible or out of range become -1 once on the host (forward), so
+    # the kernels gather rows straight from the index (no c_end gather in the dependency chain).
+    clean_idx: bool = False
 
 
 def _pow2(x: int) -> int:
@@ -343,6 +500,116 @@ def default_configs(n_heads: int, head_dim: int, topk_mode: bool) -> SparseAtten
         kv_t = 16 // kv_h
     bwd_kv = KernelConfig(kv_t, kv_h, 32 if d > 128 else 64, 8 if d > 256 else 4, 1 if d > 128 else 2)
     return SparseAttentionConfigs(fwd, bwd_q, bwd_kv)
+
+
+# ----------------------------------------------------------------------------- variants
+# Candidate tilings / algorithmic variants for the flash-config gap (bench/attention_variants.py
+# times them against `baseline` in one GPU call). Each maps (n_heads, head_dim, topk_mode) to a
+# SparseAttentionConfigs; a variant only changes what its name says, everything else is the
+# baseline. Selected per call with `sparse_attention_triton(..., variant=name)` or for the whole
+# process with HYBRIDLM_SPARSE_ATTN_VARIANT=name (explicit `configs=` wins over both).
+VARIANT_ENV = "HYBRIDLM_SPARSE_ATTN_VARIANT"
+
+
+def _v(fwd=None, bwd_q=None, bwd_kv=None, bwd_dc=None, clean_idx=None):
+    """A variant that replaces some fields of the baseline for head dims > 256 (the flash
+    config); smaller head dims keep the baseline apart from the flags that are shape-free."""
+    def make(n_heads: int, head_dim: int, topk_mode: bool) -> SparseAttentionConfigs:
+        base = default_configs(n_heads, head_dim, topk_mode)
+        big = max(16, _pow2(head_dim)) > 256
+        rep = {}
+        if clean_idx is not None:
+            rep["clean_idx"] = clean_idx
+        for name, val in (("fwd", fwd), ("bwd_q", bwd_q), ("bwd_kv", bwd_kv), ("bwd_dc", bwd_dc)):
+            if val is None:
+                continue
+            if callable(val):
+                val = val(base, n_heads, head_dim, topk_mode)
+            elif not big:
+                continue
+            if val is not None:
+                rep[name] = val
+        return dataclasses.replace(base, **rep)
+    return make
+
+
+def _fwd_flags(stages=None, prefetch=True, warps=None, block_n=None):
+    def f(base, n_heads, head_dim, topk_mode):
+        c = base.fwd
+        return dataclasses.replace(c, prefetch=prefetch and topk_mode,
+                                   num_stages=stages or c.num_stages, num_warps=warps or c.num_warps,
+                                   block_n=block_n or c.block_n)
+    return f
+
+
+def _split_dc(dq: KernelConfig, dc: KernelConfig):
+    """bwd_q -> dq only (block_h = all heads up to 64, wgmma-sized M); bwd_dc -> key-major pass.
+    For head dims <= 256 the dq tile keeps the baseline's rows."""
+    def f_q(base, n_heads, head_dim, topk_mode):
+        if max(16, _pow2(head_dim)) > 256:
+            bh = min(dq.block_h, max(16, _pow2(n_heads)))
+            bt = 1 if topk_mode else max(1, dq.block_h // bh)
+            return dataclasses.replace(dq, block_t=bt, block_h=bh, prefetch=dq.prefetch and topk_mode)
+        return dataclasses.replace(base.bwd_q, split=False)
+
+    def f_dc(base, n_heads, head_dim, topk_mode):
+        bh = min(dc.block_h, max(16, _pow2(n_heads)))
+        d = max(16, _pow2(head_dim))
+        chunk = dc.d_chunk if dc.d_chunk and dc.d_chunk < d else 0
+        return dataclasses.replace(dc, block_t=1, block_h=bh, d_chunk=chunk,
+                                   prefetch=dc.prefetch and topk_mode)
+    return f_q, f_dc
+
+
+_KC = KernelConfig
+_Q8, _DC4 = _split_dc(_KC(1, 64, 32, 8, 2), _KC(1, 64, 64, 4, 1, d_chunk=256))
+_Q8s1, _DC4w = _split_dc(_KC(1, 64, 16, 8, 1), _KC(1, 64, 64, 4, 1, d_chunk=0))
+_Q8b, _DC8 = _split_dc(_KC(1, 64, 32, 8, 2, prefetch=True), _KC(1, 64, 64, 8, 1, d_chunk=256, prefetch=True))
+_Q4h, _DC4h = _split_dc(_KC(1, 32, 32, 4, 2), _KC(1, 32, 64, 4, 1, d_chunk=256))
+
+VARIANTS = {  # in the order the benchmark runs them (most promising first)
+    # the committed tiles (bench/results/attention-h100-2026-11-22.md)
+    "baseline": _v(),
+    # backward split: dq pass over all 64 heads (wgmma, M = 64, no atomics, delta precomputed)
+    # + key-major d(ckv) pass (64 entries x 64 heads per tile, head dim in 2 chunks of 256,
+    # one atomic tile per token instead of two)
+    "bwd_split": _v(bwd_q=_Q8, bwd_dc=_DC4, clean_idx=True),
+    # forward: clean indices + next-tile index prefetch (plan item 5), same tile
+    "fwd_prefetch": _v(fwd=_fwd_flags(), clean_idx=True),
+    # as bwd_split with 8 warps in the d(ckv) pass and index prefetch in both passes
+    "bwd_split_8": _v(bwd_q=_Q8b, bwd_dc=_DC8, clean_idx=True),
+    # forward: clean indices only (row gather depends on the index load alone), no prefetch
+    "fwd_clean": _v(fwd=_fwd_flags(prefetch=False), clean_idx=True),
+    # forward: + a third pipeline stage (the gathered rows of tile i+2 in flight)
+    "fwd_prefetch_s3": _v(fwd=_fwd_flags(stages=3), clean_idx=True),
+    # as bwd_split with 32 heads per program in both passes (half the q/dO smem; 2x atomics)
+    "bwd_split_h32": _v(bwd_q=_Q4h, bwd_dc=_DC4h, clean_idx=True),
+    # backward: bwd_q as before but fed clean indices with prefetch (isolates the index effect)
+    "bwd_clean": _v(bwd_q=lambda b, H, D, tk: dataclasses.replace(b.bwd_q, prefetch=tk), clean_idx=True),
+    # forward: 64-key tiles, two stages (fewer, larger gathers; 192 KB smem)
+    "fwd_n64": _v(fwd=_fwd_flags(block_n=64), clean_idx=True),
+    # as bwd_split with a one-stage 16-key dq tile and the whole head dim in the d(ckv) tile
+    "bwd_split_w": _v(bwd_q=_Q8s1, bwd_dc=_DC4w, clean_idx=True),
+    # forward prefetch + split backward together
+    "combo": _v(fwd=_fwd_flags(), bwd_q=_Q8, bwd_dc=_DC4, clean_idx=True),
+    # forward: 16 warps (4 warpgroups hold [64 heads x 128] of the output each: 64 acc regs)
+    "fwd_w16": _v(fwd=_fwd_flags(warps=16), clean_idx=True),
+    # the window-kv pass with 64-key blocks (wgmma-sized M) instead of 32
+    "bwd_kv64": _v(bwd_kv=lambda b, H, D, tk: dataclasses.replace(b.bwd_kv, block_n=64) if D > 256 else None),
+    # the default since the H100 run of 2026-11-22 (bench/results/attention-variants-h100-2026-11-22.md):
+    # fwd_n64's forward (head dims > 256 only) + bwd_clean's backward; both were the best of
+    # their phase (fwd 1.17x, bwd 1.10x the baseline at 64K, flash heads)
+    "tuned": _v(fwd=lambda b, H, D, tk: (_fwd_flags(block_n=64)(b, H, D, tk)
+                                         if max(16, _pow2(D)) > 256 else None),
+                bwd_q=lambda b, H, D, tk: dataclasses.replace(b.bwd_q, prefetch=tk), clean_idx=True),
+}
+DEFAULT_VARIANT = "tuned"
+
+
+def variant_configs(name: str, n_heads: int, head_dim: int, topk_mode: bool) -> SparseAttentionConfigs:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown sparse attention variant {name!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[name](n_heads, head_dim, topk_mode)
 
 
 def _smaller(cfg: KernelConfig, topk_mode: bool) -> KernelConfig | None:
@@ -395,6 +662,19 @@ def _nrange(doc_start: torch.Tensor, c_end: torch.Tensor, L: int, block_t: int) 
     return torch.stack([lo, hi], dim=-1).to(torch.int32).contiguous()
 
 
+def _clean_topk(topk_idx: torch.Tensor, c_end: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
+    """[B, L, K] int32: the top-k list with every slot that is out of range or not visible
+    (doc_start[t] <= c_end[i] <= t fails) replaced by -1 (same visibility rule as the kernels)."""
+    B, L, K = topk_idx.shape
+    N = c_end.shape[1]
+    ok = (topk_idx >= 0) & (topk_idx < N)
+    safe = torch.where(ok, topk_idx, torch.zeros_like(topk_idx)).long()
+    ce = torch.gather(c_end, 1, safe.view(B, L * K)).view(B, L, K)
+    t = torch.arange(L, device=topk_idx.device, dtype=ce.dtype).view(1, L, 1)
+    ok &= (ce >= doc_start.to(ce.dtype)[:, :, None]) & (ce <= t)
+    return torch.where(ok, topk_idx, torch.full_like(topk_idx, -1)).to(torch.int32).contiguous()
+
+
 def _check_inputs(q, kv, sink, doc_start, window, ckv, c_end, topk_idx):
     if q.dim() != 4:
         raise ValueError(f"sparse_attention_triton: q must be [B, L, H, D], got {tuple(q.shape)}")
@@ -432,7 +712,8 @@ def _check_inputs(q, kv, sink, doc_start, window, ckv, c_end, topk_idx):
         raise ValueError(f"sparse_attention_triton: topk_idx must be [B, L, K], got {tuple(topk_idx.shape)}")
 
 
-def _launch_fwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, cfg: KernelConfig):
+def _launch_fwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, cfg: KernelConfig,
+                clean_idx: bool = False):
     B, L, H, D = q.shape
     has_c = ckv is not None
     topk_mode = has_c and topk_idx is not None
@@ -459,6 +740,7 @@ def _launch_fwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, cfg
             L, H, N, K, D, window, scale * LOG2E,
             HAS_C=has_c, TOPK_MODE=topk_mode,
             BLOCK_T=c.block_t, BLOCK_H=c.block_h, BLOCK_D=max(16, _pow2(D)), BLOCK_N=c.block_n,
+            CLEAN_IDX=clean_idx and topk_mode, PREFETCH=c.prefetch and topk_mode,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
 
@@ -467,7 +749,42 @@ def _launch_fwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, cfg
 
 
 def _launch_bwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, o, lse, do, dlse,
-                cfgs: SparseAttentionConfigs):
+                cfgs: SparseAttentionConfigs, clean_topk: torch.Tensor | None = None):
+    B, L, H, D = q.shape
+    has_c = ckv is not None
+    topk_mode = has_c and topk_idx is not None
+    if topk_mode and cfgs.bwd_q.block_t != 1:
+        raise ValueError("sparse_attention_triton: top-k mode needs block_t = 1")
+    BLOCK_D = max(16, _pow2(D))
+    if has_c and cfgs.bwd_dc is not None:
+        dq, delta, dckv32 = _launch_bwd_split(q, kv, doc_start, window, scale, ckv, c_end, topk_idx, o, lse,
+                                              do, dlse, cfgs, clean_topk)
+    else:
+        dq, delta, dckv32 = _launch_bwd_fused(q, kv, doc_start, window, scale, ckv, c_end,
+                                              topk_idx if clean_topk is None else clean_topk, o, lse, do, dlse,
+                                              cfgs, clean_topk is not None)
+    dkv = torch.empty_like(kv)
+
+    def launch_kv(c: KernelConfig):
+        _sparse_attn_bwd_window_kv[(triton.cdiv(L, c.block_n), B)](
+            q, kv, doc_start, do, lse, delta, dkv,
+            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), doc_start.stride(0),
+            o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+            L, H, D, window, scale * LOG2E, scale,
+            BLOCK_S=c.block_n, BLOCK_T=c.block_t, BLOCK_H=c.block_h, BLOCK_D=BLOCK_D,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )
+
+    _with_shrink(launch_kv, cfgs.bwd_kv, False, "backward window dkv")
+    # sink: d lse / d sink = p_sink, and ds_sink = p_sink * (0 - delta)
+    dsink = -(torch.exp(sink.float()[None, None, :] - lse) * delta).sum(dim=(0, 1))
+    dckv = dckv32.to(ckv.dtype) if has_c else None
+    return dq, dkv, dsink.to(sink.dtype), dckv
+
+
+def _launch_bwd_fused(q, kv, doc_start, window, scale, ckv, c_end, topk_idx, o, lse, do, dlse, cfgs, clean):
+    """The baseline query pass: delta, dq and d(ckv) by atomics in one launch (two with split).
+    clean: topk_idx is already clean (_clean_topk)."""
     B, L, H, D = q.shape
     has_c = ckv is not None
     topk_mode = has_c and topk_idx is not None
@@ -477,8 +794,6 @@ def _launch_bwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, o, 
     topk_ = topk_idx if topk_mode else dummy
     N = ckv.shape[1] if has_c else 0
     K = topk_idx.shape[2] if topk_mode else 0
-    if topk_mode and cfgs.bwd_q.block_t != 1:
-        raise ValueError("sparse_attention_triton: top-k mode needs block_t = 1")
     dq = torch.empty_like(q)
     delta = torch.empty(B, L, H, device=q.device, dtype=torch.float32)
     dckv32 = torch.zeros(ckv.shape, device=q.device, dtype=torch.float32) if has_c else delta
@@ -501,45 +816,96 @@ def _launch_bwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, o, 
                 L, H, N, K, D, window, scale * LOG2E, scale,
                 HAS_C=has_c, TOPK_MODE=topk_mode, HAS_DLSE=dlse is not None, DO_DQ=do_dq, DO_DC=do_dc,
                 BLOCK_T=c.block_t, BLOCK_H=c.block_h, BLOCK_D=BLOCK_D, BLOCK_N=c.block_n,
+                CLEAN_IDX=clean and topk_mode, PREFETCH=c.prefetch and topk_mode,
                 num_warps=c.num_warps, num_stages=c.num_stages,
             )
 
     _with_shrink(launch_q, cfgs.bwd_q, topk_mode, "backward dq")
-    dkv = torch.empty_like(kv)
+    return dq, delta, dckv32
 
-    def launch_kv(c: KernelConfig):
-        _sparse_attn_bwd_window_kv[(triton.cdiv(L, c.block_n), B)](
-            q, kv, doc_start, do, lse, delta, dkv,
-            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), doc_start.stride(0),
-            o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-            L, H, D, window, scale * LOG2E, scale,
-            BLOCK_S=c.block_n, BLOCK_T=c.block_t, BLOCK_H=c.block_h, BLOCK_D=BLOCK_D,
+
+def _launch_bwd_split(q, kv, doc_start, window, scale, ckv, c_end, topk_idx, o, lse, do, dlse, cfgs,
+                      clean_topk):
+    """Split backward: delta kernel, dq-only query pass, key-major d(ckv) pass (_sparse_attn_bwd_dc)."""
+    B, L, H, D = q.shape
+    topk_mode = topk_idx is not None
+    dummy = doc_start
+    N = ckv.shape[1]
+    if topk_mode and clean_topk is None:
+        clean_topk = _clean_topk(topk_idx, c_end, doc_start)
+    topk_ = clean_topk if topk_mode else dummy
+    K = topk_.shape[2] if topk_mode else 0
+    BLOCK_D = max(16, _pow2(D))
+    dq = torch.empty_like(q)
+    delta = torch.empty(B, L, H, device=q.device, dtype=torch.float32)
+    dckv32 = torch.zeros(ckv.shape, device=q.device, dtype=torch.float32)
+    R = B * L * H
+    _bwd_delta[(triton.cdiv(R, 64),)](o, do, dlse if dlse is not None else lse, delta, R, D,
+                                      HAS_DLSE=dlse is not None, BLOCK_R=64, BLOCK_D=min(BLOCK_D, 128),
+                                      num_warps=4)
+
+    def launch_q(c: KernelConfig):
+        nrange = _nrange(doc_start, c_end, L, c.block_t) if not topk_mode else dummy
+        grid = (triton.cdiv(L, c.block_t), triton.cdiv(H, c.block_h), B)
+        _sparse_attn_bwd_q[grid](
+            q, kv, ckv, c_end, topk_, doc_start, nrange, o, do, lse, lse, dq, delta, dckv32,
+            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+            ckv.stride(0), ckv.stride(1), c_end.stride(0), topk_.stride(0), topk_.stride(1) if topk_mode else 0,
+            doc_start.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+            nrange.stride(0), dckv32.stride(0), dckv32.stride(1),
+            L, H, N, K, D, window, scale * LOG2E, scale,
+            HAS_C=True, TOPK_MODE=topk_mode, HAS_DLSE=False, DO_DQ=True, DO_DC=False,
+            BLOCK_T=c.block_t, BLOCK_H=c.block_h, BLOCK_D=BLOCK_D, BLOCK_N=c.block_n,
+            LOAD_DELTA=True, CLEAN_IDX=topk_mode, PREFETCH=c.prefetch and topk_mode,
             num_warps=c.num_warps, num_stages=c.num_stages,
         )
 
-    _with_shrink(launch_kv, cfgs.bwd_kv, False, "backward window dkv")
-    # sink: d lse / d sink = p_sink, and ds_sink = p_sink * (0 - delta)
-    dsink = -(torch.exp(sink.float()[None, None, :] - lse) * delta).sum(dim=(0, 1))
-    dckv = dckv32.to(ckv.dtype) if has_c else None
-    return dq, dkv, dsink.to(sink.dtype), dckv
+    _with_shrink(launch_q, cfgs.bwd_q, topk_mode, "backward dq (split)")
+
+    def launch_dc(c: KernelConfig):
+        dckv32.zero_()  # a retry must not add twice
+        block_t = 1 if topk_mode else c.block_t
+        nrange = _nrange(doc_start, c_end, L, block_t) if not topk_mode else dummy
+        dc = c.d_chunk if c.d_chunk and c.d_chunk < BLOCK_D else BLOCK_D
+        if BLOCK_D // dc > 2:
+            raise ValueError(f"sparse_attention_triton: d_chunk {c.d_chunk} gives more than 2 chunks of {BLOCK_D}")
+        grid = (triton.cdiv(L, block_t), triton.cdiv(H, c.block_h), B)
+        _sparse_attn_bwd_dc[grid](
+            q, ckv, c_end, topk_, doc_start, nrange, do, lse, delta, dckv32,
+            q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1), c_end.stride(0),
+            topk_.stride(0), topk_.stride(1) if topk_mode else 0, doc_start.stride(0),
+            do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1),
+            nrange.stride(0), dckv32.stride(0), dckv32.stride(1),
+            L, H, N, K, D, scale * LOG2E, scale,
+            TOPK_MODE=topk_mode, PREFETCH=c.prefetch and topk_mode,
+            BLOCK_T=block_t, BLOCK_H=c.block_h, BLOCK_N=c.block_n, DC=dc, NUM_DC=BLOCK_D // dc,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )
+
+    _with_shrink(launch_dc, cfgs.bwd_dc, True, "backward d(ckv)")
+    return dq, delta, dckv32
 
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, sink, doc_start, ckv, c_end, topk_idx, window, scale, cfgs):
-        o, lse = _launch_fwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, cfgs.fwd)
-        ctx.save_for_backward(q, kv, sink, doc_start, ckv, c_end, topk_idx, o, lse)
+        clean = None
+        if cfgs.clean_idx and ckv is not None and topk_idx is not None:
+            clean = _clean_topk(topk_idx, c_end, doc_start)
+        o, lse = _launch_fwd(q, kv, sink, doc_start, window, scale, ckv, c_end,
+                             topk_idx if clean is None else clean, cfgs.fwd, clean_idx=clean is not None)
+        ctx.save_for_backward(q, kv, sink, doc_start, ckv, c_end, topk_idx, o, lse, clean)
         ctx.window, ctx.scale, ctx.cfgs = window, scale, cfgs
         ctx.set_materialize_grads(False)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, kv, sink, doc_start, ckv, c_end, topk_idx, o, lse = ctx.saved_tensors
+        q, kv, sink, doc_start, ckv, c_end, topk_idx, o, lse, clean = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do.contiguous()
         dlse = None if dlse is None else dlse.float().contiguous()
         dq, dkv, dsink, dckv = _launch_bwd(q, kv, sink, doc_start, ctx.window, ctx.scale, ckv, c_end,
-                                           topk_idx, o, lse, do, dlse, ctx.cfgs)
+                                           topk_idx, o, lse, do, dlse, ctx.cfgs, clean)
         return dq, dkv, dsink, None, dckv, None, None, None, None, None
 
 
@@ -556,14 +922,19 @@ def sparse_attention_triton(
     return_lse: bool = False,
     *,
     configs: SparseAttentionConfigs | None = None,
+    variant: str | None = None,
 ):
     """Triton version of ``model.sparse_attention.sparse_attention`` (same arguments, same
-    results; ``configs`` overrides the tile shapes, for benchmarks). Differentiable in q, kv,
-    sink, ckv, and through lse when returned."""
+    results; ``configs`` overrides the tile shapes, for benchmarks; ``variant`` picks a named
+    entry of ``VARIANTS``, by default the environment variable HYBRIDLM_SPARSE_ATTN_VARIANT or
+    else ``DEFAULT_VARIANT``). Differentiable in q, kv, sink, ckv, and through lse when returned."""
     _check_inputs(q, kv, sink, doc_start, window, ckv, c_end, topk_idx)
     B, L, H, D = q.shape
     topk_mode = ckv is not None and topk_idx is not None
-    cfgs = configs or default_configs(H, D, topk_mode)
+    if configs is not None:
+        cfgs = configs
+    else:
+        cfgs = variant_configs(variant or os.environ.get(VARIANT_ENV) or DEFAULT_VARIANT, H, D, topk_mode)
     q, kv = q.contiguous(), kv.contiguous()
     doc_start = doc_start.to(torch.int32).contiguous()
     if ckv is not None:

@@ -142,7 +142,8 @@ class Attention(nn.Module):
                 # select without gradient and without the [B, L, N] matrix; score (with
                 # gradient) only the K selected entries, for the indexer loss
                 q_i, w_i, k_i = self.indexer.project(x, qr, pos, cl)     # [B,L,Hi,Di] [B,L,Hi] [B,N,Di]
-                topk_fn = get_indexer_topk(self.cfg.attention_impl, x.device, q_i.dtype)
+                topk_fn = get_indexer_topk(self.cfg.attention_impl, x.device, q_i.dtype,
+                                           self.cfg.indexer_score_dtype, self.cfg.indexer_select)
                 with torch.no_grad():
                     topk_idx = topk_fn(q_i, w_i, k_i, c_end, doc_start, self.cfg.index_topk)  # [B, L, K]
                 if self.training:

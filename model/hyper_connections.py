@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import get_mhc_coefficients
+from kernels.dispatch import get_collapse_streams, get_mhc_coefficients, get_mix_streams
 from model.config import ModelConfig
 
 # Our init (V4's is unpublished): comb base logits are c on the diagonal and 0 elsewhere, with c
@@ -228,7 +228,8 @@ class HyperConnection(nn.Module):
         if self.kind == "residual":
             return x[:, :, 0], None, None
         pre, post, comb = self.coefficients(x)  # [B,L,n], [B,L,n], [B,L,n,n] fp32
-        return collapse_streams(x, pre), post, comb
+        collapse = get_collapse_streams(self.mhc_impl, x.device, x.dtype)  # Triton on CUDA
+        return collapse(x, pre), post, comb
 
     def post(self, f: torch.Tensor, x: torch.Tensor, post: torch.Tensor | None,
              comb: torch.Tensor | None) -> torch.Tensor:
@@ -237,7 +238,8 @@ class HyperConnection(nn.Module):
                              f"got {list(f.shape)}")
         if self.kind == "residual":
             return x + f.unsqueeze(2)
-        return mix_streams(f, x, post, comb)
+        mix = get_mix_streams(self.mhc_impl, x.device, x.dtype)  # Triton on CUDA
+        return mix(f, x, post, comb)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, n={self.n}, dim={self.dim}, layer_idx={self.layer_idx}"

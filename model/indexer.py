@@ -64,11 +64,15 @@ def indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_
 
 def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """scores [B, L, N] (-inf = invisible) -> idx [B, L, min(k, N)] long, -1 for empty slots
-    (a query with fewer than K visible entries). Slots are in descending score order."""
+    (a query with fewer than K visible entries). Slots are in descending score order; ties are
+    deterministic: the lower entry index wins (and comes first), as in the fused Triton selection
+    (``kernels.indexer_topk``). -0.0 and +0.0 are equal scores."""
     if k < 1:
         raise ValueError(f"select_topk: k must be >= 1, got {k}")
     K = min(k, scores.shape[-1])
-    vals, idx = scores.topk(K, dim=-1)
+    # a stable descending sort keeps equal scores in index order (torch.topk orders ties arbitrarily)
+    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
+    vals, idx = vals[..., :K], idx[..., :K]
     return torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx)
 
 

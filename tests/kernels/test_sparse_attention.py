@@ -164,3 +164,68 @@ def test_tile_that_does_not_fit_shrinks_until_it_fits():
     with pytest.raises(OutOfResources):
         _with_shrink(lambda cfg: (_ for _ in ()).throw(OutOfResources(1, 0, "shared memory")),
                      KernelConfig(1, 16, 16, 4, 1), True, "test")
+
+
+# ----------------------------------------------------------------------------- variants
+# Algorithmic variants (kernels.sparse_attention.VARIANTS): clean indices + index prefetch in the
+# forward and the fused backward; the split backward (delta kernel, dq-only pass, key-major
+# d(ckv) pass with the head dim whole or in two chunks). Small tiles so that several key tiles,
+# head blocks and chunks occur at these sizes.
+_KC = KernelConfig
+VARIANT_CFGS = {
+    "clean_prefetch": SparseAttentionConfigs(_KC(1, 16, 16, prefetch=True), _KC(1, 16, 16, prefetch=True),
+                                             _KC(1, 16, 16), clean_idx=True),
+    "split_dc_chunks": SparseAttentionConfigs(_KC(1, 16, 16), _KC(1, 16, 16, prefetch=True), _KC(1, 16, 16),
+                                              bwd_dc=_KC(1, 16, 16, d_chunk=16, prefetch=True), clean_idx=True),
+    "split_dc_whole_unclean": SparseAttentionConfigs(_KC(1, 16, 16), _KC(1, 16, 16), _KC(1, 16, 16),
+                                                     bwd_dc=_KC(1, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANT_CFGS))
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "topk"] + [CASES[1]])
+def test_variants_match_reference_fp32(name, case):
+    mode, B, L, H, D, window, ratio, K, cuts = case
+    lay, cl = _layout(B, L, cuts, ratio)
+    N = cl.c_end.shape[1]
+    q, kv, sink, ckv = _inputs(B, L, H, D, N, torch.float32, seed=hash((mode, L, H, name)) % 1000)
+    topk = None
+    cfg = VARIANT_CFGS[name]
+    if mode == "topk":
+        g = torch.Generator().manual_seed(7)
+        topk = torch.randint(-1, N, (B, L, K), generator=g).to(DEVICE)  # -1 slots, invisible entries
+        topk[:, :, 0] = topk[:, :, 1]
+    elif cfg.bwd_dc is not None:  # dense entries: several tokens per program in both passes
+        cfg = SparseAttentionConfigs(_KC(4, 4, 16), _KC(4, 4, 16), _KC(4, 4, 16), bwd_dc=_KC(4, 4, 16, d_chunk=16))
+    _check(_run_both(q, kv, sink, lay, window, ckv, cl.c_end, topk, cfg), tol=2e-5)
+
+
+def test_split_backward_fp16_indexer_selection():
+    """The split backward on the indexer's real selection (descending, -1 padded), fp16."""
+    from model.indexer import select_topk
+
+    B, L, H, D, W, m, K = 1, 41, 4, 32, 8, 4, 8
+    lay, cl = _layout(B, L, [[14]], m)
+    N = cl.c_end.shape[1]
+    q, kv, sink, ckv = _inputs(B, L, H, D, N, torch.float16, seed=4)
+    t = torch.arange(L, device=DEVICE)
+    vis = (cl.c_end[:, None, :] >= lay.doc_start[:, :, None]) & (cl.c_end[:, None, :] <= t[None, :, None])
+    topk = select_topk(torch.randn(B, L, N, device=DEVICE).masked_fill(~vis, float("-inf")), K)
+    _check(_run_both(q, kv, sink, lay, W, ckv, cl.c_end, topk, VARIANT_CFGS["split_dc_chunks"]), tol=1e-2)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "tuned", "fwd_prefetch", "bwd_split", "combo"])
+def test_named_variants_run(variant, monkeypatch):
+    """The registry's variants (selected through the environment variable, as the benchmark's
+    users would) resolve to valid configs and match the reference on a small top-k case."""
+    from kernels.sparse_attention import VARIANT_ENV, VARIANTS, variant_configs
+
+    for name in VARIANTS:  # every entry builds for both head configurations
+        variant_configs(name, 64, 512, True), variant_configs(name, 16, 256, False)
+    monkeypatch.setenv(VARIANT_ENV, variant)
+    B, L, H, D, window, ratio, K = 1, 37, 4, 32, 8, 4, 6
+    lay, cl = _layout(B, L, [[20]], ratio)
+    N = cl.c_end.shape[1]
+    q, kv, sink, ckv = _inputs(B, L, H, D, N, torch.float32, seed=21)
+    topk = torch.randint(-1, N, (B, L, K), generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    _check(_run_both(q, kv, sink, lay, window, ckv, cl.c_end, topk), tol=2e-5)

@@ -1,0 +1,80 @@
+"""FP8 (e4m3) indexer scoring: the plain-PyTorch reference of the quantisation (CPU-runnable, no
+Triton import). ``kernels.indexer_topk`` quantises with a Triton kernel that produces the same
+bytes and scales, then scores with fp8 tensor-core products (fp32 accumulate).
+
+Quantisation (symmetric, amax scaling, round-to-nearest-even, saturating at +-448):
+* k [B, N, Di]: one scale per compressed entry (per token), over its Di channels.
+* q [B, L, Hi, Di]: one scale per (token, head), over Di.
+
+Why per-token-per-head for q: it costs nothing in the kernel. For scale s_q[t, h] > 0 and
+s_k[n] > 0, ReLU(s_q s_k x) = s_q s_k ReLU(x), so
+
+    I[t, n] = s_k[n] * sum_h (w[t, h] * s_q[t, h]) * ReLU(q8[t, h] . k8[n])
+
+the q scale folds into the head weight (w' = w * s_q, fp32, computed once per token) and the k
+scale multiplies the finished [BLOCK_T, BLOCK_N] tile once; a coarser per-token q scale would
+only lose accuracy (heads differ in magnitude) without saving any work. Finer groups along Di
+(e.g. 1x128 blocks of DeepGEMM with Di = 128 is exactly this) would not change anything here.
+The same scheme is used by DeepSeek-V3.2's FP8 indexer (q scale folded into the weights).
+
+``quantize_fp8`` defines the bytes: inv = 448 / max(amax, 1e-12) and scale = max(amax, 1e-12) /
+448, both IEEE fp32 divisions; q8 = fp8(clamp(x * inv, -448, 448)). The kernel performs the same
+IEEE operations, so the fp8 tensors are bit-identical; only the fp32 summation order of the
+scores differs from ``indexer_scores_fp8_reference`` (relative ~1e-6).
+
+Only the non-differentiable selection uses fp8; the indexer's KL loss still scores the selected
+entries in the model dtype (``model.indexer.selected_indexer_scores``).
+"""
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+AMAX_FLOOR = 1e-12  # an all-zero row gets scale 1e-12 / 448 and quantises to zeros
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (x8 [..., D] float8_e4m3fn, scale [...] fp32) with x ~= x8 * scale[..., None]."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
+    inv = FP8_MAX / amax
+    x8 = (xf * inv[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return x8, amax / FP8_MAX
+
+
+def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x8.float() * scale[..., None]
+
+
+def fp8_roundtrip(q_idx: torch.Tensor, k_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k) after quantise + dequantise, fp32: what the fp8 path scores."""
+    return dequantize_fp8(*quantize_fp8(q_idx)), dequantize_fp8(*quantize_fp8(k_idx))
+
+
+def indexer_scores_fp8_reference(q_idx, w, k_idx, c_end, doc_start) -> torch.Tensor:
+    """``model.indexer.indexer_scores`` of the fp8-quantised q and k (fp32 math, w in fp32)."""
+    from model.indexer import indexer_scores
+
+    qd, kd = fp8_roundtrip(q_idx, k_idx)
+    return indexer_scores(qd, w.float(), kd, c_end, doc_start)
+
+
+def indexer_topk_fp8_reference(q_idx, w, k_idx, c_end, doc_start, k: int) -> torch.Tensor:
+    """Reference fp8 selection: ``select_topk`` (deterministic ties) of the fp8 scores."""
+    from model.indexer import select_topk
+
+    return select_topk(indexer_scores_fp8_reference(q_idx, w, k_idx, c_end, doc_start), k)
+
+
+def topk_recall(got: torch.Tensor, ref: torch.Tensor, n_entries: int) -> float:
+    """|got ∩ ref| / |ref| over all queries (-1 slots ignored): both [B, L, K] index tensors.
+    Equals the mean over queries of |topk_a ∩ topk_b| / k when every query sees >= k entries."""
+    B, L, _ = ref.shape
+    N = n_entries
+
+    def as_set(idx):
+        m = torch.zeros(B, L, N + 1, dtype=torch.bool, device=idx.device)
+        return m.scatter_(2, torch.where(idx < 0, N, idx), True)[..., :N]
+
+    return (as_set(got) & as_set(ref)).sum().item() / max(1, int((ref >= 0).sum().item()))
