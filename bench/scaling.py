@@ -133,7 +133,7 @@ def run_variant(args, variant: str, device: torch.device, rank: int, world: int)
 
     optim_name, placement = VARIANTS[variant]
     torch.manual_seed(args.seed)
-    cfg = ModelConfig.from_preset(args.preset)
+    cfg = ModelConfig.from_preset(args.preset, moe_impl=args.moe_impl)
     with torch.device(device):
         model = Transformer(cfg)
     model = model.to(device)
@@ -145,7 +145,8 @@ def run_variant(args, variant: str, device: torch.device, rank: int, world: int)
         ep = apply_expert_parallel(model, args.ep)
     opt = build_sharded_optimizer(model, {"name": optim_name, "lr": 1e-4, "ns_dtype": args.ns_dtype},
                                   ns_placement=placement)
-    config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
+    config = {"train_micro_batch_size_per_gpu": args.micro_batch,
+              "gradient_accumulation_steps": args.grad_accum,
               "gradient_clipping": 1.0, "bf16": {"enabled": device.type == "cuda"},
               "zero_optimization": {"stage": args.zero, "overlap_comm": args.zero >= 2,
                                     "contiguous_gradients": True},
@@ -162,8 +163,11 @@ def run_variant(args, variant: str, device: torch.device, rank: int, world: int)
         for k in ("muon", "adamw"):
             spans[k].clear()
         t0 = clock.mark()
-        loss = engine(ids, labels=ids).loss
-        engine.backward(loss)
+        for micro in range(args.grad_accum):   # DeepSpeed steps only at the accumulation boundary
+            loss = engine(ids, labels=ids).loss
+            engine.backward(loss)
+            if micro < args.grad_accum - 1:
+                engine.step()
         t1 = clock.mark()
         engine.step()
         t2 = clock.mark()
@@ -185,7 +189,7 @@ def run_variant(args, variant: str, device: torch.device, rank: int, world: int)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    tokens = args.micro_batch * args.seq
+    tokens = args.micro_batch * args.seq * args.grad_accum
     step_ms = max(g["step_ms"] for g in gathered)               # the slowest rank sets the pace
     tok_s_gpu = tokens / (step_ms / 1e3)
     from train.engine import peak_tflops
@@ -195,7 +199,8 @@ def run_variant(args, variant: str, device: torch.device, rank: int, world: int)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "date": datetime.date.today().isoformat(), "world": world, "preset": args.preset,
-        "seq": args.seq, "micro_batch": args.micro_batch, "zero": args.zero, "ep": args.ep,
+        "seq": args.seq, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
+        "zero": args.zero, "ep": args.ep, "moe_impl": args.moe_impl,
         "variant": variant, "checkpointing": args.checkpointing,
         "step_ms": step_ms, "fwd_bwd_ms": max(g["fwd_bwd_ms"] for g in gathered),
         "opt_ms": max(g["opt_ms"] for g in gathered),
@@ -238,7 +243,8 @@ def report(paths: list[str]) -> str:
     rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError("--report: no results in " + ", ".join(paths))
-    key = lambda r: (r["device"], r["preset"], r["seq"], r["micro_batch"], r["zero"], r["ep"])
+    key = lambda r: (r["device"], r["preset"], r["seq"], r["micro_batch"], r.get("grad_accum", 1),
+                     r["zero"], r["ep"], r.get("moe_impl", "loop"))
     out = [f"# Scaling: {rows[0]['preset']} preset, seq {rows[0]['seq']} "
            f"({rows[0]['device']}, {max(r['date'] for r in rows)})", "",
            "bench/scaling.py; medians after warm-up; bf16; ZeRO as listed; gradient clipping 1.0. "
@@ -249,8 +255,9 @@ def report(paths: list[str]) -> str:
     for r in rows:
         groups[key(r)].append(r)
     for k, rs in groups.items():
-        device, preset, seq, mb, zero, ep = k
-        out += [f"## {preset}, seq {seq}, micro-batch {mb}, ZeRO-{zero}, EP {ep}", "",
+        device, preset, seq, mb, ga, zero, ep, moe_impl = k
+        out += [f"## {preset}, seq {seq}, micro-batch {mb} x {ga} accumulation, ZeRO-{zero}, EP {ep}, "
+                f"moe_impl {moe_impl}", "",
                 "| GPUs | variant | tok/s/GPU | efficiency | MFU | step ms | opt ms (share) | "
                 "Muon ms | AdamW ms | Muon extra | peak GB/GPU (max) | NS TFLOP/rank max/min | "
                 "shard MB sent/rank |",
@@ -280,6 +287,9 @@ def main(argv=None) -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step (Muon's share falls as tokens per step grow)")
+    ap.add_argument("--moe-impl", default="auto", choices=["auto", "grouped", "loop"])
     ap.add_argument("--zero", type=int, default=1, choices=[0, 1, 2, 3])
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     ap.add_argument("--variants", default="muon-owner,muon-redundant,adamw")
