@@ -38,9 +38,13 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (x8 [..., D] float8_e4m3fn, scale [...] fp32) with x ~= x8 * scale[..., None]."""
     xf = x.float()
     amax = xf.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
-    inv = FP8_MAX / amax
+    # tensor / tensor on purpose: PyTorch computes `scalar / t` as reciprocal(t) * scalar and, on
+    # CUDA, `t / scalar` as t * (1 / scalar), two roundings each; a tensor divisor is one IEEE
+    # division on every device, which is what the Triton quantiser (div_rn) does
+    qmax = torch.full_like(amax, FP8_MAX)
+    inv = torch.div(qmax, amax)
     x8 = (xf * inv[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return x8, amax / FP8_MAX
+    return x8, torch.div(amax, qmax)
 
 
 def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
