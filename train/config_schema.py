@@ -14,6 +14,8 @@ Each group maps one-to-one onto a builder:
     deepspeed   -> train.engine.deepspeed_config (the dict passed to deepspeed.initialize)
     logging     -> train.metrics.MetricsLogger (metrics.jsonl + wandb)
     launch      -> train.engine.setup_distributed (timeout); launch=slurm records sbatch settings
+    stability   -> train.stability_control.build_stability (spike detector, snapshot ring,
+                   anticipatory routing) + train.stability_control.Injector (experiments)
 """
 from __future__ import annotations
 
@@ -174,6 +176,46 @@ class ParallelSection:
 
 
 @dataclass
+class SpikeDetectorSection:
+    """train.spikes.SpikeDetector: robust z-score of each metric against its last ``window``
+    accepted values; NaN/inf always count as spikes."""
+    metrics: List[str] = field(default_factory=lambda: ["loss", "grad_norm", "update_norm"])
+    window: int = 50
+    z_threshold: float = 6.0
+    min_history: int = 10              # values needed before finite values can be spikes
+
+
+@dataclass
+class RollbackSection:
+    """train.rollback.SnapshotRing + the controller's retry policy."""
+    enabled: Optional[bool] = None     # null: on exactly when anticipatory_routing=auto
+    snapshot_every: int = 50           # optimizer steps between snapshots
+    keep: int = 2                      # snapshots kept (ring size)
+    location: str = "memory"           # memory | disk (<run dir>/snapshots/rank<r>/)
+    max_retries: int = 3               # rollbacks in a row before the run stops
+    skip_batches: int = 1              # optimizer steps' worth of batches skipped at the spike
+
+
+@dataclass
+class InjectSection:
+    """Experiments and tests only: a spike on purpose (train.stability_control.Injector)."""
+    step: int = MISSING                # 0-based optimizer step of the run without rollbacks
+    kind: str = MISSING                # scale_grad | scale_loss | nan | skip | anticipate
+    factor: float = 1.0e4              # scale_grad / scale_loss
+
+
+@dataclass
+class StabilitySection:
+    """V4's training stability: anticipatory routing, spike detection, rollback."""
+    anticipatory_routing: str = "off"  # off | on | auto (on for on_steps after a spike)
+    dt: int = 1                        # route step t with the parameters of step t - dt
+    on_steps: int = 100                # auto: steps anticipatory routing stays on
+    detector: SpikeDetectorSection = field(default_factory=SpikeDetectorSection)
+    rollback: RollbackSection = field(default_factory=RollbackSection)
+    inject: List[InjectSection] = field(default_factory=list)
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -184,6 +226,7 @@ class JobConfig:
     launch: LaunchSection = field(default_factory=LaunchSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     train: TrainSection = field(default_factory=TrainSection)
+    stability: StabilitySection = field(default_factory=StabilitySection)
 
 
 def register_configs() -> None:

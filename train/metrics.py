@@ -104,6 +104,7 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb = None
         self.wandb_run_id: str | None = resume_run_id
+        self._wandb_step = 0
         if not enabled:
             return
         self._file = open(self.path, "a")
@@ -134,7 +135,13 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.wandb is not None:
-            self.wandb.log(self._for_wandb(metrics), step=step)
+            # wandb drops lines whose step goes backwards: after a stability rollback the
+            # replayed steps' lines stay in metrics.jsonl only, events go to the newest step
+            if step >= self._wandb_step:
+                self._wandb_step = step
+                self.wandb.log(self._for_wandb(metrics), step=step)
+            elif kind == "event":
+                self.wandb.log(self._for_wandb(metrics), step=self._wandb_step)
 
     def _for_wandb(self, metrics: Mapping[str, Any]) -> dict:
         import wandb

@@ -121,3 +121,55 @@ class SnapshotRing:
         while len(self._snapshots) > idx + 1:
             self._drop(len(self._snapshots) - 1)
         return step
+
+
+class EngineState:
+    """``state_dict`` / ``load_state_dict`` of a DeepSpeed engine for in-memory snapshots: the
+    module (parameters and buffers: MoE router biases included), the optimizer as DeepSpeed
+    holds it and the engine's step counters.
+
+    * ZeRO-0 in fp32: the client optimizer itself (Muon momentum, AdamW moments).
+    * ZeRO-1/2 and bf16: DeepSpeed's wrapper (``DeepSpeedZeroOptimizer`` / ``BF16_Optimizer``):
+      its ``state_dict`` holds this rank's fp32 master shards and the base optimizer's state on
+      those shards; loading goes through the wrapper's own loader with
+      ``load_from_fp32_weights=True`` (as ``engine.load_checkpoint`` does), so master weights
+      and the bit16 model weights agree bit-exactly with the snapshot.
+    * ZeRO-3 is not supported (its module state is partitioned); ``build_stability`` refuses it.
+
+    The MoE load accumulators (non-persistent, zero between optimizer steps) are cleared on
+    load. Every rank snapshots its own shards; ranks restore together because the trainer
+    all-reduces the detector inputs (every rank takes the same decision).
+    """
+
+    COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    @staticmethod
+    def _wrapped(optimizer) -> bool:
+        return hasattr(optimizer, "single_partition_of_fp32_groups") or \
+            hasattr(optimizer, "fp32_groups_flat_partition")
+
+    def state_dict(self) -> dict:
+        e = self.engine
+        return {"module": e.module.state_dict(), "optimizer": e.optimizer.state_dict(),
+                "counters": {k: getattr(e, k) for k in self.COUNTERS if hasattr(e, k)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        e = self.engine
+        e.module.load_state_dict(state["module"])
+        opt = e.optimizer
+        if self._wrapped(opt):
+            world = int(getattr(e, "dp_world_size", 1) or 1)
+            # the wrapper reads entry [dp rank] of a per-rank list: every entry is this rank's
+            opt.load_state_dict(state_dict_list=[state["optimizer"]] * world,
+                                load_optimizer_states=True, load_from_fp32_weights=True)
+        else:
+            opt.load_state_dict(state["optimizer"])
+        for k, v in state["counters"].items():
+            setattr(e, k, v)
+        with torch.no_grad():
+            for name, buf in e.module.named_buffers():
+                if name.endswith("load_accum"):
+                    buf.zero_()

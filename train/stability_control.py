@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 
 from train.anticipatory import AnticipatoryRouter
 from train.rollback import RollbackExhausted, SnapshotRing
-from train.spikes import SpikeDetector
+from train.spikes import DEFAULT_METRICS, SpikeDetector
 from train.stability import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,10 @@ class StabilityController:
         """Snapshot, skip bad batches, return this step's micro-batches, precompute step + dt's
         routing under the current parameters (theta_step) when anticipatory routing is on then."""
         if self.ring is not None:
-            self.ring.maybe_save(step, {**objects, "stability": _ReplayState(self)})
+            if not self.ring.steps:   # first step of this process (start or resume): always one
+                self.ring.save(step, {**objects, "stability": _ReplayState(self)})
+            else:
+                self.ring.maybe_save(step, {**objects, "stability": _ReplayState(self)})
         skip = self.pending_skips.pop(step, 0)
         if skip:
             loader.skip(skip * grad_accum)
@@ -146,7 +149,7 @@ class StabilityController:
             self.pending_skips[step] = self.pending_skips.get(step, 0) + self.skip_batches
         self._event(step, "rollback", to_step=restored, retry=self.retries, metric=worst.metric,
                     value=worst.value)
-        logger.warning("stability: %s spike at step %d (%.6g, z=%.3g): rolled back to step %d "
+        logger.info("stability: %s spike at step %d (%.6g, z=%.3g): rolled back to step %d "
                        "(retry %d/%d)", worst.metric, step, worst.value, worst.zscore, restored,
                        self.retries, self.max_retries)
         if self.mode == "auto":
@@ -154,6 +157,14 @@ class StabilityController:
         return restored
 
     # -- mode changes -----------------------------------------------------------------------
+    def switch_on(self, step: int) -> None:
+        """Turn anticipatory routing on for steps [step, step + on_steps) as a detected spike
+        would in ``auto`` mode (experiments: ``stability.inject`` kind ``anticipate``)."""
+        if self.mode != "auto":
+            raise ValueError("stability: switching anticipatory routing on needs "
+                             f"stability.anticipatory_routing=auto, not {self.mode!r}")
+        self._switch_on(step)
+
     def _switch_on(self, step: int) -> None:
         was_on = self.on_from is not None
         self.on_from, self.on_until = step, step + self.on_steps
@@ -216,3 +227,161 @@ class _ReplayState:
     def load_state_dict(self, state: dict) -> None:
         self.ctl.detector.load_state_dict(state["detector"])
         self.ctl.router.load_state_dict(state["router"])
+
+
+# ------------------------------------------------------------------------- config -> controller
+ROLLBACK_LOCATIONS = ("memory", "disk")
+INJECT_KINDS = ("scale_grad", "scale_loss", "nan", "skip", "anticipate")
+_YAML_BOOL_MODES = {"false": "off", "true": "on"}   # YAML 1.1 reads a bare off/on as a bool
+
+
+def _get(section: Mapping, key: str, default=None):
+    value = section.get(key, default) if section is not None else default
+    return default if value is None and default is not None else value
+
+
+def _int(value, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def normalise_mode(mode) -> str:
+    mode = str(mode)
+    mode = _YAML_BOOL_MODES.get(mode.lower(), mode)
+    if mode not in MODES:
+        raise ValueError(f"stability.anticipatory_routing must be one of {' | '.join(MODES)}, "
+                         f"got {mode!r}")
+    return mode
+
+
+def rollback_enabled(section: Mapping) -> bool:
+    """``stability.rollback.enabled``; null means: exactly when anticipatory_routing=auto."""
+    enabled = _get(section.get("rollback") or {}, "enabled")
+    if enabled is None:
+        return normalise_mode(section.get("anticipatory_routing", "off")) == "auto"
+    return bool(enabled)
+
+
+def build_stability(section: Mapping, *, snapshot_dir: str | None = None,
+                    zero_stage: int = 0) -> StabilityController:
+    """The ``stability`` config section -> ``StabilityController`` (the one place the keys are
+    read; see conf/stability/default.yaml for each key). Every bad value raises ``ValueError``
+    naming its key. ``snapshot_dir``: where ``rollback.location=disk`` writes (per rank)."""
+    section = dict(section or {})
+    mode = normalise_mode(section.get("anticipatory_routing", "off"))
+    dt = _int(_get(section, "dt", 1), "stability.dt", 1)
+    on_steps = _int(_get(section, "on_steps", 100), "stability.on_steps", 1)
+
+    det = dict(section.get("detector") or {})
+    metrics = list(_get(det, "metrics", list(DEFAULT_METRICS)))
+    unknown = [m for m in metrics if m not in DEFAULT_METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"stability.detector.metrics must be a non-empty subset of "
+                         f"{list(DEFAULT_METRICS)}, got {metrics!r}")
+    window = _int(_get(det, "window", 50), "stability.detector.window", 3)
+    min_history = _int(_get(det, "min_history", 10), "stability.detector.min_history", 1)
+    if min_history > window:
+        raise ValueError(f"stability.detector.min_history={min_history} must be <= "
+                         f"stability.detector.window={window}")
+    z = _get(det, "z_threshold", 6.0)
+    if isinstance(z, bool) or not isinstance(z, (int, float)) or not z > 0:
+        raise ValueError(f"stability.detector.z_threshold must be a number > 0, got {z!r}")
+    detector = SpikeDetector(window=window, z_threshold=float(z), min_history=min_history,
+                             metrics=metrics)
+
+    rb = dict(section.get("rollback") or {})
+    every = _int(_get(rb, "snapshot_every", 50), "stability.rollback.snapshot_every", 1)
+    keep = _int(_get(rb, "keep", 2), "stability.rollback.keep", 1)
+    location = _get(rb, "location", "memory")
+    if location not in ROLLBACK_LOCATIONS:
+        raise ValueError(f"stability.rollback.location must be memory | disk, got {location!r}")
+    max_retries = _int(_get(rb, "max_retries", 3), "stability.rollback.max_retries", 0)
+    skip_batches = _int(_get(rb, "skip_batches", 1), "stability.rollback.skip_batches", 0)
+    ring = None
+    if rollback_enabled(section):
+        if zero_stage == 3:
+            raise ValueError("stability.rollback needs deepspeed.zero_stage 0, 1 or 2 (ZeRO-3 "
+                             "snapshots are not supported); set stability.rollback.enabled=false")
+        if location == "disk" and snapshot_dir is None:
+            raise ValueError("stability.rollback.location=disk needs a snapshot directory")
+        ring = SnapshotRing(every=every, keep=keep, location=location,
+                            directory=snapshot_dir if location == "disk" else None)
+    parse_injections(section.get("inject") or [], mode)   # validated now, used by the trainer
+    return StabilityController(mode=mode, dt=dt, on_steps=on_steps, detector=detector, ring=ring,
+                               max_retries=max_retries, skip_batches=skip_batches)
+
+
+
+# ------------------------------------------------------------------ experiments: injected spikes
+def parse_injections(items, mode: str = "auto") -> list[dict]:
+    """Validate ``stability.inject``: a list of ``{step, kind, factor}``; see ``Injector``."""
+    out = []
+    for i, item in enumerate(items):
+        item = dict(item)
+        key = f"stability.inject[{i}]"
+        step = _int(item.get("step"), f"{key}.step", 0)
+        kind = item.get("kind")
+        if kind not in INJECT_KINDS:
+            raise ValueError(f"{key}.kind must be one of {' | '.join(INJECT_KINDS)}, got {kind!r}")
+        factor = item.get("factor", 1e4)
+        if kind in ("scale_grad", "scale_loss") and (
+                isinstance(factor, bool) or not isinstance(factor, (int, float))):
+            raise ValueError(f"{key}.factor must be a number, got {factor!r}")
+        if kind == "anticipate" and mode != "auto":
+            raise ValueError(f"{key}.kind=anticipate needs stability.anticipatory_routing=auto")
+        out.append({"step": step, "kind": kind, "factor": float(factor if factor is not None else 1e4)})
+    return out
+
+
+class Injector:
+    """Spikes on purpose, for tests and experiments (``stability.inject``; not for real runs).
+
+    Steps are 0-based optimizer-step indices (the train line of step s is logged at s + 1) of
+    the run as it would go without rollbacks:
+
+        scale_grad   the micro-batches step s draws get their loss scaled by ``factor`` before
+                     backward (a gradient blow-up; the logged loss is unscaled)
+        scale_loss   the same, and the logged loss is scaled too (a loss spike)
+        nan          their loss becomes NaN
+        skip         step s first discards one step's worth of micro-batches (what a rollback
+                     with skip_batches=1 does: the reference run "that skipped the batch")
+        anticipate   anticipatory routing switches on at step s as after a detected spike (auto)
+
+    The corrupted *batches* are remembered (by content), not the step: a replay after a
+    rollback that draws the same batches again spikes again, one that skipped them does not.
+    """
+
+    def __init__(self, items, ctl: StabilityController, start_step: int = 0):
+        self.items = parse_injections(items, ctl.mode)
+        self.ctl = ctl
+        self.reached = start_step - 1          # newest step begun (never rewound)
+        self.poisoned: dict[str, tuple[str, float]] = {}
+        for it in self.items:
+            if it["kind"] == "skip" and it["step"] >= start_step:
+                ctl.pending_skips[it["step"]] = ctl.pending_skips.get(it["step"], 0) + 1
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def before_step(self, step: int) -> None:
+        if step <= self.reached:
+            return
+        for it in self.items:
+            if it["kind"] == "anticipate" and it["step"] == step:
+                self.ctl.switch_on(step)
+
+    def corruption(self, step: int, batches: list) -> list[tuple[str, float] | None]:
+        """Per micro-batch of ``step``: (kind, factor) or None."""
+        from train.anticipatory import batch_fingerprint
+
+        if not self.items:
+            return [None] * len(batches)
+        fps = [batch_fingerprint(b) for b in batches]
+        if step > self.reached:
+            self.reached = step
+            for it in self.items:
+                if it["step"] == step and it["kind"] in ("scale_grad", "scale_loss", "nan"):
+                    for fp in fps:
+                        self.poisoned[fp] = (it["kind"], it["factor"])
+        return [self.poisoned.get(fp) for fp in fps]

@@ -6,9 +6,20 @@
     4. resume (train.resume), metrics (metrics.jsonl + wandb), progress bar
     5. for every optimizer step:
          curriculum position -> stage switch (seq_len, micro batch), attention mode, warm-up
-         lr -> micro-batches (forward, backward) -> finite check -> optimizer step
-         -> MoE router-bias update -> metrics -> validation -> checkpoint
+         lr -> stability.begin_step (snapshot, skips, this step's micro-batches, anticipatory
+         routing pre-pass for step + dt) -> micro-batches (forward with the cached routing,
+         backward) -> finite check -> optimizer step -> MoE router-bias update
+         -> stability.end_step (spike detection; a rollback restarts the loop at the restored
+         step) -> metrics -> validation -> checkpoint
     6. final validation and checkpoint; print where they are
+
+Training stability (``stability.*``, train/stability_control.py): the train loader is wrapped in
+a ``Prefetcher`` (look-ahead without losing exact resume); the controller snapshots engine
+(module, optimizer/ZeRO shards), loader, detector/routing cache and RNG every
+``rollback.snapshot_every`` steps; everything else a step depends on (lr, curriculum stage,
+attention mode, warm-up freezing, MTP weight) is a function of the step number and is recomputed
+after a rollback. Its state (detector history, auto window, routing cache of the next step) is
+checkpointed in each rank's client state, so a resume inside an anticipatory window is exact.
 
 The indexer warm-up (curriculum stages with ``indexer_warmup_steps``) freezes every parameter
 but the indexers' (``requires_grad=False``: no gradient, so the optimizer leaves them and their
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +52,11 @@ from train.expert_parallel import apply_expert_parallel, check_zero_stage_for_ep
 from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
                           resolve_device, resolve_precision, set_batch_shape, setup_distributed)
 from train.metrics import MetricsLogger, flops_per_token, peak_memory_gb
+from train.prefetch import Prefetcher
 from train.progress import Progress
+from train.rollback import EngineState
 from train.stability import check_finite
+from train.stability_control import Injector, StabilityController, build_stability
 
 log = logging.getLogger("train")
 LOSS_KEYS = ("lm", "mtp", "balance", "indexer")
@@ -86,6 +101,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
     schedule = _lr_schedule(optim_cfg, curriculum)
     schedule(0)   # validates the schedule settings now rather than at the first step
+    stability_cfg = OmegaConf.to_container(cfg.stability, resolve=True)
+    stability = build_stability(stability_cfg, zero_stage=int(cfg.deepspeed.zero_stage),
+                                snapshot_dir=str(run_dir / "snapshots" / f"rank{dist.rank}"))
 
     # ---- 2. data ----------------------------------------------------------------------------
     first = curriculum.stages[0]
@@ -95,7 +113,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     if data.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"data.tokenizer has {data.vocab_size} tokens but model.vocab_size is "
                          f"{model_cfg.vocab_size}: raise model.vocab_size")
-    train_loader, val_loader = data.train_loader, data.val_loader
+    # the look-ahead anticipatory routing needs; its state is the consumer's position
+    train_loader, val_loader = Prefetcher(data.train_loader), data.val_loader
 
     # ---- 3. model, optimizer, DeepSpeed engine -----------------------------------------------
     _seed_everything(tc.seed)
@@ -124,6 +143,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         step, wandb_id = int(resumed_meta["step"]), resumed_meta.get("wandb_run_id")
         train_loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
+        _load_stability(stability, rank_state.get("stability"))
     end_step = curriculum.total_steps if tc.stop_at_step is None else min(tc.stop_at_step,
                                                                           curriculum.total_steps)
     metrics = MetricsLogger(run_dir, enabled=dist.is_main, wandb_cfg=cfg.logging.wandb,
@@ -147,8 +167,26 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         say(f"resumed from {resume_ref.path} at step {step} ({copied} metric lines carried over)")
         metrics.log(step, "event", {"event": "resume", "from": str(resume_ref.path)})
     peak = peak_tflops(device, cfg.logging.peak_tflops)
+    injector = Injector(stability_cfg.get("inject") or [], stability, start_step=step)
+    snapshot_objects = {"engine": EngineState(engine), "loader": train_loader}
+    routing_forward = _routing_forward(engine, device)
+    watched = set(stability.detector.metrics)
+    rollback_on = stability.ring is not None
+    want_update_norm = "update_norm" in watched and getattr(optimizer, "track_update_rms", False)
+    if "update_norm" in watched and not want_update_norm:
+        log.warning("stability.detector.metrics has update_norm but optim.track_update_rms=false: "
+                    "update_norm is not watched")
+    if stability.mode != "off" or rollback_on:
+        say(f"stability: anticipatory routing {stability.mode} (dt {stability.dt}"
+            + (f", {stability.on_steps} steps after a spike" if stability.mode == "auto" else "")
+            + "), " + (f"rollback to snapshots every {stability.ring.every} steps ({stability.ring.location}, "
+                       f"{stability.ring.keep} kept, {stability.max_retries} retries, skipping "
+                       f"{stability.skip_batches} step(s) of batches)" if rollback_on else "no rollback")
+            + f"; watching {', '.join(stability.detector.metrics)}")
 
     stage = None
+    quiet_stage = False           # re-entering a stage after a rollback: no new stage event
+    window_steps = 0
     initial_val = final_val = None
     last_ckpt: CheckpointRef | None = resume_ref
     window_tokens, window_start = 0, time.perf_counter()
@@ -159,7 +197,10 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     # ---- 5. the loop --------------------------------------------------------------------------
     while step < end_step:
         pos = curriculum.at(step)
-        if pos.stage is not stage:
+        if pos.stage is not stage and quiet_stage:
+            stage = _enter_stage(pos, engine, train_loader, val_loader)
+            flops_tok = flops_per_token(model, stage.seq_len, stage.attention_mode)
+        elif pos.stage is not stage:
             stage = _enter_stage(pos, engine, train_loader, val_loader)
             flops_tok = flops_per_token(model, stage.seq_len, stage.attention_mode)
             say(f"stage {stage.index} ({stage.name}): seq_len {stage.seq_len}, micro batch "
@@ -169,6 +210,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             metrics.log(step, "event", {"event": "stage", "stage": stage.index, "name": stage.name,
                                         "seq_len": stage.seq_len, "micro_batch": stage.micro_batch,
                                         "grad_accum": stage.grad_accum})
+        quiet_stage = False
         warmup = pos.phase == PHASE_WARMUP
         model.set_attention_mode(pos.attention_mode)
         for p in trainable:   # the indexer warm-up trains the indexers only
@@ -192,27 +234,49 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         t0 = time.perf_counter()
         loss_sum = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64)
         diagnostics: dict[str, Any] = {}
-        for micro in range(stage.grad_accum):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(train_loader).items()}
+        # stability: snapshot, skips after a rollback, this step's micro-batches, and (while
+        # anticipatory routing is on for step + dt) the no-grad pre-pass caching its routing
+        injector.before_step(step)
+        batches = stability.begin_step(step, routing_forward, train_loader, stage.grad_accum,
+                                       snapshot_objects)
+        corrupt = injector.corruption(step, batches)
+        for micro, cpu_batch in enumerate(batches):
+            routing = stability.routing_for(step, micro, cpu_batch)
+            if routing is not None:
+                routing = [r.to(device, non_blocking=True) for r in routing]
+            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
             engine.set_gradient_accumulation_boundary(micro == stage.grad_accum - 1)
             out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
-                         labels=batch["labels"], diagnostics=diagnose and micro == 0)
-            engine.backward(out.loss)
-            loss_sum += torch.tensor([float(out.loss.detach())] +
-                                     [float(out.losses.get(k, 0.0)) for k in LOSS_KEYS],
+                         labels=batch["labels"], routing_indices=routing,
+                         diagnostics=diagnose and micro == 0)
+            loss, logged = out.loss, float(out.loss.detach())
+            if corrupt[micro] is not None:   # stability.inject (experiments only)
+                kind, factor = corrupt[micro]
+                loss = loss * (float("nan") if kind == "nan" else factor)
+                if kind != "scale_grad":
+                    logged = float(loss.detach())
+            engine.backward(loss)
+            loss_sum += torch.tensor([logged] + [float(out.losses.get(k, 0.0)) for k in LOSS_KEYS],
                                      dtype=torch.float64)
             if out.diagnostics:
                 diagnostics = out.diagnostics
         losses = _mean_over_ranks(loss_sum / stage.grad_accum, device)
-        check_finite(step + 1, {"loss": losses[0], **{f"loss/{k}": v
-                                                      for k, v in zip(LOSS_KEYS, losses[1:])}})
+        # NaN/inf stops the run here, unless the detector watches the value and can roll back
+        if not (rollback_on and "loss" in watched):
+            check_finite(step + 1, {"loss": losses[0], **{f"loss/{k}": v
+                                                          for k, v in zip(LOSS_KEYS, losses[1:])}})
+        check_grad = not (rollback_on and "grad_norm" in watched)
         grad_norm = _grad_norm(trainable) if cfg.deepspeed.zero_stage == 0 else None
-        check_finite(step + 1, {"grad_norm": grad_norm})
+        if check_grad:
+            check_finite(step + 1, {"grad_norm": grad_norm})
 
         engine.step()
         if grad_norm is None:
             grad_norm = engine.get_global_grad_norm()
-            check_finite(step + 1, {"grad_norm": None if grad_norm is None else float(grad_norm)})
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            if check_grad:
+                check_finite(step + 1, {"grad_norm": grad_norm})
+        update_rms = optimizer.last_update_rms() if want_update_norm else None
         # aux-loss-free balancing: loads summed over the step and all ranks, then the bias update
         loads = _reduce_router_loads(model, dist)
         if warmup:
@@ -220,8 +284,18 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
                 buf.zero_()
         else:
             model.update_router_biases()
-        step += 1
+
+        # spike detection on values every rank agrees on; a rollback restores the snapshot
+        observed = _detector_inputs(losses[0], grad_norm, update_rms, dist, device)
+        next_step = stability.end_step(step, observed, snapshot_objects)
+        _log_stability_events(stability, metrics, say)
+        if next_step != step + 1:   # rolled back: the loop continues at the restored step
+            step, stage, quiet_stage = next_step, None, True
+            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
+            continue
+        step = next_step
         step_time = time.perf_counter() - t0
+        window_steps += 1
 
         # metrics
         window_tokens += stage.tokens_per_step
@@ -247,18 +321,23 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
                 for name, rows in expert_parallel.gather_token_counts().items():
                     record[f"ep/tokens/{name}"] = rows
             if hasattr(optimizer, "last_update_rms") and getattr(optimizer, "track_update_rms", False):
-                record.update({f"update_rms/{k}": v for k, v in optimizer.last_update_rms().items()})
+                if update_rms is None:
+                    update_rms = optimizer.last_update_rms()
+                record.update({f"update_rms/{k}": v for k, v in update_rms.items()})
+            if observed.get("update_norm") is not None:
+                record["update_norm"] = observed["update_norm"]
+            record.update(_stability_record(stability, step, window_steps))
             metrics.log(step, "train", {k: v for k, v in record.items() if v is not None})
             progress.update(step, loss=f"{losses[0]:.3f}", lm=f"{losses[1]:.3f}",
                             tok_s=f"{tok_s:,.0f}", stage=stage.index)
-            window_tokens, window_start = 0, time.perf_counter()
+            window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         if diagnostics:
             metrics.log(step, "diagnostics", diagnostics)
         if _every(step, tc.val_every) and step < end_step:
             final_val = _validate_and_log(engine, val_loader, pos, step, dist, metrics, say)
         if _every(step, tc.ckpt_every) and step < end_step:
             last_ckpt = _save(ckpt, engine, step, stage, curriculum, train_loader, metrics,
-                              overrides, run_dir)
+                              overrides, run_dir, stability)
 
     # ---- 6. the end -----------------------------------------------------------------------------
     progress.close()
@@ -266,7 +345,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         final_pos = curriculum.at(step - 1)
         final_val = _validate_and_log(engine, val_loader, final_pos, step, dist, metrics, say)
         last_ckpt = _save(ckpt, engine, step, final_pos.stage, curriculum, train_loader, metrics,
-                          overrides, run_dir)
+                          overrides, run_dir, stability)
+    if stability.ring is not None and stability.ring.location == "disk":
+        shutil.rmtree(run_dir / "snapshots" / f"rank{dist.rank}", ignore_errors=True)
     done = "finished" if step >= curriculum.total_steps else f"stopped at step {step} (train.stop_at_step)"
     metrics.log(step, "event", {"event": "end", "status": done})
     if initial_val is not None and final_val is not None:
@@ -411,13 +492,90 @@ def _validate_and_log(engine, val_loader, pos: Position, step: int, dist: DistIn
 
 
 def _save(ckpt: CheckpointManager, engine, step: int, stage, curriculum: Curriculum,
-          train_loader, metrics: MetricsLogger, overrides: Sequence[str], run_dir: Path) -> CheckpointRef:
+          train_loader, metrics: MetricsLogger, overrides: Sequence[str], run_dir: Path,
+          stability: StabilityController | None = None) -> CheckpointRef:
     meta = {"stage": stage.index, "stage_name": stage.name,
             "tokens": curriculum.tokens_before(step), "wandb_run_id": metrics.wandb_run_id,
             "overrides": list(overrides), "run_dir": str(run_dir), "metrics_path": str(metrics.path),
             # makes a copied step directory self-contained for `python -m model.hf export`
             "model_config": engine.module.cfg.to_dict()}
     rank_state = {"data": train_loader.state_dict(), "rng": rng_state()}
+    if stability is not None:   # detector history, auto window, the next step's cached routing
+        rank_state["stability"] = stability.state_dict()
     ref = ckpt.save(engine, step, meta, rank_state)
     metrics.log(step, "event", {"event": "checkpoint", "path": str(ref.path)})
     return ref
+
+
+# ------------------------------------------------------------------------------ stability helpers
+def _routing_forward(engine, device: torch.device):
+    """The model call of the anticipatory pre-pass: a CPU micro-batch through the engine
+    (ZeRO/bf16 handled as in training) under the current parameters."""
+    def forward(input_ids, doc_ids=None, labels=None):
+        return engine(input_ids=input_ids.to(device),
+                      doc_ids=None if doc_ids is None else doc_ids.to(device),
+                      labels=None if labels is None else labels.to(device))
+    return forward
+
+
+def _detector_inputs(loss: float, grad_norm: float | None, update_rms: dict | None,
+                     dist: DistInfo, device: torch.device) -> dict[str, float | None]:
+    """loss, grad_norm and update_norm (root of the summed squares of the optimizer groups'
+    update RMS) averaged over ranks: every rank feeds its detector the same numbers and so
+    takes the same rollback decision (a NaN on any rank is a NaN everywhere)."""
+    update_norm = None
+    if update_rms:
+        update_norm = float(np.sqrt(sum(float(v) ** 2 for v in update_rms.values())))
+    values = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm}
+    if dist.world_size > 1:
+        keys = [k for k, v in values.items() if v is not None]
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64).to(device)
+        torch.distributed.all_reduce(t)
+        t = t.cpu() / dist.world_size
+        values.update({k: float(v) for k, v in zip(keys, t)})
+    return values
+
+
+def _log_stability_events(stability: StabilityController, metrics: MetricsLogger, say) -> None:
+    """Controller events -> metrics.jsonl/wandb (``kind: event``, ``event: stability/<name>``)
+    and the console. Event steps are train-line steps (the optimizer step's 1-based number);
+    ``to_step`` is the number of steps done at the restored snapshot."""
+    for ev in stability.pop_events():
+        ev = dict(ev)
+        ev.pop("kind", None)
+        name, at = ev.pop("event"), int(ev.pop("step")) + 1
+        fields = {"event": f"stability/{name}", **ev}
+        if name == "spike":
+            fields[f"stability/spike/{ev['metric']}"] = ev["value"]
+        elif name == "rollback":
+            say(f"step {at}: {ev['metric']} = {ev['value']:.6g} is a spike: rolled back to the "
+                f"snapshot after step {ev['to_step']} (retry {ev['retry']}/{stability.max_retries})")
+        elif name == "skip":
+            say(f"step {at}: skipping {ev['batches']} micro-batch(es) of the spike")
+        elif name == "mode":
+            say(f"step {at}: anticipatory routing {ev['anticipatory']}" +
+                (f" until step {ev['until']}" if "until" in ev else ""))
+        metrics.log(at, "event", fields)
+
+
+def _stability_record(stability: StabilityController, step: int, steps: int) -> dict:
+    """Per log line: whether routing is anticipatory now, the extra forward's time per step
+    (``stability/anticipatory_ms``), the cache hits/misses and the rollbacks so far."""
+    m = stability.pop_metrics(step - 1)   # the step just done (0-based)
+    out = {"stability/anticipatory": m["stability/anticipatory"],
+           "stability/rollbacks": m["stability/rollbacks"]}
+    if stability.mode != "off":
+        out["stability/anticipatory_ms"] = 1e3 * m["stability/anticipatory_forward_s"] / max(steps, 1)
+        out["stability/anticipatory_hits"] = m["stability/anticipatory_hits"]
+        out["stability/anticipatory_misses"] = m["stability/anticipatory_misses"]
+    return out
+
+
+def _load_stability(stability: StabilityController, state: dict | None) -> None:
+    if state is None:
+        return
+    try:
+        stability.load_state_dict(state)
+    except (ValueError, KeyError) as err:   # the stability settings changed since the save
+        log.warning("stability: the checkpoint's stability state is not used (%s); the detector "
+                    "and the routing cache start empty", err)

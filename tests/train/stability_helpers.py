@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from model.config import ModelConfig
 from model.transformer import Transformer
 from optim.builder import build_lr_scheduler, build_optimizer
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Imported by the stability test modules (autouse there): many small steps run about 3x
+    faster on one intra-op thread than on two competing with other processes on a shared
+    2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 OPTIM = {"name": "adamw", "lr": 1e-2, "warmup_steps": 1, "decay_fraction": 0.5}
 

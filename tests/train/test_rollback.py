@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from stability_helpers import SyntheticLoader, assert_same_state, build, params_of, run_loop
+from stability_helpers import (SyntheticLoader, assert_same_state, build, one_thread,  # noqa: F401
+                               params_of, run_loop)
 from train.anticipatory import compute_routing
 from train.prefetch import Prefetcher
 from train.rollback import RollbackExhausted, SnapshotRing
