@@ -3,6 +3,8 @@
 - ``newton_schulz``: ``hybrid_newton_schulz`` (8 Keller + 2 stabilising quintic steps).
 - ``muon``: ``Muon`` (standalone) and the per-matrix update ``muon_direction``.
 - ``hybrid``: ``HybridOptimizer``, one torch Optimizer running Muon and AdamW groups.
+- ``batched``: Newton-Schulz batched over buckets of same-shape matrices (``ns_batch_mb``) and
+  the foreach AdamW / Muon elementwise steps the optimizers use.
 - ``groups``: which parameter goes to which optimizer (rule table over parameter names).
 - ``schedule``: ``lr_factor`` / ``lr_scheduler`` (warm-up, constant, cosine), ``BatchSizeRamp``.
 - ``builder``: ``build_optimizer`` / ``build_lr_scheduler`` from the ``optim`` config node.

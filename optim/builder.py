@@ -13,6 +13,9 @@ Keys (defaults are V4's):
     ns_dtype        Newton-Schulz arithmetic: bf16 | fp32
     wo_a_blocks     null (= model.cfg.o_groups: wo_a orthogonalised per group) | int (1 = whole)
     track_update_rms  true
+    ns_batch_mb     256: Newton-Schulz batched over buckets of same-shape matrices of at most
+                    this many MiB (fp32 input) each; 0 = one NS per parameter (the reference)
+    foreach         true: AdamW and Muon's elementwise work as torch._foreach_* over lists
 Schedule keys (read by ``build_lr_scheduler``, ignored by ``build_optimizer``):
     warmup_steps 2000, total_steps, decay_start | decay_fraction, final_fraction 0.1
 """
@@ -22,6 +25,7 @@ from typing import Mapping
 
 import torch
 
+from optim.batched import DEFAULT_NS_BATCH_MB
 from optim.groups import param_groups
 from optim.hybrid import ADAMW_DEFAULTS, MUON_DEFAULTS, HybridOptimizer
 from optim.schedule import lr_scheduler
@@ -30,7 +34,7 @@ OPTIMIZER_DEFAULTS = {
     "muon_lr": None, "weight_decay": 0.1, "betas": ADAMW_DEFAULTS["betas"],
     "eps": ADAMW_DEFAULTS["eps"], "momentum": MUON_DEFAULTS["momentum"],
     "update_rms": MUON_DEFAULTS["update_rms"], "ns_dtype": "bf16", "wo_a_blocks": None,
-    "track_update_rms": True,
+    "track_update_rms": True, "ns_batch_mb": DEFAULT_NS_BATCH_MB, "foreach": True,
 }
 REQUIRED_KEYS = ("name", "lr")
 SCHEDULE_DEFAULTS = {"warmup_steps": 2000, "total_steps": None, "decay_start": None,
@@ -69,7 +73,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Mapping) -> HybridOptimizer:
         adamw_hparams={"weight_decay": float(c["weight_decay"]), "betas": betas,
                        "eps": float(c["eps"])},
         wo_a_blocks=c["wo_a_blocks"], all_adamw=c["name"] == "adamw")
-    return HybridOptimizer(groups, track_update_rms=bool(c["track_update_rms"]))
+    return HybridOptimizer(groups, track_update_rms=bool(c["track_update_rms"]),
+                           ns_batch_mb=float(c["ns_batch_mb"]), foreach=bool(c["foreach"]))
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping,

@@ -27,8 +27,10 @@ parameter's own partition at stage 3). Each step, for every Muon group shard:
     O  =  HybridNS(X) * sqrt(max(n, m)) * update_rms   per matrix / per expert / per row block
     scatter O's slices back to the ranks holding them                 (all_to_all #2)
     W  <- W (1 - lr wd) - lr O      on the local slice
-which is exactly ``optim.muon.muon_step_`` applied to the full matrix. Where the NS work runs
-(``ns_placement``):
+which is exactly ``optim.muon.muon_step_`` applied to the full matrix. The matrices one rank
+orthogonalises in one call (DeepSpeed steps one group / sub-group per call) run batched over
+buckets of equal canonical shape (``optim.batched``; ``ns_batch_mb``, 0 = one per matrix).
+Where the NS work runs (``ns_placement``):
 - "owner" (default): one rank per matrix (the one holding most of it, load-balanced by NS cost):
   at stage 1/2 a matrix inside one partition costs no communication at all, and the NS work is
   split over the ranks like the partitions are. Two all-to-alls carry only the cut matrices.
@@ -46,6 +48,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from optim.batched import (DEFAULT_NS_BATCH_MB, NSJob, adamw_foreach_, bucket_directions,
+                           decay_and_apply_foreach_, plan_ns_buckets, sum_of_squares)
 from optim.builder import build_optimizer
 from optim.hybrid import HybridOptimizer, adamw_step_
 from optim.muon import muon_direction
@@ -182,11 +186,13 @@ class ShardedHybridOptimizer(HybridOptimizer):
     """
 
     def __init__(self, param_groups: list[dict], track_update_rms: bool = True,
-                 ns_placement: str = "owner"):
+                 ns_placement: str = "owner", ns_batch_mb: float = DEFAULT_NS_BATCH_MB,
+                 foreach: bool = True):
         if ns_placement not in NS_PLACEMENTS:
             raise ValueError(f"ShardedHybridOptimizer: ns_placement must be one of "
                              f"{NS_PLACEMENTS}, got {ns_placement!r}")
-        super().__init__(param_groups, track_update_rms=track_update_rms)
+        super().__init__(param_groups, track_update_rms=track_update_rms,
+                         ns_batch_mb=ns_batch_mb, foreach=foreach)
         self.ns_placement = ns_placement
         # the model parameters, before any ZeRO optimizer swaps in its flat shards
         self._original = [list(g["params"]) for g in self.param_groups]
@@ -211,7 +217,8 @@ class ShardedHybridOptimizer(HybridOptimizer):
             raise ValueError("ShardedHybridOptimizer.from_hybrid: the optimizer has state "
                              "already; convert it before the first step")
         groups = [dict(g) for g in optimizer.param_groups]
-        return cls(groups, track_update_rms=optimizer.track_update_rms, ns_placement=ns_placement)
+        return cls(groups, track_update_rms=optimizer.track_update_rms, ns_placement=ns_placement,
+                   ns_batch_mb=optimizer.ns_batch_mb, foreach=optimizer.foreach)
 
     @property
     def is_bound(self) -> bool:
@@ -277,10 +284,14 @@ class ShardedHybridOptimizer(HybridOptimizer):
                 self._rms_seen.add(id(unit))
                 if group["kind"] == "muon":
                     self._muon_shard_step(group, gi, unit, flat)
-                else:  # AdamW is elementwise: a shard is updated like any tensor
-                    update = adamw_step_(flat, flat.grad, self.state[flat], lr=group["lr"],
-                                         betas=group["betas"], eps=group["eps"],
-                                         weight_decay=group["weight_decay"])
+                else:  # AdamW is elementwise: a shard is updated like any tensor (one flat
+                    # tensor per call: each op is already one kernel over the whole shard)
+                    hp = dict(lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                              weight_decay=group["weight_decay"])
+                    if self.foreach:
+                        update = adamw_foreach_([flat], [flat.grad], [self.state[flat]], **hp)[0]
+                    else:
+                        update = adamw_step_(flat, flat.grad, self.state[flat], **hp)
                     if self.track_update_rms:
                         self._rms.add(gi, update)
         return loss
@@ -302,10 +313,15 @@ class ShardedHybridOptimizer(HybridOptimizer):
             [nesterov.narrow(0, local[plan.key].local_offset, piece[2]) for plan, piece in sends]
             for sends in unit.sends], unit.sends, unit.recvs)
 
-        # assemble and orthogonalise the matrices this rank computes, batched by shape
+        # assemble and orthogonalise the matrices this rank computes (batched over buckets of
+        # same-shape matrices, see _orthogonalise)
         mine = [plan for plan in unit.plans if unit.rank in plan.computers]
         full: dict[int, torch.Tensor] = {}
         for plan in mine:
+            f = local.get(plan.key)
+            if f is not None and f.numel == plan.numel:   # held whole here: no copy
+                full[plan.key] = nesterov.narrow(0, f.local_offset, f.numel)
+                continue
             buf = nesterov.new_zeros(plan.numel, dtype=torch.float32)
             if plan.key in local:
                 f = local[plan.key]
@@ -315,16 +331,7 @@ class ShardedHybridOptimizer(HybridOptimizer):
         for src, items in enumerate(unit.recvs):
             for (plan, (_, offset, numel)), piece in zip(items, received[src]):
                 full[plan.key][offset:offset + numel] = piece
-        updates: dict[int, torch.Tensor] = {}
-        by_shape: dict[tuple[int, ...], list[ParamPlan]] = {}
-        for plan in mine:
-            by_shape.setdefault(plan.shape, []).append(plan)
-        for shape, plans in by_shape.items():
-            X = torch.stack([full[p.key].view(shape) for p in plans])   # [k, *shape]
-            O = muon_direction(X, update_rms=group["update_rms"], ns_steps=group["ns_steps"],
-                               ns_dtype=group["ns_dtype"], row_blocks=group["row_blocks"])
-            for p, o in zip(plans, O):
-                updates[p.key] = o.reshape(-1)
+        updates = self._orthogonalise(group, mine, full)
 
         # all_to_all #2 (owner mode): slices of O back to the ranks holding them
         if self.ns_placement == "owner" and unit.needs_comm:
@@ -336,15 +343,43 @@ class ShardedHybridOptimizer(HybridOptimizer):
                     updates[plan.key] = piece   # only this rank's slice; placed below
 
         lr, wd = group["lr"], group["weight_decay"]
+        ws, upds = [], []
         for key, f in local.items():
             upd = updates[key]
             if upd.numel() != f.numel:   # the whole matrix was computed here: take our slice
                 upd = upd.narrow(0, f.param_offset, f.numel)
-            w = flat.narrow(0, f.local_offset, f.numel)
+            ws.append(flat.narrow(0, f.local_offset, f.numel))
+            upds.append(upd)
+        if self.foreach:
+            decay_and_apply_foreach_(ws, upds, lr=lr, weight_decay=wd)   # decoupled decay
+            if self.track_update_rms and upds:
+                self._rms.add_sum_of_squares(gi, sum_of_squares(upds),
+                                             sum(u.numel() for u in upds))
+            return
+        for w, upd in zip(ws, upds):
             w.mul_(1.0 - lr * wd)                          # decoupled decay
             w.add_(upd.to(w.dtype), alpha=-lr)
             if self.track_update_rms:
                 self._rms.add(gi, upd)
+
+    def _orthogonalise(self, group: dict, plans: list[ParamPlan],
+                       full: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Flat fp32 Muon directions of the whole matrices this rank computes (``full``: their
+        flat Nesterov inputs): batched over same-shape buckets (``optim.batched``), or one
+        ``muon_direction`` per matrix with ``ns_batch_mb=0``."""
+        hp = dict(update_rms=group["update_rms"], ns_steps=group["ns_steps"],
+                  ns_dtype=group["ns_dtype"], row_blocks=group["row_blocks"])
+        if self._ns_batch_bytes <= 0:
+            return {p.key: muon_direction(full[p.key].view(p.shape), **hp).reshape(-1)
+                    for p in plans}
+        jobs = [NSJob(shape=p.shape, device=full[p.key].device, **hp) for p in plans]
+        updates: dict[int, torch.Tensor] = {}
+        for bucket in plan_ns_buckets(jobs, self._ns_batch_bytes):
+            _, outs = bucket_directions([full[plans[i].key].view(plans[i].shape) for i in bucket],
+                                        [jobs[i] for i in bucket])
+            for i, o in zip(bucket, outs):
+                updates[plans[i].key] = o.reshape(-1)
+        return updates
 
     @staticmethod
     def _exchange(unit: ShardUnit, like: torch.Tensor, outgoing: list[list[torch.Tensor]],
@@ -537,7 +572,8 @@ def build_sharded_optimizer(model: torch.nn.Module, cfg: Mapping,
     base = build_optimizer(model, cfg)
     groups = split_expert_groups([dict(g) for g in base.param_groups])
     return ShardedHybridOptimizer(groups, track_update_rms=base.track_update_rms,
-                                  ns_placement=ns_placement)
+                                  ns_placement=ns_placement, ns_batch_mb=base.ns_batch_mb,
+                                  foreach=base.foreach)
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Mapping,

@@ -102,8 +102,12 @@ class UpdateRMSTracker:
 
     def add(self, group_index: int, update: torch.Tensor) -> None:
         sq = torch.linalg.vector_norm(update, dtype=torch.float32).square()
+        self.add_sum_of_squares(group_index, sq, update.numel())
+
+    def add_sum_of_squares(self, group_index: int, sq: torch.Tensor, count: int) -> None:
+        """Add updates summarised as their sum of squares (0-d fp32 tensor) and element count."""
         self._sq[group_index] = self._sq[group_index] + sq if group_index in self._sq else sq
-        self._count[group_index] = self._count.get(group_index, 0) + update.numel()
+        self._count[group_index] = self._count.get(group_index, 0) + count
 
     def rms(self, param_groups: list[dict]) -> dict[str, float]:
         out = {}

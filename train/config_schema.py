@@ -71,6 +71,8 @@ class OptimSection:
     ns_dtype: str = "bf16"
     wo_a_blocks: Optional[int] = None
     track_update_rms: bool = True
+    ns_batch_mb: float = 256.0         # Newton-Schulz batched over same-shape matrices, MiB per bucket (0 = per matrix)
+    foreach: bool = True               # torch._foreach_* for the elementwise optimizer work
     warmup_steps: int = 2000
     total_steps: Optional[int] = None  # null: the curriculum's optimizer steps
     decay_start: Optional[int] = None

@@ -414,7 +414,8 @@ def separate_indexer_groups(optimizer: ShardedHybridOptimizer, model: Transforme
                                "params": [p for p, _ in picked],
                                "param_names": [n for _, n in picked]})
     return ShardedHybridOptimizer(groups, track_update_rms=optimizer.track_update_rms,
-                                  ns_placement=optimizer.ns_placement)
+                                  ns_placement=optimizer.ns_placement,
+                                  ns_batch_mb=optimizer.ns_batch_mb, foreach=optimizer.foreach)
 
 
 def _enter_stage(pos: Position, engine, train_loader, val_loader):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import make_small, reference_params
+from models import OPTIM_CFG, make_small, reference_params
 from optim.groups import assign_groups
 
 pytestmark = pytest.mark.slow  # each case starts 2 DeepSpeed processes (~20-40 s)
@@ -104,3 +104,15 @@ def test_resume_on_another_world_size_through_universal_checkpoint(stage, ranks,
     after, resumed = torch.load(tmp_path / "after.pt"), torch.load(tmp_path / "resumed.pt")
     worst = max((after[n] - resumed[n]).abs().max().item() for n in after)
     assert worst < ATOL, f"resumed step differs by {worst:.2e}"
+
+
+@pytest.mark.parametrize("ns_batch_mb", ["0", "0.011"])
+def test_zero1_newton_schulz_buckets_equal_per_matrix_reference(ns_batch_mb, ranks, tmp_path):
+    """The owner ranks' NS one per matrix (0) and batched over small buckets (0.011 MiB: at most
+    two of SmallNet's expert stacks [3, 20, 24] / [3, 24, 20] per bucket, the same canonical
+    shape, one of them transposed) equal the single-process per-matrix path (ns_batch_mb=0,
+    no foreach). ~7 s each."""
+    result = _run(ranks, tmp_path, "--stage", "1", "--ns-batch-mb", ns_batch_mb)
+    assert result["ns_batch_mb"] == float(ns_batch_mb)
+    per_matrix = {**OPTIM_CFG, "ns_batch_mb": 0, "foreach": False}
+    _assert_equal(result, reference_params(make_small, STEPS, WORLD, CLIP, optim_cfg=per_matrix))

@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--persistence", type=int, default=0, help="ZeRO-3 param persistence threshold")
     ap.add_argument("--gas", type=int, default=1, help="gradient accumulation steps")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--ns-batch-mb", type=float, default=None,
+                    help="Newton-Schulz bucket size (MiB; 0 = per matrix); default: the builder's")
     ap.add_argument("--out", required=True)
     ap.add_argument("--ckpt-dir", help="also check exact resume: save, step, load, same step")
     args = ap.parse_args()
@@ -50,7 +52,10 @@ def main() -> None:
     vocab = TINY_OVERRIDES["vocab_size"] if args.model == "tiny" else VOCAB
     model = make()
     ep = apply_expert_parallel(model, args.ep)
-    opt = build_sharded_optimizer(model, {**OPTIM_CFG, "wo_a_blocks": 2}, ns_placement=args.placement)
+    optim_cfg = {**OPTIM_CFG, "wo_a_blocks": 2}
+    if args.ns_batch_mb is not None:
+        optim_cfg["ns_batch_mb"] = args.ns_batch_mb
+    opt = build_sharded_optimizer(model, optim_cfg, ns_placement=args.placement)
     zero = {"stage": args.stage}
     if args.stage == 3:
         # persistence threshold: parameters below it stay gathered (DeepSpeed's default 1e5
@@ -99,6 +104,7 @@ def main() -> None:
         resume_diff = max((a - b).abs().max().item() for a, b in zip(after, again))
     if rank == 0:
         torch.save({"params": full, "rms": opt.last_update_rms(), "bound": opt.is_bound,
+                    "ns_batch_mb": opt.ns_batch_mb,
                     "engine_optimizer": type(engine.optimizer).__name__, "losses": losses,
                     "resume_diff": resume_diff},
                    args.out)
