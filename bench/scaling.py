@@ -89,7 +89,17 @@ def instrument_optimizer(opt, clock: Clock) -> dict[str, list]:
         return out
 
     od.adamw_step_ = timed_adamw
-    spans["_restore"] = [lambda: setattr(od, "adamw_step_", adamw)]
+    adamw_foreach = od.adamw_foreach_    # the path taken with optim.foreach (the default)
+
+    def timed_adamw_foreach(*args, **kwargs):
+        start = clock.mark()
+        out = adamw_foreach(*args, **kwargs)
+        spans["adamw"].append((start, clock.mark()))
+        return out
+
+    od.adamw_foreach_ = timed_adamw_foreach
+    spans["_restore"] = [lambda: setattr(od, "adamw_step_", adamw),
+                         lambda: setattr(od, "adamw_foreach_", adamw_foreach)]
     return spans
 
 

@@ -137,6 +137,11 @@ def _mix_bwd(F, X, POST, COMB, G, DF, DX, DPOST, DCOMB, T, D, N: tl.constexpr, N
 _FWD_ELEMS = 4096   # elements of the [BT, NP, BD] tile per program (forward)
 _BWD_ELEMS = 2048   # backward: smaller token blocks, more programs (each loops over D)
 _BD_MAX = 256
+# Tiles picked from the H100 sweep (bench/mhc.py --ops streams, 4096 x 4 x 1024, 2026-11-22):
+# collapse backward (2, 128) 0.40 ms fwd+bwd vs 0.54 with the element-count rule; mix forward
+# and backward (8, 128) 0.41 vs 0.62. (block_t, block_d); None = the rule in _blocks.
+_COLLAPSE_BWD_TILE = (2, 128)
+_MIX_TILE = (8, 128)
 
 
 def _blocks(n: int, D: int, elems: int, block_t: int | None, block_d: int | None) -> tuple[int, int, int]:
@@ -174,7 +179,8 @@ class _CollapseStreams(torch.autograd.Function):
         g = dh.reshape(T, D).contiguous()
         dx = torch.empty_like(xf)
         dpre = torch.zeros(T, n, device=xf.device, dtype=torch.float32)
-        NP, BT, BD = _blocks(n, D, _BWD_ELEMS, block_t, block_d)
+        NP, BT, BD = _blocks(n, D, _BWD_ELEMS, block_t or _COLLAPSE_BWD_TILE[0],
+                             block_d or min(_COLLAPSE_BWD_TILE[1], max(16, _pow2(D))))
         if T > 0 and D > 0:
             _collapse_bwd[(triton.cdiv(T, BT),)](xf, pf, g, dx, dpre, T, D, N=n, NP=NP, BLOCK_T=BT, BLOCK_D=BD)
         return dx.view(xshape), dpre.view(pshape).to(pdt), None, None
@@ -189,7 +195,8 @@ class _MixStreams(torch.autograd.Function):
         ff = f.reshape(T, D).contiguous()
         pf, cf = _f32(post, T, n), _f32(comb, T, n, n)
         out = torch.empty_like(xf)
-        NP, BT, BD = _blocks(n, D, _FWD_ELEMS, block_t, block_d)
+        NP, BT, BD = _blocks(n, D, _FWD_ELEMS, block_t or _MIX_TILE[0],
+                             block_d or min(_MIX_TILE[1], max(16, _pow2(D))))
         if T > 0 and D > 0:
             _mix_fwd[(triton.cdiv(T, BT), triton.cdiv(D, BD))](ff, xf, pf, cf, out, T, D, N=n, NP=NP,
                                                                BLOCK_T=BT, BLOCK_D=BD)
@@ -207,7 +214,8 @@ class _MixStreams(torch.autograd.Function):
         dx = torch.empty_like(xf)
         dpost = torch.zeros(T, n, device=xf.device, dtype=torch.float32)
         dcomb = torch.zeros(T, n, n, device=xf.device, dtype=torch.float32)
-        NP, BT, BD = _blocks(n, D, _BWD_ELEMS, block_t, block_d)
+        NP, BT, BD = _blocks(n, D, _BWD_ELEMS, block_t or _MIX_TILE[0],
+                             block_d or min(_MIX_TILE[1], max(16, _pow2(D))))
         if T > 0 and D > 0:
             _mix_bwd[(triton.cdiv(T, BT),)](ff, xf, pf, cf, g, df, dx, dpost, dcomb, T, D, N=n, NP=NP,
                                             BLOCK_T=BT, BLOCK_D=BD)

@@ -225,11 +225,23 @@ def experts_loop(x_sorted: torch.Tensor, counts: list[int], w1, w2, w3, limit: f
     return torch.cat(outs) if outs else x_sorted.new_zeros(0, x_sorted.shape[-1])
 
 
+def _aligned(w: torch.Tensor) -> torch.Tensor:
+    """The grouped GEMM kernels need 16-byte aligned operands. DeepSpeed keeps parameters as views
+    into flat buffers (bf16 copies, ZeRO partitions) whose offsets need not be aligned: such a
+    weight is copied (differentiably) for this call, which costs one read + write of it."""
+    if w.data_ptr() % 16 == 0:
+        return w
+    _log_once("MoE grouped GEMM: expert weights are not 16-byte aligned in memory (a view into a flat "
+              "parameter buffer); they are copied before each grouped GEMM")
+    return w.clone()
+
+
 def experts_grouped(x_sorted: torch.Tensor, counts: torch.Tensor, w1, w2, w3, limit: float,
                     w_sorted: torch.Tensor) -> torch.Tensor:
     """The same as ``experts_loop`` with grouped GEMMs; counts [E] (device tensor, no host sync)."""
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     dt = x_sorted.dtype
+    w1, w2, w3 = (_aligned(w.to(dt)) for w in (w1, w2, w3))
     gate = _grad_contiguous(torch._grouped_mm(x_sorted, w1.to(dt).transpose(-2, -1), offs=offs))
     up = _grad_contiguous(torch._grouped_mm(x_sorted, w3.to(dt).transpose(-2, -1), offs=offs))
     gate, up = gate.float(), up.float()

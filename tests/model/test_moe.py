@@ -320,3 +320,28 @@ def test_grouped_impl_refuses_unsupported_shapes_and_auto_falls_back_with_log(ca
     assert y.shape == x.shape
     with pytest.raises(ValueError, match="moe_impl"):
         small_cfg(moe_impl="fast")
+
+
+def test_grouped_experts_accept_misaligned_weights():
+    """DeepSpeed hands out parameters as views into flat buffers at arbitrary offsets: the grouped
+    path must still run (copying the weights) and give the loop's results and gradients."""
+    from model.moe import experts_grouped, experts_loop, _aligned
+
+    torch.manual_seed(5)
+    E_, N, Dm, I = 3, 10, 16, 8
+    flat = torch.randn(1 + 2 * E_ * I * Dm + E_ * Dm * I)
+    w1 = flat[1:1 + E_ * I * Dm].view(E_, I, Dm).requires_grad_(False)
+    assert w1.data_ptr() % 16 != 0 and _aligned(w1).data_ptr() % 16 == 0
+    ws = [flat[1:1 + E_ * I * Dm].view(E_, I, Dm), flat[1 + E_ * I * Dm:1 + 2 * E_ * I * Dm].view(E_, I, Dm),
+          flat[1 + 2 * E_ * I * Dm:].view(E_, Dm, I)]
+    ws = [w.detach().requires_grad_(True) for w in ws]
+    x = torch.randn(N, Dm)
+    wt = torch.rand(N)
+    counts = torch.tensor([4, 0, 6])
+    a = experts_grouped(x, counts, ws[0], ws[2], ws[1], 10.0, wt)
+    b = experts_loop(x, [4, 0, 6], ws[0], ws[2], ws[1], 10.0, wt)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(a.sum(), ws)
+    gb = torch.autograd.grad(b.sum(), ws)
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
