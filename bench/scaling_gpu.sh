@@ -3,8 +3,9 @@
 #
 #   bash bench/scaling_gpu.sh OUT_DIR [GPU_COUNTS] [extra bench/scaling.py args...]
 #
-# Expects the project's dependencies importable (on an air-gapped image: install the wheels
-# from launch/wheelhouse.sh first). Writes OUT_DIR/scaling.jsonl, one log per GPU count and
+# Expects the project's dependencies importable. On an air-gapped image that has torch (as our
+# H200 machines): `bash launch/wheelhouse.sh --minimal .whl` where pip works, carry .whl, then
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD Writes OUT_DIR/scaling.jsonl, one log per GPU count and
 # OUT_DIR/scaling.md (the table to commit under bench/results/).
 set -uo pipefail
 OUT=${1:?usage: bench/scaling_gpu.sh OUT_DIR [GPU_COUNTS] [args...]}
