@@ -28,13 +28,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_MODEL = [
-    "model.dim=32", "model.n_layers=3", "model.compress_ratios=[0,4,16]", "model.n_heads=2",
-    "model.head_dim=16", "model.rope_dim=8", "model.q_lora_rank=16", "model.o_groups=2",
-    "model.o_lora_rank=16", "model.index_n_heads=2", "model.index_head_dim=16",
-    "model.index_topk=4", "model.n_routed_experts=4", "model.n_activated_experts=2",
-    "model.moe_inter_dim=32", "model.hc_sinkhorn_iters=5",
-]
+SMALL_MODEL = ["model=micro"]   # conf/model/micro.yaml: a step well under a second on CPU
 
 
 def compose(overrides: list[str]):
