@@ -14,6 +14,16 @@ State is ``(epoch, position)`` with ``position`` counted in windows of the epoch
 by all ranks, plus ``seq_len``, ``micro_batch`` and ``grad_accum`` (which a curriculum may have
 changed) and ``seed``. A loader that loads a state yields exactly the batches the saved one would have.
 
+The global order does not depend on the world size: it is a function of ``(seed, epoch)`` (and
+the stream and ``seq_len``), an optimizer step consumes the next ``global batch = world_size *
+micro_batch * grad_accum`` entries of it, and an epoch ends after the largest multiple of the
+global batch. Within a step, micro-batch chunk ``c`` (``micro_batch`` consecutive entries, ``c =
+micro_step * world_size + rank``) goes to rank ``c % world_size`` as its micro-step ``c //
+world_size``. So another world size with the same global batch and micro batch trains on exactly
+the same micro-batches, step by step: ``remap_state`` turns a saved state into the state for
+``world_size'`` ranks (``grad_accum' = global batch / (world_size' * micro_batch')``), refusing
+what cannot be continued exactly.
+
 Changing the sequence length (``set_seq_len``)
 ---------------------------------------------
 Allowed at an optimizer-step boundary. The epoch is kept and the position is mapped by *tokens
@@ -185,6 +195,38 @@ class TokenLoader:
                            "step boundary %d", state.get("world_size"), self.world_size,
                            self.position, aligned)
             self.position = aligned
+
+
+def remap_state(state: dict, world_size: int, micro_batch: int | None = None) -> dict:
+    """The state with which a loader on ``world_size`` ranks continues exactly where the ranks that
+    saved ``state`` would have: the same epoch, position and global batch (so the same global
+    order and the same micro-batch chunks per optimizer step), with ``grad_accum`` recomputed for
+    ``micro_batch`` sequences per rank (default: the saved micro batch). Raises ``ValueError``
+    naming the numbers when that is impossible."""
+    _check_positive(world_size=world_size)
+    missing = {"epoch", "position", "seed", "seq_len", "micro_batch", "world_size"} - set(state)
+    if missing:
+        raise KeyError(f"data loader state lacks {sorted(missing)}")
+    old_world, old_micro = int(state["world_size"]), int(state["micro_batch"])
+    old_accum = int(state.get("grad_accum", 1))
+    micro = old_micro if micro_batch is None else int(micro_batch)
+    _check_positive(micro_batch=micro)
+    global_batch = old_world * old_micro * old_accum
+    if global_batch % (world_size * micro):
+        raise ValueError(
+            f"the data position of {old_world} ranks cannot be continued on {world_size}: the global "
+            f"batch of {global_batch} sequences per optimizer step ({old_world} ranks x micro batch "
+            f"{old_micro} x {old_accum} accumulation) is not a multiple of {world_size} ranks x micro "
+            f"batch {micro} = {world_size * micro}: set the micro batch (train.micro_batch_tokens, "
+            f"or the curriculum stage's micro_batch) so that {world_size} x micro batch divides "
+            f"{global_batch}, or resume on a number of ranks N with {global_batch} divisible by "
+            f"N x {micro}")
+    if int(state["position"]) % global_batch:
+        raise ValueError(f"data loader state at position {state['position']} is not on an optimizer-"
+                         f"step boundary (global batch {global_batch} windows): it cannot be "
+                         f"continued on another world size")
+    return {**state, "world_size": int(world_size), "micro_batch": micro,
+            "grad_accum": global_batch // (world_size * micro)}
 
 
 class ValLoader:

@@ -14,6 +14,14 @@ atomic on POSIX file systems, so at any instant ``latest`` names a complete chec
 mid-save leaves a ``.tmp-*`` directory, removed by the next save. ``latest`` has the format of
 DeepSpeed's own ``latest`` file (we pass ``save_latest=False`` so DeepSpeed never writes it
 non-atomically), so DeepSpeed's tools (``zero_to_fp32.py``) read our checkpoints as they are.
+
+Resume at another world size (``prepare_reshard`` + ``CheckpointManager.load(universal=...)``):
+the checkpoint is converted once into DeepSpeed's universal format next to it
+(``step_XXXXXXXX_universal/``, written under ``.tmp-*`` and renamed into place, reused while its
+``source.json`` names the same save), loaded with ``load_universal``, and the per-rank client
+state is rebuilt for the new ranks: the data position is global (``meta.json["data"]``; the
+trainer remaps it with ``data.loader.remap_state``), the RNG of new rank r is old rank
+``r % W``'s, and the anticipatory-routing cache entries follow their micro-batch chunk.
 """
 from __future__ import annotations
 
@@ -21,7 +29,9 @@ import glob
 import json
 import os
 import random
+import re
 import shutil
+import uuid
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +46,11 @@ META = "meta.json"
 # Overrides that do not change what a run computes: left out when resume=auto matches runs.
 RESUME_NEUTRAL_KEYS = ("train.resume", "train.stop_at_step", "train.progress", "train.runs_root",
                        "logging.wandb.mode")
+
+
+UNIVERSAL_SUFFIX = "_universal"
+UNIVERSAL_SOURCE = "source.json"   # in a universal folder: which save it was converted from
+_TAG = re.compile(r"step_\d{8}")
 
 
 class CheckpointError(RuntimeError):
@@ -126,7 +141,10 @@ class CheckpointManager:
             for stale in self.save_dir.glob(TMP_PREFIX + "*"):   # leftovers of a killed save
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
-        meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time()}
+        meta = {**meta, "step": step, "world_size": self.world_size, "saved_at": time.time(),
+                "zero_stage": int(engine.zero_optimization_stage())}
+        if "data" in rank_state:   # the global data position (the same on every rank)
+            meta.setdefault("data", rank_state["data"])
         engine.save_checkpoint(str(self.save_dir), tag=tmp_tag, client_state={"hybridlm": meta},
                                save_latest=False)
         tmp_dir = self.save_dir / tmp_tag
@@ -139,6 +157,7 @@ class CheckpointManager:
             final = self.save_dir / tag
             if final.exists():          # re-saving a step (e.g. after a resume): replace it
                 shutil.rmtree(final)
+            shutil.rmtree(universal_dir_for(CheckpointRef(self.save_dir, tag)), ignore_errors=True)
             os.rename(tmp_dir, final)
             _fsync_dir(self.save_dir)
             _atomic_write_text(self.save_dir / LATEST, tag)
@@ -147,20 +166,27 @@ class CheckpointManager:
         return CheckpointRef(self.save_dir, tag)
 
     def _prune(self, keep_tag: str) -> None:
-        tags = sorted(p.name for p in self.save_dir.glob("step_*") if p.is_dir())
+        tags = sorted(p.name for p in self.save_dir.glob("step_*")
+                      if p.is_dir() and _TAG.fullmatch(p.name))
         for old in tags[:-self.keep]:
             if old != keep_tag:
                 shutil.rmtree(self.save_dir / old, ignore_errors=True)
+                shutil.rmtree(self.save_dir / (old + UNIVERSAL_SUFFIX), ignore_errors=True)
 
-    def load(self, engine, ref: CheckpointRef) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load model/optimizer/engine state into ``engine``; returns (meta, this rank's state)."""
+    def load(self, engine, ref: CheckpointRef, universal: Path | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load model/optimizer/engine state into ``engine``; returns (meta, this rank's state).
+        A checkpoint of another world size needs ``universal`` (``prepare_reshard``'s folder);
+        its rank state is then rebuilt for this rank (``resharded_rank_state``)."""
         meta = ref.meta()
         if meta["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"checkpoint {ref.path} was written by {meta['world_size']} ranks; this run has "
-                f"{self.world_size}: resume with the same world size (the data position is saved "
-                f"per rank). The model and optimizer state reshard through "
-                f"train.checkpoint.to_universal + load_universal")
+            if universal is None:
+                raise CheckpointError(
+                    f"checkpoint {ref.path} was written by {meta['world_size']} ranks; this run has "
+                    f"{self.world_size}: convert it with train.checkpoint.prepare_reshard (the "
+                    f"trainer does) and pass the universal folder")
+            load_universal(engine, universal)
+            return meta, resharded_rank_state(ref, self.rank, self.world_size)
         load_path, _ = engine.load_checkpoint(str(ref.save_dir), tag=ref.tag,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
@@ -241,6 +267,143 @@ def load_universal(engine, universal_dir: str | Path) -> None:
             for name, buf in engine.module.named_buffers():
                 if name in module_state:
                     buf.copy_(module_state[name].to(buf.dtype))
+
+
+def universal_dir_for(ref: CheckpointRef) -> Path:
+    """Where ``prepare_reshard`` puts the universal conversion of ``ref``: next to it."""
+    return ref.save_dir / (ref.tag + UNIVERSAL_SUFFIX)
+
+
+def _saved_zero_stage(ref: CheckpointRef, meta: dict[str, Any]) -> int | None:
+    """The ZeRO stage ``ref`` was saved with (meta.json; older checkpoints: 0 when no ZeRO
+    optimizer shard is there, else None = some stage >= 1)."""
+    if "zero_stage" in meta:
+        return int(meta["zero_stage"])
+    shards = [f for f in ref.path.glob("*_optim_states.pt") if not f.name.startswith("expp_rank_")]
+    return 0 if not shards else None
+
+
+def _broadcast_from_rank0(value):
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def check_reshard(ref: CheckpointRef, world_size: int, zero_stage: int, ep_size: int
+                  ) -> dict[str, Any] | None:
+    """None when ``ref`` was written at ``world_size`` (plain resume). Otherwise its meta, after
+    refusing (``CheckpointError`` naming the setting) what a universal checkpoint cannot resume:
+    a ZeRO-0 save (no shards; resume it on its own world size), a ZeRO-0 run (DeepSpeed loads
+    universal checkpoints into ZeRO-1/2/3 optimizers) and expert parallelism in this run (the
+    experts come out whole: ``parallel.ep_size=1``). Reads files only: cheap, every rank."""
+    meta = ref.meta()
+    saved_world = int(meta["world_size"])
+    if saved_world == world_size:
+        return None
+    where = (f"resuming {ref.path} (written by {saved_world} ranks) on {world_size} ranks goes "
+             f"through DeepSpeed's universal checkpoint")
+    saved_stage = _saved_zero_stage(ref, meta)
+    if saved_stage == 0:
+        raise CheckpointError(f"{where}, which needs a ZeRO-1/2/3 checkpoint; this one was saved "
+                              f"with deepspeed=zero0 (no optimizer shards to reshard): resume it "
+                              f"on {saved_world} ranks")
+    if zero_stage == 0:
+        raise CheckpointError(f"{where}, which DeepSpeed loads into ZeRO-1/2/3 optimizers only: "
+                              f"resume with deepspeed=zero1|zero2|zero3 (saved with ZeRO stage "
+                              f"{saved_stage if saved_stage is not None else '>= 1'})")
+    if ep_size != 1:
+        raise CheckpointError(f"{where}, whose expert stacks are whole (not sharded over an expert-"
+                              f"parallel group): resume with parallel.ep_size=1, got {ep_size}")
+    if "data" not in meta and not (ref.path / "rank0_state.pt").is_file():
+        raise CheckpointError(f"{where}: {ref.path} has no data position (meta.json 'data' or "
+                              f"rank0_state.pt)")
+    return meta
+
+
+def saved_data_state(ref: CheckpointRef, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The global data-loader position of ``ref`` (meta.json, or rank 0's state for checkpoints
+    written before it was kept there; every rank's is the same)."""
+    meta = ref.meta() if meta is None else meta
+    if "data" in meta:
+        return dict(meta["data"])
+    return dict(torch.load(ref.path / "rank0_state.pt", weights_only=False)["data"])
+
+
+def prepare_reshard(ref: CheckpointRef, rank: int) -> Path:
+    """The universal conversion of ``ref`` (``universal_dir_for``), made once. Collective: rank 0
+    converts unless a conversion of this very save (``source.json``: tag and save time) is there,
+    writing into ``<save_dir>/.tmp-<tag>_universal-<id>/`` (DeepSpeed's converter also writes a
+    ``latest_universal`` file next to its output: it stays in there) and renaming the folder into
+    place, so a kill never leaves a half-written ``*_universal`` (a later save removes the
+    ``.tmp-*`` leftovers); a conversion error reaches every rank as a ``CheckpointError``."""
+    out = universal_dir_for(ref)
+    meta = ref.meta()
+    source = {"tag": ref.tag, "saved_at": meta.get("saved_at"), "world_size": meta["world_size"]}
+    error = None
+    if rank == 0:
+        try:
+            _convert_once(ref, out, source)
+        except Exception as err:   # noqa: BLE001 - every rank must hear of it
+            error = f"{type(err).__name__}: {err}"
+    error = _broadcast_from_rank0(error)
+    if error is not None:
+        raise CheckpointError(f"converting {ref.path} (written by {meta['world_size']} ranks) to "
+                              f"DeepSpeed's universal format for this world size failed: {error}")
+    return out
+
+
+def _convert_once(ref: CheckpointRef, out: Path, source: dict[str, Any]) -> None:
+    marker = out / UNIVERSAL_SOURCE
+    if marker.is_file():
+        if json.loads(marker.read_text()) == json.loads(json.dumps(source)):
+            return                                  # converted before: reuse
+        shutil.rmtree(out)                          # a conversion of an earlier save of this tag
+    elif out.exists():
+        shutil.rmtree(out)                          # not ours (no marker): redo
+    tmp = ref.save_dir / f"{TMP_PREFIX}{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        converted = to_universal(ref.path, tmp / out.name)
+        _atomic_write_text(converted / UNIVERSAL_SOURCE, json.dumps(source))
+        try:
+            os.rename(converted, out)
+        except OSError:
+            if not (out / UNIVERSAL_SOURCE).is_file():   # not a concurrent converter's result
+                raise
+        _fsync_dir(ref.save_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resharded_rank_state(ref: CheckpointRef, rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's client state, rebuilt from a checkpoint of another world size W:
+    ``data`` is the saved global position (remapped by the trainer to this world size's shape),
+    ``rng`` is old rank ``rank % W``'s, ``stability`` is rank 0's (the detector sees values
+    averaged over ranks: the same everywhere) with the anticipatory-routing cache rebuilt from
+    every old rank's entries: old (rank r, micro-step m) is micro-batch chunk ``c = m W + r`` of
+    its step, which is new rank ``c % world_size``'s micro-step ``c // world_size`` (entries
+    whose batch shape differs from what this run draws miss and are recomputed, as after a
+    curriculum switch)."""
+    meta = ref.meta()
+    old_world = int(meta["world_size"])
+    states = [torch.load(ref.path / f"rank{r}_state.pt", weights_only=False) for r in range(old_world)]
+    out: dict[str, Any] = {"data": saved_data_state(ref, meta), "rng": states[rank % old_world]["rng"]}
+    stability = states[0].get("stability")
+    if stability is not None:
+        stability = dict(stability)
+        router = dict(stability["router"])
+        entries = []
+        for old_rank, st in enumerate(states):
+            for e in st["stability"]["router"]["entries"]:
+                chunk = int(e["micro_step"]) * old_world + old_rank
+                if chunk % world_size == rank:
+                    entries.append({**e, "micro_step": chunk // world_size})
+        router["entries"] = sorted(entries, key=lambda e: (int(e["step"]), int(e["micro_step"])))
+        stability["router"] = router
+        out["stability"] = stability
+    return out
 
 
 def latest_in(save_dir: Path) -> CheckpointRef | None:

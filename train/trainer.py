@@ -1,6 +1,7 @@
 """The training loop, top to bottom: ``train(cfg, run_dir)``.
 
-    1. checks that need neither data nor model (model config, curriculum shapes, lr schedule)
+    1. checks that need neither data nor model (model config, curriculum shapes, lr schedule;
+       the checkpoint to resume; one of another world size: remap checks, universal conversion)
     2. data (a missing path or an unknown tokenizer fails here, before the model is built)
     3. model, optimizer, DeepSpeed engine
     4. resume (train.resume), metrics (metrics.jsonl + wandb), progress bar
@@ -42,12 +43,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data.builder import build_data
+from data.loader import remap_state
 from model.config import ModelConfig
 from model.transformer import Transformer
 from optim.deepspeed import ShardedHybridOptimizer, build_sharded_optimizer
 from optim.schedule import lr_factor
-from train.checkpoint import CheckpointManager, CheckpointRef, find_resume, rng_state, set_rng_state
-from train.curriculum import PHASE_WARMUP, Curriculum, Position, build_curriculum
+from train.checkpoint import (CheckpointManager, CheckpointRef, check_reshard, find_resume,
+                              prepare_reshard, rng_state, saved_data_state, set_rng_state)
+from train.curriculum import PHASE_WARMUP, Curriculum, CurriculumError, Position, build_curriculum
 from train.expert_parallel import apply_expert_parallel, check_zero_stage_for_ep
 from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
                           resolve_device, resolve_precision, set_batch_shape, setup_distributed)
@@ -94,10 +97,28 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     run_dir = Path(_from_rank0(str(Path(run_dir).resolve()), dist))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    curriculum = build_curriculum(
-        OmegaConf.to_container(cfg.curriculum.stages, resolve=True),
-        micro_batch_tokens=tc.micro_batch_tokens, world_size=dist.world_size,
-        compress_ratios=model_cfg.compress_ratios, max_seq_len=model_cfg.max_seq_len)
+    # the checkpoint to resume from; one of another world size is checked, converted to
+    # DeepSpeed's universal format and its data position remapped before data and model are built
+    resume_ref = find_resume(tc.resume, Path(tc.runs_root), overrides)
+    reshard = None if resume_ref is None else check_reshard(
+        resume_ref, dist.world_size, int(cfg.deepspeed.zero_stage), int(cfg.parallel.ep_size))
+    try:
+        curriculum = build_curriculum(
+            OmegaConf.to_container(cfg.curriculum.stages, resolve=True),
+            micro_batch_tokens=tc.micro_batch_tokens, world_size=dist.world_size,
+            compress_ratios=model_cfg.compress_ratios, max_seq_len=model_cfg.max_seq_len)
+    except CurriculumError as err:
+        if reshard is None:
+            raise
+        raise CurriculumError(
+            f"{err}\n(resuming {resume_ref.path}, written by {reshard['world_size']} ranks, on "
+            f"{dist.world_size} ranks keeps every stage's global batch: it must be a multiple of "
+            f"{dist.world_size} ranks x the micro batch; change train.micro_batch_tokens or the "
+            f"stage's micro_batch, or the number of ranks)") from err
+    resharded_data, universal_dir = None, None
+    if reshard is not None:
+        resharded_data = _remap_data_position(resume_ref, reshard, curriculum, dist.world_size)
+        universal_dir = prepare_reshard(resume_ref, dist.rank)
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
     schedule = _lr_schedule(optim_cfg, curriculum)
     schedule(0)   # validates the schedule settings now rather than at the first step
@@ -136,12 +157,16 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     # ---- 4. resume, metrics, progress ---------------------------------------------------------
     ckpt = CheckpointManager(run_dir / "checkpoints", dist.rank, dist.world_size,
                              keep=tc.keep_checkpoints)
-    resume_ref = find_resume(tc.resume, Path(tc.runs_root), overrides)
     step, wandb_id, resumed_meta = 0, None, None
     if resume_ref is not None:
-        resumed_meta, rank_state = ckpt.load(engine, resume_ref)
+        # another world size: load_universal, client state rebuilt for this rank, the data
+        # position remapped to this world size's shape (the same global batches follow)
+        resumed_meta, rank_state = ckpt.load(engine, resume_ref, universal=universal_dir)
         step, wandb_id = int(resumed_meta["step"]), resumed_meta.get("wandb_run_id")
-        train_loader.load_state_dict(rank_state["data"])
+        train_loader.load_state_dict(rank_state["data"] if resharded_data is None else resharded_data)
+        if resharded_data is not None:
+            log.info("resumed a checkpoint of %d ranks on %d through %s", reshard["world_size"],
+                     dist.world_size, universal_dir)
         set_rng_state(rank_state["rng"])
         _load_stability(stability, rank_state.get("stability"))
     end_step = curriculum.total_steps if tc.stop_at_step is None else min(tc.stop_at_step,
@@ -363,6 +388,31 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _remap_data_position(ref: CheckpointRef, meta: dict, curriculum: Curriculum,
+                         world_size: int) -> dict:
+    """The saved data position as this world size's loader state: the global batch and position
+    are kept (so the same samples come next, see data/loader.py), the micro batch is this run's
+    for the stage the checkpoint's last step belonged to and the accumulation makes up the rest.
+    Errors name the numbers and the setting to change."""
+    saved = saved_data_state(ref, meta)
+    step = int(meta["step"])
+    stage = curriculum.at(min(max(step - 1, 0), curriculum.total_steps - 1)).stage
+    saved_global = int(saved["world_size"]) * int(saved["micro_batch"]) * int(saved.get("grad_accum", 1))
+    if (int(saved["seq_len"]), saved_global) != (stage.seq_len, stage.global_batch):
+        raise CurriculumError(
+            f"resuming {ref.path} (written by {saved['world_size']} ranks) on {world_size} ranks "
+            f"continues its global batch: it trained step {step} at seq_len {saved['seq_len']} with "
+            f"{saved_global} sequences per step ({saved['world_size']} ranks x micro batch "
+            f"{saved['micro_batch']} x {saved.get('grad_accum', 1)} accumulation), this run's "
+            f"curriculum has seq_len {stage.seq_len} and {stage.global_batch} sequences there "
+            f"(stage {stage.index}): resume with the saved train.global_batch_tokens / seq_len / "
+            f"curriculum")
+    try:
+        return remap_state(saved, world_size, micro_batch=stage.micro_batch)
+    except ValueError as err:
+        raise CurriculumError(f"resuming {ref.path}: {err}") from err
+
+
 def _every(step: int, n: int) -> bool:
     return n > 0 and step % n == 0
 

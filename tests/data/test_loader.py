@@ -174,3 +174,59 @@ def test_resume_on_another_world_size_keeps_global_position(make_stream):
     order = two.epoch_order(0)
     expected = [window_index(stream, r, 8) for r in next(two)["input_ids"]]
     assert expected == order[10:12].tolist()  # rank 1's rows of the step at 8
+
+
+@pytest.mark.parametrize("old_world, micro, accum, new_world, new_micro", [
+    (2, 1, 2, 1, None),     # 2 -> 1 rank: 4 accumulation steps of 1 sequence
+    (2, 2, 1, 4, 1),        # 2 -> 4 ranks with a smaller micro batch
+    (3, 1, 2, 2, None),     # 3 -> 2 ranks (global batch 6)
+])
+def test_remap_state_continues_the_same_global_batches(make_stream, old_world, micro, accum,
+                                                       new_world, new_micro):
+    """The global order is a function of (seed, epoch): after ``remap_state`` another world size
+    trains on exactly the micro-batch chunks the saving ranks would have, step by step, across
+    an epoch boundary (chunk c of a step = micro-step c // W of rank c % W)."""
+    from data.loader import remap_state
+
+    stream = make_stream(LENGTHS * 2)
+    old = [TokenLoader(stream, EOS, 8, micro, seed=3, rank=r, world_size=old_world, grad_accum=accum)
+           for r in range(old_world)]
+    global_batch = old_world * micro * accum
+    steps_per_epoch = old[0].windows_per_epoch // global_batch
+    for ld in old:                       # two steps done
+        take(ld, 2 * accum)
+    state = remap_state(old[0].state_dict(), new_world, new_micro)
+    new_micro = micro if new_micro is None else new_micro
+    assert state["grad_accum"] * new_world * new_micro == global_batch
+    new = [TokenLoader(stream, EOS, 8, new_micro, seed=3, rank=r, world_size=new_world,
+                       grad_accum=state["grad_accum"]) for r in range(new_world)]
+    for ld in new:
+        ld.load_state_dict(state)
+
+    def global_rows(loaders, world, per_rank_steps):
+        rows = []
+        for m in range(per_rank_steps):
+            for ld in loaders:              # chunk order: micro-step m, then rank
+                rows.extend(next(ld)["input_ids"])
+        return [window_index(stream, r, 8) for r in rows]
+
+    n = steps_per_epoch + 1              # past the end of epoch 0
+    expected = global_rows(old, old_world, n * accum)
+    got = global_rows(new, new_world, n * state["grad_accum"])
+    assert got == expected
+    assert old[0].epoch == new[0].epoch == 1 and old[0].position == new[0].position
+
+
+def test_remap_state_refuses_what_it_cannot_continue(make_stream):
+    from data.loader import remap_state
+
+    stream = make_stream(LENGTHS * 2)
+    state = TokenLoader(stream, EOS, 8, 2, seed=3, rank=0, world_size=2, grad_accum=1).state_dict()
+    with pytest.raises(ValueError) as err:    # global batch 4 on 3 ranks x 2
+        remap_state(state, 3)
+    msg = str(err.value)
+    for needle in ("global batch of 4", "2 ranks x micro batch 2 x 1 accumulation",
+                   "3 ranks x micro batch 2 = 6", "train.micro_batch_tokens"):
+        assert needle in msg
+    with pytest.raises(ValueError, match="optimizer-step boundary"):
+        remap_state({**state, "position": 2}, 1)
