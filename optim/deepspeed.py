@@ -641,7 +641,7 @@ def to_universal(input_folder: str | Path, output_folder: str | Path, workers: i
         for name in set(ep_groups.values()):
             ep_size = int(str(name).rsplit("_", 1)[-1])
             if ep_size != world:
-                raise NotImplementedError(
+                raise ValueError(
                     f"to_universal: {src} was saved with expert parallelism {name} on {world} "
                     f"ranks: each expert slice is also ZeRO-partitioned over an expert-data-"
                     f"parallel group of {world // ep_size} ranks, which is not consolidated here; "
