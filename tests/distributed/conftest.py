@@ -20,6 +20,17 @@ EXTENSIONS_DIR = os.environ.get("TORCH_EXTENSIONS_DIR",
                                 str(Path.home() / ".cache" / "torch_extensions"))
 
 
+def train_fixtures():
+    """tests/train/conftest.py (the small model overrides, the test corpus, config composition),
+    loaded under its own name: both folders have a conftest module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_fixtures", REPO / "tests/train/conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,6 @@ is built, naming the numbers and the setting to change.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,21 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, WORKERS, base_env, free_port
+from conftest import REPO, WORKERS, base_env, free_port, train_fixtures
 
 pytestmark = pytest.mark.slow   # ~30-45 s per case: a 2-rank run, a conversion, a 1-rank run
 
 RTOL, ATOL = 1e-5, 1e-5
 
 
-def _train_fixtures():
-    spec = importlib.util.spec_from_file_location("train_fixtures", REPO / "tests/train/conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-FX = _train_fixtures()
+FX = train_fixtures()
 
 
 def _overrides(tmp: Path, corpus: Path, name: str, *extra: str) -> list[str]:

@@ -13,14 +13,13 @@ has a wall-clock limit: a rank that took another branch would leave the other in
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_ranks
+from conftest import REPO, run_ranks, train_fixtures
 
 pytestmark = pytest.mark.slow   # ~1 minute: two 2-rank DeepSpeed runs of 6 steps
 
@@ -29,14 +28,7 @@ RTOL, ATOL = 1e-5, 1e-6          # fp32; in practice the replay is bit-exact
 RUN_TIMEOUT_S = 150              # per 2-rank run: a hang fails the test instead of blocking it
 
 
-def _train_fixtures():
-    spec = importlib.util.spec_from_file_location("train_fixtures", REPO / "tests/train/conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-FX = _train_fixtures()
+FX = train_fixtures()
 
 
 def _overrides(tmp: Path, corpus: Path, name: str, inject: str) -> list[str]:

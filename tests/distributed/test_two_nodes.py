@@ -2,7 +2,6 @@
 run ``python -m train`` as one 2-rank job (ZeRO-2, V4's Muon, expert parallelism 2)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,21 +9,13 @@ import uuid
 
 import pytest
 
-from conftest import REPO, base_env, free_port
+from conftest import REPO, base_env, free_port, train_fixtures
 
 pytestmark = pytest.mark.slow   # ~1 minute: two DeepSpeed processes training a few steps
 
 
-def _train_fixtures():
-    """tests/train/conftest.py (the small model and the test corpus), loaded under its own name."""
-    spec = importlib.util.spec_from_file_location("train_fixtures", REPO / "tests/train/conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_two_node_rendezvous_trains_with_zero2_muon_and_ep(tmp_path):
-    fx = _train_fixtures()
+    fx = train_fixtures()
     corpus = fx.write_corpus(tmp_path / "corpus", chapters=30)
     runs = tmp_path / "runs"
     overrides = fx.SMALL_MODEL + [
