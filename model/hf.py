@@ -50,6 +50,19 @@ Checkpoint input (``load_checkpoint``)
   from ``<tag>/mp_rank_00_model_states.pt``; a ZeRO-sharded checkpoint (``zero_pp_rank_*`` files)
   is consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (the one place
   model/ touches DeepSpeed, imported only on that path).
+* an expert-parallel trainer checkpoint (``parallel.ep_size > 1``; DeepSpeed's per-expert files
+  ``layer_<l>_expert_<e>_mp_rank_00_model_states.pt``, keys
+  ``<module>.deepspeed_moe.experts.deepspeed_experts.<global e>.w1``): read here, without
+  DeepSpeed (its consolidation would mix up the expert groups). The experts of every MoE layer are
+  stacked in global order (EP rank p's local expert i is global expert p * E/P + i, the id in the
+  file name and key); every expert of every layer must be there exactly once. ZeRO-0: the module
+  weights (main file + expert files). ZeRO-1/2: the fp32 master weights from the optimizer shards
+  (``zero_pp_rank_*``): a non-expert group is partitioned over all W ranks, an expert group
+  (``moe``, named ``ep_size_P``) of EP rank p over its expert-data-parallel ranks p, p+P, ...;
+  each parameter's fragments (``param_slice_mappings``) are concatenated in that rank order, and
+  every consolidated tensor must equal the saved module weight after a cast to its dtype (a
+  check of the layout that refuses instead of exporting wrong weights). Refused, before anything
+  is written: ZeRO-3 with experts, missing / duplicate expert files, model parallelism.
 The model config comes from ``config=`` (a json/yaml file, a preset name or a ModelConfig) or is
 looked up next to the checkpoint: ``model_config.json`` or ``config.yaml`` beside a file; for a
 trainer checkpoint the ``model_config`` entry of ``<tag>/meta.json`` (ModelConfig.to_dict()),
@@ -60,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -550,12 +564,167 @@ def _consolidate_zero(tag_dir: Path) -> dict[str, torch.Tensor]:
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
 
 
+# ---------------------------------------------------------------- expert-parallel checkpoints
+_DS_EXPERT_GLOB = "layer_*_expert_*_model_states.pt"
+_DS_EXPERT_FILE_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_DS_EXPERT_KEY_RE = re.compile(
+    r"^(?P<module>.+)\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<e>\d+)\.(?P<w>w[123])$")
+_ZERO_OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+
+
+def _ep_refuse(tag_dir: Path, msg: str) -> ExportError:
+    return ExportError(f"expert-parallel checkpoint {tag_dir}: {msg}")
+
+
+def _gather_expert_files(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's per-expert files -> ``{<module>.w1: [E, ...], ...}`` in global expert order."""
+    found: dict[str, dict[int, torch.Tensor]] = {}
+    for f in sorted(tag_dir.glob(_DS_EXPERT_GLOB)):
+        m = _DS_EXPERT_FILE_RE.match(f.name)
+        if m is None or int(m[3]) != 0:
+            raise _ep_refuse(tag_dir, f"unexpected expert file {f.name} (model parallelism, "
+                                      f"mp_rank != 00, is not supported)")
+        file_expert = int(m[2])
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+        if not isinstance(obj, Mapping) or not obj:
+            raise _ep_refuse(tag_dir, f"{f.name} holds no expert weights")
+        for key, t in obj.items():
+            k = _DS_EXPERT_KEY_RE.match(key)
+            if k is None or not isinstance(t, torch.Tensor):
+                raise _ep_refuse(tag_dir, f"{f.name}: unexpected entry {key!r} (expected "
+                                          f"'<module>.deepspeed_moe.experts.deepspeed_experts.<e>.w1|w2|w3')")
+            if int(k["e"]) != file_expert:
+                raise _ep_refuse(tag_dir, f"{f.name} holds {key!r}, another expert than its name")
+            slot = found.setdefault(f"{k['module']}.{k['w']}", {})
+            if file_expert in slot:
+                raise _ep_refuse(tag_dir, f"expert {file_expert} of {k['module']}.{k['w']} is saved twice")
+            slot[file_expert] = t
+    out = {}
+    for name, per_expert in found.items():
+        n = max(per_expert) + 1
+        missing = sorted(set(range(n)) - set(per_expert))
+        if missing:
+            raise _ep_refuse(tag_dir, f"{name}: the files of experts {missing} are missing "
+                                      f"(found {len(per_expert)} of at least {n})")
+        out[name] = torch.stack([per_expert[e] for e in range(n)])
+    counts = {name: t.shape[0] for name, t in out.items()}
+    if len(set(counts.values())) > 1:   # the highest expert id of some layer is missing
+        raise _ep_refuse(tag_dir, f"the MoE layers have different numbers of expert files: {counts}")
+    return out
+
+
+def _zero_optim_files(tag_dir: Path) -> list[Path]:
+    files: dict[int, Path] = {}
+    for f in tag_dir.glob("*_optim_states.pt"):
+        m = _ZERO_OPTIM_RE.match(f.name)
+        if m is None:
+            continue
+        if int(m[2]) != 0:
+            raise _ep_refuse(tag_dir, f"{f.name}: model parallelism (mp_rank != 00) is not supported")
+        files[int(m[1])] = f
+    if files and sorted(files) != list(range(len(files))):
+        raise _ep_refuse(tag_dir, f"ZeRO optimizer shards of ranks {sorted(files)} found; expected "
+                                  f"ranks 0..{len(files) - 1}")
+    return [files[r] for r in range(len(files))]
+
+
+def _merge_zero12_masters(tag_dir: Path, main: Mapping[str, Any], optim_files: list[Path]
+                          ) -> dict[str, torch.Tensor]:
+    """fp32 master weights of a ZeRO-1/2 checkpoint with expert groups (see the module docstring)."""
+    world = len(optim_files)
+    shards = []
+    for f in optim_files:
+        osd = torch.load(f, map_location="cpu", weights_only=False).get("optimizer_state_dict", {})
+        if "fp32_flat_groups" in osd or int(osd.get("zero_stage", 0)) == 3:
+            raise _ep_refuse(tag_dir, "ZeRO-3 with expert parallelism is not supported (the trainer "
+                                      "refuses it too)")
+        if "single_partition_of_fp32_groups" not in osd or "param_slice_mappings" not in osd:
+            raise _ep_refuse(tag_dir, f"{f.name} is not a ZeRO-1/2 optimizer shard (no "
+                                      f"single_partition_of_fp32_groups / param_slice_mappings)")
+        shards.append(osd)
+    shapes = main.get("param_shapes")
+    groups = (shards[0].get("base_optimizer_state") or {}).get("param_groups") \
+        if isinstance(shards[0].get("base_optimizer_state"), Mapping) else None
+    if not isinstance(shapes, list) or not isinstance(groups, list) or len(groups) != len(shapes):
+        raise _ep_refuse(tag_dir, "cannot match the optimizer's parameter groups with the model's "
+                                  "param_shapes")
+    out: dict[str, torch.Tensor] = {}
+    for gi, (group, group_shapes) in enumerate(zip(groups, shapes)):
+        if group.get("moe"):
+            m = re.fullmatch(r"ep_size_(\d+)", str(group.get("name")))
+            if m is None:
+                raise _ep_refuse(tag_dir, f"expert group {gi} is named {group.get('name')!r}, "
+                                          f"expected 'ep_size_<P>'")
+            ep = int(m[1])
+            if ep < 1 or world % ep:
+                raise _ep_refuse(tag_dir, f"expert group {group.get('name')} does not divide the "
+                                          f"{world} ranks")
+            # DeepSpeed's groups: EP rank of global rank r is r % P, its EDP rank r // P
+            holders = [list(range(p, world, ep)) for p in range(ep)]
+        else:
+            holders = [list(range(world))]
+        for name, shape in group_shapes.items():
+            shape = tuple(shape)
+            slices = []
+            for ranks in holders:
+                pieces = []
+                for r in ranks:
+                    addr = shards[r]["param_slice_mappings"][gi].get(name)
+                    if addr is not None and addr.numel > 0:
+                        flat = shards[r]["single_partition_of_fp32_groups"][gi]
+                        pieces.append(flat.narrow(0, addr.start, addr.numel))
+                numel = sum(x.numel() for x in pieces)
+                if numel != math.prod(shape):
+                    raise _ep_refuse(tag_dir, f"{name}: the optimizer shards of ranks {ranks} hold "
+                                              f"{numel} of its {math.prod(shape)} elements")
+                slices.append(torch.cat(pieces).view(shape).float())
+            out[name] = slices[0] if len(slices) == 1 else torch.cat(slices)
+    return out
+
+
+def consolidate_expert_parallel(tag_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Our state dict from one tag directory of an expert-parallel DeepSpeed save (ZeRO-0/1/2).
+    Raises ExportError (before anything is written) on a layout it cannot consolidate."""
+    tag_dir = Path(tag_dir)
+    main = torch.load(tag_dir / _DS_MODEL_STATES, map_location="cpu", weights_only=False)
+    module = main.get("module") if isinstance(main, Mapping) else None
+    if not isinstance(module, Mapping):
+        raise _ep_refuse(tag_dir, f"{_DS_MODEL_STATES} has no 'module' state dict")
+    leaked = [k for k in module if _DS_EXPERT_KEY_RE.match(k)]
+    if leaked:
+        raise _ep_refuse(tag_dir, f"expert weights in {_DS_MODEL_STATES} as well: {leaked[:4]}")
+    experts = _gather_expert_files(tag_dir)
+    clash = sorted(set(experts) & set(module))
+    if clash:
+        raise _ep_refuse(tag_dir, f"{clash[:4]} are both in {_DS_MODEL_STATES} and in expert files")
+    saved = {**{k: v for k, v in module.items() if isinstance(v, torch.Tensor)}, **experts}
+    optim_files = _zero_optim_files(tag_dir)
+    if not optim_files:     # ZeRO-0: the module weights are the weights
+        return saved
+    masters = _merge_zero12_masters(tag_dir, main, optim_files)
+    out = dict(saved)
+    for name, master in masters.items():
+        if name not in saved:
+            raise _ep_refuse(tag_dir, f"{name} is in the optimizer shards but not in the saved "
+                                      f"module weights")
+        ref = saved[name]
+        if tuple(master.shape) != tuple(ref.shape) or not torch.equal(master.to(ref.dtype), ref):
+            raise _ep_refuse(tag_dir, f"{name}: the weights consolidated from the ZeRO shards "
+                                      f"{tuple(master.shape)} disagree with the saved module weights "
+                                      f"{tuple(ref.shape)}; this shard layout is not understood, "
+                                      f"refusing to export")
+        out[name] = master
+    return out
+
+
 def load_checkpoint(path: str | os.PathLike, config: str | os.PathLike | ModelConfig | None = None
                     ) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """(our state dict, ModelConfig) from a checkpoint; see the module docstring for the forms."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if p.is_file() and p.name == _DS_MODEL_STATES and any(p.parent.glob(_DS_EXPERT_GLOB)):
+        p = p.parent   # an expert-parallel save: the experts are in the files next to it
     tag_dir = None
     if p.is_dir():
         tag_dir = _find_ds_tag_dir(p)
@@ -563,7 +732,9 @@ def load_checkpoint(path: str | os.PathLike, config: str | os.PathLike | ModelCo
             raise FileNotFoundError(f"{p} is not a checkpoint: expected a run directory with "
                                     f"checkpoints/latest, a directory with a 'latest' file, or a "
                                     f"directory holding {_DS_MODEL_STATES}")
-        if any(tag_dir.glob(_ZERO_GLOB)):
+        if any(tag_dir.glob(_DS_EXPERT_GLOB)):
+            sd = consolidate_expert_parallel(tag_dir)
+        elif any(tag_dir.glob(_ZERO_GLOB)):
             sd = _consolidate_zero(tag_dir)
         else:
             sd = _load_torch_file(tag_dir / _DS_MODEL_STATES)
