@@ -176,24 +176,32 @@ class CheckpointManager:
     def load(self, engine, ref: CheckpointRef, universal: Path | None = None
              ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Load model/optimizer/engine state into ``engine``; returns (meta, this rank's state).
-        A checkpoint of another world size needs ``universal`` (``prepare_reshard``'s folder);
-        its rank state is then rebuilt for this rank (``resharded_rank_state``)."""
+        A checkpoint of another world size needs ``universal`` (``prepare_reshard``'s folder), or
+        is a ZeRO-0 fp32 save (loaded as it is); its rank state is then rebuilt for this rank
+        (``resharded_rank_state``)."""
         meta = ref.meta()
         if meta["world_size"] != self.world_size:
-            if universal is None:
+            if universal is not None:
+                load_universal(engine, universal)
+            elif _saved_zero_stage(ref, meta) == 0:   # whole state in one file (check_reshard)
+                self._load_plain(engine, ref)
+            else:
                 raise CheckpointError(
                     f"checkpoint {ref.path} was written by {meta['world_size']} ranks; this run has "
                     f"{self.world_size}: convert it with train.checkpoint.prepare_reshard (the "
                     f"trainer does) and pass the universal folder")
-            load_universal(engine, universal)
             return meta, resharded_rank_state(ref, self.rank, self.world_size)
+        self._load_plain(engine, ref)
+        rank_state = torch.load(ref.path / f"rank{self.rank}_state.pt", weights_only=False)
+        return meta, rank_state
+
+    @staticmethod
+    def _load_plain(engine, ref: CheckpointRef) -> None:
         load_path, _ = engine.load_checkpoint(str(ref.save_dir), tag=ref.tag,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {ref.path}")
-        rank_state = torch.load(ref.path / f"rank{self.rank}_state.pt", weights_only=False)
-        return meta, rank_state
 
 
 # ----------------------------------------------------------------------------- other world sizes
@@ -306,9 +314,24 @@ def check_reshard(ref: CheckpointRef, world_size: int, zero_stage: int, ep_size:
              f"through DeepSpeed's universal checkpoint")
     saved_stage = _saved_zero_stage(ref, meta)
     if saved_stage == 0:
-        raise CheckpointError(f"{where}, which needs a ZeRO-1/2/3 checkpoint; this one was saved "
-                              f"with deepspeed=zero0 (no optimizer shards to reshard): resume it "
-                              f"on {saved_world} ranks")
+        # ZeRO-0 in fp32: every rank holds the whole optimizer state, DeepSpeed saves it once
+        # (mp_rank_00_model_states.pt) and loads it at any world size: no conversion needed.
+        # DeepSpeed's bf16 optimizer, though, partitions its fp32 masters per rank even at ZeRO-0.
+        plain = f"resuming {ref.path} (written by {saved_world} ranks, deepspeed=zero0) on {world_size} ranks"
+        if zero_stage != 0:
+            raise CheckpointError(f"{plain}: resume it with deepspeed=zero0 (a ZeRO-0 save has no "
+                                  f"optimizer shards to convert for ZeRO stage {zero_stage})")
+        if ep_size != 1:
+            raise CheckpointError(f"{plain}: resume with parallel.ep_size=1, got {ep_size}")
+        if any(ref.path.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+            raise CheckpointError(f"{plain}: its bf16 optimizer state is partitioned per rank "
+                                  f"(DeepSpeed's bf16 optimizer), which is not converted: resume "
+                                  f"on {saved_world} ranks, or train with deepspeed=zero1|zero2|zero3 "
+                                  f"to resume on another number of ranks")
+        if "data" not in meta and not (ref.path / "rank0_state.pt").is_file():
+            raise CheckpointError(f"{plain}: {ref.path} has no data position (meta.json 'data' or "
+                                  f"rank0_state.pt)")
+        return {**meta, "universal": False}
     if zero_stage == 0:
         raise CheckpointError(f"{where}, which DeepSpeed loads into ZeRO-1/2/3 optimizers only: "
                               f"resume with deepspeed=zero1|zero2|zero3 (saved with ZeRO stage "

@@ -118,7 +118,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     resharded_data, universal_dir = None, None
     if reshard is not None:
         resharded_data = _remap_data_position(resume_ref, reshard, curriculum, dist.world_size)
-        universal_dir = prepare_reshard(resume_ref, dist.rank)
+        if reshard.get("universal", True):   # ZeRO-0 fp32 saves load at any world size as they are
+            universal_dir = prepare_reshard(resume_ref, dist.rank)
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
     schedule = _lr_schedule(optim_cfg, curriculum)
     schedule(0)   # validates the schedule settings now rather than at the first step
@@ -166,7 +167,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         train_loader.load_state_dict(rank_state["data"] if resharded_data is None else resharded_data)
         if resharded_data is not None:
             log.info("resumed a checkpoint of %d ranks on %d through %s", reshard["world_size"],
-                     dist.world_size, universal_dir)
+                     dist.world_size, universal_dir or "its ZeRO-0 state as saved")
         set_rng_state(rank_state["rng"])
         _load_stability(stability, rank_state.get("stability"))
     end_step = curriculum.total_steps if tc.stop_at_step is None else min(tc.stop_at_step,

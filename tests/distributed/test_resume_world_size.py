@@ -79,6 +79,9 @@ def _global_chunks(per_rank: list[list[dict]], first_step: int, steps: int) -> l
 def _params(checkpoint: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if not list(checkpoint.glob("*_optim_states.pt")):   # ZeRO-0 fp32: the module state itself
+        module = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        return {n: t.float() for n, t in module.items() if t.is_floating_point()}
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
 
 
@@ -99,7 +102,7 @@ def _reference(tmp_path_factory, corpus: Path, extra: tuple[str, ...]) -> Path:
     return _REFERENCE[extra]
 
 
-CASES = {"zero1": ("deepspeed=zero1",), "zero2": ("deepspeed=zero2",),
+CASES = {"zero0": ("deepspeed=zero0",), "zero1": ("deepspeed=zero1",), "zero2": ("deepspeed=zero2",),
          "zero3": ("deepspeed=zero3",), "zero2-ep2": ("deepspeed=zero2", "parallel.ep_size=2")}
 
 
@@ -114,10 +117,12 @@ def test_resume_two_ranks_on_one(case, corpus, tmp_path_factory, tmp_path):
     out = _launch(1, tmp_path / "trace", _overrides(tmp_path, corpus, "resumed", *resumed_extra,
                                                     f"train.resume={ckpt}"))
     assert "resumed a checkpoint of 2 ranks on 1" in out
-    # converted once, next to the checkpoint, atomically (no leftovers)
     universal = ckpts / "step_00000002_universal"
-    assert json.loads((universal / "source.json").read_text())["tag"] == "step_00000002"
-    assert not list(ckpts.glob(".tmp-*"))
+    if case == "zero0":   # fp32 ZeRO-0 state is whole in one file: loaded as saved, no conversion
+        assert not universal.exists()
+    else:                 # converted once, next to the checkpoint, atomically (no leftovers)
+        assert json.loads((universal / "source.json").read_text())["tag"] == "step_00000002"
+        assert not list(ckpts.glob(".tmp-*"))
 
     # (b) the data of step 3: the same sequences in the same global order
     ref_rows = _global_chunks(_trace(ref / "trace", 2), first_step=2, steps=1)

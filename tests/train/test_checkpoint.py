@@ -127,3 +127,24 @@ def test_resume_auto_picks_the_newest_run_of_the_same_job(tmp_path):
     assert find_resume(str(old), tmp_path, []).path == old
     with pytest.raises(CheckpointError, match="no checkpoint"):
         find_resume(str(tmp_path / "nowhere"), tmp_path, [])
+
+
+def test_zero0_world_size_change_plain_or_refused(tmp_path):
+    """A ZeRO-0 fp32 save resumes on another world size as saved (no conversion); with DeepSpeed's
+    bf16 optimizer (per-rank fp32 shards even at ZeRO-0), for a ZeRO>=1 run, or with EP it is
+    refused with the setting to change."""
+    from train.checkpoint import META, CheckpointRef, check_reshard
+
+    ref = CheckpointRef(tmp_path, "step_00000004")
+    ref.path.mkdir()
+    (ref.path / META).write_text(json.dumps({"world_size": 2, "zero_stage": 0, "step": 4,
+                                             "data": {"epoch": 0, "position": 8}}))
+    assert check_reshard(ref, world_size=2, zero_stage=0, ep_size=1) is None
+    assert check_reshard(ref, world_size=1, zero_stage=0, ep_size=1)["universal"] is False
+    with pytest.raises(CheckpointError, match="resume it with deepspeed=zero0"):
+        check_reshard(ref, world_size=1, zero_stage=2, ep_size=1)
+    with pytest.raises(CheckpointError, match="parallel.ep_size=1"):
+        check_reshard(ref, world_size=1, zero_stage=0, ep_size=2)
+    (ref.path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="bf16 optimizer state is partitioned per rank"):
+        check_reshard(ref, world_size=1, zero_stage=0, ep_size=1)
