@@ -131,8 +131,10 @@ def time_ms(fn, budget_s: float = 1.5, min_reps: int = 3, max_reps: int = 30) ->
     return times[len(times) // 2]
 
 
-def peak_mib(fn) -> float:
-    """Peak allocated memory during fn above what was allocated before it, MiB."""
+def peak_mib(fn, device="cuda") -> float:
+    """Peak allocated memory during fn above what was allocated before it, MiB (NaN off CUDA)."""
+    if torch.device(device).type != "cuda":
+        return float("nan")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

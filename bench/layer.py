@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.attention import fmt_row, peak_mib  # noqa: E402
 from model.attention import Attention  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.layout import DocLayout  # noqa: E402
@@ -128,19 +129,6 @@ def time_ms(fn, device, reps: int = 5, warmup: int = 1) -> float:
     return times[len(times) // 2]
 
 
-def peak_mib(fn, device) -> float:
-    if torch.device(device).type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def fmt_row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 HEADER = ["config", "L", "ours fwd ms", "ours fwd+bwd ms", "ours peak MiB", "dense fwd ms", "dense fwd+bwd ms",

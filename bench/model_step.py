@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.attention import fmt_row  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from optim.builder import build_optimizer  # noqa: E402
@@ -30,8 +31,6 @@ from optim.builder import build_optimizer  # noqa: E402
 OPTIM = {"name": "muon", "lr": 2.7e-4}
 
 
-def fmt_row(cells) -> str:
-    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 class Trainee:
