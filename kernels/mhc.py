@@ -100,6 +100,18 @@ def _row_norm_bwd(m, g, eps):
 
 
 @triton.jit
+def _logit_params(SCALE, BASE, rj, j_ok, n):
+    """The three group scales and the pre / post / comb biases of the coefficient logits."""
+    s0 = tl.load(SCALE)
+    s1 = tl.load(SCALE + 1)
+    s2 = tl.load(SCALE + 2)
+    bpre = tl.load(BASE + rj, mask=j_ok, other=0.0)
+    bpost = tl.load(BASE + n + rj, mask=j_ok, other=0.0)
+    bcomb = tl.load(BASE + 2 * n + rj[:, None] * n + rj[None, :], mask=j_ok[:, None] & j_ok[None, :], other=0.0)
+    return s0, s1, s2, bpre, bpost, bcomb
+
+
+@triton.jit
 def _mhc_tail_fwd(MIX, BASE, SCALE, PRE, POST, COMB, T, n, NM, iters, eps,
                   BLOCK_T: tl.constexpr, NP: tl.constexpr):
     pid = tl.program_id(0)
@@ -108,12 +120,7 @@ def _mhc_tail_fwd(MIX, BASE, SCALE, PRE, POST, COMB, T, n, NM, iters, eps,
     rj = tl.arange(0, NP)
     j_ok = rj < n
     mpre, mpost, mcomb, m2, cmask = _load_parts(MIX, rt, t_ok, n, NM, NP)
-    s0 = tl.load(SCALE)
-    s1 = tl.load(SCALE + 1)
-    s2 = tl.load(SCALE + 2)
-    bpre = tl.load(BASE + rj, mask=j_ok, other=0.0)
-    bpost = tl.load(BASE + n + rj, mask=j_ok, other=0.0)
-    bcomb = tl.load(BASE + 2 * n + rj[:, None] * n + rj[None, :], mask=j_ok[:, None] & j_ok[None, :], other=0.0)
+    s0, s1, s2, bpre, bpost, bcomb = _logit_params(SCALE, BASE, rj, j_ok, n)
     pre = tl.sigmoid(s0 * mpre + bpre[None, :]) + eps
     post = 2.0 * tl.sigmoid(s1 * mpost + bpost[None, :])
     _, m = _softmax_eps(s2 * mcomb + bcomb[None, :, :], cmask, eps)
@@ -137,12 +144,7 @@ def _mhc_tail_bwd(MIX, BASE, SCALE, DPRE, DPOST, DCOMB, DLOGIT, T, n, NM, iters,
     rj = tl.arange(0, NP)
     j_ok = rj < n
     mpre, mpost, mcomb, m2, cmask = _load_parts(MIX, rt, t_ok, n, NM, NP)
-    s0 = tl.load(SCALE)
-    s1 = tl.load(SCALE + 1)
-    s2 = tl.load(SCALE + 2)
-    bpre = tl.load(BASE + rj, mask=j_ok, other=0.0)
-    bpost = tl.load(BASE + n + rj, mask=j_ok, other=0.0)
-    bcomb = tl.load(BASE + 2 * n + rj[:, None] * n + rj[None, :], mask=j_ok[:, None] & j_ok[None, :], other=0.0)
+    s0, s1, s2, bpre, bpost, bcomb = _logit_params(SCALE, BASE, rj, j_ok, n)
     in2 = rt.to(tl.int64)[:, None] * n + rj[None, :]
     g_pre = tl.load(DPRE + in2, mask=m2, other=0.0)
     g_post = tl.load(DPOST + in2, mask=m2, other=0.0)

@@ -82,6 +82,20 @@ def _topk_first(tk_base, K, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _dense_tile(c_base, cend_base, n0, n_hi, sc_n, rd, d_ok, ds_row, t, BLOCK_N: tl.constexpr):
+    """Compressed entries [n0, n0 + BLOCK_N) of a query block's dense range: the rows [BLOCK_N, D]
+    and visibility [rows, BLOCK_N] (same document, entry complete by the query's position), plus
+    the entry indices and their in-range mask (for the backward's atomic d(ckv) rows)."""
+    rn = n0 + tl.arange(0, BLOCK_N)
+    ok = rn < n_hi
+    ce = tl.load(cend_base + rn, mask=ok, other=0)
+    k = tl.load(c_base + rn.to(tl.int64)[:, None] * sc_n + rd[None, :],
+                mask=ok[:, None] & d_ok[None, :], other=0.0)
+    vis = ok[None, :] & (ce[None, :] >= ds_row[:, None]) & (ce[None, :] <= t[:, None])
+    return k, vis, rn, ok
+
+
+@triton.jit
 def _topk_tile(tk_base, cend_base, idx_nx, k0, K, N, ds_first, t_first,
                CLEAN_IDX: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr):
     """Indices of top-k slots k0 .. k0+BLOCK_N-1 of one token and which of them are visible.
@@ -161,12 +175,8 @@ def _sparse_attn_fwd(
             n_lo = tl.load(NRANGE + b * snr_b + 2 * pid_t)
             n_hi = tl.load(NRANGE + b * snr_b + 2 * pid_t + 1)
             for n0 in range(n_lo, n_hi, BLOCK_N):
-                rn = n0 + tl.arange(0, BLOCK_N)
-                ok = rn < n_hi
-                ce = tl.load(CEND + b * sce_b + rn, mask=ok, other=0)
-                k = tl.load(c_base + rn.to(tl.int64)[:, None] * sc_n + rd[None, :],
-                            mask=ok[:, None] & d_ok[None, :], other=0.0)
-                vis = ok[None, :] & (ce[None, :] >= ds_row[:, None]) & (ce[None, :] <= t[:, None])
+                k, vis, rn, ok = _dense_tile(c_base, CEND + b * sce_b, n0, n_hi, sc_n, rd, d_ok,
+                                             ds_row, t, BLOCK_N)
                 m_i, l_i, acc = _online_update(q, k, vis, m_i, l_i, acc, qk_scale)
 
     o = acc / l_i[:, None]
@@ -263,12 +273,8 @@ def _sparse_attn_bwd_q(
             n_lo = tl.load(NRANGE + b * snr_b + 2 * pid_t)
             n_hi = tl.load(NRANGE + b * snr_b + 2 * pid_t + 1)
             for n0 in range(n_lo, n_hi, BLOCK_N):
-                rn = n0 + tl.arange(0, BLOCK_N)
-                ok = rn < n_hi
-                ce = tl.load(CEND + b * sce_b + rn, mask=ok, other=0)
-                k = tl.load(c_base + rn.to(tl.int64)[:, None] * sc_n + rd[None, :],
-                            mask=ok[:, None] & d_ok[None, :], other=0.0)
-                vis = ok[None, :] & (ce[None, :] >= ds_row[:, None]) & (ce[None, :] <= t[:, None])
+                k, vis, rn, ok = _dense_tile(c_base, CEND + b * sce_b, n0, n_hi, sc_n, rd, d_ok,
+                                             ds_row, t, BLOCK_N)
                 p, ds = _grad_tile(q, do, k, vis, lse2, delta, qk_scale)
                 if DO_DQ:
                     dq += tl.dot(ds.to(k.dtype), k)
