@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import socket
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,8 +112,22 @@ def test_deepspeed_wrapper_runs_the_preflight_first(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("no-such-node.invalid slots=8\n")
     result = subprocess.run(["bash", str(REPO / "launch" / "deepspeed_multinode.sh"), str(hosts)],
-                            capture_output=True, text=True, env={"PATH": "/work/venv/bin:/usr/bin:/bin"})
-    assert result.returncode == 1 and "does not resolve" in result.stderr
+                            capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert result.returncode == 1 and "does not resolve" in result.stderr, result.stderr
+
+
+def test_deepspeed_wrapper_names_the_setting_when_no_python(tmp_path):
+    """Without $PYTHON, a repo .venv or python3 on PATH, the wrapper says what to set (exit 2)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=8\n")
+    bash = shutil.which("bash")
+    script = tmp_path / "launch" / "deepspeed_multinode.sh"      # a copy outside any checkout's .venv
+    script.parent.mkdir()
+    shutil.copy(REPO / "launch" / "deepspeed_multinode.sh", script)
+    result = subprocess.run([bash, str(script), str(hosts)], capture_output=True, text=True,
+                            env={"PATH": str(tmp_path / "empty")})
+    assert result.returncode == 2 and "set PYTHON=" in result.stderr, result.stderr
 
 
 def test_submitit_launcher_config_maps_the_launch_settings():
