@@ -2,8 +2,11 @@
 
 ``conf/config.yaml`` starts from ``train_schema`` (the ``JobConfig`` dataclass below), so every
 YAML file and every command-line override is checked against these dataclasses when the config
-is composed: a misspelt key fails with Hydra's "Key 'x' not in ..." error naming it, and a value
-of the wrong type fails with the key and the expected type. The ``model`` node is
+is composed, and a value of the wrong type fails with the key and the expected type. Hydra lets
+``+key=value`` / ``++key=value`` add keys a structured config lacks, so ``check_override_keys``
+(the command line, before Hydra composes) and ``check_config_keys`` (the composed tree) check every
+key against these dataclasses however it was written: ``UnknownKeyError`` names the key and the
+nearest valid one. The ``model`` node is
 ``model.config.ModelConfig`` itself, so the model presets are checked field by field too.
 
 Each group maps one-to-one onto a builder:
@@ -19,8 +22,11 @@ Each group maps one-to-one onto a builder:
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -234,3 +240,108 @@ class JobConfig:
 def register_configs() -> None:
     """Put the schema in Hydra's ConfigStore (idempotent); conf/config.yaml builds on it."""
     ConfigStore.instance().store(name="train_schema", node=JobConfig)
+
+
+# ------------------------------------------------------------------------------- unknown keys
+class UnknownKeyError(ValueError):
+    """A config key the schema does not have; the message names it and the nearest valid key."""
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap(tp: Any) -> Any:
+    """Optional[X] -> X."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _child(tp: Any, part: str) -> tuple[bool, Any]:
+    """(whether ``part`` is a key of a node of type ``tp``, the child's type; None = free-form)."""
+    tp = _unwrap(tp)
+    if tp is Any or tp is None:
+        return True, None
+    if dataclasses.is_dataclass(tp):
+        fields = _field_types(tp)
+        return (True, fields[part]) if part in fields else (False, None)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return part.lstrip("-").isdigit(), item
+    if origin is dict:
+        return True, typing.get_args(tp)[1] if typing.get_args(tp) else None
+    return False, None                # a scalar has no sub-keys
+
+
+def _known_keys(tp: Any = JobConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (inner nodes too), for suggestions."""
+    tp = _unwrap(tp)
+    if typing.get_origin(tp) in (list, tuple) and typing.get_args(tp):
+        tp = _unwrap(typing.get_args(tp)[0])
+    if not dataclasses.is_dataclass(tp):
+        return []
+    out = []
+    for name, sub in _field_types(tp).items():
+        out.append(prefix + name)
+        out.extend(_known_keys(sub, prefix + name + "."))
+    return out
+
+
+def _unknown(key: str, where: str, extra: Sequence[str] = ()) -> UnknownKeyError:
+    near = difflib.get_close_matches(key, [*_known_keys(), *extra], n=1, cutoff=0.6)
+    hint = f": did you mean {near[0]}?" if near else " (python -m train --cfg job lists the keys)"
+    return UnknownKeyError(f"unknown config key {key!r} {where}{hint}")
+
+
+def check_key(key: str, where: str, groups: Sequence[str] = ()) -> None:
+    """Raise ``UnknownKeyError`` unless the dotted ``key`` is in the schema."""
+    tp: Any = JobConfig
+    for part in key.split("."):
+        ok, tp = _child(tp, part)
+        if not ok:
+            raise _unknown(key, where, groups)
+        if tp is None:                # a free-form dict (e.g. deepspeed.extra): anything below
+            return
+
+
+def check_override_keys(overrides: Sequence[str], groups: Sequence[str]) -> None:
+    """The command line's overrides (Hydra syntax, ``+``/``++``/``~`` included) against the
+    schema, before Hydra composes; ``groups`` are the config groups (``model=micro`` picks a
+    preset). Hydra's own keys (``hydra.*``, ``hydra/...``) are Hydra's to check."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        key = o.key_or_group
+        if o.is_hydra_override() or key == "hydra" or key.startswith("hydra."):
+            continue
+        if "/" in key or key in groups:   # a config group (a preset), not a key
+            if key.split("/")[0] not in groups:
+                raise _unknown(key, f"in the override {o.input_line!r}", groups)
+            continue
+        check_key(key, f"in the override {o.input_line!r}", groups)
+
+
+def check_config_keys(cfg: Any) -> None:
+    """Every key of a composed config against the schema (keys added with ``+`` included)."""
+    from omegaconf import DictConfig, ListConfig
+
+    def walk(node: Any, tp: Any, prefix: str) -> None:
+        if tp is None:
+            return
+        if isinstance(node, DictConfig):
+            for k in node.keys():
+                key = f"{prefix}{k}"
+                ok, sub = _child(tp, str(k))
+                if not ok:
+                    raise _unknown(key, "in the composed config (not in train/config_schema.py)")
+                walk(node._get_node(k), sub, key + ".")
+        elif isinstance(node, ListConfig):
+            _, item = _child(tp, "0")
+            for i in range(len(node)):
+                walk(node._get_node(i), item, f"{prefix}{i}.")
+
+    walk(cfg, JobConfig, "")

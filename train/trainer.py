@@ -50,6 +50,7 @@ from optim.deepspeed import ShardedHybridOptimizer, build_sharded_optimizer
 from optim.schedule import lr_factor
 from train.checkpoint import (CheckpointManager, CheckpointRef, check_reshard, find_resume,
                               prepare_reshard, rng_state, saved_data_state, set_rng_state)
+from train.config_schema import check_config_keys
 from train.curriculum import PHASE_WARMUP, Curriculum, CurriculumError, Position, build_curriculum
 from train.expert_parallel import apply_expert_parallel, check_zero_stage_for_ep
 from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
@@ -82,6 +83,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     ``overrides`` are the command-line overrides (Hydra's task overrides); resume=auto uses
     them to find an earlier run of the same job.
     """
+    check_config_keys(cfg)   # keys added with +key=value that the schema lacks
     tc = cfg.train
 
     # ---- 1. everything that needs neither data nor model -------------------------------------

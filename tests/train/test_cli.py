@@ -6,22 +6,49 @@ import os
 import subprocess
 import sys
 
+import pytest
 
 
-def run_cli(th, args, cwd, timeout=300):
+def run_cli(th, args, cwd, timeout=300, python_flags=False):
+    """``python -m train *args`` (``python_flags``: the leading args are the interpreter's)."""
     # a fresh process, as a user starts it: no world variables left by in-process test runs
     world = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in world}
     env.update(PYTHONPATH=str(th.REPO), WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, env=env,
+    flags, args = (args[:2], args[2:]) if python_flags else ([], args)
+    return subprocess.run([sys.executable, *flags, "-m", "train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_unknown_key_fails_with_hydras_error(th, tmp_path):
-    proc = run_cli(th, ["train.seq_lenn=64"], tmp_path)
-    assert proc.returncode != 0
-    assert "Key 'seq_lenn' not in 'TrainSection'" in proc.stderr
-    assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("metrics.jsonl"))
+@pytest.mark.parametrize("override, key, nearest", [
+    ("train.seq_lenn=64", "train.seq_lenn", "train.seq_len"),
+    ("+train.totkens=1000", "train.totkens", "train.tokens"),      # Hydra's own hint after a typo
+    ("++trian.tokens=1000", "trian.tokens", "train.tokens"),
+    ("~optim.warmup_step", "optim.warmup_step", "optim.warmup_steps"),
+    ("modle=micro", "modle", "model"),
+])
+def test_unknown_key_fails_in_one_line_before_any_heavy_import(th, tmp_path, override, key, nearest):
+    """However an unknown key is written it fails with the nearest valid key, exit status 2,
+    before DeepSpeed is imported or a run directory is made (-X importtime lists every import)."""
+    proc = run_cli(th, ["-X", "importtime", override], tmp_path, python_flags=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert errors == [f"error: unknown config key '{key}' in the override '{override}': "
+                      f"did you mean {nearest}?"]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "deepspeed" not in imported and "data.builder" not in imported
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_unknown_key_in_a_composed_config_is_refused(th):
+    from train.config_schema import UnknownKeyError, check_config_keys
+
+    check_config_keys(th.compose("+deepspeed.extra.zero_allow_untested_optimizer=true"))  # free-form
+    with pytest.raises(UnknownKeyError, match="'train.totkens' .*did you mean train.tokens"):
+        check_config_keys(th.compose("+train.totkens=1000"))
+    with pytest.raises(UnknownKeyError, match="'curriculum.stages.0.seqlen'"):
+        check_config_keys(th.compose("curriculum=v4_test", "+curriculum.stages.0.seqlen=3"))
 
 
 def test_sweep_gives_one_run_directory_per_job(th, tmp_path, corpus_dir, token_cache_dir):

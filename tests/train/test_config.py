@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from model.config import ModelConfig
+from train.config_schema import check_config_keys
 from train.curriculum import build_curriculum
 from train.engine import deepspeed_config
 
@@ -69,6 +70,7 @@ def test_every_preset_composes(th, group):
             extra = ["data.name=some/dataset"]
         cfg = th.compose(f"{group}={option}", *extra)
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        check_config_keys(cfg)           # no preset sets a key the schema lacks
         ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
 
 
