@@ -4,7 +4,8 @@ Layout of ``<run dir>/checkpoints/``::
 
     latest                 text file: the tag of the newest *complete* checkpoint
     step_00000100/         DeepSpeed's files (model, optimizer, engine counters) plus
-        meta.json          common client state: step, stage, tokens, wandb run id, overrides
+        meta.json          common client state: step, stage, tokens, wandb run id, overrides,
+                           the job's identity (what resume=auto matches: ``job_identity``)
         rank0_state.pt     per-rank client state: data loader position, RNG states
     step_00000200/ ...
 
@@ -26,9 +27,10 @@ trainer remaps it with ``data.loader.remap_state``), the RNG of new rank r is ol
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import logging
 import os
-import random
 import re
 import shutil
 import uuid
@@ -37,13 +39,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
+from optim.safe_load import (UnreadableFileError, load_deepspeed_file, load_state, torch_files,
+                             verify_files)
+from train.rollback import rng_state, set_rng_state   # noqa: F401  (the trainer imports them here)
+
+log = logging.getLogger("train")
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 META = "meta.json"
-# Overrides that do not change what a run computes: left out when resume=auto matches runs.
+# Checkpoints saved before job identities were recorded (meta.json "job_id") are matched on their
+# overrides, without these (they do not change what a run computes).
 RESUME_NEUTRAL_KEYS = ("train.resume", "train.stop_at_step", "train.progress", "train.runs_root",
                        "logging.wandb.mode")
 
@@ -83,25 +90,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# ----------------------------------------------------------------------------- RNG state
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def job_key(overrides: Sequence[str]) -> list[str]:
-    """The overrides that identify a job for resume=auto (sorted, neutral keys dropped)."""
+    """The overrides that identified a job for resume=auto before ``job_identity`` (sorted,
+    neutral keys dropped): still used for checkpoints without a job id."""
     keep = []
     for o in overrides:
         key = o.split("=", 1)[0].lstrip("+~")
@@ -121,8 +112,19 @@ class CheckpointRef:
         return self.save_dir / self.tag
 
     def meta(self) -> dict[str, Any]:
-        with open(self.path / META) as fh:
-            return json.load(fh)
+        try:
+            with open(self.path / META) as fh:
+                meta = json.load(fh)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path / META} is missing: {self.path} is not a complete "
+                                  f"checkpoint{older_checkpoint_hint(self)}") from None
+        except (OSError, ValueError) as err:   # ValueError: bad JSON or bytes that are not UTF-8
+            raise CheckpointError(f"{self.path / META} cannot be read ({type(err).__name__}: "
+                                  f"{err}){older_checkpoint_hint(self)}") from None
+        if not isinstance(meta, dict) or "step" not in meta:
+            raise CheckpointError(f"{self.path / META} is not a checkpoint's meta.json (no 'step')"
+                                  f"{older_checkpoint_hint(self)}")
+        return meta
 
 
 class CheckpointManager:
@@ -192,11 +194,11 @@ class CheckpointManager:
                     f"trainer does) and pass the universal folder")
             return meta, resharded_rank_state(ref, self.rank, self.world_size)
         self._load_plain(engine, ref)
-        rank_state = torch.load(ref.path / f"rank{self.rank}_state.pt", weights_only=False)
-        return meta, rank_state
+        return meta, read_rank_state(ref, self.rank)
 
     @staticmethod
     def _load_plain(engine, ref: CheckpointRef) -> None:
+        verify_checkpoint(ref)   # DeepSpeed unpickles its files fully: they are checked first
         load_path, _ = engine.load_checkpoint(str(ref.save_dir), tag=ref.tag,
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
@@ -249,6 +251,7 @@ def load_universal(engine, universal_dir: str | Path) -> None:
     opt = engine.optimizer
     base = getattr(opt, "optimizer", opt)
     hparams = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    _verified(torch_files(universal_dir), f"the universal checkpoint {universal_dir}")
     config = engine._config
     was = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
@@ -270,7 +273,7 @@ def load_universal(engine, universal_dir: str | Path) -> None:
     model_files = sorted(f for f in universal_dir.glob("*model_states.pt")
                          if not f.name.startswith("layer_"))
     if model_files:
-        module_state = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
+        module_state = load_deepspeed_file(model_files[0])["module"]
         with torch.no_grad():
             for name, buf in engine.module.named_buffers():
                 if name in module_state:
@@ -351,7 +354,7 @@ def saved_data_state(ref: CheckpointRef, meta: dict[str, Any] | None = None) -> 
     meta = ref.meta() if meta is None else meta
     if "data" in meta:
         return dict(meta["data"])
-    return dict(torch.load(ref.path / "rank0_state.pt", weights_only=False)["data"])
+    return dict(read_rank_state(ref, 0)["data"])
 
 
 def prepare_reshard(ref: CheckpointRef, rank: int) -> Path:
@@ -411,7 +414,7 @@ def resharded_rank_state(ref: CheckpointRef, rank: int, world_size: int) -> dict
     curriculum switch)."""
     meta = ref.meta()
     old_world = int(meta["world_size"])
-    states = [torch.load(ref.path / f"rank{r}_state.pt", weights_only=False) for r in range(old_world)]
+    states = [read_rank_state(ref, r) for r in range(old_world)]
     out: dict[str, Any] = {"data": saved_data_state(ref, meta), "rng": states[rank % old_world]["rng"]}
     stability = states[0].get("stability")
     if stability is not None:
@@ -429,38 +432,211 @@ def resharded_rank_state(ref: CheckpointRef, rank: int, world_size: int) -> dict
     return out
 
 
+def read_rank_state(ref: CheckpointRef, rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s client state of ``ref`` (weights_only: a crafted file cannot run code)."""
+    try:
+        return load_state(ref.path / f"rank{rank}_state.pt")
+    except UnreadableFileError as err:
+        raise CheckpointError(f"{err}{older_checkpoint_hint(ref)}") from None
+
+
+def _check_files(ref: CheckpointRef) -> None:
+    """Raise (naming the file) unless ``ref``'s meta.json parses and every torch file in it reads
+    through the restricted unpickler: our rank states fully (they are small), DeepSpeed's files
+    memory-mapped (their pickles only)."""
+    try:
+        json.loads((ref.path / META).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{ref.path / META} cannot be read ({type(err).__name__}: {err})") from None
+    files = torch_files(ref.path) if ref.path.is_dir() else []
+    try:
+        for f in files:
+            if re.fullmatch(r"rank\d+_state\.pt", f.name):
+                load_state(f)
+        verify_files(f for f in files if not re.fullmatch(r"rank\d+_state\.pt", f.name))
+    except UnreadableFileError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def verify_checkpoint(ref: CheckpointRef) -> None:
+    """Before anything is loaded (or built): every file of ``ref`` is readable and holds data
+    only, else a ``CheckpointError`` naming the file and the older complete checkpoint to use.
+    Collective: rank 0 reads, every rank raises."""
+    error = None
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        try:
+            _check_files(ref)
+        except CheckpointError as err:
+            error = f"{err}{older_checkpoint_hint(ref)}"
+    error = _broadcast_from_rank0(error)
+    if error is not None:
+        raise CheckpointError(error)
+
+
+def _verified(files, what: str) -> None:
+    try:
+        verify_files(files)
+    except UnreadableFileError as err:
+        raise CheckpointError(f"{what}: {err}") from None
+
+
+def complete_checkpoints(save_dir: Path) -> list[CheckpointRef]:
+    """The step_* checkpoints of ``save_dir`` whose save finished (meta.json), newest first."""
+    tags = sorted((p.name for p in Path(save_dir).glob("step_*")
+                   if _TAG.fullmatch(p.name) and (p / META).is_file()), reverse=True)
+    return [CheckpointRef(Path(save_dir), t) for t in tags]
+
+
+def older_checkpoint_hint(ref: CheckpointRef | None, save_dir: Path | None = None) -> str:
+    """'; <the newest readable checkpoint older than ref (any, when ref is None)>: resume with
+    train.resume=<it>' -- or that there is none."""
+    save_dir = Path(save_dir) if save_dir is not None else ref.save_dir
+    for other in complete_checkpoints(save_dir):
+        if ref is not None and other.tag >= ref.tag:
+            continue
+        try:
+            _check_files(other)
+        except CheckpointError:
+            continue
+        return (f"; {other.path} is an older complete checkpoint: resume from it with "
+                f"train.resume={other.path}")
+    return f"; {save_dir} holds no older complete checkpoint"
+
+
 def latest_in(save_dir: Path) -> CheckpointRef | None:
-    """The checkpoint ``save_dir/latest`` names, if it is complete."""
+    """The checkpoint ``save_dir/latest`` names (None without a ``latest``). A ``latest`` that
+    cannot be read or names no complete checkpoint raises a ``CheckpointError`` naming it."""
     pointer = Path(save_dir) / LATEST
     if not pointer.is_file():
         return None
-    tag = pointer.read_text().strip()
+    try:
+        tag = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{pointer} cannot be read ({type(err).__name__}: {err})"
+                              f"{older_checkpoint_hint(None, save_dir)}") from None
+    if not _TAG.fullmatch(tag):
+        raise CheckpointError(f"{pointer} does not name a checkpoint (it holds {tag[:40]!r}, "
+                              f"expected step_XXXXXXXX){older_checkpoint_hint(None, save_dir)}")
     ref = CheckpointRef(Path(save_dir), tag)
     if not (ref.path / META).is_file():
         raise CheckpointError(f"{pointer} names {tag!r} but {ref.path / META} is missing: the "
-                              "checkpoint directory was altered after it was saved")
+                              f"checkpoint directory was altered after it was saved"
+                              f"{older_checkpoint_hint(ref)}")
     return ref
 
 
-def find_resume(resume: str, runs_root: Path, overrides: Sequence[str]) -> CheckpointRef | None:
-    """Resolve ``train.resume``: none | auto | a run dir, checkpoints dir or checkpoint dir."""
+# ----------------------------------------------------------------------------- resume=auto
+AUTO, AUTO_STRICT = "auto", "auto_strict"
+
+
+def job_identity(cfg: Any) -> dict[str, Any]:
+    """What identifies a job for resume=auto: the model, the data (not where its token cache
+    lives), the optimizer, the curriculum (resolved: curriculum=none carries train.seq_len,
+    tokens and global_batch_tokens) and the seed. Everything else (validation and checkpoint
+    cadence, logging, world size, ZeRO stage, stability) may change between invocations."""
+    from omegaconf import DictConfig, OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return {"model": c["model"], "data": {k: v for k, v in c["data"].items() if k != "cache_dir"},
+            "optim": c["optim"], "curriculum": c["curriculum"], "seed": c["train"]["seed"]}
+
+
+def job_id(identity: dict[str, Any]) -> str:
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, as 'key: saved -> now'."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(saved) | set(now), key=str):
+            out += _differences(saved.get(k), now.get(k), f"{prefix}{k}.")
+        return out
+    return [] if saved == now else [f"{prefix.rstrip('.')}: {saved!r} -> {now!r}"]
+
+
+def _find_auto(strict: bool, runs_root: Path, job: dict[str, Any] | None,
+               overrides: Sequence[str], say) -> CheckpointRef | None:
+    mode = AUTO_STRICT if strict else AUTO
+    want = job_id(job) if job is not None else None
+    pointers = sorted(glob.glob(str(Path(runs_root) / "**" / "checkpoints" / LATEST), recursive=True))
+    say(f"train.resume={mode}: searched {Path(runs_root).resolve()} for runs of this job "
+        f"(same model, data, optim, curriculum, seed" + (f": job {want}" if want else "") +
+        f"): {len(pointers)} run(s) with checkpoints")
+    best, others, skipped = None, [], 0
+    for pointer in pointers:
+        try:
+            ref = latest_in(Path(pointer).parent)
+            meta = ref.meta() if ref is not None else None
+        except CheckpointError as err:   # one broken run must not stop every job's resume
+            say(f"  skipped an unreadable run: {err}", warn=True)
+            skipped += 1
+            continue
+        if meta is None:
+            continue
+        if want is not None and meta.get("job_id"):
+            diffs = [] if meta["job_id"] == want else (_differences(meta.get("job"), job)
+                                                         or ["job id " + str(meta["job_id"])])
+        else:   # saved before job identities were recorded: the command-line overrides
+            saved_key = job_key(meta.get("overrides", []))
+            diffs = [] if saved_key == job_key(overrides) else [f"overrides {saved_key}"]
+        stamp = float(meta.get("saved_at", 0.0))
+        if diffs:
+            others.append((stamp, ref, diffs))
+        elif best is None or stamp > best[0]:
+            best = (stamp, ref, meta)
+    for _, ref, diffs in sorted(others, key=lambda x: -x[0])[:3]:
+        more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+        say(f"  another job: {ref.save_dir.parent} differs in {'; '.join(diffs[:3])}{more}")
+    if best is not None:
+        stamp, ref, meta = best
+        say(f"  found {ref.path} (step {meta['step']}, saved "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stamp))})")
+        return ref
+    summary = (f"no earlier run of this job under {Path(runs_root).resolve()} ({len(others)} of "
+               f"other jobs, {skipped} unreadable)")
+    if strict:
+        raise CheckpointError(f"train.resume={AUTO_STRICT}: {summary}: refusing to start from "
+                              f"step 0 (train.resume={AUTO} starts fresh when none is found; "
+                              f"train.resume=<run dir> picks one)")
+    say(f"  {summary}: starting from step 0", warn=True)
+    return None
+
+
+def _is_under(path: Path, roots: Sequence[str | Path]) -> bool:
+    path = path.resolve()
+    for root in roots:
+        root = Path(root).resolve()
+        if path == root or root in path.parents:
+            return True
+    return False
+
+
+def find_resume(resume: str, runs_root: Path, job: dict[str, Any] | None = None,
+                overrides: Sequence[str] = (), trusted: Sequence[str | Path] | None = None,
+                verbose: bool = True) -> CheckpointRef | None:
+    """Resolve ``train.resume``: none | auto | auto_strict | a run dir, checkpoints dir or
+    checkpoint dir. auto finds the newest run under ``runs_root`` whose checkpoint has this
+    ``job`` identity (``job_identity``; older checkpoints: the same ``overrides``), reporting
+    what it searched and found and skipping runs it cannot read; auto_strict refuses to start
+    fresh. A given path must lie under one of ``trusted`` (when given): DeepSpeed unpickles the
+    checkpoint's files."""
+    def say(msg: str, warn: bool = False) -> None:
+        if verbose:
+            (log.warning if warn else log.info)(msg)
+
     if resume in ("none", "", None):
         return None
-    if resume == "auto":
-        want = job_key(overrides)
-        best: tuple[float, CheckpointRef] | None = None
-        for pointer in glob.glob(str(Path(runs_root) / "**" / "checkpoints" / LATEST), recursive=True):
-            ref = latest_in(Path(pointer).parent)
-            if ref is None:
-                continue
-            meta = ref.meta()
-            if job_key(meta.get("overrides", [])) != want:
-                continue
-            stamp = float(meta.get("saved_at", 0.0))
-            if best is None or stamp > best[0]:
-                best = (stamp, ref)
-        return None if best is None else best[1]
+    if resume in (AUTO, AUTO_STRICT):
+        return _find_auto(resume == AUTO_STRICT, runs_root, job, overrides, say)
     path = Path(resume)
+    if trusted is not None and path.exists() and not _is_under(path, trusted):
+        raise CheckpointError(
+            f"train.resume={resume}: {path.resolve()} is outside this job's run roots "
+            f"({', '.join(str(Path(t).resolve()) for t in trusted)}); DeepSpeed unpickles "
+            f"checkpoint files (README, Resume: trust), so checkpoints from elsewhere are refused "
+            f"unless you trust whoever wrote them: train.trusted_checkpoint_dirs=[{path.resolve()}]")
     if (path / META).is_file():
         return CheckpointRef(path.parent, path.name)
     for save_dir in (path, path / "checkpoints"):

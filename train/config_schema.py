@@ -53,10 +53,15 @@ class TrainSection:
     val_every: int = 50                # optimizer steps between validations (0: only start/end)
     ckpt_every: int = 100              # optimizer steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2          # newest checkpoints kept in the run's checkpoints/
-    # none | auto (continue the newest run with the same overrides, if any) | a path to a run
-    # directory, its checkpoints/ directory, or one checkpoint (step_XXXXXXXX) directory.
+    # none | auto (continue the newest run of this job under runs_root: the same model, data,
+    # optim, curriculum and seed; none found: start fresh, logged) | auto_strict (the same, but
+    # refuse to start fresh) | a path to a run directory, its checkpoints/ directory, or one
+    # checkpoint (step_XXXXXXXX) directory.
     resume: str = "none"
     runs_root: str = "outputs"         # where resume=auto looks for earlier runs
+    # Directories besides runs_root (and the parent of this run's directory) that train.resume may
+    # load checkpoints from: DeepSpeed unpickles checkpoint files, so add only what you trust.
+    trusted_checkpoint_dirs: List[str] = field(default_factory=list)
     # End this invocation after this optimizer step (the lr schedule still spans the whole run),
     # with a checkpoint; e.g. to fit a scheduler's time limit, then train.resume=auto.
     stop_at_step: Optional[int] = None

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from optim.safe_load import load_deepspeed_file
+
 
 class RollbackExhausted(RuntimeError):
     """Spikes kept coming back after the allowed number of rollbacks."""
@@ -36,7 +38,12 @@ def to_cpu_copy(obj: Any) -> Any:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """The RNG states (python, numpy, torch CPU and CUDA) as tensors and plain Python data, so
+    that a checkpoint holding them loads with ``torch.load(weights_only=True)``."""
+    keys, pos, has_gauss, gauss = np.random.get_state()[1:]
+    state = {"python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -45,7 +52,12 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        np.random.set_state(("MT19937", saved["keys"].numpy().astype(np.uint32), saved["pos"],
+                             saved["has_gauss"], saved["gauss"]))
+    else:                 # numpy's own tuple (checkpoints written before it was stored as a tensor)
+        np.random.set_state(saved)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -110,7 +122,7 @@ class SnapshotRing:
         idx = len(self._snapshots) - n_back
         step, state = self._snapshots[idx]
         if isinstance(state, Path):
-            state = torch.load(state, weights_only=False)
+            state = load_deepspeed_file(state)   # DeepSpeed's optimizer state: its classes only
         missing = set(objects) - set(state["objects"])
         if missing:
             raise KeyError(f"rollback: snapshot at step {step} has no state for {sorted(missing)}")

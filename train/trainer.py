@@ -49,7 +49,8 @@ from model.transformer import Transformer
 from optim.deepspeed import ShardedHybridOptimizer, build_sharded_optimizer
 from optim.schedule import lr_factor
 from train.checkpoint import (CheckpointManager, CheckpointRef, check_reshard, find_resume,
-                              prepare_reshard, rng_state, saved_data_state, set_rng_state)
+                              job_id, job_identity, prepare_reshard, rng_state, saved_data_state,
+                              set_rng_state, verify_checkpoint)
 from train.config_schema import check_config_keys
 from train.curriculum import PHASE_WARMUP, Curriculum, CurriculumError, Position, build_curriculum
 from train.expert_parallel import apply_expert_parallel, check_zero_stage_for_ep
@@ -101,7 +102,12 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         run_dir.mkdir(parents=True, exist_ok=True)
     # the checkpoint to resume from; one of another world size is checked, converted to
     # DeepSpeed's universal format and its data position remapped before data and model are built
-    resume_ref = find_resume(tc.resume, Path(tc.runs_root), overrides)
+    job = job_identity(cfg)
+    resume_ref = find_resume(tc.resume, Path(tc.runs_root), job=job, overrides=overrides,
+                             trusted=[tc.runs_root, run_dir.parent, *tc.trusted_checkpoint_dirs],
+                             verbose=dist.is_main)
+    if resume_ref is not None:
+        verify_checkpoint(resume_ref)   # unreadable or unsafe files: named now, not after building
     reshard = None if resume_ref is None else check_reshard(
         resume_ref, dist.world_size, int(cfg.deepspeed.zero_stage), int(cfg.parallel.ep_size))
     try:
@@ -365,7 +371,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             final_val = _validate_and_log(engine, val_loader, pos, step, dist, metrics, say)
         if _every(step, tc.ckpt_every) and step < end_step:
             last_ckpt = _save(ckpt, engine, step, stage, curriculum, train_loader, metrics,
-                              overrides, run_dir, stability)
+                              overrides, run_dir, stability, job)
 
     # ---- 6. the end -----------------------------------------------------------------------------
     progress.close()
@@ -373,7 +379,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         final_pos = curriculum.at(step - 1)
         final_val = _validate_and_log(engine, val_loader, final_pos, step, dist, metrics, say)
         last_ckpt = _save(ckpt, engine, step, final_pos.stage, curriculum, train_loader, metrics,
-                          overrides, run_dir, stability)
+                          overrides, run_dir, stability, job)
     if stability.ring is not None and stability.ring.location == "disk":
         shutil.rmtree(run_dir / "snapshots" / f"rank{dist.rank}", ignore_errors=True)
     done = "finished" if step >= curriculum.total_steps else f"stopped at step {step} (train.stop_at_step)"
@@ -547,12 +553,14 @@ def _validate_and_log(engine, val_loader, pos: Position, step: int, dist: DistIn
 
 def _save(ckpt: CheckpointManager, engine, step: int, stage, curriculum: Curriculum,
           train_loader, metrics: MetricsLogger, overrides: Sequence[str], run_dir: Path,
-          stability: StabilityController | None = None) -> CheckpointRef:
+          stability: StabilityController | None = None, job: dict | None = None) -> CheckpointRef:
     meta = {"stage": stage.index, "stage_name": stage.name,
             "tokens": curriculum.tokens_before(step), "wandb_run_id": metrics.wandb_run_id,
             "overrides": list(overrides), "run_dir": str(run_dir), "metrics_path": str(metrics.path),
             # makes a copied step directory self-contained for `python -m model.hf export`
             "model_config": engine.module.cfg.to_dict()}
+    if job is not None:   # what resume=auto matches (train.checkpoint.job_identity)
+        meta.update(job=job, job_id=job_id(job))
     rank_state = {"data": train_loader.state_dict(), "rng": rng_state()}
     if stability is not None:   # detector history, auto window, the next step's cached routing
         rank_state["stability"] = stability.state_dict()

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from train.checkpoint import (LATEST, CheckpointError, CheckpointManager, find_resume, latest_in,
-                              rng_state, set_rng_state, tag_for)
+from train.checkpoint import (LATEST, CheckpointError, CheckpointManager, find_resume, job_id,
+                              job_identity, latest_in, rng_state, set_rng_state, tag_for)
 from train.engine import deepspeed_config, initialize_engine, resolve_device, setup_distributed
 
 DS = {"zero_stage": 0, "overlap_comm": False, "contiguous_gradients": True,
@@ -114,19 +114,76 @@ def _fake_run(root, name, overrides, saved_at):
 
 
 def test_resume_auto_picks_the_newest_run_of_the_same_job(tmp_path):
+    """Checkpoints saved before job identities were recorded: matched on their overrides."""
     old = _fake_run(tmp_path, "runs/a", ["optim.lr=0.1"], 100.0)
     new = _fake_run(tmp_path, "runs/b", ["optim.lr=0.1", "train.stop_at_step=3"], 200.0)
     other = _fake_run(tmp_path, "sweeps/x/0", ["optim.lr=0.2"], 300.0)
-    assert find_resume("auto", tmp_path, ["optim.lr=0.1", "train.resume=auto"]).path == new
-    assert find_resume("auto", tmp_path, ["optim.lr=0.2"]).path == other
-    assert find_resume("auto", tmp_path, ["optim.lr=0.3"]) is None
-    assert find_resume("none", tmp_path, []) is None
+    assert find_resume("auto", tmp_path, overrides=["optim.lr=0.1", "train.resume=auto"]).path == new
+    assert find_resume("auto", tmp_path, overrides=["optim.lr=0.2"]).path == other
+    assert find_resume("auto", tmp_path, overrides=["optim.lr=0.3"]) is None
+    assert find_resume("none", tmp_path) is None
     # explicit paths: a run dir, its checkpoints dir, a checkpoint dir
-    assert find_resume(str(tmp_path / "runs/a"), tmp_path, []).path == old
-    assert find_resume(str(old.parent), tmp_path, []).path == old
-    assert find_resume(str(old), tmp_path, []).path == old
+    assert find_resume(str(tmp_path / "runs/a"), tmp_path).path == old
+    assert find_resume(str(old.parent), tmp_path).path == old
+    assert find_resume(str(old), tmp_path).path == old
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        find_resume(str(tmp_path / "nowhere"), tmp_path, [])
+        find_resume(str(tmp_path / "nowhere"), tmp_path)
+
+
+def _job(lr=0.1, val_batches=2):
+    return job_identity({"model": {"dim": 8}, "optim": {"lr": lr}, "curriculum": {"stages": []},
+                         "data": {"kind": "files", "val_batches": val_batches, "cache_dir": "/c"},
+                         "train": {"seed": 1, "val_every": 5}})
+
+
+def _fake_job_run(root, name, job, saved_at, overrides=()):
+    ref = _fake_run(root, name, list(overrides), saved_at)
+    meta = json.loads((ref / "meta.json").read_text())
+    (ref / "meta.json").write_text(json.dumps({**meta, "job": job, "job_id": job_id(job)}))
+    return ref
+
+
+def test_resume_auto_matches_the_job_not_the_override_list(tmp_path, caplog):
+    mine = _fake_job_run(tmp_path, "runs/a", _job(), 100.0, ["optim.lr=0.1"])
+    _fake_job_run(tmp_path, "runs/b", _job(lr=0.2), 200.0, ["optim.lr=0.2"])
+    caplog.set_level("INFO")
+    # another override list (a cadence setting was added): the same job
+    assert find_resume("auto", tmp_path, job=_job(), overrides=["train.val_every=0"]).path == mine
+    text = caplog.text
+    assert f"searched {tmp_path.resolve()}" in text and "2 run(s) with checkpoints" in text
+    assert f"found {mine}" in text
+    assert "another job: " + str(tmp_path / "runs/b") + " differs in optim.lr: 0.2 -> 0.1" in text
+    caplog.clear()
+    assert find_resume("auto", tmp_path, job=_job(lr=0.3)) is None
+    assert "no earlier run of this job" in caplog.text and "starting from step 0" in caplog.text
+    with pytest.raises(CheckpointError, match="auto_strict: no earlier run of this job.*2 of other"):
+        find_resume("auto_strict", tmp_path, job=_job(lr=0.3))
+    assert find_resume("auto_strict", tmp_path, job=_job()).path == mine
+
+
+def test_resume_auto_skips_and_reports_unreadable_runs(tmp_path, caplog):
+    mine = _fake_job_run(tmp_path, "runs/a", _job(), 100.0)
+    garbage = _fake_job_run(tmp_path, "runs/b", _job(), 200.0).parent / LATEST
+    garbage.write_bytes(b"\xff\xfe\x00garbage")
+    escape = _fake_job_run(tmp_path, "runs/c", _job(), 300.0).parent / LATEST
+    escape.write_text("../../../../etc")
+    bad_meta = _fake_job_run(tmp_path, "runs/d", _job(), 400.0)
+    (bad_meta / "meta.json").write_text("{not json")
+    caplog.set_level("INFO")
+    assert find_resume("auto", tmp_path, job=_job()).path == mine
+    skipped = [r.getMessage() for r in caplog.records if "skipped an unreadable run" in r.getMessage()]
+    assert len(skipped) == 3
+    assert any(f"{garbage} cannot be read (UnicodeDecodeError" in m for m in skipped)
+    assert any(f"{escape} does not name a checkpoint" in m for m in skipped)
+    assert any(f"{bad_meta / 'meta.json'} cannot be read" in m for m in skipped)
+
+
+def test_resume_from_a_path_outside_the_run_roots_needs_trust(tmp_path):
+    ckpt = _fake_run(tmp_path, "elsewhere/run", [], 1.0)
+    with pytest.raises(CheckpointError, match="outside this job's run roots.*trusted_checkpoint_dirs"):
+        find_resume(str(ckpt), tmp_path / "outputs", trusted=[tmp_path / "outputs"])
+    assert find_resume(str(ckpt), tmp_path / "outputs",
+                       trusted=[tmp_path / "outputs", tmp_path / "elsewhere"]).path == ckpt
 
 
 def test_zero0_world_size_change_plain_or_refused(tmp_path):
