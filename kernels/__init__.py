@@ -6,6 +6,8 @@ reference it replaces (the reference lives in ``model/`` and is the contract):
   (bf16 | fp8 scores, chunked torch.topk | fused exact select); ``kernels.indexer_fp8`` is the
   plain-PyTorch fp8 quantisation reference (no Triton import)
 * ``kernels.mhc``                                       <- ``model.hyper_connections`` coefficients + Sinkhorn
+* ``kernels.moe_router`` / ``kernels.swiglu`` / ``kernels.moe_permute``  <- ``model.moe`` (``topk_routing``,
+  ``swiglu_activation``, ``permute_tokens`` / ``unpermute_tokens``)
 * ``kernels.dispatch``  picks the implementation (``attention.impl: auto | triton | torch``).
 
 Importing this package never imports Triton; the kernel modules do, so a machine without

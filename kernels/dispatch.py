@@ -174,3 +174,40 @@ def get_mix_streams(impl: str = "auto", device: torch.device | str | None = None
 
     return _select("mix_streams", impl, device, "kernels.mhc_streams", "mix_streams_triton",
                    mix_streams, dtype)
+
+
+def get_topk_routing(impl: str = "auto", device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None) -> Callable:
+    """fn(logits, bias, k, route_scale) -> (weights, indices, scores), the signature of
+    ``model.moe.topk_routing`` (Triton: ``kernels.moe_router``, one kernel each way)."""
+    from model.moe import topk_routing
+
+    return _select("topk_routing", impl, device, "kernels.moe_router", "topk_routing_triton", topk_routing, dtype)
+
+
+def get_swiglu_activation(impl: str = "auto", device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None) -> Callable:
+    """fn(gate, up, limit, weight=None) -> h, the signature of ``model.moe.swiglu_activation``
+    (Triton: ``kernels.swiglu``)."""
+    from model.moe import swiglu_activation
+
+    return _select("swiglu_activation", impl, device, "kernels.swiglu", "swiglu_activation_triton",
+                   swiglu_activation, dtype)
+
+
+def get_permute_tokens(impl: str = "auto", device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> Callable:
+    """fn(x, order, k) -> x_sorted, the signature of ``model.moe.permute_tokens``."""
+    from model.moe import permute_tokens
+
+    return _select("permute_tokens", impl, device, "kernels.moe_permute", "permute_tokens_triton",
+                   permute_tokens, dtype)
+
+
+def get_unpermute_tokens(impl: str = "auto", device: torch.device | str | None = None,
+                         dtype: torch.dtype | None = None) -> Callable:
+    """fn(out, order, k, n_tokens) -> y fp32, the signature of ``model.moe.unpermute_tokens``."""
+    from model.moe import unpermute_tokens
+
+    return _select("unpermute_tokens", impl, device, "kernels.moe_permute", "unpermute_tokens_triton",
+                   unpermute_tokens, dtype)

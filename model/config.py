@@ -55,6 +55,9 @@ class ModelConfig:
     # routed experts: grouped = torch._grouped_mm over all experts (no per-expert launches),
     # loop = one SwiGLU per expert (the reference); auto = grouped where supported (model/moe.py)
     moe_impl: str = "auto"
+    # the MoE's elementwise ops as Triton kernels (router top-k, clamped SwiGLU, permute /
+    # combine; kernels/dispatch.py): auto = Triton on CUDA, triton = or an error, torch = reference
+    moe_kernel_impl: str = "auto"
     # --- lightning indexer (CSA layers)
     index_n_heads: int = 64
     index_head_dim: int = 128
@@ -137,7 +140,7 @@ class ModelConfig:
         need(self.attention_mode in ATTENTION_MODES, "attention_mode",
              f"must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
         need(self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
-        for f in ("attention_impl", "mhc_impl"):
+        for f in ("attention_impl", "mhc_impl", "moe_kernel_impl"):
             need(getattr(self, f) in KERNEL_IMPLS, f,
                  f"must be one of {KERNEL_IMPLS}, got {getattr(self, f)!r}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl",

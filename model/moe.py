@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.dispatch import (get_permute_tokens, get_swiglu_activation, get_topk_routing,
+                              get_unpermute_tokens)
 from model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,22 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------- functions
+def swiglu_activation(gate: torch.Tensor, up: torch.Tensor, limit: float,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """h = silu(min(gate, limit)) * clamp(up, -limit, limit) [* weight[:, None]], gate/up [N, I],
+    weight [N] or None -> [N, I] in gate's dtype, math in fp32. ``limit <= 0`` disables the clamp
+    (as DeepSeek's code does for swiglu_limit = 0). Triton: ``kernels/swiglu.py``."""
+    dt = gate.dtype
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    h = F.silu(gate) * up
+    if weight is not None:
+        h = h * weight.float()[:, None]
+    return h.to(dt)
+
+
 def swiglu(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -44,26 +62,56 @@ def swiglu(
     w3: torch.Tensor,
     limit: float,
     weight: torch.Tensor | None = None,
+    act=swiglu_activation,
 ) -> torch.Tensor:
     """Clamped SwiGLU expert. x [T, D]; w1, w3 [inter, D]; w2 [D, inter]; weight [T] or None.
 
-    Elementwise math in fp32; the result of W2 is in x's dtype. ``limit <= 0`` disables the
-    clamp (as DeepSeek's code does for swiglu_limit = 0).
+    Elementwise math in fp32 (``act``: the reference or its Triton kernel); the result of W2 is
+    in x's dtype.
     """
-    gate = F.linear(x, w1).float()  # [T, inter]
-    up = F.linear(x, w3).float()
-    if limit > 0:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(min=-limit, max=limit)
-    h = F.silu(gate) * up
-    if weight is not None:
-        h = h * weight.float()[:, None]
-    return F.linear(h.to(x.dtype), w2)  # [T, D]
+    return F.linear(act(F.linear(x, w1), F.linear(x, w3), limit, weight), w2)  # [T, D]
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T in fp32 (the router runs in fp32). x [..., D], weight [E, D] -> [..., E]."""
+    return F.linear(x.float(), weight.float())
 
 
 def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """s = sqrt(softplus(x W^T)) in fp32 (V4's "sqrtsoftplus"). x [..., D], weight [E, D] -> [..., E]."""
-    return F.softplus(F.linear(x.float(), weight.float())).sqrt()
+    return F.softplus(router_logits(x, weight)).sqrt()
+
+
+def routing_weights(scores: torch.Tensor, indices: torch.Tensor, route_scale: float) -> torch.Tensor:
+    """w = s[idx] / sum s[idx] * route_scale: the unbiased scores of the chosen experts. [T, K] fp32."""
+    chosen = scores.gather(1, indices)  # [T, K]
+    return chosen / (chosen.sum(-1, keepdim=True) + 1e-20) * route_scale
+
+
+def topk_routing(logits: torch.Tensor, bias: torch.Tensor, k: int,
+                 route_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Learned routing from fp32 logits [T, E]: (weights [T, K] fp32, indices [T, K] long,
+    scores [T, E] fp32). The bias only decides which experts are chosen, never how much they
+    weigh. Triton (one kernel each way): ``kernels/moe_router.py``."""
+    scores = F.softplus(logits).sqrt()
+    indices = torch.topk(scores.detach() + bias, k, dim=-1).indices
+    return routing_weights(scores, indices, route_scale), indices, scores
+
+
+def permute_tokens(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of x [T, D] in expert-sorted order: row n is token order[n] // k ((token, slot) pairs
+    flattened token-major, ``order`` = their stable sort by expert). -> [T*k, D].
+    Triton: ``kernels/moe_permute.py`` (backward without atomics)."""
+    return x.index_select(0, order // k)
+
+
+def unpermute_tokens(out: torch.Tensor, order: torch.Tensor, k: int, n_tokens: int) -> torch.Tensor:
+    """Inverse of ``permute_tokens`` with the sum over each token's k rows: out [T*k, D] ->
+    y [T, D] fp32. Triton: ``kernels/moe_permute.py`` (a gather-sum, no fp32 copy of out)."""
+    y = torch.zeros(n_tokens, out.shape[-1], device=out.device, dtype=torch.float32)
+    if out.numel():
+        y.index_add_(0, order // k, out.float())
+    return y
 
 
 def hash_routing_table(vocab_size: int, n_experts: int, k: int, seed: int) -> torch.Tensor:
@@ -140,6 +188,7 @@ class Router(nn.Module):
         self.top_k = cfg.n_activated_experts
         self.route_scale = cfg.route_scale
         self.is_hash = layer_idx < cfg.n_hash_layers
+        self.kernel_impl = cfg.moe_kernel_impl
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         if self.is_hash and self.weight.is_meta:
             # meta build (accounting only): shape without the cost of building the table
@@ -158,19 +207,18 @@ class Router(nn.Module):
         routing_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D], input_ids [T] -> (weights [T, K] fp32, indices [T, K] long, scores [T, E] fp32)."""
-        scores = router_scores(x, self.weight)  # [T, E]
+        logits = router_logits(x, self.weight)  # [T, E] fp32
+        if routing_indices is None and not self.is_hash:
+            route = get_topk_routing(self.kernel_impl, logits.device, logits.dtype)
+            return route(logits, self.bias, self.top_k, self.route_scale)
+        scores = F.softplus(logits).sqrt()
         if routing_indices is not None:
             indices = routing_indices
-        elif self.is_hash:
+        else:
             if input_ids is None:
                 raise ValueError("MoE: input_ids is required for hash-routed layers")
             indices = self.tid2eid[input_ids]
-        else:
-            # the bias only decides which experts are chosen, never how much they weigh
-            indices = torch.topk(scores.detach() + self.bias, self.top_k, dim=-1).indices
-        chosen = scores.gather(1, indices)  # [T, K]
-        weights = chosen / (chosen.sum(-1, keepdim=True) + 1e-20) * self.route_scale
-        return weights, indices, scores
+        return routing_weights(scores, indices, self.route_scale), indices, scores
 
 
 # ---------------------------------------------------------------------------- expert FFN over sorted rows
@@ -214,13 +262,13 @@ def _grad_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def experts_loop(x_sorted: torch.Tensor, counts: list[int], w1, w2, w3, limit: float,
-                 w_sorted: torch.Tensor) -> torch.Tensor:
+                 w_sorted: torch.Tensor, act=swiglu_activation) -> torch.Tensor:
     """Reference: x_sorted [N, D] grouped by expert, counts[e] rows each -> [N, D] in x's dtype."""
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
             seg = slice(start, start + n)
-            outs.append(swiglu(x_sorted[seg], w1[e], w2[e], w3[e], limit, w_sorted[seg]))
+            outs.append(swiglu(x_sorted[seg], w1[e], w2[e], w3[e], limit, w_sorted[seg], act))
             start += n
     return torch.cat(outs) if outs else x_sorted.new_zeros(0, x_sorted.shape[-1])
 
@@ -237,35 +285,32 @@ def _aligned(w: torch.Tensor) -> torch.Tensor:
 
 
 def experts_grouped(x_sorted: torch.Tensor, counts: torch.Tensor, w1, w2, w3, limit: float,
-                    w_sorted: torch.Tensor) -> torch.Tensor:
+                    w_sorted: torch.Tensor, act=swiglu_activation) -> torch.Tensor:
     """The same as ``experts_loop`` with grouped GEMMs; counts [E] (device tensor, no host sync)."""
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     dt = x_sorted.dtype
     w1, w2, w3 = (_aligned(w.to(dt)) for w in (w1, w2, w3))
-    gate = _grad_contiguous(torch._grouped_mm(x_sorted, w1.to(dt).transpose(-2, -1), offs=offs))
-    up = _grad_contiguous(torch._grouped_mm(x_sorted, w3.to(dt).transpose(-2, -1), offs=offs))
-    gate, up = gate.float(), up.float()
-    if limit > 0:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(min=-limit, max=limit)
-    h = (F.silu(gate) * up * w_sorted.float()[:, None]).to(dt)
-    return _grad_contiguous(torch._grouped_mm(h, w2.to(dt).transpose(-2, -1), offs=offs))
+    gate = _grad_contiguous(torch._grouped_mm(x_sorted, w1.transpose(-2, -1), offs=offs))
+    up = _grad_contiguous(torch._grouped_mm(x_sorted, w3.transpose(-2, -1), offs=offs))
+    h = act(gate, up, limit, w_sorted)
+    return _grad_contiguous(torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs))
 
 
 def run_experts(impl: str, x_sorted: torch.Tensor, counts: torch.Tensor, w1, w2, w3,
-                limit: float, w_sorted: torch.Tensor) -> torch.Tensor:
-    """Dispatch on ``moe_impl`` (auto | grouped | loop). counts: [E] rows per expert."""
+                limit: float, w_sorted: torch.Tensor, act=swiglu_activation) -> torch.Tensor:
+    """Dispatch on ``moe_impl`` (auto | grouped | loop). counts: [E] rows per expert; ``act``:
+    the SwiGLU activation (reference or Triton, ``model.moe_kernel_impl``)."""
     if x_sorted.shape[0] == 0:   # no rows here (e.g. an idle EP rank): zero output, zero gradients
         touch = sum(w.sum() for w in (w1, w2, w3)).to(x_sorted.dtype) * 0
         return x_sorted.new_zeros(0, w2.shape[-2]) + touch
     if impl != "loop":
         reason = grouped_unsupported_reason(x_sorted, w1)
         if reason is None:
-            return experts_grouped(x_sorted, counts, w1, w2, w3, limit, w_sorted)
+            return experts_grouped(x_sorted, counts, w1, w2, w3, limit, w_sorted, act)
         if impl == "grouped":
             raise RuntimeError(f"model.moe_impl=grouped: {reason}")
         _log_once(f"MoE experts run as a per-expert loop (moe_impl=auto): {reason}")
-    return experts_loop(x_sorted, counts.tolist(), w1, w2, w3, limit, w_sorted)
+    return experts_loop(x_sorted, counts.tolist(), w1, w2, w3, limit, w_sorted, act)
 
 
 class RoutedExperts(nn.Module):
@@ -277,6 +322,7 @@ class RoutedExperts(nn.Module):
         self.n_experts = E
         self.limit = cfg.swiglu_limit
         self.impl = cfg.moe_impl
+        self.kernel_impl = cfg.moe_kernel_impl  # router / SwiGLU / permute kernels (kernels/dispatch.py)
         self.w1 = nn.Parameter(torch.empty(E, inter, D))
         self.w3 = nn.Parameter(torch.empty(E, inter, D))
         self.w2 = nn.Parameter(torch.empty(E, D, inter))
@@ -287,15 +333,13 @@ class RoutedExperts(nn.Module):
         flat_expert = indices.reshape(-1)  # [T*K]
         # sort the (token, slot) pairs by expert so each expert sees one contiguous segment
         order = torch.argsort(flat_expert, stable=True)
-        token_of = order // K  # [T*K] source token of each sorted slot
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
-        x_sorted = x.index_select(0, token_of)  # [T*K, D]
+        dev, dt = x.device, x.dtype
+        x_sorted = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K)  # [T*K, D]
         w_sorted = weights.reshape(-1).index_select(0, order)  # [T*K]
-        out = run_experts(self.impl, x_sorted, counts, self.w1, self.w2, self.w3, self.limit, w_sorted)
-        y = torch.zeros(T, x.shape[-1], device=x.device, dtype=torch.float32)
-        if out.numel():
-            y.index_add_(0, token_of, out.float())
-        return y
+        out = run_experts(self.impl, x_sorted, counts, self.w1, self.w2, self.w3, self.limit, w_sorted,
+                          get_swiglu_activation(self.kernel_impl, dev, dt))
+        return get_unpermute_tokens(self.kernel_impl, dev, dt)(out, order, K, T)
 
 
 class SharedExpert(nn.Module):
@@ -305,12 +349,14 @@ class SharedExpert(nn.Module):
         super().__init__()
         inter = cfg.n_shared_experts * cfg.moe_inter_dim
         self.limit = cfg.swiglu_limit
+        self.kernel_impl = cfg.moe_kernel_impl
         self.w1 = nn.Linear(cfg.dim, inter, bias=False)
         self.w2 = nn.Linear(inter, cfg.dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, inter, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.limit)
+        act = get_swiglu_activation(self.kernel_impl, x.device, x.dtype)
+        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.limit, act=act)
 
 
 class MoE(nn.Module):

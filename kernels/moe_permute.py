@@ -1,0 +1,143 @@
+"""MoE token permutation in Triton: rows into expert-sorted order and back, without atomics.
+
+Matches ``model.moe.permute_tokens(x, order, k)`` and ``unpermute_tokens(out, order, k, T)``:
+``order`` [T*k] is the stable sort by expert of the (token, slot) pairs flattened token-major,
+so sorted row n belongs to token order[n] // k. Its inverse ``slot`` [T, k] (slot[t, j] = n where
+order[n] = t*k + j) turns every reduction into a gather:
+    permute    fwd  xs[n] = x[order[n] // k]          bwd  dx[t] = sum_j dxs[slot[t, j]]
+    unpermute  fwd  y[t]  = sum_j out[slot[t, j]]     bwd  dout[n] = dy[order[n] // k]
+Each token's k rows are summed in fp32 registers in a fixed order: deterministic, and no fp32
+copy of the [T*k, D] rows (the reference's unpermute casts them and index_adds with atomics; its
+permute backward index_adds in the activation dtype).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+@triton.jit
+def _inverse(ORDER, SLOT, N, BLOCK: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rn < N
+    o = tl.load(ORDER + rn, mask=ok, other=0)
+    tl.store(SLOT + o, rn.to(tl.int64), mask=ok)
+
+
+@triton.jit
+def _expand_rows(SRC, ORDER, DST, N, D, K, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_ok = rn < N
+    m = n_ok[:, None] & (rd < D)[None, :]
+    tok = tl.load(ORDER + rn, mask=n_ok, other=0) // K
+    v = tl.load(SRC + tok[:, None] * D + rd[None, :], mask=m, other=0.0)
+    tl.store(DST + rn.to(tl.int64)[:, None] * D + rd[None, :], v.to(DST.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _sum_rows(SRC, SLOT, DST, T, D, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok = rt < T
+    m = t_ok[:, None] & (rd < D)[None, :]
+    rt64 = rt.to(tl.int64)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(SLOT + rt64 * K + j, mask=t_ok, other=0)
+        acc += tl.load(SRC + row[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(DST + rt64[:, None] * D + rd[None, :], acc.to(DST.dtype.element_ty), mask=m)
+
+
+_ELEMS = 4096
+
+
+def _tiles(D: int, block_rows: int | None, block_d: int | None) -> tuple[int, int]:
+    BD = block_d or min(1024, max(16, _pow2(D)))
+    return block_rows or max(1, min(64, _ELEMS // BD)), BD
+
+
+def _slot(order: torch.Tensor, n_tokens: int, k: int) -> torch.Tensor:
+    """slot [T, k]: the inverse permutation of order."""
+    slot = torch.empty(n_tokens, k, device=order.device, dtype=torch.long)
+    N = order.numel()
+    if N:
+        _inverse[(triton.cdiv(N, 1024),)](order, slot, N, BLOCK=1024)
+    return slot
+
+
+def _expand(src: torch.Tensor, order: torch.Tensor, k: int, dtype, tiles) -> torch.Tensor:
+    N, D = order.numel(), src.shape[1]
+    dst = torch.empty(N, D, device=src.device, dtype=dtype)
+    BN, BD = _tiles(D, *tiles)
+    if N and D:
+        _expand_rows[(triton.cdiv(N, BN), triton.cdiv(D, BD))](src, order, dst, N, D, k, BLOCK_N=BN, BLOCK_D=BD)
+    return dst
+
+
+def _sum(src: torch.Tensor, slot: torch.Tensor, dtype, tiles) -> torch.Tensor:
+    (T, k), D = slot.shape, src.shape[1]
+    dst = torch.empty(T, D, device=src.device, dtype=dtype)
+    BT, BD = _tiles(D, *tiles)
+    if T and D:
+        _sum_rows[(triton.cdiv(T, BT), triton.cdiv(D, BD))](src, slot, dst, T, D, K=k, BLOCK_T=BT, BLOCK_D=BD)
+    return dst
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, order, k, tiles):
+        x = x.contiguous()
+        ctx.save_for_backward(_slot(order, x.shape[0], k))
+        ctx.meta = (x.dtype, tiles)
+        return _expand(x, order, k, x.dtype, tiles)
+
+    @staticmethod
+    def backward(ctx, dxs):
+        (slot,) = ctx.saved_tensors
+        dtype, tiles = ctx.meta
+        return _sum(dxs.contiguous(), slot, dtype, tiles), None, None, None
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, order, k, n_tokens, tiles):
+        ctx.save_for_backward(order)
+        ctx.meta = (k, out.dtype, tiles)
+        return _sum(out.contiguous(), _slot(order, n_tokens, k), torch.float32, tiles)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (order,) = ctx.saved_tensors
+        k, dtype, tiles = ctx.meta
+        return _expand(dy.contiguous(), order, k, dtype, tiles), None, None, None, None
+
+
+def _check(op: str, rows: torch.Tensor, order: torch.Tensor, n: int) -> None:
+    if rows.dim() != 2:
+        raise ValueError(f"{op}: rows must be [N, D], got {tuple(rows.shape)}")
+    if order.dim() != 1 or order.numel() != n or order.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{op}: order must be an integer [{n}] permutation, got {tuple(order.shape)} {order.dtype}")
+
+
+def permute_tokens_triton(x: torch.Tensor, order: torch.Tensor, k: int, *, block_rows: int | None = None,
+                          block_d: int | None = None) -> torch.Tensor:
+    """Triton version of ``model.moe.permute_tokens``: x [T, D], order [T*k] -> [T*k, D] in x's
+    dtype; differentiable in x (the backward sums each token's k rows in fp32)."""
+    _check("permute_tokens_triton", x, order, x.shape[0] * k if x.dim() == 2 else -1)
+    return _Permute.apply(x, order.contiguous(), k, (block_rows, block_d))
+
+
+def unpermute_tokens_triton(out: torch.Tensor, order: torch.Tensor, k: int, n_tokens: int, *,
+                            block_rows: int | None = None, block_d: int | None = None) -> torch.Tensor:
+    """Triton version of ``model.moe.unpermute_tokens``: out [T*k, D], order [T*k] -> y [T, D]
+    fp32 (each token's k rows summed in fp32); differentiable in out."""
+    _check("unpermute_tokens_triton", out, order, n_tokens * k)
+    if out.shape[0] != n_tokens * k:
+        raise ValueError(f"unpermute_tokens_triton: out must have {n_tokens * k} rows, got {out.shape[0]}")
+    return _Unpermute.apply(out, order.contiguous(), k, n_tokens, (block_rows, block_d))
