@@ -544,11 +544,20 @@ def _config_candidates(ckpt: Path, tag_dir: Path | None) -> list[Path]:
             run_dir / "model_config.json", run_dir / ".hydra" / "config.yaml"]
 
 
+def _read_checkpoint_file(path: Path) -> Any:
+    """A torch file of a checkpoint through PyTorch's restricted unpickler (tensors, plain data
+    and DeepSpeed's few data classes: optim/safe_load.py): a crafted file cannot run code."""
+    from optim.safe_load import UnreadableFileError, load_deepspeed_file
+
+    try:
+        return load_deepspeed_file(path)
+    except UnreadableFileError as err:
+        raise ExportError(str(err)) from None
+
+
 def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
-    # DeepSpeed's model-states file also holds its config and client state: full unpickling
-    # (only open checkpoints you trust); a plain state dict loads with weights_only.
-    is_ds = path.name.endswith("_model_states.pt")
-    obj = torch.load(path, map_location="cpu", weights_only=not is_ds)
+    # a plain state dict, or DeepSpeed's model-states file (its config and client state too)
+    obj = _read_checkpoint_file(path)
     if isinstance(obj, Mapping) and "module" in obj and isinstance(obj["module"], Mapping):
         obj = obj["module"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -561,6 +570,12 @@ def _consolidate_zero(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a ZeRO-sharded checkpoint (DeepSpeed's own consolidation)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from optim.safe_load import UnreadableFileError, deepspeed_files, verify_files
+
+    try:   # DeepSpeed's consolidation unpickles every file fully: refuse one that names code
+        verify_files(deepspeed_files(tag_dir))
+    except UnreadableFileError as err:
+        raise ExportError(str(err)) from None
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name))
 
 
@@ -634,7 +649,7 @@ def _merge_zero12_masters(tag_dir: Path, main: Mapping[str, Any], optim_files: l
     world = len(optim_files)
     shards = []
     for f in optim_files:
-        osd = torch.load(f, map_location="cpu", weights_only=False).get("optimizer_state_dict", {})
+        osd = _read_checkpoint_file(f).get("optimizer_state_dict", {})
         if "fp32_flat_groups" in osd or int(osd.get("zero_stage", 0)) == 3:
             raise _ep_refuse(tag_dir, "ZeRO-3 with expert parallelism is not supported (the trainer "
                                       "refuses it too)")
@@ -686,7 +701,7 @@ def consolidate_expert_parallel(tag_dir: str | os.PathLike) -> dict[str, torch.T
     """Our state dict from one tag directory of an expert-parallel DeepSpeed save (ZeRO-0/1/2).
     Raises ExportError (before anything is written) on a layout it cannot consolidate."""
     tag_dir = Path(tag_dir)
-    main = torch.load(tag_dir / _DS_MODEL_STATES, map_location="cpu", weights_only=False)
+    main = _read_checkpoint_file(tag_dir / _DS_MODEL_STATES)
     module = main.get("module") if isinstance(main, Mapping) else None
     if not isinstance(module, Mapping):
         raise _ep_refuse(tag_dir, f"{_DS_MODEL_STATES} has no 'module' state dict")

@@ -621,7 +621,11 @@ def to_universal(input_folder: str | Path, output_folder: str | Path, workers: i
     import subprocess
     import sys
 
+    from optim.safe_load import deepspeed_files, load_deepspeed_file, verify_files
+
     src, out = Path(input_folder), Path(output_folder)
+    # DeepSpeed's converter unpickles every file fully: refuse one that names code first
+    verify_files(deepspeed_files(src))
     optim_files = sorted(f for f in src.glob("*_optim_states.pt") if not f.name.startswith("expp_rank_"))
     if not optim_files:
         if any(src.glob("expp_rank_*_optim_states.pt")):
@@ -633,7 +637,7 @@ def to_universal(input_folder: str | Path, output_folder: str | Path, workers: i
                          if not f.name.startswith("layer_"))
     world = len(optim_files)
     # refuse what cannot be converted before writing anything
-    first = torch.load(optim_files[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    first = load_deepspeed_file(optim_files[0])["optimizer_state_dict"]
     if "base_optimizer_state" in first:
         stage3 = False
         ep_groups = {gi: g["name"] for gi, g in enumerate(first["base_optimizer_state"]["param_groups"])
@@ -660,16 +664,16 @@ def to_universal(input_folder: str | Path, output_folder: str | Path, workers: i
             if f.is_file() and f not in optim_files and f not in model_files \
                     and not f.name.startswith(("layer_", "expp_rank_")):
                 (staging / f.name).symlink_to(f.resolve())
-        shapes = torch.load(model_files[0], map_location="cpu", weights_only=False)["param_shapes"]
+        shapes = load_deepspeed_file(model_files[0])["param_shapes"]
         for f in model_files:
-            sd = torch.load(f, map_location="cpu", weights_only=False)
+            sd = load_deepspeed_file(f)
             for gi, name in ep_groups.items():      # local expert slices -> the whole stack
                 ep_size = int(str(name).rsplit("_", 1)[-1])
                 for pname, shape in sd["param_shapes"][gi].items():
                     sd["param_shapes"][gi][pname] = torch.Size((shape[0] * ep_size, *shape[1:]))
             torch.save(sd, staging / f.name)
         for f in optim_files:
-            sd = torch.load(f, map_location="cpu", weights_only=False)
+            sd = load_deepspeed_file(f)
             osd = sd["optimizer_state_dict"]
             if stage3:
                 base = osd["optimizer_state_dict"]

@@ -110,6 +110,12 @@ def verify_files(paths: Iterable[str | Path]) -> None:
         _load(Path(path), allowed, mmap=True)
 
 
+def deepspeed_files(directory: str | Path) -> list[Path]:
+    """DeepSpeed's model and optimizer files of one checkpoint folder (what its loaders open)."""
+    return sorted(p for p in Path(directory).glob("*_states.pt") if p.is_file()
+                  and p.name.endswith(("_model_states.pt", "_optim_states.pt")))
+
+
 def torch_files(directory: str | Path) -> list[Path]:
     """Every ``*.pt`` file under ``directory`` (recursively: universal checkpoints nest them)."""
     return sorted(p for p in Path(directory).rglob("*.pt") if p.is_file())

@@ -114,8 +114,10 @@ def test_resume_two_ranks_on_one(case, corpus, tmp_path_factory, tmp_path):
     ckpt = ckpts / "step_00000002"
     assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
     resumed_extra = [e for e in extra if not e.startswith("parallel.ep_size")]
+    # the reference run lives in another temporary directory: trusted explicitly
     out = _launch(1, tmp_path / "trace", _overrides(tmp_path, corpus, "resumed", *resumed_extra,
-                                                    f"train.resume={ckpt}"))
+                                                    f"train.resume={ckpt}",
+                                                    f"train.trusted_checkpoint_dirs=[{ref}]"))
     assert "resumed a checkpoint of 2 ranks on 1" in out
     universal = ckpts / "step_00000002_universal"
     if case == "zero0":   # fp32 ZeRO-0 state is whole in one file: loaded as saved, no conversion
@@ -167,7 +169,8 @@ def test_bad_remap_fails_before_the_model_is_built(corpus, tmp_path_factory, tmp
 
     def run(*extra):
         cfg = FX.compose_cfg(*_overrides(tmp_path, corpus, "bad", "deepspeed=zero2",
-                                         f"train.resume={ckpt}", *extra))
+                                         f"train.resume={ckpt}",
+                                         f"train.trusted_checkpoint_dirs=[{ref}]", *extra))
         return train.trainer.train(cfg, tmp_path / "bad")
 
     # a micro batch of 3 sequences cannot make up the saved global batch of 4

@@ -82,6 +82,19 @@ def run_job(run_dir: Path, overrides: list[str], task_overrides: list[str] | Non
     return train(cfg, run_dir, overrides=task_overrides if task_overrides is not None else [])
 
 
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, python_flags: list[str] = ()):
+    """``python [python_flags] -m train *args`` in a fresh process, as a user starts it: no world
+    variables left by in-process test runs, this checkout first on the path, wandb off."""
+    import subprocess
+    import sys
+
+    world = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in world}
+    env.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, *python_flags, "-m", "train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def read_metrics(path: Path) -> list[dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh]
@@ -99,6 +112,7 @@ class TrainHelpers:
     SMALL_MODEL = SMALL_MODEL
     compose = staticmethod(compose_cfg)
     run_job = staticmethod(run_job)
+    run_cli = staticmethod(run_cli)
     read_metrics = staticmethod(read_metrics)
     train_losses = staticmethod(train_losses)
 

@@ -2,22 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-
-
-def run_cli(th, args, cwd, timeout=300, python_flags=False):
-    """``python -m train *args`` (``python_flags``: the leading args are the interpreter's)."""
-    # a fresh process, as a user starts it: no world variables left by in-process test runs
-    world = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in world}
-    env.update(PYTHONPATH=str(th.REPO), WANDB_MODE="disabled")
-    flags, args = (args[:2], args[2:]) if python_flags else ([], args)
-    return subprocess.run([sys.executable, *flags, "-m", "train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("override, key, nearest", [
@@ -30,7 +16,7 @@ def run_cli(th, args, cwd, timeout=300, python_flags=False):
 def test_unknown_key_fails_in_one_line_before_any_heavy_import(th, tmp_path, override, key, nearest):
     """However an unknown key is written it fails with the nearest valid key, exit status 2,
     before DeepSpeed is imported or a run directory is made (-X importtime lists every import)."""
-    proc = run_cli(th, ["-X", "importtime", override], tmp_path, python_flags=True)
+    proc = th.run_cli([override], tmp_path, python_flags=["-X", "importtime"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
     assert errors == [f"error: unknown config key '{key}' in the override '{override}': "
@@ -57,7 +43,7 @@ def test_sweep_gives_one_run_directory_per_job(th, tmp_path, corpus_dir, token_c
             "train.seq_len=64", "train.global_batch_tokens=128", "train.micro_batch_tokens=128",
             "train.tokens=256", "train.val_every=0", "train.ckpt_every=0", "optim.warmup_steps=1",
             "logging.diagnostics_every=0"]
-    proc = run_cli(th, args, tmp_path)
+    proc = th.run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.parent for p in (tmp_path / "outputs" / "sweeps").rglob("metrics.jsonl"))
     assert [j.name for j in jobs] == ["0", "1"]
