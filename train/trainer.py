@@ -81,8 +81,9 @@ class TrainResult:
 def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -> TrainResult:
     """Run (or continue) the job described by ``cfg``, writing into ``run_dir``.
 
-    ``overrides`` are the command-line overrides (Hydra's task overrides); resume=auto uses
-    them to find an earlier run of the same job.
+    ``overrides`` are the command-line overrides (Hydra's task overrides), recorded with each
+    checkpoint; resume=auto matches runs on ``job_identity(cfg)`` (on the overrides only for
+    checkpoints written before identities were recorded).
     """
     check_config_keys(cfg)   # keys added with +key=value that the schema lacks
     tc = cfg.train
