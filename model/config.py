@@ -19,6 +19,7 @@ KERNEL_IMPLS = ("auto", "triton", "torch")
 INDEXER_SCORE_DTYPES = ("bf16", "fp8")   # = kernels.dispatch.INDEXER_SCORE_DTYPES
 INDEXER_SELECTS = ("chunked", "fused")   # = kernels.dispatch.INDEXER_SELECTS
 MOE_IMPLS = ("auto", "grouped", "loop")
+LOSS_IMPLS = ("chunked", "reference")   # = model.loss.LOSS_IMPLS
 
 
 class ConfigError(ValueError):
@@ -58,6 +59,9 @@ class ModelConfig:
     # the MoE's elementwise ops as Triton kernels (router top-k, clamped SwiGLU, permute /
     # combine; kernels/dispatch.py): auto = Triton on CUDA, triton = or an error, torch = reference
     moe_kernel_impl: str = "auto"
+    # LM-head + cross-entropy (main and MTP): chunked = token chunks, no [L, V] logits
+    # (model/loss.py); reference = full fp32 logits + F.cross_entropy
+    loss_impl: str = "chunked"
     # --- lightning indexer (CSA layers)
     index_n_heads: int = 64
     index_head_dim: int = 128
@@ -145,6 +149,8 @@ class ModelConfig:
                  f"must be one of {KERNEL_IMPLS}, got {getattr(self, f)!r}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl",
              f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
+        need(self.loss_impl in LOSS_IMPLS, "loss_impl",
+             f"must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
 
     # ------------------------------------------------------------------ derived

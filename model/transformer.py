@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from model.attention import Attention
@@ -21,17 +20,16 @@ from model.config import ModelConfig
 from model.diagnostics import DiagnosticsCollector
 from model.hyper_connections import HyperConnection, HyperHead
 from model.layout import DocLayout
+from model.loss import IGNORE_INDEX, linear_cross_entropy, reference_linear_cross_entropy
 from model.moe import MoE
 from model.norms import RMSNorm
-
-IGNORE_INDEX = -100
 
 
 @dataclass
 class ModelOutput:
     loss: torch.Tensor | None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
-    logits: torch.Tensor | None = None                              # [B, L, V]
+    logits: torch.Tensor | None = None      # [B, L, V], only when asked for (return_logits)
     routing_indices: list[torch.Tensor] = field(default_factory=list)  # per layer [B, L, K]
     diagnostics: dict = field(default_factory=dict)
 
@@ -166,7 +164,10 @@ class Transformer(nn.Module):
         labels: torch.Tensor | None = None,
         routing_indices: list[torch.Tensor] | None = None,
         diagnostics: bool = False,
+        return_logits: bool | None = None,
     ) -> ModelOutput:
+        """``return_logits``: None = logits only when there are no labels (inference); with
+        labels the losses never form [B, L, V] logits (model/loss.py) unless True is passed."""
         cfg = self.cfg
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -195,14 +196,16 @@ class Transformer(nn.Module):
             collect.block(i, block, aux)
         h_main = x
         hidden = self.norm(self.hc_head(x))                             # [B, L, D]
-        logits = self.head(hidden)                                      # [B, L, V]
+        if return_logits is None:
+            return_logits = labels is None
+        logits = self.head(hidden) if return_logits else None           # [B, L, V]
 
         losses: dict[str, torch.Tensor] = {}
         total = None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            lm = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            lm = self._lm_loss(hidden, labels)
             total = lm
             losses["lm"] = lm
             if cfg.mtp_depth > 0:
@@ -219,10 +222,7 @@ class Transformer(nn.Module):
                         idx_losses.append(aux["attn"]["indexer_loss"])
                     used_routes.append(aux["moe"]["indices"])
                     collect.block(cfg.n_layers + k, mod.block, aux, composite=False)
-                    mtp_logits = self.head(h_k)
-                    mtp_losses.append(
-                        F.cross_entropy(mtp_logits.float().flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX)
-                    )
+                    mtp_losses.append(self._lm_loss(h_k, tgt))
                     tok_in = tgt
                 mtp = torch.stack(mtp_losses).mean()
                 losses["mtp"] = mtp
@@ -237,6 +237,12 @@ class Transformer(nn.Module):
             losses = {k: v.detach() for k, v in losses.items()}
         diag = collect.finish(self) if diagnostics else {}
         return ModelOutput(loss=total, losses=losses, logits=logits, routing_indices=used_routes, diagnostics=diag)
+
+    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the shared head over hidden [B, L, D] (main head and MTP)."""
+        if self.cfg.loss_impl == "reference":
+            return reference_linear_cross_entropy(hidden, self.head.weight, labels)
+        return linear_cross_entropy(hidden, self.head.weight, labels)
 
     @staticmethod
     def _shift(t: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:

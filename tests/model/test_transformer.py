@@ -30,7 +30,7 @@ def test_forward_losses_and_shapes():
     cfg = tiny()
     model = Transformer(cfg)
     ids, labels = make_batch(cfg)
-    out = model(ids, labels=labels, diagnostics=True)
+    out = model(ids, labels=labels, diagnostics=True, return_logits=True)
     assert out.logits.shape == (2, 64, cfg.vocab_size)
     assert set(out.losses) >= {"lm", "mtp", "balance", "indexer"}
     expect = out.losses["lm"] + cfg.mtp_loss_weight * out.losses["mtp"] + out.losses["balance"] + out.losses["indexer"]
@@ -101,11 +101,11 @@ def test_supplied_routing_indices_are_used():
     model = Transformer(cfg).eval()
     ids, labels = make_batch(cfg, B=1, L=32)
     with torch.no_grad():
-        out = model(ids, labels=labels)
-        again = model(ids, labels=labels, routing_indices=out.routing_indices)
+        out = model(ids, labels=labels, return_logits=True)
+        again = model(ids, labels=labels, routing_indices=out.routing_indices, return_logits=True)
         assert torch.allclose(out.logits, again.logits, atol=1e-6)
         forced = [torch.zeros_like(r) + torch.arange(r.shape[-1]) for r in out.routing_indices]
-        third = model(ids, labels=labels, routing_indices=forced)
+        third = model(ids, labels=labels, routing_indices=forced, return_logits=True)
     assert all(torch.equal(a, b) for a, b in zip(third.routing_indices, forced))
     assert not torch.allclose(out.logits, third.logits, atol=1e-4)
 

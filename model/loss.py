@@ -1,0 +1,163 @@
+"""LM-head + cross-entropy without [tokens, vocab] logits (main head and MTP).
+
+``linear_cross_entropy(hidden, weight, labels)`` equals ``reference_linear_cross_entropy`` (the
+unfused head -> fp32 logits -> F.cross_entropy the model used before) but walks the tokens in
+chunks: each chunk's logits exist only while that chunk is processed. When a gradient is needed
+the chunk's gradients w.r.t. hidden and head weight are computed right there (the loss is the
+end of the graph, so d loss / d logits = (softmax - onehot) / n_valid is known in the forward)
+and only they are kept for backward: per token that is one [D] row in the hidden dtype, the
+same bytes as saving ``hidden`` itself, plus one [V, D] weight-gradient accumulator per call,
+independent of L. Backward only scales them by the incoming gradient.
+
+Why our own function and not a library one (checked against what is installed):
+- DeepSpeed 0.19's ``vocab_parallel_linear_cross_entropy`` has the right structure (CPU path,
+  ignore_index, grads for hidden and weight) but always forms fp32 logits and sums the per-token
+  losses in fp32, so a float64 model loses float64 exactness (the sequence-chunked step is
+  tested at 1e-10 in fp64), and it recomputes the logits in backward (4 head GEMMs per token
+  instead of 3) while holding an fp32 [tokens, D] hidden-gradient accumulator there.
+- DeepSpeed's ``TiledFusedLogitsLoss`` runs backward inside forward on a detached input and
+  needs ZeRO's ``ds_grad_is_ready`` flags; it does not compose with our graph or no-grad passes.
+- liger-kernel's fused linear cross-entropy is Triton only: no CPU path for tests.
+No z-loss: the model has none.
+
+Precision: logits are accumulated in fp32 (fp64 for fp64 inputs); bf16/fp16 GEMMs produce fp32
+logits directly where the device has such a GEMM (CUDA), otherwise the product is cast, which is
+exactly what the unfused path does. The weight gradient is accumulated in fp32 over chunks.
+A batch with no valid label gives loss 0 and zero gradients (F.cross_entropy's mean gives NaN).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSS_IMPLS = ("chunked", "reference")
+# fp32 logits per chunk ~ 2^26 elements (256 MiB): big enough for efficient GEMMs, small next to
+# the activations of a long sequence
+CHUNK_ELEMENTS = 1 << 26
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab_size)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_widening_mm(device_type: str) -> bool:
+    """Whether the device has bf16/fp16 GEMMs with an fp32 output (aten::mm.dtype); CPU has not."""
+    try:
+        key = torch._C._dispatch_key_for_device(device_type)
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+                   for op in ("aten::mm.dtype", "aten::addmm.dtype"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _widening(a: torch.Tensor, acc: torch.dtype) -> bool:
+    return a.dtype != acc and a.dtype in (torch.bfloat16, torch.float16) and _has_widening_mm(a.device.type)
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a @ b with an ``acc``-dtype result."""
+    if _widening(a, acc):
+        return torch.mm(a, b, out_dtype=acc)
+    return torch.mm(a, b).to(acc)
+
+
+def _addmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, ``out`` in the accumulation dtype."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    elif _widening(a, out.dtype):
+        torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+    else:
+        out.add_(torch.mm(a, b))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens: int, want_grad: bool):
+        # hidden [N, D], weight [V, D], labels [N] -> (mean loss over valid labels, nll [N] detached)
+        acc = _acc_dtype(hidden.dtype)
+        n_tok = hidden.shape[0]
+        valid = labels != IGNORE_INDEX
+        safe = labels.masked_fill(~valid, 0).unsqueeze(1)
+        # 1 / n_valid per valid token (0 elsewhere): the mean's weights, known before any logit
+        inv_count = 1.0 / valid.sum().clamp(min=1).to(acc)
+        nll = torch.zeros(n_tok, dtype=acc, device=hidden.device)
+        need_h, need_w = want_grad and ctx.needs_input_grad[0], want_grad and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        w_t = weight.t()
+        for s in range(0, n_tok, chunk_tokens):
+            e = min(s + chunk_tokens, n_tok)
+            h = hidden[s:e]
+            logits = _mm_acc(h, w_t, acc)                         # [c, V], the only [*, V] tensor
+            lse = torch.logsumexp(logits, dim=1)
+            tgt = logits.gather(1, safe[s:e]).squeeze(1)
+            nll[s:e] = torch.where(valid[s:e], lse - tgt, 0.0)
+            if grad_h is None and grad_w is None:
+                continue
+            # d loss / d logits = (softmax - onehot) * valid / n_valid, built in place in `logits`
+            scale = (valid[s:e].to(acc) * inv_count).unsqueeze(1)
+            g = logits.sub_(lse.unsqueeze(1)).exp_()
+            g.scatter_add_(1, safe[s:e], torch.full_like(tgt, -1.0).unsqueeze(1))
+            g = g.mul_(scale).to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[s:e] = g @ weight
+            if grad_w is not None:
+                _addmm_acc_(grad_w, g.t(), h)
+        loss = nll.sum() * inv_count
+        ctx.mark_non_differentiable(nll)
+        # saved through save_for_backward (not ctx attributes) so saved-tensor hooks see them
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll):
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        if grad_w is not None:
+            grad_w = (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_tokens: int | None = None, return_nll: bool = False):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (IGNORE_INDEX skipped)
+    without [tokens, vocab] logits. hidden [..., D], weight [V, D], labels [...].
+    ``return_nll`` also returns the per-token losses [...] (0 at ignored positions, no grad)."""
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and labels "
+                         f"{tuple(labels.shape)} must share the leading dimensions")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"linear_cross_entropy: weight must be [vocab, {hidden.shape[-1]}], "
+                         f"got {tuple(weight.shape)}")
+    chunk = default_chunk_tokens(weight.shape[0]) if chunk_tokens is None else int(chunk_tokens)
+    if chunk < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_tokens must be >= 1, got {chunk_tokens}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but the head weight is "
+                         f"{weight.dtype}; run the model in one dtype")
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss, nll = _ChunkedLinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk, want_grad)
+    return (loss, nll.view(labels.shape)) if return_nll else loss
+
+
+def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                                   labels: torch.Tensor, return_nll: bool = False):
+    """The unfused path: full logits, cast to fp32 (fp64 stays fp64), F.cross_entropy."""
+    logits = F.linear(hidden, weight)
+    logits = logits.to(_acc_dtype(logits.dtype)).flatten(0, -2)
+    flat = labels.reshape(-1)
+    nll = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="none")
+    loss = nll.sum() / (flat != IGNORE_INDEX).sum().clamp(min=1)
+    return (loss, nll.detach().view(labels.shape)) if return_nll else loss
