@@ -205,3 +205,42 @@ def test_zero0_world_size_change_plain_or_refused(tmp_path):
     (ref.path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="bf16 optimizer state is partitioned per rank"):
         check_reshard(ref, world_size=1, zero_stage=0, ep_size=1)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_disk_snapshots_load_without_running_code(tmp_path):
+    """Rollback snapshots on disk (ZeRO-2: DeepSpeed's optimizer state inside) restore through
+    the restricted unpickler; a snapshot file with a payload is refused and the payload never runs."""
+    from optim.safe_load import UnsafeFileError
+    from train.rollback import EngineState, SnapshotRing
+
+    setup_distributed(resolve_device("cpu"))
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    cfg = deepspeed_config({**DS, "zero_stage": 2, "reduce_bucket_size": 1000,
+                            "allgather_bucket_size": 1000}, micro_batch=1, grad_accum=1,
+                           world_size=1, grad_clip=0.0, precision="fp32")
+    engine = initialize_engine(model, opt, cfg)
+    train_step(engine)
+    ring = SnapshotRing(every=1, keep=2, location="disk", directory=tmp_path / "snaps")
+    ring.save(1, {"engine": EngineState(engine)})
+    saved = weights(engine)
+    train_step(engine)
+    assert ring.restore({"engine": EngineState(engine)}) == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights(engine), saved))
+
+    ring.save(2, {"engine": EngineState(engine)})
+    path = tmp_path / "snaps" / "snapshot_000000002.pt"
+    state = torch.load(path, weights_only=False)
+    state["payload"] = _Payload(tmp_path / "pwned")
+    torch.save(state, path)
+    with pytest.raises(UnsafeFileError, match=f"{path}: refused to load"):
+        ring.restore({"engine": EngineState(engine)})
+    assert not (tmp_path / "pwned").exists()
