@@ -24,7 +24,8 @@ CSA mode is the attribute ``mode`` ("dense" | "sparse", from cfg.attention_mode;
 ``set_attention_mode``). The indexer runs in sparse mode (to select) and, in dense mode, only in
 training (for its loss). Sparse mode selects with ``kernels.dispatch.get_indexer_topk`` (no
 gradient, no [B, L, N] matrix on CUDA) and computes the indexer loss on the selected set only
-(``model.indexer.indexer_kl_loss_selected``); dense mode scores every visible entry.
+(``model.indexer.indexer_kl_loss_selected``); dense mode scores every visible entry, query
+chunk by query chunk (``model.indexer.indexer_kl_loss_dense``).
 ``aux["indexer_loss"]`` is computed in training mode only (None in eval and on non-CSA layers);
 ``aux["topk_idx"]`` is the selection [B, L, K] in sparse CSA, else None.
 """
@@ -35,7 +36,7 @@ from torch import nn
 
 from model.compressor import Compressor
 from model.config import ATTENTION_MODES, ModelConfig
-from model.indexer import Indexer, indexer_kl_loss, indexer_kl_loss_selected, selected_indexer_scores
+from model.indexer import Indexer, indexer_kl_loss_dense, indexer_kl_loss_selected, selected_indexer_scores
 from model.layout import CompressedLayout, DocLayout
 from model.norms import RMSNorm, rms_norm
 from model.rope import RoPE
@@ -132,7 +133,7 @@ class Attention(nn.Module):
         q = self.rope.apply(q, pos)
         kv = self.rope.apply(self.kv_norm(self.wkv(x)), pos)             # [B, L, hd]
 
-        ckv = c_end = topk_idx = scores = selected = None
+        ckv = c_end = topk_idx = dense_idx = selected = None
         if self.compressor is not None:
             cl = clayouts.get(self.ratio) if clayouts is not None else None
             if cl is None:
@@ -149,15 +150,16 @@ class Attention(nn.Module):
                 if self.training:
                     selected = selected_indexer_scores(q_i, w_i, k_i, topk_idx)            # [B, L, K]
             elif self.indexer is not None and self.training:
-                scores = self.indexer(x, qr, pos, doc_start, cl)         # dense mode: [B, L, N]
+                # dense mode: the loss scores every visible entry, in query chunks (no [B, L, N])
+                dense_idx = self.indexer.project(x, qr, pos, cl)
 
         o, lse = self._attend(q, kv, doc_start, ckv, c_end, topk_idx)    # [B, L, H, hd], [B, L, H]
 
         indexer_loss = None
         if selected is not None:
             indexer_loss = indexer_kl_loss_selected(q, ckv, lse, self.scale, selected, topk_idx, c_end, doc_start)
-        elif scores is not None:
-            indexer_loss = indexer_kl_loss(q, ckv, lse, self.scale, scores, c_end, doc_start)
+        elif dense_idx is not None:
+            indexer_loss = indexer_kl_loss_dense(*dense_idx, q, ckv, lse, self.scale, c_end, doc_start)
 
         o = self.rope.apply(o, pos, inverse=True)
         g = self.o_groups

@@ -123,6 +123,12 @@ def indexer_kl_loss(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale
 def _kl_over_set(target: torch.Tensor, logits: torch.Tensor, in_set: torch.Tensor) -> torch.Tensor:
     """target [B, L, S] (unnormalised mass, no grad), logits [B, L, S], in_set [B, L, S] bool ->
     mean over queries with a non-empty set of KL(normalised target || softmax(logits over the set))."""
+    kl, has = _kl_per_query(target, logits, in_set)
+    return (kl * has).sum() / has.sum().clamp_min(1).to(kl.dtype)
+
+
+def _kl_per_query(target: torch.Tensor, logits: torch.Tensor, in_set: torch.Tensor):
+    """-> (KL per query [B, L], has [B, L] bool: the query's set is not empty)."""
     cdt = logits.dtype
     target = target.to(cdt).masked_fill(~in_set, 0.0)
     target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(cdt).tiny)
@@ -134,9 +140,8 @@ def _kl_over_set(target: torch.Tensor, logits: torch.Tensor, in_set: torch.Tenso
     pos = target > 0
     kl_terms = torch.where(pos, target * (torch.log(target.clamp_min(torch.finfo(cdt).tiny))
                                           - logq.masked_fill(~pos, 0.0)), torch.zeros_like(target))
-    kl = kl_terms.sum(-1)                                                     # [B, L]
-    n = has.sum()
-    return (kl * has).sum() / n.clamp_min(1).to(cdt)
+    return kl_terms.sum(-1), has                                              # [B, L]
+
 
 # ----------------------------------------------------------------------------- sparse mode: the selected set only
 # Elements of one query chunk's largest temporary ([B, chunk, K, max(D, H)]): 2^26 keeps a chunk
@@ -295,6 +300,72 @@ def indexer_kl_loss_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tens
     cdt = torch.promote_types(selected_scores.dtype, torch.float32)
     return _kl_over_set(target, selected_scores.to(cdt), in_set)
 
+
+# ----------------------------------------------------------------------------- dense mode in query chunks
+class _DenseIndexerKL(torch.autograd.Function):
+    """indexer_kl_loss over every visible entry, one query chunk at a time: a chunk's scores
+    [B, Lc, N], target and KL exist only while it is processed. The loss ends the graph, so each
+    chunk's gradients (q_i, w_i rows; k_i summed) are formed right away through the reference
+    functions and only they are kept: memory linear in L instead of [B, L, N] per CSA layer."""
+
+    @staticmethod
+    def forward(ctx, q_i, w_i, k_i, q, ckv, lse, scale, c_end, doc_start, chunk, want_grad):
+        B, L = doc_start.shape
+        acc = torch.promote_types(q_i.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=q_i.device)
+        count = torch.zeros((), dtype=torch.long, device=q_i.device)
+        if want_grad:
+            dq, dw = torch.empty_like(q_i), torch.empty_like(w_i)
+            dk = torch.zeros(k_i.shape, dtype=acc, device=k_i.device)
+            k_leaf = k_i.detach().to(acc).requires_grad_()
+        for t0 in range(0, L, chunk):
+            t1 = min(L, t0 + chunk)
+            # a chunk is a sequence of its own in a frame shifted by t0: doc_start[t] <= c_end <= t
+            ds, ce = doc_start[:, t0:t1] - t0, c_end - t0
+            visible = compressed_mask(ds, ce)                                    # [B, Lc, N]
+            target = attention_mass_on_entries(q[:, t0:t1], ckv, lse[:, t0:t1], scale, visible)
+            with torch.enable_grad():
+                qc = q_i[:, t0:t1].detach().to(acc).requires_grad_(want_grad)
+                wc = w_i[:, t0:t1].detach().to(acc).requires_grad_(want_grad)
+                kc = k_leaf if want_grad else k_i.detach()
+                kl, has = _kl_per_query(target, indexer_scores(qc, wc, kc, ce, ds), visible)
+                part = (kl * has).sum()
+                if want_grad:
+                    gq, gw, gk = torch.autograd.grad(part, (qc, wc, kc))
+            if want_grad:
+                dq[:, t0:t1], dw[:, t0:t1] = gq, gw
+                dk += gk
+            total += part.detach()
+            count += has.sum()
+        n = count.clamp_min(1).to(acc)
+        if want_grad:
+            ctx.save_for_backward(dq, dw, dk.to(k_i.dtype), n)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g):
+        dq, dw, dk, n = ctx.saved_tensors
+        s = g / n
+        return (dq * s.to(dq.dtype), dw * s.to(dw.dtype), dk * s.to(dk.dtype),
+                None, None, None, None, None, None, None, None)
+
+
+def indexer_kl_loss_dense(q_i: torch.Tensor, w_i: torch.Tensor, k_i: torch.Tensor, q: torch.Tensor,
+                          ckv: torch.Tensor, lse: torch.Tensor, scale: float, c_end: torch.Tensor,
+                          doc_start: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
+    """Dense-mode indexer loss without [B, L, N]: the value and gradients of
+    ``indexer_kl_loss(q, ckv, lse, scale, indexer_scores(q_i, w_i, k_i, c_end, doc_start), c_end,
+    doc_start)``, computed in query chunks of at most ``max_chunk_elems`` elements of
+    [B, chunk, max(Hi, H), N]. q_i [B, L, Hi, Di], w_i [B, L, Hi], k_i [B, N, Di] (Indexer.project)
+    get gradient; q, ckv, lse (main attention) are the detached target's inputs."""
+    B, L, Hi, _ = q_i.shape
+    if w_i.shape != (B, L, Hi) or k_i.shape[0] != B or c_end.shape != (B, k_i.shape[1]):
+        raise ValueError(f"indexer_kl_loss_dense: shapes q_i {tuple(q_i.shape)}, w_i {tuple(w_i.shape)}, "
+                         f"k_i {tuple(k_i.shape)}, c_end {tuple(c_end.shape)} do not agree")
+    chunk = _query_chunk(B, max(1, k_i.shape[1]), max(Hi, q.shape[2]), max_chunk_elems)
+    want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_i, w_i, k_i))
+    return _DenseIndexerKL.apply(q_i, w_i, k_i, q.detach(), ckv.detach(), lse.detach(), scale,
+                                 c_end, doc_start, chunk, want_grad)
 
 class Indexer(nn.Module):
     """Parameters: ``wq_b`` (q_lora_rank -> Hi*Di), ``weights_proj`` (dim -> Hi), ``compressor``."""
