@@ -529,16 +529,29 @@ def latest_in(save_dir: Path) -> CheckpointRef | None:
 AUTO, AUTO_STRICT = "auto", "auto_strict"
 
 
+# Settings that choose how, not what, a job computes (kernels, batching of the optimizer's work,
+# the token cache's location): left out of the job identity, so they may change on resume.
+IMPLEMENTATION_KEYS = {"model": ("indexer_select",),
+                       "optim": ("foreach", "ns_batch_mb", "track_update_rms"),
+                       "data": ("cache_dir",)}
+
+
 def job_identity(cfg: Any) -> dict[str, Any]:
-    """What identifies a job for resume=auto: the model, the data (not where its token cache
-    lives), the optimizer, the curriculum (resolved: curriculum=none carries train.seq_len,
-    tokens and global_batch_tokens) and the seed. Everything else (validation and checkpoint
-    cadence, logging, world size, ZeRO stage, stability) may change between invocations."""
+    """What identifies a job for resume=auto: the model, the data, the optimizer, the curriculum
+    (resolved: curriculum=none carries train.seq_len, tokens and global_batch_tokens) and the
+    seed, without ``IMPLEMENTATION_KEYS`` and the model's ``*_impl`` kernel choices. Everything
+    else (validation and checkpoint cadence, logging, world size, ZeRO stage, stability) may
+    change between invocations."""
     from omegaconf import DictConfig, OmegaConf
 
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    return {"model": c["model"], "data": {k: v for k, v in c["data"].items() if k != "cache_dir"},
-            "optim": c["optim"], "curriculum": c["curriculum"], "seed": c["train"]["seed"]}
+    out = {}
+    for section in ("model", "data", "optim", "curriculum"):
+        drop = IMPLEMENTATION_KEYS.get(section, ())
+        out[section] = {k: v for k, v in c[section].items()
+                        if k not in drop and not (section == "model" and k.endswith("_impl"))}
+    out["seed"] = c["train"]["seed"]
+    return out
 
 
 def job_id(identity: dict[str, Any]) -> str:

@@ -244,3 +244,16 @@ def test_disk_snapshots_load_without_running_code(tmp_path):
     with pytest.raises(UnsafeFileError, match=f"{path}: refused to load"):
         ring.restore({"engine": EngineState(engine)})
     assert not (tmp_path / "pwned").exists()
+
+
+def test_job_identity_ignores_how_but_not_what(th):
+    """Kernel choices, cadence and the token cache's place may change on resume; the model,
+    data, optimizer, curriculum and seed may not."""
+    base = job_id(job_identity(th.compose()))
+    for same in ("model.attention_impl=torch", "model.moe_impl=loop", "optim.foreach=false",
+                 "data.cache_dir=/elsewhere", "train.val_every=0", "train.ckpt_every=5",
+                 "deepspeed=zero2", "logging.wandb.mode=disabled", "stability=v4"):
+        assert job_id(job_identity(th.compose(same))) == base, same
+    for other in ("optim.lr=1e-4", "model.dim=64", "train.tokens=2048", "train.seed=7",
+                  "curriculum=v4_test", "data.val_fraction=0.05", "optim=adamw"):
+        assert job_id(job_identity(th.compose(other))) != base, other
