@@ -26,6 +26,27 @@ class ConfigError(ValueError):
     """An invalid model configuration; the message names the field."""
 
 
+def load_flat_yaml(fh) -> dict[str, Any]:
+    """The subset of YAML the model presets use: one ``key: value`` per line, values in JSON
+    syntax (numbers, true/false/null, [lists]) or bare strings, ``#`` comments."""
+    import json
+
+    d: dict[str, Any] = {}
+    for line in fh.read().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, val = line.partition(":")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"model preset: cannot parse {line!r} without PyYAML (pip install pyyaml)")
+        val = val.strip()
+        try:
+            d[key.strip()] = json.loads(val)
+        except ValueError:
+            d[key.strip()] = val
+    return d
+
+
 @dataclass
 class ModelConfig:
     name: str = "custom"
@@ -186,10 +207,12 @@ class ModelConfig:
         if not path.is_file():
             avail = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
             raise ConfigError(f"model: unknown preset {name!r}; available presets: {avail}")
-        import yaml  # PyYAML ships with hydra/omegaconf
-
+        try:
+            from yaml import safe_load  # PyYAML ships with hydra/omegaconf
+        except ImportError:   # a bare torch image (the GPU benches): presets are flat files
+            safe_load = load_flat_yaml
         with open(path) as fh:
-            d = yaml.safe_load(fh) or {}
+            d = safe_load(fh) or {}
         d = {k: v for k, v in d.items() if not k.startswith("_")}
         d.update(overrides)
         return cls.from_dict(d)

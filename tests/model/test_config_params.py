@@ -53,3 +53,16 @@ def test_info_cli_prints(capsys):
     info_main(["tiny"])
     out = capsys.readouterr().out
     assert "schedule" in out and "active/token" in out and "KV cache" in out
+
+
+def test_presets_load_without_pyyaml():
+    """GPU images without PyYAML read the flat presets with model.config.load_flat_yaml: same dicts."""
+    import yaml
+
+    from model.config import PRESET_DIR, load_flat_yaml
+
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        with open(path) as fh:
+            want = yaml.safe_load(fh)
+        with open(path) as fh:
+            assert load_flat_yaml(fh) == want, path.name
