@@ -302,6 +302,10 @@ def indexer_kl_loss_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tens
 
 
 # ----------------------------------------------------------------------------- dense mode in query chunks
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class _DenseIndexerKL(torch.autograd.Function):
     """indexer_kl_loss over every visible entry, one query chunk at a time: a chunk's scores
     [B, Lc, N], target and KL exist only while it is processed. The loss ends the graph, so each
@@ -324,7 +328,9 @@ class _DenseIndexerKL(torch.autograd.Function):
             ds, ce = doc_start[:, t0:t1] - t0, c_end - t0
             visible = compressed_mask(ds, ce)                                    # [B, Lc, N]
             target = attention_mass_on_entries(q[:, t0:t1], ckv, lse[:, t0:t1], scale, visible)
-            with torch.enable_grad():
+            # the chunk's local graph saves plainly (identity hooks), also inside an activation
+            # checkpoint, whose hooks would otherwise recompute the block to unpack it
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
                 qc = q_i[:, t0:t1].detach().to(acc).requires_grad_(want_grad)
                 wc = w_i[:, t0:t1].detach().to(acc).requires_grad_(want_grad)
                 kc = k_leaf if want_grad else k_i.detach()
