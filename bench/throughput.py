@@ -183,7 +183,7 @@ def count_kernels(fn, device) -> int | None:
 
 
 def measure_hybrid(preset, seq, micro_batch, device, steps, warmup, on, overrides=None, kernels=False,
-                   profile_log=None) -> dict:
+                   profile_log=None, compile_blocks=False) -> dict:
     from bench.model_step import Trainee, _median
     from model.config import ModelConfig
     from train.metrics import flops_per_token
@@ -192,6 +192,9 @@ def measure_hybrid(preset, seq, micro_batch, device, steps, warmup, on, override
     with moe_kernels(on):
         torch.manual_seed(0)
         tr = Trainee(cfg, device, checkpointing=False)
+        if compile_blocks:   # experiment: torch.compile per block, our kernels left as graph breaks
+            for b in tr.model.layers:
+                b.forward = torch.compile(b.forward)
         gen = torch.Generator(device=device).manual_seed(1)
         batches = [torch.randint(0, cfg.vocab_size, (micro_batch, seq), device=device, generator=gen)
                    for _ in range(2)]
@@ -200,11 +203,11 @@ def measure_hybrid(preset, seq, micro_batch, device, steps, warmup, on, override
         _sync(device)
         if torch.device(device).type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        fb, whole = [], []
+        fb, whole, losses = [], [], []
         for i in range(steps):
             _sync(device)
             t0 = time.perf_counter()
-            tr.forward_backward(batches[i % 2])
+            losses.append(tr.forward_backward(batches[i % 2]).detach())
             _sync(device)
             t1 = time.perf_counter()
             tr.optimizer_step()
@@ -225,6 +228,7 @@ def measure_hybrid(preset, seq, micro_batch, device, steps, warmup, on, override
 
             profile_step(one_fb, device, f"{preset} forward+backward, MoE kernels {sorted(on)}", profile_log, top=30)
     res = {"fb_ms": _median(fb), "step_ms": _median(whole), "peak_gib": peak, "kernels": n_kernels,
+           "loss": float(losses[0]),
            "flops_per_token": flops_per_token(tr.model, seq, cfg.attention_mode), "active": tr.model.num_params()[1]}
     del tr
     if torch.device(device).type == "cuda":
@@ -233,7 +237,7 @@ def measure_hybrid(preset, seq, micro_batch, device, steps, warmup, on, override
 
 
 HEADER = ["run", "batch x seq", "fwd+bwd ms", "step ms", "tok/s", "MFU", "peak GiB", "kernels / fwd+bwd",
-          "FLOPs/token (G)"]
+          "FLOPs/token (G)", "loss, 1st timed step"]
 
 
 def _row(name, mb, seq, r, peak_tflops):
@@ -241,7 +245,8 @@ def _row(name, mb, seq, r, peak_tflops):
     mfu = f"{tok_s * r['flops_per_token'] / (peak_tflops * 1e12) * 100:.1f}%" if peak_tflops else "-"
     fb = "-" if r["fb_ms"] != r["fb_ms"] else f"{r['fb_ms']:.1f}"
     return fmt_row([name, f"{mb} x {seq}", fb, f"{r['step_ms']:.1f}", f"{tok_s / 1e3:.1f}K", mfu,
-                    f"{r['peak_gib']:.1f}", r.get("kernels") or "-", f"{r['flops_per_token'] / 1e9:.2f}"])
+                    f"{r['peak_gib']:.1f}", r.get("kernels") or "-", f"{r['flops_per_token'] / 1e9:.2f}",
+                    f"{r['loss']:.4f}" if "loss" in r else "-"])
 
 
 def plan(tiny: bool):
@@ -252,7 +257,8 @@ def plan(tiny: bool):
             ("hybridlm, all MoE kernels", "hybrid", 2, ALL, {}),
             ("dense GPT peer, compiled", "dense_compiled", 1, None, {})]
     rows += [(f"hybridlm, only {p} kernel", "hybrid", 1, frozenset([p]), {}) for p in FAST_PATHS]
-    rows += [("hybridlm, MoE kernels off (reference ops)", "hybrid", 2, frozenset(), {}),
+    rows += [("hybridlm, all MoE kernels, torch.compile per block (experiment)", "hybrid", 1, ALL, {"compile": True}),
+             ("hybridlm, MoE kernels off (reference ops)", "hybrid", 2, frozenset(), {}),
              ("dense GPT peer, eager", "dense", 2, None, {}),
              ("dense GPT peer, compiled", "dense_compiled", 2, None, {})]
     if tiny:   # the pipeline, not the numbers: one row of each kind
@@ -292,13 +298,14 @@ def run(out: str, check: bool, tiny: bool, budget_s: float, device=None) -> dict
         f"{warmup} warm-up. MFU against {peak or '-'} TFLOP/s (train/engine.py).")
     log(fmt_row(HEADER)); log(fmt_row(["---"] * len(HEADER)))
     for name, kind, mb, on, extra in plan(tiny):
-        if left() < (90 if kind == "dense_compiled" else 30) and not tiny:
+        if left() < (90 if kind == "dense_compiled" or "compile" in extra else 30) and not tiny:
             log(fmt_row([name, f"{mb} x {seq}", "skipped: time budget"]))
             continue
         try:
             if kind == "hybrid":
                 r = measure_hybrid(preset, seq, mb, device, steps, warmup, on, kernels=extra.get("kernels", False),
-                                   profile_log=(lambda s: rep.log("profiles.md", s)) if extra.get("profile") else None)
+                                   profile_log=(lambda s: rep.log("profiles.md", s)) if extra.get("profile") else None,
+                                   compile_blocks=extra.get("compile", False))
             else:
                 r = dense_gpt.measure(device, seq, mb, steps, warmup, compiled=kind == "dense_compiled",
                                       sizes=dense_sizes)

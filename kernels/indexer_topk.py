@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from kernels.indexer_fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, quantize_fp8
+from model.checks import require
 
 SCORE_DTYPES = ("bf16", "fp8")
 SELECTS = ("chunked", "fused")
@@ -275,8 +276,9 @@ def _check(q_idx, w, k_idx, c_end, doc_start):
         raise ValueError(f"indexer: head dim must be >= 16, got {Di}")
     if k_idx.dtype != q_idx.dtype:
         raise ValueError(f"indexer: k_idx dtype {k_idx.dtype} differs from q_idx dtype {q_idx.dtype}")
-    if c_end.shape[1] > 1 and bool((c_end[:, 1:] < c_end[:, :-1]).any()):
-        raise ValueError("indexer: c_end must be non-decreasing per row (as CompressedLayout.build produces)")
+    if c_end.shape[1] > 1:
+        require((c_end[:, 1:] >= c_end[:, :-1]).all(),
+                "indexer: c_end must be non-decreasing per row (as CompressedLayout.build produces)")
 
 
 # (BLOCK_T, BLOCK_N, num_warps, num_stages) of the scoring kernel; the H100 sweep in

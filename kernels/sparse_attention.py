@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from model.checks import require
+
 log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
@@ -711,9 +713,9 @@ def _check_inputs(q, kv, sink, doc_start, window, ckv, c_end, topk_idx):
         raise ValueError(f"sparse_attention_triton: ckv dtype {ckv.dtype} differs from q dtype {q.dtype}")
     if c_end.shape != ckv.shape[:2]:
         raise ValueError(f"sparse_attention_triton: c_end must be [B, N], got {tuple(c_end.shape)}")
-    if c_end.shape[1] > 1 and bool((c_end[:, 1:] < c_end[:, :-1]).any()):
-        raise ValueError("sparse_attention_triton: c_end must be non-decreasing per row "
-                         "(as CompressedLayout.build produces)")
+    if c_end.shape[1] > 1:
+        require((c_end[:, 1:] >= c_end[:, :-1]).all(), "sparse_attention_triton: c_end must be non-decreasing "
+                "per row (as CompressedLayout.build produces)")
     if topk_idx is not None and (topk_idx.dim() != 3 or topk_idx.shape[:2] != (B, L)):
         raise ValueError(f"sparse_attention_triton: topk_idx must be [B, L, K], got {tuple(topk_idx.shape)}")
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.checks import require
 from model.config import ModelConfig
 from model.compressor import Compressor
 from model.layout import CompressedLayout, compressed_mask
@@ -231,8 +232,8 @@ def _check_selected(name: str, q: torch.Tensor, table: torch.Tensor, topk_idx: t
         raise ValueError(f"{name}: topk_idx must be [B, L, K] = [{B}, {L}, K], got {tuple(topk_idx.shape)}")
     if table.dim() != 3 or table.shape[0] != B or table.shape[2] != q.shape[-1]:
         raise ValueError(f"{name}: entries must be [B={B}, N, {q.shape[-1]}], got {tuple(table.shape)}")
-    if topk_idx.numel() and int(topk_idx.max()) >= table.shape[1]:
-        raise ValueError(f"{name}: topk_idx holds an index >= N = {table.shape[1]}")
+    if topk_idx.numel():
+        require(topk_idx.max() < table.shape[1], f"{name}: topk_idx holds an index >= N = {table.shape[1]}")
 
 
 def selected_indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk_idx: torch.Tensor,

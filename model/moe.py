@@ -31,6 +31,7 @@ from torch import nn
 
 from kernels.dispatch import (get_permute_tokens, get_swiglu_activation, get_topk_routing,
                               get_unpermute_tokens)
+from model.checks import require
 from model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,13 @@ def hash_routing_table(vocab_size: int, n_experts: int, k: int, seed: int) -> to
 def hash_seed_for_layer(hash_seed: int, layer_idx: int) -> int:
     """Seed of one hash layer's table: distinct per (hash_seed, layer) for layer < 2**20."""
     return int(hash_seed) * (1 << 20) + int(layer_idx)
+
+
+def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] (long) of a flat index tensor. Not torch.bincount: its output size
+    depends on the values, so on CUDA it reads max() back to the host (a sync per call)."""
+    counts = torch.zeros(n_experts, device=experts.device, dtype=torch.long)
+    return counts.scatter_add_(0, experts, torch.ones_like(experts))
 
 
 def max_violation(load: torch.Tensor) -> torch.Tensor:
@@ -333,7 +341,7 @@ class RoutedExperts(nn.Module):
         flat_expert = indices.reshape(-1)  # [T*K]
         # sort the (token, slot) pairs by expert so each expert sees one contiguous segment
         order = torch.argsort(flat_expert, stable=True)
-        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        counts = expert_counts(flat_expert, self.n_experts)
         dev, dt = x.device, x.dtype
         x_sorted = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K)  # [T*K, D]
         w_sorted = weights.reshape(-1).index_select(0, order)  # [T*K]
@@ -405,9 +413,8 @@ class MoE(nn.Module):
                              f"got {list(ri.shape)}")
         if ri.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"MoE: routing_indices must be an integer tensor, got {ri.dtype}")
-        if ri.numel() and (int(ri.min()) < 0 or int(ri.max()) >= self.n_experts):
-            raise ValueError(f"MoE: routing_indices must lie in [0, {self.n_experts}), "
-                             f"got range [{int(ri.min())}, {int(ri.max())}]")
+        if ri.numel():
+            require(((ri >= 0) & (ri < self.n_experts)).all(), f"MoE: routing_indices must lie in [0, {self.n_experts})")
         return ri.long().reshape(B * L, self.top_k)
 
     def forward(
@@ -432,7 +439,7 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x_flat).float()
 
-        load = torch.bincount(indices.reshape(-1), minlength=self.n_experts).float()  # [E]
+        load = expert_counts(indices.reshape(-1), self.n_experts).float()  # [E]
         if self.training and torch.is_grad_enabled():
             self.load_accum += load
         indices = indices.view(B, L, self.top_k)

@@ -345,3 +345,19 @@ def test_grouped_experts_accept_misaligned_weights():
     gb = torch.autograd.grad(b.sum(), ws)
     for u, v in zip(ga, gb):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_counts_match_bincount_without_a_data_dependent_shape():
+    from model.moe import expert_counts
+
+    idx = torch.tensor([3, 0, 3, 5, 0, 3])
+    got = expert_counts(idx, 7)
+    assert got.dtype == torch.long and torch.equal(got, torch.bincount(idx, minlength=7))
+    assert torch.equal(expert_counts(idx[:0], 4), torch.zeros(4, dtype=torch.long))
+
+
+def test_out_of_range_routing_indices_are_refused():
+    moe = make()
+    x = torch.randn(1, 3, D)
+    with pytest.raises(ValueError, match=r"routing_indices must lie in \[0, 6\)"):
+        moe(x, torch.zeros(1, 3, dtype=torch.long), torch.full((1, 3, K), E))
