@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import sys
 from typing import Callable
 
 import torch
@@ -31,6 +32,8 @@ IMPLS = ("auto", "triton", "torch")
 @functools.lru_cache(maxsize=None)
 def _import_kernel(module: str, name: str) -> tuple[Callable | None, str]:
     """(function, '') when the Triton module imports, else (None, reason)."""
+    if module in sys.modules:   # no import machinery: torch.compile traces through this call
+        return getattr(sys.modules[module], name), ""
     try:
         mod = importlib.import_module(module)
     except Exception as exc:  # ImportError, or Triton failing to initialise its backend

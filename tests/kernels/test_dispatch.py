@@ -49,3 +49,20 @@ def test_reference_indexer_topk_wrapper_matches_model():
     c_end, ds = torch.tensor([[3, 7, 11]]), torch.zeros(1, 12, dtype=torch.long)
     fn = dispatch.get_indexer_topk("torch")
     assert torch.equal(fn(q, w, k, c_end, ds, 2), select_topk(indexer_scores(q, w, k, c_end, ds), 2))
+
+
+def test_dispatch_is_traced_by_torch_compile_without_graph_breaks():
+    """The model asks kernels.dispatch for its ops inside forward: under torch.compile that must not
+    break the graph (an imported kernel module is looked up without the import machinery)."""
+    import torch._dynamo
+
+    import kernels.swiglu  # noqa: F401  (imported, as after the first eager step)
+
+    def f(a, b):
+        return dispatch.get_swiglu_activation("auto", a.device, a.dtype)(a * 2, b, 10.0) + 1
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    a, b = torch.randn(4, 8), torch.randn(4, 8)
+    torch.testing.assert_close(torch.compile(f, backend="eager")(a, b), f(a, b))
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
