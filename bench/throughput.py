@@ -3,19 +3,20 @@
     PYTHONUNBUFFERED=1 python bench/throughput.py --out $OUT --check      # one GPU call, < 8 min
     python bench/throughput.py --tiny --check --out /tmp/tp                # CPU pipeline check
 
-One process: (1) ``--check``: every MoE Triton kernel against its reference in model/moe.py on
-the device, forward and backward (bf16 and fp32; a whole MoE layer in bf16), before any timing;
+One process: (1) ``--check``: every new Triton kernel (MoE router, SwiGLU, permute, RoPE)
+against its reference in model/ on the device, forward and backward (bf16 and fp32; a whole MoE
+layer in bf16), before any timing;
 (2) the hybridlm training step (bench/model_step.py's ``Trainee``: bf16 model, fp32 master,
-Muon + AdamW, clip, router-bias update) at 1 x 4K with the MoE kernels off, each one alone, all
+Muon + AdamW, clip, router-bias update) at 1 x 4K with the new kernels off, each one alone, all
 on, and all on at 2 x 4K; (3) the dense GPT peer (bench/dense_gpt.py) eager and compiled at the
 same micro-batches. Table: step ms, tok/s, MFU (FLOPs per token from train/metrics.py for
 hybridlm, the same rules for the dense model; the peak from train/engine.py), peak GiB, CUDA
 kernels per forward+backward. Written to --out (throughput.md, checks.md, profiles.md) with
 device and date. Needs torch + triton only (no DeepSpeed, Hydra, wandb, datasets or PyYAML).
 
-The MoE fast paths are switched here by patching model.moe's kernel getters (the same functions
-``model.moe_kernel_impl`` selects through kernels/dispatch.py), so one process can time every
-combination; on CPU (--tiny) "on" runs the kernels in Triton's interpreter.
+The fast paths are switched here by patching the kernel getters that model.moe and model.rope
+call (the functions ``model.moe_kernel_impl`` / ``model.attention_impl`` select through
+kernels/dispatch.py), so one process can time every combination; on CPU (--tiny) "on" runs the kernels in Triton's interpreter.
 """
 from __future__ import annotations
 
@@ -36,33 +37,35 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.attention import fmt_row  # noqa: E402
 from bench.gpu_check import Report, _rel  # noqa: E402
 
-# fast path -> [(getter in model.moe, kernel module, kernel, reference in model.moe)]
+# fast path -> [(module that calls the getter, getter, kernel module, kernel, reference in that module)]
 FAST_PATHS = {
-    "router": [("get_topk_routing", "kernels.moe_router", "topk_routing_triton", "topk_routing")],
-    "swiglu": [("get_swiglu_activation", "kernels.swiglu", "swiglu_activation_triton", "swiglu_activation")],
-    "permute": [("get_permute_tokens", "kernels.moe_permute", "permute_tokens_triton", "permute_tokens"),
-                ("get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton", "unpermute_tokens")],
+    "router": [("model.moe", "get_topk_routing", "kernels.moe_router", "topk_routing_triton", "topk_routing")],
+    "swiglu": [("model.moe", "get_swiglu_activation", "kernels.swiglu", "swiglu_activation_triton",
+                "swiglu_activation")],
+    "permute": [("model.moe", "get_permute_tokens", "kernels.moe_permute", "permute_tokens_triton", "permute_tokens"),
+                ("model.moe", "get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton",
+                 "unpermute_tokens")],
+    "rope": [("model.rope", "get_rope_rotate", "kernels.rope", "rope_rotate_triton", "rope_rotate")],
 }
 ALL = frozenset(FAST_PATHS)
 
 
 @contextlib.contextmanager
-def moe_kernels(on):
-    """model.moe uses the Triton kernel of every fast path in ``on`` (on any device) and the
+def fast_paths(on):
+    """The model uses the Triton kernel of every fast path in ``on`` (on any device) and the
     reference for the others, inside the block."""
-    import model.moe as mm
-
-    saved = {}
+    saved = []
     for path, entries in FAST_PATHS.items():
-        for getter, module, kernel, reference in entries:
-            fn = getattr(importlib.import_module(module), kernel) if path in on else getattr(mm, reference)
-            saved[getter] = getattr(mm, getter)
-            setattr(mm, getter, lambda *a, _fn=fn, **k: _fn)
+        for user, getter, module, kernel, reference in entries:
+            mod = importlib.import_module(user)
+            fn = getattr(importlib.import_module(module), kernel) if path in on else getattr(mod, reference)
+            saved.append((mod, getter, getattr(mod, getter)))
+            setattr(mod, getter, lambda *a, _fn=fn, **k: _fn)
     try:
         yield
     finally:
-        for getter, fn in saved.items():
-            setattr(mm, getter, fn)
+        for mod, getter, fn in saved:
+            setattr(mod, getter, fn)
 
 
 def _sync(device) -> None:
@@ -76,8 +79,10 @@ def check_kernels(log, device, tiny: bool) -> bool:
     every gradient; then a whole MoE layer with all kernels vs all references. Relative L2."""
     from kernels.moe_permute import permute_tokens_triton, unpermute_tokens_triton
     from kernels.moe_router import topk_routing_triton
+    from kernels.rope import rope_rotate_triton
     from kernels.swiglu import swiglu_activation_triton
     from model.moe import permute_tokens, swiglu_activation, topk_routing, unpermute_tokens
+    from model.rope import rope_rotate, yarn_inv_freq
 
     T, E, K, D, I = (37, 8, 2, 24, 40) if tiny else (8192, 64, 6, 1024, 384)
     dtypes = [torch.float32] if torch.device(device).type != "cuda" else [torch.bfloat16, torch.float32]
@@ -130,9 +135,17 @@ def check_kernels(log, device, tiny: bool) -> bool:
                 [_rel(xs_g, xs_r), _rel(y_g, y_r)],
                 [_rel(grads([xs_g], [x], c1)[0], grads([xs_r], [x], c1)[0]),
                  _rel(grads([y_g], [out], c2)[0], grads([y_r], [out], c2)[0])], exact=torch.equal(xs_g, xs_r))
+            H, hd, rd = (3, 40, 16) if tiny else (16, 256, 64)
+            q = r(1, T, H, hd).to(dt).requires_grad_()
+            pos = torch.randint(0, 65536, (1, T), device=device, generator=g)
+            inv_freq = torch.tensor(yarn_inv_freq(rd, 160000.0, 16.0, 65536, 32.0, 1.0), device=device)
+            q_r, q_g = rope_rotate(q, pos, inv_freq), rope_rotate_triton(q, pos, inv_freq)
+            c = [r(1, T, H, hd).to(dt)]
+            row("rope (q heads, positions < 64K)", dt, f"{T}x{H}x{hd}, rope {rd}", [_rel(q_g, q_r)],
+                [_rel(grads([q_g], [q], c)[0], grads([q_r], [q], c)[0])])
         except Exception as exc:
             ok_all = False
-            log(fmt_row(["swiglu / permute", str(dt), f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+            log(fmt_row(["swiglu / permute / rope", str(dt), f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
     try:
         ok_all &= _check_moe_layer(log, device, tiny, dtypes[0], tol[dtypes[0]] * 1.5)
     except Exception as exc:
@@ -155,7 +168,7 @@ def _check_moe_layer(log, device, tiny, dt, tol) -> bool:
     cot = torch.randn(B, L, cfg.dim, device=device)
     res = []
     for on in (frozenset(), ALL):
-        with moe_kernels(on):
+        with fast_paths(on):
             y, aux = layer(x)
             gr = torch.autograd.grad((y.float() * cot).sum() + aux["balance_loss"], [x] + list(layer.parameters()))
         res.append((y, aux["indices"], gr))
@@ -163,7 +176,7 @@ def _check_moe_layer(log, device, tiny, dt, tol) -> bool:
     same = (i0 == i1).float().mean().item()
     errs = [_rel(a, b) for a, b in zip(g1, g0)]
     ok = same > 0.999 and _rel(y1, y0) < tol and all(e < tol for e in errs)
-    log(fmt_row([f"MoE layer, all kernels vs references (indices equal: {same:.4f})", str(dt).removeprefix("torch."),
+    log(fmt_row([f"MoE layer, its kernels vs references (indices equal: {same:.4f})", str(dt).removeprefix("torch."),
                  f"{B}x{L}x{cfg.dim}, E {cfg.n_routed_experts} top-{cfg.n_activated_experts}",
                  f"{_rel(y1, y0):.1e}", " ".join(f"{e:.1e}" for e in errs), "yes" if ok else "NO"]))
     return ok
@@ -189,7 +202,7 @@ def measure_hybrid(preset, seq, micro_batch, device, steps, warmup, on, override
     from train.metrics import flops_per_token
 
     cfg = ModelConfig.from_preset(preset, **(overrides or {}))
-    with moe_kernels(on):
+    with fast_paths(on):
         torch.manual_seed(0)
         tr = Trainee(cfg, device, checkpointing=False)
         if compile_blocks:   # experiment: torch.compile per block, our kernels left as graph breaks
@@ -226,7 +239,7 @@ def measure_hybrid(preset, seq, micro_batch, device, steps, warmup, on, override
         if profile_log is not None:
             from bench.layer import profile_step
 
-            profile_step(one_fb, device, f"{preset} forward+backward, MoE kernels {sorted(on)}", profile_log, top=30)
+            profile_step(one_fb, device, f"{preset} forward+backward, new kernels {sorted(on)}", profile_log, top=30)
     res = {"fb_ms": _median(fb), "step_ms": _median(whole), "peak_gib": peak, "kernels": n_kernels,
            "loss": float(losses[0]),
            "flops_per_token": flops_per_token(tr.model, seq, cfg.attention_mode), "active": tr.model.num_params()[1]}
@@ -250,15 +263,15 @@ def _row(name, mb, seq, r, peak_tflops):
 
 
 def plan(tiny: bool):
-    """(name, kind, micro_batch, MoE kernels on, extra) in order of importance (the budget may cut the tail)."""
-    rows = [("hybridlm, MoE kernels off (reference ops)", "hybrid", 1, frozenset(), {"kernels": True}),
-            ("hybridlm, all MoE kernels", "hybrid", 1, ALL, {"kernels": True, "profile": True}),
+    """(name, kind, micro_batch, fast paths on, extra) in order of importance (the budget may cut the tail)."""
+    rows = [("hybridlm, new kernels off (reference ops)", "hybrid", 1, frozenset(), {"kernels": True}),
+            ("hybridlm, all new kernels", "hybrid", 1, ALL, {"kernels": True, "profile": True}),
             ("dense GPT peer, eager", "dense", 1, None, {}),
-            ("hybridlm, all MoE kernels", "hybrid", 2, ALL, {}),
+            ("hybridlm, all new kernels", "hybrid", 2, ALL, {}),
             ("dense GPT peer, compiled", "dense_compiled", 1, None, {})]
-    rows += [(f"hybridlm, only {p} kernel", "hybrid", 1, frozenset([p]), {}) for p in FAST_PATHS]
-    rows += [("hybridlm, all MoE kernels, torch.compile per block (experiment)", "hybrid", 1, ALL, {"compile": True}),
-             ("hybridlm, MoE kernels off (reference ops)", "hybrid", 2, frozenset(), {}),
+    rows += [(f"hybridlm, only the {p} kernel", "hybrid", 1, frozenset([p]), {}) for p in FAST_PATHS]
+    rows += [("hybridlm, all new kernels, torch.compile per block (experiment)", "hybrid", 1, ALL, {"compile": True}),
+             ("hybridlm, new kernels off (reference ops)", "hybrid", 2, frozenset(), {}),
              ("dense GPT peer, eager", "dense", 2, None, {}),
              ("dense GPT peer, compiled", "dense_compiled", 2, None, {})]
     if tiny:   # the pipeline, not the numbers: one row of each kind
@@ -284,7 +297,7 @@ def run(out: str, check: bool, tiny: bool, budget_s: float, device=None) -> dict
     result = {"checks_ok": None, "rows": []}
     if check:
         rep.log("checks.md", head)
-        rep.log("checks.md", "MoE Triton kernels vs their references in model/moe.py (relative L2; same inputs, same dtype)")
+        rep.log("checks.md", "new Triton kernels vs their references in model/ (relative L2; same inputs, same dtype)")
         result["checks_ok"] = check_kernels(lambda s: rep.log("checks.md", s), device, tiny)
         print(f"[checks done at {time.time() - t_start:.0f}s, all pass: {result['checks_ok']}]", flush=True)
     peak = peak_tflops(torch.device(device), None)

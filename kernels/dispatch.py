@@ -214,3 +214,12 @@ def get_unpermute_tokens(impl: str = "auto", device: torch.device | str | None =
 
     return _select("unpermute_tokens", impl, device, "kernels.moe_permute", "unpermute_tokens_triton",
                    unpermute_tokens, dtype)
+
+
+def get_rope_rotate(impl: str = "auto", device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> Callable:
+    """fn(x, positions, inv_freq, inverse) -> x rotated, the signature of ``model.rope.rope_rotate``
+    (Triton: ``kernels.rope``, one kernel each way); selected by ``model.attention_impl``."""
+    from model.rope import rope_rotate
+
+    return _select("rope_rotate", impl, device, "kernels.rope", "rope_rotate_triton", rope_rotate, dtype)

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from kernels.dispatch import get_rope_rotate
 from model.config import ModelConfig
 
 
@@ -50,27 +51,53 @@ def yarn_inv_freq(rope_dim: int, theta: float, factor: float, original_max_pos: 
     return out
 
 
+def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                inverse: bool = False) -> torch.Tensor:
+    """Rotate the last 2 * len(inv_freq) channels of x [B, L, D] or [B, L, H, D] by positions
+    [B, L] (``inverse``: by -position); the rotation in fp32 (fp64 for fp64 x), x's dtype out.
+    Triton (one kernel each way): ``kernels/rope.py``."""
+    rd = 2 * inv_freq.shape[0]
+    ang = positions.to(torch.float32)[..., None] * inv_freq  # [B, L, rd/2]
+    cos, sin = ang.cos(), ang.sin()
+    extra = x.dim() - 3
+    cos = cos.view(*cos.shape[:2], *([1] * extra), rd // 2)
+    sin = sin.view(*sin.shape[:2], *([1] * extra), rd // 2)
+    if inverse:
+        sin = -sin
+    cdt = torch.promote_types(x.dtype, torch.float32)
+    rope = x[..., -rd:].to(cdt)
+    a, b = rope[..., 0::2], rope[..., 1::2]  # interleaved pairs
+    ra = a * cos - b * sin
+    rb = a * sin + b * cos
+    rotated = torch.stack((ra, rb), dim=-1).flatten(-2).to(x.dtype)
+    if rd == x.shape[-1]:
+        return rotated
+    return torch.cat([x[..., :-rd], rotated], dim=-1)
+
+
 class RoPE:
     """Rotary embedding for one layer kind. Holds no parameters or buffers (so ``module.to(
-    bfloat16)`` can never round the frequencies); fp32 frequency tensors are cached per device."""
+    bfloat16)`` can never round the frequencies); fp32 frequency tensors are cached per device.
+    ``impl`` (``model.attention_impl``) picks the Triton kernel or the reference (kernels/dispatch.py)."""
 
-    def __init__(self, rope_dim: int, inv_freq: list[float]) -> None:
+    def __init__(self, rope_dim: int, inv_freq: list[float], impl: str = "auto") -> None:
         if rope_dim < 2 or rope_dim % 2:
             raise ValueError(f"RoPE: rope_dim must be even and >= 2, got {rope_dim}")
         if len(inv_freq) != rope_dim // 2:
             raise ValueError(f"RoPE: need rope_dim/2 = {rope_dim // 2} frequencies, got {len(inv_freq)}")
         self.rope_dim = rope_dim
         self.inv_freq = list(inv_freq)
+        self.impl = impl
         self._cache: dict[torch.device, torch.Tensor] = {}
 
     @staticmethod
     def for_ratio(cfg: ModelConfig, ratio: int) -> "RoPE":
         """The RoPE of a layer with compress ratio ``ratio`` (0 = window only)."""
         if ratio == 0:
-            return RoPE(cfg.rope_dim, default_inv_freq(cfg.rope_dim, cfg.rope_theta))
+            return RoPE(cfg.rope_dim, default_inv_freq(cfg.rope_dim, cfg.rope_theta), cfg.attention_impl)
         return RoPE(cfg.rope_dim, yarn_inv_freq(cfg.rope_dim, cfg.compress_rope_theta, cfg.yarn_factor,
                                                 cfg.yarn_original_max_pos, cfg.yarn_beta_fast,
-                                                cfg.yarn_beta_slow))
+                                                cfg.yarn_beta_slow), cfg.attention_impl)
 
     def _freq(self, device: torch.device) -> torch.Tensor:
         f = self._cache.get(device)
@@ -96,18 +123,4 @@ class RoPE:
         if tuple(positions.shape) != tuple(x.shape[:2]):
             raise ValueError(f"RoPE.apply: positions shape {tuple(positions.shape)} does not match "
                              f"x's leading dims {tuple(x.shape[:2])}")
-        cos, sin = self.cos_sin(positions)  # [B, L, rd/2]
-        extra = x.dim() - 3
-        cos = cos.view(*cos.shape[:2], *([1] * extra), rd // 2)
-        sin = sin.view(*sin.shape[:2], *([1] * extra), rd // 2)
-        if inverse:
-            sin = -sin
-        cdt = torch.promote_types(x.dtype, torch.float32)
-        rope = x[..., -rd:].to(cdt)
-        a, b = rope[..., 0::2], rope[..., 1::2]  # interleaved pairs
-        ra = a * cos - b * sin
-        rb = a * sin + b * cos
-        rotated = torch.stack((ra, rb), dim=-1).flatten(-2).to(x.dtype)
-        if rd == x.shape[-1]:
-            return rotated
-        return torch.cat([x[..., :-rd], rotated], dim=-1)
+        return get_rope_rotate(self.impl, x.device, x.dtype)(x, positions, self._freq(positions.device), inverse)

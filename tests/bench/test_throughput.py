@@ -14,17 +14,21 @@ BLOCKED = ("deepspeed", "hydra", "omegaconf", "wandb", "datasets", "yaml")
 
 def test_fast_path_switch_restores_the_getters():
     import model.moe as mm
-    from bench.throughput import ALL, moe_kernels
+    from bench.throughput import ALL, fast_paths
 
     before = {g: getattr(mm, g) for g in ("get_topk_routing", "get_swiglu_activation", "get_permute_tokens",
                                           "get_unpermute_tokens")}
-    with moe_kernels(frozenset()):
+    with fast_paths(frozenset()):
         assert mm.get_swiglu_activation("triton", "cuda") is mm.swiglu_activation
-    with moe_kernels(ALL):
+    with fast_paths(ALL):
         from kernels.swiglu import swiglu_activation_triton
 
         assert mm.get_swiglu_activation("torch", "cpu") is swiglu_activation_triton
         assert mm.get_unpermute_tokens() is not mm.unpermute_tokens
+        import model.rope as mr
+        from kernels.rope import rope_rotate_triton
+
+        assert mr.get_rope_rotate("torch") is rope_rotate_triton
     assert {g: getattr(mm, g) for g in before} == before
 
 
@@ -37,10 +41,10 @@ def test_tiny_pipeline_without_optional_packages(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     checks = (tmp_path / "checks.md").read_text()
-    assert checks.count("| yes |") == 4 and "NO" not in checks and "ERROR" not in checks, checks
+    assert checks.count("| yes |") == 5 and "NO" not in checks and "ERROR" not in checks, checks
     table = (tmp_path / "throughput.md").read_text()
     assert "device: CPU" in table and "ERROR" not in table, table
-    for row in ("| hybridlm, MoE kernels off", "| hybridlm, all MoE kernels", "| dense GPT peer, eager",
+    for row in ("| hybridlm, new kernels off", "| hybridlm, all new kernels", "| dense GPT peer, eager",
                 "| dense GPT peer, compiled"):
         assert row in table, (row, table)
     assert "profile of one step" in (tmp_path / "profiles.md").read_text()
