@@ -98,6 +98,12 @@ def _corpus_spec(c: dict[str, Any]) -> CorpusSpec:
                       max_documents=c["max_documents"])
 
 
+def check_data_config(cfg: Mapping[str, Any] | None) -> None:
+    """The ``data`` settings and paths, checked without reading or tokenising anything (the
+    trainer's pre-flight check; build_data checks the same again)."""
+    _corpus_spec(_resolve_config(cfg))
+
+
 def build_data(cfg: Mapping[str, Any] | None, seq_len: int, micro_batch: int, seed: int,
                rank: int = 0, world_size: int = 1, grad_accum: int = 1) -> DataBundle:
     """Tokenise (or map the cached tokens of) the configured corpus and build this rank's loaders.

@@ -7,12 +7,13 @@ from typing import Mapping
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN/inf; the message names the step and the metric. No checkpoint is
-    written for that step: the last good one stays the run's ``latest``."""
+    written for that step: the newest one (if any) stays the run's ``latest``, and
+    ``python -m train`` names it (train/run_dir.py, record_failure)."""
 
     def __init__(self, step: int, metric: str, value: float):
         self.step, self.metric, self.value = step, metric, value
         super().__init__(f"non-finite {metric} = {value} at optimizer step {step}: training "
-                         "stopped; the last good checkpoint is kept")
+                         "stopped, no checkpoint is written for this step")
 
 
 def check_finite(step: int, values: Mapping[str, float]) -> None:

@@ -47,11 +47,12 @@ from data.loader import remap_state
 from model.config import ModelConfig
 from model.transformer import Transformer
 from optim.deepspeed import ShardedHybridOptimizer, build_sharded_optimizer
-from optim.schedule import lr_factor
+from optim.schedule import lr_schedule
 from train.checkpoint import (CheckpointManager, CheckpointRef, check_reshard, find_resume,
                               job_id, job_identity, prepare_reshard, rng_state, saved_data_state,
                               set_rng_state, verify_checkpoint)
 from train.config_schema import check_config_keys
+from train.config_check import check_job
 from train.curriculum import PHASE_WARMUP, Curriculum, CurriculumError, Position, build_curriculum
 from train.expert_parallel import apply_expert_parallel, check_zero_stage_for_ep
 from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
@@ -60,6 +61,7 @@ from train.metrics import MetricsLogger, flops_per_token, peak_memory_gb
 from train.prefetch import Prefetcher
 from train.progress import Progress
 from train.rollback import EngineState
+from train.run_dir import lock_run_dir
 from train.stability import check_finite
 from train.stability_control import Injector, StabilityController, build_stability
 
@@ -89,9 +91,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     tc = cfg.train
 
     # ---- 1. everything that needs neither data nor model -------------------------------------
+    check_job(cfg)   # settings that cannot work (python -m train: one line, exit 2)
     model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    if cfg.launch.kind not in ("local", "slurm"):
-        raise ValueError(f"launch.kind must be local | slurm, got {cfg.launch.kind!r}")
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     dist = setup_distributed(device, cfg.deepspeed.cpu_shm_comm, cfg.launch.dist_timeout_minutes,
@@ -101,6 +102,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     run_dir = Path(_from_rank0(str(Path(run_dir).resolve()), dist))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir)   # one run per directory (RunDirBusy)
     # the checkpoint to resume from; one of another world size is checked, converted to
     # DeepSpeed's universal format and its data position remapped before data and model are built
     job = job_identity(cfg)
@@ -130,8 +132,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         if reshard.get("universal", True):   # ZeRO-0 fp32 saves load at any world size as they are
             universal_dir = prepare_reshard(resume_ref, dist.rank)
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
-    schedule = _lr_schedule(optim_cfg, curriculum)
-    schedule(0)   # validates the schedule settings now rather than at the first step
+    schedule = lr_schedule(optim_cfg, curriculum.main_steps)
     stability_cfg = OmegaConf.to_container(cfg.stability, resolve=True)
     stability = build_stability(stability_cfg, zero_stage=int(cfg.deepspeed.zero_stage),
                                 snapshot_dir=str(run_dir / "snapshots" / f"rank{dist.rank}"))
@@ -439,22 +440,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _lr_schedule(optim_cfg: dict, curriculum: Curriculum):
-    """main step -> lr factor (optim.schedule.lr_factor over the curriculum's main steps)."""
-    total = optim_cfg.get("total_steps") or curriculum.main_steps
-    warmup = int(optim_cfg["warmup_steps"])
-    if warmup >= total:
-        raise ValueError(f"optim.warmup_steps={warmup} must be less than the run's "
-                         f"{total} optimizer steps (the curriculum's, or optim.total_steps)")
-
-    def factor(main_step: int) -> float:
-        return lr_factor(main_step, warmup_steps=warmup, total_steps=int(total),
-                         decay_start=optim_cfg.get("decay_start"),
-                         decay_fraction=optim_cfg.get("decay_fraction"),
-                         final_fraction=float(optim_cfg["final_fraction"]))
-    return factor
 
 
 def separate_indexer_groups(optimizer: ShardedHybridOptimizer, model: Transformer

@@ -82,17 +82,22 @@ def run_job(run_dir: Path, overrides: list[str], task_overrides: list[str] | Non
     return train(cfg, run_dir, overrides=task_overrides if task_overrides is not None else [])
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 300, python_flags: list[str] = ()):
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, python_flags: list[str] = (),
+            env: dict | None = None, wait: bool = True):
     """``python [python_flags] -m train *args`` in a fresh process, as a user starts it: no world
-    variables left by in-process test runs, this checkout first on the path, wandb off."""
+    variables left by in-process test runs, this checkout first on the path, wandb off (``env``
+    added). ``wait=False`` returns the running Popen (stdout/stderr piped)."""
     import subprocess
     import sys
 
     world = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in world}
-    env.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, *python_flags, "-m", "train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    full = {k: v for k, v in os.environ.items() if k not in world}
+    full.update(PYTHONPATH=str(REPO), WANDB_MODE="disabled", **(env or {}))
+    cmd = [sys.executable, *python_flags, "-m", "train", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=full, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -112,9 +117,9 @@ class TrainHelpers:
     SMALL_MODEL = SMALL_MODEL
     compose = staticmethod(compose_cfg)
     run_job = staticmethod(run_job)
-    run_cli = staticmethod(run_cli)
     read_metrics = staticmethod(read_metrics)
     train_losses = staticmethod(train_losses)
+    run_cli = staticmethod(run_cli)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,96 @@
+"""What a user gets from `python -m train` when something is wrong (issue 10, items 6-9):
+a bad setting is one line and exit 2 before DeepSpeed is imported; a run directory in use is
+refused; a failed run records its error and names the checkpoint to continue from."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+
+import pytest
+
+DEEPSPEED_LOADED = "Setting accelerator to CPU"   # DeepSpeed's first words on a CPU machine
+
+
+def _metrics(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.mark.parametrize("setting, named", [
+    ("train.device=gpu", "train.device must be auto | cpu | cuda"),
+    ("optim.warmup_steps=100", "optim.warmup_steps=100 must be less than the run's 40"),
+    ("train.seq_len=100", "seq_len=100"),                 # not a multiple of the compress ratios
+    ("train.seq_len=8192", "exceeds model.max_seq_len=4096"),
+    ("data.kind=files", "data.kind='files' needs data.paths"),
+])
+def test_bad_setting_is_one_line_and_exit_2_before_deepspeed(th, tmp_path, setting, named):
+    proc = th.run_cli([setting, "model=micro"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[-1]] and lines[-1].startswith("error: ") and named in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert DEEPSPEED_LOADED not in proc.stdout + proc.stderr      # checked before the heavy imports
+    assert not list(tmp_path.rglob("metrics.jsonl"))
+    logs = list(tmp_path.rglob("train.log"))
+    assert len(logs) == 1 and named in logs[0].read_text()
+
+
+def test_two_jobs_started_together_get_their_own_directories(th, tmp_path):
+    procs = [th.run_cli(["train.device=gpu"], tmp_path, wait=False) for _ in range(2)]
+    for p in procs:
+        p.communicate(timeout=120)
+    runs = sorted(p.parent for p in (tmp_path / "outputs" / "runs").rglob(".hydra"))
+    assert len(runs) == 2, runs
+
+
+def test_a_run_directory_in_use_is_refused(th, tmp_path, small_job):
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 7, "kind": "train", "loss": 1.0}\n')
+    with open(run_dir / ".lock", "w") as held:          # the other run: this test process
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write(f"{os.getpid()}\n")
+        held.flush()
+        proc = th.run_cli([*small_job, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"run directory {run_dir} is in use by another run (pid {os.getpid()})" in last
+    assert "hydra.run.dir" in last
+    # the other run's record is untouched: no lines appended, no checkpoints written
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 7, "kind": "train", "loss": 1.0}\n'
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_failed_run_records_the_error_and_names_the_checkpoint(th, tmp_path, small_job):
+    run_dir = tmp_path / "nan"
+    # a NaN loss in the 4th step (0-based 3), after the checkpoint of step 2
+    proc = th.run_cli([*small_job, f"hydra.run.dir={run_dir}", "stability.inject=[{step: 3, kind: nan}]"],
+                      tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    err = proc.stderr.strip().splitlines()
+    assert err[-3].startswith("error: NonFiniteLossError: non-finite loss = nan at optimizer step 4")
+    assert err[-2] == f"the last good checkpoint is {ckpt} (continue with train.resume={ckpt})"
+    assert str(run_dir / "train.log") in err[-1]
+    assert "Traceback" not in proc.stderr
+    log = (run_dir / "train.log").read_text()
+    assert "run failed: NonFiniteLossError" in log and "Traceback (most recent call last)" in log
+    rows = _metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]   # nothing lost
+    end = rows[-1]
+    assert (end["kind"], end["event"], end["status"], end["step"]) == ("event", "end", "error", 3)
+    assert end["checkpoint"] == str(ckpt) and "non-finite loss" in end["error"]
+    assert (ckpt / "meta.json").is_file()
+
+
+def test_a_failed_run_without_checkpoint_says_so(th, tmp_path, small_job):
+    run_dir = tmp_path / "nan0"
+    proc = th.run_cli([*small_job, f"hydra.run.dir={run_dir}", "train.ckpt_every=0",
+                       "stability.inject=[{step: 0, kind: nan}]"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "no checkpoint of this run exists" in proc.stderr
+    assert "last good checkpoint" not in proc.stderr
+    end = _metrics(run_dir / "metrics.jsonl")[-1]
+    assert (end["event"], end["status"], end["checkpoint"]) == ("end", "error", None)

@@ -1,0 +1,89 @@
+"""Pre-flight check of the composed config: everything that can be known wrong before DeepSpeed
+is imported, data is read or a parameter is allocated.
+
+``python -m train`` runs ``check_job`` before importing the trainer and turns its error into
+one line and exit status 2 (train/__main__.py); ``train()`` runs it too, for in-process callers
+(who get the builder's own exception type). Each check is the builder's own validation (model config, curriculum, lr schedule,
+DeepSpeed/expert-parallel settings, stability, data paths), called early, so the rules live in
+one place and the message names the setting.
+
+The trainer's checkpoint resume and world-size checks stay in train() (they read checkpoints).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+LAUNCH_KINDS = ("local", "slurm")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names it and what to change."""
+
+
+def launch_world(launch_kind: str) -> tuple[int, int]:
+    """(world size, ranks on this host) as the launcher's environment describes them."""
+    env: dict[str, str] = dict(os.environ)
+    if launch_kind == "slurm":
+        from launch.slurm_env import torch_env_from_slurm
+
+        env.update(torch_env_from_slurm(env))
+    world = int(env.get("WORLD_SIZE", "1"))
+    return world, int(env.get("LOCAL_WORLD_SIZE", str(world)))
+
+
+# what the builders raise for a setting that cannot work (CurriculumError, GroupingError and
+# model.config.ConfigError are ValueErrors; a missing data path is an OSError)
+CONFIG_ERRORS = (ConfigError, ValueError, KeyError, RuntimeError, OSError, ImportError)
+
+
+def describe(err: BaseException) -> str:
+    """The error's message as one would print it (a KeyError's without the quotes repr adds)."""
+    return err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)
+
+
+def _container(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
+    """Raise the builder's own error (one of CONFIG_ERRORS) for the first setting that cannot
+    work. ``world_size``: the launcher's environment's when not given."""
+    from data.builder import check_data_config
+    from model.config import ModelConfig
+    from optim.schedule import lr_schedule
+    from train.curriculum import build_curriculum
+    from train.engine import deepspeed_config, resolve_device, resolve_precision
+    from train.stability_control import build_stability
+
+    tc = cfg.train
+    model_cfg = ModelConfig.from_dict(_container(cfg.model))
+    if cfg.launch.kind not in LAUNCH_KINDS:
+        raise ConfigError(f"launch.kind must be {' | '.join(LAUNCH_KINDS)}, got {cfg.launch.kind!r}")
+    if world_size is None:
+        world_size, _ = launch_world(cfg.launch.kind)
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    curriculum = build_curriculum(
+        _container(cfg.curriculum.stages), micro_batch_tokens=tc.micro_batch_tokens,
+        world_size=world_size, compress_ratios=model_cfg.compress_ratios,
+        max_seq_len=model_cfg.max_seq_len)
+    lr_schedule(_container(cfg.optim), curriculum.main_steps)
+    zero_stage = int(cfg.deepspeed.zero_stage)
+    first = curriculum.stages[0]
+    deepspeed_config(cfg.deepspeed, micro_batch=first.micro_batch, grad_accum=first.grad_accum,
+                     world_size=world_size, grad_clip=tc.grad_clip, precision=precision)
+    if cfg.parallel.ep_size > 1:   # (its module imports DeepSpeed: only when it matters)
+        from train.expert_parallel import check_zero_stage_for_ep
+
+        check_zero_stage_for_ep(cfg.parallel.ep_size, zero_stage)
+    stability = copy.deepcopy(_container(cfg.stability))
+    if (stability.get("rollback") or {}).get("location") == "disk":
+        stability["rollback"]["location"] = "memory"   # the disk ring creates its directory
+    build_stability(stability, zero_stage=zero_stage)
+    if tc.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints must be >= 1, got {tc.keep_checkpoints}")
+    check_data_config(_container(cfg.data))
