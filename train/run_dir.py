@@ -92,8 +92,8 @@ def log_to_file(message: str, level: int = logging.ERROR) -> None:
 
 
 def record_failure(err: BaseException, run_dir: Path, *, write_metrics: bool) -> str:
-    """Log ``err`` with its traceback and, on rank 0 (``write_metrics``), append an ``end``
-    event with ``status: error`` to metrics.jsonl. Returns the one-line summary (the error and
+    """Log ``err`` with its traceback and, on rank 0 (``write_metrics``) of a run that had
+    started its metrics.jsonl, append an ``end`` event with ``status: error`` to it. Returns the one-line summary (the error and
     the checkpoint to continue from)."""
     metrics_path = Path(run_dir) / "metrics.jsonl"
     records = _records(metrics_path)
@@ -103,7 +103,7 @@ def record_failure(err: BaseException, run_dir: Path, *, write_metrics: bool) ->
     summary = f"{type(err).__name__}: {err}"
     trace = "".join(traceback.format_exception(type(err), err, err.__traceback__)).rstrip()
     log_to_file(f"run failed: {summary}; {where}\n{trace}")
-    if write_metrics:
+    if write_metrics and metrics_path.is_file():   # the run had started (a start event)
         step = int(records[-1].get("step", 0)) if records else 0   # the step it failed after
         event = {"step": step, "kind": "event", "event": "end", "status": "error",
                  "error": summary, "checkpoint": ckpt}
