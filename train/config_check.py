@@ -87,3 +87,80 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
     if tc.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be >= 1, got {tc.keep_checkpoints}")
     check_data_config(_container(cfg.data))
+    if tc.memory_check:
+        check_memory(cfg, model_cfg, curriculum, device, precision, world_size)
+
+
+# ----------------------------------------------------------------------------- memory
+GPU_SIZES_GIB = (80, 141)   # the GPUs a CPU-only job is sized for in the message (H100, H200)
+
+
+def available_memory(device) -> tuple[float, str]:
+    """(bytes this host/device has free, its description)."""
+    if device.type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device.index or int(os.environ.get("LOCAL_RANK", 0)))
+        return float(free), f"{torch.cuda.get_device_name(device)} has {free / 2**30:,.1f} GiB free"
+    with open("/proc/meminfo") as fh:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+    return float(info["MemAvailable"]), f"this host has {info['MemAvailable'] / 2**30:,.1f} GiB RAM available"
+
+
+def check_memory(cfg: DictConfig, model_cfg, curriculum, device, precision: str,
+                 world_size: int) -> None:
+    """Refuse (ConfigError) a job whose estimated memory per rank exceeds what the device has
+    free, naming the numbers and settings that would fit (model/memory.py)."""
+    from dataclasses import replace
+
+    from model.memory import GIB, Setup, estimate
+
+    _, local_ranks = launch_world(cfg.launch.kind)
+    ranks_here = local_ranks if device.type == "cpu" else 1   # CPU ranks share the host's RAM
+    ds = cfg.deepspeed
+    base = Setup(tokens=0, seq_len=0, precision=precision, optimizer=str(cfg.optim.name),
+                 zero_stage=int(ds.zero_stage), world_size=world_size,
+                 ep_size=int(cfg.parallel.ep_size),
+                 activation_checkpointing=bool(cfg.train.activation_checkpointing),
+                 offload_optimizer=ds.offload_optimizer != "none",
+                 offload_param=ds.offload_param != "none",
+                 reference_attention=device.type == "cpu" or model_cfg.attention_impl == "torch")
+
+    def need(s: Setup):   # the stage that needs the most
+        return max((estimate(model_cfg, replace(s, tokens=st.micro_batch * st.seq_len,
+                                                seq_len=st.seq_len))
+                    for st in curriculum.stages), key=lambda e: e.total)
+
+    est = need(base)
+    free, where = available_memory(device)
+    if est.total * ranks_here <= free:
+        return
+    stage = max(curriculum.stages, key=lambda st: st.micro_batch * st.seq_len)
+    fits = []
+    for zero in range(base.zero_stage, 4):
+        for ckpt in sorted({base.activation_checkpointing, True}):
+            e = need(replace(base, zero_stage=zero, activation_checkpointing=ckpt))
+            if e.total * ranks_here <= free:
+                fits.append(f"deepspeed=zero{zero}" + (" train.activation_checkpointing=true"
+                                                       if ckpt and not base.activation_checkpointing
+                                                       else "") + f" ({e.total / GIB:,.1f} GiB)")
+                break
+        if fits:
+            break
+    gpu_sizes = ([free / GIB] if device.type == "cuda" else list(GPU_SIZES_GIB))
+    sharded = replace(base, precision="bf16", zero_stage=3, activation_checkpointing=True,
+                      reference_attention=False)
+    for size in gpu_sizes:
+        n = max(world_size, 1)
+        while n <= 1 << 16 and need(replace(sharded, world_size=n)).total > size * GIB:
+            n *= 2
+        if n <= 1 << 16:
+            fits.append(f"{n} GPUs of {size:,.0f} GiB with deepspeed=zero3 train.precision=bf16 "
+                        f"train.activation_checkpointing=true")
+    raise ConfigError(
+        f"model {model_cfg.name} does not fit: training needs about {est.describe()} per rank "
+        f"(ZeRO stage {base.zero_stage}, {world_size} rank(s), {precision}, micro batch "
+        f"{stage.micro_batch} x seq_len {stage.seq_len}"
+        + (f", {ranks_here} ranks on this host" if ranks_here > 1 else "")
+        + f"), {where}. It would fit with: " + ("; ".join(fits) or "a smaller model (model=...)")
+        + ". To skip this check: train.memory_check=false")

@@ -94,3 +94,36 @@ def test_a_failed_run_without_checkpoint_says_so(th, tmp_path, small_job):
     assert "last good checkpoint" not in proc.stderr
     end = _metrics(run_dir / "metrics.jsonl")[-1]
     assert (end["event"], end["status"], end["checkpoint"]) == ("end", "error", None)
+
+
+def test_a_model_that_cannot_fit_is_refused_before_allocating(th, tmp_path):
+    """model=flash on CPU: the estimate (parameters on the meta device) refuses it in seconds,
+    with the numbers and what would fit, instead of allocating until the OOM killer."""
+    proc = th.run_cli(["model=flash"], tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: model flash does not fit: training needs about ")
+    for needle in ("weights", "gradients", "optimizer state", "activations", "GiB RAM available",
+                   "GPUs of 80 GiB with deepspeed=zero3 train.precision=bf16 "
+                   "train.activation_checkpointing=true", "To skip this check: train.memory_check=false"):
+        assert needle in line, needle
+    assert DEEPSPEED_LOADED not in proc.stdout + proc.stderr
+    assert not list(tmp_path.rglob("metrics.jsonl"))
+
+
+def test_memory_check_names_the_setting_that_fits_and_can_be_skipped(th, monkeypatch):
+    import train.config_check as cc
+    from model.config import ModelConfig
+    from model.memory import Setup, estimate
+
+    cfg = ModelConfig.from_preset("micro")
+    plain, ckpt = (estimate(cfg, Setup(tokens=1024, seq_len=128, activation_checkpointing=c)).total
+                   for c in (False, True))
+    assert ckpt < plain
+    monkeypatch.setattr(cc, "available_memory", lambda device: ((plain + ckpt) / 2, "test: half"))
+    with pytest.raises(cc.ConfigError) as err:
+        cc.check_job(th.compose("model=micro", "train.device=cpu"))
+    assert "It would fit with: deepspeed=zero0 train.activation_checkpointing=true" in str(err.value)
+    assert "train.memory_check=false" in str(err.value)
+    cc.check_job(th.compose("model=micro", "train.device=cpu", "train.memory_check=false"))
+    cc.check_job(th.compose("model=micro", "train.device=cpu", "train.activation_checkpointing=true"))
