@@ -3,7 +3,7 @@
     PYTHONUNBUFFERED=1 python bench/throughput.py --out $OUT --check      # one GPU call, < 8 min
     python bench/throughput.py --tiny --check --out /tmp/tp                # CPU pipeline check
 
-One process: (1) ``--check``: every new Triton kernel (MoE router, SwiGLU, permute, RoPE)
+One process: (1) ``--check``: every new Triton kernel (MoE router, SwiGLU, permute, RoPE, RMSNorm)
 against its reference in model/ on the device, forward and backward (bf16 and fp32; a whole MoE
 layer in bf16), before any timing;
 (2) the hybridlm training step (bench/model_step.py's ``Trainee``: bf16 model, fp32 master,
@@ -14,9 +14,10 @@ hybridlm, the same rules for the dense model; the peak from train/engine.py), pe
 kernels per forward+backward. Written to --out (throughput.md, checks.md, profiles.md) with
 device and date. Needs torch + triton only (no DeepSpeed, Hydra, wandb, datasets or PyYAML).
 
-The fast paths are switched here by patching the kernel getters that model.moe and model.rope
-call (the functions ``model.moe_kernel_impl`` / ``model.attention_impl`` select through
-kernels/dispatch.py), so one process can time every combination; on CPU (--tiny) "on" runs the kernels in Triton's interpreter.
+The fast paths are switched here by patching the kernel getters that model.moe / rope / norms
+call (what ``model.moe_kernel_impl``, ``model.attention_impl`` and RMSNorm's ``impl`` select
+through kernels/dispatch.py), so one process can time every combination; on CPU (--tiny) "on"
+runs the kernels in Triton's interpreter.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ FAST_PATHS = {
                 ("model.moe", "get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton",
                  "unpermute_tokens")],
     "rope": [("model.rope", "get_rope_rotate", "kernels.rope", "rope_rotate_triton", "rope_rotate")],
+    "rmsnorm": [("model.norms", "get_rms_norm", "kernels.rms_norm", "rms_norm_triton", "rms_norm_reference")],
 }
 ALL = frozenset(FAST_PATHS)
 
@@ -79,9 +81,11 @@ def check_kernels(log, device, tiny: bool) -> bool:
     every gradient; then a whole MoE layer with all kernels vs all references. Relative L2."""
     from kernels.moe_permute import permute_tokens_triton, unpermute_tokens_triton
     from kernels.moe_router import topk_routing_triton
+    from kernels.rms_norm import rms_norm_triton
     from kernels.rope import rope_rotate_triton
     from kernels.swiglu import swiglu_activation_triton
     from model.moe import permute_tokens, swiglu_activation, topk_routing, unpermute_tokens
+    from model.norms import rms_norm_reference
     from model.rope import rope_rotate, yarn_inv_freq
 
     T, E, K, D, I = (37, 8, 2, 24, 40) if tiny else (8192, 64, 6, 1024, 384)
@@ -143,6 +147,11 @@ def check_kernels(log, device, tiny: bool) -> bool:
             c = [r(1, T, H, hd).to(dt)]
             row("rope (q heads, positions < 64K)", dt, f"{T}x{H}x{hd}, rope {rd}", [_rel(q_g, q_r)],
                 [_rel(grads([q_g], [q], c)[0], grads([q_r], [q], c)[0])])
+            nw = (torch.rand(D, device=device, generator=g) + 0.5).requires_grad_()
+            y_r, y_g = rms_norm_reference(x, nw, 1e-6), rms_norm_triton(x, nw, 1e-6)
+            c = [r(T, D).to(dt)]
+            row("rmsnorm (weighted)", dt, f"{T}x{D}", [_rel(y_g, y_r)],
+                [_rel(a, b) for a, b in zip(grads([y_g], [x, nw], c), grads([y_r], [x, nw], c))])
         except Exception as exc:
             ok_all = False
             log(fmt_row(["swiglu / permute / rope", str(dt), f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))

@@ -8,6 +8,7 @@ reference it replaces (the reference lives in ``model/`` and is the contract):
 * ``kernels.mhc``                                       <- ``model.hyper_connections`` coefficients + Sinkhorn
 * ``kernels.moe_router`` / ``kernels.swiglu`` / ``kernels.moe_permute``  <- ``model.moe`` (``topk_routing``,
   ``swiglu_activation``, ``permute_tokens`` / ``unpermute_tokens``)
+* ``kernels.rms_norm``                                  <- ``model.norms.rms_norm_reference``
 * ``kernels.rope``                                      <- ``model.rope.rope_rotate``
 * ``kernels.dispatch``  picks the implementation (``attention.impl: auto | triton | torch``).
 

@@ -223,3 +223,12 @@ def get_rope_rotate(impl: str = "auto", device: torch.device | str | None = None
     from model.rope import rope_rotate
 
     return _select("rope_rotate", impl, device, "kernels.rope", "rope_rotate_triton", rope_rotate, dtype)
+
+
+def get_rms_norm(impl: str = "auto", device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> Callable:
+    """fn(x, weight | None, eps) -> y, the signature of ``model.norms.rms_norm_reference``
+    (Triton: ``kernels.rms_norm``, one kernel each way)."""
+    from model.norms import rms_norm_reference
+
+    return _select("rms_norm", impl, device, "kernels.rms_norm", "rms_norm_triton", rms_norm_reference, dtype)

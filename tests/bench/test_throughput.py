@@ -41,7 +41,7 @@ def test_tiny_pipeline_without_optional_packages(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     checks = (tmp_path / "checks.md").read_text()
-    assert checks.count("| yes |") == 5 and "NO" not in checks and "ERROR" not in checks, checks
+    assert checks.count("| yes |") == 6 and "NO" not in checks and "ERROR" not in checks, checks
     table = (tmp_path / "throughput.md").read_text()
     assert "device: CPU" in table and "ERROR" not in table, table
     for row in ("| hybridlm, new kernels off", "| hybridlm, all new kernels", "| dense GPT peer, eager",
