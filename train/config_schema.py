@@ -97,7 +97,7 @@ class OptimSection:
 @dataclass
 class DataSection:
     """Keys of data.builder.build_data (see data/builder.py for their meaning)."""
-    kind: str = "embedded"             # embedded | files | hf
+    kind: str = "embedded"             # embedded | embedded_long | files | hf
     paths: List[str] = field(default_factory=list)      # files: files or directories
     name: Optional[str] = None         # hf: dataset name or local dataset directory
     subset: Optional[str] = None
@@ -111,6 +111,8 @@ class DataSection:
     cache_dir: Optional[str] = None    # token cache; null: ~/.cache/hybridlm
     val_fraction: float = 0.01         # held-out fraction (whole documents/groups)
     val_batches: int = 8               # micro-batches per validation pass
+    packing: str = "stream"            # stream (cut every seq_len) | documents (whole documents per row)
+    passkey_rate: float = 0.0          # share of training tokens from synthetic passkey documents
 
 
 @dataclass

@@ -129,6 +129,12 @@ def test_bad_input_fails_before_heavy_work(tmp_path):
         build_data({"cache_dir": cache, "val_fraction": 1.0}, 16, 2, 0)
     with pytest.raises(ValueError, match="kind"):
         build_data({"kind": "web", "cache_dir": cache}, 16, 2, 0)
+    with pytest.raises(ValueError, match="data.packing"):
+        build_data({"packing": "bins", "cache_dir": cache}, 16, 2, 0)
+    with pytest.raises(ValueError, match="needs data.packing=documents"):
+        build_data({"passkey_rate": 0.1, "cache_dir": cache}, 16, 2, 0)
+    with pytest.raises(ValueError, match="passkey_rate"):
+        build_data({"passkey_rate": 1.5, "packing": "documents", "cache_dir": cache}, 16, 2, 0)
     with pytest.raises(ValueError, match="unsupported extension"):
         (tmp_path / "x.csv").write_text("a,b", encoding="utf-8")
         build_data({"kind": "files", "paths": [str(tmp_path / "x.csv")], "cache_dir": cache}, 16, 2, 0)
@@ -162,3 +168,25 @@ def test_sharded_bundles_disjoint(tmp_path):
         b = build_data(cfg, seq_len=16, micro_batch=2, seed=3, rank=rank, world_size=2)
         rows.append({tuple(r.tolist()) for _ in range(3) for r in next(b.train_loader)["input_ids"]})
     assert len(rows[0]) == len(rows[1]) == 6 and not rows[0] & rows[1]
+
+
+@pytest.mark.slow
+def test_embedded_long_fills_1m_rows_offline(tmp_path):
+    """data=embedded_long: the KJV as one ~1.06M-token document fills a 1M row of its own (the
+    next row starts with its tail), and the held-out text still fills a 1M validation row."""
+    import yaml
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[2] / "conf" / "data" / "embedded_long.yaml"
+    cfg = {**yaml.safe_load(preset.read_text()), "cache_dir": str(tmp_path / "c")}
+    L = 1 << 20
+    b = build_data(cfg, seq_len=L, micro_batch=1, seed=0)
+    assert b.stats["kind"] == "embedded_long" and b.stats["rows"]["packing"] == "documents"
+    rows = b.train_loader.rows
+    kjv = max(range(len(rows.stream.doc_lengths)), key=lambda d: rows.stream.doc_lengths[d])
+    assert 1_040_000 < rows.stream.doc_lengths[kjv] < 1_070_000 > L
+    text = b.tokenizer.decode(rows.row(0)["input_ids"][:64].tolist())
+    assert text.startswith("Genesis 1\n1 In the beginning God created")
+    assert rows.row(0)["labels"][-1] != -100            # the KJV continues in another row
+    assert b.val_loader is not None and len(b.val_loader) == 1
+    assert b.stats["rows"]["padding_fraction"] < 0.35

@@ -230,3 +230,25 @@ def test_remap_state_refuses_what_it_cannot_continue(make_stream):
         assert needle in msg
     with pytest.raises(ValueError, match="optimizer-step boundary"):
         remap_state({**state, "position": 2}, 1)
+
+
+def test_document_packing_loader_resumes_exactly_and_refuses_another_packing(make_stream):
+    stream = make_stream(LENGTHS)
+    loader = TokenLoader(stream, EOS, seq_len=16, micro_batch=2, seed=1, packing="documents")
+    assert loader.rows.describe() == "documents" and loader.num_windows == len(loader.rows)
+    take(loader, 3)
+    state = loader.state_dict()
+    assert state["packing"] == "documents"
+    expected = take(loader, 4)
+    again = TokenLoader(stream, EOS, seq_len=16, micro_batch=2, seed=1, packing="documents")
+    again.load_state_dict(state)
+    assert_same(take(again, 4), expected)
+    # a length change and back: the plan of each length is the same plan
+    again.set_seq_len(32, 1)
+    assert next(again)["input_ids"].shape == (1, 32)
+    with pytest.raises(ValueError, match="packing"):
+        TokenLoader(stream, EOS, seq_len=16, micro_batch=2, seed=1).load_state_dict(state)
+    val = ValLoader(stream, EOS, seq_len=16, micro_batch=2, max_batches=2, packing="documents")
+    rows = [r for b in val for r in b["input_ids"]]
+    first = torch.from_numpy(loader.rows_for(16).batch(np.array([0]))["input_ids"][0])
+    assert len(rows) == 4 and torch.equal(rows[0], first)   # validation: rows in plan order

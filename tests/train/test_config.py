@@ -97,3 +97,36 @@ def test_v4_curriculum_mirrors_4k_16k_64k_1m_with_sparse_from_64k(th):
     cur = build_curriculum(stages, micro_batch_tokens=cfg.train.micro_batch_tokens, world_size=64,
                            compress_ratios=mc.compress_ratios, max_seq_len=mc.max_seq_len)
     assert cur.stages[-1].micro_batch == 1       # a 1M-token row per rank
+
+
+@pytest.mark.parametrize("preset", ["small", "tiny", "micro"])
+def test_presets_reach_1m_with_the_v4_stages_inside_the_yarn_original_range(preset):
+    mc = ModelConfig.from_preset(preset)
+    assert mc.max_seq_len == 1 << 20
+    assert mc.yarn_original_max_pos == 1 << 16                    # 4K, 16K, 64K unscaled range
+    assert mc.yarn_original_max_pos * mc.yarn_factor >= mc.max_seq_len
+
+
+def test_long_gpu_runs_the_four_v4_lengths_on_one_gpu(th):
+    """experiment=long_gpu: small model, 4K -> 16K -> 64K (indexer warm-up) -> 1M, one sequence
+    per step, validation in every stage (the `ctx1m exceeds model.max_seq_len` error is gone)."""
+    cfg = th.compose("experiment=long_gpu")
+    assert cfg.model.name == "small" and cfg.data.kind == "embedded_long"
+    stages = OmegaConf.to_container(cfg.curriculum.stages, resolve=True)
+    mc = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    cur = build_curriculum(stages, micro_batch_tokens=cfg.train.micro_batch_tokens, world_size=1,
+                           compress_ratios=mc.compress_ratios, max_seq_len=mc.max_seq_len)
+    assert [s.seq_len for s in cur.stages] == [4096, 16384, 65536, 1 << 20]
+    assert [s.attention_mode for s in cur.stages] == ["dense", "dense", "sparse", "sparse"]
+    assert cur.stages[2].warmup_steps > 0 and all(s.global_batch == 1 for s in cur.stages)
+    assert all(1 <= s.steps <= 8 for s in cur.stages)
+    # a validation falls inside (or at the end of) every stage
+    assert all(any(s.first_step < v <= s.end_step for v in range(cfg.train.val_every,
+                                                                 cur.total_steps + 1,
+                                                                 cfg.train.val_every))
+               for s in cur.stages)
+    # the default v4 curriculum composes with the small model too
+    v4 = th.compose("model=small", "curriculum=v4")
+    build_curriculum(OmegaConf.to_container(v4.curriculum.stages, resolve=True),
+                     micro_batch_tokens=v4.train.micro_batch_tokens, world_size=1,
+                     compress_ratios=mc.compress_ratios, max_seq_len=mc.max_seq_len)
