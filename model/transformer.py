@@ -157,6 +157,39 @@ class Transformer(nn.Module):
             return checkpoint(block, x, input_ids, layout, routing, use_reentrant=False)
         return block(x, input_ids, layout, routing)
 
+    @staticmethod
+    def _layout(input_ids: torch.Tensor, doc_ids: torch.Tensor | None) -> DocLayout:
+        B, L = input_ids.shape
+        return DocLayout.from_doc_ids(doc_ids) if doc_ids is not None else DocLayout.single(B, L, input_ids.device)
+
+    def _trunk(self, input_ids, layout: DocLayout, routing_indices=None, collect=None):
+        """Embedding and the main blocks: (streams [B, L, n, D], balance losses, indexer losses,
+        routing indices) of the main layers."""
+        cfg = self.cfg
+        B, L = input_ids.shape
+        emb = self.embed(input_ids)                                     # [B, L, D]
+        x = emb.unsqueeze(2).expand(B, L, cfg.n_streams, cfg.dim).contiguous()  # [B, L, n, D]
+        balance, idx_losses, used_routes = [], [], []
+        for i, block in enumerate(self.layers):
+            route = routing_indices[i] if routing_indices is not None else None
+            x, aux = self._run_block(block, x, input_ids, layout, route)
+            balance.append(aux["moe"]["balance_loss"])
+            if aux["attn"].get("indexer_loss") is not None:
+                idx_losses.append(aux["attn"]["indexer_loss"])
+            used_routes.append(aux["moe"]["indices"])
+            if collect is not None:
+                collect.block(i, block, aux)
+        return x, balance, idx_losses, used_routes
+
+    def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, D]: the final hidden state the LM head reads, without logits, MTP or losses.
+        Evaluation at long L scores the few positions it needs from it (``train.eval``): full
+        ``[B, L, V]`` logits would not fit at 1M tokens."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        x = self._trunk(input_ids, self._layout(input_ids, doc_ids))[0]
+        return self.norm(self.hc_head(x))
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -180,20 +213,9 @@ class Transformer(nn.Module):
                 f"routing_indices needs one entry per MoE layer ({cfg.n_layers}, or {n_moe} with MTP), "
                 f"got {len(routing_indices)}"
             )
-        layout = DocLayout.from_doc_ids(doc_ids) if doc_ids is not None else DocLayout.single(B, L, input_ids.device)
+        layout = self._layout(input_ids, doc_ids)
         collect = DiagnosticsCollector(enabled=diagnostics)
-
-        emb = self.embed(input_ids)                                     # [B, L, D]
-        x = emb.unsqueeze(2).expand(B, L, cfg.n_streams, cfg.dim).contiguous()  # [B, L, n, D]
-        balance, idx_losses, used_routes = [], [], []
-        for i, block in enumerate(self.layers):
-            route = routing_indices[i] if routing_indices is not None else None
-            x, aux = self._run_block(block, x, input_ids, layout, route)
-            balance.append(aux["moe"]["balance_loss"])
-            if aux["attn"].get("indexer_loss") is not None:
-                idx_losses.append(aux["attn"]["indexer_loss"])
-            used_routes.append(aux["moe"]["indices"])
-            collect.block(i, block, aux)
+        x, balance, idx_losses, used_routes = self._trunk(input_ids, layout, routing_indices, collect)
         h_main = x
         hidden = self.norm(self.hc_head(x))                             # [B, L, D]
         if return_logits is None:

@@ -17,6 +17,7 @@ Each group maps one-to-one onto a builder:
     deepspeed   -> train.engine.deepspeed_config (the dict passed to deepspeed.initialize)
     logging     -> train.metrics.MetricsLogger (metrics.jsonl + wandb)
     launch      -> train.engine.setup_distributed (timeout); launch=slurm records sbatch settings
+    eval        -> train.eval.long_context_metrics at every validation (passkey, NLL buckets)
     stability   -> train.stability_control.build_stability (spike detector, snapshot ring,
                    anticipatory routing) + train.stability_control.Injector (experiments)
 """
@@ -234,6 +235,17 @@ class StabilitySection:
 
 
 @dataclass
+class EvalSection:
+    """Long-context evidence at every validation (train/eval.py); both lists empty: off."""
+    # passkey retrieval at these context lengths (those up to the stage's seq_len run)
+    passkey_lengths: List[int] = field(default_factory=list)
+    passkey_depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_trials: int = 1
+    # validation NLL by position-in-document bucket, edges from 0 (e.g. [0, 4096, 65536])
+    nll_buckets: List[int] = field(default_factory=list)
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -245,6 +257,7 @@ class JobConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     train: TrainSection = field(default_factory=TrainSection)
     stability: StabilitySection = field(default_factory=StabilitySection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 def register_configs() -> None:

@@ -227,8 +227,10 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     last_ckpt: CheckpointRef | None = resume_ref
     window_tokens, window_start = 0, time.perf_counter()
     engine.train()
+    long_eval = _long_context_eval(cfg.eval, data.tokenizer, tc.seed)
     if step == 0:
-        initial_val = _validate_and_log(engine, val_loader, curriculum.at(0), step, dist, metrics, say)
+        initial_val = _validate_and_log(engine, val_loader, curriculum.at(0), step, dist, metrics, say,
+                                        long_eval)
 
     # ---- 5. the loop --------------------------------------------------------------------------
     while step < end_step:
@@ -370,7 +372,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         if diagnostics:
             metrics.log(step, "diagnostics", diagnostics)
         if _every(step, tc.val_every) and step < end_step:
-            final_val = _validate_and_log(engine, val_loader, pos, step, dist, metrics, say)
+            final_val = _validate_and_log(engine, val_loader, pos, step, dist, metrics, say,
+                                          long_eval)
         if _every(step, tc.ckpt_every) and step < end_step:
             last_ckpt = _save(ckpt, engine, step, stage, curriculum, train_loader, metrics,
                               overrides, run_dir, stability, job)
@@ -379,7 +382,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     progress.close()
     if stage is not None:   # this invocation trained: validate and save where it ended
         final_pos = curriculum.at(step - 1)
-        final_val = _validate_and_log(engine, val_loader, final_pos, step, dist, metrics, say)
+        final_val = _validate_and_log(engine, val_loader, final_pos, step, dist, metrics, say,
+                                      long_eval)
         last_ckpt = _save(ckpt, engine, step, final_pos.stage, curriculum, train_loader, metrics,
                           overrides, run_dir, stability, job)
     if stability.ring is not None and stability.ring.location == "disk":
@@ -510,10 +514,36 @@ def _reduce_router_loads(model: Transformer, dist: DistInfo) -> list[float]:
     return out
 
 
+def _long_context_eval(eval_cfg, tokenizer, seed: int):
+    """The ``eval.*`` hook of every validation: (model, val_loader, seq_len) -> metrics, or None
+    when both ``eval.passkey_lengths`` and ``eval.nll_buckets`` are empty."""
+    if not eval_cfg.passkey_lengths and not eval_cfg.nll_buckets:
+        return None
+    from data.passkey import PasskeyTemplate
+    from train.eval import EvalSettings, long_context_metrics
+
+    settings = EvalSettings([int(n) for n in eval_cfg.passkey_lengths],
+                            [float(d) for d in eval_cfg.passkey_depths],
+                            int(eval_cfg.passkey_trials), [int(e) for e in eval_cfg.nll_buckets], seed)
+    settings.check()   # a bad setting fails before training starts
+    template = PasskeyTemplate(tokenizer) if settings.passkey_lengths else None
+
+    def run(model, val_loader, seq_len: int) -> dict[str, float]:
+        return long_context_metrics(model, template, val_loader, settings, seq_len)
+    return run
+
+
 @torch.no_grad()
 def _validate_and_log(engine, val_loader, pos: Position, step: int, dist: DistInfo,
-                      metrics: MetricsLogger, say) -> float | None:
-    """Mean LM loss over the fixed validation batches (current sequence length)."""
+                      metrics: MetricsLogger, say, long_eval=None) -> float | None:
+    """Mean LM loss over the fixed validation batches (current sequence length), and the
+    long-context metrics of ``eval.*`` (passkey accuracy, NLL by position bucket)."""
+    if long_eval is not None:
+        record = long_eval(engine.module, val_loader, pos.stage.seq_len)
+        if record:
+            metrics.log(step, "eval", record)
+            say(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in record.items()
+                                             if "/d" not in k and "tokens" not in k))
     if val_loader is None:
         return None
     engine.eval()

@@ -1,0 +1,166 @@
+"""train.eval: passkey accuracy and NLL by position bucket, scored from the final hidden state
+(no [L, V] logits), checked against the full-logits forward of the micro model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.loader import ValLoader
+from data.packing import TokenStream
+from data.passkey import PasskeyTemplate
+from data.tokenizer import load_tokenizer
+from model.config import ModelConfig
+from model.layout import DocLayout
+from model.transformer import IGNORE_INDEX, Transformer
+from train import eval as long_eval
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_preset("micro")).eval()
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2-embedded")
+
+
+def test_size_and_bucket_names():
+    assert [long_eval.size_name(n) for n in (4096, 65536, 262144, 1 << 20, 1000)] == \
+        ["4K", "64K", "256K", "1M", "1000"]
+    assert long_eval.bucket_names(long_eval.DEFAULT_BUCKETS) == ["0-4K", "4K-64K", "64K-256K", "256K-1M"]
+
+
+def test_hidden_states_and_token_nll_match_the_full_forward(model):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50257, (2, 96), generator=g)
+    doc_ids = torch.cat([torch.zeros(2, 40, dtype=torch.long), torch.ones(2, 56, dtype=torch.long)], 1)
+    labels = torch.randint(0, 50257, (2, 96), generator=g)
+    labels[:, 70:75] = IGNORE_INDEX
+    with torch.no_grad():
+        out = model(ids, doc_ids=doc_ids, labels=labels)
+        hidden = model.hidden_states(ids, doc_ids)
+        torch.testing.assert_close(model.head(hidden), out.logits, rtol=0, atol=0)
+        old = long_eval.HEAD_CHUNK
+        long_eval.HEAD_CHUNK = 37          # chunks that do not divide B * L
+        try:
+            nll = long_eval.token_nll(model, ids, doc_ids, labels)
+        finally:
+            long_eval.HEAD_CHUNK = old
+    ref = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(),
+                          ignore_index=IGNORE_INDEX, reduction="none").view(2, 96)
+    torch.testing.assert_close(nll, ref, rtol=1e-6, atol=1e-6)
+    assert (nll[:, 70:75] == 0).all()
+    torch.testing.assert_close(nll.sum() / (labels != IGNORE_INDEX).sum(), out.losses["lm"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_passkey_decision_matches_full_logits(model, gpt2):
+    template = PasskeyTemplate(gpt2)
+    length = template.min_length + 40
+    for depth, key in ((0.0, 12345), (0.5, 67890), (1.0, 55555)):
+        doc = template.document(length, depth, key)
+        with torch.no_grad():
+            logits = model(torch.as_tensor(doc.tokens).unsqueeze(0)).logits[0]
+        a, n = doc.answer_start, doc.answer_len
+        ref = bool((logits[a - 1: a - 1 + n].argmax(-1) == torch.as_tensor(doc.tokens[a: a + n])).all())
+        assert long_eval.passkey_correct(model, template, length, depth, key) == ref
+    # a model that always predicts the right answer token scores 1, one that never does 0
+    doc = template.document(length, 0.5, 67890)
+    answer = torch.as_tensor(doc.tokens[doc.answer_start: doc.answer_start + doc.answer_len])
+
+    class FixedHead(torch.nn.Module):   # predicts the given tokens, whatever the hidden state
+        def __init__(self, tokens):
+            super().__init__()
+            self.tokens = tokens
+
+        def forward(self, h):
+            return F.one_hot(self.tokens, 50304).float()[: h.shape[0]]
+
+    real_head = model.head
+    try:
+        for fake, expect in ((answer, True), ((answer + 1) % 50257, False)):
+            model.head = FixedHead(fake)
+            assert long_eval.passkey_correct(model, template, length, 0.5, 67890) is expect
+    finally:
+        model.head = real_head
+    res = long_eval.passkey_accuracy(model, template, [length], [0.0, 1.0], trials=2, seed=0)
+    assert set(res) == {f"eval/passkey/{length}", f"eval/passkey/{length}/d0", f"eval/passkey/{length}/d1"}
+    assert all(0.0 <= v <= 1.0 for v in res.values())
+    assert res == long_eval.passkey_accuracy(model, template, [length], [0.0, 1.0], trials=2, seed=0)
+
+
+def test_nll_buckets_equal_a_per_token_reference(model):
+    rng = np.random.default_rng(2)
+    lengths = [150, 20, 300, 90, 33, 400, 12]
+    tokens = np.concatenate([np.append(rng.integers(0, 50000, n), 50256) for n in lengths]).astype(np.uint16)
+    offsets = np.cumsum([0] + [n + 1 for n in lengths])
+    stream = TokenStream(tokens, offsets, np.arange(len(lengths)))
+    edges = [0, 16, 64, 256, 1024]
+    val = ValLoader(stream, 50256, seq_len=256, micro_batch=2, max_batches=2, packing="documents")
+    res = long_eval.long_context_metrics(model, None, val, long_eval.EvalSettings(
+        passkey_lengths=[], nll_buckets=edges), max_len=256)
+    sums, counts = np.zeros(4), np.zeros(4)
+    for batch in val:
+        with torch.no_grad():
+            logits = model(batch["input_ids"], doc_ids=batch["doc_ids"]).logits
+        pos = DocLayout.from_doc_ids(batch["doc_ids"]).positions
+        for b in range(logits.shape[0]):
+            for t in range(logits.shape[1]):
+                y = int(batch["labels"][b, t])
+                if y == IGNORE_INDEX:
+                    continue
+                k = int(np.searchsorted(edges, int(pos[b, t]), side="right")) - 1
+                sums[k] += float(F.cross_entropy(logits[b, t].float()[None], torch.tensor([y])))
+                counts[k] += 1
+    names = long_eval.bucket_names(edges)
+    for k, name in enumerate(names):
+        if counts[k]:
+            assert res[f"val/nll_bucket/{name}"] == pytest.approx(sums[k] / counts[k], rel=1e-5)
+            assert res[f"val/nll_bucket_tokens/{name}"] == counts[k]
+        else:
+            assert f"val/nll_bucket/{name}" not in res
+    assert model.training is False
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ValueError, match="nll_buckets"):
+        long_eval.EvalSettings(nll_buckets=[4096, 0]).check()
+    with pytest.raises(ValueError, match="passkey_depths"):
+        long_eval.EvalSettings(passkey_depths=[1.5]).check()
+
+
+def test_cli_on_a_saved_micro_model(model, tmp_path, capsys):
+    ckpt = tmp_path / "run"
+    ckpt.mkdir()
+    torch.save(model.state_dict(), ckpt / "model.pt")
+    (ckpt / "model_config.json").write_text(json.dumps(model.cfg.to_dict()))
+    template = PasskeyTemplate(load_tokenizer("gpt2-embedded"))
+    n = template.min_length + 8
+    rc = long_eval.main([str(ckpt / "model.pt"), "--lengths", f"{n},{2 * n}", "--depths", "0,1",
+                         "--data", "none", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert rc == 0
+    report = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert report["model"] == "micro" and set(report["metrics"]) >= {
+        f"eval/passkey/{n}", f"eval/passkey/{2 * n}", f"eval/passkey/{n}/d0"}
+    assert "| length | depth 0 | depth 1 | mean |" in capsys.readouterr().out
+    assert long_eval.main([str(tmp_path / "missing"), "--data", "none"]) == 2
+
+
+def test_trainer_logs_the_long_context_metrics_at_validation(th, small_job, tmp_path):
+    result = th.run_job(tmp_path / "run", small_job + [
+        "train.seq_len=128", "train.tokens=512", "eval.passkey_lengths=[128,100000]",
+        "eval.passkey_depths=[0.5]", "eval.nll_buckets=[0,32,128]", "data.packing=documents",
+        "optim.warmup_steps=1"])
+    evals = [r for r in th.read_metrics(result.metrics_path) if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2]
+    for r in evals:
+        assert r["eval/passkey/128"] in (0.0, 1.0) and "eval/passkey/100000" not in r
+        assert np.isfinite(r["val/nll_bucket/0-32"]) and np.isfinite(r["val/nll_bucket/32-128"])
+    with pytest.raises(ValueError, match="nll_buckets"):
+        th.run_job(tmp_path / "bad", small_job + ["eval.nll_buckets=[5,1]"])

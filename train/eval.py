@@ -1,0 +1,322 @@
+"""Evidence that long context works: passkey retrieval by context length and depth, and the
+validation NLL by position bucket.
+
+    python -m train.eval RUN_DIR_OR_CHECKPOINT [--lengths 4096,16384,65536,262144,1048576]
+        [--depths 0,0.25,0.5,0.75,1] [--trials 1] [--data embedded_long] [--val-len 1048576]
+        [--val-rows 1] [--buckets 0,4096,65536,262144,1048576] [--device auto] [--out DIR]
+
+Offline (the embedded corpora and the GPT-2 tokenizer ship with the install). Prints a markdown
+table and writes ``eval.json`` (under ``--out``, default: the run directory) with the keys the
+trainer's validation hook logs to metrics.jsonl (``eval.*`` settings):
+
+* ``eval/passkey/<len>``: passkey exact-match accuracy at context length ``<len>`` (mean over
+  depths and trials), and ``eval/passkey/<len>/d<depth>`` per depth. A passkey document
+  (``data.passkey``) hides a 5-digit key at ``depth`` in filler text and asks for it at the end;
+  the answer counts when the model's greedy prediction of every answer token is right
+  (teacher-forced, one forward per prompt).
+* ``val/nll_bucket/<lo>-<hi>``: mean next-token NLL of validation tokens whose position inside
+  their document is in ``[lo, hi)`` (``0-4K``, ``4K-64K``, ``64K-256K``, ``256K-1M`` by default);
+  falling NLL at far positions is what long context buys.
+
+Neither builds ``[L, V]`` logits: the model returns its final hidden state
+(``Transformer.hidden_states``) and only the positions that are scored go through the LM head
+(the answer tokens; the validation tokens in chunks of ``HEAD_CHUNK`` positions).
+``bench/plot_eval.py`` draws the results.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.passkey import PasskeyTemplate, random_key
+from model.layout import DocLayout
+from model.transformer import IGNORE_INDEX, Transformer
+
+HEAD_CHUNK = 8192   # positions per LM-head call when scoring validation tokens
+DEFAULT_LENGTHS = (4096, 16384, 65536, 262144, 1048576)
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_BUCKETS = (0, 4096, 65536, 262144, 1048576)
+
+
+def size_name(n: int) -> str:
+    """4096 -> '4K', 1048576 -> '1M', 1000 -> '1000' (binary K/M, as seq_len is given)."""
+    for unit, mult in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def bucket_names(edges: Sequence[int]) -> list[str]:
+    return [f"{size_name(a)}-{size_name(b)}" for a, b in zip(edges[:-1], edges[1:])]
+
+
+@dataclass
+class EvalSettings:
+    """What to measure; ``passkey_lengths`` longer than ``max_len`` are left out."""
+    passkey_lengths: Sequence[int] = DEFAULT_LENGTHS
+    passkey_depths: Sequence[float] = DEFAULT_DEPTHS
+    passkey_trials: int = 1
+    nll_buckets: Sequence[int] = DEFAULT_BUCKETS
+    seed: int = 0
+
+    def check(self) -> None:
+        if any(int(n) < 1 for n in self.passkey_lengths):
+            raise ValueError(f"eval.passkey_lengths must be positive, got {list(self.passkey_lengths)}")
+        if any(not 0.0 <= float(d) <= 1.0 for d in self.passkey_depths):
+            raise ValueError(f"eval.passkey_depths must be in [0, 1], got {list(self.passkey_depths)}")
+        if self.passkey_trials < 1:
+            raise ValueError(f"eval.passkey_trials must be >= 1, got {self.passkey_trials}")
+        b = [int(x) for x in self.nll_buckets]
+        if b and (len(b) < 2 or b[0] != 0 or any(x >= y for x, y in zip(b[:-1], b[1:]))):
+            raise ValueError(f"eval.nll_buckets must be increasing edges starting at 0 (e.g. "
+                             f"[0, 4096, 65536]), got {b}")
+
+
+# ----------------------------------------------------------------------------- scoring
+def _model_inputs(model: Transformer, tokens: np.ndarray) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return torch.as_tensor(tokens, dtype=torch.long, device=device).unsqueeze(0)
+
+
+@torch.no_grad()
+def passkey_correct(model: Transformer, template: PasskeyTemplate, length: int, depth: float,
+                    key: int) -> bool:
+    """One passkey prompt of ``length`` tokens: is the greedy prediction of every answer token
+    right? Only the positions before the answer tokens go through the head."""
+    doc = template.document(length, depth, key)
+    hidden = model.hidden_states(_model_inputs(model, doc.tokens))          # [1, L, D]
+    a = doc.answer_start
+    pred = model.head(hidden[0, a - 1: a - 1 + doc.answer_len]).argmax(-1)  # [answer_len]
+    target = torch.as_tensor(doc.tokens[a: a + doc.answer_len], device=pred.device)
+    return bool(torch.equal(pred, target))
+
+
+def passkey_accuracy(model: Transformer, template: PasskeyTemplate, lengths: Iterable[int],
+                     depths: Sequence[float], trials: int, seed: int) -> dict[str, float]:
+    """``eval/passkey/<len>`` (mean over depths and trials) and ``.../d<depth>`` per depth.
+    Keys come from ``default_rng([seed, length])``: the same prompts in every evaluation."""
+    out: dict[str, float] = {}
+    for length in lengths:
+        rng = np.random.default_rng([seed, int(length)])
+        per_depth = []
+        for depth in depths:
+            hits = [passkey_correct(model, template, int(length), float(depth), random_key(rng))
+                    for _ in range(trials)]
+            acc = float(np.mean(hits))
+            out[f"eval/passkey/{size_name(int(length))}/d{float(depth):g}"] = acc
+            per_depth.append(acc)
+        out[f"eval/passkey/{size_name(int(length))}"] = float(np.mean(per_depth))
+    return out
+
+
+@torch.no_grad()
+def token_nll(model: Transformer, input_ids: torch.Tensor, doc_ids: torch.Tensor | None,
+              labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] fp32 next-token NLL (0 where the label is IGNORE_INDEX), the head applied to
+    ``HEAD_CHUNK`` positions at a time."""
+    hidden = model.hidden_states(input_ids, doc_ids)                        # [B, L, D]
+    B, L, _ = hidden.shape
+    flat_h, flat_y = hidden.reshape(B * L, -1), labels.reshape(B * L)
+    nll = torch.zeros(B * L, dtype=torch.float32, device=hidden.device)
+    for s in range(0, B * L, HEAD_CHUNK):
+        logits = model.head(flat_h[s: s + HEAD_CHUNK]).float()
+        nll[s: s + HEAD_CHUNK] = F.cross_entropy(logits, flat_y[s: s + HEAD_CHUNK],
+                                                 ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(B, L)
+
+
+class BucketNLL:
+    """Sums of NLL and token counts per bucket of position-in-document."""
+
+    def __init__(self, edges: Sequence[int]):
+        self.device = torch.device("cpu")
+        self.edges = [int(e) for e in edges]
+        self.names = bucket_names(self.edges)
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self.counts = torch.zeros(len(self.names), dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, model: Transformer, batch: dict[str, torch.Tensor]) -> None:
+        device = self.device = next(model.parameters()).device
+        b = {k: v.to(device) for k, v in batch.items()}
+        nll = token_nll(model, b["input_ids"], b["doc_ids"], b["labels"]).double()
+        pos = DocLayout.from_doc_ids(b["doc_ids"]).positions
+        valid = b["labels"] != IGNORE_INDEX
+        edges = torch.tensor(self.edges, device=device)
+        which = torch.bucketize(pos, edges, right=True) - 1        # bucket k: edges[k] <= pos < edges[k+1]
+        inside = valid & (which >= 0) & (which < len(self.names))
+        k = which[inside]
+        self.sums += torch.zeros(len(self.names), dtype=torch.float64, device=device).index_add_(
+            0, k, nll[inside]).cpu()
+        self.counts += torch.bincount(k, minlength=len(self.names)).double().cpu()
+
+    def reduce(self) -> None:
+        """Sum over data-parallel ranks (every rank must call it)."""
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            t = torch.cat([self.sums, self.counts]).to(self.device)
+            torch.distributed.all_reduce(t)
+            self.sums, self.counts = t[: len(self.names)].cpu(), t[len(self.names):].cpu()
+
+    def metrics(self) -> dict[str, float]:
+        """``val/nll_bucket/<range>`` for the buckets that hold tokens, and their counts."""
+        out = {}
+        for name, s, c in zip(self.names, self.sums.tolist(), self.counts.tolist()):
+            if c > 0:
+                out[f"val/nll_bucket/{name}"] = s / c
+                out[f"val/nll_bucket_tokens/{name}"] = int(c)
+        return out
+
+
+def long_context_metrics(model: Transformer, template: PasskeyTemplate | None,
+                         val_batches: Iterable[dict[str, torch.Tensor]] | None,
+                         settings: EvalSettings, max_len: int) -> dict[str, float]:
+    """Passkey accuracy for the lengths up to ``max_len`` and NLL by position bucket over
+    ``val_batches``: the validation hook and the CLI both call this."""
+    settings.check()
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    try:
+        if template is not None and settings.passkey_lengths:
+            lengths = [int(n) for n in settings.passkey_lengths
+                       if template.min_length <= int(n) <= max_len]
+            out.update(passkey_accuracy(model, template, lengths, settings.passkey_depths,
+                                        settings.passkey_trials, settings.seed))
+        if val_batches is not None and settings.nll_buckets:
+            buckets = BucketNLL(settings.nll_buckets)
+            for batch in val_batches:
+                buckets.add(model, batch)
+            buckets.reduce()
+            out.update(buckets.metrics())
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+def _ints(text: str) -> list[int]:
+    return [int(float(x)) for x in text.split(",") if x.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def table(results: dict[str, float], lengths: Sequence[int], depths: Sequence[float]) -> str:
+    """Markdown: passkey accuracy by length (rows) and depth (columns), then NLL by bucket."""
+    lines = ["| length | " + " | ".join(f"depth {d:g}" for d in depths) + " | mean |",
+             "|---|" + "---|" * (len(depths) + 1)]
+    for n in lengths:
+        name = size_name(n)
+        if f"eval/passkey/{name}" not in results:
+            continue
+        cells = [f"{results[f'eval/passkey/{name}/d{d:g}']:.2f}" for d in depths]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {results[f'eval/passkey/{name}']:.2f} |")
+    buckets = [(k.split("/", 2)[2], v) for k, v in results.items() if k.startswith("val/nll_bucket/")]
+    if buckets:
+        lines += ["", "| position bucket | NLL | tokens |", "|---|---|---|"]
+        lines += [f"| {b} | {v:.4f} | {results[f'val/nll_bucket_tokens/{b}']} |" for b, v in buckets]
+    return "\n".join(lines)
+
+
+def load_model(source: str, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Path]:
+    """The model of a checkpoint / run directory / export (``model.hf.load_checkpoint``) and
+    the run directory it belongs to (for the default output place)."""
+    from model.hf import load_checkpoint
+
+    sd, cfg = load_checkpoint(source)
+    model = Transformer(cfg)
+    model.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=True)
+    model.to(device=device, dtype=dtype).eval()
+    p = Path(source).resolve()
+    run_dir = next((q for q in [p, *p.parents] if (q / "checkpoints").is_dir()), p if p.is_dir() else p.parent)
+    return model, run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.eval", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="run directory, checkpoints/ directory, step directory or export")
+    ap.add_argument("--lengths", type=_ints, default=list(DEFAULT_LENGTHS),
+                    help="passkey context lengths (comma-separated tokens)")
+    ap.add_argument("--depths", type=_floats, default=list(DEFAULT_DEPTHS))
+    ap.add_argument("--trials", type=int, default=1, help="passkey prompts per length and depth")
+    ap.add_argument("--buckets", type=_ints, default=list(DEFAULT_BUCKETS),
+                    help="NLL position-bucket edges (start at 0)")
+    ap.add_argument("--data", default="embedded_long",
+                    help="validation text: a data kind (embedded_long, embedded) with its preset's "
+                         "settings, or 'none' to skip the NLL buckets")
+    ap.add_argument("--val-len", type=int, default=None,
+                    help="validation row length (default: the longest --buckets edge, capped at "
+                         "the model's max_seq_len)")
+    ap.add_argument("--val-rows", type=int, default=1, help="validation rows to score")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16")
+    ap.add_argument("--out", type=Path, default=None, help="where eval.json goes (default: run dir)")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    settings = EvalSettings(args.lengths, args.depths, args.trials, args.buckets, args.seed)
+    try:
+        settings.check()
+        model, run_dir = load_model(args.checkpoint, device, dtype)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"train.eval: {err}", file=sys.stderr)
+        return 2
+    from data.builder import build_data
+    from data.tokenizer import load_tokenizer
+
+    max_len = model.cfg.max_seq_len
+    val_batches, tokenizer = None, None
+    if args.data != "none" and settings.nll_buckets:
+        val_len = min(args.val_len or int(settings.nll_buckets[-1]), max_len)
+        preset = Path(__file__).resolve().parent.parent / "conf" / "data" / f"{args.data}.yaml"
+        if not preset.is_file():
+            print(f"train.eval: --data {args.data!r}: no preset {preset}", file=sys.stderr)
+            return 2
+        import yaml
+
+        data_cfg = {**yaml.safe_load(preset.read_text()), "val_batches": args.val_rows}
+        bundle = build_data(data_cfg, seq_len=val_len, micro_batch=1, seed=args.seed)
+        tokenizer = bundle.tokenizer
+        if bundle.val_loader is None:
+            print(f"train.eval: --data {args.data} has no validation split", file=sys.stderr)
+            return 2
+        val_batches = list(bundle.val_loader)
+    tokenizer = tokenizer or load_tokenizer("gpt2-embedded")
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        print(f"train.eval: the GPT-2 tokenizer ({tokenizer.vocab_size} tokens) does not fit "
+              f"model.vocab_size={model.cfg.vocab_size}", file=sys.stderr)
+        return 2
+    too_long = [n for n in settings.passkey_lengths if n > max_len]
+    if too_long:
+        print(f"train.eval: passkey lengths {too_long} exceed model.max_seq_len={max_len}: skipped")
+    results = long_context_metrics(model, PasskeyTemplate(tokenizer), val_batches, settings, max_len)
+    report = {"checkpoint": str(Path(args.checkpoint).resolve()), "model": model.cfg.name,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "lengths": settings.passkey_lengths, "depths": settings.passkey_depths,
+              "trials": settings.passkey_trials, "buckets": settings.nll_buckets,
+              "metrics": results}
+    out_dir = args.out or run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=1))
+    print(table(results, settings.passkey_lengths, settings.passkey_depths))
+    print(f"\nwrote {out_dir / 'eval.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
