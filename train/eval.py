@@ -20,7 +20,7 @@ trainer's validation hook logs to metrics.jsonl (``eval.*`` settings):
 
 Neither builds ``[L, V]`` logits: the model returns its final hidden state
 (``Transformer.hidden_states``) and only the positions that are scored go through the LM head
-(the answer tokens; the validation tokens in chunks of ``HEAD_CHUNK`` positions).
+(the answer tokens), or the fused LM-head loss (``model.loss``) gives the per-token NLL.
 ``bench/plot_eval.py`` draws the results.
 """
 from __future__ import annotations
@@ -35,13 +35,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data.passkey import PasskeyTemplate, random_key
 from model.layout import DocLayout
+from model.loss import linear_cross_entropy
 from model.transformer import IGNORE_INDEX, Transformer
 
-HEAD_CHUNK = 8192   # positions per LM-head call when scoring validation tokens
 DEFAULT_LENGTHS = (4096, 16384, 65536, 262144, 1048576)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 DEFAULT_BUCKETS = (0, 4096, 65536, 262144, 1048576)
@@ -120,18 +119,11 @@ def passkey_accuracy(model: Transformer, template: PasskeyTemplate, lengths: Ite
 
 @torch.no_grad()
 def token_nll(model: Transformer, input_ids: torch.Tensor, doc_ids: torch.Tensor | None,
-              labels: torch.Tensor) -> torch.Tensor:
-    """[B, L] fp32 next-token NLL (0 where the label is IGNORE_INDEX), the head applied to
-    ``HEAD_CHUNK`` positions at a time."""
+              labels: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+    """[B, L] next-token NLL (0 where the label is IGNORE_INDEX) through the fused LM-head loss
+    (``model.loss.linear_cross_entropy``: logits of one token chunk at a time)."""
     hidden = model.hidden_states(input_ids, doc_ids)                        # [B, L, D]
-    B, L, _ = hidden.shape
-    flat_h, flat_y = hidden.reshape(B * L, -1), labels.reshape(B * L)
-    nll = torch.zeros(B * L, dtype=torch.float32, device=hidden.device)
-    for s in range(0, B * L, HEAD_CHUNK):
-        logits = model.head(flat_h[s: s + HEAD_CHUNK]).float()
-        nll[s: s + HEAD_CHUNK] = F.cross_entropy(logits, flat_y[s: s + HEAD_CHUNK],
-                                                 ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.view(B, L)
+    return linear_cross_entropy(hidden, model.head.weight, labels, chunk_tokens, return_nll=True)[1]
 
 
 class BucketNLL:

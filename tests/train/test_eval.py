@@ -43,15 +43,10 @@ def test_hidden_states_and_token_nll_match_the_full_forward(model):
     labels = torch.randint(0, 50257, (2, 96), generator=g)
     labels[:, 70:75] = IGNORE_INDEX
     with torch.no_grad():
-        out = model(ids, doc_ids=doc_ids, labels=labels)
+        out = model(ids, doc_ids=doc_ids, labels=labels, return_logits=True)
         hidden = model.hidden_states(ids, doc_ids)
         torch.testing.assert_close(model.head(hidden), out.logits, rtol=0, atol=0)
-        old = long_eval.HEAD_CHUNK
-        long_eval.HEAD_CHUNK = 37          # chunks that do not divide B * L
-        try:
-            nll = long_eval.token_nll(model, ids, doc_ids, labels)
-        finally:
-            long_eval.HEAD_CHUNK = old
+        nll = long_eval.token_nll(model, ids, doc_ids, labels, chunk_tokens=37)  # 37 does not divide B * L
     ref = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(),
                           ignore_index=IGNORE_INDEX, reduction="none").view(2, 96)
     torch.testing.assert_close(nll, ref, rtol=1e-6, atol=1e-6)
