@@ -25,7 +25,8 @@ FLOP model (training FLOPs per token, forward + backward = 3 x forward):
 * CSA indexer: scoring ``(t+1) // m`` entries with ``index_n_heads x index_head_dim``, 2 FLOPs
   each, x 3 for training.
 Compressors, RoPE, norms, softmax and mHC mixing are not counted (they are O(L D), small).
-MFU = achieved FLOP/s per device / the device's peak (``logging.peak_tflops``; known GPUs).
+MFU = achieved FLOP/s per device / the device's peak (``logging.peak_tflops``, else the known
+GPUs' bf16 peak in train/engine.py); without a peak (CPU by default) ``mfu`` is left out.
 """
 from __future__ import annotations
 
@@ -156,10 +157,11 @@ class MetricsLogger:
 
     def copy_history(self, previous: Path, up_to_step: int) -> int:
         """Start this run's metrics.jsonl with an earlier run's lines up to ``up_to_step``
-        (a resume), so that one file holds the whole curve. Returns the lines copied."""
-        if not self.enabled or not Path(previous).is_file() or Path(previous) == self.path:
+        (a resume; call it before logging anything), so that one file holds the whole curve in
+        step order. Returns the lines copied."""
+        if not self.enabled or not Path(previous).is_file():
             return 0
-        n = 0
+        kept = []
         with open(previous) as fh:
             for line in fh:
                 try:
@@ -168,10 +170,19 @@ class MetricsLogger:
                     break                       # a line cut by the kill: stop there
                 if rec.get("step", 0) <= up_to_step and not (
                         rec.get("step") == up_to_step and rec.get("kind") == "event"):
-                    self._file.write(line if line.endswith("\n") else line + "\n")
-                    n += 1
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if Path(previous).resolve() == self.path.resolve():
+            # resuming into the same directory: the lines of steps after the checkpoint (to be
+            # trained again) go, so that the file stays in step order
+            self._file.close()
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
+            self._file = open(self.path, "a")
+        else:
+            self._file.writelines(kept)
         self._file.flush()
-        return n
+        return len(kept)
 
     def close(self) -> None:
         if not self.enabled:

@@ -1,4 +1,4 @@
-"""The progress bar (tqdm: step, loss, tokens/s, ETA) and user-facing messages, rank 0 only."""
+"""The progress bar (tqdm: step, LM loss, tokens/s, ETA) and user-facing messages, rank 0 only."""
 from __future__ import annotations
 
 import logging

@@ -27,6 +27,8 @@ stops the run. Without a ring a non-finite value stops the run (``NonFiniteLossE
 silently continue on NaN.
 
 Every detection, rollback and mode change is an event (``pop_events``) for metrics.jsonl/wandb.
+The API's steps are 0-based (steps done before the step); messages for the user name the
+train-line step (1-based, as metrics.jsonl and the console do): step ``s`` is "step s + 1".
 """
 from __future__ import annotations
 
@@ -129,14 +131,14 @@ class StabilityController:
         if self.ring is None:
             non_finite = [e for e in events if not math.isfinite(e.value)]
             if non_finite:
-                raise NonFiniteLossError(step, non_finite[0].metric, non_finite[0].value)
+                raise NonFiniteLossError(step + 1, non_finite[0].metric, non_finite[0].value)
             if self.mode == "auto":
                 self._switch_on(step + 1)
             return step + 1
         self.retries += 1
         if self.retries > self.max_retries:
             raise RollbackExhausted(
-                f"stability: {worst.metric} = {worst.value:.6g} (z = {worst.zscore:.3g}) at step {step} "
+                f"stability: {worst.metric} = {worst.value:.6g} (z = {worst.zscore:.3g}) at step {step + 1} "
                 f"after {self.max_retries} rollback(s) in a row (snapshots every {self.ring.every} "
                 f"steps, skipping {self.skip_batches} step(s) of batches each time): training "
                 "stopped; lower the learning rate, inspect the data around this step, or raise "
@@ -149,9 +151,7 @@ class StabilityController:
             self.pending_skips[step] = self.pending_skips.get(step, 0) + self.skip_batches
         self._event(step, "rollback", to_step=restored, retry=self.retries, metric=worst.metric,
                     value=worst.value)
-        logger.info("stability: %s spike at step %d (%.6g, z=%.3g): rolled back to step %d "
-                       "(retry %d/%d)", worst.metric, step, worst.value, worst.zscore, restored,
-                       self.retries, self.max_retries)
+        # (the trainer reports the rollback event, in train-line steps: no second log line here)
         if self.mode == "auto":
             self._switch_on(restored)
         return restored

@@ -196,10 +196,12 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         f"{data.stats['skipped_undecodable']} undecodable)")
     say(f"curriculum {cfg.curriculum.name}: {curriculum.total_steps} steps, "
         f"{curriculum.total_tokens:,} tokens\n{curriculum.describe()}")
+    # a resume: the earlier run's lines up to the checkpoint first, so the file is in step order
+    copied = 0 if resume_ref is None else metrics.copy_history(
+        Path(resumed_meta.get("metrics_path", "")), step)
     metrics.log(step, "event", {"event": "start", "data": data.stats, "params": total_params,
                                 "active_params": active_params, "world_size": dist.world_size})
     if resume_ref is not None:
-        copied = metrics.copy_history(Path(resumed_meta.get("metrics_path", "")), step)
         say(f"resumed from {resume_ref.path} at step {step} ({copied} metric lines carried over)")
         metrics.log(step, "event", {"event": "resume", "from": str(resume_ref.path)})
     peak = peak_tflops(device, cfg.logging.peak_tflops)
@@ -366,8 +368,9 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
                 record["update_norm"] = observed["update_norm"]
             record.update(_stability_record(stability, step, window_steps))
             metrics.log(step, "train", {k: v for k, v in record.items() if v is not None})
-            progress.update(step, loss=f"{losses[0]:.3f}", lm=f"{losses[1]:.3f}",
-                            tok_s=f"{tok_s:,.0f}", stage=stage.index)
+            # the LM loss: the total changes with the MTP weight (lowered at the lr decay)
+            progress.update(step, lm_loss=f"{losses[1]:.3f}", tok_s=f"{tok_s:,.0f}",
+                            stage=stage.index)
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         if diagnostics:
             metrics.log(step, "diagnostics", diagnostics)

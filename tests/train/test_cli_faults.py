@@ -79,6 +79,7 @@ def test_a_failed_run_records_the_error_and_names_the_checkpoint(th, tmp_path, s
     assert "run failed: NonFiniteLossError" in log and "Traceback (most recent call last)" in log
     rows = _metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]   # nothing lost
+    assert not any("mfu" in r for r in rows)     # CPU: no known peak, no logging.peak_tflops
     end = rows[-1]
     assert (end["kind"], end["event"], end["status"], end["step"]) == ("event", "end", "error", 3)
     assert end["checkpoint"] == str(ckpt) and "non-finite loss" in end["error"]
@@ -127,3 +128,60 @@ def test_memory_check_names_the_setting_that_fits_and_can_be_skipped(th, monkeyp
     assert "train.memory_check=false" in str(err.value)
     cc.check_job(th.compose("model=micro", "train.device=cpu", "train.memory_check=false"))
     cc.check_job(th.compose("model=micro", "train.device=cpu", "train.activation_checkpointing=true"))
+
+
+@pytest.mark.slow
+def test_a_spike_has_one_step_number_everywhere(th, tmp_path, small_job):
+    """A NaN at the 4th step with rollback on (auto) and no batch skipping: rolled back once,
+    it comes back, the run stops. The console, train.log, the error and metrics.jsonl all call
+    it step 4 (the train line's step); the checkpoint of step 2 is named to continue from."""
+    run_dir = tmp_path / "spike"
+    proc = th.run_cli([*small_job, f"hydra.run.dir={run_dir}", "stability.anticipatory_routing=auto",
+                       "stability.rollback.skip_batches=0", "stability.rollback.max_retries=1",
+                       "stability.inject=[{step: 3, kind: nan}]"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    spike_lines = [line for line in log.splitlines() if "is a spike" in line or "loss = nan" in line]
+    assert len(spike_lines) >= 3 and all("step 4" in line for line in spike_lines), spike_lines
+    assert not any(f"step {n} " in line for line in spike_lines for n in (3, 5))
+    assert "RollbackExhausted: stability: loss = nan" in proc.stderr and "at step 4 after 1" in proc.stderr
+    assert f"the last good checkpoint is {run_dir / 'checkpoints' / 'step_00000002'}" in proc.stderr
+    rows = _metrics(run_dir / "metrics.jsonl")
+    spikes = [r for r in rows if r.get("event") == "stability/spike"]
+    assert spikes and {r["step"] for r in spikes} == {4}
+    assert rows[-1]["status"] == "error"
+
+
+@pytest.mark.slow
+def test_a_resumed_metrics_file_is_in_step_order(th, tmp_path, small_job):
+    """Resume from the step-2 checkpoint of a finished 4-step run, into a new directory and into
+    the run's own directory: each metrics.jsonl reads in step order, every train step once, with
+    the original losses (the lines of the steps trained again are replaced, not duplicated)."""
+    first = tmp_path / "first"
+    proc = th.run_cli([*small_job, f"hydra.run.dir={first}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = dict(th.train_losses(first / "metrics.jsonl"))
+    assert sorted(losses) == [1, 2, 3, 4]
+    step2 = first / "checkpoints" / "step_00000002"
+    for run_dir in (tmp_path / "again", first):
+        proc = th.run_cli([*small_job, f"hydra.run.dir={run_dir}", f"train.resume={step2}"], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = _metrics(run_dir / "metrics.jsonl")
+        steps = [r["step"] for r in rows]
+        assert steps == sorted(steps), steps
+        assert th.train_losses(run_dir / "metrics.jsonl") == sorted(losses.items())
+        assert [r["event"] for r in rows if r.get("event") in ("start", "resume")][-2:] == ["start", "resume"]
+
+
+def test_cpu_mfu_with_a_stated_peak_and_the_bar_shows_the_lm_loss(th, tmp_path, small_job):
+    """README: mfu appears where the peak is known, on CPU with logging.peak_tflops; the bar
+    shows the LM loss (the total changes when the MTP weight is lowered at the lr decay)."""
+    run_dir = tmp_path / "mfu"
+    proc = th.run_cli([*small_job, f"hydra.run.dir={run_dir}", "train.tokens=512",
+                       "optim.warmup_steps=1", "train.progress=true", "logging.peak_tflops=0.001"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = [r for r in _metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert train and all(r["mfu"] == pytest.approx(r["tflops"] / 0.001) for r in train)
+    bar = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "lm_loss=" in line]
+    assert bar and f"lm_loss={train[-1]['loss/lm']:.3f}" in bar[-1]
+    assert not any(" loss=" in line or "[loss=" in line for line in bar)

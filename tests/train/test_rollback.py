@@ -110,7 +110,7 @@ def test_retries_are_bounded_with_a_clear_message():
     ctl = StabilityController(mode="auto", detector=detector(), ring=SnapshotRing(every=2, keep=3),
                               max_retries=2, skip_batches=0)  # not skipping: the spike recurs
     loader = Prefetcher(SyntheticLoader(poison={6}))
-    with pytest.raises(RollbackExhausted, match=r"at step 6 after 2 rollback\(s\) in a row"):
+    with pytest.raises(RollbackExhausted, match=r"at step 7 after 2 rollback\(s\) in a row"):
         run_loop(model, opt, sched, loader, ctl, STEPS, 1)
 
 

@@ -185,7 +185,7 @@ def test_retries_are_bounded_with_a_clear_message(th, corpus_dir, token_cache_di
         "optim=adamw", "optim.lr=3e-3", "optim.warmup_steps=1",
         "stability.rollback.skip_batches=0", "stability.rollback.max_retries=1",
         "stability.inject=[{step:3,kind:scale_grad,factor:1e4}]"]
-    with pytest.raises(RollbackExhausted, match=r"at step 3 after 1 rollback\(s\) in a row") as err:
+    with pytest.raises(RollbackExhausted, match=r"at step 4 after 1 rollback\(s\) in a row") as err:
         th.run_job(tmp_path / "run", overrides)
     assert "stability.max_retries" in str(err.value)
 
