@@ -22,9 +22,7 @@ case "$WHAT" in
     $PY bench/long_context.py --out "$OUT" --mode dense --lengths 4096,16384,65536
     ;;
   train)
-    $PY -m train experiment=long_gpu "hydra.run.dir=$OUT/long_gpu" \
-        'eval.passkey_lengths=[4096,16384,65536]' 'eval.nll_buckets=[0,4096,65536,262144,1048576]' \
-        2>&1 | tee "$OUT/long_gpu.log" | grep -vE '^\s*$' | tail -60
+    $PY -m train experiment=long_gpu "hydra.run.dir=$OUT/long_gpu" 2>&1 | tee "$OUT/long_gpu.log" | grep -vE '^\s*$' | tail -60
     ;;
   eval)
     RUN=${3:?eval needs the run directory}

@@ -87,6 +87,9 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
     if tc.keep_checkpoints < 1:
         raise ConfigError(f"train.keep_checkpoints must be >= 1, got {tc.keep_checkpoints}")
     check_data_config(_container(cfg.data))
+    from train.eval import EvalSettings
+
+    EvalSettings.from_config(cfg.eval).check()
     if tc.memory_check:
         check_memory(cfg, model_cfg, curriculum, device, precision, world_size)
 

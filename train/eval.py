@@ -67,6 +67,17 @@ class EvalSettings:
     nll_buckets: Sequence[int] = DEFAULT_BUCKETS
     seed: int = 0
 
+    @classmethod
+    def from_config(cls, eval_cfg, seed: int = 0) -> "EvalSettings":
+        """From the ``eval`` config node (train/config_schema.py ``EvalSection``)."""
+        return cls([int(n) for n in eval_cfg.passkey_lengths],
+                   [float(d) for d in eval_cfg.passkey_depths], int(eval_cfg.passkey_trials),
+                   [int(e) for e in eval_cfg.nll_buckets], int(seed))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.passkey_lengths) or bool(self.nll_buckets)
+
     def check(self) -> None:
         if any(int(n) < 1 for n in self.passkey_lengths):
             raise ValueError(f"eval.passkey_lengths must be positive, got {list(self.passkey_lengths)}")

@@ -520,15 +520,13 @@ def _reduce_router_loads(model: Transformer, dist: DistInfo) -> list[float]:
 def _long_context_eval(eval_cfg, tokenizer, seed: int):
     """The ``eval.*`` hook of every validation: (model, val_loader, seq_len) -> metrics, or None
     when both ``eval.passkey_lengths`` and ``eval.nll_buckets`` are empty."""
-    if not eval_cfg.passkey_lengths and not eval_cfg.nll_buckets:
-        return None
     from data.passkey import PasskeyTemplate
     from train.eval import EvalSettings, long_context_metrics
 
-    settings = EvalSettings([int(n) for n in eval_cfg.passkey_lengths],
-                            [float(d) for d in eval_cfg.passkey_depths],
-                            int(eval_cfg.passkey_trials), [int(e) for e in eval_cfg.nll_buckets], seed)
-    settings.check()   # a bad setting fails before training starts
+    settings = EvalSettings.from_config(eval_cfg, seed)
+    if not settings.enabled:
+        return None
+    settings.check()
     template = PasskeyTemplate(tokenizer) if settings.passkey_lengths else None
 
     def run(model, val_loader, seq_len: int) -> dict[str, float]:

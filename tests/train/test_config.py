@@ -130,3 +130,13 @@ def test_long_gpu_runs_the_four_v4_lengths_on_one_gpu(th):
     build_curriculum(OmegaConf.to_container(v4.curriculum.stages, resolve=True),
                      micro_batch_tokens=v4.train.micro_batch_tokens, world_size=1,
                      compress_ratios=mc.compress_ratios, max_seq_len=mc.max_seq_len)
+
+
+def test_long_gpu_turns_on_the_long_context_evidence(th):
+    cfg = th.compose("experiment=long_gpu")
+    assert cfg.data.packing == "documents" and 0 < cfg.data.passkey_rate < 1
+    assert list(cfg.eval.passkey_lengths) and list(cfg.eval.nll_buckets)[0] == 0
+    from train.eval import EvalSettings
+
+    EvalSettings.from_config(cfg.eval).check()
+    assert not EvalSettings.from_config(th.compose().eval).enabled   # off by default
