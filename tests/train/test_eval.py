@@ -151,8 +151,12 @@ def test_trainer_logs_the_long_context_metrics_at_validation(th, small_job, tmp_
     result = th.run_job(tmp_path / "run", small_job + [
         "train.seq_len=128", "train.tokens=512", "eval.passkey_lengths=[128,100000]",
         "eval.passkey_depths=[0.5]", "eval.nll_buckets=[0,32,128]", "data.packing=documents",
-        "optim.warmup_steps=1"])
-    evals = [r for r in th.read_metrics(result.metrics_path) if r["kind"] == "eval"]
+        "optim.warmup_steps=1", "data.passkey_rate=0.1"])
+    records = th.read_metrics(result.metrics_path)
+    start = next(r for r in records if r.get("event") == "start")
+    rows = start["data"]["rows"]         # whole documents per row, passkey documents mixed in
+    assert rows["packing"].startswith("documents+passkey") and rows["synthetic_documents"] > 0
+    evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2]
     for r in evals:
         assert r["eval/passkey/128"] in (0.0, 1.0) and "eval/passkey/100000" not in r
