@@ -14,7 +14,8 @@ dim x layers (per token). The step is bench/model_step.py's: bf16 model, fp32 ma
 Muon + AdamW, gradient clipping, router-bias update; micro batch 1 of random tokens.
 
 Lengths run shortest first; the first out-of-memory stops the sweep (recorded in the table,
-the longer lengths are not tried). Prints a markdown table with the device and date, and writes
+the longer lengths are not tried), and so does ``--budget-s`` when the next length's projected
+step time would not fit in what is left of it. Prints a markdown table with the device and date, and writes
 it (and a .json) under $OUT (or --out) when set.
 
     python bench/long_context.py                                   # small, 4K ... 4M, on CUDA
@@ -40,6 +41,7 @@ from bench.attention import fmt_row  # noqa: E402
 from bench.model_step import Trainee, _median, _sync  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.params import build_on_meta, count_params  # noqa: E402
+from train.eval import size_name  # noqa: E402
 
 DEFAULT_LENGTHS = (4096, 16384, 65536, 262144, 1048576, 4194304)
 GB = 1e9
@@ -134,8 +136,13 @@ HEADER = ["L", "path", "attention", "step s", "tok/s", "peak GB", "predicted GB"
 
 
 def run(preset: str, lengths, device: str, steps: int, warmup: int, checkpointing: bool,
-        chunk: int | None, mode: str, log=print, measure_fn=measure) -> dict:
-    """The sweep; returns {"rows": [...], "meta": {...}, "markdown": str}."""
+        chunk: int | None, mode: str, log=print, measure_fn=measure,
+        budget_s: float | None = None) -> dict:
+    """The sweep; returns {"rows": [...], "meta": {...}, "markdown": str}. ``budget_s``: a
+    length whose projected time (the previous step time x the length ratio x its steps) would
+    end past the budget runs 1 step without warm-up, or not at all (recorded) if even that
+    would not fit."""
+    t_start = time.perf_counter()
     longest = max(lengths)
     base = ModelConfig.from_preset(preset)
     cfg = ModelConfig.from_preset(preset, max_seq_len=max(longest, base.max_seq_len), attention_mode=mode)
@@ -165,8 +172,25 @@ def run(preset: str, lengths, device: str, steps: int, warmup: int, checkpointin
         api = chunked_step_api() if chunk else None
         alive = chunk if api is not None and chunk and L > chunk else L
         pred = predict_gb(cfg, params, L, alive, checkpointing, mode)
+        n_steps, n_warm = steps, warmup
+        ok_rows = [r for r in rows if r["status"] == "ok"]
+        if budget_s is not None and ok_rows:
+            # the wall time so far, at least the steps measured (builds and compiles come on top)
+            spent = max(time.perf_counter() - t_start,
+                        sum(r["step_s"] * (r["steps"] + r["warmup"]) for r in ok_rows))
+            left = budget_s - spent
+            per_step = ok_rows[-1]["step_s"] * L / ok_rows[-1]["L"]
+            if per_step * (steps + warmup) > left:
+                n_steps, n_warm = 1, 0
+            if per_step > left:
+                status = f"not run: ~{per_step:,.0f} s per step, {max(left, 0):,.0f} s of the budget left"
+                rows.append({"L": L, "status": status, "predicted_gb": pred})
+                line = fmt_row([L, "-", mode, status, "-", "-", f"{pred:.1f}", "-"])
+                lines.append(line)
+                log(line)
+                break
         try:
-            r = measure_fn(cfg, L, device, steps, warmup, checkpointing, chunk)
+            r = measure_fn(cfg, L, device, n_steps, n_warm, checkpointing, chunk)
         except Exception as exc:   # noqa: BLE001 - an OOM ends the sweep, anything else too (named)
             status = "OOM" if is_oom(exc) else f"ERROR {type(exc).__name__}: {str(exc)[:160]}"
             row = {"L": L, "status": status, "predicted_gb": pred}
@@ -179,7 +203,8 @@ def run(preset: str, lengths, device: str, steps: int, warmup: int, checkpointin
             break
         tok_s = L / r["step_s"]
         ratio = r["peak_gb"] / pred if pred and r["peak_gb"] == r["peak_gb"] else float("nan")
-        row = {"L": L, "status": "ok", **r, "tok_s": tok_s, "predicted_gb": pred, "ratio": ratio}
+        row = {"L": L, "status": "ok", **r, "tok_s": tok_s, "predicted_gb": pred, "ratio": ratio,
+               "steps": n_steps, "warmup": n_warm}
         rows.append(row)
         line = fmt_row([L, r["path"], mode, f"{r['step_s']:.3f}", f"{tok_s:,.0f}", f"{r['peak_gb']:.1f}",
                         f"{pred:.1f}", f"{ratio:.2f}"])
@@ -211,14 +236,16 @@ def main(argv=None) -> int:
                     help="sequence chunk of the chunked step (0: always the whole-sequence step)")
     ap.add_argument("--mode", default="sparse", choices=("sparse", "dense"),
                     help="attention mode (dense = the 4K/16K stages and the indexer warm-up)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="time budget of the sweep: longer lengths drop to 1 step, then stop")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     a = ap.parse_args(argv)
     res = run(a.preset, a.lengths, a.device, a.steps, a.warmup, not a.no_checkpointing,
-              a.chunk or None, a.mode)
+              a.chunk or None, a.mode, budget_s=a.budget_s)
     if a.out is not None:
         a.out.mkdir(parents=True, exist_ok=True)
         dev = "cpu" if a.device == "cpu" else res["meta"]["device"].split()[-1].lower()
-        stem = f"long-context-{a.preset}-{a.mode}-{dev}-{res['meta']['date']}"
+        stem = f"long-context-{a.preset}-{a.mode}-to{size_name(max(a.lengths))}-{dev}-{res['meta']['date']}"
         (a.out / f"{stem}.md").write_text(res["markdown"])
         (a.out / f"{stem}.json").write_text(json.dumps({"meta": res["meta"], "rows": res["rows"]}, indent=1))
         print(f"wrote {a.out / stem}.md and .json")

@@ -36,7 +36,7 @@ def test_cpu_sweep_writes_the_table_and_json(tmp_path, capsys):
                     "--warmup", "0", "--chunk", "64", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| L | path | attention | step s | tok/s | peak GB | predicted GB |" in out
-    (md,) = tmp_path.glob("long-context-micro-sparse-cpu-*.md")
+    (md,) = tmp_path.glob("long-context-micro-sparse-to128-cpu-*.md")
     data = json.loads(md.with_suffix(".json").read_text())
     assert [r["L"] for r in data["rows"]] == [64, 128]
     assert all(r["status"] == "ok" and r["step_s"] > 0 and r["tok_s"] > 0 for r in data["rows"])
@@ -64,3 +64,18 @@ def test_first_oom_stops_the_sweep_and_is_recorded():
     assert any("| 128 |" in line and "OOM" in line for line in lines)
     with pytest.raises(ValueError, match="compress ratio"):
         lc.run("micro", [100], "cpu", 1, 0, True, None, "sparse", log=lines.append, measure_fn=fake_measure)
+
+
+def test_time_budget_shortens_then_stops_the_sweep():
+    calls = []
+
+    def fake_measure(cfg, L, device, steps, warmup, checkpointing, chunk):
+        calls.append((L, steps, warmup))
+        return {"step_s": L / 64 * 10.0, "peak_gb": 1.0, "path": "whole"}
+
+    res = lc.run("micro", [64, 128, 256, 512], "cpu", 2, 1, True, None, "sparse", log=lambda _: None,
+                 measure_fn=fake_measure, budget_s=50.0)
+    # 64: 10 s/step measured (fake); 128: ~20 s/step x 3 > budget -> 1 step; 256: ~40 s > budget
+    assert calls == [(64, 2, 1), (128, 1, 0)]
+    assert [r["status"] for r in res["rows"]][:2] == ["ok", "ok"]
+    assert res["rows"][2]["L"] == 256 and res["rows"][2]["status"].startswith("not run")
