@@ -113,18 +113,26 @@ def passkey_correct(model: Transformer, template: PasskeyTemplate, length: int, 
 def passkey_accuracy(model: Transformer, template: PasskeyTemplate, lengths: Iterable[int],
                      depths: Sequence[float], trials: int, seed: int) -> dict[str, float]:
     """``eval/passkey/<len>`` (mean over depths and trials) and ``.../d<depth>`` per depth.
-    Keys come from ``default_rng([seed, length])``: the same prompts in every evaluation."""
+    Keys come from ``default_rng([seed, length])``: the same prompts in every evaluation.
+    Lengths run in the order given; the first that runs out of device memory is recorded as
+    ``eval/passkey_oom_at`` and ends the sweep (the longer ones would not fit either)."""
     out: dict[str, float] = {}
     for length in lengths:
         rng = np.random.default_rng([seed, int(length)])
         per_depth = []
-        for depth in depths:
-            hits = [passkey_correct(model, template, int(length), float(depth), random_key(rng))
-                    for _ in range(trials)]
+        try:
+            hits_by_depth = [[passkey_correct(model, template, int(length), float(depth), random_key(rng))
+                              for _ in range(trials)] for depth in depths]
+        except torch.cuda.OutOfMemoryError:
+            out["eval/passkey_oom_at"] = int(length)
+            break
+        for depth, hits in zip(depths, hits_by_depth):
             acc = float(np.mean(hits))
             out[f"eval/passkey/{size_name(int(length))}/d{float(depth):g}"] = acc
             per_depth.append(acc)
         out[f"eval/passkey/{size_name(int(length))}"] = float(np.mean(per_depth))
+    if "eval/passkey_oom_at" in out and torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
@@ -190,14 +198,17 @@ def long_context_metrics(model: Transformer, template: PasskeyTemplate | None,
     out: dict[str, float] = {}
     try:
         if template is not None and settings.passkey_lengths:
-            lengths = [int(n) for n in settings.passkey_lengths
-                       if template.min_length <= int(n) <= max_len]
+            lengths = sorted(int(n) for n in settings.passkey_lengths
+                             if template.min_length <= int(n) <= max_len)
             out.update(passkey_accuracy(model, template, lengths, settings.passkey_depths,
                                         settings.passkey_trials, settings.seed))
         if val_batches is not None and settings.nll_buckets:
             buckets = BucketNLL(settings.nll_buckets)
             for batch in val_batches:
-                buckets.add(model, batch)
+                try:
+                    buckets.add(model, batch)
+                except torch.cuda.OutOfMemoryError:   # recorded; the other rows still count
+                    out["val/nll_bucket_oom_at"] = int(batch["input_ids"].shape[1])
             buckets.reduce()
             out.update(buckets.metrics())
     finally:
@@ -224,10 +235,16 @@ def table(results: dict[str, float], lengths: Sequence[int], depths: Sequence[fl
             continue
         cells = [f"{results[f'eval/passkey/{name}/d{d:g}']:.2f}" for d in depths]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {results[f'eval/passkey/{name}']:.2f} |")
+    if "eval/passkey_oom_at" in results:
+        lines.append(f"| {size_name(results['eval/passkey_oom_at'])} | out of device memory (longer "
+                     "lengths not tried) |")
     buckets = [(k.split("/", 2)[2], v) for k, v in results.items() if k.startswith("val/nll_bucket/")]
     if buckets:
         lines += ["", "| position bucket | NLL | tokens |", "|---|---|---|"]
         lines += [f"| {b} | {v:.4f} | {results[f'val/nll_bucket_tokens/{b}']} |" for b, v in buckets]
+    if "val/nll_bucket_oom_at" in results:
+        lines.append(f"(validation rows of {size_name(results['val/nll_bucket_oom_at'])} tokens ran "
+                     "out of device memory: not counted)")
     return "\n".join(lines)
 
 

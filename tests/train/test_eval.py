@@ -123,6 +123,25 @@ def test_nll_buckets_equal_a_per_token_reference(model):
     assert model.training is False
 
 
+def test_out_of_memory_is_recorded_and_ends_the_passkey_sweep(model, gpt2, monkeypatch):
+    template = PasskeyTemplate(gpt2)
+    n = template.min_length + 8
+    real = long_eval.passkey_correct
+
+    def limited(model, template, length, depth, key):
+        if length > 2 * n:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(model, template, length, depth, key)
+
+    monkeypatch.setattr(long_eval, "passkey_correct", limited)
+    res = long_eval.long_context_metrics(model, template, None, long_eval.EvalSettings(
+        passkey_lengths=[4 * n, n, 2 * n, 3 * n], passkey_depths=[0.5], nll_buckets=[]), max_len=1 << 20)
+    assert res["eval/passkey_oom_at"] == 3 * n                       # shortest first, stops there
+    assert {f"eval/passkey/{n}", f"eval/passkey/{2 * n}"} <= set(res)
+    assert f"eval/passkey/{3 * n}" not in res and f"eval/passkey/{4 * n}" not in res
+    assert "out of device memory" in long_eval.table(res, [n, 2 * n, 3 * n], [0.5])
+
+
 def test_bad_settings_name_the_key():
     with pytest.raises(ValueError, match="nll_buckets"):
         long_eval.EvalSettings(nll_buckets=[4096, 0]).check()
