@@ -33,6 +33,7 @@ from kernels.dispatch import (get_permute_tokens, get_swiglu_activation, get_top
                               get_unpermute_tokens)
 from model.checks import require
 from model.config import ModelConfig
+from model.recompute import recompute_in_backward
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,13 @@ def swiglu_activation(gate: torch.Tensor, up: torch.Tensor, limit: float,
                       weight: torch.Tensor | None = None) -> torch.Tensor:
     """h = silu(min(gate, limit)) * clamp(up, -limit, limit) [* weight[:, None]], gate/up [N, I],
     weight [N] or None -> [N, I] in gate's dtype, math in fp32. ``limit <= 0`` disables the clamp
-    (as DeepSeek's code does for swiglu_limit = 0). Triton: ``kernels/swiglu.py``."""
+    (as DeepSeek's code does for swiglu_limit = 0). Triton: ``kernels/swiglu.py``. Keeps only
+    gate, up, weight for backward (bf16: the fp32 temporaries rerun there, model/recompute.py)."""
+    return recompute_in_backward(_swiglu_fp32, gate, up, limit, weight)
+
+
+def _swiglu_fp32(gate: torch.Tensor, up: torch.Tensor, limit: float,
+                 weight: torch.Tensor | None) -> torch.Tensor:
     dt = gate.dtype
     gate, up = gate.float(), up.float()
     if limit > 0:
@@ -74,7 +81,12 @@ def swiglu(
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W^T in fp32 (the router runs in fp32). x [..., D], weight [E, D] -> [..., E]."""
+    """x W^T in fp32 (the router runs in fp32). x [..., D], weight [E, D] -> [..., E]. Keeps x
+    (bf16), not its fp32 copy, for backward (model/recompute.py)."""
+    return recompute_in_backward(_router_linear_fp32, x, weight)
+
+
+def _router_linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), weight.float())
 
 
@@ -108,11 +120,13 @@ def permute_tokens(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor
 
 def unpermute_tokens(out: torch.Tensor, order: torch.Tensor, k: int, n_tokens: int) -> torch.Tensor:
     """Inverse of ``permute_tokens`` with the sum over each token's k rows: out [T*k, D] ->
-    y [T, D] fp32. Triton: ``kernels/moe_permute.py`` (a gather-sum, no fp32 copy of out)."""
-    y = torch.zeros(n_tokens, out.shape[-1], device=out.device, dtype=torch.float32)
-    if out.numel():
-        y.index_add_(0, order // k, out.float())
-    return y
+    y [T, D] fp32 (fp64 for fp64). A gather of each token's k rows summed in fp32: autograd keeps
+    only the index (an index_add_ of out.float() kept an fp32 copy of every expert row).
+    Triton: ``kernels/moe_permute.py`` (the same gather-sum)."""
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(order.numel(), device=order.device)     # row of pair (t, j) = t*k + j
+    rows = out.index_select(0, slot).view(n_tokens, k, out.shape[-1])
+    return rows.sum(1, dtype=torch.promote_types(out.dtype, torch.float32))
 
 
 def hash_routing_table(vocab_size: int, n_experts: int, k: int, seed: int) -> torch.Tensor:
@@ -437,7 +451,7 @@ class MoE(nn.Module):
         weights, indices, scores = self.gate(x_flat, ids, ri)  # [T, K], [T, K], [T, E]
         y = self.experts(x_flat, weights, indices)  # [T, D] fp32
         if self.shared is not None:
-            y = y + self.shared(x_flat).float()
+            y = y + self.shared(x_flat).to(y.dtype)
 
         load = expert_counts(indices.reshape(-1), self.n_experts).float()  # [E]
         if self.training and torch.is_grad_enabled():

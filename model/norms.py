@@ -12,10 +12,17 @@ import torch
 from torch import nn
 
 from kernels.dispatch import get_rms_norm
+from model.recompute import recompute_in_backward
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) [* weight] over the last dim, fp32 math, x's dtype out."""
+    """x / sqrt(mean(x^2) + eps) [* weight] over the last dim, fp32 math, x's dtype out. Keeps
+    only x (and weight) for backward: for bf16 x the fp32 temporaries rerun there
+    (model/recompute.py), the same ops, bit-equal."""
+    return recompute_in_backward(_rms_norm_fp32, x, weight, eps)
+
+
+def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     cdt = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(cdt)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

@@ -17,7 +17,7 @@ import torch
 
 
 class _Handle:
-    __slots__ = ("tensor", "key", "meter", "__weakref__")
+    __slots__ = ("tensor", "key", "meter")
 
     def __init__(self, tensor: torch.Tensor, key, meter: "SavedTensorMeter"):
         self.tensor, self.key, self.meter = tensor, key, meter
@@ -29,12 +29,15 @@ class _Handle:
 
 class SavedTensorMeter:
     """with SavedTensorMeter(exclude=model.parameters()) as m: loss = model(...).loss
-    -> m.live_bytes (held for backward now), m.peak_bytes, m.by_dtype()."""
+    -> m.live_bytes (held for backward now), m.peak_bytes, m.by_dtype(), m.by_site().
+    ``site``: optional callable naming where a tensor is being saved (e.g. the module running);
+    a storage counts for the site that saved it first."""
 
-    def __init__(self, exclude=()):
+    def __init__(self, exclude=(), site=None):
         self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self._site = site
         self._refs: dict[int, int] = defaultdict(int)
-        self._bytes: dict[int, tuple[int, torch.dtype]] = {}
+        self._bytes: dict[int, tuple[int, torch.dtype, str]] = {}
         self.live_bytes = 0
         self.peak_bytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -47,7 +50,7 @@ class SavedTensorMeter:
                 key = ptr
                 if self._refs[key] == 0:
                     n = t.untyped_storage().nbytes()
-                    self._bytes[key] = (n, t.dtype)
+                    self._bytes[key] = (n, t.dtype, self._site() if self._site else "all")
                     self.live_bytes += n
                     self.peak_bytes = max(self.peak_bytes, self.live_bytes)
                 self._refs[key] += 1
@@ -65,8 +68,14 @@ class SavedTensorMeter:
 
     def by_dtype(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
-        for n, dt in self._bytes.values():
+        for n, dt, _ in self._bytes.values():
             out[str(dt).replace("torch.", "")] += n
+        return dict(out)
+
+    def by_site(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for n, _, site in self._bytes.values():
+            out[site] += n
         return dict(out)
 
     def __enter__(self) -> "SavedTensorMeter":

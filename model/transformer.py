@@ -152,10 +152,23 @@ class Transformer(nn.Module):
         return c.total, c.active
 
     # ------------------------------------------------------------------ forward
-    def _run_block(self, block: Block, x, input_ids, layout, routing):
+    def _checkpointed(self, fn, *args):
+        """fn(*args); with activation checkpointing (training, grad on) only its inputs are kept
+        and its activations are recomputed in backward. Used for every block, the MTP modules
+        and the head's stream mix + norm; the losses (model/loss.py) keep only gradients."""
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, input_ids, layout, routing, use_reentrant=False)
-        return block(x, input_ids, layout, routing)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _run_block(self, block: Block, x, input_ids, layout, routing):
+        return self._checkpointed(block, x, input_ids, layout, routing)
+
+    def _final_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.hc_head(x))                               # [B, L, n, D] -> [B, L, D]
+
+    def _mtp_step(self, mod: MTPModule, x, tokens, layout, routing):
+        # the embedding lookup inside: a checkpoint then keeps token ids, not [B, L, D]
+        return mod(x, self.embed(tokens), tokens, layout, routing)
 
     @staticmethod
     def _layout(input_ids: torch.Tensor, doc_ids: torch.Tensor | None) -> DocLayout:
@@ -217,7 +230,7 @@ class Transformer(nn.Module):
         collect = DiagnosticsCollector(enabled=diagnostics)
         x, balance, idx_losses, used_routes = self._trunk(input_ids, layout, routing_indices, collect)
         h_main = x
-        hidden = self.norm(self.hc_head(x))                             # [B, L, D]
+        hidden = self._checkpointed(self._final_hidden, x)              # [B, L, D]
         if return_logits is None:
             return_logits = labels is None
         logits = self.head(hidden) if return_logits else None           # [B, L, V]
@@ -238,7 +251,7 @@ class Transformer(nn.Module):
                     tgt = self._shift(tok_in, doc_ids).masked_fill(tok_in == IGNORE_INDEX, IGNORE_INDEX)
                     safe_in = tok_in.clamp(min=0)
                     route = routing_indices[cfg.n_layers + k] if routing_indices is not None and len(routing_indices) == n_moe else None
-                    x_mtp, h_k, aux = mod(x_mtp, self.embed(safe_in), safe_in, layout, route)
+                    x_mtp, h_k, aux = self._checkpointed(self._mtp_step, mod, x_mtp, safe_in, layout, route)
                     balance.append(aux["moe"]["balance_loss"])
                     if aux["attn"].get("indexer_loss") is not None:
                         idx_losses.append(aux["attn"]["indexer_loss"])
