@@ -1,5 +1,6 @@
 """Plot the long-context evidence: passkey accuracy by length x depth (a heat map) and the
-validation NLL by position bucket (one line per evaluation), as one SVG.
+validation NLL by position bucket (one line per evaluation; the newest one's shuffled-block
+control dashed), as one SVG.
 
 Reads ``eval.json`` of ``python -m train.eval`` or a run's ``metrics.jsonl`` (its ``kind: eval``
 lines from the ``eval.*`` validation hook; the newest one gives the heat map):
@@ -19,6 +20,7 @@ from pathlib import Path
 
 PASSKEY = re.compile(r"^eval/passkey/([^/]+)/d([0-9.]+)$")
 BUCKET = "val/nll_bucket/"
+CONTROL = "val/nll_bucket_control/"
 
 
 def read_evaluations(path: Path) -> list[tuple[int | str, dict[str, float]]]:
@@ -78,6 +80,7 @@ def svg(evaluations: list[tuple[int | str, dict[str, float]]]) -> str:
     buckets = [k[len(BUCKET):] for k in last if k.startswith(BUCKET)]
     series = [(lab, [m.get(BUCKET + b) for b in buckets]) for lab, m in evaluations]
     vals = [v for _, ys in series for v in ys if v is not None]
+    vals += [last[CONTROL + b] for b in buckets if CONTROL + b in last]
     if buckets and vals:
         px0, px1, py0, py1 = 480, W - 40, pad, H - pad
         lo, hi = min(vals), max(vals)
@@ -97,6 +100,13 @@ def svg(evaluations: list[tuple[int | str, dict[str, float]]]) -> str:
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{pts}"/>')
         parts.append(f'<text x="{px1}" y="{py0 - 8}" text-anchor="end" fill="{colors[-1]}">'
                      f'newest: {label}</text>')
+        control = [last.get(CONTROL + b) for b in buckets]
+        if any(v is not None for v in control):   # the shuffled-block control, dashed
+            pts = " ".join(f"{sx(i):.1f},{sy(v):.1f}" for i, v in enumerate(control) if v is not None)
+            parts.append(f'<polyline fill="none" stroke="{colors[-1]}" stroke-dasharray="5 4" '
+                         f'stroke-width="1.4" points="{pts}"/>')
+            parts.append(f'<text x="{px1}" y="{py0 + 8}" text-anchor="end" fill="{colors[-1]}">'
+                         'dashed: shuffled-block control</text>')
     parts.append("</svg>")
     return "\n".join(parts)
 

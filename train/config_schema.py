@@ -243,6 +243,8 @@ class EvalSection:
     passkey_trials: int = 1
     # validation NLL by position-in-document bucket, edges from 0 (e.g. [0, 4096, 65536])
     nll_buckets: List[int] = field(default_factory=list)
+    # > 0: also the NLL of the rows shuffled in blocks of this many tokens (the control)
+    nll_control_block: int = 0
 
 
 @dataclass

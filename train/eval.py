@@ -16,7 +16,9 @@ trainer's validation hook logs to metrics.jsonl (``eval.*`` settings):
   (teacher-forced, one forward per prompt).
 * ``val/nll_bucket/<lo>-<hi>``: mean next-token NLL of validation tokens whose position inside
   their document is in ``[lo, hi)`` (``0-4K``, ``4K-64K``, ``64K-256K``, ``256K-1M`` by default);
-  falling NLL at far positions is what long context buys.
+  falling NLL at far positions is what long context buys. ``val/nll_bucket_control/<range>``:
+  the same rows shuffled in blocks of ``--control-block`` tokens (``eval.nll_control_block``),
+  the shuffled-document control: far context that is unrelated text.
 
 Neither builds ``[L, V]`` logits: the model returns its final hidden state
 (``Transformer.hidden_states``) and only the positions that are scored go through the LM head
@@ -66,13 +68,14 @@ class EvalSettings:
     passkey_trials: int = 1
     nll_buckets: Sequence[int] = DEFAULT_BUCKETS
     seed: int = 0
+    control_block: int = 0   # > 0: also the NLL of rows shuffled in blocks of this many tokens
 
     @classmethod
     def from_config(cls, eval_cfg, seed: int = 0) -> "EvalSettings":
         """From the ``eval`` config node (train/config_schema.py ``EvalSection``)."""
         return cls([int(n) for n in eval_cfg.passkey_lengths],
                    [float(d) for d in eval_cfg.passkey_depths], int(eval_cfg.passkey_trials),
-                   [int(e) for e in eval_cfg.nll_buckets], int(seed))
+                   [int(e) for e in eval_cfg.nll_buckets], int(seed), int(eval_cfg.nll_control_block))
 
     @property
     def enabled(self) -> bool:
@@ -83,6 +86,8 @@ class EvalSettings:
             raise ValueError(f"eval.passkey_lengths must be positive, got {list(self.passkey_lengths)}")
         if any(not 0.0 <= float(d) <= 1.0 for d in self.passkey_depths):
             raise ValueError(f"eval.passkey_depths must be in [0, 1], got {list(self.passkey_depths)}")
+        if self.control_block < 0:
+            raise ValueError(f"eval.nll_control_block must be >= 0 (0: off), got {self.control_block}")
         if self.passkey_trials < 1:
             raise ValueError(f"eval.passkey_trials must be >= 1, got {self.passkey_trials}")
         b = [int(x) for x in self.nll_buckets]
@@ -187,6 +192,31 @@ class BucketNLL:
         return out
 
 
+def shuffled_control(batch: dict[str, torch.Tensor], block: int, seed: int) -> dict[str, torch.Tensor]:
+    """The shuffled-document control of a validation batch: each row's blocks of ``block``
+    tokens in a random order (a trailing partial block stays last), every token keeping its
+    label; a document starts where one started in the original row (block seams join text of
+    one document to another part of it, or to another document's). Near context is mostly
+    intact, far context is unrelated text: NLL at far positions that is lower on the real rows
+    than here is what the long context contributes."""
+    ids, labels, docs = batch["input_ids"], batch["labels"], batch["doc_ids"]
+    B, L = ids.shape
+    n_full = L // block
+    g = torch.Generator().manual_seed(int(seed))
+    order = []
+    for _ in range(B):
+        perm = torch.randperm(n_full, generator=g)
+        idx = (perm[:, None] * block + torch.arange(block)).flatten()
+        order.append(torch.cat([idx, torch.arange(n_full * block, L)]))
+    order = torch.stack(order).to(ids.device)
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    new_starts = torch.gather(starts, 1, order)
+    new_starts[:, 0] = False
+    return {"input_ids": torch.gather(ids, 1, order), "labels": torch.gather(labels, 1, order),
+            "doc_ids": new_starts.long().cumsum(1)}
+
+
 def long_context_metrics(model: Transformer, template: PasskeyTemplate | None,
                          val_batches: Iterable[dict[str, torch.Tensor]] | None,
                          settings: EvalSettings, max_len: int) -> dict[str, float]:
@@ -204,13 +234,21 @@ def long_context_metrics(model: Transformer, template: PasskeyTemplate | None,
                                         settings.passkey_trials, settings.seed))
         if val_batches is not None and settings.nll_buckets:
             buckets = BucketNLL(settings.nll_buckets)
-            for batch in val_batches:
+            control = BucketNLL(settings.nll_buckets) if settings.control_block else None
+            for k, batch in enumerate(val_batches):
                 try:
                     buckets.add(model, batch)
+                    if control is not None:
+                        control.add(model, shuffled_control(batch, settings.control_block,
+                                                            settings.seed + k))
                 except torch.cuda.OutOfMemoryError:   # recorded; the other rows still count
                     out["val/nll_bucket_oom_at"] = int(batch["input_ids"].shape[1])
             buckets.reduce()
             out.update(buckets.metrics())
+            if control is not None:
+                control.reduce()
+                out.update({k.replace("val/nll_bucket", "val/nll_bucket_control", 1): v
+                            for k, v in control.metrics().items()})
     finally:
         model.train(was_training)
     return out
@@ -240,8 +278,13 @@ def table(results: dict[str, float], lengths: Sequence[int], depths: Sequence[fl
                      "lengths not tried) |")
     buckets = [(k.split("/", 2)[2], v) for k, v in results.items() if k.startswith("val/nll_bucket/")]
     if buckets:
-        lines += ["", "| position bucket | NLL | tokens |", "|---|---|---|"]
-        lines += [f"| {b} | {v:.4f} | {results[f'val/nll_bucket_tokens/{b}']} |" for b, v in buckets]
+        control = any(k.startswith("val/nll_bucket_control/") for k in results)
+        lines += ["", "| position bucket | NLL | tokens |" + (" NLL, shuffled-block control |" if control else ""),
+                  "|---|---|---|" + ("---|" if control else "")]
+        for b, v in buckets:
+            c = results.get(f"val/nll_bucket_control/{b}")
+            lines.append(f"| {b} | {v:.4f} | {results[f'val/nll_bucket_tokens/{b}']} |"
+                         + ((f" {c:.4f} |" if c is not None else " - |") if control else ""))
     if "val/nll_bucket_oom_at" in results:
         lines.append(f"(validation rows of {size_name(results['val/nll_bucket_oom_at'])} tokens ran "
                      "out of device memory: not counted)")
@@ -278,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="validation row length (default: the longest --buckets edge, capped at "
                          "the model's max_seq_len)")
     ap.add_argument("--val-rows", type=int, default=1, help="validation rows to score")
+    ap.add_argument("--control-block", type=int, default=4096,
+                    help="also score the rows shuffled in blocks of this many tokens (0: no control)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16")
@@ -288,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                           else ("cpu" if args.device == "auto" else args.device))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    settings = EvalSettings(args.lengths, args.depths, args.trials, args.buckets, args.seed)
+    settings = EvalSettings(args.lengths, args.depths, args.trials, args.buckets, args.seed,
+                            args.control_block)
     try:
         settings.check()
         model, run_dir = load_model(args.checkpoint, device, dtype)

@@ -142,6 +142,32 @@ def test_out_of_memory_is_recorded_and_ends_the_passkey_sweep(model, gpt2, monke
     assert "out of device memory" in long_eval.table(res, [n, 2 * n, 3 * n], [0.5])
 
 
+def test_shuffled_control_keeps_every_token_with_its_label(model):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 1000, (2, 70), generator=g)
+    labels = torch.randint(0, 1000, (2, 70), generator=g)
+    docs = torch.tensor([[0] * 30 + [1] * 25 + [2] * 15, [0] * 70])
+    ctl = long_eval.shuffled_control({"input_ids": ids, "labels": labels, "doc_ids": docs}, 16, seed=1)
+    for b in range(2):
+        pairs = sorted(zip(ids[b].tolist(), labels[b].tolist()))
+        assert sorted(zip(ctl["input_ids"][b].tolist(), ctl["labels"][b].tolist())) == pairs
+        assert torch.equal(ctl["input_ids"][b, 64:], ids[b, 64:])          # partial block stays
+        blocks = {tuple(ids[b, 16 * k: 16 * k + 16].tolist()) for k in range(4)}
+        assert {tuple(ctl["input_ids"][b, 16 * k: 16 * k + 16].tolist()) for k in range(4)} == blocks
+    assert not torch.equal(ctl["input_ids"], ids)
+    # document starts travel with their tokens: row 0's three (at 0, 30, 55) each start one
+    # (one more document in front unless the block of token 0 came first); row 1 has one
+    moved = [int(torch.nonzero(ctl["input_ids"][0] == ids[0, p])[0]) for p in (0, 30, 55)]
+    assert int(ctl["doc_ids"][0].max()) + 1 == 3 + (min(moved) > 0)
+    assert int(ctl["doc_ids"][1].max()) == 0 or (ctl["input_ids"][1, 0] != ids[1, 0])
+    assert ctl["doc_ids"][0, 0] == 0
+    res = long_eval.long_context_metrics(
+        model, None, [ctl | {}, {"input_ids": ids, "labels": labels, "doc_ids": docs}],
+        long_eval.EvalSettings(passkey_lengths=[], nll_buckets=[0, 16, 64], control_block=16), max_len=70)
+    assert {"val/nll_bucket/0-16", "val/nll_bucket_control/0-16", "val/nll_bucket_control/16-64"} <= set(res)
+    assert "shuffled-block control" in long_eval.table(res, [], [])
+
+
 def test_bad_settings_name_the_key():
     with pytest.raises(ValueError, match="nll_buckets"):
         long_eval.EvalSettings(nll_buckets=[4096, 0]).check()
