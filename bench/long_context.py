@@ -50,8 +50,10 @@ GB = 1e9
 MEMORY_MODEL = {
     "static_gb": 17.5,          # bf16 weights, fp32 masters, Muon/AdamW state (H200, small)
     "act_kb": {                 # saved activations per token
-        "none": 3960.0,         # no checkpointing
-        "block": 1410.0,        # per-block checkpointing (train.activation_checkpointing)
+        "none": 3960.0,         # no checkpointing (before the fused loss: an upper bound now)
+        # per-block checkpointing with the fused LM-head loss and MTP/head checkpointed (main
+        # since the fused loss and cf1c83a); 1410 kB with checkpointing before them
+        "block": 470.0,
     },
     "state_kb": 1.0,            # cross-token state: compressed KV + indexer keys + window rows
     "dense_kl_bytes": 18.8,     # x L per token per CSA layer (dense indexer KL, unchunked)
