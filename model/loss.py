@@ -53,7 +53,7 @@ def _has_widening_mm(device_type: str) -> bool:
     try:
         key = torch._C._dispatch_key_for_device(device_type)
         return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
-                   for op in ("aten::mm.dtype", "aten::addmm.dtype"))
+                   for op in ("aten::mm.dtype", "aten::addmm.dtype", "aten::addmm.dtype_out"))
     except (AttributeError, RuntimeError):
         return False
 
