@@ -58,8 +58,9 @@ def _checked(cfg: Mapping) -> dict:
     return {**OPTIMIZER_DEFAULTS, **SCHEDULE_DEFAULTS, **cfg}
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Mapping) -> HybridOptimizer:
-    """HybridOptimizer over ``model``'s trainable parameters, grouped by ``optim.groups``."""
+def optimizer_groups(model: torch.nn.Module, cfg: Mapping) -> tuple[list[dict], dict]:
+    """The param groups (``optim.groups``) and the optimizer-wide options of ``cfg``: what
+    ``HybridOptimizer`` (here) and ``ShardedHybridOptimizer`` (optim.deepspeed) are built from."""
     c = _checked(cfg)
     betas = tuple(c["betas"])
     if len(betas) != 2:
@@ -73,8 +74,15 @@ def build_optimizer(model: torch.nn.Module, cfg: Mapping) -> HybridOptimizer:
         adamw_hparams={"weight_decay": float(c["weight_decay"]), "betas": betas,
                        "eps": float(c["eps"])},
         wo_a_blocks=c["wo_a_blocks"], all_adamw=c["name"] == "adamw")
-    return HybridOptimizer(groups, track_update_rms=bool(c["track_update_rms"]),
-                           ns_batch_mb=float(c["ns_batch_mb"]), foreach=bool(c["foreach"]))
+    options = {"track_update_rms": bool(c["track_update_rms"]),
+               "ns_batch_mb": float(c["ns_batch_mb"]), "foreach": bool(c["foreach"])}
+    return groups, options
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Mapping) -> HybridOptimizer:
+    """HybridOptimizer over ``model``'s trainable parameters, grouped by ``optim.groups``."""
+    groups, options = optimizer_groups(model, cfg)
+    return HybridOptimizer(groups, **options)
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping,

@@ -50,7 +50,8 @@ import torch.distributed as dist
 
 from optim.batched import (DEFAULT_NS_BATCH_MB, NSJob, adamw_foreach_, bucket_directions,
                            decay_and_apply_foreach_, plan_ns_buckets, sum_of_squares)
-from optim.builder import build_optimizer
+from optim.builder import optimizer_groups
+from optim.groups import split_indexer_groups
 from optim.hybrid import HybridOptimizer, adamw_step_
 from optim.muon import muon_direction
 
@@ -564,16 +565,17 @@ def split_expert_groups(groups: list[dict]) -> list[dict]:
     return out
 
 
-def build_sharded_optimizer(model: torch.nn.Module, cfg: Mapping,
-                            ns_placement: str = "owner") -> ShardedHybridOptimizer:
+def build_sharded_optimizer(model: torch.nn.Module, cfg: Mapping, ns_placement: str = "owner",
+                            indexers_apart: bool = False) -> ShardedHybridOptimizer:
     """``optim.build_optimizer`` for any ZeRO stage (the same groups and hyper-parameters);
-    expert-parallel parameters get groups of their own (``split_expert_groups``)."""
+    expert-parallel parameters get groups of their own (``split_expert_groups``), and with
+    ``indexers_apart`` so do the indexers' (``optim.groups.split_indexer_groups``)."""
     check_model_for_muon(model)
-    base = build_optimizer(model, cfg)
-    groups = split_expert_groups([dict(g) for g in base.param_groups])
-    return ShardedHybridOptimizer(groups, track_update_rms=base.track_update_rms,
-                                  ns_placement=ns_placement, ns_batch_mb=base.ns_batch_mb,
-                                  foreach=base.foreach)
+    groups, options = optimizer_groups(model, cfg)
+    groups = split_expert_groups(groups)
+    if indexers_apart:
+        groups = split_indexer_groups(groups, {id(p) for p in model.indexer_parameters()})
+    return ShardedHybridOptimizer(groups, ns_placement=ns_placement, **options)
 
 
 def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Mapping,

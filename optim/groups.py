@@ -158,3 +158,22 @@ def param_groups(
             group["row_blocks"] = wo_a_blocks
         groups.append(group)
     return groups
+
+
+INDEXER_SUFFIX = "/indexer"
+
+
+def split_indexer_groups(groups: list[dict], indexer_ids: set[int]) -> list[dict]:
+    """Every group split in two: the indexers' parameters (``indexer_ids``) in a group of their
+    own named ``<group>/indexer``, so the indexer warm-up can give them a learning rate while
+    every other group gets 0 (ZeRO and DeepSpeed's bf16 optimizer hand the optimizer flat group
+    shards: a per-group lr is the only way to hold the main model exactly still)."""
+    out = []
+    for g in groups:
+        names = g.get("param_names") or [""] * len(g["params"])
+        for suffix, keep in (("", False), (INDEXER_SUFFIX, True)):
+            picked = [(p, n) for p, n in zip(g["params"], names) if (id(p) in indexer_ids) == keep]
+            if picked:
+                out.append({**g, "name": g.get("name", "group") + suffix,
+                            "params": [p for p, _ in picked], "param_names": [n for _, n in picked]})
+    return out

@@ -43,7 +43,7 @@ import torch
 
 from optim.safe_load import (UnreadableFileError, load_deepspeed_file, load_state, torch_files,
                              verify_files)
-from train.rollback import rng_state, set_rng_state   # noqa: F401  (the trainer imports them here)
+from train.collectives import broadcast_from_rank0
 
 log = logging.getLogger("train")
 LATEST = "latest"
@@ -294,14 +294,6 @@ def _saved_zero_stage(ref: CheckpointRef, meta: dict[str, Any]) -> int | None:
     return 0 if not shards else None
 
 
-def _broadcast_from_rank0(value):
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        box = [value]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
 def check_reshard(ref: CheckpointRef, world_size: int, zero_stage: int, ep_size: int
                   ) -> dict[str, Any] | None:
     """None when ``ref`` was written at ``world_size`` (plain resume). Otherwise its meta, after
@@ -373,7 +365,7 @@ def prepare_reshard(ref: CheckpointRef, rank: int) -> Path:
             _convert_once(ref, out, source)
         except Exception as err:   # noqa: BLE001 - every rank must hear of it
             error = f"{type(err).__name__}: {err}"
-    error = _broadcast_from_rank0(error)
+    error = broadcast_from_rank0(error)
     if error is not None:
         raise CheckpointError(f"converting {ref.path} (written by {meta['world_size']} ranks) to "
                               f"DeepSpeed's universal format for this world size failed: {error}")
@@ -468,7 +460,7 @@ def verify_checkpoint(ref: CheckpointRef) -> None:
             _check_files(ref)
         except CheckpointError as err:
             error = f"{err}{older_checkpoint_hint(ref)}"
-    error = _broadcast_from_rank0(error)
+    error = broadcast_from_rank0(error)
     if error is not None:
         raise CheckpointError(error)
 

@@ -36,7 +36,10 @@ import logging
 import math
 from typing import Any, Callable, Mapping
 
+import torch
+
 from train.anticipatory import AnticipatoryRouter
+from train.collectives import all_reduce_mean, world_size
 from train.rollback import RollbackExhausted, SnapshotRing
 from train.spikes import DEFAULT_METRICS, SpikeDetector
 from train.stability import NonFiniteLossError
@@ -211,6 +214,85 @@ class StabilityController:
         self.pending_skips = {int(k): int(v) for k, v in state["pending_skips"].items()}
         self.rollbacks = state["rollbacks"]
         _ReplayState(self).load_state_dict(state)
+
+
+    # -- the training loop's side ----------------------------------------------------------
+    def describe(self) -> str | None:
+        """The start message: what is on (None when nothing is)."""
+        rollback_on = self.ring is not None
+        if self.mode == "off" and not rollback_on:
+            return None
+        ring = self.ring
+        return (f"stability: anticipatory routing {self.mode} (dt {self.dt}"
+                + (f", {self.on_steps} steps after a spike" if self.mode == "auto" else "")
+                + "), " + (f"rollback to snapshots every {ring.every} steps ({ring.location}, "
+                           f"{ring.keep} kept, {self.max_retries} retries, skipping "
+                           f"{self.skip_batches} step(s) of batches)" if rollback_on
+                           else "no rollback")
+                + f"; watching {', '.join(self.detector.metrics)}")
+
+    def may_roll_back(self, metric: str) -> bool:
+        """Whether a non-finite ``metric`` is the detector's to handle (it watches the metric
+        and can roll back) rather than a reason to stop the run at once."""
+        return self.ring is not None and metric in self.detector.metrics
+
+    def detector_inputs(self, loss: float, grad_norm: float | None, update_rms: dict | None,
+                        device: torch.device) -> dict[str, float | None]:
+        """loss, grad_norm and update_norm (root of the summed squares of the optimizer groups'
+        update RMS) averaged over ranks in float64: every rank feeds its detector the same
+        numbers and so takes the same rollback decision (a NaN on any rank is a NaN everywhere)."""
+        update_norm = None
+        if update_rms:
+            update_norm = math.sqrt(sum(float(v) ** 2 for v in update_rms.values()))
+        values = {"loss": loss, "grad_norm": grad_norm, "update_norm": update_norm}
+        keys = [k for k, v in values.items() if v is not None]
+        if world_size() > 1:
+            values.update(zip(keys, all_reduce_mean([values[k] for k in keys], device,
+                                                    dtype=torch.float64)))
+        return values
+
+    def log_events(self, metrics, say: Callable[[str], None]) -> None:
+        """Controller events -> metrics.jsonl/wandb (``kind: event``, ``event: stability/<name>``)
+        and the console. Event steps are train-line steps (the optimizer step's 1-based number);
+        ``to_step`` is the number of steps done at the restored snapshot."""
+        for ev in self.pop_events():
+            ev = dict(ev)
+            ev.pop("kind", None)
+            name, at = ev.pop("event"), int(ev.pop("step")) + 1
+            fields = {"event": f"stability/{name}", **ev}
+            if name == "spike":
+                fields[f"stability/spike/{ev['metric']}"] = ev["value"]
+            elif name == "rollback":
+                say(f"step {at}: {ev['metric']} = {ev['value']:.6g} is a spike: rolled back to the "
+                    f"snapshot after step {ev['to_step']} (retry {ev['retry']}/{self.max_retries})")
+            elif name == "skip":
+                say(f"step {at}: skipping {ev['batches']} micro-batch(es) of the spike")
+            elif name == "mode":
+                say(f"step {at}: anticipatory routing {ev['anticipatory']}" +
+                    (f" until step {ev['until']}" if "until" in ev else ""))
+            metrics.log(at, "event", fields)
+
+    def log_record(self, step: int, steps: int) -> dict:
+        """Per log line: whether routing is anticipatory now, the extra forward's time per step
+        (``stability/anticipatory_ms``), the cache hits/misses and the rollbacks so far."""
+        m = self.pop_metrics(step - 1)   # the step just done (0-based)
+        out = {"stability/anticipatory": m["stability/anticipatory"],
+               "stability/rollbacks": m["stability/rollbacks"]}
+        if self.mode != "off":
+            out["stability/anticipatory_ms"] = 1e3 * m["stability/anticipatory_forward_s"] / max(steps, 1)
+            out["stability/anticipatory_hits"] = m["stability/anticipatory_hits"]
+            out["stability/anticipatory_misses"] = m["stability/anticipatory_misses"]
+        return out
+
+    def load_checkpoint_state(self, state: dict | None) -> None:
+        """A checkpoint's stability state, when it has one that these settings can use."""
+        if state is None:
+            return
+        try:
+            self.load_state_dict(state)
+        except (ValueError, KeyError) as err:   # the stability settings changed since the save
+            logger.warning("stability: the checkpoint's stability state is not used (%s); the "
+                           "detector and the routing cache start empty", err)
 
 
 class _ReplayState:

@@ -152,6 +152,7 @@ def test_resume_two_ranks_on_one(case, corpus, tmp_path_factory, tmp_path):
 
 def test_bad_remap_fails_before_the_model_is_built(corpus, tmp_path_factory, tmp_path, monkeypatch):
     """In this process (1 rank) from the 2-rank ZeRO-2 checkpoint."""
+    import train.setup
     import train.trainer
     from train.checkpoint import CheckpointError
     from train.curriculum import CurriculumError
@@ -161,7 +162,7 @@ def test_bad_remap_fails_before_the_model_is_built(corpus, tmp_path_factory, tmp
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the bad resume was reported")
-    monkeypatch.setattr(train.trainer, "Transformer", refuse)
+    monkeypatch.setattr(train.setup, "Transformer", refuse)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     for k, v in base_env().items():
         if k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR"):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from train.checkpoint import (LATEST, CheckpointError, CheckpointManager, find_resume, job_id,
-                              job_identity, latest_in, rng_state, set_rng_state, tag_for)
+                              job_identity, latest_in, tag_for)
 from train.engine import deepspeed_config, initialize_engine, resolve_device, setup_distributed
+from train.rng import rng_state, set_rng_state
 
 DS = {"zero_stage": 0, "overlap_comm": False, "contiguous_gradients": True,
       "reduce_bucket_size": 1, "allgather_bucket_size": 1, "offload_optimizer": "none",

@@ -199,11 +199,11 @@ def test_nan_without_rollback_still_stops_the_run(th, corpus_dir, token_cache_di
 
 @pytest.fixture
 def no_model(monkeypatch):
-    import train.trainer
+    import train.setup
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the bad setting was reported")
-    monkeypatch.setattr(train.trainer, "Transformer", refuse)
+    monkeypatch.setattr(train.setup, "Transformer", refuse)
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -139,11 +139,11 @@ def test_nan_loss_stops_naming_step_and_metric_and_keeps_last_good_checkpoint(th
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail loudly if the trainer gets as far as building the model."""
-    import train.trainer
+    import train.setup
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the bad input was reported")
-    monkeypatch.setattr(train.trainer, "Transformer", refuse)
+    monkeypatch.setattr(train.setup, "Transformer", refuse)
 
 
 @pytest.mark.parametrize("override, error, needles", [

@@ -13,7 +13,7 @@ Runs the ``train`` package's ``__main__`` unchanged (runpy) after wrapping:
 * ``StabilityController.end_step``: each call appends ``{"step", "observed", "next"}`` (the
   detector inputs this rank fed in and the step it continues at) to ``OUT_DIR/rank<R>.jsonl``.
 * ``StabilityController.pop_events``: each event appends ``{"event": ...}`` to the same file.
-* ``train.trainer._detector_inputs``: each call appends ``{"local": ...}``, this rank's own loss,
+* ``StabilityController.detector_inputs``: each call appends ``{"local": ...}``, this rank's own loss,
   grad norm and update RMS before they are averaged over ranks.
 
 At the end it writes ``OUT_DIR/rank<R>.pt``: ``{"step": steps done, "module": the module's
@@ -38,6 +38,7 @@ def main() -> None:
 
     import torch
 
+    import train.setup as setup
     import train.trainer as trainer
     from train.stability_control import Injector, StabilityController
 
@@ -75,17 +76,17 @@ def main() -> None:
     StabilityController.end_step = recorded_end_step
     StabilityController.pop_events = recorded_pop_events
 
-    detector_inputs = trainer._detector_inputs
+    detector_inputs = StabilityController.detector_inputs
 
-    def recorded_detector_inputs(loss, grad_norm, update_rms, dist, device):
+    def recorded_detector_inputs(self, loss, grad_norm, update_rms, device):
         record({"local": {"loss": loss, "grad_norm": grad_norm,
                           "update_rms": None if update_rms is None else dict(update_rms)}})
-        return detector_inputs(loss, grad_norm, update_rms, dist, device)
+        return detector_inputs(self, loss, grad_norm, update_rms, device)
 
-    trainer._detector_inputs = recorded_detector_inputs
+    StabilityController.detector_inputs = recorded_detector_inputs
 
     engines, results = [], []
-    initialize_engine, train = trainer.initialize_engine, trainer.train
+    initialize_engine, train = setup.initialize_engine, trainer.train
 
     def capture_engine(*args, **kwargs):
         engines.append(initialize_engine(*args, **kwargs))
@@ -95,7 +96,7 @@ def main() -> None:
         results.append(train(*args, **kwargs))
         return results[-1]
 
-    trainer.initialize_engine = capture_engine
+    setup.initialize_engine = capture_engine
     trainer.train = capture_result   # train/__main__.py imports it when Hydra calls main()
 
     sys.argv = ["train", *sys.argv[3:]]

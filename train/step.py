@@ -1,0 +1,134 @@
+"""One optimizer step: ``train_step(run, plan) -> StepResult``.
+
+    stability.begin_step (snapshot, skips after a rollback, this step's micro-batches, and while
+    anticipatory routing is on for step + dt the no-grad pre-pass caching its routing)
+    -> micro-batches (forward with the cached routing, backward) -> finite checks
+    -> optimizer step -> MoE router-bias update (aux-loss-free balancing)
+    -> stability.end_step (spike detection; a rollback returns the restored step as next_step)
+
+The plan (train/plan.py) is already applied: attention mode, trainable parameters, lr, MTP
+weight. A NaN/inf stops the run here, unless the detector watches the value and can roll back.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from train.collectives import all_reduce_mean, world_size
+from train.plan import StepPlan, every
+from train.stability import check_finite
+
+LOSS_KEYS = ("lm", "mtp", "balance", "indexer")
+
+
+@dataclass
+class StepResult:
+    next_step: int                  # step + 1, or the restored step after a rollback
+    losses: dict[str, float]        # "loss" (the total the optimizer saw) and "loss/<key>"
+    grad_norm: float | None
+    update_rms: dict | None         # per optimizer group, when the detector or the log wants it
+    update_norm: float | None       # what the detector saw
+    router_maxvio: list[float]      # per MoE layer, this step's loads over all ranks
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def train_step(run, plan: StepPlan) -> StepResult:
+    """Run optimizer step ``plan.step`` of ``run`` (train/setup.py's ``Run``)."""
+    step, stage, device = plan.step, plan.stage, run.device
+    t0 = time.perf_counter()
+    diagnose = run.dist.is_main and every(step + 1, run.settings.diagnostics_every)
+    run.injector.before_step(step)
+    batches = run.stability.begin_step(step, run.routing_forward, run.train_loader,
+                                       stage.grad_accum, run.snapshot_objects)
+    losses, diagnostics = _forward_backward(run, step, batches, diagnose)
+    if not run.stability.may_roll_back("loss"):
+        check_finite(step + 1, losses)
+    check_grad = not run.stability.may_roll_back("grad_norm")
+    grad_norm = _grad_norm(run.trainable) if run.settings.zero_stage == 0 else None
+    if check_grad:
+        check_finite(step + 1, {"grad_norm": grad_norm})
+
+    run.engine.step()
+    if grad_norm is None:   # ZeRO: the engine's norm over the shards, known after the step
+        grad_norm = run.engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        if check_grad:
+            check_finite(step + 1, {"grad_norm": grad_norm})
+    update_rms = run.optimizer.last_update_rms() if run.want_update_norm else None
+    maxvio = _update_router_biases(run.model, device, frozen=plan.indexer_warmup)
+
+    # spike detection on values every rank agrees on; a rollback restores the snapshot
+    observed = run.stability.detector_inputs(losses["loss"], grad_norm, update_rms, device)
+    next_step = run.stability.end_step(step, observed, run.snapshot_objects)
+    return StepResult(next_step=next_step, losses=losses, grad_norm=grad_norm,
+                      update_rms=update_rms, update_norm=observed.get("update_norm"),
+                      router_maxvio=maxvio, diagnostics=diagnostics,
+                      seconds=time.perf_counter() - t0)
+
+
+def _forward_backward(run, step: int, batches: list, diagnose: bool
+                      ) -> tuple[dict[str, float], dict]:
+    """Forward and backward over the micro-batches of this optimizer step; -> the losses
+    averaged over micro-batches and ranks, and the model's diagnostics (first micro-batch)."""
+    engine, device, accum = run.engine, run.device, len(batches)
+    loss_sum = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64)
+    diagnostics: dict[str, Any] = {}
+    corrupt = run.injector.corruption(step, batches)
+    for micro, cpu_batch in enumerate(batches):
+        routing = run.stability.routing_for(step, micro, cpu_batch)
+        if routing is not None:
+            routing = [r.to(device, non_blocking=True) for r in routing]
+        batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+        engine.set_gradient_accumulation_boundary(micro == accum - 1)
+        out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
+                     labels=batch["labels"], routing_indices=routing,
+                     diagnostics=diagnose and micro == 0)
+        loss, logged = out.loss, float(out.loss.detach())
+        if corrupt[micro] is not None:   # stability.inject (experiments only)
+            kind, factor = corrupt[micro]
+            loss = loss * (float("nan") if kind == "nan" else factor)
+            if kind != "scale_grad":
+                logged = float(loss.detach())
+        engine.backward(loss)
+        loss_sum += torch.tensor([logged] + [float(out.losses.get(k, 0.0)) for k in LOSS_KEYS],
+                                 dtype=torch.float64)
+        if out.diagnostics:
+            diagnostics = out.diagnostics
+    mean = all_reduce_mean(loss_sum / accum, device)
+    return dict(zip(["loss"] + [f"loss/{k}" for k in LOSS_KEYS], mean)), diagnostics
+
+
+def _grad_norm(params: list[torch.Tensor]) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0))
+
+
+def _update_router_biases(model, device: torch.device, frozen: bool) -> list[float]:
+    """Aux-loss-free balancing: the per-layer token counts of this step summed over all ranks,
+    then the bias update (skipped while the router is frozen: the indexer warm-up). -> each
+    layer's MaxVio."""
+    buffers = model.router_load_buffers()
+    if buffers and world_size() > 1:
+        flat = torch.cat([b.flatten() for b in buffers])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset: offset + b.numel()].view_as(b))
+            offset += b.numel()
+    maxvio = []
+    for b in buffers:
+        mean = float(b.mean())
+        maxvio.append((float(b.max()) - mean) / mean if mean > 0 else 0.0)
+    if frozen:
+        for b in buffers:   # the frozen router keeps its biases
+            b.zero_()
+    else:
+        model.update_router_biases()
+    return maxvio
+
