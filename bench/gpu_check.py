@@ -121,7 +121,7 @@ SPARSE_PATH_CHECKS = [
 def _sparse_path_inputs(L, H, D, Hi, Di, K, cuts, seed, device="cuda"):
     """bf16 indexer projections, main q / ckv (unit RMS, as after the layer's norms), the layout,
     the Triton top-k and the main attention's lse (Triton kernel on random window kv)."""
-    from kernels.dispatch import get_indexer_topk, get_sparse_attention
+    from model.dispatch import get_indexer_topk, get_sparse_attention
     from model.layout import CompressedLayout, DocLayout
 
     impl = "triton" if torch.device(device).type == "cuda" else "torch"
@@ -204,7 +204,7 @@ def check_sparse_path(rep: Report, checks=SPARSE_PATH_CHECKS, device="cuda") -> 
 def bench_sparse_path(rep: Report, lengths=(16384, 65536)) -> None:
     """Time and peak memory of the sparse-mode indexer work per CSA layer: Triton top-k (no
     grad), then selected-set scores + KL target + KL loss forward and backward."""
-    from kernels.dispatch import get_indexer_topk
+    from model.dispatch import get_indexer_topk
     from model.indexer import indexer_kl_loss_selected, selected_indexer_scores
 
     rep.log("sparse_path.md", "sparse-mode indexer work per CSA layer, bf16, one document")
@@ -275,7 +275,7 @@ def check_indexer_fused(rep: Report, lengths=(2048, 8192), cuts=((), (700, 1500)
     the PyTorch reference; fp8 kernel scores against the PyTorch fp8 reference (relative L2) and its
     selection against the reference fp8 selection; recall of fp8 against the bf16 selection."""
     from bench import indexer as bi
-    from kernels.indexer_fp8 import indexer_scores_fp8_reference, quantize_fp8
+    from model.indexer_fp8 import indexer_scores_fp8_reference, quantize_fp8
     from kernels.indexer_topk import indexer_scores_triton, indexer_topk, quantize_fp8_triton
     from model.indexer import indexer_scores, select_topk
     from model.layout import CompressedLayout, DocLayout

@@ -102,7 +102,7 @@ def sweep(L=65536, Hi=64, Di=128, topk=512, log=print, score_dtype="bf16", selec
 
 def recall_rows(got: torch.Tensor, ref: torch.Tensor, N: int, rows: int = 2048) -> float:
     """|got ∩ ref| / |ref| over all queries (-1 ignored), in row chunks (no [L, N] at once)."""
-    from kernels.indexer_fp8 import topk_recall
+    from model.indexer_fp8 import topk_recall
 
     inter = total = 0
     for r0 in range(0, ref.shape[1], rows):

@@ -16,7 +16,7 @@ device and date. Needs torch + triton only (no DeepSpeed, Hydra, wandb, datasets
 
 The fast paths are switched here by patching the kernel getters that model.moe / rope / norms
 call (what ``model.moe_kernel_impl``, ``model.attention_impl`` and RMSNorm's ``impl`` select
-through kernels/dispatch.py), so one process can time every combination; on CPU (--tiny) "on"
+through model/dispatch.py), so one process can time every combination; on CPU (--tiny) "on"
 runs the kernels in Triton's interpreter.
 """
 from __future__ import annotations

@@ -3,15 +3,18 @@ reference it replaces (the reference lives in ``model/`` and is the contract):
 
 * ``kernels.sparse_attention.sparse_attention_triton``  <- ``model.sparse_attention.sparse_attention``
 * ``kernels.indexer_topk``                              <- ``model.indexer`` scoring + top-k
-  (bf16 | fp8 scores, chunked torch.topk | fused exact select); ``kernels.indexer_fp8`` is the
-  plain-PyTorch fp8 quantisation reference (no Triton import)
+  (bf16 | fp8 scores, chunked torch.topk | fused exact select); ``kernels.fp8`` (plain PyTorch)
+  defines the fp8 bytes its quantiser reproduces, for it and for the reference ``model.indexer_fp8``
 * ``kernels.mhc``                                       <- ``model.hyper_connections`` coefficients + Sinkhorn
 * ``kernels.moe_router`` / ``kernels.swiglu`` / ``kernels.moe_permute``  <- ``model.moe`` (``topk_routing``,
   ``swiglu_activation``, ``permute_tokens`` / ``unpermute_tokens``)
 * ``kernels.rms_norm``                                  <- ``model.norms.rms_norm_reference``
 * ``kernels.rope``                                      <- ``model.rope.rope_rotate``
-* ``kernels.dispatch``  picks the implementation (``attention.impl: auto | triton | torch``).
+* ``kernels.checks``: value checks on tensors without a host sync (kernels and model use them)
 
+The choice between a kernel and its reference is made in ``model.dispatch`` (``*_impl: auto |
+triton | torch``), which imports these modules by name only when a kernel is wanted: nothing
+here imports ``model/``, so ``model -> kernels`` is the only direction.
 Importing this package never imports Triton; the kernel modules do, so a machine without
-Triton still runs the model through ``kernels.dispatch`` with the PyTorch references.
+Triton still runs the model with the PyTorch references.
 """

@@ -23,7 +23,7 @@ entry tile, from L2 (the grid order makes that the case), not from HBM.
 Score precision (``score_dtype``):
 * ``bf16``: q and k as given (the model dtype: bf16 on GPU; fp16/fp32 work too, e.g. in tests).
 * ``fp8``: q per (token, head) and k per entry quantised to float8_e4m3fn with fp32 scales
-  (``kernels.indexer_fp8`` explains the choice and holds the PyTorch reference), fp8 x fp8
+  (``model.indexer_fp8`` explains the choice and holds the PyTorch reference), fp8 x fp8
   tensor-core products with fp32 accumulation; q's scale is folded into w, k's scale multiplies
   the finished tile. Needs CUDA sm_89+ (Hopper, Ada).
 
@@ -47,8 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.indexer_fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, quantize_fp8
-from model.checks import require
+from kernels.checks import require
+from kernels.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, quantize_fp8
 
 SCORE_DTYPES = ("bf16", "fp8")
 SELECTS = ("chunked", "fused")
@@ -105,7 +105,7 @@ def _indexer_scores_kernel(
 def _quant_fp8_kernel(X, X8, SC, n_rows, D, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows of a contiguous [n_rows, D] tensor -> fp8 e4m3 bytes and one fp32 scale per row, with
-    the IEEE operations of ``kernels.indexer_fp8.quantize_fp8`` (bit-identical results)."""
+    the IEEE operations of ``kernels.fp8.quantize_fp8`` (bit-identical results)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     r_ok = r < n_rows
@@ -346,7 +346,7 @@ def quantize_inputs(q, w, k):
 def indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor,
                           c_end: torch.Tensor, doc_start: torch.Tensor, score_dtype: str = "bf16") -> torch.Tensor:
     """Whole score matrix [B, L, N] fp32 (-inf where not visible), like
-    ``model.indexer.indexer_scores`` (fp8: like ``kernels.indexer_fp8.indexer_scores_fp8_reference``).
+    ``model.indexer.indexer_scores`` (fp8: like ``model.indexer_fp8.indexer_scores_fp8_reference``).
     O(L * N) memory: for tests and short contexts."""
     _check_modes(score_dtype, "chunked")
     q, w, k, ce, ds = _prepare(q_idx, w, k_idx, c_end, doc_start)

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from model.checks import require
+from kernels.checks import require
 
 log = logging.getLogger(__name__)
 

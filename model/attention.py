@@ -22,7 +22,7 @@ CompressedLayouts: built here from the DocLayout (cheap index math) unless the c
 
 CSA mode is the attribute ``mode`` ("dense" | "sparse", from cfg.attention_mode; change it with
 ``set_attention_mode``). The indexer runs in sparse mode (to select) and, in dense mode, only in
-training (for its loss). Sparse mode selects with ``kernels.dispatch.get_indexer_topk`` (no
+training (for its loss). Sparse mode selects with ``model.dispatch.get_indexer_topk`` (no
 gradient, no [B, L, N] matrix on CUDA) and computes the indexer loss on the selected set only
 (``model.indexer.indexer_kl_loss_selected``); dense mode scores every visible entry, query
 chunk by query chunk (``model.indexer.indexer_kl_loss_dense``).
@@ -36,11 +36,11 @@ from torch import nn
 
 from model.compressor import Compressor
 from model.config import ATTENTION_MODES, ModelConfig
+from model.dispatch import get_indexer_topk, get_sparse_attention
 from model.indexer import Indexer, indexer_kl_loss_dense, indexer_kl_loss_selected, selected_indexer_scores
 from model.layout import CompressedLayout, DocLayout
 from model.norms import RMSNorm, rms_norm
 from model.rope import RoPE
-from kernels.dispatch import get_indexer_topk, get_sparse_attention
 
 
 class Attention(nn.Module):
@@ -104,7 +104,7 @@ class Attention(nn.Module):
                 ckv: torch.Tensor | None, c_end: torch.Tensor | None,
                 topk_idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The one attention call (kernel dispatch point). -> o [B, L, H, hd], lse [B, L, H] fp32.
-        cfg.attention_impl picks the Triton kernel or the reference (kernels/dispatch.py)."""
+        cfg.attention_impl picks the Triton kernel or the reference (model/dispatch.py)."""
         fn = get_sparse_attention(self.cfg.attention_impl, q.device, q.dtype)
         return fn(q, kv, self.sink, doc_start, self.window, self.scale,
                   ckv, c_end, topk_idx, True)

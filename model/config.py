@@ -16,8 +16,8 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 HYPER_CONNECTION_KINDS = ("mhc", "hc", "residual")
 ATTENTION_MODES = ("dense", "sparse")
 KERNEL_IMPLS = ("auto", "triton", "torch")
-INDEXER_SCORE_DTYPES = ("bf16", "fp8")   # = kernels.dispatch.INDEXER_SCORE_DTYPES
-INDEXER_SELECTS = ("chunked", "fused")   # = kernels.dispatch.INDEXER_SELECTS
+INDEXER_SCORE_DTYPES = ("bf16", "fp8")
+INDEXER_SELECTS = ("chunked", "fused")
 MOE_IMPLS = ("auto", "grouped", "loop")
 LOSS_IMPLS = ("chunked", "reference")   # = model.loss.LOSS_IMPLS
 
@@ -71,14 +71,14 @@ class ModelConfig:
     csa_ratio: int = 4
     attention_mode: str = "sparse"  # "dense": CSA attends all visible entries (curriculum phase 1)
     # fused-op implementation (attention.impl): auto = Triton on CUDA, PyTorch reference
-    # elsewhere; triton = Triton or an error; torch = always the reference (kernels/dispatch.py)
+    # elsewhere; triton = Triton or an error; torch = always the reference (model/dispatch.py)
     attention_impl: str = "auto"
     mhc_impl: str = "auto"
     # routed experts: grouped = torch._grouped_mm over all experts (no per-expert launches),
     # loop = one SwiGLU per expert (the reference); auto = grouped where supported (model/moe.py)
     moe_impl: str = "auto"
     # the MoE's elementwise ops as Triton kernels (router top-k, clamped SwiGLU, permute /
-    # combine; kernels/dispatch.py): auto = Triton on CUDA, triton = or an error, torch = reference
+    # combine; model/dispatch.py): auto = Triton on CUDA, triton = or an error, torch = reference
     moe_kernel_impl: str = "auto"
     # LM-head + cross-entropy (main and MTP): chunked = token chunks, no [L, V] logits
     # (model/loss.py); reference = full fp32 logits + F.cross_entropy

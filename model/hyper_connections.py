@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import get_collapse_streams, get_mhc_coefficients, get_mix_streams
+from model.dispatch import get_collapse_streams, get_mhc_coefficients, get_mix_streams
 from model.config import ModelConfig
 
 # Our init (V4's is unpublished): comb base logits are c on the diagonal and 0 elsewhere, with c

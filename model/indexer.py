@@ -20,7 +20,7 @@ softmax of the indexer scores over the same set: all visible entries in dense mo
 selected top-k set in sparse mode.
 
 Sparse mode never builds [B, L, N] (nor the main attention's [B, L, H, N] mass): the top-k is
-chosen without gradient (``kernels.dispatch.get_indexer_topk``: chunked Triton on CUDA, the
+chosen without gradient (``model.dispatch.get_indexer_topk``: chunked Triton on CUDA, the
 reference elsewhere), then ``selected_indexer_scores`` (with gradient) and
 ``attention_mass_on_selected`` (the detached KL target) are computed on the K selected entries
 only, gathering the K keys per query in query chunks so that memory stays bounded
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.checks import require
+from kernels.checks import require
 from model.config import ModelConfig
 from model.compressor import Compressor
 from model.layout import CompressedLayout, compressed_mask

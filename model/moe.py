@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.dispatch import (get_permute_tokens, get_swiglu_activation, get_topk_routing,
+from model.dispatch import (get_permute_tokens, get_swiglu_activation, get_topk_routing,
                               get_unpermute_tokens)
-from model.checks import require
+from kernels.checks import require
 from model.config import ModelConfig
 from model.recompute import recompute_in_backward
 
@@ -344,7 +344,7 @@ class RoutedExperts(nn.Module):
         self.n_experts = E
         self.limit = cfg.swiglu_limit
         self.impl = cfg.moe_impl
-        self.kernel_impl = cfg.moe_kernel_impl  # router / SwiGLU / permute kernels (kernels/dispatch.py)
+        self.kernel_impl = cfg.moe_kernel_impl  # router / SwiGLU / permute kernels (model/dispatch.py)
         self.w1 = nn.Parameter(torch.empty(E, inter, D))
         self.w3 = nn.Parameter(torch.empty(E, inter, D))
         self.w2 = nn.Parameter(torch.empty(E, D, inter))

@@ -3,7 +3,7 @@
 Both compute in fp32 (fp64 for fp64 inputs, so float64 gradchecks stay exact) and return the
 input dtype, so bf16 activations keep full-precision statistics (as DeepSeek's reference and
 HF's DeepseekV4RMSNorm: the weight multiplies in fp32, one cast at the end).
-On CUDA both run ``kernels/rms_norm.py`` (one kernel each way; ``impl`` as in kernels/dispatch.py:
+On CUDA both run ``kernels/rms_norm.py`` (one kernel each way; ``impl`` as in model/dispatch.py:
 auto = Triton on CUDA, torch = this reference).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.dispatch import get_rms_norm
+from model.dispatch import get_rms_norm
 from model.recompute import recompute_in_backward
 
 

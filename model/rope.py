@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from kernels.dispatch import get_rope_rotate
+from model.dispatch import get_rope_rotate
 from model.config import ModelConfig
 
 
@@ -78,7 +78,7 @@ def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
 class RoPE:
     """Rotary embedding for one layer kind. Holds no parameters or buffers (so ``module.to(
     bfloat16)`` can never round the frequencies); fp32 frequency tensors are cached per device.
-    ``impl`` (``model.attention_impl``) picks the Triton kernel or the reference (kernels/dispatch.py)."""
+    ``impl`` (``model.attention_impl``) picks the Triton kernel or the reference (model/dispatch.py)."""
 
     def __init__(self, rope_dim: int, inv_freq: list[float], impl: str = "auto") -> None:
         if rope_dim < 2 or rope_dim % 2:

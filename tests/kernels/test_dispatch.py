@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from kernels import dispatch
+from model import dispatch
 from model.sparse_attention import sparse_attention
 
 
@@ -32,7 +32,7 @@ def test_auto_on_cuda_picks_the_kernel_except_fp64():
 
 def test_missing_kernel_module_logs_once(monkeypatch, caplog):
     ref = object()
-    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="model.dispatch"):
         for _ in range(3):
             got = dispatch._select("fake_op", "auto", "cuda", "kernels.no_such_module", "f", ref)
             assert got is ref
@@ -52,7 +52,7 @@ def test_reference_indexer_topk_wrapper_matches_model():
 
 
 def test_dispatch_is_traced_by_torch_compile_without_graph_breaks():
-    """The model asks kernels.dispatch for its ops inside forward: under torch.compile that must not
+    """The model asks model.dispatch for its ops inside forward: under torch.compile that must not
     break the graph (an imported kernel module is looked up without the import machinery)."""
     import torch._dynamo
 

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from kernels import dispatch
-from kernels.indexer_fp8 import (fp8_roundtrip, indexer_scores_fp8_reference, indexer_topk_fp8_reference,
+from model import dispatch
+from model.indexer_fp8 import (fp8_roundtrip, indexer_scores_fp8_reference, indexer_topk_fp8_reference,
                                  quantize_fp8, topk_recall)
 from kernels.indexer_topk import indexer_scores_triton, indexer_topk, quantize_fp8_triton
 from model.config import ConfigError, ModelConfig
@@ -147,7 +147,7 @@ def test_config_validates_the_new_options():
 
 def test_dispatch_fp8_on_cpu_logs_once_and_uses_the_fp8_reference(caplog):
     dispatch._log_fp8_once.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="model.dispatch"):
         for _ in range(3):
             fn = dispatch.get_indexer_topk("auto", "cpu", torch.float32, "fp8", "fused")
             assert fn is dispatch._reference_indexer_topk_fp8

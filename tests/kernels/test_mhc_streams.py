@@ -1,7 +1,7 @@
 """Triton stream ops (kernels/mhc_streams.py) vs model.hyper_connections.collapse_streams /
 mix_streams (interpreter on CPU): outputs and every gradient, fp32 and fp16, n = 4 and n = 3,
 D not a multiple of the D tile and token counts not multiples of the token block; plus the
-dispatch in kernels/dispatch.py."""
+dispatch in model/dispatch.py."""
 import pytest
 import torch
 
@@ -87,7 +87,7 @@ def test_bad_shapes_raise():
 
 
 def test_dispatch():
-    from kernels.dispatch import get_collapse_streams, get_mix_streams
+    from model.dispatch import get_collapse_streams, get_mix_streams
 
     assert get_collapse_streams("torch", "cpu") is collapse_streams
     assert get_mix_streams("torch", "cpu") is mix_streams
@@ -101,7 +101,7 @@ def test_dispatch():
 
 @pytest.mark.parametrize("kind", ["mhc", "hc"])
 def test_hyper_connection_uses_dispatch(monkeypatch, kind):
-    """HyperConnection.pre/post route collapse/mix through kernels.dispatch: with the getters
+    """HyperConnection.pre/post route collapse/mix through model.dispatch: with the getters
     forced to the Triton functions, a site's outputs and gradients equal the reference's."""
     import model.hyper_connections as hcm
     from model.config import ModelConfig

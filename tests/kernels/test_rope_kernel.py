@@ -36,7 +36,7 @@ def test_rope_matches_reference(dtype, tol, shape, rd, inverse, block_r):
 
 
 def test_rope_apply_dispatches_and_inverse_undoes(monkeypatch):
-    import kernels.dispatch as kd
+    import model.dispatch as kd
 
     rope = RoPE(8, [1.0, 0.1, 0.01, 0.001], impl="triton")
     with pytest.raises(RuntimeError, match="needs CUDA") if DEVICE == "cpu" else torch.no_grad():

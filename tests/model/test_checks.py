@@ -1,8 +1,8 @@
-"""model/checks.py: value checks raise ValueError on CPU (on CUDA they are device-side asserts)."""
+"""kernels/checks.py: value checks raise ValueError on CPU (on CUDA they are device-side asserts)."""
 import pytest
 import torch
 
-from model.checks import require
+from kernels.checks import require
 
 
 def test_require_raises_the_message_on_cpu_and_passes_true():

@@ -29,27 +29,7 @@ from __future__ import annotations
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-12  # an all-zero row gets scale 1e-12 / 448 and quantises to zeros
-
-
-def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (x8 [..., D] float8_e4m3fn, scale [...] fp32) with x ~= x8 * scale[..., None]."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1).clamp_min(AMAX_FLOOR)
-    # tensor / tensor on purpose: PyTorch computes `scalar / t` as reciprocal(t) * scalar and, on
-    # CUDA, `t / scalar` as t * (1 / scalar), two roundings each; a tensor divisor is one IEEE
-    # division on every device, which is what the Triton quantiser (div_rn) does
-    qmax = torch.full_like(amax, FP8_MAX)
-    inv = torch.div(qmax, amax)
-    x8 = (xf * inv[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return x8, torch.div(amax, qmax)
-
-
-def dequantize_fp8(x8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x8.float() * scale[..., None]
-
+from kernels.fp8 import dequantize_fp8, quantize_fp8
 
 def fp8_roundtrip(q_idx: torch.Tensor, k_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, k) after quantise + dequantise, fp32: what the fp8 path scores."""

@@ -9,7 +9,7 @@ The model wires one hook: ``Attention._attend`` calls ``get_sparse_attention(imp
 (cheap: the import is cached by Python and the decision is a couple of comparisons) and calls
 the function it returns with the reference's arguments::
 
-    fn = kernels.dispatch.get_sparse_attention(self.impl, q.device, q.dtype)
+    fn = model.dispatch.get_sparse_attention(self.impl, q.device, q.dtype)
     out = fn(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, return_lse)
 
 Every returned function has exactly the reference's signature and results.
@@ -24,9 +24,11 @@ from typing import Callable
 
 import torch
 
+from model.config import INDEXER_SCORE_DTYPES, INDEXER_SELECTS, KERNEL_IMPLS
+
 log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = KERNEL_IMPLS
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,14 +98,9 @@ def _reference_indexer_topk(q_idx, w, k_idx, c_end, doc_start, k):
 
 
 def _reference_indexer_topk_fp8(q_idx, w, k_idx, c_end, doc_start, k):
-    from kernels.indexer_fp8 import indexer_topk_fp8_reference
+    from model.indexer_fp8 import indexer_topk_fp8_reference
 
     return indexer_topk_fp8_reference(q_idx, w, k_idx, c_end, doc_start, k)
-
-
-# model.indexer_score_dtype / model.indexer_select (model/config.py holds the same tuples)
-INDEXER_SCORE_DTYPES = ("bf16", "fp8")
-INDEXER_SELECTS = ("chunked", "fused")
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,7 +125,7 @@ def get_indexer_topk(impl: str = "auto", device: torch.device | str | None = Non
     """fn(q_idx, w, k_idx, c_end, doc_start, k) -> topk_idx [B, L, min(k, N)] (-1 = empty):
     the Triton scorer + top-k (``kernels.indexer_topk``: score_dtype bf16 | fp8, select chunked
     | fused), or the reference ``select_topk(indexer_scores(...), k)`` (fp8: of the fp8-quantised
-    q and k, ``kernels.indexer_fp8``). fp8 without fp8 tensor cores: impl='triton' raises;
+    q and k, ``model.indexer_fp8``). fp8 without fp8 tensor cores: impl='triton' raises;
     'auto' logs once and takes the PyTorch fp8 reference (never a silent bf16 fallback)."""
     if score_dtype not in INDEXER_SCORE_DTYPES:
         raise ValueError(f"indexer score_dtype must be one of {INDEXER_SCORE_DTYPES}, got {score_dtype!r}")
