@@ -91,12 +91,12 @@ def setup_distributed(device: torch.device, cpu_shm_comm: str = "auto",
     """Create the process group (once per process) through DeepSpeed's comm layer.
 
     launch_kind=slurm: ranks started by SLURM itself (srun, Hydra's submitit launcher) get
-    torch's rank variables from SLURM's (launch/slurm_env.py); under torchrun they exist already.
+    torch's rank variables from SLURM's (train/slurm_env.py); under torchrun they exist already.
     """
     if cpu_shm_comm not in ("auto", "on", "off"):
         raise ValueError(f"deepspeed.cpu_shm_comm must be auto | on | off, got {cpu_shm_comm!r}")
     if launch_kind == "slurm":
-        from launch.slurm_env import export_torch_env_from_slurm
+        from train.slurm_env import export_torch_env_from_slurm
 
         export_torch_env_from_slurm()
     _default_world_env()

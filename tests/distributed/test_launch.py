@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from launch.preflight import HostfileError, check_hostfile, main as preflight_main, parse_hostfile
 from launch.slurm import compose, render_sbatch
-from launch.slurm_env import expand_nodelist, torch_env_from_slurm
+from train.slurm_env import expand_nodelist, torch_env_from_slurm
 
 REPO = Path(__file__).resolve().parents[2]
 
