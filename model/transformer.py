@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from model.attention import Attention
-from model.config import ModelConfig
+from model.config import ATTENTION_MODES, ModelConfig
 from model.diagnostics import DiagnosticsCollector
 from model.hyper_connections import HyperConnection, HyperHead
 from model.layout import DocLayout
@@ -121,7 +121,7 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ control
     def set_attention_mode(self, mode: str) -> None:
         """'dense' (CSA attends every visible compressed entry) or 'sparse' (indexer top-k)."""
-        if mode not in ("dense", "sparse"):
+        if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be 'dense' or 'sparse', got {mode!r}")
         self.cfg.attention_mode = mode
         for m in self.modules():

@@ -53,7 +53,7 @@ from optim.batched import (DEFAULT_NS_BATCH_MB, NSJob, adamw_foreach_, bucket_di
 from optim.builder import optimizer_groups
 from optim.groups import split_indexer_groups
 from optim.hybrid import HybridOptimizer, adamw_step_
-from optim.muon import muon_direction
+from optim.muon import decay_and_apply_, muon_direction, nesterov_input_
 
 REQUIRED_DEEPSPEED_VERSION = "0.19.8"
 NS_PLACEMENTS = ("owner", "redundant")
@@ -305,8 +305,7 @@ class ShardedHybridOptimizer(HybridOptimizer):
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(flat)
         grad, momentum, mu = flat.grad, state["momentum_buffer"], group["momentum"]
-        momentum.mul_(mu).add_(grad)                     # M <- mu M + G   (local slice)
-        nesterov = grad.add(momentum, alpha=mu)          # X = G + mu M     [local numel]
+        nesterov = nesterov_input_(grad, momentum, mu)   # X = G + mu M, M updated [local numel]
         local = {f.param_key: f for f in unit.fragments if f.numel > 0}
 
         # all_to_all #1: pieces of X to the ranks that orthogonalise them
@@ -358,8 +357,7 @@ class ShardedHybridOptimizer(HybridOptimizer):
                                              sum(u.numel() for u in upds))
             return
         for w, upd in zip(ws, upds):
-            w.mul_(1.0 - lr * wd)                          # decoupled decay
-            w.add_(upd.to(w.dtype), alpha=-lr)
+            decay_and_apply_(w, upd, lr=lr, weight_decay=wd)
             if self.track_update_rms:
                 self._rms.add(gi, upd)
 

@@ -21,8 +21,8 @@ import torch
 from optim.batched import (DEFAULT_NS_BATCH_MB, NSJob, adamw_foreach_, bucket_directions,
                            decay_and_apply_foreach_, muon_nesterov_foreach_, ns_batch_bytes,
                            plan_ns_buckets, sum_of_squares)
-from optim.muon import (UpdateRMSTracker, canonical_ns_dtype, check_muon_params, muon_step_,
-                        validate_muon_hparams)
+from optim.muon import (UpdateRMSTracker, canonical_ns_dtype, check_muon_params, decay_and_apply_,
+                        muon_step_, nesterov_input_, validate_muon_hparams)
 from optim.newton_schulz import V4_NS_COEFFICIENTS
 
 MUON_DEFAULTS = dict(momentum=0.95, weight_decay=0.1, update_rms=0.18, ns_dtype="bfloat16",
@@ -48,8 +48,7 @@ def adamw_step_(param: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: flo
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)    # v <- b2 v + (1-b2) g^2
     denom = (exp_avg_sq.sqrt() / math.sqrt(1.0 - beta2 ** t)).add_(eps)
     update = exp_avg / (1.0 - beta1 ** t) / denom
-    param.mul_(1.0 - lr * weight_decay)
-    param.add_(update, alpha=-lr)
+    decay_and_apply_(param, update, lr=lr, weight_decay=weight_decay)
     return update
 
 
@@ -241,8 +240,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                 else:
                     nesterov = []
                     for g, b in zip(grads, bufs):
-                        b.mul_(group["momentum"]).add_(g)
-                        nesterov.append(g.add(b, alpha=group["momentum"]))
+                        nesterov.append(nesterov_input_(g, b, group["momentum"]))
                 inputs.update(zip(idx, nesterov))
             _, outs = bucket_directions([inputs.pop(i) for i in bucket], [jobs[i] for i in bucket])
             updates = dict(zip(bucket, outs))

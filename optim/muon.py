@@ -62,6 +62,22 @@ def muon_direction(
     return (O * (math.sqrt(max(n, m)) * update_rms)).reshape(shape)
 
 
+def nesterov_input_(grad: torch.Tensor, momentum_buffer: torch.Tensor,
+                    momentum: float) -> torch.Tensor:
+    """M <- mu M + G in place; returns the Nesterov input mu M + G (what Muon orthogonalises).
+    ``optim.batched.muon_nesterov_foreach_`` is the same over lists."""
+    momentum_buffer.mul_(momentum).add_(grad)
+    return grad.add(momentum_buffer, alpha=momentum)
+
+
+def decay_and_apply_(param: torch.Tensor, update: torch.Tensor, *, lr: float,
+                     weight_decay: float) -> None:
+    """W <- W (1 - lr wd) - lr U: decoupled weight decay, then the update (cast to W's dtype).
+    ``optim.batched.decay_and_apply_foreach_`` is the same over lists."""
+    param.mul_(1.0 - lr * weight_decay)
+    param.add_(update.to(param.dtype), alpha=-lr)
+
+
 @torch.no_grad()
 def muon_step_(
     param: torch.Tensor,
@@ -77,12 +93,10 @@ def muon_step_(
     row_blocks: int,
 ) -> torch.Tensor:
     """One in-place V4 Muon update of ``param``; returns the lr-free update O (fp32)."""
-    momentum_buffer.mul_(momentum).add_(grad)                  # M <- mu M + G
-    nesterov = grad.add(momentum_buffer, alpha=momentum)       # mu M + G
+    nesterov = nesterov_input_(grad, momentum_buffer, momentum)
     O = muon_direction(nesterov, update_rms=update_rms, ns_steps=ns_steps, ns_dtype=ns_dtype,
                        row_blocks=row_blocks)
-    param.mul_(1.0 - lr * weight_decay)                        # decoupled decay
-    param.add_(O.to(param.dtype), alpha=-lr)
+    decay_and_apply_(param, O, lr=lr, weight_decay=weight_decay)
     return O
 
 

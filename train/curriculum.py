@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-ATTENTION_MODES = ("dense", "sparse")
+from model.config import ATTENTION_MODES
+
 PHASE_WARMUP = "indexer_warmup"
 PHASE_TRAIN = "train"
 
