@@ -635,26 +635,7 @@ def to_universal(input_folder: str | Path, output_folder: str | Path, workers: i
         raise FileNotFoundError(f"to_universal: no ZeRO optimizer shards (*_optim_states.pt) in {src}")
     model_files = sorted(f for f in src.glob("*mp_rank_*_model_states.pt")
                          if not f.name.startswith("layer_"))
-    world = len(optim_files)
-    # refuse what cannot be converted before writing anything
-    first = load_deepspeed_file(optim_files[0])["optimizer_state_dict"]
-    if "base_optimizer_state" in first:
-        stage3 = False
-        ep_groups = {gi: g["name"] for gi, g in enumerate(first["base_optimizer_state"]["param_groups"])
-                     if g.get("moe")}
-        for name in set(ep_groups.values()):
-            ep_size = int(str(name).rsplit("_", 1)[-1])
-            if ep_size != world:
-                raise ValueError(
-                    f"to_universal: {src} was saved with expert parallelism {name} on {world} "
-                    f"ranks: each expert slice is also ZeRO-partitioned over an expert-data-"
-                    f"parallel group of {world // ep_size} ranks, which is not consolidated here; "
-                    f"only checkpoints with parallel.ep_size equal to the world size convert")
-    elif "fp32_flat_groups" in first:
-        stage3, ep_groups = True, {}
-    else:
-        raise ValueError(f"to_universal: {optim_files[0].name} is not a ZeRO-1/2/3 optimizer shard")
-    del first
+    stage3, ep_groups = _convertible(src, optim_files)
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -674,28 +655,7 @@ def to_universal(input_folder: str | Path, output_folder: str | Path, workers: i
             torch.save(sd, staging / f.name)
         for f in optim_files:
             sd = load_deepspeed_file(f)
-            osd = sd["optimizer_state_dict"]
-            if stage3:
-                base = osd["optimizer_state_dict"]
-                steps = [st["step"] for st in base["state"].values() if "step" in st]
-                for group in base["param_groups"]:
-                    if group.get("kind") != "muon":
-                        continue
-                    for idx in group["params"]:     # state index == ZeRO-3 sub-group index
-                        state = base["state"][idx]
-                        momentum = state.pop(MUON_STATE_KEY)
-                        state["exp_avg"], state["exp_avg_sq"] = momentum, torch.zeros_like(momentum)
-                        state["step"] = steps[0] if steps else 0
-                        muon_params.update(shapes[idx])
-            else:
-                base = osd["base_optimizer_state"]
-                for gi, group in enumerate(base["param_groups"]):
-                    if group.get("kind") != "muon":
-                        continue
-                    state = base["state"][gi]
-                    momentum = state.pop(MUON_STATE_KEY)
-                    state["exp_avg"], state["exp_avg_sq"] = momentum, torch.zeros_like(momentum)
-                    muon_params.update(osd["param_slice_mappings"][gi])
+            muon_params.update(_muon_state_as_adam(sd["optimizer_state_dict"], stage3, shapes))
             torch.save(sd, staging / f.name)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
                str(staging), "--output_folder", str(out), "--inject_missing_state",
@@ -712,3 +672,55 @@ def to_universal(input_folder: str | Path, output_folder: str | Path, workers: i
             (folder / "exp_avg.pt").rename(folder / f"{MUON_STATE_KEY}.pt")
             (folder / "exp_avg_sq.pt").unlink()
     return out
+
+
+def _convertible(src: Path, optim_files: list[Path]) -> tuple[bool, dict[int, str]]:
+    """(ZeRO-3?, the expert groups {index: name}) of a checkpoint's optimizer shards; refuses
+    what cannot be converted before anything is written."""
+    from optim.safe_load import load_deepspeed_file
+
+    world = len(optim_files)
+    first = load_deepspeed_file(optim_files[0])["optimizer_state_dict"]
+    if "fp32_flat_groups" in first:
+        return True, {}
+    if "base_optimizer_state" not in first:
+        raise ValueError(f"to_universal: {optim_files[0].name} is not a ZeRO-1/2/3 optimizer shard")
+    ep_groups = {gi: g["name"] for gi, g in enumerate(first["base_optimizer_state"]["param_groups"])
+                 if g.get("moe")}
+    for name in set(ep_groups.values()):
+        ep_size = int(str(name).rsplit("_", 1)[-1])
+        if ep_size != world:
+            raise ValueError(
+                f"to_universal: {src} was saved with expert parallelism {name} on {world} "
+                f"ranks: each expert slice is also ZeRO-partitioned over an expert-data-"
+                f"parallel group of {world // ep_size} ranks, which is not consolidated here; "
+                f"only checkpoints with parallel.ep_size equal to the world size convert")
+    return False, ep_groups
+
+
+def _muon_state_as_adam(osd: dict, stage3: bool, shapes: list[dict]) -> set[str]:
+    """Move the Muon momentum of one optimizer shard into Adam's exp_avg slot (exp_avg_sq zero;
+    at stage 3 also the AdamW step), in place; -> the names of the Muon parameters."""
+    names: set[str] = set()
+    if stage3:
+        base = osd["optimizer_state_dict"]
+        steps = [st["step"] for st in base["state"].values() if "step" in st]
+        for group in base["param_groups"]:
+            if group.get("kind") != "muon":
+                continue
+            for idx in group["params"]:     # state index == ZeRO-3 sub-group index
+                state = base["state"][idx]
+                momentum = state.pop(MUON_STATE_KEY)
+                state["exp_avg"], state["exp_avg_sq"] = momentum, torch.zeros_like(momentum)
+                state["step"] = steps[0] if steps else 0
+                names.update(shapes[idx])
+        return names
+    base = osd["base_optimizer_state"]
+    for gi, group in enumerate(base["param_groups"]):
+        if group.get("kind") != "muon":
+            continue
+        state = base["state"][gi]
+        momentum = state.pop(MUON_STATE_KEY)
+        state["exp_avg"], state["exp_avg_sq"] = momentum, torch.zeros_like(momentum)
+        names.update(osd["param_slice_mappings"][gi])
+    return names
