@@ -184,6 +184,12 @@ class ModelConfig:
         return ratio == self.csa_ratio
 
     @property
+    def attention_ratios(self) -> list[int]:
+        """The layer schedule: the compress ratio of every attention layer, the main stack's
+        (0 window-only, ``csa_ratio`` CSA, else HCA) followed by the MTP blocks'."""
+        return list(self.compress_ratios) + [self.mtp_compress_ratio] * self.mtp_depth
+
+    @property
     def max_compress_ratio(self) -> int:
         return max(self.compress_ratios + [1])
 

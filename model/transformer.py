@@ -87,7 +87,7 @@ def _mtp_block_config(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(
         cfg,
         n_layers=cfg.n_layers + cfg.mtp_depth,
-        compress_ratios=list(cfg.compress_ratios) + [cfg.mtp_compress_ratio] * cfg.mtp_depth,
+        compress_ratios=cfg.attention_ratios,
     )
 
 

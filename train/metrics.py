@@ -76,9 +76,8 @@ def _mean_entries(seq_len: int, ratio: int) -> float:
 
 def flops_per_token(model: torch.nn.Module, seq_len: int, attention_mode: str) -> float:
     cfg = model.cfg
-    ratios = list(cfg.compress_ratios) + [cfg.mtp_compress_ratio] * cfg.mtp_depth
     attn = idx = 0.0
-    for r in ratios:
+    for r in cfg.attention_ratios:
         sparse_csa = r == cfg.csa_ratio and attention_mode == "sparse"
         a = _mean_attended(seq_len, cfg.window, r, cfg.index_topk if sparse_csa else None)
         attn += 12.0 * cfg.n_heads * cfg.head_dim * a
