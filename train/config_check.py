@@ -28,7 +28,7 @@ def launch_world(launch_kind: str) -> tuple[int, int]:
     """(world size, ranks on this host) as the launcher's environment describes them."""
     env: dict[str, str] = dict(os.environ)
     if launch_kind == "slurm":
-        from launch.slurm_env import torch_env_from_slurm
+        from train.slurm_env import torch_env_from_slurm
 
         env.update(torch_env_from_slurm(env))
     world = int(env.get("WORLD_SIZE", "1"))
