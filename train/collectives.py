@@ -28,9 +28,9 @@ def all_reduce_sum(values: Sequence[float] | torch.Tensor, device: torch.device,
     """The sum over ranks of ``values``, as a float64 CPU tensor. ``dtype`` is what travels:
     float32 for losses and metrics (as logged so far), float64 where every rank must take the
     same decision from the numbers (spike detection)."""
-    t = torch.as_tensor(values, dtype=torch.float64)
+    t = torch.as_tensor(values, dtype=torch.float64)   # device tensors stay on their device
     if world_size() == 1:
-        return t
+        return t.cpu()   # one read-back for all values
     wire = t.to(device=device, dtype=dtype)
     torch.distributed.all_reduce(wire)
     return wire.double().cpu()

@@ -75,7 +75,8 @@ def _forward_backward(run, step: int, batches: list, diagnose: bool
     """Forward and backward over the micro-batches of this optimizer step; -> the losses
     averaged over micro-batches and ranks, and the model's diagnostics (first micro-batch)."""
     engine, device, accum = run.engine, run.device, len(batches)
-    loss_sum = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64)
+    # device tensors: one host sync per optimizer step (the read-back below), not five per micro-batch
+    loss_sum = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64, device=device)
     diagnostics: dict[str, Any] = {}
     corrupt = run.injector.corruption(step, batches)
     for micro, cpu_batch in enumerate(batches):
@@ -87,15 +88,15 @@ def _forward_backward(run, step: int, batches: list, diagnose: bool
         out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
                      labels=batch["labels"], routing_indices=routing,
                      diagnostics=diagnose and micro == 0)
-        loss, logged = out.loss, float(out.loss.detach())
+        loss, logged = out.loss, out.loss.detach()
         if corrupt[micro] is not None:   # stability.inject (experiments only)
             kind, factor = corrupt[micro]
             loss = loss * (float("nan") if kind == "nan" else factor)
             if kind != "scale_grad":
-                logged = float(loss.detach())
+                logged = loss.detach()
         engine.backward(loss)
-        loss_sum += torch.tensor([logged] + [float(out.losses.get(k, 0.0)) for k in LOSS_KEYS],
-                                 dtype=torch.float64)
+        terms = [logged] + [out.losses.get(k, loss_sum.new_zeros(())) for k in LOSS_KEYS]
+        loss_sum += torch.stack([t.to(torch.float64) for t in terms])
         if out.diagnostics:
             diagnostics = out.diagnostics
     mean = all_reduce_mean(loss_sum / accum, device)
@@ -122,9 +123,10 @@ def _update_router_biases(model, device: torch.device, frozen: bool) -> list[flo
             b.copy_(flat[offset: offset + b.numel()].view_as(b))
             offset += b.numel()
     maxvio = []
-    for b in buffers:
-        mean = float(b.mean())
-        maxvio.append((float(b.max()) - mean) / mean if mean > 0 else 0.0)
+    if buffers:   # one read-back for all layers
+        loads = torch.stack([b.float() for b in buffers])
+        mean = loads.mean(1)
+        maxvio = torch.where(mean > 0, (loads.amax(1) - mean) / mean, torch.zeros_like(mean)).tolist()
     if frozen:
         for b in buffers:   # the frozen router keeps its biases
             b.zero_()
