@@ -153,17 +153,8 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
                          f"{model_cfg.vocab_size}: raise model.vocab_size")
     train_loader = Prefetcher(data.train_loader)   # its state is the consumer's position
 
-    seed_everything(tc.seed)
-    model = Transformer(model_cfg)
-    model.activation_checkpointing = bool(tc.activation_checkpointing)
-    params = model.num_params()   # before EP keeps only local experts
-    check_zero_stage_for_ep(cfg.parallel.ep_size, cfg.deepspeed.zero_stage)
-    expert_parallel = apply_expert_parallel(model, cfg.parallel.ep_size)
-    optimizer = build_sharded_optimizer(model, optim_cfg, ns_placement=cfg.parallel.ns_placement,
-                                        indexers_apart=True)
-    engine = initialize_engine(model, optimizer, deepspeed_config(
-        cfg.deepspeed, micro_batch=first.micro_batch, grad_accum=first.grad_accum,
-        world_size=dist.world_size, grad_clip=tc.grad_clip, precision=precision))
+    model, params, expert_parallel, optimizer, engine = _build_model(
+        cfg, model_cfg, optim_cfg, first, dist.world_size, precision)
     watched = set(stability.detector.metrics)
     want_update_norm = "update_norm" in watched and getattr(optimizer, "track_update_rms", False)
     if "update_norm" in watched and not want_update_norm:
@@ -201,6 +192,26 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
               ep_size=cfg.parallel.ep_size)
     run.long_eval = _long_context_eval(cfg.eval, data.tokenizer, tc.seed)
     return run
+
+
+def _build_model(cfg: DictConfig, model_cfg: ModelConfig, optim_cfg: dict, first, world_size: int,
+                 precision: str):
+    """Model (seeded), expert parallelism, the one optimizer (the indexers in groups of their
+    own, for the warm-up), the DeepSpeed engine; -> (model, (total, active) parameters counted
+    before EP keeps only the local experts, the EP handle, optimizer, engine)."""
+    tc = cfg.train
+    seed_everything(tc.seed)
+    model = Transformer(model_cfg)
+    model.activation_checkpointing = bool(tc.activation_checkpointing)
+    params = model.num_params()
+    check_zero_stage_for_ep(cfg.parallel.ep_size, cfg.deepspeed.zero_stage)
+    expert_parallel = apply_expert_parallel(model, cfg.parallel.ep_size)
+    optimizer = build_sharded_optimizer(model, optim_cfg, ns_placement=cfg.parallel.ns_placement,
+                                        indexers_apart=True)
+    engine = initialize_engine(model, optimizer, deepspeed_config(
+        cfg.deepspeed, micro_batch=first.micro_batch, grad_accum=first.grad_accum,
+        world_size=world_size, grad_clip=tc.grad_clip, precision=precision))
+    return model, params, expert_parallel, optimizer, engine
 
 
 def _long_context_eval(eval_cfg, tokenizer, seed: int):
