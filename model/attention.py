@@ -36,9 +36,10 @@ from torch import nn
 
 from model.compressor import Compressor
 from model.config import ATTENTION_MODES, ModelConfig
+from model.chunk_layout import AttentionCarry
 from model.dispatch import get_indexer_topk, get_sparse_attention
 from model.indexer import Indexer, indexer_kl_loss_dense, indexer_kl_loss_selected, selected_indexer_scores
-from model.layout import CompressedLayout, DocLayout
+from model.layout import CompressedLayout, DocLayout, queries_with_entries
 from model.norms import RMSNorm, rms_norm
 from model.rope import RoPE
 
@@ -121,45 +122,67 @@ class Attention(nn.Module):
                              f"[1, model.max_seq_len={self.cfg.max_seq_len}]")
 
     def forward(self, x: torch.Tensor, layout: DocLayout,
-                clayouts: dict[int, CompressedLayout] | None = None) -> tuple[torch.Tensor, dict]:
+                clayouts: dict[int, CompressedLayout] | None = None,
+                carry: AttentionCarry | None = None) -> tuple[torch.Tensor, dict]:
         # x: [B, L, D]
+        if carry is not None:   # one chunk of a longer sequence: work in its frame (halo + chunk)
+            x = torch.cat([carry.halo.to(x.dtype), x], dim=1)
+            layout = carry.frame.layout
         self._check_inputs(x, layout)
         B, L, _ = x.shape
         H, hd = self.n_heads, self.head_dim
         pos, doc_start = layout.positions, layout.doc_start
+        want_loss = self.training and (carry is None or carry.need_loss)
 
         qr = self.q_norm(self.wq_a(x))                                   # [B, L, q_lora_rank]
         q = rms_norm(self.wq_b(qr).view(B, L, H, hd), self.eps)          # [B, L, H, hd]
         q = self.rope.apply(q, pos)
         kv = self.rope.apply(self.kv_norm(self.wkv(x)), pos)             # [B, L, hd]
 
-        ckv = c_end = topk_idx = dense_idx = selected = None
+        ckv = c_end = topk_idx = dense_idx = selected = ckv_new = k_new = None
         if self.compressor is not None:
             cl = clayouts.get(self.ratio) if clayouts is not None else None
-            if cl is None:
+            if carry is not None:
+                entries = carry.frame.entries[self.ratio]
+                cl = entries.new_layout                                  # the blocks pooled here
+            elif cl is None:
                 cl = CompressedLayout.build(layout, self.ratio)
             ckv, c_end = self.compressor(x, cl), cl.c_end                # [B, N, hd], [B, N]
-            if self.indexer is not None and self.mode == "sparse":
+            if carry is not None:   # + the entries of earlier chunks (state)
+                ckv_new, ckv, c_end = ckv, entries.merge(carry.ckv, ckv), entries.c_end
+            # (a chunk's state pass also keeps the indexer keys: a later chunk's loss reads them)
+            use_indexer = self.indexer is not None and (self.mode == "sparse" or want_loss
+                                                        or (carry is not None and self.training))
+            if use_indexer:
+                q_i, w_i, k_i = self.indexer.project(x, qr, pos, cl)     # [B,L,Hi,Di] [B,L,Hi] [B,N,Di]
+                if carry is not None:
+                    k_new, k_i = k_i, entries.merge(carry.index_keys, k_i)
+            if use_indexer and self.mode == "sparse":
                 # select without gradient and without the [B, L, N] matrix; score (with
                 # gradient) only the K selected entries, for the indexer loss
-                q_i, w_i, k_i = self.indexer.project(x, qr, pos, cl)     # [B,L,Hi,Di] [B,L,Hi] [B,N,Di]
                 topk_fn = get_indexer_topk(self.cfg.attention_impl, x.device, q_i.dtype,
                                            self.cfg.indexer_score_dtype, self.cfg.indexer_select)
                 with torch.no_grad():
                     topk_idx = topk_fn(q_i, w_i, k_i, c_end, doc_start, self.cfg.index_topk)  # [B, L, K]
-                if self.training:
+                if want_loss:
                     selected = selected_indexer_scores(q_i, w_i, k_i, topk_idx)            # [B, L, K]
-            elif self.indexer is not None and self.training:
+            elif use_indexer and want_loss:
                 # dense mode: the loss scores every visible entry, in query chunks (no [B, L, N])
-                dense_idx = self.indexer.project(x, qr, pos, cl)
+                dense_idx = (q_i, w_i, k_i)
 
         o, lse = self._attend(q, kv, doc_start, ckv, c_end, topk_idx)    # [B, L, H, hd], [B, L, H]
 
         indexer_loss = None
+        # a chunk's halo queries are not its own: they see no entry in the loss
+        kl_start = doc_start if carry is None else carry.frame.kl_doc_start
         if selected is not None:
-            indexer_loss = indexer_kl_loss_selected(q, ckv, lse, self.scale, selected, topk_idx, c_end, doc_start)
+            indexer_loss = indexer_kl_loss_selected(q, ckv, lse, self.scale, selected, topk_idx, c_end, kl_start)
         elif dense_idx is not None:
-            indexer_loss = indexer_kl_loss_dense(*dense_idx, q, ckv, lse, self.scale, c_end, doc_start)
+            indexer_loss = indexer_kl_loss_dense(*dense_idx, q, ckv, lse, self.scale, c_end, kl_start)
+        if indexer_loss is not None and carry is not None:
+            # mean over this chunk's queries -> its share of the mean over the whole sequence
+            n_here = queries_with_entries(c_end, kl_start).to(indexer_loss.dtype)
+            indexer_loss = indexer_loss * n_here * carry.indexer_norm
 
         o = self.rope.apply(o, pos, inverse=True)
         g = self.o_groups
@@ -170,4 +193,11 @@ class Attention(nn.Module):
         with torch.no_grad():
             sink_mass = torch.exp(self.sink.float()[None, None, :] - lse.float()).mean()
         aux = {"indexer_loss": indexer_loss, "sink_mass": sink_mass, "topk_idx": topk_idx}
+        if carry is not None:
+            f = carry.frame
+            out = out[:, f.halo:]
+            # the state this chunk hands on: its last rows of input, the entries pooled here
+            aux["carry"] = {"halo": x[:, L - f.halo_next:] if f.halo_next else None,
+                            "ckv": ckv_new, "index_keys": k_new}
         return out, aux
+

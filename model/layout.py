@@ -116,3 +116,17 @@ def entry_visible(doc_start: torch.Tensor, c_end: torch.Tensor) -> torch.Tensor:
 def compressed_mask(doc_start: torch.Tensor, c_end: torch.Tensor) -> torch.Tensor:
     """[B, L, N] bool: query t may attend compressed entry i."""
     return entry_visible(doc_start, c_end)
+
+
+def queries_with_entries(c_end: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
+    """Queries (summed over the batch) that see at least one entry: doc_start[t] <= c_end <= t.
+    c_end [B, N] non-decreasing per row. The indexer loss averages over exactly
+    these queries."""
+    B, L = doc_start.shape
+    if c_end.shape[1] == 0:
+        return torch.zeros((), dtype=torch.long, device=c_end.device)
+    ce = c_end.contiguous()
+    t = torch.arange(L, device=ce.device).expand(B, L).contiguous().to(ce.dtype)
+    upto_t = torch.searchsorted(ce, t, right=True)
+    before_doc = torch.searchsorted(ce, doc_start.contiguous().to(ce.dtype))
+    return (upto_t > before_doc).sum()

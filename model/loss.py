@@ -81,14 +81,15 @@ def _addmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens: int, want_grad: bool):
+    def forward(ctx, hidden, weight, labels, chunk_tokens: int, want_grad: bool, count: int | None):
         # hidden [N, D], weight [V, D], labels [N] -> (mean loss over valid labels, nll [N] detached)
         acc = _acc_dtype(hidden.dtype)
         n_tok = hidden.shape[0]
         valid = labels != IGNORE_INDEX
         safe = labels.masked_fill(~valid, 0).unsqueeze(1)
         # 1 / n_valid per valid token (0 elsewhere): the mean's weights, known before any logit
-        inv_count = 1.0 / valid.sum().clamp(min=1).to(acc)
+        n_valid = valid.sum() if count is None else torch.tensor(count, device=hidden.device)
+        inv_count = 1.0 / n_valid.clamp(min=1).to(acc)
         nll = torch.zeros(n_tok, dtype=acc, device=hidden.device)
         need_h, need_w = want_grad and ctx.needs_input_grad[0], want_grad and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -126,14 +127,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_loss.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_tokens: int | None = None, return_nll: bool = False):
+                         chunk_tokens: int | None = None, return_nll: bool = False, count: int | None = None):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (IGNORE_INDEX skipped)
     without [tokens, vocab] logits. hidden [..., D], weight [V, D], labels [...].
-    ``return_nll`` also returns the per-token losses [...] (0 at ignored positions, no grad)."""
+    ``return_nll`` also returns the per-token losses [...] (0 at ignored positions, no grad).
+    ``count``: the sum is divided by this many labelled tokens instead of those in ``labels``
+    (one chunk's share of a longer sequence's mean, ``model/chunked_step.py``)."""
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and labels "
                          f"{tuple(labels.shape)} must share the leading dimensions")
@@ -148,16 +151,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          f"{weight.dtype}; run the model in one dtype")
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss, nll = _ChunkedLinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk, want_grad)
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk, want_grad, count)
     return (loss, nll.view(labels.shape)) if return_nll else loss
 
 
 def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
-                                   labels: torch.Tensor, return_nll: bool = False):
+                                   labels: torch.Tensor, return_nll: bool = False, count: int | None = None):
     """The unfused path: full logits, cast to fp32 (fp64 stays fp64), F.cross_entropy."""
     logits = F.linear(hidden, weight)
     logits = logits.to(_acc_dtype(logits.dtype)).flatten(0, -2)
     flat = labels.reshape(-1)
     nll = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="none")
-    loss = nll.sum() / (flat != IGNORE_INDEX).sum().clamp(min=1)
+    n_valid = (flat != IGNORE_INDEX).sum() if count is None else torch.tensor(count, device=flat.device)
+    loss = nll.sum() / n_valid.clamp(min=1)
     return (loss, nll.detach().view(labels.shape)) if return_nll else loss

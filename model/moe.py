@@ -40,6 +40,12 @@ logger = logging.getLogger(__name__)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Math dtype: fp32, or fp64 for fp64 inputs (fp64 exactness checks, e.g. of the chunked
+    step, stay fp64)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 # ---------------------------------------------------------------------------- functions
 def swiglu_activation(gate: torch.Tensor, up: torch.Tensor, limit: float,
                       weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,13 +59,13 @@ def swiglu_activation(gate: torch.Tensor, up: torch.Tensor, limit: float,
 def _swiglu_fp32(gate: torch.Tensor, up: torch.Tensor, limit: float,
                  weight: torch.Tensor | None) -> torch.Tensor:
     dt = gate.dtype
-    gate, up = gate.float(), up.float()
+    gate, up = gate.to(_acc(gate)), up.to(_acc(up))
     if limit > 0:
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
     h = F.silu(gate) * up
     if weight is not None:
-        h = h * weight.float()[:, None]
+        h = h * weight.to(h.dtype)[:, None]
     return h.to(dt)
 
 
@@ -87,7 +93,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _router_linear_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(x.float(), weight.float())
+    return F.linear(x.to(_acc(x)), weight.to(_acc(x)))
 
 
 def router_scores(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -183,20 +189,36 @@ def max_violation(load: torch.Tensor) -> torch.Tensor:
     return (load.amax(-1) - mean) / mean
 
 
+def row_expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """indices [B, L, K] -> [B, E] fp32: tokens of each row (sequence) routed to each expert."""
+    B, L, K = indices.shape
+    counts = torch.zeros(B, n_experts, device=indices.device, dtype=torch.float32)
+    counts.scatter_add_(1, indices.reshape(B, L * K), torch.ones(B, L * K, device=indices.device))
+    return counts
+
+
 def sequence_balance_loss(
-    scores: torch.Tensor, indices: torch.Tensor, n_experts: int, alpha: float
+    scores: torch.Tensor, indices: torch.Tensor, n_experts: int, alpha: float,
+    sequence: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Sequence-wise balance loss, one sequence per batch row, averaged over rows.
 
     scores [B, L, E] (unbiased s), indices [B, L, K] (the experts actually used).
     L_b = alpha * sum_i f_i P_i,  f_i = E / (K L) * #{t : i in idx_t},  P_i = mean_t s_ti / sum_j s_tj.
     f is a count (no gradient); P carries the gradient into the router.
+    ``sequence = (counts [B, E], length)``: the rows are one chunk of longer sequences with these
+    whole-sequence expert counts (``model/chunked_step.py``); returns the chunk's share of the
+    loss (P summed over the chunk, divided by the whole length), whose gradient w.r.t. a token's
+    probabilities is the unchunked one, alpha * f_i / (length * B).
     """
     B, L, K = indices.shape
-    counts = torch.zeros(B, n_experts, device=scores.device, dtype=torch.float32)
-    counts.scatter_add_(1, indices.reshape(B, L * K), torch.ones(B, L * K, device=scores.device))
-    f = counts * (n_experts / (K * L))  # [B, E]
-    p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # [B, E]
+    share = scores / scores.sum(-1, keepdim=True)  # [B, L, E]
+    if sequence is None:
+        counts, p = row_expert_counts(indices, n_experts), share.mean(1)
+    else:
+        counts, L = sequence
+        p = share.sum(1) / L
+    f = counts.to(p.dtype) * (n_experts / (K * L))  # [B, E]
     return alpha * (f * p).sum(-1).mean()
 
 
@@ -263,6 +285,8 @@ def grouped_unsupported_reason(x: torch.Tensor, w1: torch.Tensor) -> str | None:
     """Why torch._grouped_mm cannot run the experts on these operands, or None."""
     if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no torch._grouped_mm"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"grouped GEMM takes fp32/bf16/fp16 operands, got {x.dtype}"
     if x.device.type == "cuda":
         if x.dtype != torch.bfloat16:
             return f"grouped GEMM on CUDA needs bf16 activations, got {x.dtype}"
@@ -436,7 +460,10 @@ class MoE(nn.Module):
         x: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         routing_indices: torch.Tensor | None = None,
+        sequence: tuple[torch.Tensor, int] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``sequence``: (whole-sequence expert counts [B, E], length) when x is one chunk of a
+        longer sequence (``model/chunked_step.py``): the balance loss is the chunk's share."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.dim:
             raise ValueError(f"MoE: x must be [B, L, {self.cfg.dim}], got {list(x.shape)}")
         B, L, D = x.shape
@@ -461,7 +488,7 @@ class MoE(nn.Module):
             balance = scores.new_zeros(())
         else:
             balance = sequence_balance_loss(scores.view(B, L, -1), indices, self.n_experts,
-                                            self.cfg.balance_loss_alpha)
+                                            self.cfg.balance_loss_alpha, sequence)
         aux = {"balance_loss": balance, "indices": indices, "load": load}
         return y.to(x.dtype).view(B, L, D), aux
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from model.attention import Attention
+from model.chunk_layout import ChunkContext, LayerCarry
 from model.config import ATTENTION_MODES, ModelConfig
 from model.diagnostics import DiagnosticsCollector
 from model.hyper_connections import HyperConnection, HyperHead
@@ -32,6 +33,7 @@ class ModelOutput:
     logits: torch.Tensor | None = None      # [B, L, V], only when asked for (return_logits)
     routing_indices: list[torch.Tensor] = field(default_factory=list)  # per layer [B, L, K]
     diagnostics: dict = field(default_factory=dict)
+    carry: list[dict] | None = None   # chunked: per attention layer, the state handed on
 
 
 class Block(nn.Module):
@@ -48,14 +50,14 @@ class Block(nn.Module):
         self.hc_attn = HyperConnection(cfg, 2 * layer_idx)
         self.hc_ffn = HyperConnection(cfg, 2 * layer_idx + 1)
 
-    def forward(self, x, input_ids, layout: DocLayout, routing_indices=None):
-        # x: [B, L, n, D]
+    def forward(self, x, input_ids, layout: DocLayout, routing_indices=None, carry: LayerCarry | None = None):
+        # x: [B, L, n, D]; carry: this block's state from earlier chunks (chunked step)
         h, post, comb = self.hc_attn.pre(x)
-        a, attn_aux = self.attn(self.attn_norm(h), layout)
+        a, attn_aux = self.attn(self.attn_norm(h), layout, carry=carry and carry.attn)
         x = self.hc_attn.post(a, x, post, comb)
         comb_attn = comb
         h, post, comb = self.hc_ffn.pre(x)
-        f, moe_aux = self.ffn(self.ffn_norm(h), input_ids, routing_indices)
+        f, moe_aux = self.ffn(self.ffn_norm(h), input_ids, routing_indices, carry and carry.moe_sequence)
         x = self.hc_ffn.post(f, x, post, comb)
         return x, {"attn": attn_aux, "moe": moe_aux, "comb": (comb_attn, comb)}
 
@@ -75,10 +77,10 @@ class MTPModule(nn.Module):
         self.hc_head = HyperHead(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h_streams, next_embed, input_ids, layout, routing_indices=None):
+    def forward(self, h_streams, next_embed, input_ids, layout, routing_indices=None, carry=None):
         # h_streams: [B, L, n, D]; next_embed: [B, L, D] embedding of token t+k
         x = self.e_proj(self.enorm(next_embed)).unsqueeze(2) + self.h_proj(self.hnorm(h_streams))
-        x, aux = self.block(x, input_ids, layout, routing_indices)
+        x, aux = self.block(x, input_ids, layout, routing_indices, carry)
         return x, self.norm(self.hc_head(x)), aux
 
 
@@ -160,39 +162,41 @@ class Transformer(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _run_block(self, block: Block, x, input_ids, layout, routing):
-        return self._checkpointed(block, x, input_ids, layout, routing)
+    def _run_block(self, block: Block, x, input_ids, layout, routing, carry=None):
+        return self._checkpointed(block, x, input_ids, layout, routing, carry)
 
     def _final_hidden(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.hc_head(x))                               # [B, L, n, D] -> [B, L, D]
 
-    def _mtp_step(self, mod: MTPModule, x, tokens, layout, routing):
+    def _mtp_step(self, mod: MTPModule, x, tokens, layout, routing, carry=None):
         # the embedding lookup inside: a checkpoint then keeps token ids, not [B, L, D]
-        return mod(x, self.embed(tokens), tokens, layout, routing)
+        return mod(x, self.embed(tokens), tokens, layout, routing, carry)
 
     @staticmethod
     def _layout(input_ids: torch.Tensor, doc_ids: torch.Tensor | None) -> DocLayout:
         B, L = input_ids.shape
         return DocLayout.from_doc_ids(doc_ids) if doc_ids is not None else DocLayout.single(B, L, input_ids.device)
 
-    def _trunk(self, input_ids, layout: DocLayout, routing_indices=None, collect=None):
+    def _trunk(self, input_ids, layout: DocLayout, routing_indices=None, collect=None, carries=None):
         """Embedding and the main blocks: (streams [B, L, n, D], balance losses, indexer losses,
-        routing indices) of the main layers."""
+        routing indices, the state each attention layer hands on (chunked; else None)) of the
+        main layers. ``carries``: per layer, its state from earlier chunks (chunked step)."""
         cfg = self.cfg
         B, L = input_ids.shape
         emb = self.embed(input_ids)                                     # [B, L, D]
         x = emb.unsqueeze(2).expand(B, L, cfg.n_streams, cfg.dim).contiguous()  # [B, L, n, D]
-        balance, idx_losses, used_routes = [], [], []
+        balance, idx_losses, used_routes, state_out = [], [], [], []
         for i, block in enumerate(self.layers):
             route = routing_indices[i] if routing_indices is not None else None
-            x, aux = self._run_block(block, x, input_ids, layout, route)
+            x, aux = self._run_block(block, x, input_ids, layout, route, carries[i] if carries else None)
             balance.append(aux["moe"]["balance_loss"])
             if aux["attn"].get("indexer_loss") is not None:
                 idx_losses.append(aux["attn"]["indexer_loss"])
             used_routes.append(aux["moe"]["indices"])
+            state_out.append(aux["attn"].get("carry"))
             if collect is not None:
                 collect.block(i, block, aux)
-        return x, balance, idx_losses, used_routes
+        return x, balance, idx_losses, used_routes, state_out
 
     def hidden_states(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L, D]: the final hidden state the LM head reads, without logits, MTP or losses.
@@ -211,9 +215,13 @@ class Transformer(nn.Module):
         routing_indices: list[torch.Tensor] | None = None,
         diagnostics: bool = False,
         return_logits: bool | None = None,
+        chunk: ChunkContext | None = None,
     ) -> ModelOutput:
         """``return_logits``: None = logits only when there are no labels (inference); with
-        labels the losses never form [B, L, V] logits (model/loss.py) unless True is passed."""
+        labels the losses never form [B, L, V] logits (model/loss.py) unless True is passed.
+        ``chunk``: the inputs are one chunk of longer sequences (``model/chunked_step.py``):
+        attention layers read the earlier chunks' state from it, losses are the chunk's share of
+        the whole sequence's (no logits), and ``carry`` returns the state this chunk hands on."""
         cfg = self.cfg
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -226,13 +234,20 @@ class Transformer(nn.Module):
                 f"routing_indices needs one entry per MoE layer ({cfg.n_layers}, or {n_moe} with MTP), "
                 f"got {len(routing_indices)}"
             )
-        layout = self._layout(input_ids, doc_ids)
+        if chunk is not None:
+            layout = chunk.frame.layout
+        else:
+            layout = self._layout(input_ids, doc_ids)
+        carries = [None] * n_moe if chunk is None else chunk.layers
+        want_loss = labels is not None and (chunk is None or chunk.need_loss)
         collect = DiagnosticsCollector(enabled=diagnostics)
-        x, balance, idx_losses, used_routes = self._trunk(input_ids, layout, routing_indices, collect)
+        x, balance, idx_losses, used_routes, state_out = self._trunk(input_ids, layout, routing_indices,
+                                                                     collect, carries)
         h_main = x
-        hidden = self._checkpointed(self._final_hidden, x)              # [B, L, D]
-        if return_logits is None:
-            return_logits = labels is None
+        # (a chunk's state pass needs no head)
+        hidden = self._checkpointed(self._final_hidden, x) if want_loss or chunk is None else None  # [B, L, D]
+        if return_logits is None or chunk is not None:
+            return_logits = labels is None and chunk is None
         logits = self.head(hidden) if return_logits else None           # [B, L, V]
 
         losses: dict[str, torch.Tensor] = {}
@@ -240,44 +255,56 @@ class Transformer(nn.Module):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            lm = self._lm_loss(hidden, labels)
-            total = lm
-            losses["lm"] = lm
+            if want_loss:
+                lm = self._lm_loss(hidden, labels, chunk and chunk.lm_count)
+                total = lm
+                losses["lm"] = lm
             if cfg.mtp_depth > 0:
                 mtp_losses = []
                 x_mtp = h_main
                 tok_in = labels  # depth k+1 reads token t+k+1 and predicts token t+k+2
                 for k, mod in enumerate(self.mtp):
-                    tgt = self._shift(tok_in, doc_ids).masked_fill(tok_in == IGNORE_INDEX, IGNORE_INDEX)
+                    if chunk is None:
+                        tgt, count = self._shift(tok_in, doc_ids).masked_fill(tok_in == IGNORE_INDEX, IGNORE_INDEX), None
+                    else:   # shifted over the whole sequence: t + 1 may lie in the next chunk
+                        tok_in, tgt, count = chunk.mtp[k]
                     safe_in = tok_in.clamp(min=0)
                     route = routing_indices[cfg.n_layers + k] if routing_indices is not None and len(routing_indices) == n_moe else None
-                    x_mtp, h_k, aux = self._checkpointed(self._mtp_step, mod, x_mtp, safe_in, layout, route)
+                    x_mtp, h_k, aux = self._checkpointed(self._mtp_step, mod, x_mtp, safe_in, layout, route,
+                                                         carries[cfg.n_layers + k])
                     balance.append(aux["moe"]["balance_loss"])
                     if aux["attn"].get("indexer_loss") is not None:
                         idx_losses.append(aux["attn"]["indexer_loss"])
                     used_routes.append(aux["moe"]["indices"])
+                    state_out.append(aux["attn"].get("carry"))
                     collect.block(cfg.n_layers + k, mod.block, aux, composite=False)
-                    mtp_losses.append(self._lm_loss(h_k, tgt))
+                    if want_loss:
+                        mtp_losses.append(self._lm_loss(h_k, tgt, count))
                     tok_in = tgt
-                mtp = torch.stack(mtp_losses).mean()
-                losses["mtp"] = mtp
-                total = total + self.mtp_loss_weight * mtp
-            bal = torch.stack([b.float() for b in balance]).sum()
-            losses["balance"] = bal
-            total = total + bal
-            if idx_losses:
-                il = torch.stack(idx_losses).mean()
-                losses["indexer"] = il
-                total = total + il
+                if want_loss:
+                    mtp = torch.stack(mtp_losses).mean()
+                    losses["mtp"] = mtp
+                    total = total + self.mtp_loss_weight * mtp
+            if want_loss:
+                bal = torch.stack([b.to(torch.promote_types(b.dtype, torch.float32)) for b in balance]).sum()
+                losses["balance"] = bal
+                total = total + bal
+                if idx_losses:
+                    il = torch.stack(idx_losses).mean()
+                    losses["indexer"] = il
+                    total = total + il
             losses = {k: v.detach() for k, v in losses.items()}
         diag = collect.finish(self) if diagnostics else {}
-        return ModelOutput(loss=total, losses=losses, logits=logits, routing_indices=used_routes, diagnostics=diag)
+        return ModelOutput(loss=total, losses=losses, logits=logits if chunk is None else None,
+                           routing_indices=used_routes, diagnostics=diag,
+                           carry=state_out if chunk is not None else None)
 
-    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the shared head over hidden [B, L, D] (main head and MTP)."""
+    def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """Mean cross-entropy of the shared head over hidden [B, L, D] (main head and MTP);
+        ``count``: divide by this many labelled tokens (a chunk's share of a longer sequence's mean)."""
         if self.cfg.loss_impl == "reference":
-            return reference_linear_cross_entropy(hidden, self.head.weight, labels)
-        return linear_cross_entropy(hidden, self.head.weight, labels)
+            return reference_linear_cross_entropy(hidden, self.head.weight, labels, count=count)
+        return linear_cross_entropy(hidden, self.head.weight, labels, count=count)
 
     @staticmethod
     def _shift(t: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:

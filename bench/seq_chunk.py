@@ -1,0 +1,135 @@
+"""Benchmark + check of the sequence-chunked training step (model/chunked_step.py) on one GPU.
+
+1. Check (fp32, Triton kernels on): the chunked step's loss and gradients against the unchunked
+   step at --check-len tokens (packed documents crossing the chunk boundaries, unequal chunks),
+   sparse and dense attention: max relative gradient error per parameter (fp32 rounding only;
+   the exact fp64 equality is a CPU test, tests/model/test_chunked_step.py).
+2. Memory and time (bf16, the small preset with max_seq_len raised to 4M): forward + backward of
+   one sequence of L tokens, chunked with --chunk rows (and unchunked where it fits): peak
+   allocated GiB above the model, seconds, tokens/s. L from --lengths (default 16K ... 1M).
+
+    python bench/seq_chunk.py --out $OUT        # writes $OUT/seq_chunk.md and prints it
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.attention import fmt_row  # noqa: E402
+from model.chunked_step import chunked_forward_backward  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.transformer import Transformer  # noqa: E402
+
+
+def packed(B, L, vocab, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, L + 1), generator=g)
+    doc = torch.zeros(B, L, dtype=torch.long)
+    cuts = sorted(torch.randint(1, L, (max(1, L // 3000),), generator=g).tolist())
+    for c in cuts:
+        doc[:, c:] += 1
+    return ids[:, :-1].to(device), ids[:, 1:].to(device), doc.to(device)
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check(preset, L, device, log):
+    rows = []
+    for mode in ("sparse", "dense"):
+        cfg = ModelConfig.from_preset(preset, attention_mode=mode, max_seq_len=max(L, 4096))
+        torch.manual_seed(0)
+        model = Transformer(cfg).to(device).train()
+        ids, lab, doc = packed(1, L, cfg.vocab_size, device)
+        out = model(ids, doc_ids=doc, labels=lab)
+        out.loss.backward()
+        ref = grads(model)
+        model.zero_grad(set_to_none=True)
+        sizes = [L // 3, L // 3 + 7]
+        sizes.append(L - sum(sizes))
+        got = chunked_forward_backward(model, ids, lab, sizes, doc_ids=doc)
+        worst, name = 0.0, ""
+        for n, p in model.named_parameters():
+            if n in ref:
+                e = float((p.grad - ref[n]).norm() / ref[n].norm().clamp_min(1e-30))
+                if e > worst:
+                    worst, name = e, n
+        loss_err = abs(float(got.loss) - float(out.loss)) / abs(float(out.loss))
+        rows.append([preset, mode, L, str(sizes), f"{loss_err:.1e}", f"{worst:.1e} ({name})"])
+        log(fmt_row(rows[-1]))
+        model.zero_grad(set_to_none=True)
+    return rows
+
+
+def measure(model, L, chunk, device):
+    ids, lab, doc = packed(1, L, model.cfg.vocab_size, device, seed=1)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    if chunk:
+        chunked_forward_backward(model, ids, lab, chunk, doc_ids=doc)
+    else:
+        model(ids, doc_ids=doc, labels=lab).loss.backward()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    model.zero_grad(set_to_none=True)
+    return peak, dt
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--check-len", type=int, default=8192)
+    ap.add_argument("--chunk", type=int, default=16384)
+    ap.add_argument("--lengths", default="16384,65536,262144,1048576")
+    ap.add_argument("--unchunked-max", type=int, default=65536)
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing inside chunks")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    lines = [f"# sequence-chunked step: {torch.cuda.get_device_name()} , {time.strftime('%Y-%m-%d')}", ""]
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    log("## check: chunked vs unchunked, fp32, packed documents, 3 unequal chunks")
+    log(fmt_row(["preset", "mode", "L", "chunks", "loss rel err", "worst grad rel err (param)"]))
+    log(fmt_row(["---"] * 6))
+    check(args.preset, args.check_len, device, log)
+
+    log("")
+    log(f"## memory and time: {args.preset}, bf16, batch 1, chunk {args.chunk}, "
+        f"checkpointing {'on' if args.checkpointing else 'off'}")
+    log(fmt_row(["L", "chunk", "peak GiB (above weights)", "fwd+bwd s", "tok/s"]))
+    log(fmt_row(["---"] * 5))
+    cfg = ModelConfig.from_preset(args.preset, max_seq_len=1 << 22)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device).to(torch.bfloat16).train()
+    model.activation_checkpointing = args.checkpointing
+    measure(model, 4096, 0, device)   # warm-up: Triton compilation
+    for L in (int(x) for x in args.lengths.split(",")):
+        for chunk in ([0] if L <= args.unchunked_max else []) + ([args.chunk] if L > args.chunk else []):
+            try:
+                peak, dt = measure(model, L, chunk, device)
+                log(fmt_row([L, chunk or "off", f"{peak:.1f}", f"{dt:.2f}", f"{L / dt:,.0f}"]))
+            except torch.OutOfMemoryError:
+                log(fmt_row([L, chunk or "off", "OOM", "", ""]))
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "seq_chunk.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
