@@ -253,7 +253,21 @@ def test_bf16_forward_and_backward(layer):
     xb = x.bfloat16().requires_grad_()
     out, aux = attn(xb, lay)
     assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
-    assert float((out.detach().float() - ref).abs().max()) < 0.05 * float(ref.abs().max()) + 1e-3
+    err = (out.detach().float() - ref).abs()
+    # bf16 round-off can flip a near-tied indexer score and so one top-3 entry of a query: that
+    # query's row then differs by more than round-off (seen: 8.8% of max with the 1M-context YaRN
+    # preset), so the elementwise bound is checked where the selection cannot flip (top-k covering
+    # every entry) and the mean bound everywhere.
+    assert float(err.mean()) < 0.02 * float(ref.abs().mean())
+    if layer != 1:
+        assert float(err.max()) < 0.05 * float(ref.abs().max()) + 1e-3
+    else:
+        dense = Attention(_tiny(index_topk=64), layer).train()
+        dense.load_state_dict({k: v.float() for k, v in attn.state_dict().items()})
+        with torch.no_grad():
+            ref_d, _ = dense(x, lay)
+            out_d, _ = dense.bfloat16()(x.bfloat16(), lay)
+        assert float((out_d.float() - ref_d).abs().max()) < 0.05 * float(ref_d.abs().max()) + 1e-3
     loss = out.float().square().mean() + (aux["indexer_loss"] if aux["indexer_loss"] is not None else 0)
     loss.backward()
     assert bool(torch.isfinite(xb.grad).all())
