@@ -149,14 +149,14 @@ class Attention(nn.Module):
                 cl = CompressedLayout.build(layout, self.ratio)
             ckv, c_end = self.compressor(x, cl), cl.c_end                # [B, N, hd], [B, N]
             if carry is not None:   # + the entries of earlier chunks (state)
-                ckv_new, ckv, c_end = ckv, entries.merge(carry.ckv, ckv), entries.c_end
+                ckv_new, ckv, c_end = ckv, entries.merge(carry.state("ckv", ckv), ckv), entries.c_end
             # (a chunk's state pass also keeps the indexer keys: a later chunk's loss reads them)
             use_indexer = self.indexer is not None and (self.mode == "sparse" or want_loss
                                                         or (carry is not None and self.training))
             if use_indexer:
                 q_i, w_i, k_i = self.indexer.project(x, qr, pos, cl)     # [B,L,Hi,Di] [B,L,Hi] [B,N,Di]
                 if carry is not None:
-                    k_new, k_i = k_i, entries.merge(carry.index_keys, k_i)
+                    k_new, k_i = k_i, entries.merge(carry.state("index_keys", k_i), k_i)
             if use_indexer and self.mode == "sparse":
                 # select without gradient and without the [B, L, N] matrix; score (with
                 # gradient) only the K selected entries, for the indexer loss

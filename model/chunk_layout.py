@@ -28,6 +28,7 @@ the frame. c_end is non-decreasing (pads at the end), as the kernels require.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -205,6 +206,13 @@ class AttentionCarry:
     index_keys: torch.Tensor | None = None  # [B, n_old, index_head_dim]
     need_loss: bool = True
     indexer_norm: float | None = None       # 1 / (queries with a non-empty entry set, whole sequence)
+    exchange: Callable[[str, torch.Tensor], torch.Tensor] | None = None  # context parallel, see state()
+
+    def state(self, name: str, pooled: torch.Tensor) -> torch.Tensor | None:
+        """The entries ("ckv" | "index_keys") ending before the frame. Chunked step: held here.
+        Context parallel (``model/context_parallel.py``): ``exchange`` gathers them from the
+        other ranks once this frame has pooled its own (``pooled``)."""
+        return getattr(self, name) if self.exchange is None else self.exchange(name, pooled)
 
 
 @dataclass
