@@ -293,6 +293,20 @@ class ShardPlan:
                          {r: EntryOwnership.build(cl, bounds) for r, cl in clayouts.items()},
                          1.0 / max(1, n_q))
 
+    def predicted_bytes(self, ratio: int, dim: int, widths: dict[str, int], elt: int,
+                        batch: int) -> dict[str, tuple[int, int]]:
+        """What one layer's forward + backward moves for this rank, by operation: (sent,
+        received). widths: name -> row width of each gathered tensor ({"ckv": head_dim,
+        "index_keys": index_head_dim} for CSA in training; {"ckv": head_dim} for HCA)."""
+        row = batch * dim * elt
+        recv, send = self.frame.halo * row, self.send_rows * row
+        out = {"halo.fwd": (send, recv), "halo.bwd": (recv, send)}
+        if ratio:
+            n = (self.cp.size - 1) * batch * self.owners[ratio].width * elt
+            for name, w in widths.items():
+                out[f"{name}.fwd"] = out[f"{name}.bwd"] = (n * w, n * w)
+        return out
+
     def layer(self, x: torch.Tensor, ratio: int, need_loss: bool = True,
               stats: CommStats | None = None) -> "LayerComm":
         """One attention layer's communication, its input rows [s, e) being ``x`` [B, e - s, D]:

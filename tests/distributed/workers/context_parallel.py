@@ -4,7 +4,8 @@ sequence, computed on every rank in fp64.
 
     python tests/distributed/workers/context_parallel.py --mode sparse [--bounds 0,7,96]
 Checks (relative error <= 1e-10): this rank's output rows and input-gradient rows, every
-parameter gradient (summed over the CP group), the indexer KL loss (summed over the group).
+parameter gradient (summed over the CP group), the indexer KL loss (summed over the group), the
+bytes each collective moved (== ``ShardPlan.predicted_bytes``).
 Prints the bytes each layer moved, which ranks own no entry of a ratio, then "OK <rank>".
 """
 from __future__ import annotations
@@ -104,6 +105,11 @@ def main() -> None:
             n_own = own.first[cp.rank + 1] - own.first[cp.rank]
             if (n_own == 0).any():
                 print(f"EMPTY rank {cp.rank} ratio {ratio} rows {(n_own == 0).nonzero().flatten().tolist()}")
+        widths = {"ckv": cfg.head_dim, "index_keys": cfg.index_head_dim} if ratio == cfg.csa_ratio else (
+            {"ckv": cfg.head_dim} if ratio else {})
+        want = plan.predicted_bytes(ratio, D, widths, x.element_size(), B)
+        got = {k: (stats.sent[k], stats.received[k]) for k in stats.sent}
+        assert got == want, f"{tag}: bytes moved {got}, the model predicts {want}"
         sent, recv = stats.total()
         print(f"BYTES rank {cp.rank} layer {li} ratio {ratio} sent {sent} received {recv} "
               + " ".join(f"{k}={v}" for k, v in sorted(stats.sent.items())))
