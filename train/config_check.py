@@ -76,6 +76,10 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
     first = curriculum.stages[0]
     deepspeed_config(cfg.deepspeed, micro_batch=first.micro_batch, grad_accum=first.grad_accum,
                      world_size=world_size, grad_clip=tc.grad_clip, precision=precision)
+    if cfg.parallel.cp_size != 1:
+        raise ConfigError(f"parallel.cp_size={cfg.parallel.cp_size}: context parallelism is not wired "
+                          f"into the trainer yet (model/context_parallel.py shards attention layers "
+                          f"only); set parallel.cp_size=1")
     if cfg.parallel.ep_size > 1:   # (its module imports DeepSpeed: only when it matters)
         from train.expert_parallel import check_zero_stage_for_ep
 
