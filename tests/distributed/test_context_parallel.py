@@ -17,9 +17,10 @@ from model.layout import CompressedLayout, DocLayout
     (2, "sparse", ""), (2, "dense", "0,7,96"),            # a first shard shorter than the halo
     (3, "sparse", "0,7,22,96"), (3, "dense", ""),         # ranks owning no HCA entry
     (4, "sparse", ""), (4, "dense", "0,30,45,60,96"),     # middle shards exactly the halo (15)
+    (3, "sparse", "ties"),                                # every indexer score ties
 ])
 def test_sharded_layer_equals_unsharded(ranks, world, mode, bounds):
-    args = ["--mode", mode] + (["--bounds", bounds] if bounds else [])
+    args = ["--mode", mode] + (["--ties"] if bounds == "ties" else ["--bounds", bounds] if bounds else [])
     outputs = ranks("context_parallel.py", args, world=world)
     assert all(f"OK {r}" in out for r, out in enumerate(outputs))
     if bounds == "0,7,22,96":

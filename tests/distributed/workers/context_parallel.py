@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["sparse", "dense"], required=True)
     ap.add_argument("--length", type=int, default=96)
+    ap.add_argument("--ties", action="store_true", help="indexer queries zero: every score ties")
     ap.add_argument("--bounds", default="", help="shard starts and the end, e.g. 0,7,96 (uneven)")
     args = ap.parse_args()
 
@@ -65,6 +66,8 @@ def main() -> None:
             for n, p in attn.named_parameters():
                 if n.endswith("ape") or n == "sink":
                     p.normal_(0, 0.5, generator=g)
+            if args.ties and attn.indexer is not None:   # top-k falls back to the entry order
+                attn.indexer.wq_b.weight.zero_()
         x = torch.randn(B, L, D, dtype=torch.float64, generator=g)
         w = torch.randn(B, L, D, dtype=torch.float64, generator=g)
 
