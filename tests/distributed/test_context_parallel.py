@@ -1,6 +1,6 @@
 """Context parallelism (model/context_parallel.py): one attention layer of each kind on P token
-shards equals the unsharded layer in fp64 (outputs, input and parameter gradients, indexer KL),
-and the shard bookkeeping (who pools which compressed entry, the halo limit) in-process."""
+shards equals the unsharded layer in fp64 (outputs, input and parameter gradients, indexer KL;
+bytes moved == the model; tied indexer scores; activation checkpointing), and the shard bookkeeping (who pools which compressed entry, the halo limit) in-process."""
 from __future__ import annotations
 
 import pytest
@@ -13,17 +13,17 @@ from model.layout import CompressedLayout, DocLayout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, mode, bounds", [
-    (2, "sparse", ""), (2, "dense", "0,7,96"),            # a first shard shorter than the halo
-    (3, "sparse", "0,7,22,96"), (3, "dense", ""),         # ranks owning no HCA entry
-    (4, "sparse", ""), (4, "dense", "0,30,45,60,96"),     # middle shards exactly the halo (15)
-    (3, "sparse", "ties"),                                # every indexer score ties
+@pytest.mark.parametrize("world, args", [
+    (2, "--mode sparse"), (2, "--mode dense --bounds 0,7,96"),        # first shard below the halo
+    (3, "--mode sparse --bounds 0,7,22,96"), (3, "--mode dense"),     # ranks owning no HCA entry
+    (4, "--mode sparse"), (4, "--mode dense --bounds 0,30,45,60,96"),  # middle shards = the halo (15)
+    (3, "--mode sparse --ties"),                                      # every indexer score ties
+    (3, "--mode dense --checkpoint --bounds 0,7,22,96"),              # under activation checkpointing
 ])
-def test_sharded_layer_equals_unsharded(ranks, world, mode, bounds):
-    args = ["--mode", mode] + (["--ties"] if bounds == "ties" else ["--bounds", bounds] if bounds else [])
-    outputs = ranks("context_parallel.py", args, world=world)
+def test_sharded_layer_equals_unsharded(ranks, world, args):
+    outputs = ranks("context_parallel.py", args.split(), world=world)
     assert all(f"OK {r}" in out for r, out in enumerate(outputs))
-    if bounds == "0,7,22,96":
+    if "0,7,22,96" in args:
         assert "EMPTY rank 0 ratio 16" in outputs[0], "the case meant to hold a rank owning no entry does not"
 
 

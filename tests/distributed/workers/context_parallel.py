@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=["sparse", "dense"], required=True)
     ap.add_argument("--length", type=int, default=96)
+    ap.add_argument("--checkpoint", action="store_true", help="the sharded layer under activation checkpointing")
     ap.add_argument("--ties", action="store_true", help="indexer queries zero: every score ties")
     ap.add_argument("--bounds", default="", help="shard starts and the end, e.g. 0,7,96 (uneven)")
     args = ap.parse_args()
@@ -83,7 +84,11 @@ def main() -> None:
         # the same layer, this rank's rows
         stats = CommStats()
         xl = x[:, s:e].clone().requires_grad_(True)
-        out_l, aux_l = cp_attention(attn, xl, plan, stats)
+        if args.checkpoint:   # (non-reentrant: the recompute repeats the layer's collectives)
+            from torch.utils.checkpoint import checkpoint
+            out_l, aux_l = checkpoint(cp_attention, attn, xl, plan, stats, use_reentrant=False)
+        else:
+            out_l, aux_l = cp_attention(attn, xl, plan, stats)
         il = aux_l["indexer_loss"]
         loss_l = (out_l * w[:, s:e]).sum() + (3.0 * il if il is not None else 0.0)
         loss_l.backward()
@@ -112,6 +117,8 @@ def main() -> None:
             {"ckv": cfg.head_dim} if ratio else {})
         want = plan.predicted_bytes(ratio, D, widths, x.element_size(), B)
         got = {k: (stats.sent[k], stats.received[k]) for k in stats.sent}
+        if args.checkpoint:   # the recompute moves the forward's bytes once more
+            want.update({k: (2 * v[0], 2 * v[1]) for k, v in want.items() if k.endswith(".fwd")})
         assert got == want, f"{tag}: bytes moved {got}, the model predicts {want}"
         sent, recv = stats.total()
         print(f"BYTES rank {cp.rank} layer {li} ratio {ratio} sent {sent} received {recv} "
