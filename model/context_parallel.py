@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from model.chunk_layout import AttentionCarry, ChunkFrame, build_frame, halo_rows
+from model.chunk_layout import AttentionCarry, ChunkFrame, attention_ratios, build_frame, halo_rows
 from model.config import ModelConfig
-from model.layout import CompressedLayout, DocLayout
+from model.layout import CompressedLayout, DocLayout, queries_with_entries
 
 
 # ---------------------------------------------------------------------------- groups, shards
@@ -272,8 +272,6 @@ class ShardPlan:
         """layout: the whole sequence's (same on every rank); clayouts: ratio -> global layout
         (built for every compressed ratio of cfg if None); bounds: explicit ranges (uneven
         shards), else ``shard_bounds``."""
-        from model.attention import _queries_with_entries
-        from model.chunk_layout import attention_ratios
 
         L = layout.positions.shape[1]
         bounds = shard_bounds(L, cp.size) if bounds is None else [tuple(b) for b in bounds]
@@ -288,7 +286,7 @@ class ShardPlan:
         s, e = bounds[cp.rank]
         frame = build_frame(layout, clayouts, s, e, halo, cfg.csa_ratio)
         csa = clayouts.get(cfg.csa_ratio)
-        n_q = int(_queries_with_entries(csa.c_end, layout.doc_start)) if csa is not None else 0
+        n_q = int(queries_with_entries(csa.c_end, layout.doc_start)) if csa is not None else 0
         return ShardPlan(cp, bounds, frame, min(halo, e) if cp.rank < cp.size - 1 else 0,
                          {r: EntryOwnership.build(cl, bounds) for r, cl in clayouts.items()},
                          1.0 / max(1, n_q))

@@ -185,6 +185,8 @@ def test_cpu_mfu_with_a_stated_peak_and_the_bar_shows_the_lm_loss(th, tmp_path, 
     bar = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "lm_loss=" in line]
     assert bar and f"lm_loss={train[-1]['loss/lm']:.3f}" in bar[-1]
     assert not any(" loss=" in line or "[loss=" in line for line in bar)
+
+
 def test_context_parallel_is_refused_until_wired(th):
     import train.config_check as cc
 
