@@ -272,7 +272,6 @@ class ShardPlan:
         """layout: the whole sequence's (same on every rank); clayouts: ratio -> global layout
         (built for every compressed ratio of cfg if None); bounds: explicit ranges (uneven
         shards), else ``shard_bounds``."""
-
         L = layout.positions.shape[1]
         bounds = shard_bounds(L, cp.size) if bounds is None else [tuple(b) for b in bounds]
         if len(bounds) != cp.size or bounds[0][0] != 0 or bounds[-1][1] != L or any(
