@@ -78,11 +78,15 @@ def _identity(definition: str, eos_id: int) -> str:
     return h.hexdigest()
 
 
-def _load_embedded_gpt2() -> Tokenizer:
+def _embedded_gpt2_bpe():
     from tokenizers import ByteLevelBPETokenizer
 
-    vocab, merges = _gpt2_files()
-    bpe = ByteLevelBPETokenizer.from_file(vocab, merges)
+    return ByteLevelBPETokenizer.from_file(*_gpt2_files())
+
+
+def _load_embedded_gpt2() -> Tokenizer:
+    vocab, _ = _gpt2_files()
+    bpe = _embedded_gpt2_bpe()
     eos_id = bpe.token_to_id(GPT2_EOS_TOKEN)
     if eos_id is None:
         raise ValueError(f"{vocab} has no {GPT2_EOS_TOKEN!r} entry; not the GPT-2 vocabulary")
@@ -105,7 +109,7 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec)
 
 
-def _load_hf(spec: str, eos_token: str | None) -> Tokenizer:
+def _auto_tokenizer(spec: str):
     path = os.path.expanduser(spec)
     if _looks_like_path(spec) and not os.path.isdir(path):
         raise FileNotFoundError(f"unknown tokenizer {spec!r}: no such tokenizer directory {path}")
@@ -114,22 +118,30 @@ def _load_hf(spec: str, eos_token: str | None) -> Tokenizer:
     except ImportError as e:  # transformers is an optional dependency
         raise ImportError(f"tokenizer {spec!r} needs the 'transformers' package") from e
     try:
-        hf = AutoTokenizer.from_pretrained(path if os.path.isdir(path) else spec)
+        return AutoTokenizer.from_pretrained(path if os.path.isdir(path) else spec)
     except Exception as e:  # OSError (not found / offline), ValueError (unrecognised), ...
         raise ValueError(
             f"unknown tokenizer {spec!r}: transformers.AutoTokenizer could not load it "
             f"(use {EMBEDDED_GPT2!r}, a local tokenizer directory, or a hub name with network): {e}"
         ) from e
+
+
+def _eos_id(hf, spec: str, eos_token: str | None) -> int:
     if eos_token is not None:
         eos_id = hf.convert_tokens_to_ids(eos_token)
         if eos_id is None or eos_id == hf.unk_token_id and eos_token != hf.unk_token:
             raise ValueError(f"tokenizer {spec!r} has no token eos_token={eos_token!r}")
-    else:
-        eos_id = hf.eos_token_id
-        if eos_id is None:
-            raise ValueError(
-                f"tokenizer {spec!r} defines no eos token; set data.eos_token to the document separator"
-            )
+        return int(eos_id)
+    if hf.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer {spec!r} defines no eos token; set data.eos_token to the document separator"
+        )
+    return int(hf.eos_token_id)
+
+
+def _load_hf(spec: str, eos_token: str | None) -> Tokenizer:
+    hf = _auto_tokenizer(spec)
+    eos_id = _eos_id(hf, spec, eos_token)
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is not None:
         definition = backend.to_str()
@@ -166,3 +178,22 @@ def load_tokenizer(spec: str, eos_token: str | None = None) -> Tokenizer:
             raise ValueError(f"tokenizer {EMBEDDED_GPT2!r} uses eos_token={GPT2_EOS_TOKEN!r}, got {eos_token!r}")
         return _load_embedded_gpt2()
     return _load_hf(spec, eos_token)
+
+
+def save_hf_tokenizer(spec: str, eos_token: str | None, out_dir: str | os.PathLike) -> dict:
+    """Write the training tokenizer ``spec`` as Hugging Face tokenizer files into ``out_dir``,
+    so that ``transformers.AutoTokenizer.from_pretrained(out_dir)`` loads it offline and encodes
+    as training did. Returns ``{"bos_token_id", "eos_token_id"}`` for the model config (the
+    document separator is the eos; GPT-2 uses ``<|endoftext|>`` for bos as well)."""
+    if spec == EMBEDDED_GPT2:   # the very BPE object training encoded with, as a fast tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        hf = PreTrainedTokenizerFast(tokenizer_object=_embedded_gpt2_bpe()._tokenizer,
+                                     unk_token=GPT2_EOS_TOKEN, bos_token=GPT2_EOS_TOKEN,
+                                     eos_token=GPT2_EOS_TOKEN)
+        eos_id = _eos_id(hf, spec, eos_token or GPT2_EOS_TOKEN)
+    else:
+        hf = _auto_tokenizer(spec)
+        eos_id = _eos_id(hf, spec, eos_token)
+    hf.save_pretrained(str(out_dir))
+    return {"bos_token_id": hf.bos_token_id, "eos_token_id": eos_id}

@@ -183,14 +183,15 @@ def test_export_names_cover_hf_model_and_official_mtp():
 
 # ----------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("make_cfg,L", [
-    (lambda: ModelConfig.from_preset("tiny", index_n_heads=16), 96),
+    (lambda: ModelConfig.from_preset("tiny"), 96),          # the default model, as exported
     (_variant, 64),
 ])
 def test_logits_match_transformers(make_cfg, L, tmp_path):
     """The independent fidelity check: HF's eager DeepseekV4 on our exported weights.
 
-    16 indexer heads (tiny has 4) make an all-zero indexer score (every ReLU zero, an exact tie)
-    improbable; the tie guard below fails loudly rather than letting a tie pass as a mismatch.
+    The default tiny preset's 16 indexer heads make an all-zero indexer score (every ReLU zero,
+    an exact tie) improbable; the tie guard below fails loudly rather than letting a tie pass as
+    a mismatch.
     """
     cfg = make_cfg()
     model = _perturbed(cfg, seed=1)
@@ -451,3 +452,43 @@ def test_real_deepspeed_checkpoints(tmp_path):
         sd, _ = load_checkpoint(d, cfg_file)
         ref = torch.load(d / "reference.pt")
         assert all(torch.equal(sd[k], v) for k, v in ref.items()), stage
+
+
+def test_cli_export_writes_the_training_tokenizer_and_plain_permissions(tmp_path):
+    """`python -m model.hf export` of a trainer run: the tokenizer the run trained with
+    (recorded in meta.json) is exported, AutoTokenizer loads it offline and encodes as training
+    did, config.json gets its bos/eos ids, and the files have the umask's permissions."""
+    from data.tokenizer import load_tokenizer
+
+    model = _perturbed(ModelConfig.from_preset("tiny"), seed=8)
+    run = _fake_trainer_run(tmp_path, model)
+    tag = run / "checkpoints" / "step_00000020"
+    (tag / "meta.json").write_text(json.dumps({"step": 20, "job": {"data": {
+        "tokenizer": "gpt2-embedded", "eos_token": None}}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); "
+                           "from model.hf import main; sys.exit(main())", "export", "--checkpoint",
+                           str(run), "--out", str(tmp_path / "hf")],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "tokenizer gpt2-embedded" in proc.stdout and "note:" not in proc.stderr
+    out = tmp_path / "hf"
+    hcfg = json.loads((out / "config.json").read_text())
+    assert hcfg["bos_token_id"] == hcfg["eos_token_id"] == 50256
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    ours = load_tokenizer("gpt2-embedded")
+    text = "In the beginning God created the heaven and the earth.\n  Now is the winter of our discontent"
+    assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert hf.eos_token_id == ours.eos_id == 50256
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {0o644}
+
+
+def test_cli_export_without_a_recorded_tokenizer_says_so(tmp_path):
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    ckpt = _save_pt(tmp_path, model)
+    proc = subprocess.run([sys.executable, "-m", "model.hf", "export", "--checkpoint", str(ckpt),
+                           "--out", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "no tokenizer recorded" in proc.stderr and "--tokenizer" in proc.stderr
+    assert not (tmp_path / "hf" / "tokenizer.json").exists()
