@@ -9,13 +9,13 @@ Bytes per parameter (the ZeRO paper's accounting, with V4's optimizer split):
   the weights too; offload moves the state (and with ZeRO-3 the weights) to host memory.
   Routed experts are split over ``ep_size`` ranks first.
 Activations (saved for backward, per micro-batch of T tokens), per layer and token in elements:
-  mHC 10 n D + 4 x Sinkhorn iterations x n^2 (two sites), attention 4 H d + 2 q_lora + 2 g r_o
+  mHC 12 n D + 4 x Sinkhorn iterations x n^2 (two sites), attention 4 H d + 2 q_lora + 2 g r_o
   + 4 D, MoE k (7 I + D) + s 6 I + 2 E, and with the PyTorch reference attention (CPU, or
-  ``attention_impl=torch``, which masks a dense score matrix) scores and probabilities
-  2 H (L + L/m + 1) plus the indexer's 2 H_idx L on CSA layers (the Triton path keeps none); the head adds the fp32 logits,
-  V x 4 bytes per prediction (main + MTP), and one logits gradient alive during backward. Activation checkpointing keeps each layer's
-  input (n D) and one layer's activations at a time. ``tests/model/test_memory.py`` checks the
-  estimate against the bytes autograd actually saves.
+  ``attention_impl=torch``, which masks a dense score matrix) scores, probabilities and mask
+  2.5 H (L + L/m + 1) plus the indexer's 2 H_idx L on CSA layers (the Triton path keeps none);
+  the head: ``head_bytes``. Activation checkpointing keeps each block's input (n D); one
+  block's activations live during its recomputation (``activation_bytes``).
+  ``tests/model/test_memory.py`` checks the estimate against the bytes autograd really saves.
 """
 from __future__ import annotations
 
@@ -95,14 +95,14 @@ class Estimate:
 def _layer_elements(cfg: ModelConfig, ratio: int, s: Setup) -> float:
     """Elements saved for backward per token in one block (see the module docstring)."""
     n_hc = cfg.n_streams
-    n = 10 * n_hc * cfg.dim + 4 * cfg.hc_sinkhorn_iters * n_hc * n_hc
+    n = 12 * n_hc * cfg.dim + 4 * cfg.hc_sinkhorn_iters * n_hc * n_hc
     n += 4 * cfg.n_heads * cfg.head_dim + 2 * cfg.q_lora_rank + 2 * cfg.o_groups * cfg.o_lora_rank
     n += 4 * cfg.dim
     n += cfg.n_activated_experts * (7 * cfg.moe_inter_dim + cfg.dim)
     n += cfg.n_shared_experts * 6 * cfg.moe_inter_dim + 2 * cfg.n_routed_experts
     if s.reference_attention:   # scores and probabilities over every key, masked afterwards
         entries = s.seq_len // ratio if ratio else 0
-        n += 2 * cfg.n_heads * (s.seq_len + entries + 1)
+        n += 2.5 * cfg.n_heads * (s.seq_len + entries + 1)
         if ratio and cfg.is_csa(ratio):
             n += 2 * cfg.index_n_heads * s.seq_len
     return n
@@ -131,14 +131,35 @@ def estimate(cfg: ModelConfig, s: Setup) -> Estimate:
     if s.offload_param and s.zero_stage == 3:
         host, weights = host + weights, 0.0
 
+    saved, transient = activation_bytes(cfg, s)
+    return Estimate(weights=weights, grads=grads, optimizer=optim,
+                    activations=saved + transient, host=host)
+
+
+def activation_bytes(cfg: ModelConfig, s: Setup) -> tuple[float, float]:
+    """(saved for backward, alive only while computed) for one micro-batch of ``s.tokens``:
+    with activation checkpointing the blocks save their inputs and one block's activations
+    live during its recomputation."""
     ab = 2 if s.precision == "bf16" else 4
     ratios = list(cfg.compress_ratios) + [cfg.mtp_compress_ratio] * cfg.mtp_depth
-    layers = [_layer_elements(cfg, r, s) * ab for r in ratios]
+    layers = [_layer_elements(cfg, r, s) * ab * s.tokens for r in ratios]
+    stream = cfg.n_streams * cfg.dim * ab * s.tokens        # one block's input (the mHC streams)
+    head_saved, head_transient = head_bytes(cfg, s.tokens)
     if s.activation_checkpointing:
-        per_token = len(ratios) * cfg.n_streams * cfg.dim * ab + max(layers)
-    else:
-        per_token = sum(layers)
-    # fp32 logits of each prediction, plus one logits gradient alive during backward
-    per_token += (2 + cfg.mtp_depth) * cfg.vocab_size * 4 + cfg.n_streams * cfg.dim * ab
-    return Estimate(weights=weights, grads=grads, optimizer=optim,
-                    activations=per_token * s.tokens, host=host)
+        return (len(ratios) + 1) * stream + head_saved, max(layers) + head_transient
+    return sum(layers) + stream + head_saved, head_transient
+
+
+def head_bytes(cfg: ModelConfig, tokens: int) -> tuple[float, float]:
+    """(saved for backward, alive only while computed) by the LM head and its loss, main + MTP
+    predictions. Reference loss: the fp32 logits of each prediction are saved, one logits
+    gradient lives during backward. Chunked (fused) loss: no logits are kept; each prediction
+    keeps an fp32 head-weight gradient accumulator, and one chunk's logits and their gradient
+    live at a time (model/loss.py)."""
+    from model.loss import default_chunk_tokens
+
+    preds, v = 1 + cfg.mtp_depth, cfg.vocab_size
+    if cfg.loss_impl == "reference":
+        return preds * tokens * v * 4.0, tokens * v * 4.0
+    return preds * v * cfg.dim * 4.0, 2.0 * min(tokens, default_chunk_tokens(v)) * v * 4
+
