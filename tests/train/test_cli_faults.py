@@ -22,7 +22,7 @@ def _metrics(path):
     ("train.device=gpu", "train.device must be auto | cpu | cuda"),
     ("optim.warmup_steps=100", "optim.warmup_steps=100 must be less than the run's 40"),
     ("train.seq_len=100", "seq_len=100"),                 # not a multiple of the compress ratios
-    ("train.seq_len=8192", "exceeds model.max_seq_len=4096"),
+    ("train.global_batch_tokens=1000", "global_batch_tokens=1000 must be a positive multiple of seq_len=128"),
     ("data.kind=files", "data.kind='files' needs data.paths"),
 ])
 def test_bad_setting_is_one_line_and_exit_2_before_deepspeed(th, tmp_path, setting, named):
