@@ -92,8 +92,10 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"train.keep_checkpoints must be >= 1, got {tc.keep_checkpoints}")
     check_data_config(_container(cfg.data))
     from train.eval import EvalSettings
+    from train.seq_chunk import parse_seq_chunk
 
     EvalSettings.from_config(cfg.eval).check()
+    parse_seq_chunk(tc.seq_chunk, model_cfg)
     if tc.memory_check:
         check_memory(cfg, model_cfg, curriculum, device, precision, world_size)
 
@@ -114,18 +116,12 @@ def available_memory(device) -> tuple[float, str]:
     return float(info["MemAvailable"]), f"this host has {info['MemAvailable'] / 2**30:,.1f} GiB RAM available"
 
 
-def check_memory(cfg: DictConfig, model_cfg, curriculum, device, precision: str,
-                 world_size: int) -> None:
-    """Refuse (ConfigError) a job whose estimated memory per rank exceeds what the device has
-    free, naming the numbers and settings that would fit (model/memory.py)."""
-    from dataclasses import replace
+def memory_setup(cfg: DictConfig, model_cfg, device, precision: str, world_size: int):
+    """The model.memory.Setup of this job (tokens and seq_len are set per stage)."""
+    from model.memory import Setup
 
-    from model.memory import GIB, Setup, estimate
-
-    _, local_ranks = launch_world(cfg.launch.kind)
-    ranks_here = local_ranks if device.type == "cpu" else 1   # CPU ranks share the host's RAM
     ds = cfg.deepspeed
-    base = Setup(tokens=0, seq_len=0, precision=precision, optimizer=str(cfg.optim.name),
+    return Setup(tokens=0, seq_len=0, precision=precision, optimizer=str(cfg.optim.name),
                  zero_stage=int(ds.zero_stage), world_size=world_size,
                  ep_size=int(cfg.parallel.ep_size),
                  activation_checkpointing=bool(cfg.train.activation_checkpointing),
@@ -133,13 +129,45 @@ def check_memory(cfg: DictConfig, model_cfg, curriculum, device, precision: str,
                  offload_param=ds.offload_param != "none",
                  reference_attention=device.type == "cpu" or model_cfg.attention_impl == "torch")
 
-    def need(s: Setup):   # the stage that needs the most
-        return max((estimate(model_cfg, replace(s, tokens=st.micro_batch * st.seq_len,
-                                                seq_len=st.seq_len))
-                    for st in curriculum.stages), key=lambda e: e.total)
+
+def seq_chunks(cfg: DictConfig, model_cfg, curriculum, device, precision: str, world_size: int) -> list[int]:
+    """train.seq_chunk for every curriculum stage (0: unchunked); ``auto`` is sized on a GPU
+    from the memory estimate and what the device has free now (call before allocating)."""
+    from train.seq_chunk import AUTO, parse_seq_chunk, stage_chunks
+
+    setting = parse_seq_chunk(cfg.train.seq_chunk, model_cfg)
+    if setting == AUTO and device.type == "cuda":
+        return stage_chunks(setting, curriculum.stages, model_cfg,
+                            setup=memory_setup(cfg, model_cfg, device, precision, world_size),
+                            free_bytes=available_memory(device)[0])
+    return stage_chunks(setting, curriculum.stages, model_cfg)
+
+
+def check_memory(cfg: DictConfig, model_cfg, curriculum, device, precision: str,
+                 world_size: int) -> None:
+    """Refuse (ConfigError) a job whose estimated memory per rank exceeds what the device has
+    free, naming the numbers and settings that would fit (model/memory.py)."""
+    from dataclasses import replace
+
+    from model.memory import GIB, Setup
+    from train.seq_chunk import AUTO, AUTO_GRAIN, SeqChunkError, chunked_estimate, parse_seq_chunk, stage_chunks
+
+    _, local_ranks = launch_world(cfg.launch.kind)
+    ranks_here = local_ranks if device.type == "cpu" else 1   # CPU ranks share the host's RAM
+    base = memory_setup(cfg, model_cfg, device, precision, world_size)
+    free, where = available_memory(device)
+    setting = parse_seq_chunk(cfg.train.seq_chunk, model_cfg)
+
+    def need(s: Setup):   # the stage that needs the most (train.seq_chunk: one chunk at a time)
+        try:
+            chunks = stage_chunks(setting, curriculum.stages, model_cfg, setup=s,
+                                  free_bytes=free / ranks_here if device.type == "cuda" else None)
+        except SeqChunkError:   # auto found no chunk that fits: the refusal below says what would
+            chunks = [AUTO_GRAIN] * len(curriculum.stages)
+        return max((chunked_estimate(model_cfg, s, st.seq_len, st.micro_batch, c)
+                    for st, c in zip(curriculum.stages, chunks)), key=lambda e: e.total)
 
     est = need(base)
-    free, where = available_memory(device)
     if est.total * ranks_here <= free:
         return
     stage = max(curriculum.stages, key=lambda st: st.micro_batch * st.seq_len)
@@ -154,6 +182,13 @@ def check_memory(cfg: DictConfig, model_cfg, curriculum, device, precision: str,
                 break
         if fits:
             break
+    if setting == 0:   # sequence chunks: the activations of one chunk instead of the whole sequence
+        try:
+            sized = stage_chunks(AUTO, curriculum.stages, model_cfg, setup=base, free_bytes=free / ranks_here)
+            if any(sized):
+                fits.append(f"train.seq_chunk={max(sized)}" + (" (or auto)" if device.type == "cuda" else ""))
+        except SeqChunkError:
+            pass
     gpu_sizes = ([free / GIB] if device.type == "cuda" else list(GPU_SIZES_GIB))
     sharded = replace(base, precision="bf16", zero_stage=3, activation_checkpointing=True,
                       reference_attention=False)

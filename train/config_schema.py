@@ -49,6 +49,10 @@ class TrainSection:
     device: str = "auto"               # auto (cuda if available) | cpu | cuda
     precision: str = "auto"            # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     activation_checkpointing: bool = False
+    # Sequence-chunked step (model/chunked_step.py, exact): 0 = off; N = sequences longer than N
+    # tokens run N rows at a time (a no-grad state pass, then recompute + backward per chunk);
+    # auto = the longest chunk the memory estimate fits on the device, off when the whole fits.
+    seq_chunk: Any = 0
     # MTP loss weight once the lr decays (V4: 0.3 -> 0.1); null keeps model.mtp_loss_weight.
     mtp_loss_weight_at_decay: Optional[float] = 0.1
     val_every: int = 50                # optimizer steps between validations (0: only start/end)

@@ -29,7 +29,7 @@ from optim.schedule import lr_schedule
 from train.checkpoint import (CheckpointManager, CheckpointRef, check_reshard, find_resume,
                               job_identity, prepare_reshard, saved_data_state, verify_checkpoint)
 from train.collectives import broadcast_from_rank0
-from train.config_check import check_job
+from train.config_check import check_job, seq_chunks
 from train.config_schema import check_config_keys
 from train.curriculum import Curriculum, CurriculumError, build_curriculum
 from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
@@ -89,6 +89,7 @@ class Run:
     start_step: int = 0
     resume_ref: CheckpointRef | None = None
     flops_per_token: float = 0.0  # training FLOPs per token of the current stage (MFU)
+    seq_chunks: list[int] | None = None   # train.seq_chunk per stage (0: whole micro-batches)
     long_eval: Callable | None = None   # eval.*: long-context metrics at every validation
 
     @property
@@ -133,6 +134,8 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     if resume.ref is not None:
         verify_checkpoint(resume.ref)   # unreadable or unsafe files: named now, not after building
     curriculum = _curriculum(cfg, model_cfg, dist, resume)
+    # train.seq_chunk per stage (auto: sized from the memory estimate before anything is allocated)
+    chunks = seq_chunks(cfg, model_cfg, curriculum, device, precision, dist.world_size)
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
     planner = Planner(
         curriculum, lr_schedule(optim_cfg, curriculum.main_steps),
@@ -171,6 +174,7 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             zero_stage=int(cfg.deepspeed.zero_stage),
             peak_tflops=peak_tflops(dist.device, cfg.logging.peak_tflops)),
         dist=dist, run_dir=run_dir, overrides=list(overrides), job=job, curriculum=curriculum,
+        seq_chunks=chunks,
         planner=planner, data_stats=data.stats, train_loader=train_loader,
         val_loader=data.val_loader, model=model, optimizer=optimizer, engine=engine,
         trainable=[p for p in model.parameters() if p.requires_grad],

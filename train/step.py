@@ -19,6 +19,7 @@ import torch
 
 from train.collectives import all_reduce_mean, world_size
 from train.plan import StepPlan, every
+from train.seq_chunk import micro_forward_backward
 from train.stability import check_finite
 
 LOSS_KEYS = ("lm", "mtp", "balance", "indexer")
@@ -44,7 +45,8 @@ def train_step(run, plan: StepPlan) -> StepResult:
     run.injector.before_step(step)
     batches = run.stability.begin_step(step, run.routing_forward, run.train_loader,
                                        stage.grad_accum, run.snapshot_objects)
-    losses, diagnostics = _forward_backward(run, step, batches, diagnose)
+    chunk = run.seq_chunks[stage.index] if run.seq_chunks else 0
+    losses, diagnostics = _forward_backward(run, step, batches, diagnose, chunk)
     if not run.stability.may_roll_back("loss"):
         check_finite(step + 1, losses)
     check_grad = not run.stability.may_roll_back("grad_norm")
@@ -70,10 +72,11 @@ def train_step(run, plan: StepPlan) -> StepResult:
                       seconds=time.perf_counter() - t0)
 
 
-def _forward_backward(run, step: int, batches: list, diagnose: bool
+def _forward_backward(run, step: int, batches: list, diagnose: bool, chunk: int = 0
                       ) -> tuple[dict[str, float], dict]:
-    """Forward and backward over the micro-batches of this optimizer step; -> the losses
-    averaged over micro-batches and ranks, and the model's diagnostics (first micro-batch)."""
+    """Forward and backward over the micro-batches of this optimizer step (whole, or ``chunk``
+    rows at a time: train.seq_chunk, the same gradients); -> the losses averaged over
+    micro-batches and ranks, and the model's diagnostics (first micro-batch)."""
     engine, device, accum = run.engine, run.device, len(batches)
     # device tensors: one host sync per optimizer step (the read-back below), not five per micro-batch
     loss_sum = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64, device=device)
@@ -84,21 +87,15 @@ def _forward_backward(run, step: int, batches: list, diagnose: bool
         if routing is not None:
             routing = [r.to(device, non_blocking=True) for r in routing]
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-        engine.set_gradient_accumulation_boundary(micro == accum - 1)
-        out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
-                     labels=batch["labels"], routing_indices=routing,
-                     diagnostics=diagnose and micro == 0)
-        loss, logged = out.loss, out.loss.detach()
-        if corrupt[micro] is not None:   # stability.inject (experiments only)
-            kind, factor = corrupt[micro]
-            loss = loss * (float("nan") if kind == "nan" else factor)
-            if kind != "scale_grad":
-                logged = loss.detach()
-        engine.backward(loss)
-        terms = [logged] + [out.losses.get(k, loss_sum.new_zeros(())) for k in LOSS_KEYS]
+        last = micro == accum - 1
+        engine.set_gradient_accumulation_boundary(last)
+        # corrupt: stability.inject (experiments only)
+        res = micro_forward_backward(engine, run.model, batch, chunk=chunk, routing=routing, boundary=last,
+                                     diagnostics=diagnose and micro == 0, corrupt=corrupt[micro])
+        terms = [res.logged] + [res.losses.get(k, loss_sum.new_zeros(())) for k in LOSS_KEYS]
         loss_sum += torch.stack([t.to(torch.float64) for t in terms])
-        if out.diagnostics:
-            diagnostics = out.diagnostics
+        if res.diagnostics:
+            diagnostics = res.diagnostics
     mean = all_reduce_mean(loss_sum / accum, device)
     return dict(zip(["loss"] + [f"loss/{k}" for k in LOSS_KEYS], mean)), diagnostics
 

@@ -138,7 +138,9 @@ def enter_stage(run: Run, stage: Stage, step: int, announce: bool) -> Stage:
         run.say(f"stage {stage.index} ({stage.name}): seq_len {stage.seq_len}, micro batch "
                 f"{stage.micro_batch} x {stage.grad_accum} accumulation x {run.dist.world_size} "
                 f"ranks, {stage.attention_mode} attention" +
-                (f" after {stage.warmup_steps} indexer warm-up steps" if stage.warmup_steps else ""))
+                (f" after {stage.warmup_steps} indexer warm-up steps" if stage.warmup_steps else "") +
+                (f", sequence chunks of {run.seq_chunks[stage.index]} tokens"
+                 if run.seq_chunks and run.seq_chunks[stage.index] else ""))
         run.metrics.log(step, "event", {"event": "stage", "stage": stage.index, "name": stage.name,
                                         "seq_len": stage.seq_len, "micro_batch": stage.micro_batch,
                                         "grad_accum": stage.grad_accum})

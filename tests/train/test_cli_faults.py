@@ -24,6 +24,7 @@ def _metrics(path):
     ("train.seq_len=100", "seq_len=100"),                 # not a multiple of the compress ratios
     ("train.global_batch_tokens=1000", "global_batch_tokens=1000 must be a positive multiple of seq_len=128"),
     ("data.kind=files", "data.kind='files' needs data.paths"),
+    ("train.seq_chunk=big", "train.seq_chunk must be 0 (off), a chunk length in tokens or auto"),
 ])
 def test_bad_setting_is_one_line_and_exit_2_before_deepspeed(th, tmp_path, setting, named):
     proc = th.run_cli([setting, "model=micro"], tmp_path, timeout=120)

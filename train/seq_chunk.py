@@ -1,0 +1,201 @@
+"""``train.seq_chunk``: run a micro-batch through the exact sequence-chunked step
+(``model/chunked_step.py``) under the DeepSpeed engine, for sequences longer than fit at once.
+
+Setting (read here only): 0 = off; N > 0 = chunks of N rows (sequences of at most N tokens run
+unchunked); ``auto`` = the longest chunk whose estimated memory (``model/memory.py``: weights,
+gradients, optimizer state, the activations of micro_batch x chunk tokens, plus the cross-token
+state of the whole sequence) fits in what the device has free; unchunked if the whole
+sequence fits. CPU jobs under ``auto`` run unchunked (host memory is checked by
+``train.memory_check``).
+
+DeepSpeed semantics, as ``engine.backward`` of one loss would give:
+  * every chunk's forward goes through the engine (its backward hooks and ZeRO prologue run);
+  * one ``engine.backward`` per chunk; the accumulation boundary is set only for the last
+    backward of the micro-batch that ends the optimizer step, so ZeRO-0/1 reduce once and
+    ZeRO-2 treats the chunks as more accumulation micro-steps;
+  * ``engine.backward`` scales gradients by 1 / gradient_accumulation_steps (times ZeRO's loss
+    scale: 1 in bf16/fp32); the state gradients fed back between chunks are divided by that
+    factor (``grad_factor``) so the sum equals one backward of the whole micro-batch's loss.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from model.chunk_layout import halo_rows
+from model.chunked_step import chunked_forward_backward
+from model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+# auto: chunks are multiples of this many rows (and at least the attention halo)
+AUTO_GRAIN = 1024
+# auto: the share of free device memory the estimate may fill (the estimate leaves out the
+# allocator's fragmentation and transient working buffers)
+AUTO_HEADROOM = 0.85
+
+
+class SeqChunkError(ValueError):
+    """An unusable train.seq_chunk setting."""
+
+
+def parse_seq_chunk(value: Any, model_cfg: ModelConfig) -> int | str:
+    """train.seq_chunk -> 0 (off), a chunk length, or "auto"; one clear line otherwise."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        n = int(value)
+        if isinstance(value, float) and n != value:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise SeqChunkError(f"train.seq_chunk must be 0 (off), a chunk length in tokens or auto, "
+                            f"got {value!r}") from None
+    if n < 0:
+        raise SeqChunkError(f"train.seq_chunk must be 0 (off), a chunk length in tokens or auto, got {n}")
+    halo = halo_rows(model_cfg)
+    if 0 < n <= halo:
+        raise SeqChunkError(f"train.seq_chunk={n} is not longer than the {halo} rows each chunk re-reads "
+                            f"from the previous one (model.window / compress ratios): use a chunk of "
+                            f"at least {4 * (halo + 1)} tokens")
+    return n
+
+
+def state_bytes(model_cfg: ModelConfig, tokens: int, precision: str) -> float:
+    """The chunked step's whole-sequence buffers: compressed entries and indexer keys (and their
+    gradients) of every compressed attention layer, plus the routing of every MoE layer."""
+    act = 2 if precision == "bf16" else 4
+    ratios = list(model_cfg.compress_ratios) + [model_cfg.mtp_compress_ratio] * model_cfg.mtp_depth
+    per_token = 0.0
+    for r in ratios:
+        if r:
+            dim = model_cfg.head_dim + (model_cfg.index_head_dim if model_cfg.is_csa(r) else 0)
+            per_token += 2 * act * dim / r            # entries + their gradients
+        per_token += 8 * model_cfg.n_activated_experts   # int64 routing
+    return per_token * tokens
+
+
+def choose_chunk(setting: int | str, seq_len: int, micro_batch: int, *, model_cfg: ModelConfig,
+                 fits: Callable[[int], bool] | None = None) -> int:
+    """Rows per chunk for a stage (0: unchunked). ``fits(chunk)``: whether a micro-batch of
+    micro_batch x chunk tokens fits the device (``auto`` only; None: no memory limit known)."""
+    if setting == 0:
+        return 0
+    if setting != AUTO:
+        return setting if seq_len > setting else 0
+    if fits is None or fits(seq_len):
+        return 0
+    floor = max(AUTO_GRAIN, -(-4 * (halo_rows(model_cfg) + 1) // AUTO_GRAIN) * AUTO_GRAIN)
+    if seq_len <= floor:
+        raise SeqChunkError(f"train.seq_chunk=auto: sequences of {seq_len} tokens x micro batch {micro_batch} "
+                            f"do not fit the device memory and are too short to chunk (< {floor} tokens); "
+                            f"lower the micro batch (train.micro_batch_tokens) or shard the model")
+    chunk = AUTO_GRAIN * (seq_len // AUTO_GRAIN)
+    while chunk > floor and not fits(chunk):
+        chunk = max(floor, chunk // 2 // AUTO_GRAIN * AUTO_GRAIN)
+    if not fits(chunk):
+        raise SeqChunkError(f"train.seq_chunk=auto: even chunks of {chunk} tokens x micro batch {micro_batch} "
+                            f"do not fit the device memory; lower the micro batch (train.micro_batch_tokens) "
+                            f"or shard the model (deepspeed=zero2/zero3)")
+    return chunk
+
+
+def memory_fits(model_cfg: ModelConfig, setup, free_bytes: float, seq_len: int, micro_batch: int
+                ) -> Callable[[int], bool]:
+    """fits(chunk) for ``choose_chunk`` from model/memory.py's estimate (``setup``: a
+    model.memory.Setup with this job's precision, ZeRO stage, optimizer, checkpointing)."""
+    def fits(chunk: int) -> bool:
+        est = chunked_estimate(model_cfg, setup, seq_len, micro_batch, chunk if chunk < seq_len else 0)
+        return est.total <= AUTO_HEADROOM * free_bytes
+
+    return fits
+
+
+def stage_chunks(setting: int | str, stages, model_cfg: ModelConfig, *, setup=None,
+                 free_bytes: float | None = None) -> list[int]:
+    """Rows per chunk of every curriculum stage (0: unchunked). ``setup`` (model.memory.Setup)
+    and ``free_bytes`` (per rank) size ``auto``; without them auto runs unchunked."""
+    chunks = []
+    for st in stages:
+        fits = (memory_fits(model_cfg, setup, free_bytes, st.seq_len, st.micro_batch)
+                if setup is not None and free_bytes is not None else None)
+        chunks.append(choose_chunk(setting, st.seq_len, st.micro_batch, model_cfg=model_cfg, fits=fits))
+    return chunks
+
+
+def chunked_estimate(model_cfg: ModelConfig, setup, seq_len: int, micro_batch: int, chunk: int):
+    """model/memory.py's estimate of one micro-batch run ``chunk`` rows at a time (0: whole)."""
+    from model.memory import estimate
+
+    rows = chunk or seq_len
+    est = estimate(model_cfg, replace(setup, tokens=micro_batch * rows, seq_len=rows))
+    if chunk:
+        est = replace(est, activations=est.activations + state_bytes(model_cfg, micro_batch * seq_len,
+                                                                     setup.precision))
+    return est
+
+
+def backward_scale(engine) -> float:
+    """The factor ``engine.backward(loss)`` applies to the gradients of ``loss``: 1 / gradient
+    accumulation steps, times the ZeRO optimizer's loss scale (1 unless fp16)."""
+    factor = 1.0 / engine.gradient_accumulation_steps()
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if isinstance(engine.optimizer, ZeROOptimizer):
+        probe = torch.ones((), requires_grad=True)
+        factor *= float(engine.optimizer.scale_if_loss(probe).detach())
+    return factor
+
+
+def chunked_micro_step(engine, model, batch: dict, chunk: int, *, routing=None, boundary: bool,
+                       diagnostics: bool = False, corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    """Forward + backward of one micro-batch, ``chunk`` rows at a time, through ``engine``.
+    ``boundary``: this micro-batch ends the optimizer step. ``corrupt``: applied to each chunk's
+    loss before backward (stability.inject). -> model.chunked_step.ChunkedOutput."""
+
+    def backward(loss: torch.Tensor, last: bool) -> None:
+        engine.set_gradient_accumulation_boundary(boundary and last)
+        engine.backward(corrupt(loss) if corrupt is not None else loss)
+
+    return chunked_forward_backward(
+        model, batch["input_ids"], batch["labels"], chunk, doc_ids=batch.get("doc_ids"),
+        routing_indices=routing, forward=engine, backward=backward,
+        grad_factor=backward_scale(engine), diagnostics=diagnostics)
+
+
+@dataclass
+class MicroResult:
+    logged: torch.Tensor           # the loss as logged (after stability.inject, unless scale_grad)
+    losses: dict[str, torch.Tensor]  # lm, mtp, balance, indexer (detached, on the device)
+    diagnostics: dict
+
+
+def micro_forward_backward(engine, model, batch: dict, *, chunk: int, routing=None, boundary: bool,
+                           diagnostics: bool = False, corrupt: tuple[str, float] | None = None) -> MicroResult:
+    """One micro-batch's forward and backward through ``engine``: whole, or ``chunk`` rows at a
+    time (train.seq_chunk). ``boundary``: it ends the optimizer step (the caller has set the
+    engine's accumulation boundary for the whole-batch path). ``corrupt``: stability.inject's
+    (kind, factor) for this micro-batch (experiments only)."""
+    def scaled(loss: torch.Tensor) -> torch.Tensor:
+        if corrupt is None:
+            return loss
+        kind, factor = corrupt
+        return loss * (float("nan") if kind == "nan" else factor)
+
+    if chunk:
+        out = chunked_micro_step(engine, model, batch, chunk, routing=routing, boundary=boundary,
+                                 diagnostics=diagnostics, corrupt=scaled)
+        loss = out.loss
+    else:
+        out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"],
+                     routing_indices=routing, diagnostics=diagnostics)
+        loss = out.loss
+        engine.backward(scaled(loss))
+    logged = loss.detach()
+    if corrupt is not None and corrupt[0] != "scale_grad":
+        logged = scaled(logged)
+    return MicroResult(logged, dict(out.losses), out.diagnostics or {})
