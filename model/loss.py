@@ -31,6 +31,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 LOSS_IMPLS = ("chunked", "reference")
@@ -165,3 +166,24 @@ def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     n_valid = (flat != IGNORE_INDEX).sum() if count is None else torch.tensor(count, device=flat.device)
     loss = nll.sum() / n_valid.clamp(min=1)
     return (loss, nll.detach().view(labels.shape)) if return_nll else loss
+
+
+class LMHead(nn.Linear):
+    """The LM head (weight [V, D], no bias). ``head(hidden)`` -> logits; ``head(hidden, labels)``
+    -> the mean cross-entropy without logits (``impl``: chunked | reference). The loss goes
+    through the module's forward so that hooks on it see the weight in use (ZeRO-3 gathers a
+    partitioned weight in the owning module's pre-forward hook)."""
+
+    def __init__(self, dim: int, vocab_size: int, impl: str = "chunked"):
+        super().__init__(dim, vocab_size, bias=False)
+        if impl not in LOSS_IMPLS:
+            raise ValueError(f"LMHead: impl must be one of {LOSS_IMPLS}, got {impl!r}")
+        self.impl = impl
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
+                count: int | None = None) -> torch.Tensor:
+        if labels is None:
+            return F.linear(hidden, self.weight)                              # [..., V]
+        if self.impl == "reference":
+            return reference_linear_cross_entropy(hidden, self.weight, labels, count=count)
+        return linear_cross_entropy(hidden, self.weight, labels, count=count)

@@ -21,7 +21,7 @@ from model.config import ATTENTION_MODES, ModelConfig
 from model.diagnostics import DiagnosticsCollector
 from model.hyper_connections import HyperConnection, HyperHead
 from model.layout import DocLayout
-from model.loss import IGNORE_INDEX, linear_cross_entropy, reference_linear_cross_entropy
+from model.loss import IGNORE_INDEX, LMHead
 from model.moe import MoE
 from model.norms import RMSNorm
 
@@ -101,7 +101,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
         self.hc_head = HyperHead(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = LMHead(cfg.dim, cfg.vocab_size, cfg.loss_impl)
         block_cfg = _mtp_block_config(cfg)
         self.mtp = nn.ModuleList(
             [MTPModule(cfg, block_cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth)]
@@ -302,9 +302,7 @@ class Transformer(nn.Module):
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, count: int | None = None) -> torch.Tensor:
         """Mean cross-entropy of the shared head over hidden [B, L, D] (main head and MTP);
         ``count``: divide by this many labelled tokens (a chunk's share of a longer sequence's mean)."""
-        if self.cfg.loss_impl == "reference":
-            return reference_linear_cross_entropy(hidden, self.head.weight, labels, count=count)
-        return linear_cross_entropy(hidden, self.head.weight, labels, count=count)
+        return self.head(hidden, labels, count)
 
     @staticmethod
     def _shift(t: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
