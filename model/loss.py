@@ -181,9 +181,12 @@ class LMHead(nn.Linear):
         self.impl = impl
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
-                count: int | None = None) -> torch.Tensor:
+                count: int | None = None, *, return_nll: bool = False,
+                chunk_tokens: int | None = None):
+        """``return_nll``: (loss, per-token NLL [...] without grad), as ``linear_cross_entropy``;
+        ``chunk_tokens``: tokens per logits chunk (chunked impl; default: ~256 MiB of logits)."""
         if labels is None:
             return F.linear(hidden, self.weight)                              # [..., V]
         if self.impl == "reference":
-            return reference_linear_cross_entropy(hidden, self.weight, labels, count=count)
-        return linear_cross_entropy(hidden, self.weight, labels, count=count)
+            return reference_linear_cross_entropy(hidden, self.weight, labels, return_nll=return_nll, count=count)
+        return linear_cross_entropy(hidden, self.weight, labels, chunk_tokens, return_nll=return_nll, count=count)

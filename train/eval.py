@@ -40,7 +40,6 @@ import torch
 
 from data.passkey import PasskeyTemplate, random_key
 from model.layout import DocLayout
-from model.loss import linear_cross_entropy
 from model.transformer import IGNORE_INDEX, Transformer
 
 DEFAULT_LENGTHS = (4096, 16384, 65536, 262144, 1048576)
@@ -144,10 +143,11 @@ def passkey_accuracy(model: Transformer, template: PasskeyTemplate, lengths: Ite
 @torch.no_grad()
 def token_nll(model: Transformer, input_ids: torch.Tensor, doc_ids: torch.Tensor | None,
               labels: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
-    """[B, L] next-token NLL (0 where the label is IGNORE_INDEX) through the fused LM-head loss
-    (``model.loss.linear_cross_entropy``: logits of one token chunk at a time)."""
+    """[B, L] next-token NLL (0 where the label is IGNORE_INDEX) through the LM head's fused
+    loss (``model.loss.LMHead``: logits of one token chunk at a time). Through the head
+    module's forward, not its weight: a ZeRO-3 partitioned head is gathered by its hooks."""
     hidden = model.hidden_states(input_ids, doc_ids)                        # [B, L, D]
-    return linear_cross_entropy(hidden, model.head.weight, labels, chunk_tokens, return_nll=True)[1]
+    return model.head(hidden, labels, return_nll=True, chunk_tokens=chunk_tokens)[1]
 
 
 class BucketNLL:

@@ -158,3 +158,18 @@ def test_model_returns_logits_only_when_asked():
     assert out.logits.shape == (1, 12, 97)
     ref = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids.flatten())
     torch.testing.assert_close(out.losses["lm"], ref.detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_head_module_loss_and_nll_equal_the_functions(impl):
+    """LMHead(hidden, labels, return_nll=True) is the loss functions' (loss, nll), for both impls."""
+    from model.loss import LMHead
+
+    hidden, weight, labels = _inputs(2, 19, 8, 31, torch.float64, seed=4)
+    head = LMHead(8, 31, impl).double()
+    head.weight.data.copy_(weight.detach())
+    loss, nll = head(hidden.detach(), labels, return_nll=True, chunk_tokens=5)
+    ref_loss, ref_nll = reference_linear_cross_entropy(hidden.detach(), weight.detach(), labels, return_nll=True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-14)
+    assert not nll.requires_grad

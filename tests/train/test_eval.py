@@ -55,6 +55,38 @@ def test_hidden_states_and_token_nll_match_the_full_forward(model):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_scoring_goes_through_the_head_module_not_its_weight(model):
+    """A ZeRO-3 partitioned head holds an empty weight outside its forward (its pre-forward hook
+    gathers it): token NLL and passkey scoring must call the module, never read .weight."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 50257, (1, 48), generator=g)
+    labels = torch.randint(0, 50257, (1, 48), generator=g)
+    with torch.no_grad():
+        ref = long_eval.token_nll(model, ids, None, labels, chunk_tokens=13)
+    head = model.head
+    full = head.weight.data
+    head.weight.data = full.new_empty(0)                    # "partitioned" outside forward
+    calls = []
+
+    def gather(mod, args, kwargs):
+        calls.append(1)
+        mod.weight.data = full
+
+    def release(mod, args, kwargs, out):
+        mod.weight.data = full.new_empty(0)
+
+    hooks = [head.register_forward_pre_hook(gather, with_kwargs=True),
+             head.register_forward_hook(release, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            got = long_eval.token_nll(model, ids, None, labels, chunk_tokens=13)
+    finally:
+        for h in hooks:
+            h.remove()
+        head.weight.data = full
+    assert calls and torch.equal(got, ref)
+
+
 def test_passkey_decision_matches_full_logits(model, gpt2):
     template = PasskeyTemplate(gpt2)
     length = template.min_length + 40
