@@ -3,7 +3,8 @@
 * ``torch``  the PyTorch reference in ``model/`` (any device, any dtype);
 * ``triton`` the Triton kernel; an error if Triton or a CUDA device is missing;
 * ``auto``   Triton when the tensors are on CUDA and the kernel module imports, else the
-  reference. An unavailable fast path is logged once per (op, reason), through ``logging``.
+  reference (except the ops in ``AUTO_KEEPS_REFERENCE``: no measured win yet, so the
+  reference). An unavailable fast path is logged once per (op, reason), through ``logging``.
 
 The model wires one hook: ``Attention._attend`` calls ``get_sparse_attention(impl, device)``
 (cheap: the import is cached by Python and the decision is a couple of comparisons) and calls
@@ -51,12 +52,21 @@ def _warn_once(op: str, reason: str) -> None:
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# Ops whose kernel ``auto`` does NOT pick on CUDA (``triton`` still selects it): a kernel becomes
+# the default only when an interleaved measurement (bench/throughput.py, variants alternated so
+# order and warm-up cannot decide) shows the training step gets faster with it. This is where
+# that decision lives. The MoE kernels (model.moe_kernel_impl) rest on
+# bench/results/throughput-h200-2026-12-03.md (small, one H200, rows run in sequence): 1 x 4K
+# 11.0K tok/s with them off vs 9.2K on, 2 x 4K 15.6K off vs 19.0K on: no clean evidence either
+# way, so auto keeps the PyTorch reference until the interleaved table says otherwise.
+AUTO_KEEPS_REFERENCE = frozenset({"topk_routing", "swiglu_activation", "permute_tokens", "unpermute_tokens"})
+
 
 def _select(op: str, impl: str, device: torch.device | str | None, module: str, name: str,
             reference: Callable, dtype: torch.dtype | None = None) -> Callable:
     if impl not in IMPLS:
         raise ValueError(f"attention.impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch":
+    if impl == "torch" or (impl == "auto" and op in AUTO_KEEPS_REFERENCE):
         return reference
     dev = torch.device(device) if device is not None else None
     on_cuda = dev is not None and dev.type == "cuda"

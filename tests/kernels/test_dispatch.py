@@ -66,3 +66,21 @@ def test_dispatch_is_traced_by_torch_compile_without_graph_breaks():
     a, b = torch.randn(4, 8), torch.randn(4, 8)
     torch.testing.assert_close(torch.compile(f, backend="eager")(a, b), f(a, b))
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+
+
+@pytest.mark.parametrize("getter, module, kernel", [
+    ("get_topk_routing", "kernels.moe_router", "topk_routing_triton"),
+    ("get_swiglu_activation", "kernels.swiglu", "swiglu_activation_triton"),
+    ("get_permute_tokens", "kernels.moe_permute", "permute_tokens_triton"),
+    ("get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton"),
+])
+def test_moe_kernels_stay_off_under_auto_until_measured(getter, module, kernel):
+    """auto keeps the MoE references on CUDA (no measured win: dispatch.AUTO_KEEPS_REFERENCE);
+    triton still selects the kernel."""
+    import importlib
+
+    import model.moe as mm
+
+    reference = getattr(mm, getter.removeprefix("get_"))
+    assert getattr(dispatch, getter)("auto", "cuda", torch.bfloat16) is reference
+    assert getattr(dispatch, getter)("triton", "cuda", torch.bfloat16) is getattr(importlib.import_module(module), kernel)
