@@ -28,6 +28,9 @@ gradient, no [B, L, N] matrix on CUDA) and computes the indexer loss on the sele
 chunk by query chunk (``model.indexer.indexer_kl_loss_dense``).
 ``aux["indexer_loss"]`` is computed in training mode only (None in eval and on non-CSA layers);
 ``aux["topk_idx"]`` is the selection [B, L, K] in sparse CSA, else None.
+``aux["indexer_recall"]``: (recall, chance) of ``model.indexer.indexer_recall`` when the model
+set ``measure_recall`` for a diagnostics step (dense mode: of the top-k the indexer would pick),
+else None.
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ from model.compressor import Compressor
 from model.config import ATTENTION_MODES, ModelConfig
 from model.chunk_layout import AttentionCarry
 from model.dispatch import get_indexer_topk, get_sparse_attention
-from model.indexer import Indexer, indexer_kl_loss_dense, indexer_kl_loss_selected, selected_indexer_scores
+from model.indexer import (Indexer, indexer_kl_loss_dense, indexer_kl_loss_selected, indexer_recall,
+                           selected_indexer_scores)
 from model.layout import CompressedLayout, DocLayout, queries_with_entries
 from model.norms import RMSNorm, rms_norm
 from model.rope import RoPE
@@ -66,6 +70,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
         self.eps = cfg.norm_eps
         self.mode = cfg.attention_mode  # CSA mode, switchable at run time (set_attention_mode)
+        self.measure_recall = False     # set per forward by model.diagnostics (diagnostics steps)
         self.rope = RoPE.for_ratio(cfg, compress_ratio)
 
         H, hd = cfg.n_heads, cfg.head_dim
@@ -109,6 +114,13 @@ class Attention(nn.Module):
         fn = get_sparse_attention(self.cfg.attention_impl, q.device, q.dtype)
         return fn(q, kv, self.sink, doc_start, self.window, self.scale,
                   ckv, c_end, topk_idx, True)
+
+    def _select(self, q_i: torch.Tensor, w_i: torch.Tensor, k_i: torch.Tensor, c_end: torch.Tensor,
+                doc_start: torch.Tensor) -> torch.Tensor:
+        """The indexer's top-k [B, L, K] (no gradient; kernel dispatch point)."""
+        topk_fn = get_indexer_topk(self.cfg.attention_impl, q_i.device, q_i.dtype,
+                                   self.cfg.indexer_score_dtype, self.cfg.indexer_select)
+        return topk_fn(q_i, w_i, k_i, c_end, doc_start, self.cfg.index_topk)
 
     def _check_inputs(self, x: torch.Tensor, layout: DocLayout) -> None:
         if x.dim() != 3 or x.shape[-1] != self.cfg.dim:
@@ -160,10 +172,8 @@ class Attention(nn.Module):
             if use_indexer and self.mode == "sparse":
                 # select without gradient and without the [B, L, N] matrix; score (with
                 # gradient) only the K selected entries, for the indexer loss
-                topk_fn = get_indexer_topk(self.cfg.attention_impl, x.device, q_i.dtype,
-                                           self.cfg.indexer_score_dtype, self.cfg.indexer_select)
                 with torch.no_grad():
-                    topk_idx = topk_fn(q_i, w_i, k_i, c_end, doc_start, self.cfg.index_topk)  # [B, L, K]
+                    topk_idx = self._select(q_i, w_i, k_i, c_end, doc_start)             # [B, L, K]
                 if want_loss:
                     selected = selected_indexer_scores(q_i, w_i, k_i, topk_idx)            # [B, L, K]
             elif use_indexer and want_loss:
@@ -171,6 +181,12 @@ class Attention(nn.Module):
                 dense_idx = (q_i, w_i, k_i)
 
         o, lse = self._attend(q, kv, doc_start, ckv, c_end, topk_idx)    # [B, L, H, hd], [B, L, H]
+        recall = None
+        if self.measure_recall and (topk_idx is not None or dense_idx is not None):
+            with torch.no_grad():   # dense mode: the top-k the indexer would select
+                sel = topk_idx if topk_idx is not None else self._select(*dense_idx, c_end, doc_start)
+                recall = indexer_recall(q, ckv, lse, self.scale, sel, c_end, doc_start,
+                                        lse_covers_all=topk_idx is None)
 
         indexer_loss = None
         # a chunk's halo queries are not its own: they see no entry in the loss
@@ -192,7 +208,8 @@ class Attention(nn.Module):
         out = self.wo_b(o.flatten(2))                                    # [B, L, D]
         with torch.no_grad():
             sink_mass = torch.exp(self.sink.float()[None, None, :] - lse.float()).mean()
-        aux = {"indexer_loss": indexer_loss, "sink_mass": sink_mass, "topk_idx": topk_idx}
+        aux = {"indexer_loss": indexer_loss, "sink_mass": sink_mass, "topk_idx": topk_idx,
+               "indexer_recall": recall}
         if carry is not None:
             f = carry.frame
             out = out[:, f.halo:]

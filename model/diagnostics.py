@@ -6,7 +6,9 @@
   absolute row sum, backward gain = max absolute column sum (mHC paper, sec. 5); we report the
   max over tokens. With our mixing x_new = comb^T x (see model/hyper_connections.py),
   H_res = comb^T.
-* Attention: sink mass (mean probability on the sink) and the indexer loss per layer.
+* Attention: sink mass (mean probability on the sink) and the indexer loss per layer; CSA
+  layers' indexer recall (the share of dense attention mass on compressed entries that the
+  top-k holds, ``model.indexer.indexer_recall``) and its chance level K / visible entries.
 """
 from __future__ import annotations
 
@@ -21,6 +23,14 @@ class DiagnosticsCollector:
         self.enabled = enabled
         self.out: dict = {}
         self._combs: list[torch.Tensor] = []  # main-path comb matrices in execution order
+
+    def arm(self, model) -> None:
+        """Tell the attention layers whether this forward measures what only they can (the
+        indexer recall); set on every forward so that no flag outlives its step."""
+        blocks = list(model.layers) + [m.block for m in model.mtp]
+        for b in blocks:
+            if b.attn.indexer is not None:
+                b.attn.measure_recall = self.enabled
 
     @torch.no_grad()
     def block(self, layer: int, block, aux: dict, composite: bool = True) -> None:
@@ -40,6 +50,10 @@ class DiagnosticsCollector:
             o[f"attn/sink_mass/{layer}"] = float(attn["sink_mass"])
         if attn.get("indexer_loss") is not None:
             o[f"attn/indexer_loss/{layer}"] = float(attn["indexer_loss"])
+        if attn.get("indexer_recall") is not None:
+            recall, chance = attn["indexer_recall"]
+            o[f"attn/indexer_recall/{layer}"] = float(recall)
+            o[f"attn/indexer_recall_chance/{layer}"] = float(chance)
         for site, comb in zip(("attn", "ffn"), aux["comb"]):
             if comb is None:
                 continue
@@ -58,6 +72,9 @@ class DiagnosticsCollector:
         vios = [v for k, v in o.items() if k.startswith("moe/maxvio/")]
         if vios:
             o["moe/maxvio_max"] = max(vios)
+        recalls = [v for k, v in o.items() if k.startswith("attn/indexer_recall/")]
+        if recalls:
+            o["attn/indexer_recall_mean"] = sum(recalls) / len(recalls)
         sinks = [v for k, v in o.items() if k.startswith("attn/sink_mass/")]
         if sinks:
             o["attn/sink_mass_mean"] = sum(sinks) / len(sinks)

@@ -241,6 +241,7 @@ class Transformer(nn.Module):
         carries = [None] * n_moe if chunk is None else chunk.layers
         want_loss = labels is not None and (chunk is None or chunk.need_loss)
         collect = DiagnosticsCollector(enabled=diagnostics)
+        collect.arm(self)
         x, balance, idx_losses, used_routes, state_out = self._trunk(input_ids, layout, routing_indices,
                                                                      collect, carries)
         h_main = x
