@@ -155,3 +155,19 @@ class AnticipatoryRouter:
                 "fingerprint": e["fingerprint"], "shape": tuple(e["shape"]),
                 "params_step": int(e["params_step"]),
                 "indices": [ri.clone().cpu() for ri in e["indices"]]}
+
+
+def reshard_entries(per_rank: list[list[dict]], rank: int, world_size: int) -> list[dict]:
+    """The cache entries (``state_dict()["entries"]``) of new rank ``rank`` of ``world_size``,
+    from every old rank's (``per_rank[r]``; W = ``len(per_rank)``). Old (rank r, micro-step m)
+    is micro-batch chunk ``c = m W + r`` of its step, which is new rank ``c % world_size``'s
+    micro-step ``c // world_size``; entries whose batch shape differs from what the new run
+    draws miss and are recomputed, as after a curriculum switch."""
+    old_world = len(per_rank)
+    entries = []
+    for old_rank, old_entries in enumerate(per_rank):
+        for e in old_entries:
+            chunk = int(e["micro_step"]) * old_world + old_rank
+            if chunk % world_size == rank:
+                entries.append({**e, "micro_step": chunk // world_size})
+    return sorted(entries, key=lambda e: (int(e["step"]), int(e["micro_step"])))

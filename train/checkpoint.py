@@ -19,7 +19,8 @@ non-atomically), so DeepSpeed's tools (``zero_to_fp32.py``) read our checkpoints
 Resume at another world size (``prepare_reshard`` + ``CheckpointManager.load(universal=...)``):
 the checkpoint is converted once into DeepSpeed's universal format next to it
 (``step_XXXXXXXX_universal/``, written under ``.tmp-*`` and renamed into place, reused while its
-``source.json`` names the same save), loaded with ``load_universal``, and the per-rank client
+``source.json`` names the same save), loaded with ``load_universal`` (DeepSpeed's formats:
+``train/ds_checkpoint.py``), and the per-rank client
 state is rebuilt for the new ranks: the data position is global (``meta.json["data"]``; the
 trainer remaps it with ``data.loader.remap_state``), the RNG of new rank r is old rank
 ``r % W``'s, and the anticipatory-routing cache entries follow their micro-batch chunk.
@@ -41,9 +42,10 @@ from typing import Any, Sequence
 
 import torch
 
-from optim.safe_load import (UnreadableFileError, load_deepspeed_file, load_state, torch_files,
-                             verify_files)
+from train.anticipatory import reshard_entries
 from train.collectives import broadcast_from_rank0
+from train.ds_checkpoint import UNIVERSAL_SUFFIX, CheckpointError, load_universal, to_universal
+from train.safe_load import UnreadableFileError, load_state, torch_files, verify_files
 
 log = logging.getLogger("train")
 LATEST = "latest"
@@ -55,13 +57,8 @@ RESUME_NEUTRAL_KEYS = ("train.resume", "train.stop_at_step", "train.progress", "
                        "logging.wandb.mode")
 
 
-UNIVERSAL_SUFFIX = "_universal"
 UNIVERSAL_SOURCE = "source.json"   # in a universal folder: which save it was converted from
 _TAG = re.compile(r"step_\d{8}")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def tag_for(step: int) -> str:
@@ -207,79 +204,6 @@ class CheckpointManager:
 
 
 # ----------------------------------------------------------------------------- other world sizes
-def to_universal(tag_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Convert one saved checkpoint (``<save_dir>/<tag>``) into DeepSpeed's universal format, which
-    loads at any world size (``load_universal``). ZeRO-1/2/3 with Muon state; expert parallelism
-    at ZeRO-1/2 with ``ep_size`` equal to the world size (the experts come out whole). Refuses
-    (before writing anything) what it cannot convert. Default output: ``<tag_dir>_universal``."""
-    from optim.deepspeed import to_universal as convert
-
-    tag_dir = Path(tag_dir)
-    out = Path(out_dir) if out_dir is not None else tag_dir.with_name(tag_dir.name + "_universal")
-    return convert(tag_dir, out)
-
-
-def _muon_states(engine):
-    """This rank's optimizer state entries of the Muon groups (ZeRO-1/2 flat groups, ZeRO-3
-    sub-groups, or plain parameters without ZeRO)."""
-    opt = engine.optimizer
-    base = getattr(opt, "optimizer", opt)
-    if hasattr(opt, "fp32_partitioned_groups_flat"):       # ZeRO-3
-        pairs = [(opt.sub_group_to_group_id[sub], flat)
-                 for sub, flat in enumerate(opt.fp32_partitioned_groups_flat)]
-    else:
-        pairs = [(gi, p) for gi, g in enumerate(base.param_groups) for p in g["params"]]
-    for gi, p in pairs:
-        if base.param_groups[gi].get("kind") == "muon" and p in base.state:
-            yield base.state[p]
-
-
-def load_universal(engine, universal_dir: str | Path) -> None:
-    """Load a universal checkpoint (``to_universal``'s output) into ``engine``, whatever its world
-    size. DeepSpeed's universal loaders (0.19.8) need three repairs for our optimizer:
-    - they copy the checkpoint's param-group hyper-parameters onto the groups by position (ZeRO-3:
-      group 0's onto every group): a run whose groups differ (expert groups split out under EP,
-      Muon vs AdamW) would get the wrong ones. The engine's own (from this run's config) are kept;
-    - at ZeRO-3 the Muon momentum arrives as exp_avg (with an exp_avg_sq and a step): moved back;
-    - the model's buffers (e.g. the MoE router biases) are not restored at all: read from the
-      checkpoint's module state.
-    """
-    universal_dir = Path(universal_dir)
-    if not (universal_dir / "zero").is_dir():
-        raise CheckpointError(f"{universal_dir} is not a universal checkpoint (no zero/ folder): "
-                              "convert it first with train.checkpoint.to_universal")
-    opt = engine.optimizer
-    base = getattr(opt, "optimizer", opt)
-    hparams = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
-    _verified(torch_files(universal_dir), f"the universal checkpoint {universal_dir}")
-    config = engine._config
-    was = config.load_universal_checkpoint
-    config.load_universal_checkpoint = True
-    try:
-        load_path, _ = engine.load_checkpoint(str(universal_dir.parent), tag=universal_dir.name,
-                                              load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-    finally:
-        config.load_universal_checkpoint = was
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {universal_dir}")
-    for group, saved in zip(base.param_groups, hparams):
-        group.update(saved)
-    for state in _muon_states(engine):
-        if "exp_avg" in state and "momentum_buffer" not in state:
-            state["momentum_buffer"] = state.pop("exp_avg")
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            state.pop(key, None)
-    model_files = sorted(f for f in universal_dir.glob("*model_states.pt")
-                         if not f.name.startswith("layer_"))
-    if model_files:
-        module_state = load_deepspeed_file(model_files[0])["module"]
-        with torch.no_grad():
-            for name, buf in engine.module.named_buffers():
-                if name in module_state:
-                    buf.copy_(module_state[name].to(buf.dtype))
-
-
 def universal_dir_for(ref: CheckpointRef) -> Path:
     """Where ``prepare_reshard`` puts the universal conversion of ``ref``: next to it."""
     return ref.save_dir / (ref.tag + UNIVERSAL_SUFFIX)
@@ -400,10 +324,7 @@ def resharded_rank_state(ref: CheckpointRef, rank: int, world_size: int) -> dict
     ``data`` is the saved global position (remapped by the trainer to this world size's shape),
     ``rng`` is old rank ``rank % W``'s, ``stability`` is rank 0's (the detector sees values
     averaged over ranks: the same everywhere) with the anticipatory-routing cache rebuilt from
-    every old rank's entries: old (rank r, micro-step m) is micro-batch chunk ``c = m W + r`` of
-    its step, which is new rank ``c % world_size``'s micro-step ``c // world_size`` (entries
-    whose batch shape differs from what this run draws miss and are recomputed, as after a
-    curriculum switch)."""
+    every old rank's entries (``train.anticipatory.reshard_entries``)."""
     meta = ref.meta()
     old_world = int(meta["world_size"])
     states = [read_rank_state(ref, r) for r in range(old_world)]
@@ -411,15 +332,8 @@ def resharded_rank_state(ref: CheckpointRef, rank: int, world_size: int) -> dict
     stability = states[0].get("stability")
     if stability is not None:
         stability = dict(stability)
-        router = dict(stability["router"])
-        entries = []
-        for old_rank, st in enumerate(states):
-            for e in st["stability"]["router"]["entries"]:
-                chunk = int(e["micro_step"]) * old_world + old_rank
-                if chunk % world_size == rank:
-                    entries.append({**e, "micro_step": chunk // world_size})
-        router["entries"] = sorted(entries, key=lambda e: (int(e["step"]), int(e["micro_step"])))
-        stability["router"] = router
+        stability["router"] = {**stability["router"], "entries": reshard_entries(
+            [st["stability"]["router"]["entries"] for st in states], rank, world_size)}
         out["stability"] = stability
     return out
 
@@ -463,13 +377,6 @@ def verify_checkpoint(ref: CheckpointRef) -> None:
     error = broadcast_from_rank0(error)
     if error is not None:
         raise CheckpointError(error)
-
-
-def _verified(files, what: str) -> None:
-    try:
-        verify_files(files)
-    except UnreadableFileError as err:
-        raise CheckpointError(f"{what}: {err}") from None
 
 
 def complete_checkpoints(save_dir: Path) -> list[CheckpointRef]:

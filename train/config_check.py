@@ -117,8 +117,8 @@ def available_memory(device) -> tuple[float, str]:
 
 
 def memory_setup(cfg: DictConfig, model_cfg, device, precision: str, world_size: int):
-    """The model.memory.Setup of this job (tokens and seq_len are set per stage)."""
-    from model.memory import Setup
+    """The train.memory.Setup of this job (tokens and seq_len are set per stage)."""
+    from train.memory import Setup
 
     ds = cfg.deepspeed
     return Setup(tokens=0, seq_len=0, precision=precision, optimizer=str(cfg.optim.name),
@@ -146,10 +146,10 @@ def seq_chunks(cfg: DictConfig, model_cfg, curriculum, device, precision: str, w
 def check_memory(cfg: DictConfig, model_cfg, curriculum, device, precision: str,
                  world_size: int) -> None:
     """Refuse (ConfigError) a job whose estimated memory per rank exceeds what the device has
-    free, naming the numbers and settings that would fit (model/memory.py)."""
+    free, naming the numbers and settings that would fit (train/memory.py)."""
     from dataclasses import replace
 
-    from model.memory import GIB, Setup
+    from train.memory import GIB, Setup
     from train.seq_chunk import AUTO, AUTO_GRAIN, SeqChunkError, chunked_estimate, parse_seq_chunk, stage_chunks
 
     _, local_ranks = launch_world(cfg.launch.kind)

@@ -71,7 +71,7 @@ class TrainSection:
     # with a checkpoint; e.g. to fit a scheduler's time limit, then train.resume=auto.
     stop_at_step: Optional[int] = None
     progress: bool = True              # tqdm bar on rank 0
-    # Refuse a job whose estimated memory per rank (model/memory.py) exceeds what the device has
+    # Refuse a job whose estimated memory per rank (train/memory.py) exceeds what the device has
     # free, before anything is allocated; false skips the check.
     memory_check: bool = True
 

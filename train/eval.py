@@ -292,9 +292,9 @@ def table(results: dict[str, float], lengths: Sequence[int], depths: Sequence[fl
 
 
 def load_model(source: str, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Path]:
-    """The model of a checkpoint / run directory / export (``model.hf.load_checkpoint``) and
+    """The model of a checkpoint / run directory / export (``train.export.load_checkpoint``) and
     the run directory it belongs to (for the default output place)."""
-    from model.hf import load_checkpoint
+    from train.export import load_checkpoint
 
     sd, cfg = load_checkpoint(source)
     model = Transformer(cfg)

@@ -38,7 +38,7 @@ through the module's state-dict keys (``...deepspeed_moe.experts.deepspeed_exper
 so ``ParallelExperts``' state dict is in that layout: one key per local expert and weight,
 ``deepspeed_moe.experts.deepspeed_experts.<i>.w1`` = ``w1[i]``, and loading accepts it (or the
 stacked ``w1``) back. Exact resume at the same world size and ``ep_size`` then goes through
-``engine.load_checkpoint`` unchanged. Resume on another world size: train.checkpoint.to_universal
+``engine.load_checkpoint`` unchanged. Resume on another world size: train.ds_checkpoint.to_universal
 merges the expert slices into whole ``[E, ...]`` tensors (ZeRO-1/2 with ``ep_size`` equal to the
 world size).
 """

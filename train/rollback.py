@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import torch
 
-from optim.safe_load import load_deepspeed_file
+from train.safe_load import load_deepspeed_file
 from train.rng import rng_state, set_rng_state
 
 

@@ -2,7 +2,7 @@
 (``model/chunked_step.py``) under the DeepSpeed engine, for sequences longer than fit at once.
 
 Setting (read here only): 0 = off; N > 0 = chunks of N rows (sequences of at most N tokens run
-unchunked); ``auto`` = the longest chunk whose estimated memory (``model/memory.py``: weights,
+unchunked); ``auto`` = the longest chunk whose estimated memory (``train/memory.py``: weights,
 gradients, optimizer state, the activations of micro_batch x chunk tokens, plus the cross-token
 state of the whole sequence) fits in what the device has free; unchunked if the whole
 sequence fits. CPU jobs under ``auto`` run unchunked (host memory is checked by
@@ -106,8 +106,8 @@ def choose_chunk(setting: int | str, seq_len: int, micro_batch: int, *, model_cf
 
 def memory_fits(model_cfg: ModelConfig, setup, free_bytes: float, seq_len: int, micro_batch: int
                 ) -> Callable[[int], bool]:
-    """fits(chunk) for ``choose_chunk`` from model/memory.py's estimate (``setup``: a
-    model.memory.Setup with this job's precision, ZeRO stage, optimizer, checkpointing)."""
+    """fits(chunk) for ``choose_chunk`` from train/memory.py's estimate (``setup``: a
+    train.memory.Setup with this job's precision, ZeRO stage, optimizer, checkpointing)."""
     def fits(chunk: int) -> bool:
         est = chunked_estimate(model_cfg, setup, seq_len, micro_batch, chunk if chunk < seq_len else 0)
         return est.total <= AUTO_HEADROOM * free_bytes
@@ -117,7 +117,7 @@ def memory_fits(model_cfg: ModelConfig, setup, free_bytes: float, seq_len: int, 
 
 def stage_chunks(setting: int | str, stages, model_cfg: ModelConfig, *, setup=None,
                  free_bytes: float | None = None) -> list[int]:
-    """Rows per chunk of every curriculum stage (0: unchunked). ``setup`` (model.memory.Setup)
+    """Rows per chunk of every curriculum stage (0: unchunked). ``setup`` (train.memory.Setup)
     and ``free_bytes`` (per rank) size ``auto``; without them auto runs unchunked."""
     chunks = []
     for st in stages:
@@ -128,8 +128,8 @@ def stage_chunks(setting: int | str, stages, model_cfg: ModelConfig, *, setup=No
 
 
 def chunked_estimate(model_cfg: ModelConfig, setup, seq_len: int, micro_batch: int, chunk: int):
-    """model/memory.py's estimate of one micro-batch run ``chunk`` rows at a time (0: whole)."""
-    from model.memory import estimate
+    """train/memory.py's estimate of one micro-batch run ``chunk`` rows at a time (0: whole)."""
+    from train.memory import estimate
 
     rows = chunk or seq_len
     est = estimate(model_cfg, replace(setup, tokens=micro_batch * rows, seq_len=rows))

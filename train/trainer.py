@@ -220,7 +220,7 @@ def save(run: Run, step: int, stage: Stage) -> CheckpointRef:
             "tokens": run.curriculum.tokens_before(step), "wandb_run_id": run.metrics.wandb_run_id,
             "overrides": list(run.overrides), "run_dir": str(run.run_dir),
             "metrics_path": str(run.metrics.path),
-            # makes a copied step directory self-contained for `python -m model.hf export`
+            # makes a copied step directory self-contained for `python -m train.export export`
             "model_config": run.engine.module.cfg.to_dict(),
             # what resume=auto matches (train.checkpoint.job_identity)
             "job": run.job, "job_id": job_id(run.job)}

@@ -48,7 +48,7 @@ def test_ep_checkpoint_resumes_exactly_at_the_same_world_size(ep_run):
 @pytest.mark.slow
 def test_ep_checkpoint_resumes_on_one_rank_through_universal_checkpoint(ep_run):
     """ep_size 2 -> 1: the expert slices of both ranks become whole [E, ...] stacks."""
-    from train.checkpoint import to_universal
+    from train.ds_checkpoint import to_universal
 
     stage, root = ep_run
     if stage == 0:
@@ -78,7 +78,7 @@ def _fake_zero_shards(folder, world: int, ep_size: int) -> None:
 
 
 def test_to_universal_refuses_experts_partitioned_over_expert_data_parallel_groups(tmp_path):
-    from train.checkpoint import to_universal
+    from train.ds_checkpoint import to_universal
 
     _fake_zero_shards(tmp_path / "t", world=4, ep_size=2)
     with pytest.raises(ValueError, match="ep_size_2 on 4 ranks.*only checkpoints with "
@@ -88,7 +88,7 @@ def test_to_universal_refuses_experts_partitioned_over_expert_data_parallel_grou
 
 
 def test_to_universal_refuses_ep_at_zero_stage_0(tmp_path):
-    from train.checkpoint import to_universal
+    from train.ds_checkpoint import to_universal
 
     (tmp_path / "t").mkdir()
     torch.save({}, tmp_path / "t" / "expp_rank_0_mp_rank_00_optim_states.pt")

@@ -1,8 +1,8 @@
-"""Hugging Face export (model.hf) of expert-parallel checkpoints.
+"""Hugging Face export (train.export) of expert-parallel checkpoints.
 
 Slow (processes): the tiny Transformer trained 2 steps with EP = 2 on 2 gloo ranks
 (``workers/ep_export.py``) at ZeRO-0 and ZeRO-2, saved by train.checkpoint.CheckpointManager;
-``python -m model.hf export`` of the run directory must give back, exactly (fp32), the full model
+``python -m train.export export`` of the run directory must give back, exactly (fp32), the full model
 state gathered from the ranks at save time: every expert of every MoE layer in global order
 (EP rank p's local expert i is global expert p * E/P + i), the ZeRO fp32 masters, the buffers.
 In-process: hand-made DeepSpeed layouts (ZeRO-0 per-expert files, a ZeRO-1 layout with EP 2 on
@@ -40,7 +40,8 @@ def _assert_same(got, want):
 def test_ep_checkpoint_exports_every_expert_exactly(stage, tmp_path):
     from safetensors.torch import load_file
 
-    from model.hf import load_export, main
+    from model.hf import load_export
+    from train.export import main
 
     run_ranks("ep_export.py", [str(tmp_path), str(stage)], world=2)
     tag = tmp_path / "run" / "checkpoints" / "step_00000002"
@@ -153,7 +154,7 @@ def _write_zero1_shards(tag, sd, world, ep):
 
 
 def test_zero0_ep_layout_exports_in_global_expert_order(tmp_path):
-    from model.hf import load_checkpoint
+    from train.export import load_checkpoint
 
     cfg, sd = _model_sd()
     _write_ep_tag(tmp_path / "ckpt" / "step_00000001", cfg, sd, ep=2)
@@ -167,7 +168,7 @@ def test_zero0_ep_layout_exports_in_global_expert_order(tmp_path):
 
 def test_zero1_layout_with_experts_over_expert_data_parallel_groups(tmp_path):
     """EP 2 on 4 ranks: each expert slice is also ZeRO-partitioned over 2 EDP ranks."""
-    from model.hf import load_checkpoint
+    from train.export import load_checkpoint
 
     cfg, sd = _model_sd(seed=1)
     fp32 = {k: v.clone() for k, v in sd.items()}
@@ -183,7 +184,8 @@ def test_zero1_layout_with_experts_over_expert_data_parallel_groups(tmp_path):
 
 
 def test_export_refuses_ep_checkpoints_it_cannot_consolidate(tmp_path, capsys):
-    from model.hf import ExportError, load_checkpoint, main
+    from model.hf import ExportError
+    from train.export import load_checkpoint, main
 
     cfg, sd = _model_sd()
     out = tmp_path / "hf"

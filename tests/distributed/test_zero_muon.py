@@ -89,11 +89,11 @@ def test_bf16_optimizer_path(ranks, tmp_path, reference):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_on_another_world_size_through_universal_checkpoint(stage, ranks, tmp_path):
-    """2 ranks save a ZeRO checkpoint; train.checkpoint.to_universal converts it (Muon momentum
+    """2 ranks save a ZeRO checkpoint; train.ds_checkpoint.to_universal converts it (Muon momentum
     included); 1 rank (2 accumulation steps: the same global batch) loads it with
-    train.checkpoint.load_universal and takes the next step, which must equal the step the 2
+    train.ds_checkpoint.load_universal and takes the next step, which must equal the step the 2
     ranks took after saving. (A zeroed momentum moves wkv by ~1e-2.)"""
-    from train.checkpoint import to_universal
+    from train.ds_checkpoint import to_universal
 
     ranks("universal.py", ["save", str(tmp_path), str(stage)], world=2)
     to_universal(tmp_path / "t")

@@ -7,6 +7,7 @@ import torch
 import optim.deepspeed as od
 from models import make_small
 from optim import build_optimizer
+from train.ds_checkpoint import to_universal
 
 CFG = {"name": "muon", "lr": 1e-2, "ns_dtype": "fp32", "wo_a_blocks": 2}
 
@@ -139,4 +140,4 @@ def test_plan_rejects_a_layout_that_does_not_tile_the_parameter():
 
 def test_to_universal_refuses_non_zero12_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="optim_states"):
-        od.to_universal(tmp_path, tmp_path / "out")
+        to_universal(tmp_path, tmp_path / "out")

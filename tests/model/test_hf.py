@@ -12,9 +12,10 @@ import torch
 from model.config import ModelConfig
 from model.layout import CompressedLayout
 from model.hf import (EXPORT_MODEL_CONFIG, SAFETENSORS_INDEX, ExportError, export_hf, from_hf_state_dict,
-                      hf_state_dict, load_checkpoint, load_export, main, read_safetensors_dir, to_hf_config)
+                      hf_state_dict, load_export, read_safetensors_dir, to_hf_config)
 from model.rope import RoPE
 from model.transformer import Transformer
+from train.export import load_checkpoint, main
 
 ROOT = Path(__file__).resolve().parents[2]
 transformers = pytest.importorskip("transformers")  # a dev dependency (pyproject: [dev])
@@ -321,7 +322,7 @@ def test_cli_exports_a_pt_checkpoint(tmp_path, capsys):
 def test_cli_entry_point_runs_as_a_module(tmp_path):
     model = Transformer(ModelConfig.from_preset("tiny"))
     ckpt = _save_pt(tmp_path, model)
-    run = subprocess.run([sys.executable, "-m", "model.hf", "export", "--checkpoint", str(ckpt),
+    run = subprocess.run([sys.executable, "-m", "train.export", "export", "--checkpoint", str(ckpt),
                           "--out", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "hf" / "model.safetensors").is_file() and "exported tiny" in run.stdout
@@ -455,7 +456,7 @@ def test_real_deepspeed_checkpoints(tmp_path):
 
 
 def test_cli_export_writes_the_training_tokenizer_and_plain_permissions(tmp_path):
-    """`python -m model.hf export` of a trainer run: the tokenizer the run trained with
+    """`python -m train.export export` of a trainer run: the tokenizer the run trained with
     (recorded in meta.json) is exported, AutoTokenizer loads it offline and encodes as training
     did, config.json gets its bos/eos ids, and the files have the umask's permissions."""
     from data.tokenizer import load_tokenizer
@@ -467,7 +468,7 @@ def test_cli_export_writes_the_training_tokenizer_and_plain_permissions(tmp_path
         "tokenizer": "gpt2-embedded", "eos_token": None}}}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); "
-                           "from model.hf import main; sys.exit(main())", "export", "--checkpoint",
+                           "from train.export import main; sys.exit(main())", "export", "--checkpoint",
                            str(run), "--out", str(tmp_path / "hf")],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -487,7 +488,7 @@ def test_cli_export_writes_the_training_tokenizer_and_plain_permissions(tmp_path
 def test_cli_export_without_a_recorded_tokenizer_says_so(tmp_path):
     model = Transformer(ModelConfig.from_preset("tiny"))
     ckpt = _save_pt(tmp_path, model)
-    proc = subprocess.run([sys.executable, "-m", "model.hf", "export", "--checkpoint", str(ckpt),
+    proc = subprocess.run([sys.executable, "-m", "train.export", "export", "--checkpoint", str(ckpt),
                            "--out", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "no tokenizer recorded" in proc.stderr and "--tokenizer" in proc.stderr

@@ -219,7 +219,7 @@ class _Payload:
 def test_disk_snapshots_load_without_running_code(tmp_path):
     """Rollback snapshots on disk (ZeRO-2: DeepSpeed's optimizer state inside) restore through
     the restricted unpickler; a snapshot file with a payload is refused and the payload never runs."""
-    from optim.safe_load import UnsafeFileError
+    from train.safe_load import UnsafeFileError
     from train.rollback import EngineState, SnapshotRing
 
     setup_distributed(resolve_device("cpu"))

@@ -116,7 +116,7 @@ def test_a_model_that_cannot_fit_is_refused_before_allocating(th, tmp_path):
 def test_memory_check_names_the_setting_that_fits_and_can_be_skipped(th, monkeypatch):
     import train.config_check as cc
     from model.config import ModelConfig
-    from model.memory import Setup, estimate
+    from train.memory import Setup, estimate
 
     cfg = ModelConfig.from_preset("micro")
     plain, ckpt = (estimate(cfg, Setup(tokens=1024, seq_len=128, activation_checkpointing=c)).total

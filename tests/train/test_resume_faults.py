@@ -154,11 +154,12 @@ def test_a_crafted_pickle_in_a_checkpoint_does_not_run(job, name):
 
 
 def test_export_and_universal_conversion_refuse_a_crafted_pickle(job):
-    """The other readers of DeepSpeed's files: HF export (model.hf) and the universal conversion
+    """The other readers of DeepSpeed's files: HF export (train.export) and the universal conversion
     (DeepSpeed's converter unpickles fully): the same file is refused, the payload never runs."""
-    from model.hf import ExportError, _load_torch_file
-    from optim.deepspeed import to_universal
-    from optim.safe_load import UnsafeFileError
+    from model.hf import ExportError
+    from train.ds_checkpoint import to_universal
+    from train.export import load_checkpoint
+    from train.safe_load import UnsafeFileError
 
     marker = job.root / "pwned"
     target = job.ckpts / STEP4 / "mp_rank_00_model_states.pt"
@@ -166,7 +167,7 @@ def test_export_and_universal_conversion_refuse_a_crafted_pickle(job):
     state["payload"] = _Payload(marker)
     torch.save(state, target)
     with pytest.raises(ExportError, match="refused to load"):
-        _load_torch_file(target)
+        load_checkpoint(target, "tiny")
     (job.ckpts / STEP4 / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(target.read_bytes())
     with pytest.raises(UnsafeFileError, match="refused to load"):
         to_universal(job.ckpts / STEP4, job.root / "universal")

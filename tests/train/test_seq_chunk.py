@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from model.config import ModelConfig
-from model.memory import Setup
+from train.memory import Setup
 from train.seq_chunk import (AUTO, SeqChunkError, choose_chunk, chunked_estimate, parse_seq_chunk,
                              stage_chunks)
 

@@ -6,7 +6,7 @@
     python ep_checkpoint.py resume DIR STAGE     a fresh engine at the same world size loads
                                                  the checkpoint, takes steps 3-4; DIR/resume.pt
     python ep_checkpoint.py universal DIR STAGE  world size 1 (experts unsharded) loads
-                                                 DIR/universal (train.checkpoint.to_universal of
+                                                 DIR/universal (train.ds_checkpoint.to_universal of
                                                  the checkpoint), steps 3-4; DIR/universal.pt
 Each .pt holds the full fp32 parameters (expert slices gathered into whole stacks) and buffers.
 The global batch is 2 micro-batches (2 / world accumulation steps per rank), and the MoE router
@@ -34,7 +34,8 @@ def main() -> None:
 
     from models import MICRO_BATCH, OPTIM_CFG, batch, make_small_moe
     from optim.deepspeed import build_sharded_optimizer, initialize
-    from train.checkpoint import CheckpointManager, latest_in, load_universal
+    from train.checkpoint import CheckpointManager, latest_in
+    from train.ds_checkpoint import load_universal
     from train.expert_parallel import apply_expert_parallel
 
     mode, root, stage = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])

@@ -2,7 +2,7 @@
 
     save: python universal.py save CKPT STAGE    (3 steps, save tag "t", a 4th step; rank 0
                                                   writes CKPT/after.pt = the params after it)
-    load: python universal.py load CKPT STAGE    (train.checkpoint.load_universal of CKPT/t_universal,
+    load: python universal.py load CKPT STAGE    (train.ds_checkpoint.load_universal of CKPT/t_universal,
                                                   the same 4th step; rank 0 writes CKPT/resumed.pt)
 The global batch is 2 micro-batches: N ranks x (2 / N) accumulation steps, so every world size
 sees the same data per optimizer step.
@@ -27,7 +27,7 @@ def main() -> None:
 
     from models import MICRO_BATCH, OPTIM_CFG, batch, make_small
     from optim.deepspeed import build_sharded_optimizer, initialize
-    from train.checkpoint import load_universal
+    from train.ds_checkpoint import load_universal
 
     mode, ckpt, stage = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     deepspeed.utils.logger.setLevel(logging.WARNING)

@@ -15,7 +15,7 @@ Activations (saved for backward, per micro-batch of T tokens), per layer and tok
   2.5 H (L + L/m + 1) plus the indexer's 2 H_idx L on CSA layers (the Triton path keeps none);
   the head: ``head_bytes``. Activation checkpointing keeps each block's input (n D); one
   block's activations live during its recomputation (``activation_bytes``).
-  ``tests/model/test_memory.py`` checks the estimate against the bytes autograd really saves.
+  ``tests/train/test_memory.py`` checks the estimate against the bytes autograd really saves.
 """
 from __future__ import annotations
 

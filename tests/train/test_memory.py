@@ -1,4 +1,4 @@
-"""model/memory.py: the activation estimate against the bytes autograd really saves for backward
+"""train/memory.py: the activation estimate against the bytes autograd really saves for backward
 (tiny and micro presets, a layer-heavy variant, with and without activation checkpointing), and
 the parameter-state accounting against the meta count."""
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.memory import Setup, activation_bytes, estimate, param_split
+from train.memory import Setup, activation_bytes, estimate, param_split
 from model.params import build_on_meta
 from model.transformer import Transformer
 
