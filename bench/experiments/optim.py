@@ -1,0 +1,109 @@
+"""Question 2: does Muon reach AdamW's loss with fewer tokens (Moonlight, arXiv 2502.16982:
+about 2x compute efficiency at matched loss)?
+
+One Hydra multirun over optim = muon | adamw x optim.lr = a small grid (``--lrs``; the same grid
+for both: our Muon's update is RMS-matched to AdamW's, so their lrs are on one scale). Each
+optimizer's best lr is the one with the lowest final validation loss. Reported: the smoothed
+train LM loss vs tokens of the two best runs, and the tokens Muon needs to reach AdamW's final
+smoothed loss (the compute ratio at matched loss: both have the same FLOPs per token). Writes
+<out>/optim-<device>-<date>.{svg,csv,md}.
+
+    python -m bench.experiments.optim --scale micro --steps 60 --lrs 1e-3 3e-3 1e-2
+"""
+from __future__ import annotations
+
+from bench.experiments import common as C
+
+OPTIMS = ["muon", "adamw"]
+DEFAULT_LRS = {"micro": [1e-3, 3e-3, 1e-2], "tiny": [1e-3, 3e-3, 1e-2], "small": [3e-4, 1e-3, 3e-3]}
+
+
+def launch(args) -> list[C.Run]:
+    return C.sweep(args, "sweep", {"optim": OPTIMS, "optim.lr": args.lrs}, C.base_overrides(args))
+
+
+def best_runs(runs: list[C.Run]) -> dict[str, C.Run]:
+    """Per optimizer, the run with the lowest final validation loss."""
+    best: dict[str, C.Run] = {}
+    for run in runs:
+        name = C.axis_value(run, "optim")
+        if name not in best or run.final_val < best[name].final_val:
+            best[name] = run
+    return best
+
+
+def tokens_to_match(muon: C.Run, adamw: C.Run, k: int) -> tuple[float, float | None]:
+    """(AdamW's final smoothed train loss, the tokens after which Muon's smoothed loss is at or
+    below it; None if it never is)."""
+    xs, ys = adamw.series("loss/lm", x="tokens")
+    target = C.trailing_mean(ys, k)[-1]
+    mx, my = muon.series("loss/lm", x="tokens")
+    return target, C.first_reaching(mx, C.trailing_mean(my, k), target)
+
+
+def report(args, runs: list[C.Run]):
+    k = C.smoothing_window(args.steps)
+    best = best_runs(runs)
+    muon, adamw = best["muon"], best["adamw"]
+    target, reach = tokens_to_match(muon, adamw, k)
+    curves, data, rows = {}, {}, []
+    for name, run in best.items():
+        xs, ys = run.series("loss/lm", x="tokens")
+        curves[f"{name}, lr {C.axis_value(run, 'optim.lr')}"] = (xs, C.trailing_mean(ys, k))
+    sweep_pts: dict[str, tuple[list, list]] = {}
+    for run in runs:
+        name, lr = C.axis_value(run, "optim"), float(C.axis_value(run, "optim.lr"))
+        pts = sweep_pts.setdefault(name, ([], []))
+        pts[0].append(lr)
+        pts[1].append(run.final_val)
+        xs, ys = run.series("loss/lm", x="tokens")
+        data[run.name] = {"loss/lm": (xs, ys)}
+        rows.append([name, f"{lr:g}", run.final_val, C.final_mean(ys), "best" if best[name] is run else "",
+                     f"{run.tokens:,}"])
+    for pts in sweep_pts.values():
+        order = sorted(range(len(pts[0])), key=lambda i: pts[0][i])
+        pts[0][:], pts[1][:] = [pts[0][i] for i in order], [pts[1][i] for i in order]
+    title = f"Muon vs AdamW ({args.scale}, {args.steps} steps, {args.device_name})"
+    C.write_svg(args.out / f"{args.tag}.svg", [
+        C.Panel(f"best lr of each: train LM loss (trailing mean of {k})", "tokens", "train LM loss", curves,
+                hlines={"AdamW final": target}),
+        C.Panel("lr sweep: final validation loss", "peak lr", "val loss", sweep_pts, logx=True, markers=True),
+    ], title)
+    C.write_csv(args.out / f"{args.tag}.csv", data)
+    table = C.markdown_table(["optim", "lr", "final val loss", "final train LM loss (mean last 10%)", "",
+                              "tokens"], rows)
+    total = adamw.tokens
+    match = (f"Muon (lr {C.axis_value(muon, 'optim.lr')}) reaches AdamW's final smoothed train loss "
+             f"{target:.4f} (lr {C.axis_value(adamw, 'optim.lr')}, {total:,} tokens) after "
+             f"{reach:,.0f} tokens: {total / reach:.2f}x fewer tokens (= FLOPs: same model)"
+             if reach else
+             f"Muon (lr {C.axis_value(muon, 'optim.lr')}) never reaches AdamW's final smoothed train loss "
+             f"{target:.4f} within {muon.tokens:,} tokens")
+    findings = [match,
+                f"final validation loss at the best lr: muon {muon.final_val:.4f}, adamw {adamw.final_val:.4f}"]
+    summary = C.markdown_table(["AdamW final smoothed loss", "AdamW tokens", "Muon tokens to reach it", "ratio"],
+                               [[target, f"{total:,}", f"{reach:,.0f}" if reach else "not reached",
+                                 f"{total / reach:.2f}x" if reach else None]])
+    return C.write_report(
+        args, "Muon vs AdamW: loss vs tokens at each one's best lr", runs, [table, summary], findings,
+        f"Setup: one Hydra multirun over optim x optim.lr = {' '.join(f'{v:g}' for v in args.lrs)}; "
+        f"best lr = lowest final validation loss ({args.sc.val_batches} batches); smoothing: trailing "
+        f"mean of {k} steps; warm-up {max(1, args.steps // 10)} steps, cosine decay over the last 30%.")
+
+
+def parse_args(argv=None):
+    ap = C.parser(__doc__.splitlines()[0])
+    ap.add_argument("--lrs", type=float, nargs="+", default=None, help="lr grid (default: per scale)")
+    args = C.finish_args(ap.parse_args(argv), "optim")
+    args.lrs = args.lrs or DEFAULT_LRS[args.scale]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report(args, launch(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

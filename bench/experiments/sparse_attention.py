@@ -1,0 +1,133 @@
+"""Question 3: does CSA's sparse (top-k) attention train as well as dense attention (V4: within a
+few percent), and how much of the dense attention mass does the indexer's top-k capture?
+
+Three arms at the scale's long sequence (``--seq-len``; micro: 256, where a CSA query sees up to
+64 compressed entries and keeps index_topk = 4):
+  sparse          the V4 model, CSA layers attend the indexer's top-k (model.attention_mode=sparse)
+  dense           the same model, CSA layers attend every visible compressed entry
+  full attention  a dense-attention baseline: every layer plain causal attention over the whole
+                  sequence (compress_ratios all 0, window = seq_len), trained for the SAME total
+                  training FLOPs as the sparse arm (train/metrics.py's FLOP model, on a meta-device
+                  model: the token count is scaled by the ratio of FLOPs per token)
+sparse and dense are one Hydra multirun; the baseline is one run. Indexer recall
+(``attn/indexer_recall/<layer>``: the share of the dense attention mass on compressed entries
+that the top-k holds; in the dense arm, of the top-k the indexer would pick) is logged every
+diagnostics step. Writes <out>/sparse_attention-<device>-<date>.{svg,csv,md}.
+
+    python -m bench.experiments.sparse_attention --scale micro --steps 40
+"""
+from __future__ import annotations
+
+from bench.experiments import common as C
+
+MODES = ["sparse", "dense"]
+BASELINE = "full attention"
+
+
+def _model(args, overrides: list[str]):
+    """The model config the trainer would build from ``overrides``, on the meta device."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+    from train.config_schema import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(C.REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    with torch.device("meta"):
+        return Transformer(mcfg)
+
+
+def flops_per_token(args, overrides: list[str], mode: str) -> float:
+    from train.metrics import flops_per_token as fpt
+
+    return fpt(_model(args, overrides), args.seq_len, mode)
+
+
+def baseline_overrides(args) -> list[str]:
+    n_layers = _model(args, [f"model={args.sc.model}"]).cfg.n_layers
+    return [f"model.compress_ratios=[{','.join(['0'] * n_layers)}]", f"model.window={args.seq_len}"]
+
+
+def launch(args) -> list[C.Run]:
+    base = C.base_overrides(args, seq_len=args.seq_len)
+    runs = C.sweep(args, "modes", {"model.attention_mode": MODES}, base)
+    full = baseline_overrides(args)
+    f_sparse = flops_per_token(args, base, "sparse")
+    f_full = flops_per_token(args, base + full, "sparse")
+    steps = max(2, round(args.steps * f_sparse / f_full))    # same total training FLOPs
+    full_run = C.single(args, "full_attention", C.base_overrides(args, seq_len=args.seq_len, steps=steps) + full)
+    full_run.name = BASELINE
+    return runs + [full_run]
+
+
+def report(args, runs: list[C.Run]):
+    k = C.smoothing_window(args.steps)
+    arms = {(C.axis_value(r, "model.attention_mode") if r.name != BASELINE else BASELINE): r for r in runs}
+    by_tok, by_flops, recall, data, rows = {}, {}, {}, {}, []
+    chance = None
+    for name, run in arms.items():
+        xs, ys = run.series("loss/lm", x="tokens")
+        fpt = run.flops_per_token()
+        smooth = C.trailing_mean(ys, k)
+        by_tok[name] = (xs, smooth)
+        by_flops[name] = ([x * fpt for x in xs], smooth)
+        ds, rec = run.series("attn/indexer_recall_mean", "diagnostics")
+        if rec:
+            recall[f"{name}: indexer top-k"] = (ds, rec)
+            chance_keys = [key for key in run.diagnostics[-1] if key.startswith("attn/indexer_recall_chance/")]
+            _, ch = run.series(chance_keys[0], "diagnostics")
+            chance = sum(ch) / len(ch)
+        data[name] = {"loss/lm": (xs, ys), "indexer_recall_mean": (ds, rec)}
+        rows.append([name, fpt, fpt * run.tokens, f"{run.tokens:,}", C.final_mean(ys), run.final_val,
+                     rec[-1] if rec else None])
+    title = f"CSA sparse vs dense attention ({args.scale}, seq_len {args.seq_len}, {args.device_name})"
+    C.write_svg(args.out / f"{args.tag}.svg", [
+        C.Panel(f"train LM loss vs tokens (trailing mean of {k})", "tokens", "train LM loss", by_tok),
+        C.Panel("train LM loss vs training FLOPs", "training FLOPs", "train LM loss", by_flops),
+        C.Panel("indexer recall (dense attention mass in the top-k)", "optimizer step", "recall", recall,
+                hlines={} if chance is None else {"chance: K / visible entries": chance}),
+    ], title, cols=3)
+    C.write_csv(args.out / f"{args.tag}.csv", data)
+    table = C.markdown_table(["arm", "FLOPs / token", "training FLOPs", "tokens", "final train LM loss (mean last 10%)",
+                              "final val loss", "final indexer recall"], rows)
+    s, d, f = (arms[n] for n in ("sparse", "dense", BASELINE))
+    gap = lambda a, b: 100 * (a.final_val - b.final_val) / b.final_val
+    findings = [
+        f"final validation loss: sparse {s.final_val:.4f}, dense {d.final_val:.4f} ({gap(s, d):+.2f}% sparse vs "
+        f"dense), full-attention baseline at the same FLOPs {f.final_val:.4f} ({gap(s, f):+.2f}% sparse vs it)",
+        f"FLOPs per token: sparse {C.fmt(s.flops_per_token())}, dense {C.fmt(d.flops_per_token())}, "
+        f"full attention {C.fmt(f.flops_per_token())}",
+    ]
+    if recall:
+        findings.append("final indexer recall: " + ", ".join(f"{n} {v[1][-1]:.3f}" for n, v in recall.items())
+                        + (f" (chance {chance:.3f})" if chance is not None else ""))
+    return C.write_report(
+        args, "CSA sparse vs dense attention, and a full-attention baseline at the same FLOPs", runs, [table],
+        findings,
+        f"Setup: seq_len {args.seq_len}, {args.sc.batch_seqs} sequences per step; sparse and dense: one Hydra "
+        f"multirun over model.attention_mode ({args.steps} steps); full attention: compress_ratios all 0, "
+        f"window {args.seq_len}, {f.train[-1]['step']} steps (same training FLOPs as sparse). Recall every "
+        f"{args.diagnostics_every} steps over up to 256 query rows of the first micro-batch.")
+
+
+def parse_args(argv=None):
+    ap = C.parser(__doc__.splitlines()[0])
+    ap.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the scale's long one)")
+    args = C.finish_args(ap.parse_args(argv), "sparse_attention")
+    args.seq_len = args.seq_len or args.sc.long_seq_len
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report(args, launch(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""bench/experiments: the shared machinery and each experiment's analysis on synthetic
+metrics.jsonl files (fast), and each script end to end through ``python -m train`` at micro scale
+on a tiny budget (slow: each pays the trainer's start-up; they check the pipeline, the plot, the
+CSV and the table exist and parse, not the science)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.experiments import common as C  # noqa: E402
+from bench.experiments import hyper_connections, optim, sparse_attention, spike_detector  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- synthetic runs
+def fake_run(root: Path, name: str, overrides: list[str], losses: list[float], *, batch: int = 256,
+             diag: dict | None = None, extra: dict | None = None, events: list[dict] = (),
+             val: float | None = None, detector: dict | None = None, finished: bool = True) -> C.Run:
+    """A run directory whose metrics.jsonl has what the trainer writes: a start event, one train
+    line per step (tokens consumed by its end, tflops and tokens/s for the FLOP model), optional
+    diagnostics lines {step: {key: value}}, validation lines, an end event."""
+    d = root / name.replace(" ", "_")
+    (d / ".hydra").mkdir(parents=True)
+    det = detector or {"window": 50, "min_history": 10, "metrics": ["loss", "grad_norm", "update_norm"],
+                       "z_threshold": 6.0}
+    (d / ".hydra" / "config.yaml").write_text(json.dumps({"stability": {"detector": det}}))
+    lines = [{"step": 0, "kind": "event", "event": "start", "params": 3_000_000, "active_params": 1_500_000,
+              "world_size": 1}, {"step": 0, "kind": "val", "val_loss": losses[0] + 1}]
+    for i, loss in enumerate(losses, start=1):
+        rec = {"step": i, "kind": "train", "loss": loss + 2, "loss/lm": loss, "grad_norm": 1.0,
+               "update_norm": 0.5, "tokens": i * batch, "tokens_per_s": 1000.0, "tflops": 2e7 * 1000 / 1e12}
+        rec.update((extra or {}).get(i, {}))
+        lines.append(rec)
+        if diag and i in diag:
+            lines.append({"step": i, "kind": "diagnostics", **diag[i]})
+    lines += list(events)
+    lines.append({"step": len(losses), "kind": "val", "val_loss": val if val is not None else losses[-1]})
+    if finished:
+        lines.append({"step": len(losses), "kind": "event", "event": "end", "status": "finished"})
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    return C.read_run(name, d, overrides)
+
+
+def check_outputs(out: Path, tag: str) -> str:
+    """The SVG parses as XML with at least one curve, the CSV has rows, the markdown has a table."""
+    root = ET.parse(out / f"{tag}.svg").getroot()
+    assert root.tag.endswith("svg")
+    assert any(e.tag.endswith("polyline") for e in root.iter())
+    with open(out / f"{tag}.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["run", "series", "x", "y"] and len(rows) > 1
+    md = (out / f"{tag}.md").read_text()
+    assert "| ---" not in md and "|---|" in md and "## What it shows" in md
+    assert "device:" in md and "tokens per run:" in md and "model:" in md
+    return md
+
+
+def args_for(module, tmp_path, *extra: str):
+    return module.parse_args(["--device", "cpu", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+                              "--steps", "20", *extra])
+
+
+# ----------------------------------------------------------------------------- common
+def test_numbers():
+    assert C.trailing_mean([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+    assert C.first_reaching([10, 20, 30], [3.0, 2.0, 1.0], 2.5) == 20
+    assert C.first_reaching([10, 20], [3.0, 2.9], 1.0) is None
+    assert C.final_mean(list(range(100)), 0.1) == pytest.approx(94.5)
+    assert C.final_mean([5.0, 7.0]) == 6.0
+    assert C.fmt(None) == "—" and C.fmt(3141.59) == "3142" and C.fmt(2.5e-5) == "2.50e-05"
+
+
+def test_svg_log_and_linear_panels_and_empty(tmp_path):
+    panels = [C.Panel("lin", "x", "y", {"a": ([1, 2, 3], [3.0, 2.0, 1.5]), "b": ([1, 3], [2.5, 1.0])},
+                      hlines={"ref": 2.0}),
+              C.Panel("log", "x", "y", {"a": ([1, 10, 100], [1.0, 30.0, 3000.0])}, logx=True, logy=True, markers=True),
+              C.Panel("nothing", "x", "y", {})]
+    C.write_svg(tmp_path / "p.svg", panels, "title & <co>")
+    text = (tmp_path / "p.svg").read_text()
+    ET.fromstring(text)                                   # text is escaped
+    assert text.count("<polyline") == 3 and text.count("<circle") == 3 and "no data" in text
+    assert ">1e+03<" not in text and ">1000<" in text     # log ticks at decades
+
+
+def test_read_run_refuses_an_unfinished_run(tmp_path):
+    with pytest.raises(C.ExperimentError, match="did not finish"):
+        fake_run(tmp_path, "cut", [], [5.0, 4.0], finished=False)
+    with pytest.raises(C.ExperimentError, match="no metrics.jsonl"):
+        C.read_run("none", tmp_path / "missing")
+
+
+def test_runs_are_grouped_in_wandb_and_sweeps_are_one_multirun(tmp_path, monkeypatch):
+    args = args_for(hyper_connections, tmp_path, "--wandb", "offline")
+    base = C.base_overrides(args)
+    assert "logging.wandb.group=hyper_connections" in base and "logging.wandb.mode=offline" in base
+    launched = []
+    monkeypatch.setattr(C, "_launch", lambda a, argv, log, what: launched.append(argv))
+    with pytest.raises(C.ExperimentError, match="0 of 2 runs"):
+        C.sweep(args, "s", {"model.hyper_connections": ["mhc", "hc"]}, base)
+    argv = launched[0]
+    assert argv[0] == "-m" and "model.hyper_connections=mhc,hc" in argv
+    assert "logging.wandb.name=hyper_connections/${hydra:job.override_dirname}" in argv
+    assert C._env(args)["WANDB_MODE"] == "offline"
+
+
+# ----------------------------------------------------------------------------- each experiment's analysis
+def test_hyper_connections_report(tmp_path):
+    args = args_for(hyper_connections, tmp_path)
+    runs = []
+    for kind, growth in (("mhc", 1.0), ("hc", 1.5), ("residual", None)):
+        diag = None if growth is None else {s: {"mhc/composite_gain_fwd": growth ** (s / 5),
+                                                "mhc/composite_gain_bwd": growth ** (s / 4)} for s in range(5, 21, 5)}
+        runs.append(fake_run(tmp_path / "w", kind, [f"model.hyper_connections={kind}"],
+                             [6 - 0.1 * i for i in range(20)], diag=diag))
+    hyper_connections.report(args, runs)
+    md = check_outputs(args.out, args.tag)
+    assert "| hc | " in md and "| residual | " in md
+    hc_row = next(line for line in md.splitlines() if line.startswith("| hc |"))
+    assert f"| {C.fmt(1.5 ** 4)} |" in hc_row                   # max forward gain over training
+
+
+def test_optim_picks_best_lr_and_tokens_to_match(tmp_path):
+    args = args_for(optim, tmp_path, "--lrs", "0.001", "0.01")
+    runs = []
+    for name, lr, rate, val in (("muon", "0.001", 0.2, 3.1), ("muon", "0.01", 0.32, 2.9),
+                                ("adamw", "0.001", 0.1, 3.5), ("adamw", "0.01", 0.15, 3.4)):
+        runs.append(fake_run(tmp_path / "w", f"{name} {lr}", [f"optim={name}", f"optim.lr={lr}"],
+                             [8 - rate * i for i in range(20)], val=val))
+    best = optim.best_runs(runs)
+    assert C.axis_value(best["muon"], "optim.lr") == "0.01" and C.axis_value(best["adamw"], "optim.lr") == "0.01"
+    target, reach = optim.tokens_to_match(best["muon"], best["adamw"], C.smoothing_window(20))
+    # adamw's smoothed final: mean of its last 3 losses (8 - 0.15 * 18 on average) = 5.3
+    assert target == pytest.approx(8 - 0.15 * 18)
+    # muon's trailing mean of 3 at step s >= 3 is 8 - 0.32 * (s - 2): first <= 5.3 at s = 11
+    assert reach == 11 * 256
+    optim.report(args, runs)
+    md = check_outputs(args.out, args.tag)
+    assert f"{20 / 11:.2f}x fewer tokens" in md
+
+
+def test_sparse_attention_report(tmp_path):
+    args = args_for(sparse_attention, tmp_path, "--seq-len", "256")
+    diag = {s: {"attn/indexer_recall_mean": 0.5 + 0.01 * s, "attn/indexer_recall/1": 0.5 + 0.01 * s,
+                "attn/indexer_recall_chance/1": 0.2} for s in range(5, 21, 5)}
+    runs = [fake_run(tmp_path / "w", "sparse", ["model.attention_mode=sparse"], [6 - 0.1 * i for i in range(20)],
+                     diag=diag, batch=1024, val=4.2),
+            fake_run(tmp_path / "w", "dense", ["model.attention_mode=dense"], [6 - 0.1 * i for i in range(20)],
+                     diag=diag, batch=1024, val=4.0),
+            fake_run(tmp_path / "w", sparse_attention.BASELINE, [], [6 - 0.1 * i for i in range(19)], batch=1024, val=4.1)]
+    sparse_attention.report(args, runs)
+    md = check_outputs(args.out, args.tag)
+    assert "+5.00% sparse vs dense" in md and "chance 0.200" in md
+    assert (args.out / f"{args.tag}.svg").read_text().count("chance: K / visible entries") == 1
+
+
+def test_spike_detector_replay_and_false_positive_table(tmp_path):
+    args = args_for(spike_detector, tmp_path, "--thresholds", "6", "100")
+    # a clean-looking run whose grad norm wobbles by a few percent and jumps 3x at step 30
+    gn = {i: {"grad_norm": (3.0 if i == 30 else 1.0 + 0.02 * math.sin(i))} for i in range(1, 41)}
+    losses = [5.0 - 0.001 * i for i in range(40)]
+    settings = {"window": 50, "min_history": 10, "metrics": ["loss", "grad_norm", "update_norm"], "z_threshold": 6.0}
+    probe = fake_run(tmp_path / "probe", "probe", ["train.seed=1", "train.grad_clip=1.0"], losses, extra=gn)
+    hits, judged = spike_detector.replay(probe, settings, 6.0)
+    assert hits == [(30, "grad_norm")] and judged == 40 - 10
+    event = {"step": 30, "kind": "event", "event": "stability/spike", "metric": "grad_norm", "value": 3.0}
+    run = fake_run(tmp_path / "w", "train.seed=1 train.grad_clip=1.0", ["train.seed=1", "train.grad_clip=1.0"],
+                   losses, extra=gn, events=[event])
+    spike_detector.report(args, [run])
+    md = check_outputs(args.out, args.tag)
+    assert "| 6 (current default) | 1 | 30 |" in md and "| 100 | 0 | 30 |" in md
+    assert "no detection on any clean run: z = 100" in md
+    # a trainer event the replay does not reproduce stops the analysis
+    wrong = fake_run(tmp_path / "w2", "train.seed=2 train.grad_clip=1.0", ["train.seed=2", "train.grad_clip=1.0"],
+                     losses, extra=gn, events=[{**event, "step": 31}])
+    with pytest.raises(C.ExperimentError, match="does not model the detector"):
+        spike_detector.report(args, [wrong])
+
+
+# ----------------------------------------------------------------------------- end to end (python -m train)
+E2E = [
+    (hyper_connections, []),
+    (optim, ["--lrs", "0.003"]),
+    (sparse_attention, ["--seq-len", "64"]),
+    (spike_detector, ["--seeds", "1", "--grad-clips", "1.0"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,extra", E2E, ids=[m.__name__.rsplit(".", 1)[-1] for m, _ in E2E])
+def test_script_end_to_end_at_micro(module, extra, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--scale", "micro", "--steps", "3", "--device", "cpu", "--out", str(out),
+            "--work", str(tmp_path / "work"), "--wandb", "disabled", "--tag", "t", *extra]
+    assert module.main(argv) == 0
+    check_outputs(out, "t")
+    assert not list((tmp_path / "work").rglob("checkpoints"))      # deleted once read
