@@ -218,9 +218,15 @@ class AttentionCarry:
 @dataclass
 class LayerCarry:
     """One block's inputs from outside the chunk: its attention state and, for the balance loss,
-    the whole sequence's expert counts (None in the state pass)."""
+    the whole sequence's expert counts (None in the state pass). Context parallelism
+    (``model/context_parallel_model.py``) has its own carry with the same two members: there
+    the state comes from other ranks while the block runs."""
     attn: AttentionCarry
     moe_sequence: tuple[torch.Tensor, int] | None = None   # (counts [B, E], sequence length)
+
+    def attention(self, attn, x: torch.Tensor, layout: DocLayout):
+        """The block's attention layer ``attn`` on the chunk's rows x -> (out, aux)."""
+        return attn(x, layout, carry=self.attn)
 
 
 @dataclass

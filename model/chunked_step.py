@@ -132,11 +132,7 @@ def chunked_forward_backward(
 
     # whole-sequence normalisers
     lm_count = int((labels != IGNORE_INDEX).sum())
-    mtp_tokens, tok = [], labels
-    for _ in range(cfg.mtp_depth):
-        tgt = Transformer._shift(tok, doc_ids).masked_fill(tok == IGNORE_INDEX, IGNORE_INDEX)
-        mtp_tokens.append((tok, tgt, int((tgt != IGNORE_INDEX).sum())))
-        tok = tgt
+    mtp_tokens = Transformer.mtp_targets(labels, doc_ids, cfg.mtp_depth)
     csa = clayouts.get(cfg.csa_ratio)
     indexer_norm = (1.0 / max(1, int(queries_with_entries(csa.c_end, layout.doc_start)))
                     if csa is not None else None)

@@ -21,7 +21,7 @@ CP group's losses and gradients SUM to the unsharded ones.
 Limit: a shard other than the first and last must hold at least ``halo_rows(cfg)`` rows (its
 successor reads them all from it). Bytes moved are counted per collective in ``CommStats``
 (payload each rank sends and receives, padding included).
-Not yet here: the whole model (MoE, mHC, MTP, losses), trainer wiring (``parallel.cp_size``).
+The whole model on a token range: ``model/context_parallel_model.py``.
 """
 from __future__ import annotations
 

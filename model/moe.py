@@ -463,7 +463,9 @@ class MoE(nn.Module):
         sequence: tuple[torch.Tensor, int] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``sequence``: (whole-sequence expert counts [B, E], length) when x is one chunk of a
-        longer sequence (``model/chunked_step.py``): the balance loss is the chunk's share."""
+        longer sequence (``model/chunked_step.py``): the balance loss is the chunk's share. A
+        callable ``sequence(indices [B, L, K]) -> (counts, length)`` gets them from this
+        layer's routing (context parallel: the counts of every rank's rows)."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.dim:
             raise ValueError(f"MoE: x must be [B, L, {self.cfg.dim}], got {list(x.shape)}")
         B, L, D = x.shape
@@ -487,6 +489,8 @@ class MoE(nn.Module):
         if self.is_hash:
             balance = scores.new_zeros(())
         else:
+            if callable(sequence):
+                sequence = sequence(indices)
             balance = sequence_balance_loss(scores.view(B, L, -1), indices, self.n_experts,
                                             self.cfg.balance_loss_alpha, sequence)
         aux = {"balance_loss": balance, "indices": indices, "load": load}

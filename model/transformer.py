@@ -53,7 +53,8 @@ class Block(nn.Module):
     def forward(self, x, input_ids, layout: DocLayout, routing_indices=None, carry: LayerCarry | None = None):
         # x: [B, L, n, D]; carry: this block's state from earlier chunks (chunked step)
         h, post, comb = self.hc_attn.pre(x)
-        a, attn_aux = self.attn(self.attn_norm(h), layout, carry=carry and carry.attn)
+        a_in = self.attn_norm(h)
+        a, attn_aux = self.attn(a_in, layout) if carry is None else carry.attention(self.attn, a_in, layout)
         x = self.hc_attn.post(a, x, post, comb)
         comb_attn = comb
         h, post, comb = self.hc_ffn.pre(x)
@@ -221,7 +222,9 @@ class Transformer(nn.Module):
         labels the losses never form [B, L, V] logits (model/loss.py) unless True is passed.
         ``chunk``: the inputs are one chunk of longer sequences (``model/chunked_step.py``):
         attention layers read the earlier chunks' state from it, losses are the chunk's share of
-        the whole sequence's (no logits), and ``carry`` returns the state this chunk hands on."""
+        the whole sequence's (logits of the chunk's rows only when ``return_logits=True``), and
+        ``carry`` returns the state this chunk hands on. Context parallelism runs a rank's token
+        range the same way (``model/context_parallel_model.py``)."""
         cfg = self.cfg
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -245,10 +248,10 @@ class Transformer(nn.Module):
         x, balance, idx_losses, used_routes, state_out = self._trunk(input_ids, layout, routing_indices,
                                                                      collect, carries)
         h_main = x
-        # (a chunk's state pass needs no head)
-        hidden = self._checkpointed(self._final_hidden, x) if want_loss or chunk is None else None  # [B, L, D]
-        if return_logits is None or chunk is not None:
+        if return_logits is None:
             return_logits = labels is None and chunk is None
+        # (a chunk's state pass needs no head)
+        hidden = self._checkpointed(self._final_hidden, x) if want_loss or return_logits else None  # [B, L, D]
         logits = self.head(hidden) if return_logits else None           # [B, L, V]
 
         losses: dict[str, torch.Tensor] = {}
@@ -296,7 +299,7 @@ class Transformer(nn.Module):
                     total = total + il
             losses = {k: v.detach() for k, v in losses.items()}
         diag = collect.finish(self) if diagnostics else {}
-        return ModelOutput(loss=total, losses=losses, logits=logits if chunk is None else None,
+        return ModelOutput(loss=total, losses=losses, logits=logits,
                            routing_indices=used_routes, diagnostics=diag,
                            carry=state_out if chunk is not None else None)
 
@@ -304,6 +307,19 @@ class Transformer(nn.Module):
         """Mean cross-entropy of the shared head over hidden [B, L, D] (main head and MTP);
         ``count``: divide by this many labelled tokens (a chunk's share of a longer sequence's mean)."""
         return self.head(hidden, labels, count)
+
+    @staticmethod
+    def mtp_targets(labels: torch.Tensor, doc_ids: torch.Tensor | None,
+                    depth: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Per MTP depth, over the WHOLE sequence: (the tokens it reads, its targets, labelled
+        targets). A chunk or a context-parallel shard slices them: its last position's target
+        lies in the next one (``model/chunked_step.py``, ``model/context_parallel_model.py``)."""
+        out, tok = [], labels
+        for _ in range(depth):
+            tgt = Transformer._shift(tok, doc_ids).masked_fill(tok == IGNORE_INDEX, IGNORE_INDEX)
+            out.append((tok, tgt, int((tgt != IGNORE_INDEX).sum())))
+            tok = tgt
+        return out
 
     @staticmethod
     def _shift(t: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
