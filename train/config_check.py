@@ -67,19 +67,21 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
         world_size, _ = launch_world(cfg.launch.kind)
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
-    curriculum = build_curriculum(
+    from train.context_parallel import check_cp
+
+    problem = check_cp(int(cfg.parallel.cp_size), world_size, seq_chunk=tc.seq_chunk,
+                       ep_size=int(cfg.parallel.ep_size))
+    if problem:
+        raise ConfigError(problem)
+    curriculum = build_curriculum(   # the batch is split over the data-parallel ranks (CP groups)
         _container(cfg.curriculum.stages), micro_batch_tokens=tc.micro_batch_tokens,
-        world_size=world_size, compress_ratios=model_cfg.compress_ratios,
+        world_size=world_size // int(cfg.parallel.cp_size), compress_ratios=model_cfg.compress_ratios,
         max_seq_len=model_cfg.max_seq_len)
     lr_schedule(_container(cfg.optim), curriculum.main_steps)
     zero_stage = int(cfg.deepspeed.zero_stage)
     first = curriculum.stages[0]
     deepspeed_config(cfg.deepspeed, micro_batch=first.micro_batch, grad_accum=first.grad_accum,
                      world_size=world_size, grad_clip=tc.grad_clip, precision=precision)
-    if cfg.parallel.cp_size != 1:
-        raise ConfigError(f"parallel.cp_size={cfg.parallel.cp_size}: context parallelism is not wired "
-                          f"into the trainer yet (model/context_parallel.py shards attention layers "
-                          f"only); set parallel.cp_size=1")
     if cfg.parallel.ep_size > 1:   # (its module imports DeepSpeed: only when it matters)
         from train.expert_parallel import check_zero_stage_for_ep
 

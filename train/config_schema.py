@@ -194,8 +194,8 @@ class ParallelSection:
     # expert parallelism (train/expert_parallel.py): routed experts sharded over groups of
     # ep_size ranks; must divide the world size and every layer's expert count; ZeRO 0/1/2
     ep_size: int = 1
-    # context parallelism (model/context_parallel.py): one sequence over cp_size ranks. Only the
-    # attention layer exists so far; not wired into the trainer, so anything but 1 is refused
+    # context parallelism (train/context_parallel.py): each window over cp_size consecutive
+    # ranks (contiguous token ranges); data parallel over the groups; must divide the world size
     cp_size: int = 1
     # where Muon's Newton-Schulz runs under ZeRO (optim/deepspeed.py): owner | redundant
     ns_placement: str = "owner"

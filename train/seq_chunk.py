@@ -175,11 +175,14 @@ class MicroResult:
 
 
 def micro_forward_backward(engine, model, batch: dict, *, chunk: int, routing=None, boundary: bool,
-                           diagnostics: bool = False, corrupt: tuple[str, float] | None = None) -> MicroResult:
-    """One micro-batch's forward and backward through ``engine``: whole, or ``chunk`` rows at a
-    time (train.seq_chunk). ``boundary``: it ends the optimizer step (the caller has set the
-    engine's accumulation boundary for the whole-batch path). ``corrupt``: stability.inject's
-    (kind, factor) for this micro-batch (experiments only)."""
+                           diagnostics: bool = False, corrupt: tuple[str, float] | None = None,
+                           context_parallel=None) -> MicroResult:
+    """One micro-batch's forward and backward through ``engine``: whole, ``chunk`` rows at a
+    time (train.seq_chunk), or this rank's token range (``context_parallel``:
+    train/context_parallel.py; its loss is already scaled for DeepSpeed's world average).
+    ``boundary``: it ends the optimizer step (the caller has set the engine's accumulation
+    boundary for the whole-batch path). ``corrupt``: stability.inject's (kind, factor) for this
+    micro-batch (experiments only)."""
     def scaled(loss: torch.Tensor) -> torch.Tensor:
         if corrupt is None:
             return loss
@@ -191,8 +194,11 @@ def micro_forward_backward(engine, model, batch: dict, *, chunk: int, routing=No
                                  diagnostics=diagnostics, corrupt=scaled)
         loss = out.loss
     else:
-        out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"],
-                     routing_indices=routing, diagnostics=diagnostics)
+        if context_parallel is not None:
+            out = context_parallel.forward(engine, batch, routing, diagnostics=diagnostics)
+        else:
+            out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"],
+                         routing_indices=routing, diagnostics=diagnostics)
         loss = out.loss
         engine.backward(scaled(loss))
     logged = loss.detach()

@@ -31,6 +31,7 @@ from train.checkpoint import (CheckpointManager, CheckpointRef, check_reshard, f
 from train.collectives import broadcast_from_rank0
 from train.config_check import check_job, seq_chunks
 from train.config_schema import check_config_keys
+from train.context_parallel import ContextParallel, CPRanks
 from train.curriculum import Curriculum, CurriculumError, build_curriculum
 from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
                           resolve_device, resolve_precision, setup_distributed)
@@ -86,6 +87,7 @@ class Run:
     snapshot_objects: dict        # what a rollback snapshot holds besides the controller
     routing_forward: Callable     # the model call of the anticipatory pre-pass
     want_update_norm: bool        # the detector watches the optimizer's update norm
+    context_parallel: ContextParallel | None = None   # parallel.cp_size > 1 (train/context_parallel.py)
     start_step: int = 0
     resume_ref: CheckpointRef | None = None
     flops_per_token: float = 0.0  # training FLOPs per token of the current stage (MFU)
@@ -133,7 +135,9 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
         trusted=[tc.runs_root, run_dir.parent, *tc.trusted_checkpoint_dirs], verbose=dist.is_main))
     if resume.ref is not None:
         verify_checkpoint(resume.ref)   # unreadable or unsafe files: named now, not after building
-    curriculum = _curriculum(cfg, model_cfg, dist, resume)
+    # parallel.cp_size: each CP group of ranks is one data-parallel replica (train/context_parallel.py)
+    replica = CPRanks.of(dist.rank, dist.world_size, int(cfg.parallel.cp_size))
+    curriculum = _curriculum(cfg, model_cfg, dist, resume, replica.dp_size)
     # train.seq_chunk per stage (auto: sized from the memory estimate before anything is allocated)
     chunks = seq_chunks(cfg, model_cfg, curriculum, device, precision, dist.world_size)
     optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
@@ -149,8 +153,8 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
 
     first = curriculum.stages[0]
     data = build_data(OmegaConf.to_container(cfg.data, resolve=True), seq_len=first.seq_len,
-                      micro_batch=first.micro_batch, seed=tc.seed, rank=dist.rank,
-                      world_size=dist.world_size, grad_accum=first.grad_accum)
+                      micro_batch=first.micro_batch, seed=tc.seed, rank=replica.dp_rank,
+                      world_size=replica.dp_size, grad_accum=first.grad_accum)
     if data.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"data.tokenizer has {data.vocab_size} tokens but model.vocab_size is "
                          f"{model_cfg.vocab_size}: raise model.vocab_size")
@@ -158,6 +162,7 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
 
     model, params, expert_parallel, optimizer, engine = _build_model(
         cfg, model_cfg, optim_cfg, first, dist.world_size, precision)
+    context_parallel = ContextParallel.setup(model.cfg, replica.cp_size)
     watched = set(stability.detector.metrics)
     want_update_norm = "update_norm" in watched and getattr(optimizer, "track_update_rms", False)
     if "update_norm" in watched and not want_update_norm:
@@ -183,8 +188,8 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
                                keep=tc.keep_checkpoints),
         metrics=None, progress=None, stability=stability, injector=None,
         snapshot_objects={"engine": EngineState(engine), "loader": train_loader},
-        routing_forward=engine_forward(engine, dist.device), want_update_norm=want_update_norm,
-        resume_ref=resume.ref)
+        routing_forward=engine_forward(engine, dist.device, context_parallel),
+        want_update_norm=want_update_norm, context_parallel=context_parallel, resume_ref=resume.ref)
     wandb_id, resumed_meta = _resume(run, resume)
     run.metrics = MetricsLogger(run_dir, enabled=dist.is_main, wandb_cfg=cfg.logging.wandb,
                                 config=OmegaConf.to_container(cfg, resolve=True),
@@ -235,19 +240,24 @@ def _long_context_eval(eval_cfg, tokenizer, seed: int):
     return run
 
 
-def engine_forward(engine, device: torch.device):
+def engine_forward(engine, device: torch.device, context_parallel: ContextParallel | None = None):
     """The model call of the anticipatory pre-pass: a CPU micro-batch through the engine
-    (ZeRO/bf16 handled as in training) under the current parameters."""
+    (ZeRO/bf16 handled as in training) under the current parameters (context parallel: this
+    rank's rows, whose routing its training forward replays)."""
     def forward(input_ids, doc_ids=None, labels=None):
-        return engine(input_ids=input_ids.to(device),
-                      doc_ids=None if doc_ids is None else doc_ids.to(device),
-                      labels=None if labels is None else labels.to(device))
+        batch = {"input_ids": input_ids.to(device),
+                 "doc_ids": None if doc_ids is None else doc_ids.to(device),
+                 "labels": None if labels is None else labels.to(device)}
+        if context_parallel is not None:
+            return context_parallel.forward(engine, batch)
+        return engine(**batch)
     return forward
 
 
 def _curriculum(cfg: DictConfig, model_cfg: ModelConfig, dist: DistInfo,
-                resume: _Resume) -> Curriculum:
-    """The curriculum for this world size; a checkpoint of another world size is checked,
+                resume: _Resume, dp_size: int) -> Curriculum:
+    """The curriculum for this world size (its batch split over ``dp_size`` data-parallel
+    replicas: the world over parallel.cp_size); a checkpoint of another world size is checked,
     converted to DeepSpeed's universal format and its data position remapped here, before data
     and model are built."""
     resume.reshard = None if resume.ref is None else check_reshard(
@@ -255,7 +265,7 @@ def _curriculum(cfg: DictConfig, model_cfg: ModelConfig, dist: DistInfo,
     try:
         curriculum = build_curriculum(
             OmegaConf.to_container(cfg.curriculum.stages, resolve=True),
-            micro_batch_tokens=cfg.train.micro_batch_tokens, world_size=dist.world_size,
+            micro_batch_tokens=cfg.train.micro_batch_tokens, world_size=dp_size,
             compress_ratios=model_cfg.compress_ratios, max_seq_len=model_cfg.max_seq_len)
     except CurriculumError as err:
         if resume.reshard is None:
@@ -326,7 +336,9 @@ def _announce(run: Run, params: tuple[int, int], resumed_meta: dict | None, *, p
     say(f"model {run.model.cfg.name}: {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M "
         f"active per token; {dist.device.type} {precision}, world size {dist.world_size}, "
         f"ZeRO stage {run.settings.zero_stage}" +
-        (f", expert parallel {ep_size}" if run.expert_parallel is not None else ""))
+        (f", expert parallel {ep_size}" if run.expert_parallel is not None else "") +
+        (f", context parallel {run.context_parallel.size} (data parallel "
+         f"{run.context_parallel.ranks.dp_size})" if run.context_parallel is not None else ""))
     say(f"data: {stats['documents']} documents, {stats['train_tokens']} training / "
         f"{stats['val_tokens']} validation tokens (skipped {stats['skipped_empty']} empty, "
         f"{stats['skipped_undecodable']} undecodable)")

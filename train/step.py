@@ -91,7 +91,8 @@ def _forward_backward(run, step: int, batches: list, diagnose: bool, chunk: int 
         engine.set_gradient_accumulation_boundary(last)
         # corrupt: stability.inject (experiments only)
         res = micro_forward_backward(engine, run.model, batch, chunk=chunk, routing=routing, boundary=last,
-                                     diagnostics=diagnose and micro == 0, corrupt=corrupt[micro])
+                                     diagnostics=diagnose and micro == 0, corrupt=corrupt[micro],
+                                     context_parallel=run.context_parallel)
         terms = [res.logged] + [res.losses.get(k, loss_sum.new_zeros(())) for k in LOSS_KEYS]
         loss_sum += torch.stack([t.to(torch.float64) for t in terms])
         if res.diagnostics:

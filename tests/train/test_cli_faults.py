@@ -188,8 +188,13 @@ def test_cpu_mfu_with_a_stated_peak_and_the_bar_shows_the_lm_loss(th, tmp_path, 
     assert not any(" loss=" in line or "[loss=" in line for line in bar)
 
 
-def test_context_parallel_is_refused_until_wired(th):
+def test_context_parallel_needs_a_world_it_divides(th):
     import train.config_check as cc
 
-    with pytest.raises(cc.ConfigError, match="parallel.cp_size=2: context parallelism is not wired"):
-        cc.check_job(th.compose("model=micro", "train.device=cpu", "parallel.cp_size=2"))
+    cfg = th.compose("model=micro", "train.device=cpu", "parallel.cp_size=2")
+    with pytest.raises(cc.ConfigError, match=r"parallel.cp_size=2 must be >= 1 and divide the number of ranks \(1\)"):
+        cc.check_job(cfg, world_size=1)
+    cc.check_job(cfg, world_size=2)
+    with pytest.raises(cc.ConfigError, match="set train.seq_chunk=0"):
+        cc.check_job(th.compose("model=micro", "train.device=cpu", "parallel.cp_size=2", "train.seq_chunk=256"),
+                     world_size=2)

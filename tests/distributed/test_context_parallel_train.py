@@ -1,0 +1,77 @@
+"""``parallel.cp_size`` in the trainer (train/context_parallel.py): the rank layout and its
+refusals in-process; and ``python -m train`` on 2 gloo ranks with parallel.cp_size=2 (one
+data-parallel replica: both ranks draw the same windows) against the same job on 1 process
+(cp_size=1): the same data, and the same losses and gradient norms step for step (fp32: the
+shares are summed in another order)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_ranks, train_fixtures
+
+RTOL = 2e-5
+FX = train_fixtures()
+
+
+def test_rank_layout():
+    from train.context_parallel import CPRanks
+
+    # 8 ranks, groups of 4 consecutive ranks: 2 data-parallel replicas
+    got = [CPRanks.of(r, 8, 4) for r in range(8)]
+    assert [(c.cp_rank, c.dp_rank, c.dp_size) for c in got] == [
+        (0, 0, 2), (1, 0, 2), (2, 0, 2), (3, 0, 2), (0, 1, 2), (1, 1, 2), (2, 1, 2), (3, 1, 2)]
+    assert CPRanks.of(3, 4, 1) == CPRanks(1, 0, 3, 4)
+    with pytest.raises(ValueError, match=r"parallel.cp_size=3 must be >= 1 and divide the number of ranks \(4\)"):
+        CPRanks.of(0, 4, 3)
+
+
+def test_check_cp_refusals():
+    from train.context_parallel import check_cp
+
+    assert check_cp(1, 3, seq_chunk="auto", ep_size=2) is None   # cp_size 1: nothing to check
+    assert check_cp(2, 4, seq_chunk=0, ep_size=1) is None
+    assert "divide the number of ranks (3)" in check_cp(2, 3, seq_chunk=0, ep_size=1)
+    assert "set train.seq_chunk=0" in check_cp(2, 2, seq_chunk="auto", ep_size=1)
+    assert "parallel.ep_size=2" in check_cp(2, 4, seq_chunk=0, ep_size=2)
+
+
+STEPS = 3
+
+
+def _overrides(tmp: Path, corpus: Path, name: str, *extra: str) -> list[str]:
+    """seq_len 64 (2 ranks: 32 rows each), 2 sequences per step in 2 micro-batches of 1."""
+    return FX.SMALL_MODEL + [
+        "data=files", f"data.paths=[{corpus}]", f"data.cache_dir={tmp / 'cache'}",
+        "data.val_fraction=0.1", "data.val_batches=1", "train.seq_len=64",
+        "train.global_batch_tokens=128", "train.micro_batch_tokens=64", f"train.tokens={128 * STEPS}",
+        "train.val_every=0", "train.ckpt_every=0", "train.progress=false", "train.device=cpu",
+        f"train.runs_root={tmp / 'runs'}", f"hydra.run.dir={tmp / 'runs' / name}", "optim.warmup_steps=1",
+        "logging.wandb.mode=disabled", "logging.diagnostics_every=0", "launch.dist_timeout_minutes=2", *extra]
+
+
+def _train_records(run: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == "train"]
+
+
+@pytest.mark.slow   # ~1 minute: a 1-process and a 2-rank run of 3 steps
+@pytest.mark.parametrize("zero", ["zero0", "zero2"])
+def test_cp2_trains_as_cp1(tmp_path, zero):
+    corpus = FX.write_corpus(tmp_path / "corpus", chapters=20)
+    runs = {}
+    for name, world in (("cp1", 1), ("cp2", 2)):
+        trace = tmp_path / f"trace_{name}"
+        run_ranks("train_traced.py", [str(trace), *_overrides(
+            tmp_path, corpus, name, f"deepspeed={zero}", f"parallel.cp_size={world}")], world=world, timeout=200)
+        runs[name] = [[json.loads(x) for x in (trace / f"rank{r}.jsonl").read_text().splitlines()]
+                      for r in range(world)]
+    # both ranks of the CP group drew the windows the single process drew
+    assert runs["cp2"][0] == runs["cp2"][1] == runs["cp1"][0]
+    want, got = (_train_records(tmp_path / "runs" / n) for n in ("cp1", "cp2"))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want):
+        for key in ("loss", "loss/lm", "loss/mtp", "loss/balance", "loss/indexer", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=RTOL), (a["step"], key, a[key], b[key])

@@ -1,0 +1,107 @@
+"""``parallel.cp_size``: context parallelism in the trainer (issue 13; the model side is
+``model/context_parallel_model.py``).
+
+Rank layout: the world is cut into CP groups of ``cp_size`` CONSECUTIVE ranks (on a node, the
+GPUs of one group are neighbours: the halo and the entry all-gather stay on NVLink).
+    cp_rank = rank % cp_size        which contiguous token range of the window this rank owns
+    dp_rank = rank // cp_size       which data-parallel replica (= CP group) it belongs to
+    dp_size = world // cp_size
+Every rank of a group draws the same packed windows (the data loader and the curriculum see
+the data-parallel rank and world, not the global ones).
+
+Gradient reduction (the choice, and why): inside a group each rank's loss is its SHARE of the
+window's loss (global-count normalisation), so the window's gradient is the SUM over the group;
+across groups gradients are AVERAGED, as in plain data parallelism. DeepSpeed's reduction (ZeRO
+0/1/2 alike) averages over the whole world of W = cp_size x dp_size ranks, so each rank
+backpropagates ``cp_size x`` its share: mean over W of (cp_size x share) = mean over the data-
+parallel groups of the group sums. The same factor makes every other world average right:
+the logged losses (train/step.py averages over all ranks), the spike detector's inputs. The
+router-bias loads are summed over all ranks (train/step.py): every token counted once. No
+DeepSpeed mpu / sequence-parallel group is involved, so ZeRO partitions, checkpoints and the
+gradient norm are the data-parallel ones (a checkpoint does not depend on cp_size; what a
+resume at another cp_size still lacks: the data position is saved per rank of the old world).
+
+Not combined (refused with one line by ``check_cp``): train.seq_chunk (the chunked step inside
+a CP rank), parallel.ep_size > 1. Validation runs the whole window on every rank (unsharded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ModelConfig
+from model.context_parallel import CPGroup, context_parallel_group
+from model.context_parallel_model import context_parallel_forward
+from model.transformer import ModelOutput
+
+
+@dataclass(frozen=True)
+class CPRanks:
+    """Where a rank sits: its CP group (token range) and its data-parallel replica."""
+    cp_size: int
+    cp_rank: int
+    dp_rank: int
+    dp_size: int
+
+    @staticmethod
+    def of(rank: int, world: int, cp_size: int) -> "CPRanks":
+        check_cp_size(cp_size, world)
+        return CPRanks(cp_size, rank % cp_size, rank // cp_size, world // cp_size)
+
+
+def check_cp_size(cp_size: int, world: int) -> None:
+    if cp_size < 1 or world % cp_size:
+        raise ValueError(f"parallel.cp_size={cp_size} must be >= 1 and divide the number of ranks "
+                         f"({world}): change parallel.cp_size or the number of processes")
+
+
+def check_cp(cp_size: int, world: int, *, seq_chunk, ep_size: int) -> str | None:
+    """The problem with this parallel.cp_size, as one line, or None."""
+    try:
+        check_cp_size(cp_size, world)
+    except ValueError as err:
+        return str(err)
+    if cp_size == 1:
+        return None
+    if str(seq_chunk) not in ("0", "0.0"):
+        return (f"parallel.cp_size={cp_size} with train.seq_chunk={seq_chunk}: the chunked step does "
+                f"not run inside a context-parallel rank yet; set train.seq_chunk=0 (each rank "
+                f"holds 1/{cp_size} of the sequence) or parallel.cp_size=1")
+    if ep_size > 1:
+        return (f"parallel.cp_size={cp_size} with parallel.ep_size={ep_size}: expert parallelism "
+                f"is not combined with context parallelism yet; set one of them to 1")
+    return None
+
+
+class ContextParallel:
+    """This rank's CP group and the model call on its token range (cp_size > 1 only: the
+    trainer's cp_size = 1 path does not go through here)."""
+
+    def __init__(self, cfg: ModelConfig, ranks: CPRanks, group: CPGroup):
+        self.cfg, self.ranks, self.group = cfg, ranks, group
+
+    @staticmethod
+    def setup(cfg: ModelConfig, cp_size: int) -> "ContextParallel | None":
+        """Every rank calls this once (creating the groups is collective); None for cp_size 1."""
+        if cp_size == 1:
+            return None
+        ranks = CPRanks.of(torch.distributed.get_rank(), torch.distributed.get_world_size(), cp_size)
+        group = context_parallel_group(cp_size)
+        assert group.rank == ranks.cp_rank and group.size == cp_size
+        return ContextParallel(cfg, ranks, group)
+
+    @property
+    def size(self) -> int:
+        return self.ranks.cp_size
+
+    def forward(self, engine, batch: dict, routing=None, **kwargs) -> ModelOutput:
+        """The engine on this rank's range of the micro-batch window; ``loss`` and ``losses``
+        are ``cp_size x`` the rank's share (see the module doc: DeepSpeed and the trainer
+        average over all ranks), ``routing_indices`` are this rank's rows."""
+        out = context_parallel_forward(engine, self.cfg, self.group, batch["input_ids"], batch.get("labels"),
+                                       batch.get("doc_ids"), routing_indices=routing, **kwargs)
+        if out.loss is not None:
+            out.loss = out.loss * self.size
+            out.losses = {k: v * self.size for k, v in out.losses.items()}
+        return out
