@@ -18,14 +18,16 @@ parallel groups of the group sums. The same factor makes every other world avera
 the logged losses (train/step.py averages over all ranks), the spike detector's inputs. The
 router-bias loads are summed over all ranks (train/step.py): every token counted once. No
 DeepSpeed mpu / sequence-parallel group is involved, so ZeRO partitions, checkpoints and the
-gradient norm are the data-parallel ones (a checkpoint does not depend on cp_size; what a
-resume at another cp_size still lacks: the data position is saved per rank of the old world).
+gradient norm are the data-parallel ones: a checkpoint does not depend on cp_size. A resume at
+another cp_size remaps the data position to the new data-parallel world (train/setup.py) and
+drops cached anticipatory routing (``routing_cache_for_cp``).
 
 Not combined (refused with one line by ``check_cp``): train.seq_chunk (the chunked step inside
 a CP rank), parallel.ep_size > 1. Validation runs the whole window on every rank (unsharded).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,8 @@ from model.config import ModelConfig
 from model.context_parallel import CPGroup, context_parallel_group
 from model.context_parallel_model import context_parallel_forward
 from model.transformer import ModelOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,3 +109,20 @@ class ContextParallel:
             out.loss = out.loss * self.size
             out.losses = {k: v * self.size for k, v in out.losses.items()}
         return out
+
+
+def cp_size(context_parallel: ContextParallel | None) -> int:
+    return 1 if context_parallel is None else context_parallel.size
+
+
+def routing_cache_for_cp(stability_state: dict | None, saved_cp_size: int, cp_size_now: int) -> dict | None:
+    """A checkpoint's stability state for a run at ``cp_size_now``: anticipatory routing caches
+    a rank's OWN rows, so a resume at another cp_size drops the cached entries (those
+    micro-batches route with the current parameters, logged as misses). All else is kept."""
+    router = (stability_state or {}).get("router")
+    if saved_cp_size == cp_size_now or not router or not router.get("entries"):
+        return stability_state
+    log.warning("resuming at parallel.cp_size=%d a checkpoint written at %d: its %d cached "
+                "anticipatory-routing entries hold other token ranges and are dropped",
+                cp_size_now, saved_cp_size, len(router["entries"]))
+    return {**stability_state, "router": {**router, "entries": []}}

@@ -31,7 +31,7 @@ from train.checkpoint import (CheckpointManager, CheckpointRef, check_reshard, f
 from train.collectives import broadcast_from_rank0
 from train.config_check import check_job, seq_chunks
 from train.config_schema import check_config_keys
-from train.context_parallel import ContextParallel, CPRanks
+from train.context_parallel import ContextParallel, CPRanks, cp_size, routing_cache_for_cp
 from train.curriculum import Curriculum, CurriculumError, build_curriculum
 from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
                           resolve_device, resolve_precision, setup_distributed)
@@ -275,9 +275,13 @@ def _curriculum(cfg: DictConfig, model_cfg: ModelConfig, dist: DistInfo,
             f"on {dist.world_size} ranks keeps every stage's global batch: it must be a multiple "
             f"of {dist.world_size} ranks x the micro batch; change train.micro_batch_tokens or "
             f"the stage's micro_batch, or the number of ranks)") from err
+    # the data position is the data-parallel world's: remapped when that changed (another world
+    # size, or the same one at another parallel.cp_size)
+    if resume.reshard is not None or (
+            resume.ref is not None and int(saved_data_state(resume.ref).get("world_size", dp_size)) != dp_size):
+        resume.data_state = _remap_data_position(resume.ref, resume.reshard or resume.ref.meta(),
+                                                 curriculum, dp_size)
     if resume.reshard is not None:
-        resume.data_state = _remap_data_position(resume.ref, resume.reshard, curriculum,
-                                                 dist.world_size)
         if resume.reshard.get("universal", True):   # ZeRO-0 fp32 saves load at any world size
             resume.universal_dir = prepare_reshard(resume.ref, dist.rank)
     return curriculum
@@ -319,11 +323,12 @@ def _resume(run: Run, resume: _Resume) -> tuple[str | None, dict | None]:
     run.start_step = int(meta["step"])
     run.train_loader.load_state_dict(rank_state["data"] if resume.data_state is None
                                      else resume.data_state)
-    if resume.data_state is not None:
+    if resume.reshard is not None:
         log.info("resumed a checkpoint of %d ranks on %d through %s", resume.reshard["world_size"],
                  run.dist.world_size, resume.universal_dir or "its ZeRO-0 state as saved")
     set_rng_state(rank_state["rng"])
-    run.stability.load_checkpoint_state(rank_state.get("stability"))
+    run.stability.load_checkpoint_state(routing_cache_for_cp(
+        rank_state.get("stability"), int(meta.get("cp_size", 1)), cp_size(run.context_parallel)))
     return meta.get("wandb_run_id"), meta
 
 
