@@ -92,12 +92,14 @@ class EntryMap:
     n_old        old entries the state tensor must hold (max over rows of n_s)
     src          [B, Nc] index of each list entry into cat([old [B, n_old], new [B, N_new]])
     c_end        [B, Nc] frame c_end of the list (L_ext for pads: never visible)
+    first        [B] global index of the list's first entry (list entry j is global first + j)
     """
     new_layout: CompressedLayout
     new_global: torch.Tensor
     n_old: int
     src: torch.Tensor
     c_end: torch.Tensor
+    first: torch.Tensor
 
     def merge(self, old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
         """old [B, n_old, D] (state: entries ending before the chunk), new [B, N_new, D] (pooled
@@ -160,7 +162,7 @@ class EntryMap:
         src = torch.where(is_old, gj, n_old + gj - q[:, None])
         src = torch.where(in_list, src, torch.zeros_like(src))
         c_end = torch.where(in_list, (_rows(gl.c_end, gj) - off).clamp(min=0), torch.full_like(gj, L_ext))
-        return EntryMap(new_layout, new_global, n_old, src, c_end)
+        return EntryMap(new_layout, new_global, n_old, src, c_end, first)
 
 
 @dataclass

@@ -359,7 +359,22 @@ def cp_attention(attn, x: torch.Tensor, plan: ShardPlan, stats: CommStats | None
     """One ``model.attention.Attention`` layer on this rank's rows ``x`` [B, e - s, D] ->
     (out [B, e - s, D], aux). aux["indexer_loss"] is this rank's share: the sum over the CP
     group is the unsharded layer's loss (its gradient too: sum parameter gradients over the
-    group, as data-parallel reduction does)."""
+    group, as data-parallel reduction does). aux["topk_idx"] (sparse CSA) is the unsharded
+    layer's selection of this rank's rows: global entry indices [B, e - s, min(k, L // m)]."""
     comm = plan.layer(x, attn.ratio, need_loss=True, stats=stats)
     out, aux = attn(x, plan.frame.layout, carry=comm.carry)
+    if aux.get("topk_idx") is not None:
+        aux["topk_idx"] = _global_selection(aux["topk_idx"], plan, attn.ratio, attn.cfg.index_topk)
     return comm.finish(out), aux
+
+
+def _global_selection(idx: torch.Tensor, plan: ShardPlan, ratio: int, k: int) -> torch.Tensor:
+    """The frame's top-k [B, halo + e - s, K'] (indices into the frame's entry list, -1 empty)
+    -> this rank's rows in global entry indices, padded with -1 to the unsharded K."""
+    em = plan.frame.entries[ratio]
+    idx = idx[:, plan.frame.halo:]
+    idx = torch.where(idx >= 0, idx + em.first[:, None, None], idx)
+    K = min(k, plan.bounds[-1][1] // ratio)
+    if idx.shape[-1] < K:
+        idx = torch.cat([idx, idx.new_full((*idx.shape[:2], K - idx.shape[-1]), -1)], dim=-1)
+    return idx

@@ -57,15 +57,17 @@ def _train_records(run: Path) -> list[dict]:
     return [r for r in lines if r["kind"] == "train"]
 
 
-@pytest.mark.slow   # ~1 minute: a 1-process and a 2-rank run of 3 steps
-@pytest.mark.parametrize("zero", ["zero0", "zero2"])
-def test_cp2_trains_as_cp1(tmp_path, zero):
+@pytest.mark.slow   # ~1 minute each: a 1-process and a 2-rank run of 3 steps
+@pytest.mark.parametrize("extra", ["deepspeed=zero0", "deepspeed=zero2",
+                                   # the no-grad pre-pass routes each rank's rows for the next step
+                                   "deepspeed=zero1 stability.anticipatory_routing=on"])
+def test_cp2_trains_as_cp1(tmp_path, extra):
     corpus = FX.write_corpus(tmp_path / "corpus", chapters=20)
     runs = {}
     for name, world in (("cp1", 1), ("cp2", 2)):
         trace = tmp_path / f"trace_{name}"
         run_ranks("train_traced.py", [str(trace), *_overrides(
-            tmp_path, corpus, name, f"deepspeed={zero}", f"parallel.cp_size={world}")], world=world, timeout=200)
+            tmp_path, corpus, name, *extra.split(), f"parallel.cp_size={world}")], world=world, timeout=200)
         runs[name] = [[json.loads(x) for x in (trace / f"rank{r}.jsonl").read_text().splitlines()]
                       for r in range(world)]
     # both ranks of the CP group drew the windows the single process drew

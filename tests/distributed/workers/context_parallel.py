@@ -96,6 +96,8 @@ def main() -> None:
         tag = f"rank {cp.rank} layer {li} (ratio {ratio}, {args.mode})"
         assert rel(out_l.detach(), out[:, s:e].detach()) <= TOL, f"{tag}: output {rel(out_l, out[:, s:e]):.2e}"
         assert rel(xl.grad, xr.grad[:, s:e]) <= TOL, f"{tag}: input gradient {rel(xl.grad, xr.grad[:, s:e]):.2e}"
+        if aux["topk_idx"] is not None:   # the same selection, in global entry indices
+            assert torch.equal(aux_l["topk_idx"], aux["topk_idx"][:, s:e]), f"{tag}: top-k selection differs"
         assert (il is None) == (il_ref is None), f"{tag}: indexer loss present on one side only"
         if il is not None:
             total = il.detach().clone()
