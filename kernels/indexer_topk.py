@@ -49,6 +49,7 @@ import triton.language as tl
 
 from kernels.checks import require
 from kernels.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, quantize_fp8
+from kernels.opaque import opaque_to_compile
 
 SCORE_DTYPES = ("bf16", "fp8")
 SELECTS = ("chunked", "fused")
@@ -343,6 +344,7 @@ def quantize_inputs(q, w, k):
     return q8, (w.float() * qs).contiguous(), k8, ks
 
 
+@opaque_to_compile
 def indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor,
                           c_end: torch.Tensor, doc_start: torch.Tensor, score_dtype: str = "bf16") -> torch.Tensor:
     """Whole score matrix [B, L, N] fp32 (-inf where not visible), like
@@ -361,6 +363,7 @@ def indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Ten
     return out
 
 
+@opaque_to_compile
 def indexer_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_end: torch.Tensor,
                  doc_start: torch.Tensor, k: int, chunk: int | None = None,
                  max_chunk_elems: int | None = None, tiles: tuple[int, int, int, int] = DEFAULT_TILES,
@@ -394,9 +397,15 @@ def indexer_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_en
         chunk = max(64, (max_chunk_elems // max(1, B * N)) // 64 * 64)
     starts = list(range(0, L, chunk))
     ends = [min(L, s + chunk) for s in starts]
-    # causal bound per chunk: entries with c_end <= last token (one sync for all chunks)
-    last = torch.tensor([e - 1 for e in ends], device=q.device, dtype=ce.dtype)
-    n_hi = torch.searchsorted(ce, last.expand(B, -1).contiguous(), right=True).amax(0).tolist()
+    # causal bound per chunk: entries with c_end <= last token. With one chunk (training
+    # lengths) N is that bound without a host sync (an entry ending later scores -inf in the
+    # kernel, so the result is the same). Several chunks: one sync for all of them, which saves
+    # scoring and selecting the entries past each chunk.
+    if len(starts) == 1:
+        n_hi = [N]
+    else:
+        last = torch.tensor([e - 1 for e in ends], device=q.device, dtype=ce.dtype)
+        n_hi = torch.searchsorted(ce, last.expand(B, -1).contiguous(), right=True).amax(0).tolist()
     buf = torch.empty(B, min(chunk, L), N, device=q.device, dtype=torch.float32)
     for t0, t1, nc in zip(starts, ends, n_hi):
         if nc == 0:

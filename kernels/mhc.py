@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.opaque import opaque_to_compile
+
 
 def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
@@ -275,6 +277,7 @@ class _MHCCoefficients(torch.autograd.Function):
         return (dx.view(xshape), dfn.to(fdt), dbase.to(bdt), dscale.to(sdt), None, None, None, None)
 
 
+@opaque_to_compile
 def mhc_coefficients_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                             n: int, iters: int, eps: float, norm_eps: float):
     """Triton version of ``model.hyper_connections.mhc_coefficients`` (same arguments and

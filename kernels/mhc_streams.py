@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.opaque import opaque_to_compile
+
 
 def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
@@ -233,6 +235,7 @@ def _check_x(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"{op}: x dtype must be fp16, bf16 or fp32, got {x.dtype}")
 
 
+@opaque_to_compile
 def collapse_streams_triton(x: torch.Tensor, pre: torch.Tensor, *, block_t: int | None = None,
                             block_d: int | None = None) -> torch.Tensor:
     """Triton version of ``model.hyper_connections.collapse_streams``: x [..., n, D], pre [..., n]
@@ -244,6 +247,7 @@ def collapse_streams_triton(x: torch.Tensor, pre: torch.Tensor, *, block_t: int 
     return _CollapseStreams.apply(x, pre, block_t, block_d)
 
 
+@opaque_to_compile
 def mix_streams_triton(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, *,
                        block_t: int | None = None, block_d: int | None = None) -> torch.Tensor:
     """Triton version of ``model.hyper_connections.mix_streams``: f [..., D], x [..., n, D],

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.opaque import opaque_to_compile
+
 
 def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
@@ -125,6 +127,7 @@ def _check(op: str, rows: torch.Tensor, order: torch.Tensor, n: int) -> None:
         raise ValueError(f"{op}: order must be an integer [{n}] permutation, got {tuple(order.shape)} {order.dtype}")
 
 
+@opaque_to_compile
 def permute_tokens_triton(x: torch.Tensor, order: torch.Tensor, k: int, *, block_rows: int | None = None,
                           block_d: int | None = None) -> torch.Tensor:
     """Triton version of ``model.moe.permute_tokens``: x [T, D], order [T*k] -> [T*k, D] in x's
@@ -133,6 +136,7 @@ def permute_tokens_triton(x: torch.Tensor, order: torch.Tensor, k: int, *, block
     return _Permute.apply(x, order.contiguous(), k, (block_rows, block_d))
 
 
+@opaque_to_compile
 def unpermute_tokens_triton(out: torch.Tensor, order: torch.Tensor, k: int, n_tokens: int, *,
                             block_rows: int | None = None, block_d: int | None = None) -> torch.Tensor:
     """Triton version of ``model.moe.unpermute_tokens``: out [T*k, D], order [T*k] -> y [T, D]

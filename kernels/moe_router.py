@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.opaque import opaque_to_compile
+
 _MAX_EXPERTS = 1024
 
 
@@ -143,6 +145,7 @@ class _TopkRouting(torch.autograd.Function):
         return dl, None, None, None, None
 
 
+@opaque_to_compile
 def topk_routing_triton(logits: torch.Tensor, bias: torch.Tensor, k: int, route_scale: float, *,
                         block_t: int | None = None):
     """Triton version of ``model.moe.topk_routing``: logits [T, E] fp32, bias [E] -> (weights

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.opaque import opaque_to_compile
+
 _MAX_D = 16384
 
 
@@ -100,6 +102,7 @@ class _RMSNorm(torch.autograd.Function):
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@opaque_to_compile
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
                     block_r: int | None = None) -> torch.Tensor:
     """Triton version of ``model.norms.rms_norm_reference``: x [..., D] (fp16 / bf16 / fp32),

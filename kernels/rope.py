@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.opaque import opaque_to_compile
+
 
 def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
@@ -75,6 +77,7 @@ class _Rope(torch.autograd.Function):
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@opaque_to_compile
 def rope_rotate_triton(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, inverse: bool = False,
                        *, block_r: int | None = None) -> torch.Tensor:
     """Triton version of ``model.rope.rope_rotate`` (see the module doc); differentiable in x.

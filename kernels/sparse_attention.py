@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from kernels.checks import require
+from kernels.opaque import opaque_to_compile
 
 log = logging.getLogger(__name__)
 
@@ -917,6 +918,7 @@ class _SparseAttention(torch.autograd.Function):
         return dq, dkv, dsink, None, dckv, None, None, None, None, None
 
 
+@opaque_to_compile
 def sparse_attention_triton(
     q: torch.Tensor,
     kv: torch.Tensor,

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.opaque import opaque_to_compile
+
 
 def _pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
@@ -126,6 +128,7 @@ class _SwigluActivation(torch.autograd.Function):
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+@opaque_to_compile
 def swiglu_activation_triton(gate: torch.Tensor, up: torch.Tensor, limit: float,
                              weight: torch.Tensor | None = None, *, block_n: int | None = None,
                              block_i: int | None = None) -> torch.Tensor:

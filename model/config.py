@@ -20,6 +20,7 @@ INDEXER_SCORE_DTYPES = ("bf16", "fp8")
 INDEXER_SELECTS = ("chunked", "fused")
 MOE_IMPLS = ("auto", "grouped", "loop")
 LOSS_IMPLS = ("chunked", "reference")   # = model.loss.LOSS_IMPLS
+COMPILE_MODES = ("none", "block")
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,10 @@ class ModelConfig:
     # LM-head + cross-entropy (main and MTP): chunked = token chunks, no [L, V] logits
     # (model/loss.py); reference = full fp32 logits + F.cross_entropy
     loss_impl: str = "chunked"
+    # torch.compile: none = eager; block = each transformer block (main and MTP) compiled in
+    # place by Transformer.compile_blocks (the trainer calls it), our Triton kernels opaque
+    # calls inside (kernels/opaque.py)
+    compile: str = "none"
     # --- lightning indexer (CSA layers)
     index_n_heads: int = 64
     index_head_dim: int = 128
@@ -173,6 +178,8 @@ class ModelConfig:
              f"must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         need(self.loss_impl in LOSS_IMPLS, "loss_impl",
              f"must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+        need(self.compile in COMPILE_MODES, "compile",
+             f"must be one of {COMPILE_MODES}, got {self.compile!r}")
         need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
 
     # ------------------------------------------------------------------ derived

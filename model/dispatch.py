@@ -32,16 +32,34 @@ log = logging.getLogger(__name__)
 IMPLS = KERNEL_IMPLS
 
 
-@functools.lru_cache(maxsize=None)
+# Every module a getter below selects from (a test keeps the list complete): imported before
+# torch.compile traces the model (``import_kernel_modules``), since Dynamo cannot trace an import.
+KERNEL_MODULES = ("kernels.sparse_attention", "kernels.indexer_topk", "kernels.mhc", "kernels.mhc_streams",
+                  "kernels.moe_router", "kernels.swiglu", "kernels.moe_permute", "kernels.rope", "kernels.rms_norm")
+
+
 def _import_kernel(module: str, name: str) -> tuple[Callable | None, str]:
     """(function, '') when the Triton module imports, else (None, reason)."""
-    if module in sys.modules:   # no import machinery: torch.compile traces through this call
-        return getattr(sys.modules[module], name), ""
+    mod = sys.modules.get(module)   # no import machinery: torch.compile traces through this call
+    if mod is not None:
+        return getattr(mod, name), ""
+    return _import_module(module, name)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_module(module: str, name: str) -> tuple[Callable | None, str]:
+    # cached: a module that fails to import is tried once, not at every call
     try:
         mod = importlib.import_module(module)
     except Exception as exc:  # ImportError, or Triton failing to initialise its backend
         return None, f"{type(exc).__name__}: {exc}"
     return getattr(mod, name), ""
+
+
+def import_kernel_modules() -> None:
+    """Import every kernel module that imports here (failures are logged when an op asks)."""
+    for module in KERNEL_MODULES:
+        _import_module(module, "__name__")
 
 
 @functools.lru_cache(maxsize=None)

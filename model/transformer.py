@@ -145,6 +145,27 @@ class Transformer(nn.Module):
         for m in self.moe_layers():
             m.update_bias()
 
+    def blocks(self) -> list[Block]:
+        """Every transformer block: the main stack's, then the MTP modules'."""
+        return list(self.layers) + [m.block for m in self.mtp]
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``model.compile=block``: torch.compile every block in place (parameter names and
+        state dicts unchanged). Call it on the final model, after any copy or wrapping: a deep
+        copy of a compiled module would still call the original's forward. Blocks of another
+        layer kind (window / CSA / HCA, hash or learned routing) are separate graphs, so the
+        recompile limit is raised to one graph per block."""
+        import torch._dynamo
+
+        from model.dispatch import import_kernel_modules
+
+        import_kernel_modules()   # Dynamo cannot trace an import: the first call may be compiled
+        blocks = self.blocks()
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 2 * len(blocks))
+        for b in blocks:
+            b.compile(backend=backend)
+
     def indexer_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if ".indexer." in n]
 

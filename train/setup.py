@@ -220,6 +220,8 @@ def _build_model(cfg: DictConfig, model_cfg: ModelConfig, optim_cfg: dict, first
     engine = initialize_engine(model, optimizer, deepspeed_config(
         cfg.deepspeed, micro_batch=first.micro_batch, grad_accum=first.grad_accum,
         world_size=world_size, grad_clip=tc.grad_clip, precision=precision))
+    if model_cfg.compile == "block":   # on the final module: DeepSpeed has cast it in place
+        model.compile_blocks()
     return model, params, expert_parallel, optimizer, engine
 
 

@@ -84,3 +84,23 @@ def test_moe_kernels_stay_off_under_auto_until_measured(getter, module, kernel):
     reference = getattr(mm, getter.removeprefix("get_"))
     assert getattr(dispatch, getter)("auto", "cuda", torch.bfloat16) is reference
     assert getattr(dispatch, getter)("triton", "cuda", torch.bfloat16) is getattr(importlib.import_module(module), kernel)
+
+
+GETTERS = ["get_sparse_attention", "get_indexer_topk", "get_mhc_coefficients", "get_collapse_streams",
+           "get_mix_streams", "get_topk_routing", "get_swiglu_activation", "get_permute_tokens",
+           "get_unpermute_tokens", "get_rope_rotate", "get_rms_norm"]
+
+
+def test_every_kernel_is_opaque_to_compile_and_its_module_preloaded(monkeypatch):
+    """Each getter's Triton kernel runs eagerly inside torch.compile'd code (kernels/opaque.py),
+    and its module is among those compile_blocks imports before tracing."""
+    assert sorted(GETTERS) == sorted(n for n in dir(dispatch) if n.startswith("get_")), "new getter: add it here"
+    seen = []
+    real = dispatch._select
+    monkeypatch.setattr(dispatch, "_select", lambda op, impl, dev, module, name, *a: seen.append(module)
+                        or real(op, impl, dev, module, name, *a))
+    for getter in GETTERS:
+        fn = getattr(dispatch, getter)("triton", "cuda", torch.bfloat16)
+        assert getattr(fn, "_torchdynamo_disable", False) or getattr(getattr(fn, "func", None),
+                                                                     "_torchdynamo_disable", False), getter
+    assert set(seen) == set(dispatch.KERNEL_MODULES)
