@@ -73,8 +73,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
-def finish_args(args: argparse.Namespace, experiment: str) -> argparse.Namespace:
-    """Resolve scale, steps, device name and the output names; refuse bad values in one line."""
+def finish_args(args: argparse.Namespace, experiment: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Resolve scale, steps, device name and the output names; refuse bad values in one line.
+    The device, date and command are recorded in <work>/experiment.json; --reuse reads them back."""
     args.experiment = experiment
     args.sc = SCALES[args.scale]
     args.steps = args.steps or args.sc.steps
@@ -88,9 +89,20 @@ def finish_args(args: argparse.Namespace, experiment: str) -> argparse.Namespace
     args.device_name = device_name(args.device)
     args.date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     short = args.device_name.split()[-1].lower() if args.device == "cuda" else "cpu"
+    explicit_tag = args.tag is not None
     args.tag = args.tag or f"{experiment}-{short}-{args.date}"
     args.work = Path(args.work).resolve() / experiment
     args.out = Path(args.out)
+    args.command = f"python -m bench.experiments.{experiment} " + " ".join(sys.argv[1:] if argv is None else argv)
+    record = args.work / "experiment.json"
+    if args.reuse and record.is_file():   # the runs' device, date and command, not this re-plot's
+        saved = json.loads(record.read_text())
+        args.device_name, args.date, args.command = saved["device_name"], saved["date"], saved["command"]
+        args.tag = args.tag if explicit_tag else f"{experiment}-{saved['short']}-{args.date}"
+    elif not args.reuse:
+        args.work.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"device_name": args.device_name, "date": args.date, "short": short,
+                                      "command": args.command}))
     return args
 
 
@@ -321,6 +333,7 @@ class Panel:
     logy: bool = False
     hlines: dict[str, float] = field(default_factory=dict)
     markers: bool = False     # points as dots too (sparse series: an lr sweep)
+    legend_left: bool = False  # legend in the upper left (curves that rise); else upper right
 
 
 def fmt(v: float | None) -> str:
@@ -393,7 +406,8 @@ def _panel_svg(p: Panel, x0: float, y0: float, w: float, h: float) -> list[str]:
         if ok(v, p.logy):
             out.append(f'<line x1="{px0}" y1="{sy(v):.1f}" x2="{px1}" y2="{sy(v):.1f}" stroke="#777" '
                        'stroke-dasharray="5 4"/>')
-            out.append(f'<text x="{px1 - 4}" y="{sy(v) - 3:.1f}" text-anchor="end" font-size="10" '
+            out.append(f'<text x="{px0 + 4 if not p.legend_left else px1 - 4}" y="{sy(v) - 3:.1f}" '
+                       f'text-anchor="{"start" if not p.legend_left else "end"}" font-size="10" '
                        f'fill="#555">{escape(name)}</text>')
     for i, (name, s) in enumerate(pts.items()):
         color = COLORS[i % len(COLORS)]
@@ -402,7 +416,9 @@ def _panel_svg(p: Panel, x0: float, y0: float, w: float, h: float) -> list[str]:
             out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{path}"/>')
             if p.markers:
                 out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>' for x, y in s]
-        out.append(f'<text x="{px0 + 6}" y="{py0 + 14 + 13 * i:.1f}" font-size="11" fill="{color}">{escape(name)}</text>')
+        lx, anchor = (px0 + 6, "start") if p.legend_left else (px1 - 6, "end")
+        out.append(f'<text x="{lx}" y="{py0 + 14 + 13 * i:.1f}" text-anchor="{anchor}" font-size="11" '
+                   f'fill="{color}">{escape(name)}</text>')
     return out
 
 
@@ -458,12 +474,11 @@ def write_report(args: argparse.Namespace, title: str, runs: Sequence[Run], tabl
     model = f"{args.sc.model}" + (f" ({params / 1e6:.2f}M parameters, {r0.start.get('active_params', 0) / 1e6:.2f}M active)"
                                   if params else "")
     tokens = sorted({r.tokens for r in runs})
-    cmd = "python -m bench.experiments." + Path(sys.argv[0]).stem + " " + " ".join(sys.argv[1:])
     text = [f"# {title}", "",
             f"- device: {args.device_name}; date: {args.date} (UTC); commit {git_commit()}",
             f"- model: {model}; scale {args.scale}",
             f"- tokens per run: {', '.join(f'{t:,}' for t in tokens)}; {args.steps} optimizer steps",
-            f"- command: `{cmd.strip()}`",
+            f"- command: `{args.command.strip()}`",
             f"- plot: {args.tag}.svg; plotted data: {args.tag}.csv", "", setup, ""]
     for t in tables:
         text += [t, ""]

@@ -42,9 +42,9 @@ def report(args, runs: list[C.Run]):
              f"{args.steps} steps, {args.device_name})")
     C.write_svg(args.out / f"{args.tag}.svg", [
         C.Panel(f"LM loss (trailing mean of {k})", "optimizer step", "train LM loss", loss),
-        C.Panel("composite Amax gain, forward", "optimizer step", "max |row sum|", gfwd, logy=True,
+        C.Panel("composite Amax gain, forward", "optimizer step", "max |row sum|", gfwd, logy=True, legend_left=True,
                 hlines={"1 (doubly stochastic)": 1.0}),
-        C.Panel("composite Amax gain, backward", "optimizer step", "max |column sum|", gbwd, logy=True,
+        C.Panel("composite Amax gain, backward", "optimizer step", "max |column sum|", gbwd, logy=True, legend_left=True,
                 hlines={"1 (doubly stochastic)": 1.0}),
     ], title, cols=3)
     C.write_csv(args.out / f"{args.tag}.csv", data)
@@ -69,7 +69,7 @@ def report(args, runs: list[C.Run]):
 def parse_args(argv=None):
     ap = C.parser(__doc__.splitlines()[0])
     ap.add_argument("--lr", type=float, default=None, help="peak lr (default: per scale, above the CPU job's 3e-3)")
-    args = C.finish_args(ap.parse_args(argv), "hyper_connections")
+    args = C.finish_args(ap.parse_args(argv), "hyper_connections", argv)
     args.lr = args.lr or DEFAULT_LR[args.scale]
     return args
 

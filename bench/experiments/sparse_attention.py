@@ -89,7 +89,7 @@ def report(args, runs: list[C.Run]):
     C.write_svg(args.out / f"{args.tag}.svg", [
         C.Panel(f"train LM loss vs tokens (trailing mean of {k})", "tokens", "train LM loss", by_tok),
         C.Panel("train LM loss vs training FLOPs", "training FLOPs", "train LM loss", by_flops),
-        C.Panel("indexer recall (dense attention mass in the top-k)", "optimizer step", "recall", recall,
+        C.Panel("indexer recall (dense attention mass in the top-k)", "optimizer step", "recall", recall, legend_left=True,
                 hlines={} if chance is None else {"chance: K / visible entries": chance}),
     ], title, cols=3)
     C.write_csv(args.out / f"{args.tag}.csv", data)
@@ -118,7 +118,7 @@ def report(args, runs: list[C.Run]):
 def parse_args(argv=None):
     ap = C.parser(__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the scale's long one)")
-    args = C.finish_args(ap.parse_args(argv), "sparse_attention")
+    args = C.finish_args(ap.parse_args(argv), "sparse_attention", argv)
     args.seq_len = args.seq_len or args.sc.long_seq_len
     return args
 

@@ -152,7 +152,7 @@ def parse_args(argv=None):
     ap.add_argument("--grad-clips", type=float, nargs="+", default=[1.0, 0.0],
                     help="train.grad_clip values (1.0: the trainer default; 0: off, as the earlier spike study)")
     ap.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
-    args = C.finish_args(ap.parse_args(argv), "spike_detector")
+    args = C.finish_args(ap.parse_args(argv), "spike_detector", argv)
     return args
 
 

@@ -135,14 +135,15 @@ def test_optim_picks_best_lr_and_tokens_to_match(tmp_path):
                              [8 - rate * i for i in range(20)], val=val))
     best = optim.best_runs(runs)
     assert C.axis_value(best["muon"], "optim.lr") == "0.01" and C.axis_value(best["adamw"], "optim.lr") == "0.01"
-    target, reach = optim.tokens_to_match(best["muon"], best["adamw"], C.smoothing_window(20))
+    target, reach, own = optim.tokens_to_match(best["muon"], best["adamw"], C.smoothing_window(20))
+    assert own == 20 * 256                                     # a steadily falling curve: at its end
     # adamw's smoothed final: mean of its last 3 losses (8 - 0.15 * 18 on average) = 5.3
     assert target == pytest.approx(8 - 0.15 * 18)
     # muon's trailing mean of 3 at step s >= 3 is 8 - 0.32 * (s - 2): first <= 5.3 at s = 11
     assert reach == 11 * 256
     optim.report(args, runs)
     md = check_outputs(args.out, args.tag)
-    assert f"{20 / 11:.2f}x fewer tokens" in md
+    assert f"{20 / 11:.2f}x fewer tokens" in md and "at the edge of the grid" in md
 
 
 def test_sparse_attention_report(tmp_path):
