@@ -28,7 +28,7 @@ gradient, no [B, L, N] matrix on CUDA) and computes the indexer loss on the sele
 chunk by query chunk (``model.indexer.indexer_kl_loss_dense``).
 ``aux["indexer_loss"]`` is computed in training mode only (None in eval and on non-CSA layers);
 ``aux["topk_idx"]`` is the selection [B, L, K] in sparse CSA, else None.
-``aux["indexer_recall"]``: (recall, chance) of ``model.indexer.indexer_recall`` when the model
+``aux["indexer_recall"]``: {recall, chance, oracle} of ``model.indexer.indexer_recall`` when the model
 set ``measure_recall`` for a diagnostics step (dense mode: of the top-k the indexer would pick),
 else None.
 """

@@ -8,7 +8,8 @@
   H_res = comb^T.
 * Attention: sink mass (mean probability on the sink) and the indexer loss per layer; CSA
   layers' indexer recall (the share of dense attention mass on compressed entries that the
-  top-k holds, ``model.indexer.indexer_recall``) and its chance level K / visible entries.
+  top-k holds, ``model.indexer.indexer_recall``), its chance level K / visible entries and its
+  ceiling (the share of the best K entries).
 """
 from __future__ import annotations
 
@@ -51,9 +52,10 @@ class DiagnosticsCollector:
         if attn.get("indexer_loss") is not None:
             o[f"attn/indexer_loss/{layer}"] = float(attn["indexer_loss"])
         if attn.get("indexer_recall") is not None:
-            recall, chance = attn["indexer_recall"]
-            o[f"attn/indexer_recall/{layer}"] = float(recall)
-            o[f"attn/indexer_recall_chance/{layer}"] = float(chance)
+            r = attn["indexer_recall"]
+            o[f"attn/indexer_recall/{layer}"] = float(r["recall"])
+            o[f"attn/indexer_recall_chance/{layer}"] = float(r["chance"])
+            o[f"attn/indexer_recall_oracle/{layer}"] = float(r["oracle"])
         for site, comb in zip(("attn", "ffn"), aux["comb"]):
             if comb is None:
                 continue

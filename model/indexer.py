@@ -306,20 +306,22 @@ def indexer_kl_loss_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tens
 @torch.no_grad()
 def indexer_recall(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale: float,
                    topk_idx: torch.Tensor, c_end: torch.Tensor, doc_start: torch.Tensor, *,
-                   lse_covers_all: bool, max_queries: int = 256) -> tuple[torch.Tensor, torch.Tensor] | None:
+                   lse_covers_all: bool, max_queries: int = 256) -> dict[str, torch.Tensor] | None:
     """Share of the DENSE attention mass on compressed entries that the selected top-k holds.
 
     For query t: sum_h sum_{i in S_t} p_h(i) / sum_h sum_{i visible} p_h(i), with p_h the dense
     attention probabilities (window, sink and every visible entry in the denominator), i.e. the
     indexer loss's target mass, before it is cut to the selected set. Averaged over up to
     ``max_queries`` evenly spaced query rows that see MORE than K entries (with K or fewer the
-    selection is everything, recall 1). Also returns the chance level K / |visible| over the same
-    queries (a random selection's expected recall for uniform mass).
+    selection is everything, recall 1). Returns {"recall", "chance", "oracle"} (0-dim tensors):
+    chance = K / |visible| (a random selection's expectation for uniform mass), oracle = the
+    share the best K entries hold (recall's ceiling; near chance, the attention is near uniform
+    over the entries and no selection can do much better). None when no sampled query qualifies.
 
     ``lse`` [B, L, H] is the attention's log-normaliser: over every visible entry
     (``lse_covers_all``: dense mode) or over the selected ones only (sparse mode; the dense one is
     rebuilt exactly as exp(lse) - selected + all). Rows are sampled so that the cost stays
-    O(max_queries * N * H * D) at any length. Returns None when no sampled query qualifies.
+    O(max_queries * N * H * D) at any length.
     """
     B, L, H, D = q.shape
     K = topk_idx.shape[-1]
@@ -335,23 +337,22 @@ def indexer_recall(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale:
     if not bool(counted.any()):
         return None
     qr, kf, lr = q[:, rows].to(cdt), ckv.to(cdt), lse[:, rows].to(cdt)
-    mass_sel = qr.new_zeros(counted.shape)
-    mass_all = qr.new_zeros(counted.shape)
+    mass = qr.new_zeros(visible.shape)                       # dense mass per entry, heads summed
     for h in range(H):   # one head at a time: [B, R, N] at most
-        logit = torch.einsum("brd,bnd->brn", qr[:, :, h], kf) * scale
-        lse_all = logit.masked_fill(~visible, float("-inf")).logsumexp(-1)              # [B, R]
-        lse_sel = logit.masked_fill(~selected, float("-inf")).logsumexp(-1)
-        if lse_covers_all:
-            z = lr[:, :, h]
-        else:   # dense normaliser = (window + sink + selected) - selected + all, in a stable form
-            m = torch.maximum(lr[:, :, h], lse_all)
-            rest = ((lr[:, :, h] - m).exp() - (lse_sel - m).exp()).clamp_min(0.0)
+        logit = (torch.einsum("brd,bnd->brn", qr[:, :, h], kf) * scale).masked_fill(~visible, float("-inf"))
+        z = lr[:, :, h]
+        if not lse_covers_all:   # dense normaliser = (window + sink + selected) - selected + all, stably
+            lse_all = logit.logsumexp(-1)
+            lse_sel = logit.masked_fill(~selected, float("-inf")).logsumexp(-1)
+            m = torch.maximum(z, lse_all)
+            rest = ((z - m).exp() - (lse_sel - m).exp()).clamp_min(0.0)
             z = m + (rest + (lse_all - m).exp()).log()
-        mass_sel += (lse_sel - z).exp()
-        mass_all += (lse_all - z).exp()
-    recall = (mass_sel / mass_all.clamp_min(torch.finfo(cdt).tiny))[counted].mean()
-    chance = (K / n_vis[counted].to(cdt)).mean()
-    return recall, chance
+        mass += (logit - z[..., None]).exp()
+    total = mass.sum(-1).clamp_min(torch.finfo(cdt).tiny)
+    share = lambda part: (part / total)[counted].mean()
+    return {"recall": share((mass * selected).sum(-1)),
+            "chance": (K / n_vis[counted].to(cdt)).mean(),
+            "oracle": share(mass.topk(K, dim=-1).values.sum(-1))}
 
 
 # ----------------------------------------------------------------------------- dense mode in query chunks

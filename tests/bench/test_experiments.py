@@ -149,7 +149,9 @@ def test_optim_picks_best_lr_and_tokens_to_match(tmp_path):
 def test_sparse_attention_report(tmp_path):
     args = args_for(sparse_attention, tmp_path, "--seq-len", "256")
     diag = {s: {"attn/indexer_recall_mean": 0.5 + 0.01 * s, "attn/indexer_recall/1": 0.5 + 0.01 * s,
-                "attn/indexer_recall_chance/1": 0.2} for s in range(5, 21, 5)}
+                "attn/indexer_recall/3": 0.4 + 0.01 * s, "attn/indexer_recall_oracle/1": 0.9,
+                "attn/indexer_recall_oracle/3": 0.8, "attn/indexer_recall_chance/1": 0.2,
+                "attn/indexer_recall_chance/3": 0.2} for s in range(5, 21, 5)}
     runs = [fake_run(tmp_path / "w", "sparse", ["model.attention_mode=sparse"], [6 - 0.1 * i for i in range(20)],
                      diag=diag, batch=1024, val=4.2),
             fake_run(tmp_path / "w", "dense", ["model.attention_mode=dense"], [6 - 0.1 * i for i in range(20)],
@@ -158,6 +160,7 @@ def test_sparse_attention_report(tmp_path):
     sparse_attention.report(args, runs)
     md = check_outputs(args.out, args.tag)
     assert "+5.00% sparse vs dense" in md and "chance 0.200" in md
+    assert "sparse: indexer top-k 0.650, sparse: best K (ceiling) 0.850" in md   # layer means at step 20
     assert (args.out / f"{args.tag}.svg").read_text().count("chance: K / visible entries") == 1
 
 

@@ -1,5 +1,5 @@
 """Indexer recall (a diagnostic): the share of the dense attention mass on compressed entries
-that the selected top-k holds. Checked against a per-query loop in fp64 (packed documents, empty
+that the selected top-k holds (and its chance level and ceiling). Checked against a per-query loop in fp64 (packed documents, empty
 selection slots, queries with K or fewer entries left out), the sparse-mode normaliser rebuilt
 from the sparse lse checked against the dense layer's own lse, and the transformer's diagnostics
 lines carrying it on diagnostics steps only."""
@@ -34,9 +34,10 @@ def _inputs(seed=0, H=3, D=8):
 
 def _loop_reference(lay, cl, q, ckv, topk, window_mass, scale):
     """Per query: dense probabilities p_h(i) = exp(s) / (window + sink + all visible), summed
-    over heads, on the selected set over all visible entries; mean over queries with > K entries."""
+    over heads, on the selected set (and on the K entries with the most) over all visible
+    entries; mean over queries with > K entries."""
     B, L, H, _ = q.shape
-    recalls, chances = [], []
+    recalls, chances, oracles = [], [], []
     for b in range(B):
         for t in range(L):
             vis = [i for i in range(cl.c_end.shape[1])
@@ -44,15 +45,18 @@ def _loop_reference(lay, cl, q, ckv, topk, window_mass, scale):
             if len(vis) <= K:
                 continue
             sel = {int(i) for i in topk[b, t] if i >= 0}
-            num = den = 0.0
+            per_entry = {i: 0.0 for i in vis}
             for h in range(H):
                 e = {i: math.exp(scale * float(q[b, t, h] @ ckv[b, i])) for i in vis}
                 z = float(window_mass[b, t, h]) + sum(e.values())
-                num += sum(v for i, v in e.items() if i in sel) / z
-                den += sum(e.values()) / z
-            recalls.append(num / den)
+                for i, v in e.items():
+                    per_entry[i] += v / z
+            total = sum(per_entry.values())
+            recalls.append(sum(v for i, v in per_entry.items() if i in sel) / total)
+            oracles.append(sum(sorted(per_entry.values())[-K:]) / total)
             chances.append(K / len(vis))
-    return sum(recalls) / len(recalls), sum(chances) / len(chances)
+    mean = lambda xs: sum(xs) / len(xs)
+    return mean(recalls), mean(chances), mean(oracles)
 
 
 def _lse(lay, cl, q, ckv, topk, window_mass, scale, selected_only):
@@ -75,12 +79,13 @@ def test_recall_equals_per_query_loop(sparse_lse):
     assert (topk < 0).any(), "empty selection slots must be exercised"
     scale = 0.45
     lse = _lse(lay, cl, q, ckv, topk, wm, scale, selected_only=sparse_lse)
-    recall, chance = indexer_recall(q, ckv, lse, scale, topk, cl.c_end, lay.doc_start,
-                                    lse_covers_all=not sparse_lse, max_queries=10_000)
-    want_recall, want_chance = _loop_reference(lay, cl, q, ckv, topk, wm, scale)
-    assert 0.0 < want_recall < 1.0
-    assert float(recall) == pytest.approx(want_recall, rel=1e-10)
-    assert float(chance) == pytest.approx(want_chance, rel=1e-12)
+    got = indexer_recall(q, ckv, lse, scale, topk, cl.c_end, lay.doc_start,
+                         lse_covers_all=not sparse_lse, max_queries=10_000)
+    want_recall, want_chance, want_oracle = _loop_reference(lay, cl, q, ckv, topk, wm, scale)
+    assert 0.0 < want_recall < want_oracle < 1.0
+    assert float(got["recall"]) == pytest.approx(want_recall, rel=1e-10)
+    assert float(got["chance"]) == pytest.approx(want_chance, rel=1e-12)
+    assert float(got["oracle"]) == pytest.approx(want_oracle, rel=1e-10)
 
 
 def test_recall_of_the_best_and_worst_selection():
@@ -95,9 +100,11 @@ def test_recall_of_the_best_and_worst_selection():
     best = select_topk(s.masked_fill(~vis, float("-inf")), K)
     worst = select_topk((-s).masked_fill(~vis, float("-inf")), K)
     args = (cl.c_end, lay.doc_start)
-    r_best, chance = indexer_recall(q, ckv, lse, scale, best, *args, lse_covers_all=True)
-    r_worst, _ = indexer_recall(q, ckv, lse, scale, worst, *args, lse_covers_all=True)
-    assert float(r_worst) < float(chance) < float(r_best) < 1.0
+    r_best = indexer_recall(q, ckv, lse, scale, best, *args, lse_covers_all=True)
+    r_worst = indexer_recall(q, ckv, lse, scale, worst, *args, lse_covers_all=True)
+    assert float(r_worst["recall"]) < float(r_best["chance"]) < float(r_best["recall"]) < 1.0
+    # one head: the K entries with the highest score are the ones with the most mass
+    assert float(r_best["recall"]) == pytest.approx(float(r_best["oracle"]), rel=1e-12)
 
 
 def test_recall_none_when_no_query_has_more_than_k_entries():
@@ -124,10 +131,11 @@ def test_layer_sparse_and_dense_modes_agree():
     _, dense_aux = attn(x, lay)
     attn.measure_recall = False
     _, off_aux = attn(x, lay)
-    (rs, cs), (rd, cd) = sparse_aux["indexer_recall"], dense_aux["indexer_recall"]
-    assert 0.0 < float(rs) < 1.0
-    assert float(rs) == pytest.approx(float(rd), rel=1e-10)
-    assert float(cs) == float(cd)
+    sparse, dense = sparse_aux["indexer_recall"], dense_aux["indexer_recall"]
+    assert 0.0 < float(sparse["recall"]) < 1.0
+    for key in ("recall", "oracle"):
+        assert float(sparse[key]) == pytest.approx(float(dense[key]), rel=1e-10)
+    assert float(sparse["chance"]) == float(dense["chance"])
     assert off_aux["indexer_recall"] is None
 
 
@@ -141,6 +149,7 @@ def test_transformer_diagnostics_carry_recall_on_diagnostics_steps_only():
     for i in csa:
         assert 0.0 < out.diagnostics[f"attn/indexer_recall/{i}"] <= 1.0
         assert 0.0 < out.diagnostics[f"attn/indexer_recall_chance/{i}"] < 1.0
+        assert out.diagnostics[f"attn/indexer_recall/{i}"] <= out.diagnostics[f"attn/indexer_recall_oracle/{i}"] + 1e-6
     assert "attn/indexer_recall_mean" in out.diagnostics
     out = model(ids, labels=ids)
     assert not any(k.startswith("attn/indexer_recall") for k in out.diagnostics)
