@@ -121,7 +121,8 @@ SPARSE_PATH_CHECKS = [
 def _sparse_path_inputs(L, H, D, Hi, Di, K, cuts, seed, device="cuda"):
     """bf16 indexer projections, main q / ckv (unit RMS, as after the layer's norms), the layout,
     the Triton top-k and the main attention's lse (Triton kernel on random window kv)."""
-    from model.dispatch import get_indexer_topk, get_sparse_attention
+    from model.indexer import get_indexer_topk
+    from model.sparse_attention import get_sparse_attention
     from model.layout import CompressedLayout, DocLayout
 
     impl = "triton" if torch.device(device).type == "cuda" else "torch"
@@ -204,7 +205,7 @@ def check_sparse_path(rep: Report, checks=SPARSE_PATH_CHECKS, device="cuda") -> 
 def bench_sparse_path(rep: Report, lengths=(16384, 65536)) -> None:
     """Time and peak memory of the sparse-mode indexer work per CSA layer: Triton top-k (no
     grad), then selected-set scores + KL target + KL loss forward and backward."""
-    from model.dispatch import get_indexer_topk
+    from model.indexer import get_indexer_topk
     from model.indexer import indexer_kl_loss_selected, selected_indexer_scores
 
     rep.log("sparse_path.md", "sparse-mode indexer work per CSA layer, bf16, one document")

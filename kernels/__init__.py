@@ -2,7 +2,7 @@
 reference it replaces (the reference lives in ``model/`` and is the contract):
 
 * ``kernels.sparse_attention.sparse_attention_triton``  <- ``model.sparse_attention.sparse_attention``
-* ``kernels.indexer_topk``                              <- ``model.indexer`` scoring + top-k
+* ``kernels.indexer_topk``                              <- ``model.indexer_topk`` scoring + top-k
   (bf16 | fp8 scores, chunked torch.topk | fused exact select); ``kernels.fp8`` (plain PyTorch)
   defines the fp8 bytes its quantiser reproduces, for it and for the reference ``model.indexer_fp8``
 * ``kernels.mhc``                                       <- ``model.hyper_connections`` coefficients + Sinkhorn
@@ -18,3 +18,8 @@ here imports ``model/``, so ``model -> kernels`` is the only direction.
 Importing this package never imports Triton; the kernel modules do, so a machine without
 Triton still runs the model with the PyTorch references.
 """
+
+# The options ``kernels.indexer_topk`` implements (here, Triton-free, so that model/config.py
+# validates ``model.indexer_score_dtype`` / ``model.indexer_select`` against the same tuples)
+INDEXER_SCORE_DTYPES = ("bf16", "fp8")
+INDEXER_SELECTS = ("chunked", "fused")

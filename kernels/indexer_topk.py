@@ -47,12 +47,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import INDEXER_SCORE_DTYPES as SCORE_DTYPES
+from kernels import INDEXER_SELECTS as SELECTS
 from kernels.checks import require
 from kernels.fp8 import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, quantize_fp8
 from kernels.opaque import opaque_to_compile
 
-SCORE_DTYPES = ("bf16", "fp8")
-SELECTS = ("chunked", "fused")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -348,7 +348,7 @@ def quantize_inputs(q, w, k):
 def indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor,
                           c_end: torch.Tensor, doc_start: torch.Tensor, score_dtype: str = "bf16") -> torch.Tensor:
     """Whole score matrix [B, L, N] fp32 (-inf where not visible), like
-    ``model.indexer.indexer_scores`` (fp8: like ``model.indexer_fp8.indexer_scores_fp8_reference``).
+    ``model.indexer_topk.indexer_scores`` (fp8: like ``model.indexer_fp8.indexer_scores_fp8_reference``).
     O(L * N) memory: for tests and short contexts."""
     _check_modes(score_dtype, "chunked")
     q, w, k, ce, ds = _prepare(q_idx, w, k_idx, c_end, doc_start)

@@ -22,7 +22,7 @@ CompressedLayouts: built here from the DocLayout (cheap index math) unless the c
 
 CSA mode is the attribute ``mode`` ("dense" | "sparse", from cfg.attention_mode; change it with
 ``set_attention_mode``). The indexer runs in sparse mode (to select) and, in dense mode, only in
-training (for its loss). Sparse mode selects with ``model.dispatch.get_indexer_topk`` (no
+training (for its loss). Sparse mode selects with ``model.indexer.get_indexer_topk`` (no
 gradient, no [B, L, N] matrix on CUDA) and computes the indexer loss on the selected set only
 (``model.indexer.indexer_kl_loss_selected``); dense mode scores every visible entry, query
 chunk by query chunk (``model.indexer.indexer_kl_loss_dense``).
@@ -40,12 +40,12 @@ from torch import nn
 from model.compressor import Compressor
 from model.config import ATTENTION_MODES, ModelConfig
 from model.chunk_layout import AttentionCarry
-from model.dispatch import get_indexer_topk, get_sparse_attention
-from model.indexer import (Indexer, indexer_kl_loss_dense, indexer_kl_loss_selected, indexer_recall,
+from model.indexer import (Indexer, get_indexer_topk, indexer_kl_loss_dense, indexer_kl_loss_selected, indexer_recall,
                            selected_indexer_scores)
 from model.layout import CompressedLayout, DocLayout, queries_with_entries
 from model.norms import RMSNorm, rms_norm
 from model.rope import RoPE
+from model.sparse_attention import get_sparse_attention
 
 
 class Attention(nn.Module):

@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kernels import INDEXER_SCORE_DTYPES, INDEXER_SELECTS
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 HYPER_CONNECTION_KINDS = ("mhc", "hc", "residual")
 ATTENTION_MODES = ("dense", "sparse")
 KERNEL_IMPLS = ("auto", "triton", "torch")
-INDEXER_SCORE_DTYPES = ("bf16", "fp8")
-INDEXER_SELECTS = ("chunked", "fused")
 MOE_IMPLS = ("auto", "grouped", "loop")
-LOSS_IMPLS = ("chunked", "reference")   # = model.loss.LOSS_IMPLS
+LOSS_IMPLS = ("chunked", "reference")
 COMPILE_MODES = ("none", "block")
 
 

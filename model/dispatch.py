@@ -6,14 +6,19 @@
   reference (except the ops in ``AUTO_KEEPS_REFERENCE``: no measured win yet, so the
   reference). An unavailable fast path is logged once per (op, reason), through ``logging``.
 
-The model wires one hook: ``Attention._attend`` calls ``get_sparse_attention(impl, device)``
-(cheap: the import is cached by Python and the decision is a couple of comparisons) and calls
-the function it returns with the reference's arguments::
+Each reference's module makes its op's getter here, handing over the reference (so this module
+imports no model module and model/ has no import cycle), e.g. in ``model/sparse_attention.py``::
 
-    fn = model.dispatch.get_sparse_attention(self.impl, q.device, q.dtype)
+    get_sparse_attention = dispatcher("sparse_attention", sparse_attention)
+
+and its users call the function the getter returns with the reference's arguments (cheap: the
+kernel import is cached and the decision is a couple of comparisons)::
+
+    fn = get_sparse_attention(self.impl, q.device, q.dtype)
     out = fn(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, return_lse)
 
-Every returned function has exactly the reference's signature and results.
+Every returned function has exactly the reference's signature and results. ``KERNELS`` is the
+one table of which Triton function implements which op.
 """
 from __future__ import annotations
 
@@ -31,11 +36,26 @@ log = logging.getLogger(__name__)
 
 IMPLS = KERNEL_IMPLS
 
+# op -> (Triton module, function) of its fast path; the reference comes from the model module
+# that defines it (``dispatcher``)
+KERNELS = {
+    "sparse_attention": ("kernels.sparse_attention", "sparse_attention_triton"),
+    "indexer_topk": ("kernels.indexer_topk", "indexer_topk"),
+    "mhc_coefficients": ("kernels.mhc", "mhc_coefficients_triton"),
+    "collapse_streams": ("kernels.mhc_streams", "collapse_streams_triton"),
+    "mix_streams": ("kernels.mhc_streams", "mix_streams_triton"),
+    "topk_routing": ("kernels.moe_router", "topk_routing_triton"),
+    "swiglu_activation": ("kernels.swiglu", "swiglu_activation_triton"),
+    "permute_tokens": ("kernels.moe_permute", "permute_tokens_triton"),
+    "unpermute_tokens": ("kernels.moe_permute", "unpermute_tokens_triton"),
+    "rope_rotate": ("kernels.rope", "rope_rotate_triton"),
+    "rms_norm": ("kernels.rms_norm", "rms_norm_triton"),
+}
 
-# Every module a getter below selects from (a test keeps the list complete): imported before
-# torch.compile traces the model (``import_kernel_modules``), since Dynamo cannot trace an import.
-KERNEL_MODULES = ("kernels.sparse_attention", "kernels.indexer_topk", "kernels.mhc", "kernels.mhc_streams",
-                  "kernels.moe_router", "kernels.swiglu", "kernels.moe_permute", "kernels.rope", "kernels.rms_norm")
+
+# Every module a getter selects from: imported before torch.compile traces the model
+# (``import_kernel_modules``), since Dynamo cannot trace an import.
+KERNEL_MODULES = tuple(dict.fromkeys(module for module, _ in KERNELS.values()))
 
 
 def _import_kernel(module: str, name: str) -> tuple[Callable | None, str]:
@@ -109,26 +129,20 @@ def _select(op: str, impl: str, device: torch.device | str | None, module: str, 
     return fn
 
 
-def get_sparse_attention(impl: str = "auto", device: torch.device | str | None = None,
-                         dtype: torch.dtype | None = None) -> Callable:
-    """The hybrid sparse attention function for ``impl`` on ``device`` (and ``dtype``, when
-    given: fp64 always takes the reference under ``auto``); see the module doc."""
-    from model.sparse_attention import sparse_attention
+def dispatcher(op: str, reference: Callable) -> Callable[..., Callable]:
+    """get(impl="auto", device=None, dtype=None) -> ``op``'s Triton function (``KERNELS``) or
+    ``reference``, by the rules of the module doc (``dtype``, when given: fp64 always takes the
+    reference under ``auto``)."""
+    module, name = KERNELS[op]
 
-    return _select("sparse_attention", impl, device, "kernels.sparse_attention",
-                   "sparse_attention_triton", sparse_attention, dtype)
+    def get(impl: str = "auto", device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None) -> Callable:
+        return _select(op, impl, device, module, name, reference, dtype)
 
-
-def _reference_indexer_topk(q_idx, w, k_idx, c_end, doc_start, k):
-    from model.indexer import indexer_scores, select_topk
-
-    return select_topk(indexer_scores(q_idx, w, k_idx, c_end, doc_start), k)
-
-
-def _reference_indexer_topk_fp8(q_idx, w, k_idx, c_end, doc_start, k):
-    from model.indexer_fp8 import indexer_topk_fp8_reference
-
-    return indexer_topk_fp8_reference(q_idx, w, k_idx, c_end, doc_start, k)
+    get.__name__ = get.__qualname__ = f"get_{op}"
+    get.__doc__ = f"fn with the signature of {reference.__module__}.{reference.__name__}: " \
+                  f"{module}.{name} or that reference (model/dispatch.py)."
+    return get
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,113 +161,35 @@ def _fp8_kernel_ok(device: torch.device | str | None) -> tuple[bool, str]:
     return True, ""
 
 
-def get_indexer_topk(impl: str = "auto", device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None, score_dtype: str = "bf16",
-                     select: str = "chunked") -> Callable:
-    """fn(q_idx, w, k_idx, c_end, doc_start, k) -> topk_idx [B, L, min(k, N)] (-1 = empty):
-    the Triton scorer + top-k (``kernels.indexer_topk``: score_dtype bf16 | fp8, select chunked
-    | fused), or the reference ``select_topk(indexer_scores(...), k)`` (fp8: of the fp8-quantised
-    q and k, ``model.indexer_fp8``). fp8 without fp8 tensor cores: impl='triton' raises;
-    'auto' logs once and takes the PyTorch fp8 reference (never a silent bf16 fallback)."""
-    if score_dtype not in INDEXER_SCORE_DTYPES:
-        raise ValueError(f"indexer score_dtype must be one of {INDEXER_SCORE_DTYPES}, got {score_dtype!r}")
-    if select not in INDEXER_SELECTS:
-        raise ValueError(f"indexer select must be one of {INDEXER_SELECTS}, got {select!r}")
-    reference = _reference_indexer_topk_fp8 if score_dtype == "fp8" else _reference_indexer_topk
-    fn = _select("indexer_topk", impl, device, "kernels.indexer_topk", "indexer_topk", reference, dtype)
-    if score_dtype == "fp8" and impl != "torch":
-        ok, reason = _fp8_kernel_ok(device)
-        if not ok:
-            if impl == "triton":
-                raise RuntimeError(f"indexer_topk: impl='triton' with fp8 scoring needs CUDA sm_89+ ({reason})")
-            _log_fp8_once(reason)
-            return reference
-    if fn is reference:
-        return reference
-    if score_dtype == "bf16" and select == "chunked":
-        return fn
-    return functools.partial(fn, score_dtype=score_dtype, select=select)
+def indexer_topk_dispatcher(reference: Callable, reference_fp8: Callable) -> Callable[..., Callable]:
+    """get(impl, device, dtype, score_dtype="bf16", select="chunked") -> fn(q_idx, w, k_idx,
+    c_end, doc_start, k) -> topk_idx [B, L, min(k, N)] (-1 = empty): the Triton scorer + top-k
+    (``kernels.indexer_topk``: score_dtype bf16 | fp8, select chunked | fused), or ``reference``
+    (``select_topk(indexer_scores(...), k)``; fp8: ``reference_fp8``, of the fp8-quantised q and
+    k). fp8 without fp8 tensor cores: impl='triton' raises; 'auto' logs once and takes the
+    PyTorch fp8 reference (never a silent bf16 fallback)."""
+    module, name = KERNELS["indexer_topk"]
 
+    def get_indexer_topk(impl: str = "auto", device: torch.device | str | None = None,
+                         dtype: torch.dtype | None = None, score_dtype: str = "bf16",
+                         select: str = "chunked") -> Callable:
+        if score_dtype not in INDEXER_SCORE_DTYPES:
+            raise ValueError(f"indexer score_dtype must be one of {INDEXER_SCORE_DTYPES}, got {score_dtype!r}")
+        if select not in INDEXER_SELECTS:
+            raise ValueError(f"indexer select must be one of {INDEXER_SELECTS}, got {select!r}")
+        ref = reference_fp8 if score_dtype == "fp8" else reference
+        fn = _select("indexer_topk", impl, device, module, name, ref, dtype)
+        if score_dtype == "fp8" and impl != "torch":
+            ok, reason = _fp8_kernel_ok(device)
+            if not ok:
+                if impl == "triton":
+                    raise RuntimeError(f"indexer_topk: impl='triton' with fp8 scoring needs CUDA sm_89+ ({reason})")
+                _log_fp8_once(reason)
+                return ref
+        if fn is ref:
+            return ref
+        if score_dtype == "bf16" and select == "chunked":
+            return fn
+        return functools.partial(fn, score_dtype=score_dtype, select=select)
 
-def get_mhc_coefficients(impl: str = "auto", device: torch.device | str | None = None,
-                         dtype: torch.dtype | None = None) -> Callable:
-    """fn(x, fn, base, scale, n, iters, eps, norm_eps) -> (pre, post, comb), the signature of
-    ``model.hyper_connections.mhc_coefficients``."""
-    from model.hyper_connections import mhc_coefficients
-
-    return _select("mhc_coefficients", impl, device, "kernels.mhc", "mhc_coefficients_triton",
-                   mhc_coefficients, dtype)
-
-
-def get_collapse_streams(impl: str = "auto", device: torch.device | str | None = None,
-                         dtype: torch.dtype | None = None) -> Callable:
-    """fn(x, pre) -> h, the signature of ``model.hyper_connections.collapse_streams`` (Triton:
-    ``kernels.mhc_streams``, one pass forward and one backward)."""
-    from model.hyper_connections import collapse_streams
-
-    return _select("collapse_streams", impl, device, "kernels.mhc_streams", "collapse_streams_triton",
-                   collapse_streams, dtype)
-
-
-def get_mix_streams(impl: str = "auto", device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> Callable:
-    """fn(f, x, post, comb) -> x_new, the signature of ``model.hyper_connections.mix_streams``."""
-    from model.hyper_connections import mix_streams
-
-    return _select("mix_streams", impl, device, "kernels.mhc_streams", "mix_streams_triton",
-                   mix_streams, dtype)
-
-
-def get_topk_routing(impl: str = "auto", device: torch.device | str | None = None,
-                     dtype: torch.dtype | None = None) -> Callable:
-    """fn(logits, bias, k, route_scale) -> (weights, indices, scores), the signature of
-    ``model.moe.topk_routing`` (Triton: ``kernels.moe_router``, one kernel each way)."""
-    from model.moe import topk_routing
-
-    return _select("topk_routing", impl, device, "kernels.moe_router", "topk_routing_triton", topk_routing, dtype)
-
-
-def get_swiglu_activation(impl: str = "auto", device: torch.device | str | None = None,
-                          dtype: torch.dtype | None = None) -> Callable:
-    """fn(gate, up, limit, weight=None) -> h, the signature of ``model.moe.swiglu_activation``
-    (Triton: ``kernels.swiglu``)."""
-    from model.moe import swiglu_activation
-
-    return _select("swiglu_activation", impl, device, "kernels.swiglu", "swiglu_activation_triton",
-                   swiglu_activation, dtype)
-
-
-def get_permute_tokens(impl: str = "auto", device: torch.device | str | None = None,
-                       dtype: torch.dtype | None = None) -> Callable:
-    """fn(x, order, k) -> x_sorted, the signature of ``model.moe.permute_tokens``."""
-    from model.moe import permute_tokens
-
-    return _select("permute_tokens", impl, device, "kernels.moe_permute", "permute_tokens_triton",
-                   permute_tokens, dtype)
-
-
-def get_unpermute_tokens(impl: str = "auto", device: torch.device | str | None = None,
-                         dtype: torch.dtype | None = None) -> Callable:
-    """fn(out, order, k, n_tokens) -> y fp32, the signature of ``model.moe.unpermute_tokens``."""
-    from model.moe import unpermute_tokens
-
-    return _select("unpermute_tokens", impl, device, "kernels.moe_permute", "unpermute_tokens_triton",
-                   unpermute_tokens, dtype)
-
-
-def get_rope_rotate(impl: str = "auto", device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> Callable:
-    """fn(x, positions, inv_freq, inverse) -> x rotated, the signature of ``model.rope.rope_rotate``
-    (Triton: ``kernels.rope``, one kernel each way); selected by ``model.attention_impl``."""
-    from model.rope import rope_rotate
-
-    return _select("rope_rotate", impl, device, "kernels.rope", "rope_rotate_triton", rope_rotate, dtype)
-
-
-def get_rms_norm(impl: str = "auto", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> Callable:
-    """fn(x, weight | None, eps) -> y, the signature of ``model.norms.rms_norm_reference``
-    (Triton: ``kernels.rms_norm``, one kernel each way)."""
-    from model.norms import rms_norm_reference
-
-    return _select("rms_norm", impl, device, "kernels.rms_norm", "rms_norm_triton", rms_norm_reference, dtype)
+    return get_indexer_topk

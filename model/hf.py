@@ -238,7 +238,7 @@ def _export_expert_prefix(prefix: str) -> str:
 # ============================================================================ state dicts
 def expected_state_dict(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of our Transformer's state dict for ``cfg`` (built on meta)."""
-    from model.params import build_on_meta
+    from model.transformer import build_on_meta
 
     return {k: (tuple(v.shape), v.dtype) for k, v in build_on_meta(cfg).state_dict().items()}
 

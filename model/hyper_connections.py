@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.dispatch import get_collapse_streams, get_mhc_coefficients, get_mix_streams
+from model.dispatch import dispatcher
 from model.config import ModelConfig
 
 # Our init (V4's is unpublished): comb base logits are c on the diagonal and 0 elsewhere, with c
@@ -86,6 +86,9 @@ def mhc_coefficients(
     return pre, post, comb
 
 
+get_mhc_coefficients = dispatcher("mhc_coefficients", mhc_coefficients)
+
+
 def hc_coefficients(
     x: torch.Tensor,
     fn: torch.Tensor,
@@ -122,11 +125,17 @@ def collapse_streams(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     return (pre.to(cd).unsqueeze(-1) * x.to(cd)).sum(-2).to(x.dtype)
 
 
+get_collapse_streams = dispatcher("collapse_streams", collapse_streams)
+
+
 def mix_streams(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """x'_k = post_k f + sum_j comb[j, k] x_j. f [..., D], x [..., n, D] -> [..., n, D] (x's dtype)."""
     cd = _compute_dtype(x)
     mixed = torch.einsum("...jk,...jd->...kd", comb.to(cd), x.to(cd))
     return (post.to(cd).unsqueeze(-1) * f.to(cd).unsqueeze(-2) + mixed).to(x.dtype)
+
+
+get_mix_streams = dispatcher("mix_streams", mix_streams)
 
 
 # ---------------------------------------------------------------------------- diagnostics

@@ -20,7 +20,7 @@ softmax of the indexer scores over the same set: all visible entries in dense mo
 selected top-k set in sparse mode.
 
 Sparse mode never builds [B, L, N] (nor the main attention's [B, L, H, N] mass): the top-k is
-chosen without gradient (``model.dispatch.get_indexer_topk``: chunked Triton on CUDA, the
+chosen without gradient (``get_indexer_topk``: chunked Triton on CUDA, the
 reference elsewhere), then ``selected_indexer_scores`` (with gradient) and
 ``attention_mass_on_selected`` (the detached KL target) are computed on the K selected entries
 only, gathering the K keys per query in query chunks so that memory stays bounded
@@ -37,44 +37,15 @@ from kernels.checks import require
 from model.config import ModelConfig
 from model.compressor import Compressor
 from model.layout import CompressedLayout, compressed_mask
+from model.dispatch import indexer_topk_dispatcher
+from model.indexer_fp8 import indexer_topk_fp8_reference
+from model.indexer_topk import indexer_scores, reference_indexer_topk, select_topk
 from model.rope import RoPE
 
-
-def indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_end: torch.Tensor,
-                   doc_start: torch.Tensor, head_chunk: int = 8) -> torch.Tensor:
-    """Reference indexer scores.
-
-    q_idx [B, L, Hi, Di], w [B, L, Hi] (scales included), k_idx [B, N, Di], c_end [B, N],
-    doc_start [B, L] -> I [B, L, N] fp32 (fp64 for fp64 inputs), -inf where not visible.
-    Heads are accumulated in chunks so that [B, L, Hi, N] is never materialised at once.
-    """
-    B, L, Hi, Di = q_idx.shape
-    if w.shape != (B, L, Hi) or k_idx.shape[0] != B or k_idx.shape[2] != Di:
-        raise ValueError(f"indexer_scores: shapes q_idx {tuple(q_idx.shape)}, w {tuple(w.shape)}, "
-                         f"k_idx {tuple(k_idx.shape)} do not agree")
-    cdt = torch.promote_types(q_idx.dtype, torch.float32)
-    qf, wf, kf = q_idx.to(cdt), w.to(cdt), k_idx.to(cdt)
-    N = k_idx.shape[1]
-    scores = qf.new_zeros(B, L, N)
-    for h0 in range(0, Hi, head_chunk):
-        h1 = min(h0 + head_chunk, Hi)
-        dots = torch.einsum("blhd,bnd->blhn", qf[:, :, h0:h1], kf).relu()       # [B, L, h, N]
-        scores = scores + (dots * wf[:, :, h0:h1, None]).sum(dim=2)
-    return scores.masked_fill(~compressed_mask(doc_start, c_end), float("-inf"))
+# the top-k selection (no gradient): Triton on CUDA, the references elsewhere (model/dispatch.py)
+get_indexer_topk = indexer_topk_dispatcher(reference_indexer_topk, indexer_topk_fp8_reference)
 
 
-def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """scores [B, L, N] (-inf = invisible) -> idx [B, L, min(k, N)] long, -1 for empty slots
-    (a query with fewer than K visible entries). Slots are in descending score order; ties are
-    deterministic: the lower entry index wins (and comes first), as in the fused Triton selection
-    (``kernels.indexer_topk``). -0.0 and +0.0 are equal scores."""
-    if k < 1:
-        raise ValueError(f"select_topk: k must be >= 1, got {k}")
-    K = min(k, scores.shape[-1])
-    # a stable descending sort keeps equal scores in index order (torch.topk orders ties arbitrarily)
-    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
-    vals, idx = vals[..., :K], idx[..., :K]
-    return torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx)
 
 
 def attention_mass_on_entries(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale: float,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from kernels.fp8 import dequantize_fp8, quantize_fp8
+from model.indexer_topk import indexer_scores, select_topk
 
 def fp8_roundtrip(q_idx: torch.Tensor, k_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, k) after quantise + dequantise, fp32: what the fp8 path scores."""
@@ -37,17 +38,13 @@ def fp8_roundtrip(q_idx: torch.Tensor, k_idx: torch.Tensor) -> tuple[torch.Tenso
 
 
 def indexer_scores_fp8_reference(q_idx, w, k_idx, c_end, doc_start) -> torch.Tensor:
-    """``model.indexer.indexer_scores`` of the fp8-quantised q and k (fp32 math, w in fp32)."""
-    from model.indexer import indexer_scores
-
+    """``indexer_scores`` of the fp8-quantised q and k (fp32 math, w in fp32)."""
     qd, kd = fp8_roundtrip(q_idx, k_idx)
     return indexer_scores(qd, w.float(), kd, c_end, doc_start)
 
 
 def indexer_topk_fp8_reference(q_idx, w, k_idx, c_end, doc_start, k: int) -> torch.Tensor:
     """Reference fp8 selection: ``select_topk`` (deterministic ties) of the fp8 scores."""
-    from model.indexer import select_topk
-
     return select_topk(indexer_scores_fp8_reference(q_idx, w, k_idx, c_end, doc_start), k)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 
 from model.config import ModelConfig
-from model.params import build_on_meta, count_params
+from model.params import count_params
+from model.transformer import build_on_meta
 
 BYTES = 2  # bf16
 

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import LOSS_IMPLS
+
 IGNORE_INDEX = -100
-LOSS_IMPLS = ("chunked", "reference")
 # fp32 logits per chunk ~ 2^26 elements (256 MiB): big enough for efficient GEMMs, small next to
 # the activations of a long sequence
 CHUNK_ELEMENTS = 1 << 26

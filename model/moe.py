@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.dispatch import (get_permute_tokens, get_swiglu_activation, get_topk_routing,
-                              get_unpermute_tokens)
+from model.dispatch import dispatcher
 from kernels.checks import require
 from model.config import ModelConfig
 from model.recompute import recompute_in_backward
@@ -54,6 +53,9 @@ def swiglu_activation(gate: torch.Tensor, up: torch.Tensor, limit: float,
     (as DeepSeek's code does for swiglu_limit = 0). Triton: ``kernels/swiglu.py``. Keeps only
     gate, up, weight for backward (bf16: the fp32 temporaries rerun there, model/recompute.py)."""
     return recompute_in_backward(_swiglu_fp32, gate, up, limit, weight)
+
+
+get_swiglu_activation = dispatcher("swiglu_activation", swiglu_activation)
 
 
 def _swiglu_fp32(gate: torch.Tensor, up: torch.Tensor, limit: float,
@@ -117,11 +119,17 @@ def topk_routing(logits: torch.Tensor, bias: torch.Tensor, k: int,
     return routing_weights(scores, indices, route_scale), indices, scores
 
 
+get_topk_routing = dispatcher("topk_routing", topk_routing)
+
+
 def permute_tokens(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
     """Rows of x [T, D] in expert-sorted order: row n is token order[n] // k ((token, slot) pairs
     flattened token-major, ``order`` = their stable sort by expert). -> [T*k, D].
     Triton: ``kernels/moe_permute.py`` (backward without atomics)."""
     return x.index_select(0, order // k)
+
+
+get_permute_tokens = dispatcher("permute_tokens", permute_tokens)
 
 
 def unpermute_tokens(out: torch.Tensor, order: torch.Tensor, k: int, n_tokens: int) -> torch.Tensor:
@@ -133,6 +141,9 @@ def unpermute_tokens(out: torch.Tensor, order: torch.Tensor, k: int, n_tokens: i
     slot[order] = torch.arange(order.numel(), device=order.device)     # row of pair (t, j) = t*k + j
     rows = out.index_select(0, slot).view(n_tokens, k, out.shape[-1])
     return rows.sum(1, dtype=torch.promote_types(out.dtype, torch.float32))
+
+
+get_unpermute_tokens = dispatcher("unpermute_tokens", unpermute_tokens)
 
 
 def hash_routing_table(vocab_size: int, n_experts: int, k: int, seed: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.dispatch import get_rms_norm
+from model.dispatch import dispatcher
 from model.recompute import recompute_in_backward
 
 
@@ -20,6 +20,9 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
     only x (and weight) for backward: for bf16 x the fp32 temporaries rerun there
     (model/recompute.py), the same ops, bit-equal."""
     return recompute_in_backward(_rms_norm_fp32, x, weight, eps)
+
+
+get_rms_norm = dispatcher("rms_norm", rms_norm_reference)
 
 
 def _rms_norm_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

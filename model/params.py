@@ -42,13 +42,3 @@ def count_params(model: nn.Module) -> ParamCount:
     inactive = routed * (cfg.n_routed_experts - cfg.n_activated_experts) // cfg.n_routed_experts
     inactive += model.embed.weight.numel()
     return ParamCount(total=total, active=total - inactive, mtp=mtp, embedding=emb, routed_experts=routed)
-
-
-def build_on_meta(cfg) -> nn.Module:
-    """Build the model without allocating memory (for flash/pro accounting)."""
-    import torch
-
-    from model.transformer import Transformer
-
-    with torch.device("meta"):
-        return Transformer(cfg)

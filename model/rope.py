@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from model.dispatch import get_rope_rotate
+from model.dispatch import dispatcher
 from model.config import ModelConfig
 
 
@@ -73,6 +73,9 @@ def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
     if rd == x.shape[-1]:
         return rotated
     return torch.cat([x[..., :-rd], rotated], dim=-1)
+
+
+get_rope_rotate = dispatcher("rope_rotate", rope_rotate)
 
 
 class RoPE:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from model.dispatch import dispatcher
 from model.layout import entry_visible, window_mask
 
 
@@ -74,6 +75,9 @@ def sparse_attention(
     if return_lse:
         return o, lse.permute(0, 2, 1).contiguous()
     return o
+
+
+get_sparse_attention = dispatcher("sparse_attention", sparse_attention)
 
 
 def sink_mass(lse: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:

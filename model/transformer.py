@@ -24,6 +24,7 @@ from model.layout import DocLayout
 from model.loss import IGNORE_INDEX, LMHead
 from model.moe import MoE
 from model.norms import RMSNorm
+from model.params import count_params
 
 
 @dataclass
@@ -170,8 +171,6 @@ class Transformer(nn.Module):
         return [p for n, p in self.named_parameters() if ".indexer." in n]
 
     def num_params(self) -> tuple[int, int]:
-        from model.params import count_params
-
         c = count_params(self)
         return c.total, c.active
 
@@ -352,3 +351,9 @@ class Transformer(nn.Module):
             cross[:, :-1] = doc_ids[:, 1:] != doc_ids[:, :-1]
             out = out.masked_fill(cross, IGNORE_INDEX)
         return out
+
+
+def build_on_meta(cfg: ModelConfig) -> Transformer:
+    """The model without allocating memory (for flash/pro accounting)."""
+    with torch.device("meta"):
+        return Transformer(cfg)

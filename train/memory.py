@@ -37,7 +37,7 @@ class ParamSplit:
 
 @functools.lru_cache(maxsize=8)
 def _split(cfg_json: str, all_adamw: bool) -> ParamSplit:
-    from model.params import build_on_meta
+    from model.transformer import build_on_meta
     from optim.groups import assign_groups
 
     model = build_on_meta(ModelConfig.from_dict(json.loads(cfg_json)))

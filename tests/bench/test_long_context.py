@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import long_context as lc  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.params import build_on_meta, count_params  # noqa: E402
+from model.params import count_params
+from model.transformer import build_on_meta  # noqa: E402
 
 
 def test_memory_model_reproduces_the_reference_figures_for_small():

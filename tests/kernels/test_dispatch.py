@@ -5,29 +5,32 @@ import pytest
 import torch
 
 from model import dispatch
-from model.sparse_attention import sparse_attention
+from model.hyper_connections import get_mhc_coefficients
+from model.indexer import get_indexer_topk
+from model.moe import get_swiglu_activation
+from model.sparse_attention import get_sparse_attention, sparse_attention
 
 
 def test_torch_and_auto_on_cpu_give_the_reference():
-    assert dispatch.get_sparse_attention("torch", "cpu") is sparse_attention
-    assert dispatch.get_sparse_attention("auto", "cpu") is sparse_attention
+    assert get_sparse_attention("torch", "cpu") is sparse_attention
+    assert get_sparse_attention("auto", "cpu") is sparse_attention
     from model.hyper_connections import mhc_coefficients
 
-    assert dispatch.get_mhc_coefficients("auto", "cpu") is mhc_coefficients
+    assert get_mhc_coefficients("auto", "cpu") is mhc_coefficients
 
 
 def test_triton_on_cpu_is_an_error_and_bad_impl_names_the_choices():
     with pytest.raises(RuntimeError, match="needs CUDA"):
-        dispatch.get_sparse_attention("triton", "cpu")
+        get_sparse_attention("triton", "cpu")
     with pytest.raises(ValueError, match="auto"):
-        dispatch.get_sparse_attention("fast", "cpu")
+        get_sparse_attention("fast", "cpu")
 
 
 def test_auto_on_cuda_picks_the_kernel_except_fp64():
     from kernels.sparse_attention import sparse_attention_triton
 
-    assert dispatch.get_sparse_attention("auto", "cuda") is sparse_attention_triton
-    assert dispatch.get_sparse_attention("auto", "cuda", torch.float64) is sparse_attention
+    assert get_sparse_attention("auto", "cuda") is sparse_attention_triton
+    assert get_sparse_attention("auto", "cuda", torch.float64) is sparse_attention
 
 
 def test_missing_kernel_module_logs_once(monkeypatch, caplog):
@@ -47,7 +50,7 @@ def test_reference_indexer_topk_wrapper_matches_model():
     g = torch.Generator().manual_seed(0)
     q, w, k = torch.randn(1, 12, 2, 16, generator=g), torch.randn(1, 12, 2, generator=g), torch.randn(1, 3, 16, generator=g)
     c_end, ds = torch.tensor([[3, 7, 11]]), torch.zeros(1, 12, dtype=torch.long)
-    fn = dispatch.get_indexer_topk("torch")
+    fn = get_indexer_topk("torch")
     assert torch.equal(fn(q, w, k, c_end, ds, 2), select_topk(indexer_scores(q, w, k, c_end, ds), 2))
 
 
@@ -59,7 +62,7 @@ def test_dispatch_is_traced_by_torch_compile_without_graph_breaks():
     import kernels.swiglu  # noqa: F401  (imported, as after the first eager step)
 
     def f(a, b):
-        return dispatch.get_swiglu_activation("auto", a.device, a.dtype)(a * 2, b, 10.0) + 1
+        return get_swiglu_activation("auto", a.device, a.dtype)(a * 2, b, 10.0) + 1
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -82,25 +85,29 @@ def test_moe_kernels_stay_off_under_auto_until_measured(getter, module, kernel):
     import model.moe as mm
 
     reference = getattr(mm, getter.removeprefix("get_"))
-    assert getattr(dispatch, getter)("auto", "cuda", torch.bfloat16) is reference
-    assert getattr(dispatch, getter)("triton", "cuda", torch.bfloat16) is getattr(importlib.import_module(module), kernel)
+    assert getattr(mm, getter)("auto", "cuda", torch.bfloat16) is reference
+    assert getattr(mm, getter)("triton", "cuda", torch.bfloat16) is getattr(importlib.import_module(module), kernel)
 
 
-GETTERS = ["get_sparse_attention", "get_indexer_topk", "get_mhc_coefficients", "get_collapse_streams",
-           "get_mix_streams", "get_topk_routing", "get_swiglu_activation", "get_permute_tokens",
-           "get_unpermute_tokens", "get_rope_rotate", "get_rms_norm"]
+GETTERS = {"get_sparse_attention": "model.sparse_attention", "get_indexer_topk": "model.indexer",
+           "get_mhc_coefficients": "model.hyper_connections", "get_collapse_streams": "model.hyper_connections",
+           "get_mix_streams": "model.hyper_connections", "get_topk_routing": "model.moe",
+           "get_swiglu_activation": "model.moe", "get_permute_tokens": "model.moe",
+           "get_unpermute_tokens": "model.moe", "get_rope_rotate": "model.rope", "get_rms_norm": "model.norms"}
 
 
 def test_every_kernel_is_opaque_to_compile_and_its_module_preloaded(monkeypatch):
     """Each getter's Triton kernel runs eagerly inside torch.compile'd code (kernels/opaque.py),
     and its module is among those compile_blocks imports before tracing."""
-    assert sorted(GETTERS) == sorted(n for n in dir(dispatch) if n.startswith("get_")), "new getter: add it here"
+    import importlib
+
+    assert sorted(GETTERS) == sorted(f"get_{op}" for op in dispatch.KERNELS), "new op: add its getter here"
     seen = []
     real = dispatch._select
     monkeypatch.setattr(dispatch, "_select", lambda op, impl, dev, module, name, *a: seen.append(module)
                         or real(op, impl, dev, module, name, *a))
-    for getter in GETTERS:
-        fn = getattr(dispatch, getter)("triton", "cuda", torch.bfloat16)
+    for getter, module in GETTERS.items():
+        fn = getattr(importlib.import_module(module), getter)("triton", "cuda", torch.bfloat16)
         assert getattr(fn, "_torchdynamo_disable", False) or getattr(getattr(fn, "func", None),
                                                                      "_torchdynamo_disable", False), getter
     assert set(seen) == set(dispatch.KERNEL_MODULES)

@@ -12,7 +12,8 @@ from model.indexer_fp8 import (fp8_roundtrip, indexer_scores_fp8_reference, inde
                                  quantize_fp8, topk_recall)
 from kernels.indexer_topk import indexer_scores_triton, indexer_topk, quantize_fp8_triton
 from model.config import ConfigError, ModelConfig
-from model.indexer import indexer_scores, select_topk
+from model.indexer import get_indexer_topk, indexer_scores, select_topk
+from model.indexer_topk import reference_indexer_topk
 from model.layout import CompressedLayout, DocLayout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,15 +150,15 @@ def test_dispatch_fp8_on_cpu_logs_once_and_uses_the_fp8_reference(caplog):
     dispatch._log_fp8_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="model.dispatch"):
         for _ in range(3):
-            fn = dispatch.get_indexer_topk("auto", "cpu", torch.float32, "fp8", "fused")
-            assert fn is dispatch._reference_indexer_topk_fp8
+            fn = get_indexer_topk("auto", "cpu", torch.float32, "fp8", "fused")
+            assert fn is indexer_topk_fp8_reference
     assert sum("fp8" in r.getMessage() for r in caplog.records) == 1
-    assert dispatch.get_indexer_topk("torch", "cpu", None, "fp8") is dispatch._reference_indexer_topk_fp8
-    assert dispatch.get_indexer_topk("auto", "cpu", None, "bf16", "fused") is dispatch._reference_indexer_topk
+    assert get_indexer_topk("torch", "cpu", None, "fp8") is indexer_topk_fp8_reference
+    assert get_indexer_topk("auto", "cpu", None, "bf16", "fused") is reference_indexer_topk
     with pytest.raises(RuntimeError, match="needs CUDA"):
-        dispatch.get_indexer_topk("triton", "cpu", None, "fp8")
+        get_indexer_topk("triton", "cpu", None, "fp8")
     with pytest.raises(ValueError, match="score_dtype"):
-        dispatch.get_indexer_topk("auto", "cpu", None, "int8")
+        get_indexer_topk("auto", "cpu", None, "int8")
 
 
 def test_model_forward_with_fp8_selection_on_cpu():

@@ -87,7 +87,7 @@ def test_bad_shapes_raise():
 
 
 def test_dispatch():
-    from model.dispatch import get_collapse_streams, get_mix_streams
+    from model.hyper_connections import get_collapse_streams, get_mix_streams
 
     assert get_collapse_streams("torch", "cpu") is collapse_streams
     assert get_mix_streams("torch", "cpu") is mix_streams

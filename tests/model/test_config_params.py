@@ -3,7 +3,8 @@ import pytest
 
 from model.config import ConfigError, ModelConfig
 from model.info import kv_bytes_per_token, main as info_main
-from model.params import build_on_meta, count_params
+from model.params import count_params
+from model.transformer import build_on_meta
 
 
 @pytest.mark.parametrize("preset,total,active", [("flash", 284e9, 13e9), ("pro", 1.6e12, 49e9)])

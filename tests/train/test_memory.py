@@ -8,7 +8,7 @@ import torch
 
 from model.config import ModelConfig
 from train.memory import Setup, activation_bytes, estimate, param_split
-from model.params import build_on_meta
+from model.transformer import build_on_meta
 from model.transformer import Transformer
 
 
