@@ -8,9 +8,11 @@ Statistic: a robust z-score against the last ``window`` accepted values of each 
 spikes themselves and the slow downward drift of a training curve). The floor keeps a
 nearly constant history (MAD ~ 0, common for grad norms early on) from turning a few-percent
 wobble into a huge z: with the defaults a value must exceed the median by at least
-``z_threshold * rel_floor`` (12 %) to count. Only upward deviations are
+``z_threshold * rel_floor`` (40 %) to count. Only upward deviations are
 spikes (a loss or norm that suddenly drops is not a stability problem). A value flagged as a
-spike is not added to the history, so one spike does not widen the band for the next. Until a
+spike is not added to the history, so one spike does not widen the band for the next (but a
+flagged level shift keeps firing until the values come back down: the default threshold, 20,
+is twice the largest z clean runs reached, bench/results/spike_detector-cpu-2026-12-03.md). Until a
 metric has ``min_history`` values only non-finite values fire. NaN/inf always fire (z = inf).
 """
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _median(values: Sequence[float]) -> float:
 
 
 class SpikeDetector:
-    def __init__(self, window: int = 50, z_threshold: float = 6.0, min_history: int = 10,
+    def __init__(self, window: int = 50, z_threshold: float = 20.0, min_history: int = 10,
                  metrics: Sequence[str] = DEFAULT_METRICS, rel_floor: float = 0.02,
                  abs_floor: float = 1e-8):
         if not isinstance(window, int) or window < 3:

@@ -366,7 +366,7 @@ def build_stability(section: Mapping, *, snapshot_dir: str | None = None,
     if min_history > window:
         raise ValueError(f"stability.detector.min_history={min_history} must be <= "
                          f"stability.detector.window={window}")
-    z = _get(det, "z_threshold", 6.0)
+    z = _get(det, "z_threshold", 20.0)
     if isinstance(z, bool) or not isinstance(z, (int, float)) or not z > 0:
         raise ValueError(f"stability.detector.z_threshold must be a number > 0, got {z!r}")
     detector = SpikeDetector(window=window, z_threshold=float(z), min_history=min_history,

@@ -86,6 +86,11 @@ def report(args, runs: list[C.Run]):
                 f"first touches, the ratio is {own / reach:.2f}x" if reach else
                 "AdamW's final value is not reached by Muon",
                 f"final validation loss at the best lr: muon {muon.final_val:.4f}, adamw {adamw.final_val:.4f}"]
+    findings.append("vs Moonlight (arXiv 2502.16982): Muon matches AdamW with ~52% of the training FLOPs (~2x). Here: "
+                    + (f"{total / reach:.2f}x by tokens-to-match, {own / reach:.2f}x from first touches" if reach
+                       else "Muon does not reach AdamW's final loss")
+                    + f" ({args.steps} steps of a {args.sc.model} model, one seed: the early, fast-falling part of "
+                    "the curve, where the paper's scaling-law fits do not reach)")
     for name, run in best.items():
         lr = float(C.axis_value(run, "optim.lr"))
         if lr in (min(args.lrs), max(args.lrs)) and len(args.lrs) > 1:

@@ -115,6 +115,9 @@ def report(args, runs: list[C.Run]):
         f"FLOPs per token: sparse {C.fmt(s.flops_per_token())}, dense {C.fmt(d.flops_per_token())}, "
         f"full attention {C.fmt(f.flops_per_token())}",
     ]
+    findings.append(f"vs V4 (hybrid sparse attention trains within a few percent of dense): sparse is {gap(s, d):+.2f}% "
+                    f"vs dense here, at seq_len {args.seq_len} (each CSA query keeps {args.topk} of up to "
+                    f"{args.seq_len // args.csa_ratio} entries); {args.steps} steps, one seed")
     if recall:
         findings.append("final indexer recall / best-K ceiling: " + ", ".join(f"{n} {v[1][-1]:.3f}" for n, v in recall.items())
                         + (f" (chance {chance:.3f})" if chance is not None else ""))
@@ -132,6 +135,8 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the scale's long one)")
     args = C.finish_args(ap.parse_args(argv), "sparse_attention", argv)
     args.seq_len = args.seq_len or args.sc.long_seq_len
+    cfg = _model(args, [f"model={args.sc.model}"]).cfg
+    args.topk, args.csa_ratio = cfg.index_topk, cfg.csa_ratio
     return args
 
 

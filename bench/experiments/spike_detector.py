@@ -9,7 +9,9 @@ series through ``train.spikes.SpikeDetector`` with the run's window and min_hist
 the run's own threshold must reproduce the spike events the trainer logged (checked: a mismatch
 stops the script). For each threshold: the share of steps with at least one detection, and how
 large a grad-norm jump (x its running median) it takes to be flagged, so quietness is not bought
-by blindness. Writes <out>/spike_detector-<device>-<date>.{svg,csv,md}.
+by blindness. The recommended threshold is the smallest one tried that is at least ``--margin``
+(2) times the largest z any clean step reached (history never excluding a value), so that runs
+noisier than these few still stay quiet. Writes <out>/spike_detector-<device>-<date>.{svg,csv,md}.
 
     python -m bench.experiments.spike_detector --scale micro --steps 80
 """
@@ -80,6 +82,20 @@ def check_replay(run: C.Run, settings: dict) -> None:
                                 "model the detector, the false-positive rates would be wrong")
 
 
+def label(run: C.Run) -> str:
+    return f"seed {C.axis_value(run, 'train.seed')}, clip {C.axis_value(run, 'train.grad_clip')}"
+
+
+def lock_in(run: C.Run, settings: dict, z: float) -> tuple[int, int, int] | None:
+    """(first flagged step, steps flagged from it on, steps from it on) at threshold z: a value
+    flagged is kept out of the history, so a level shift that is flagged once can stay flagged."""
+    hits, _ = replay(run, settings, z)
+    if not hits:
+        return None
+    first = min(s for s, _ in hits)
+    return first, len({s for s, _ in hits}), run.train[-1]["step"] - first + 1
+
+
 def report(args, runs: list[C.Run]):
     settings = {r.name: detector_settings(r) for r in runs}
     for r in runs:
@@ -97,10 +113,16 @@ def report(args, runs: list[C.Run]):
                 first.append(f"{min(s for s, _ in hits)} ({hits[0][1]})")
             units += z_series(r, settings[r.name])[2]
         factor = 1 + z * sorted(units)[len(units) // 2] if units else None
-        rows.append([f"{z:g}" + (" (current default)" if z == default else ""), fp_steps, judged,
+        rows.append([f"{z:g}" + (" (the runs' default)" if z == default else ""), fp_steps, judged,
                      100.0 * fp_steps / max(judged, 1), ", ".join(first) or "none", factor])
         if fp_steps == 0:
             quiet.append(z)
+    natural = []   # (largest z of a clean step, step, run)
+    for r in runs:
+        steps, zmax, _ = z_series(r, settings[r.name])
+        if zmax:
+            i = max(range(len(zmax)), key=zmax.__getitem__)
+            natural.append((zmax[i], steps[i], label(r)))
     for r in runs:
         xs = []
         ys = []
@@ -108,15 +130,17 @@ def report(args, runs: list[C.Run]):
             hits, n = replay(r, settings[r.name], z)
             xs.append(z)
             ys.append(100.0 * len({s for s, _ in hits}) / max(n, 1))
-        fpr[r.name] = (xs, ys)
+        name = label(r)
+        fpr[name] = (xs, ys)
         steps, zmax, _ = z_series(r, settings[r.name])
-        zplot[r.name] = (steps, [max(v, 0.1) for v in zmax])
-        gnorm[r.name] = r.series("grad_norm")
-        data[r.name] = {"z_max": (steps, zmax), "grad_norm": gnorm[r.name], "fp_percent_by_z": fpr[r.name]}
-    pick = min(quiet) if quiet else None
-    hl = {f"z = {default:g} (default)": default}
+        zplot[name] = (steps, [max(v, 0.1) for v in zmax])
+        gnorm[name] = r.series("grad_norm")
+        data[name] = {"z_max": (steps, zmax), "grad_norm": gnorm[name], "fp_percent_by_z": fpr[name]}
+    top = max(natural) if natural else None
+    pick = min([z for z in quiet if top is None or z >= args.margin * top[0]], default=None)
+    hl = {f"z = {default:g} (the runs' default)": default}
     if pick is not None and pick != default:
-        hl[f"z = {pick:g} (quietest tried)"] = pick
+        hl[f"z = {pick:g} (recommended)"] = pick
     title = f"spike detector on clean runs ({args.scale}, {args.steps} steps, {args.device_name})"
     C.write_svg(args.out / f"{args.tag}.svg", [
         C.Panel("largest z over loss / grad_norm / update_norm", "optimizer step", "robust z (floored at 0.1)",
@@ -129,14 +153,25 @@ def report(args, runs: list[C.Run]):
     table = C.markdown_table(["z threshold", "steps flagged", "steps judged", "% flagged", "first flag: step (metric)",
                               "grad-norm jump flagged (x median, median over steps)"], rows)
     by_z = {float(r[0].split()[0]): r for r in rows}
-    findings = [f"at the current default z = {default:g}: {by_z[default][1]} of {by_z[default][2]} judged steps "
+    findings = [f"at the runs' default z = {default:g}: {by_z[default][1]} of {by_z[default][2]} judged steps "
                 f"flagged ({by_z[default][3]:.1f}%), first: {by_z[default][4]}" if default in by_z else
-                f"the current default z = {default:g} is not in the grid"]
+                f"the runs' default z = {default:g} is not in the grid"]
+    locks = [(label(r), lk) for r in runs if (lk := lock_in(r, settings[r.name], default))]
+    if locks:
+        findings.append(f"at z = {default:g}, from the first flag on: " + "; ".join(
+            f"{n}: first at step {f}, then {k} of {m} steps flagged" for n, (f, k, m) in locks)
+            + " (a flagged value stays out of the history: once a level shift is flagged, the detector keeps firing until the values come back down to the old level)")
+    if top is not None:
+        findings.append(f"the largest z any clean step reached (history never excluding a value): {top[0]:.2f} "
+                        f"at step {top[1]} ({top[2]})")
+    if quiet:
+        findings.append(f"the smallest threshold tried with no detection on any clean run: z = {min(quiet):g}")
     if pick is not None:
-        findings.append(f"the smallest threshold tried with no detection on any clean run: z = {pick:g} (a grad-norm "
-                        f"jump of about {C.fmt(by_z[pick][5])}x the running median is still flagged)")
+        findings.append(f"recommended (smallest tried >= {args.margin:g} x the largest clean z): z = {pick:g}; a "
+                        f"grad-norm jump of about {C.fmt(by_z[pick][5])}x the running median is still flagged "
+                        "(median over these runs' steps; early-training noise widens it)")
     else:
-        findings.append("every threshold tried flags something on a clean run")
+        findings.append(f"no threshold tried is quiet with a {args.margin:g}x margin")
     return C.write_report(
         args, "Spike detector: false positives on clean runs by z threshold", runs, [table], findings,
         f"Setup: one Hydra multirun over train.seed = {' '.join(map(str, args.seeds))} x train.grad_clip = "
@@ -152,6 +187,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad-clips", type=float, nargs="+", default=[1.0, 0.0],
                     help="train.grad_clip values (1.0: the trainer default; 0: off, as the earlier spike study)")
     ap.add_argument("--thresholds", type=float, nargs="+", default=THRESHOLDS)
+    ap.add_argument("--margin", type=float, default=2.0,
+                    help="recommend a threshold at least this many times the largest clean z")
     args = C.finish_args(ap.parse_args(argv), "spike_detector", argv)
     return args
 

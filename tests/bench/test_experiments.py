@@ -178,7 +178,7 @@ def test_spike_detector_replay_and_false_positive_table(tmp_path):
                    losses, extra=gn, events=[event])
     spike_detector.report(args, [run])
     md = check_outputs(args.out, args.tag)
-    assert "| 6 (current default) | 1 | 30 |" in md and "| 100 | 0 | 30 |" in md
+    assert "| 6 (the runs' default) | 1 | 30 |" in md and "| 100 | 0 | 30 |" in md
     assert "no detection on any clean run: z = 100" in md
     # a trainer event the replay does not reproduce stops the analysis
     wrong = fake_run(tmp_path / "w2", "train.seed=2 train.grad_clip=1.0", ["train.seed=2", "train.grad_clip=1.0"],
