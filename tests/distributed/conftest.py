@@ -89,6 +89,17 @@ def _run_ranks_once(worker: str, args: list[str], world: int, timeout: float,
     return outputs
 
 
+def checkpoint_params(checkpoint: Path) -> dict:
+    """The fp32 parameters of a trainer checkpoint (a step directory), at any ZeRO stage."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not list(checkpoint.glob("*_optim_states.pt")):   # ZeRO-0 fp32: the module state itself
+        module = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        return {n: t.float() for n, t in module.items() if t.is_floating_point()}
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
 @pytest.fixture
 def ranks():
     return run_ranks

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, WORKERS, base_env, free_port, train_fixtures
+from conftest import REPO, WORKERS, base_env, checkpoint_params, free_port, train_fixtures
 
 pytestmark = pytest.mark.slow   # ~30-45 s per case: a 2-rank run, a conversion, a 1-rank run
 
@@ -76,15 +76,6 @@ def _global_chunks(per_rank: list[list[dict]], first_step: int, steps: int) -> l
     return rows
 
 
-def _params(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if not list(checkpoint.glob("*_optim_states.pt")):   # ZeRO-0 fp32: the module state itself
-        module = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        return {n: t.float() for n, t in module.items() if t.is_floating_point()}
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return FX.write_corpus(tmp_path_factory.mktemp("corpus"), chapters=30)
@@ -139,9 +130,9 @@ def test_resume_two_ranks_on_one(case, corpus, tmp_path_factory, tmp_path):
         assert res_loss[3][key] == pytest.approx(ref_loss[3][key], rel=RTOL, abs=ATOL), key
     assert res_loss[3]["grad_norm"] == pytest.approx(ref_loss[3]["grad_norm"], rel=1e-4)
     if "parallel.ep_size=2" not in extra:      # EP saves split the expert stacks per rank
-        want = _params(ckpts / "step_00000003")
-        got = _params(tmp_path / "runs" / "resumed" / "checkpoints" / "step_00000003")
-        before = _params(ckpt)
+        want = checkpoint_params(ckpts / "step_00000003")
+        got = checkpoint_params(tmp_path / "runs" / "resumed" / "checkpoints" / "step_00000003")
+        before = checkpoint_params(ckpt)
         assert set(got) == set(want)
         worst = max((got[n] - want[n]).abs().max().item() for n in want)
         moved = max((want[n] - before[n]).abs().max().item() for n in want)
