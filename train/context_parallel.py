@@ -23,7 +23,8 @@ another cp_size remaps the data position to the new data-parallel world (train/s
 drops cached anticipatory routing (``routing_cache_for_cp``).
 
 Not combined (refused with one line by ``check_cp``): train.seq_chunk (the chunked step inside
-a CP rank), parallel.ep_size > 1. Validation runs the whole window on every rank (unsharded).
+a CP rank), parallel.ep_size > 1. The validation loss is computed the same way (each rank its
+range); the ``eval.*`` long-context metrics still run the whole window on every rank.
 """
 from __future__ import annotations
 

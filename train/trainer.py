@@ -201,8 +201,11 @@ def validate(run: Run, stage: Stage, step: int) -> float | None:
     total, count = torch.zeros(2, dtype=torch.float64), 0
     for batch in run.val_loader:
         batch = {k: v.to(run.device) for k, v in batch.items()}
-        out = run.engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
-                         labels=batch["labels"])
+        if run.context_parallel is not None:   # each rank its token range (x cp_size: world mean)
+            out = run.context_parallel.forward(run.engine, batch)
+        else:
+            out = run.engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
+                             labels=batch["labels"])
         total[0] += float(out.losses["lm"])
         count += 1
     total[1] = count

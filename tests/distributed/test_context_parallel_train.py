@@ -49,14 +49,18 @@ def _overrides(tmp: Path, corpus: Path, name: str, *extra: str) -> list[str]:
         "data=files", f"data.paths=[{corpus}]", f"data.cache_dir={tmp / 'cache'}",
         "data.val_fraction=0.1", "data.val_batches=1", "train.seq_len=64",
         "train.global_batch_tokens=128", "train.micro_batch_tokens=64", f"train.tokens={128 * STEPS}",
-        "train.val_every=0", "train.ckpt_every=0", "train.progress=false", "train.device=cpu",
+        f"train.val_every={STEPS}", "train.ckpt_every=0", "train.progress=false", "train.device=cpu",
         f"train.runs_root={tmp / 'runs'}", f"hydra.run.dir={tmp / 'runs' / name}", "optim.warmup_steps=1",
         "logging.wandb.mode=disabled", "logging.diagnostics_every=0", "launch.dist_timeout_minutes=2", *extra]
 
 
-def _train_records(run: Path) -> list[dict]:
+def _records(run: Path, kind: str) -> list[dict]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["kind"] == "train"]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def _train_records(run: Path) -> list[dict]:
+    return _records(run, "train")
 
 
 @pytest.mark.slow   # ~1 minute each: a 1-process and a 2-rank run of 3 steps
@@ -80,6 +84,10 @@ def test_cp2_trains_as_cp1(tmp_path, extra):
     for a, b in zip(got, want):
         for key in ("loss", "loss/lm", "loss/mtp", "loss/balance", "loss/indexer", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=RTOL), (a["step"], key, a[key], b[key])
+    val_want, val_got = (_records(tmp_path / "runs" / n, "val") for n in ("cp1", "cp2"))
+    assert [r["step"] for r in val_got] == [r["step"] for r in val_want] == [0, STEPS]
+    for a, b in zip(val_got, val_want):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=RTOL), (a, b)
     # parameters after the last step, as one vector: not entry by entry, because Adam and Muon
     # normalise their updates, so a direction whose exact gradient is ~0 moves by ~lr either
     # way on fp32 round-off (layer 0's hc_attn.scale has a 2.5e-10 entry in fp64, 7e-11 in fp32:
