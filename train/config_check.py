@@ -69,8 +69,7 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
     precision = resolve_precision(tc.precision, device)
     from train.context_parallel import check_cp
 
-    problem = check_cp(int(cfg.parallel.cp_size), world_size, seq_chunk=tc.seq_chunk,
-                       ep_size=int(cfg.parallel.ep_size))
+    problem = check_cp(int(cfg.parallel.cp_size), world_size, seq_chunk=tc.seq_chunk)
     if problem:
         raise ConfigError(problem)
     curriculum = build_curriculum(   # the batch is split over the data-parallel ranks (CP groups)

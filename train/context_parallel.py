@@ -22,8 +22,10 @@ gradient norm are the data-parallel ones: a checkpoint does not depend on cp_siz
 another cp_size remaps the data position to the new data-parallel world (train/setup.py) and
 drops cached anticipatory routing (``routing_cache_for_cp``).
 
-Not combined (refused with one line by ``check_cp``): train.seq_chunk (the chunked step inside
-a CP rank), parallel.ep_size > 1. The validation loss is computed the same way (each rank its
+Expert parallelism composes: its all-to-alls carry every CP rank's tokens to the experts, and
+DeepSpeed reduces expert gradients to the mean loss over all ranks, which the same cp_size
+factor turns into the data-parallel mean. Not combined (refused with one line by ``check_cp``):
+train.seq_chunk (the chunked step inside a CP rank). The validation loss is computed the same way (each rank its
 range); the ``eval.*`` long-context metrics still run the whole window on every rank.
 """
 from __future__ import annotations
@@ -61,7 +63,7 @@ def check_cp_size(cp_size: int, world: int) -> None:
                          f"({world}): change parallel.cp_size or the number of processes")
 
 
-def check_cp(cp_size: int, world: int, *, seq_chunk, ep_size: int) -> str | None:
+def check_cp(cp_size: int, world: int, *, seq_chunk) -> str | None:
     """The problem with this parallel.cp_size, as one line, or None."""
     try:
         check_cp_size(cp_size, world)
@@ -73,9 +75,6 @@ def check_cp(cp_size: int, world: int, *, seq_chunk, ep_size: int) -> str | None
         return (f"parallel.cp_size={cp_size} with train.seq_chunk={seq_chunk}: the chunked step does "
                 f"not run inside a context-parallel rank yet; set train.seq_chunk=0 (each rank "
                 f"holds 1/{cp_size} of the sequence) or parallel.cp_size=1")
-    if ep_size > 1:
-        return (f"parallel.cp_size={cp_size} with parallel.ep_size={ep_size}: expert parallelism "
-                f"is not combined with context parallelism yet; set one of them to 1")
     return None
 
 
