@@ -76,6 +76,11 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
         _container(cfg.curriculum.stages), micro_batch_tokens=tc.micro_batch_tokens,
         world_size=world_size // int(cfg.parallel.cp_size), compress_ratios=model_cfg.compress_ratios,
         max_seq_len=model_cfg.max_seq_len)
+    from train.context_parallel import check_cp_shards
+
+    problem = check_cp_shards(int(cfg.parallel.cp_size), [st.seq_len for st in curriculum.stages], model_cfg)
+    if problem:
+        raise ConfigError(problem)
     lr_schedule(_container(cfg.optim), curriculum.main_steps)
     zero_stage = int(cfg.deepspeed.zero_stage)
     first = curriculum.stages[0]
@@ -158,13 +163,17 @@ def check_memory(cfg: DictConfig, model_cfg, curriculum, device, precision: str,
     base = memory_setup(cfg, model_cfg, device, precision, world_size)
     free, where = available_memory(device)
     setting = parse_seq_chunk(cfg.train.seq_chunk, model_cfg)
+    cp = int(cfg.parallel.cp_size)
 
     def need(s: Setup):   # the stage that needs the most (train.seq_chunk: one chunk at a time)
-        try:
-            chunks = stage_chunks(setting, curriculum.stages, model_cfg, setup=s,
-                                  free_bytes=free / ranks_here if device.type == "cuda" else None)
-        except SeqChunkError:   # auto found no chunk that fits: the refusal below says what would
-            chunks = [AUTO_GRAIN] * len(curriculum.stages)
+        if cp > 1:   # context parallel: a rank's range of each window, like one chunk of it
+            chunks = [-(-st.seq_len // cp) for st in curriculum.stages]
+        else:
+            try:
+                chunks = stage_chunks(setting, curriculum.stages, model_cfg, setup=s,
+                                      free_bytes=free / ranks_here if device.type == "cuda" else None)
+            except SeqChunkError:   # auto found no chunk that fits: the refusal below says what would
+                chunks = [AUTO_GRAIN] * len(curriculum.stages)
         return max((chunked_estimate(model_cfg, s, st.seq_len, st.micro_batch, c)
                     for st, c in zip(curriculum.stages, chunks)), key=lambda e: e.total)
 
@@ -183,7 +192,7 @@ def check_memory(cfg: DictConfig, model_cfg, curriculum, device, precision: str,
                 break
         if fits:
             break
-    if setting == 0:   # sequence chunks: the activations of one chunk instead of the whole sequence
+    if setting == 0 and cp == 1:   # sequence chunks: the activations of one chunk instead of the whole sequence
         try:
             sized = stage_chunks(AUTO, curriculum.stages, model_cfg, setup=base, free_bytes=free / ranks_here)
             if any(sized):
@@ -204,6 +213,7 @@ def check_memory(cfg: DictConfig, model_cfg, curriculum, device, precision: str,
         f"model {model_cfg.name} does not fit: training needs about {est.describe()} per rank "
         f"(ZeRO stage {base.zero_stage}, {world_size} rank(s), {precision}, micro batch "
         f"{stage.micro_batch} x seq_len {stage.seq_len}"
+        + (f" over parallel.cp_size={cp} ranks" if cp > 1 else "")
         + (f", {ranks_here} ranks on this host" if ranks_here > 1 else "")
         + f"), {where}. It would fit with: " + ("; ".join(fits) or "a smaller model (model=...)")
         + ". To skip this check: train.memory_check=false")

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from model.config import ModelConfig
-from model.context_parallel import CPGroup, context_parallel_group
+from model.chunk_layout import halo_rows
+from model.context_parallel import CPGroup, check_shards, context_parallel_group, shard_bounds
 from model.context_parallel_model import context_parallel_forward
 from model.transformer import ModelOutput
 
@@ -75,6 +76,20 @@ def check_cp(cp_size: int, world: int, *, seq_chunk) -> str | None:
         return (f"parallel.cp_size={cp_size} with train.seq_chunk={seq_chunk}: the chunked step does "
                 f"not run inside a context-parallel rank yet; set train.seq_chunk=0 (each rank "
                 f"holds 1/{cp_size} of the sequence) or parallel.cp_size=1")
+    return None
+
+
+def check_cp_shards(cp_size: int, seq_lens: list[int], model_cfg: ModelConfig) -> str | None:
+    """The problem, as one line, if a stage's windows cannot be cut into cp_size token ranges
+    (a middle range shorter than the halo its successor reads from it), else None."""
+    if cp_size == 1:
+        return None
+    halo = halo_rows(model_cfg)
+    for L in sorted(set(seq_lens)):
+        try:
+            check_shards(shard_bounds(L, cp_size), halo)
+        except ValueError as err:
+            return f"{err} (seq_len {L} over parallel.cp_size={cp_size})"
     return None
 
 

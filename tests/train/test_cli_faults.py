@@ -198,3 +198,27 @@ def test_context_parallel_needs_a_world_it_divides(th):
     with pytest.raises(cc.ConfigError, match="set train.seq_chunk=0"):
         cc.check_job(th.compose("model=micro", "train.device=cpu", "parallel.cp_size=2", "train.seq_chunk=256"),
                      world_size=2)
+    # 64 tokens over 8 ranks: 8-row ranges, shorter than the 15-row halo of micro
+    with pytest.raises(cc.ConfigError, match=r"fewer than the 15 halo rows .* \(seq_len 64 over parallel.cp_size=8\)"):
+        cc.check_job(th.compose("model=micro", "train.device=cpu", "parallel.cp_size=8", "train.seq_len=64",
+                                "train.global_batch_tokens=512", "train.micro_batch_tokens=64"), world_size=8)
+
+
+def test_memory_check_counts_a_context_parallel_rank_s_range(th, monkeypatch):
+    """A window too long for one rank fits when parallel.cp_size splits it (the rank's range
+    plus the whole window's compressed state, as one chunk of the chunked step)."""
+    import train.config_check as cc
+    from model.config import ModelConfig
+    from train.memory import Setup
+    from train.seq_chunk import chunked_estimate
+
+    job = ("model=micro", "train.device=cpu", "train.seq_len=65536", "train.global_batch_tokens=65536",
+           "train.micro_batch_tokens=65536", "train.tokens=655360", "optim.warmup_steps=1")
+    cfg = ModelConfig.from_preset("micro")
+    s = Setup(tokens=0, seq_len=0, precision="fp32", optimizer="muon")
+    whole, quarter = (chunked_estimate(cfg, s, 65536, 1, c).total for c in (0, 16384))
+    assert quarter < whole / 2
+    monkeypatch.setattr(cc, "available_memory", lambda device: ((whole + quarter) / 2, "test: between"))
+    with pytest.raises(cc.ConfigError, match="does not fit"):
+        cc.check_job(th.compose(*job), world_size=1)
+    cc.check_job(th.compose(*job, "parallel.cp_size=4"), world_size=4)   # (ZeRO-0: the same weights per rank)
