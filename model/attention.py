@@ -213,8 +213,9 @@ class Attention(nn.Module):
         if carry is not None:
             f = carry.frame
             out = out[:, f.halo:]
-            # the state this chunk hands on: its last rows of input, the entries pooled here
-            aux["carry"] = {"halo": x[:, L - f.halo_next:] if f.halo_next else None,
+            # the state this chunk hands on: its last rows of input (a copy: a view would keep
+            # the whole frame's input alive for as long as the state is kept), the entries pooled here
+            aux["carry"] = {"halo": x[:, L - f.halo_next:].clone() if f.halo_next else None,
                             "ckv": ckv_new, "index_keys": k_new}
         return out, aux
 

@@ -46,9 +46,15 @@ from model.transformer import IGNORE_INDEX, Transformer
 class ChunkedOutput:
     loss: torch.Tensor                      # detached scalar: the whole sequence's loss
     losses: dict[str, torch.Tensor]         # detached: lm, mtp, balance, indexer (as the unchunked step)
-    routing_indices: list[torch.Tensor]     # per MoE layer [B, L, K], the experts used
+    routes: "_Routing"                      # the experts every token used (see routing_indices)
     n_chunks: int
     diagnostics: dict                       # of the last chunk (when asked for)
+
+    @property
+    def routing_indices(self) -> list[torch.Tensor]:
+        """Per MoE layer [B, L, K] long, the experts used: assembled when asked for (the step
+        itself keeps them per chunk in the narrowest integer type)."""
+        return self.routes.whole()
 
 
 def _state_gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -74,6 +80,53 @@ def _dot(state: torch.Tensor | None, grad: torch.Tensor | None, factor: float) -
     return (state.to(acc) * (grad.to(acc) / factor)).sum()
 
 
+def _narrow_int(n_experts: int) -> torch.dtype:
+    """The narrowest integer type holding expert ids < n_experts (routing kept for the replay)."""
+    return torch.uint8 if n_experts <= 256 else torch.int16 if n_experts <= 32767 else torch.int32
+
+
+class _Routing:
+    """The experts every token used, recorded by the state pass and replayed by the recompute:
+    per chunk and layer [B, rows, K] in the narrowest integer type (8x less than int64 for up
+    to 256 experts); layers whose routing the caller supplied are sliced from it, not copied.
+    The whole sequence's expert counts per row (the balance loss's f_i) add up chunk by chunk."""
+
+    def __init__(self, model: Transformer, bounds: list[tuple[int, int]], supplied: list[torch.Tensor] | None):
+        self.moes = model.moe_layers()
+        self.bounds = bounds
+        self.supplied = list(supplied) if supplied is not None else []
+        self.chunks: list[list[torch.Tensor | None]] = []
+        self.counts: list[torch.Tensor | None] = [None] * len(self.moes)
+
+    def given(self, c: int) -> list[torch.Tensor] | None:
+        """The caller's routing for chunk c (state pass input), None if none was supplied."""
+        s, e = self.bounds[c]
+        return [r[:, s:e] for r in self.supplied] if self.supplied else None
+
+    def record(self, used: list[torch.Tensor]) -> None:
+        """The state pass's routing of the next chunk (what the MoE layers used)."""
+        kept = []
+        for i, (m, u) in enumerate(zip(self.moes, used)):
+            counts = row_expert_counts(u, m.n_experts)      # exact integers in fp32
+            self.counts[i] = counts if self.counts[i] is None else self.counts[i] + counts
+            kept.append(None if i < len(self.supplied) else u.to(_narrow_int(m.n_experts)))
+        self.chunks.append(kept)
+
+    def replay(self, c: int) -> list[torch.Tensor]:
+        """Chunk c's routing for its recompute, [B, rows, K] long per layer."""
+        s, e = self.bounds[c]
+        return [self.supplied[i][:, s:e] if r is None else r.long() for i, r in enumerate(self.chunks[c])]
+
+    def sequence(self, L: int) -> list[tuple[torch.Tensor, int] | None]:
+        """Per MoE layer, (the whole sequence's expert counts [B, E], L) for the balance loss
+        (None on hash-routed layers, which have none)."""
+        return [None if m.is_hash else (n, L) for m, n in zip(self.moes, self.counts)]
+
+    def whole(self) -> list[torch.Tensor]:
+        return [self.supplied[i] if i < len(self.supplied)
+                else torch.cat([rec[i] for rec in self.chunks], dim=1).long() for i in range(len(self.moes))]
+
+
 class _LayerState:
     """One attention layer's cross-token state for the whole sequence (no grad), and the
     gradients the later chunks sent to it."""
@@ -86,6 +139,16 @@ class _LayerState:
         self.g_ckv = torch.zeros_like(self.ckv) if ckv_dim else None
         self.g_index_keys = torch.zeros_like(self.index_keys) if index_dim else None
         self.g_halo_out: torch.Tensor | None = None   # gradient for the halo the current chunk hands on
+
+
+def _fold_into(grads: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """Hook for a state leaf [B, n, D] (the entries ending before a chunk): add its gradient to
+    grads[:, :n] (what the chunks that produced those entries get) as soon as backward has
+    accumulated it, and free it: one layer's gradient over every earlier entry, not all layers'."""
+    def fold(leaf: torch.Tensor) -> None:
+        grads[:, :leaf.shape[1]] += leaf.grad
+        leaf.grad = None
+    return fold
 
 
 def _check(model: Transformer, input_ids, labels, doc_ids) -> None:
@@ -156,22 +219,22 @@ def chunked_forward_backward(
             if leaves:
                 halo, ckv, keys = (None if t is None else t.detach().requires_grad_(True)
                                    for t in (halo, ckv, keys))
+                for leaf, into in ((ckv, st.g_ckv), (keys, st.g_index_keys)):
+                    if leaf is not None:
+                        leaf.register_post_accumulate_grad_hook(_fold_into(into))
             attn = AttentionCarry(fr, halo, ckv, keys, need_loss=leaves, indexer_norm=indexer_norm)
             layers.append(LayerCarry(attn, sequence[li] if sequence is not None else None))
         mtp = [(t[:, s:e], g[:, s:e], n) for t, g, n in mtp_tokens]
         return ChunkContext(fr, layers, need_loss=leaves, lm_count=lm_count, mtp=mtp)
 
-    def routes(used: list[torch.Tensor] | None, s: int, e: int):
-        return None if used is None else [r[:, s:e] for r in used]
-
     # ---- 1. state pass: the cross-token state, and the routing of every token
-    recorded: list[list[torch.Tensor]] = []
+    routing = _Routing(model, bounds, routing_indices)
     with torch.no_grad():
         for c, (s, e) in enumerate(bounds):
             fr = frame(c)
             out = forward(input_ids=input_ids[:, s:e], labels=labels[:, s:e],
-                          routing_indices=routes(routing_indices, s, e), chunk=context(fr, c, False, None))
-            recorded.append(out.routing_indices)
+                          routing_indices=routing.given(c), chunk=context(fr, c, False, None))
+            routing.record(out.routing_indices)
             for li, (st, carry) in enumerate(zip(states, out.carry)):
                 if c + 1 < len(bounds):
                     st.halos[c + 1] = carry["halo"]
@@ -180,11 +243,8 @@ def chunked_forward_backward(
                     _state_write(st.ckv, new_global, carry["ckv"])
                     if st.index_keys is not None and carry["index_keys"] is not None:
                         _state_write(st.index_keys, new_global, carry["index_keys"])
-    used = [torch.cat([rec[i] for rec in recorded], dim=1) for i in range(len(recorded[0]))]
-    if routing_indices is not None and len(routing_indices) < len(used):
-        used = list(routing_indices) + used[len(routing_indices):]
-    moes = [m for m in model.moe_layers()]
-    sequence = [None if m.is_hash else (row_expert_counts(u, m.n_experts), L) for m, u in zip(moes, used)]
+    del out
+    sequence = routing.sequence(L)
 
     # ---- 2. backward sweep, last chunk first
     totals: dict[str, torch.Tensor] = {}
@@ -193,7 +253,7 @@ def chunked_forward_backward(
         fr = frame(c)
         s, e = fr.start, fr.end
         ctx = context(fr, c, True, sequence)
-        out = forward(input_ids=input_ids[:, s:e], labels=labels[:, s:e], routing_indices=routes(used, s, e),
+        out = forward(input_ids=input_ids[:, s:e], labels=labels[:, s:e], routing_indices=routing.replay(c),
                       chunk=ctx, diagnostics=diagnostics and c == len(bounds) - 1)
         diag = out.diagnostics or diag
         loss = out.loss
@@ -209,15 +269,12 @@ def chunked_forward_backward(
                     loss = loss + t.to(loss.dtype)
         backward(loss, c == 0)
         # the gradients this chunk's leaves received go on to the chunks that produced them
+        # (the entries' gradients were folded into g_ckv / g_index_keys as backward produced them)
         for st, lc in zip(states, ctx.layers):
-            a = lc.attn
-            st.g_halo_out = a.halo.grad if a.halo.numel() else None
-            if a.ckv is not None and a.ckv.grad is not None:
-                st.g_ckv[:, :a.ckv.shape[1]] += a.ckv.grad
-            if a.index_keys is not None and a.index_keys.grad is not None:
-                st.g_index_keys[:, :a.index_keys.shape[1]] += a.index_keys.grad
+            st.g_halo_out = lc.attn.halo.grad if lc.attn.halo.numel() else None
         loss_total = out.loss.detach() if loss_total is None else loss_total + out.loss.detach()
         for k, v in out.losses.items():
             totals[k] = v if k not in totals else totals[k] + v
-    return ChunkedOutput(loss=loss_total, losses=totals, routing_indices=used, n_chunks=len(bounds),
+        del ctx, out, loss   # this chunk's graph inputs and outputs: not kept into the next chunk
+    return ChunkedOutput(loss=loss_total, losses=totals, routes=routing, n_chunks=len(bounds),
                          diagnostics=diag)

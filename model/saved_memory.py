@@ -84,3 +84,27 @@ class SavedTensorMeter:
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+
+
+def live_tensor_bytes(exclude=(), also: dict[int, int] | None = None) -> int:
+    """Bytes of the distinct storages behind every tensor Python can reach now (a gc walk; a
+    leaf's ``.grad`` included), on any device: what a step keeps alive between operations,
+    measured deterministically (no allocator involved). A view counts its whole storage (that
+    is what it keeps alive). ``exclude``: tensors whose storages are not counted (parameters,
+    their gradients, buffers); ``also``: {storage data_ptr: bytes} held elsewhere (e.g. a
+    ``SavedTensorMeter``'s saved activations, which only autograd references), merged in."""
+    import gc
+
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = dict(also or {})
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor):
+            continue
+        for t in (obj, obj.grad if obj.is_leaf else None):
+            if t is None or t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr and ptr not in skip:
+                seen[ptr] = st.nbytes()
+    return sum(seen.values())
