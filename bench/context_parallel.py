@@ -111,7 +111,6 @@ def worker(rank: int, P: int, args, port: int, queue) -> None:
 def worker_whole(rank: int, P: int, args, port: int, queue) -> None:
     """One training step of the whole model on this rank's range (P = 1: the plain model)."""
     import torch.distributed as dist
-    from model.chunk_layout import attention_ratios
     from model.context_parallel import CommStats, ShardPlan, context_parallel_group
     from model.context_parallel_model import context_parallel_forward
     from model.layout import DocLayout
@@ -156,7 +155,7 @@ def worker_whole(rank: int, P: int, args, port: int, queue) -> None:
         plan = ShardPlan.build(cfg, DocLayout.from_doc_ids(doc), cp)
         elt = torch.tensor([], dtype=dtype).element_size()
         want: dict[str, tuple[int, int]] = {}
-        for r in attention_ratios(cfg):
+        for r in cfg.attention_ratios:
             widths = ({"ckv": cfg.head_dim, "index_keys": cfg.index_head_dim} if r and cfg.is_csa(r)
                       else {"ckv": cfg.head_dim} if r else {})
             for k, (a, b) in plan.predicted_bytes(r, cfg.dim, widths, elt, B).items():
@@ -166,7 +165,7 @@ def worker_whole(rank: int, P: int, args, port: int, queue) -> None:
             want["moe_counts.fwd"] = (n, n)
         got = {k: (stats.sent[k], stats.received[k]) for k in stats.sent}
         ok = got == want
-        per_layer = stats.total()[1] / len(attention_ratios(cfg))
+        per_layer = stats.total()[1] / len(cfg.attention_ratios)
     queue.put([(rank, stats.total()[1], per_layer, ok, 1e3 * min(times), peak)])
     dist.destroy_process_group()
 

@@ -7,7 +7,7 @@ the training step of one preset at one sequence length through ``deepspeed.initi
     clipping, the optimizer, ZeRO's parameter all-gather) and its share of the step;
     inside our optimizer, the time of the Muon groups and of the AdamW groups (CUDA events
     around each group's update; the Muon part includes its shard all-to-alls);
-    tokens/s/GPU, MFU (train.metrics.flops_per_token / the device's bf16 peak), peak memory
+    tokens/s/GPU, MFU (model.accounting.flops_per_token / the device's bf16 peak), peak memory
     per GPU (max_memory_allocated, every rank);
     Newton-Schulz placement: NS FLOPs per step on the busiest and the idlest rank, and the
     matrix-shard bytes each rank sends per step (owner: to the orthogonalising rank and back;
@@ -139,7 +139,7 @@ def run_variant(args, variant: str, device: torch.device, rank: int, world: int)
     from model.config import ModelConfig
     from model.transformer import Transformer
     from optim.deepspeed import build_sharded_optimizer, initialize
-    from train.metrics import flops_per_token
+    from model.accounting import flops_per_token
 
     optim_name, placement = VARIANTS[variant]
     torch.manual_seed(args.seed)

@@ -208,7 +208,7 @@ def measure_hybrid(preset, seq, micro_batch, device, steps, warmup, on, override
                    profile_log=None, compile_blocks=False) -> dict:
     from bench.model_step import Trainee, _median
     from model.config import ModelConfig
-    from train.metrics import flops_per_token
+    from model.accounting import flops_per_token
 
     cfg = ModelConfig.from_preset(preset, **(overrides or {}))
     with fast_paths(on):

@@ -50,14 +50,16 @@ from model.sparse_attention import get_sparse_attention
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, compress_ratio: int | None = None) -> None:
-        """``compress_ratio`` defaults to ``cfg.compress_ratios[layer_idx]``; layers past the
-        main stack (MTP blocks, ``layer_idx >= n_layers``) default to ``cfg.mtp_compress_ratio``."""
+        """``compress_ratio`` defaults to the layer schedule's, ``cfg.attention_ratios[layer_idx]``
+        (layers past the main stack are the MTP blocks')."""
         super().__init__()
         if layer_idx < 0:
             raise ValueError(f"Attention: layer_idx must be >= 0, got {layer_idx}")
         if compress_ratio is None:
-            compress_ratio = (cfg.compress_ratios[layer_idx] if layer_idx < cfg.n_layers
-                              else cfg.mtp_compress_ratio)
+            if layer_idx >= len(cfg.attention_ratios):
+                raise ValueError(f"Attention: layer_idx {layer_idx} is past the {len(cfg.attention_ratios)} "
+                                 f"attention layers (model.n_layers + model.mtp_depth)")
+            compress_ratio = cfg.attention_ratios[layer_idx]
         if compress_ratio != 0 and compress_ratio < 2:
             raise ValueError(f"Attention: compress_ratio must be 0 or >= 2, got {compress_ratio}")
         self.cfg = cfg

@@ -36,17 +36,12 @@ from model.config import ModelConfig
 from model.layout import CompressedLayout, DocLayout
 
 
-def attention_ratios(cfg: ModelConfig) -> list[int]:
-    """Compress ratio of every attention layer, main stack then MTP blocks."""
-    return list(cfg.compress_ratios) + [cfg.mtp_compress_ratio] * cfg.mtp_depth
-
-
 def halo_rows(cfg: ModelConfig) -> int:
     """Rows before a chunk that any attention layer reads: window - 1 (the window), m - 1 (a
     block straddling the chunk start), 2m - 1 for overlapped CSA blocks (and the indexer's
     compressor, ratio csa_ratio, overlapped) that also pool the previous block."""
     need = cfg.window - 1
-    for r in set(attention_ratios(cfg)):
+    for r in set(cfg.attention_ratios):
         if r:
             need = max(need, (2 * r - 1) if cfg.is_csa(r) else (r - 1))
     return need

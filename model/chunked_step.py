@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.chunk_layout import (AttentionCarry, ChunkContext, ChunkFrame, LayerCarry, attention_ratios,
+from model.chunk_layout import (AttentionCarry, ChunkContext, ChunkFrame, LayerCarry,
                                 build_frame, chunk_bounds, halo_rows)
 from model.layout import CompressedLayout, DocLayout, queries_with_entries
 from model.moe import row_expert_counts
@@ -185,7 +185,7 @@ def chunked_forward_backward(
     B, L = input_ids.shape
     dev = input_ids.device
     layout = DocLayout.from_doc_ids(doc_ids) if doc_ids is not None else DocLayout.single(B, L, dev)
-    ratios = attention_ratios(cfg)
+    ratios = cfg.attention_ratios
     clayouts = {r: CompressedLayout.build(layout, r) for r in sorted({r for r in ratios if r})}
     bounds = chunk_bounds(L, chunk)
     halo = halo_rows(cfg)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from model.chunk_layout import AttentionCarry, ChunkFrame, attention_ratios, build_frame, halo_rows
+from model.chunk_layout import AttentionCarry, ChunkFrame, build_frame, halo_rows
 from model.config import ModelConfig
 from model.layout import CompressedLayout, DocLayout, queries_with_entries
 
@@ -281,7 +281,7 @@ class ShardPlan:
         halo = halo_rows(cfg)
         check_shards(bounds, halo)
         if clayouts is None:
-            clayouts = {r: CompressedLayout.build(layout, r) for r in set(attention_ratios(cfg)) if r}
+            clayouts = {r: CompressedLayout.build(layout, r) for r in set(cfg.attention_ratios) if r}
         s, e = bounds[cp.rank]
         frame = build_frame(layout, clayouts, s, e, halo, cfg.csa_ratio)
         csa = clayouts.get(cfg.csa_ratio)

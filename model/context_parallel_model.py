@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.chunk_layout import ChunkContext, attention_ratios
+from model.chunk_layout import ChunkContext
 from model.config import ModelConfig
 from model.context_parallel import CommStats, CPGroup, ShardPlan, cp_attention
 from model.layout import DocLayout
@@ -84,7 +84,7 @@ def context_parallel_forward(forward, cfg: ModelConfig, cp: CPGroup, input_ids: 
     if labels is not None:
         lm_count = int((labels != IGNORE_INDEX).sum())
         mtp = [(t[:, s:e], g[:, s:e], n) for t, g, n in Transformer.mtp_targets(labels, doc_ids, cfg.mtp_depth)]
-    ctx = ChunkContext(plan.frame, [block] * len(attention_ratios(cfg)), need_loss=labels is not None,
+    ctx = ChunkContext(plan.frame, [block] * len(cfg.attention_ratios), need_loss=labels is not None,
                        lm_count=lm_count, mtp=mtp)
     return forward(input_ids=input_ids[:, s:e], labels=None if labels is None else labels[:, s:e],
                    routing_indices=routing_indices, chunk=ctx, **kwargs)

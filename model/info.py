@@ -1,32 +1,14 @@
 """`python -m model.info PRESET [--context N]`: layer schedule, parameters and KV-cache size.
 
-KV-cache bytes per token (bf16, amortised over a context of N tokens):
-  * ours: per layer, compressed entries (head_dim / m per token; CSA layers also keep the
-    indexer's keys, index_head_dim / m) plus the fixed 128-token window cache spread over N;
-  * baseline: dense MQA with one K and one V head of head_dim per layer (2 x head_dim per token).
+The numbers are model/accounting.py's (parameters, KV-cache bytes per token).
 """
 from __future__ import annotations
 
 import argparse
 
 from model.config import ModelConfig
-from model.params import count_params
+from model.accounting import count_params, kv_bytes_per_token
 from model.transformer import build_on_meta
-
-BYTES = 2  # bf16
-
-
-def kv_bytes_per_token(cfg: ModelConfig, context: int) -> tuple[float, float]:
-    ours = 0.0
-    for r in cfg.compress_ratios:
-        ours += cfg.window * cfg.head_dim * BYTES / context
-        if r:
-            ours += cfg.head_dim * BYTES / r
-            if cfg.is_csa(r):
-                ours += cfg.index_head_dim * BYTES / r
-    baseline = cfg.n_layers * 2 * cfg.head_dim * BYTES
-    return ours, baseline
-
 
 def schedule_string(cfg: ModelConfig) -> str:
     kinds = []

@@ -8,7 +8,6 @@ it to the total never changes the main model's gradient.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +23,7 @@ from model.layout import DocLayout
 from model.loss import IGNORE_INDEX, LMHead
 from model.moe import MoE
 from model.norms import RMSNorm
-from model.params import count_params
+from model.accounting import count_params
 
 
 @dataclass
@@ -69,13 +68,13 @@ class MTPModule(nn.Module):
     of token t+k and predicts token t+k+1 through one extra block. Embedding and head are
     shared with the main model (passed in at call time, not owned)."""
 
-    def __init__(self, cfg: ModelConfig, block_cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.e_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.h_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.block = Block(block_cfg, layer_idx)
+        self.block = Block(cfg, layer_idx)   # its attention: cfg.attention_ratios[layer_idx]
         self.hc_head = HyperHead(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
@@ -84,15 +83,6 @@ class MTPModule(nn.Module):
         x = self.e_proj(self.enorm(next_embed)).unsqueeze(2) + self.h_proj(self.hnorm(h_streams))
         x, aux = self.block(x, input_ids, layout, routing_indices, carry)
         return x, self.norm(self.hc_head(x)), aux
-
-
-def _mtp_block_config(cfg: ModelConfig) -> ModelConfig:
-    """Config whose layer list covers the MTP blocks (layer indices n_layers .. n_layers+depth-1)."""
-    return dataclasses.replace(
-        cfg,
-        n_layers=cfg.n_layers + cfg.mtp_depth,
-        compress_ratios=cfg.attention_ratios,
-    )
 
 
 class Transformer(nn.Module):
@@ -104,10 +94,7 @@ class Transformer(nn.Module):
         self.hc_head = HyperHead(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = LMHead(cfg.dim, cfg.vocab_size, cfg.loss_impl)
-        block_cfg = _mtp_block_config(cfg)
-        self.mtp = nn.ModuleList(
-            [MTPModule(cfg, block_cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth)]
-        )
+        self.mtp = nn.ModuleList([MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth)])
         self.mtp_loss_weight = cfg.mtp_loss_weight  # the trainer lowers it at LR decay (0.3 -> 0.1)
         self.activation_checkpointing = False
         self.reset_parameters()

@@ -141,7 +141,7 @@ def activation_bytes(cfg: ModelConfig, s: Setup) -> tuple[float, float]:
     with activation checkpointing the blocks save their inputs and one block's activations
     live during its recomputation."""
     ab = 2 if s.precision == "bf16" else 4
-    ratios = list(cfg.compress_ratios) + [cfg.mtp_compress_ratio] * cfg.mtp_depth
+    ratios = cfg.attention_ratios
     layers = [_layer_elements(cfg, r, s) * ab * s.tokens for r in ratios]
     stream = cfg.n_streams * cfg.dim * ab * s.tokens        # one block's input (the mHC streams)
     head_saved, head_transient = head_bytes(cfg, s.tokens)

@@ -1,4 +1,4 @@
-"""Metrics: ``metrics.jsonl`` in the run directory, wandb, and the FLOP model behind MFU.
+"""Metrics: ``metrics.jsonl`` in the run directory, wandb, and MFU.
 
 ``metrics.jsonl`` holds one JSON object per line, every line with ``step`` (optimizer steps
 done) and ``kind`` (train | val | diagnostics | event). Training lines carry ``loss`` (the total
@@ -10,21 +10,7 @@ the optimizer saw) and ``loss/lm``, ``loss/mtp``, ``loss/balance``, ``loss/index
 ``mhc/composite_gain_fwd``, ``attn/sink_mass/<layer>``, ...). wandb gets the same keys (the
 "/" makes sections: loss, lr, moe, mhc, attn) and histograms of the expert loads.
 
-FLOP model (training FLOPs per token, forward + backward = 3 x forward):
-
-    6 * N_matmul  +  sum over attention layers of 12 * H * d_head * A(layer)  +  indexers
-
-* ``N_matmul``: parameters a token multiplies with: all dense weights, shared experts and
-  ``n_activated_experts`` of the routed experts, the head once per prediction (main + each MTP
-  depth), the MTP blocks; the embedding table is a lookup and does not count.
-* ``A(layer)``: keys a query attends, averaged over the positions t = 0 .. L-1 of a row:
-  window ``min(window, t+1)`` plus compressed entries ``(t+1) // m`` (HCA, and CSA when
-  dense) or ``min(top_k, (t+1) // m)`` (CSA when sparse). Each key costs 2 FLOPs per channel
-  for q.k and 2 for p.v, per head: 4 H d forward, 12 H d with backward. Packed documents attend
-  less than this (per-document masking is not subtracted): it is an upper bound.
-* CSA indexer: scoring ``(t+1) // m`` entries with ``index_n_heads x index_head_dim``, 2 FLOPs
-  each, x 3 for training.
-Compressors, RoPE, norms, softmax and mHC mixing are not counted (they are O(L D), small).
+The FLOP model per token is ``model/accounting.py::flops_per_token``.
 MFU = achieved FLOP/s per device / the device's peak (``logging.peak_tflops``, else the known
 GPUs' bf16 peak in train/engine.py); without a peak (CPU by default) ``mfu`` is left out.
 """
@@ -36,54 +22,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- FLOP model
-def matmul_params(model: torch.nn.Module) -> int:
-    """Parameters multiplied per token in training (see the module docstring)."""
-    cfg = model.cfg
-    frac_active = cfg.n_activated_experts / cfg.n_routed_experts
-    n = 0.0
-    for name, p in model.named_parameters():
-        if name == "embed.weight":
-            continue
-        if name == "head.weight":
-            n += p.numel() * (1 + cfg.mtp_depth)
-        elif ".ffn.experts." in name:   # an expert-parallel slice stands for ep_size slices
-            n += p.numel() * getattr(p, "ep_size", 1) * frac_active
-        else:
-            n += p.numel()
-    return int(n)
-
-
-def _mean_attended(seq_len: int, window: int, ratio: int, topk: int | None) -> float:
-    """Mean over t in [0, L) of the keys query t attends (window + compressed entries)."""
-    t1 = np.arange(1, seq_len + 1, dtype=np.int64)          # t + 1
-    keys = np.minimum(window, t1)
-    if ratio:
-        entries = t1 // ratio
-        keys = keys + (np.minimum(topk, entries) if topk is not None else entries)
-    return float(keys.sum()) / seq_len
-
-
-def _mean_entries(seq_len: int, ratio: int) -> float:
-    return float((np.arange(1, seq_len + 1, dtype=np.int64) // ratio).sum()) / seq_len
-
-
-def flops_per_token(model: torch.nn.Module, seq_len: int, attention_mode: str) -> float:
-    cfg = model.cfg
-    attn = idx = 0.0
-    for r in cfg.attention_ratios:
-        sparse_csa = r == cfg.csa_ratio and attention_mode == "sparse"
-        a = _mean_attended(seq_len, cfg.window, r, cfg.index_topk if sparse_csa else None)
-        attn += 12.0 * cfg.n_heads * cfg.head_dim * a
-        if r == cfg.csa_ratio:
-            idx += 6.0 * cfg.index_n_heads * cfg.index_head_dim * _mean_entries(seq_len, r)
-    return 6.0 * matmul_params(model) + attn + idx
 
 
 # ----------------------------------------------------------------------------- logging

@@ -69,9 +69,8 @@ def state_bytes(model_cfg: ModelConfig, tokens: int, precision: str) -> float:
     """The chunked step's whole-sequence buffers: compressed entries and indexer keys (and their
     gradients) of every compressed attention layer, plus the routing of every MoE layer."""
     act = 2 if precision == "bf16" else 4
-    ratios = list(model_cfg.compress_ratios) + [model_cfg.mtp_compress_ratio] * model_cfg.mtp_depth
     per_token = 0.0
-    for r in ratios:
+    for r in model_cfg.attention_ratios:
         if r:
             dim = model_cfg.head_dim + (model_cfg.index_head_dim if model_cfg.is_csa(r) else 0)
             per_token += 2 * act * dim / r            # entries + their gradients

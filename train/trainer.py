@@ -31,12 +31,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from model.accounting import flops_per_token
 from train.checkpoint import CheckpointRef, job_id
 from train.collectives import all_reduce_sum
 from train.context_parallel import cp_size
 from train.curriculum import Stage
 from train.engine import set_batch_shape
-from train.metrics import flops_per_token, peak_memory_gb
+from train.metrics import peak_memory_gb
 from train.plan import StepPlan, apply_plan, every
 from train.rng import rng_state
 from train.setup import Run, setup

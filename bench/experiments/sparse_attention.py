@@ -43,7 +43,7 @@ def _model(args, overrides: list[str]):
 
 
 def flops_per_token(args, overrides: list[str], mode: str) -> float:
-    from train.metrics import flops_per_token as fpt
+    from model.accounting import flops_per_token as fpt
 
     return fpt(_model(args, overrides), args.seq_len, mode)
 

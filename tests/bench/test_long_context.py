@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import long_context as lc  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.params import count_params
+from model.accounting import count_params
 from model.transformer import build_on_meta  # noqa: E402
 
 

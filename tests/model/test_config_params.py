@@ -2,8 +2,8 @@
 import pytest
 
 from model.config import ConfigError, ModelConfig
-from model.info import kv_bytes_per_token, main as info_main
-from model.params import count_params
+from model.accounting import count_params, kv_bytes_per_token
+from model.info import main as info_main
 from model.transformer import build_on_meta
 
 

@@ -95,6 +95,13 @@ def test_dense_mode_equals_sparse_when_topk_covers_all():
     assert torch.allclose(sparse, dense, atol=1e-5)
 
 
+def test_mtp_blocks_take_the_schedule_of_attention_ratios():
+    cfg = tiny(mtp_depth=2, mtp_compress_ratio=4)
+    model = Transformer(cfg)
+    ratios = [b.attn.ratio for b in model.layers] + [k.block.attn.ratio for k in model.mtp]
+    assert ratios == cfg.attention_ratios == list(cfg.compress_ratios) + [4, 4]
+
+
 def test_supplied_routing_indices_are_used():
     torch.manual_seed(4)
     cfg = tiny()

@@ -8,7 +8,8 @@ import torch
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from train.metrics import MetricsLogger, flops_per_token, matmul_params
+from model.accounting import flops_per_token, matmul_params
+from train.metrics import MetricsLogger
 
 BASE = dict(vocab_size=256, dim=32, n_heads=2, head_dim=16, rope_dim=8, q_lora_rank=16,
             o_groups=2, o_lora_rank=16, index_n_heads=2, index_head_dim=16, index_topk=4,

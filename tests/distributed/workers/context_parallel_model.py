@@ -40,7 +40,6 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    from model.chunk_layout import attention_ratios
     from model.config import ModelConfig
     from model.context_parallel import CommStats, ShardPlan, context_parallel_group
     from model.context_parallel_model import context_parallel_forward
@@ -124,7 +123,7 @@ def main() -> None:
 
     # attention bytes: the per-layer model summed over the layers (forward twice under checkpointing)
     want_bytes: dict[str, tuple[int, int]] = {}
-    for ratio in attention_ratios(cfg):
+    for ratio in cfg.attention_ratios:
         widths = ({"ckv": cfg.head_dim, "index_keys": cfg.index_head_dim} if ratio == cfg.csa_ratio
                   else {"ckv": cfg.head_dim} if ratio else {})
         for k, (a, b) in plan.predicted_bytes(ratio, cfg.dim, widths, 8, B).items():
