@@ -17,8 +17,7 @@ Parameter names follow docs/ARCHITECTURE.md and map one-to-one onto the official
 ``wo_a.weight`` is stored as [o_groups * o_lora_rank, n_heads * head_dim / o_groups]: group g
 uses rows g*o_lora_rank .. (g+1)*o_lora_rank, as the official einsum and HF's grouped linear.
 
-CompressedLayouts: built here from the DocLayout (cheap index math) unless the caller passes a
-``clayouts`` dict {ratio: CompressedLayout} to share them across layers.
+CompressedLayouts: built here from the DocLayout (cheap index math), or the chunk frame's.
 
 CSA mode is the attribute ``mode`` ("dense" | "sparse", from cfg.attention_mode; change it with
 ``set_attention_mode``). The indexer runs in sparse mode (to select) and, in dense mode, only in
@@ -136,7 +135,6 @@ class Attention(nn.Module):
                              f"[1, model.max_seq_len={self.cfg.max_seq_len}]")
 
     def forward(self, x: torch.Tensor, layout: DocLayout,
-                clayouts: dict[int, CompressedLayout] | None = None,
                 carry: AttentionCarry | None = None) -> tuple[torch.Tensor, dict]:
         # x: [B, L, D]
         if carry is not None:   # one chunk of a longer sequence: work in its frame (halo + chunk)
@@ -155,11 +153,10 @@ class Attention(nn.Module):
 
         ckv = c_end = topk_idx = dense_idx = selected = ckv_new = k_new = None
         if self.compressor is not None:
-            cl = clayouts.get(self.ratio) if clayouts is not None else None
             if carry is not None:
                 entries = carry.frame.entries[self.ratio]
                 cl = entries.new_layout                                  # the blocks pooled here
-            elif cl is None:
+            else:
                 cl = CompressedLayout.build(layout, self.ratio)
             ckv, c_end = self.compressor(x, cl), cl.c_end                # [B, N, hd], [B, N]
             if carry is not None:   # + the entries of earlier chunks (state)

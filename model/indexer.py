@@ -405,7 +405,6 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads = cfg.index_n_heads
         self.head_dim = cfg.index_head_dim
-        self.topk = cfg.index_topk
         self.init_std = cfg.init_std
         self.weight_scale = cfg.index_n_heads ** -0.5 * cfg.index_head_dim ** -0.5
         self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)

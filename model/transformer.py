@@ -111,13 +111,19 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ control
     def set_attention_mode(self, mode: str) -> None:
-        """'dense' (CSA attends every visible compressed entry) or 'sparse' (indexer top-k)."""
+        """'dense' (CSA attends every visible compressed entry) or 'sparse' (indexer top-k): a
+        run-time state of the attention layers (the trainer's plan sets it every step); ``cfg``
+        stays the configured model (``cfg.attention_mode`` is the mode it is built in)."""
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention mode must be 'dense' or 'sparse', got {mode!r}")
-        self.cfg.attention_mode = mode
         for m in self.modules():
             if isinstance(m, Attention):
                 m.mode = mode
+
+    @property
+    def attention_mode(self) -> str:
+        """The CSA mode the attention layers run in now (``set_attention_mode``)."""
+        return next((m.mode for m in self.modules() if isinstance(m, Attention)), self.cfg.attention_mode)
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

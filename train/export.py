@@ -86,7 +86,10 @@ def load_checkpoint(path: str | os.PathLike, config: str | os.PathLike | ModelCo
     if config is None and tag_dir is not None and (tag_dir / "meta.json").is_file():
         meta = json.loads((tag_dir / "meta.json").read_text())
         if isinstance(meta.get("model_config"), dict):
-            config = ModelConfig.from_dict(meta["model_config"])
+            # in the CSA mode the run trained in at that step (the plan's), as it ran
+            config = ModelConfig.from_dict({**meta["model_config"],
+                                            **({"attention_mode": meta["attention_mode"]}
+                                               if "attention_mode" in meta else {})})
     if config is None:
         tried = _config_candidates(p, tag_dir)
         found = next((c for c in tried if c.is_file()), None)

@@ -227,6 +227,8 @@ def save(run: Run, step: int, stage: Stage) -> CheckpointRef:
             "metrics_path": str(run.metrics.path),
             # makes a copied step directory self-contained for `python -m train.export export`
             "model_config": run.engine.module.cfg.to_dict(),
+            # the plan's CSA mode at this step (the model_config above is the configured one)
+            "attention_mode": run.engine.module.attention_mode,
             # what resume=auto matches (train.checkpoint.job_identity)
             "job": run.job, "job_id": job_id(run.job),
             # (the checkpoint does not depend on it; a resume at another one drops cached routing)

@@ -367,6 +367,13 @@ def test_trainer_checkpoint_layouts(tmp_path):
     (run / "checkpoints" / "step_00000020" / "meta.json").write_text(
         json.dumps({"step": 20, "model_config": cfg.to_dict()}))
     assert load_checkpoint(run)[1] == cfg
+    # meta.json's attention_mode (the plan's at the save) over the configured one
+    other = "sparse" if cfg.attention_mode == "dense" else "dense"
+    (run / "checkpoints" / "step_00000020" / "meta.json").write_text(
+        json.dumps({"step": 20, "model_config": cfg.to_dict(), "attention_mode": other}))
+    assert load_checkpoint(run)[1].attention_mode == other
+    (run / "checkpoints" / "step_00000020" / "meta.json").write_text(
+        json.dumps({"step": 20, "model_config": cfg.to_dict()}))
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
     exported, _ = load_export(tmp_path / "hf")
     assert all(torch.equal(exported[k], v) for k, v in ref.items())

@@ -95,6 +95,20 @@ def test_dense_mode_equals_sparse_when_topk_covers_all():
     assert torch.allclose(sparse, dense, atol=1e-5)
 
 
+def test_attention_mode_is_run_time_state_not_config():
+    """set_attention_mode switches every attention layer and leaves cfg the configured model
+    (cfg is what checkpoints save as model_config); the mode reads back from the layers."""
+    cfg = tiny(attention_mode="sparse", mtp_depth=1)
+    model = Transformer(cfg)
+    saved = cfg.to_dict()
+    model.set_attention_mode("dense")
+    assert model.cfg.to_dict() == saved and model.cfg.attention_mode == "sparse"
+    assert model.attention_mode == "dense"
+    assert {m.attn.mode for m in [*model.layers, *(k.block for k in model.mtp)]} == {"dense"}
+    with pytest.raises(ValueError, match="dense"):
+        model.set_attention_mode("full")
+
+
 def test_mtp_blocks_take_the_schedule_of_attention_ratios():
     cfg = tiny(mtp_depth=2, mtp_compress_ratio=4)
     model = Transformer(cfg)
