@@ -10,8 +10,6 @@ attended ((L + 1) / 2 for causal attention).
 """
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,39 +59,30 @@ class DenseGPT(nn.Module):
         return 6.0 * self.matmul_params() + 12.0 * self.n_layers * self.dim * (seq_len + 1) / 2
 
 
-def measure(device, seq: int, micro_batch: int, steps: int, warmup: int, compiled: bool,
-            sizes: dict | None = None) -> dict:
-    """Median step time (fwd + bwd + clip + fused AdamW) and peak memory; same timing rules as
-    bench/model_step.py (synchronised steps after warm-up)."""
-    dev = torch.device(device)
-    torch.manual_seed(0)
-    model = DenseGPT(**(sizes or {})).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=dev.type == "cuda")
-    fwd = torch.compile(model) if compiled else model
-    ids = torch.randint(0, model.embed.num_embeddings, (micro_batch, seq), device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+class DenseTrainee:
+    """The dense model, fused AdamW and one micro-batch of random tokens; ``phases`` for
+    bench/timing.py (the whole step as one phase: forward under bf16 autocast, backward, clip,
+    AdamW step)."""
 
-    def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss = fwd(ids)
+    def __init__(self, device, seq: int, micro_batch: int, compiled: bool, sizes: dict | None = None,
+                 backend: str = "inductor"):
+        dev = torch.device(device)
+        torch.manual_seed(0)
+        self.model = DenseGPT(**(sizes or {})).to(dev)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                     fused=dev.type == "cuda")
+        self.fwd = torch.compile(self.model, backend=backend) if compiled else self.model
+        self.ids = torch.randint(0, self.model.embed.num_embeddings, (micro_batch, seq), device=dev)
+        self.device_type = dev.type
+        self.flops_per_token = self.model.flops_per_token(seq)
+
+    def step(self) -> None:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            loss = self.fwd(self.ids)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    sync()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    ms = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-    return {"step_ms": ms, "fb_ms": float("nan"), "peak_gib": peak,
-            "flops_per_token": model.flops_per_token(seq), "active": model.matmul_params()}
+    def phases(self):
+        return [("all", self.step)]

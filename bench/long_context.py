@@ -38,7 +38,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.attention import fmt_row  # noqa: E402
-from bench.model_step import Trainee, _median, _sync  # noqa: E402
+from bench.model_step import Trainee  # noqa: E402
+from bench.timing import median as _median, sync as _sync  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.accounting import count_params
 from model.transformer import build_on_meta  # noqa: E402

@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.attention import fmt_row  # noqa: E402
+from bench.timing import median, sync, timed_steps  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from optim.builder import build_optimizer  # noqa: E402
 
 OPTIM = {"name": "muon", "lr": 2.7e-4}
-
-
 
 
 class Trainee:
@@ -42,6 +41,8 @@ class Trainee:
         master = master.to(device)  # tables built on the CPU by construction (MoE hash routing)
         self.model = copy.deepcopy(master).to(torch.bfloat16).train()
         self.model.activation_checkpointing = checkpointing
+        if cfg.compile == "block":   # on the copy that runs (a deep copy of a compiled block would not be)
+            self.model.compile_blocks()
         self.master = master.train()
         self.pairs = [(pm, pb) for pm, pb in zip(self.master.parameters(), self.model.parameters())
                       if pb.requires_grad]
@@ -69,15 +70,17 @@ class Trainee:
         self.forward_backward(ids)
         self.optimizer_step()
 
+    def phases(self, batches: list[torch.Tensor]):
+        """The step as timed phases (bench/timing.py): forward+backward ("fb") of the batches in
+        turn, then the optimizer step ("opt")."""
+        turn = itertools.cycle(batches)
+        return [("fb", lambda: self.forward_backward(next(turn))), ("opt", self.optimizer_step)]
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
-
-def _median(xs):
-    xs = sorted(xs)
-    return xs[len(xs) // 2]
+def random_batches(cfg: ModelConfig, micro_batch: int, seq: int, device, n: int = 2) -> list[torch.Tensor]:
+    """``n`` fixed micro-batches of random tokens (seeded), used in turn by the timed steps."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    return [torch.randint(0, cfg.vocab_size, (micro_batch, seq), device=device, generator=gen) for _ in range(n)]
 
 
 def measure(kind: str, preset: str, seq: int, micro_batch: int, device, steps: int, warmup: int,
@@ -85,27 +88,14 @@ def measure(kind: str, preset: str, seq: int, micro_batch: int, device, steps: i
     cfg = ModelConfig.from_preset(preset, hyper_connections=kind, **(overrides or {}))
     torch.manual_seed(0)
     tr = Trainee(cfg, device, checkpointing)
-    gen = torch.Generator(device=device).manual_seed(1)
-    batches = [torch.randint(0, cfg.vocab_size, (micro_batch, seq), device=device, generator=gen)
-               for _ in range(2)]
-    for i in range(warmup):
-        tr.step(batches[i % 2])
-    _sync(device)
+    batches = random_batches(cfg, micro_batch, seq, device)
+    phases = tr.phases(batches)
+    timed_steps(phases, device, 0, warmup)
+    sync(device)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    fb, whole = [], []
-    for i in range(steps):
-        ids = batches[i % 2]
-        _sync(device)
-        t0 = time.perf_counter()
-        tr.forward_backward(ids)
-        _sync(device)
-        t1 = time.perf_counter()
-        tr.optimizer_step()
-        _sync(device)
-        t2 = time.perf_counter()
-        fb.append((t1 - t0) * 1e3)
-        whole.append((t2 - t0) * 1e3)
+    times = timed_steps(phases, device, steps, 0)
+    fb, whole = times["fb"], times["step"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else float("nan")
     if profile_log is not None:
         from bench.layer import profile_step
@@ -136,7 +126,7 @@ def measure(kind: str, preset: str, seq: int, micro_batch: int, device, steps: i
         except Exception as exc:
             profile_log(f"[optimizer profile {kind} failed: {type(exc).__name__}: {exc}]")
     n_total, n_active = tr.model.num_params()
-    res = {"kind": kind, "fb_ms": _median(fb), "step_ms": _median(whole), "fb_all": fb, "step_all": whole,
+    res = {"kind": kind, "fb_ms": median(fb), "step_ms": median(whole), "fb_all": fb, "step_all": whole,
            "peak_gib": peak, "params": n_total, "active": n_active, "streams": cfg.n_streams}
     del tr
     if torch.device(device).type == "cuda":

@@ -1,18 +1,21 @@
-"""Throughput of the small model on one GPU, each fast path on and off, beside a dense peer.
+"""Throughput of the small model on one GPU: variants interleaved, beside a dense peer.
 
-    PYTHONUNBUFFERED=1 python bench/throughput.py --out $OUT --check      # one GPU call, < 8 min
+    PYTHONUNBUFFERED=1 python bench/throughput.py --out $OUT --check      # one GPU call, ~6 min
     python bench/throughput.py --tiny --check --out /tmp/tp                # CPU pipeline check
 
-One process: (1) ``--check``: every new Triton kernel (MoE router, SwiGLU, permute, RoPE, RMSNorm)
-against its reference in model/ on the device, forward and backward (bf16 and fp32; a whole MoE
-layer in bf16), before any timing;
-(2) the hybridlm training step (bench/model_step.py's ``Trainee``: bf16 model, fp32 master,
-Muon + AdamW, clip, router-bias update) at 1 x 4K with the new kernels off, each one alone, all
-on, and all on at 2 x 4K; (3) the dense GPT peer (bench/dense_gpt.py) eager and compiled at the
-same micro-batches. Table: step ms, tok/s, MFU (FLOPs per token from train/metrics.py for
-hybridlm, the same rules for the dense model; the peak from train/engine.py), peak GiB, CUDA
-kernels per forward+backward. Written to --out (throughput.md, checks.md, profiles.md) with
-device and date. Needs torch + triton only (no DeepSpeed, Hydra, wandb, datasets or PyYAML).
+One process: (1) ``--check``: every Triton kernel the small model runs against its reference in
+model/ on the device, forward and backward (MoE router, SwiGLU, permute, RoPE, RMSNorm here;
+sparse attention, indexer and mHC through bench/gpu_check.py on CUDA; a whole MoE layer), and
+the block-compiled model against eager, before any timing; (2) variants of the training step
+(bench/model_step.py's ``Trainee``: bf16 model, fp32 master, Muon + AdamW, clip, router-bias
+update): kernels as ``auto`` selects them / all kernels / no elementwise kernels, eager or
+``model.compile=block``, mHC or plain residual, 1 x 4K and 2 x 4K, and the dense GPT peer
+(bench/dense_gpt.py) eager and compiled, all INTERLEAVED (bench/timing.py: rounds over every
+variant, order alternating, warm-up per variant discarded) so that run order cannot decide a
+comparison; medians per variant. (3) ``--train-metrics metrics.jsonl``: the steady-state
+tok/s and MFU of a ``python -m train`` run appended to the table. Written to --out
+(throughput.md: one table with device, date and commit; checks.md; profiles.md). Needs torch +
+triton only (no DeepSpeed, Hydra, wandb, datasets or PyYAML).
 
 The fast paths are switched here by patching the kernel getters that model.moe / rope / norms
 call (what ``model.moe_kernel_impl``, ``model.attention_impl`` and RMSNorm's ``impl`` select
@@ -23,12 +26,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import importlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
+import torch._dynamo
 
 if not torch.cuda.is_available():   # the kernels run in Triton's interpreter (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -37,6 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.attention import fmt_row  # noqa: E402
 from bench.gpu_check import Report, _rel  # noqa: E402
+from bench.timing import Variant, interleave, median, sync  # noqa: E402
+from model.dispatch import AUTO_KEEPS_REFERENCE  # noqa: E402
 
 # fast path -> [(module that calls the getter, getter, kernel module, kernel, reference in that module)]
 FAST_PATHS = {
@@ -52,6 +61,22 @@ FAST_PATHS = {
 ALL = frozenset(FAST_PATHS)
 
 
+# what model.dispatch's ``auto`` selects on CUDA: every fast path whose ops it does not keep on
+# the reference (dispatch.AUTO_KEEPS_REFERENCE)
+AUTO = frozenset(p for p, entries in FAST_PATHS.items()
+                 if not any(e[1].removeprefix("get_") in AUTO_KEEPS_REFERENCE for e in entries))
+KERNEL_SETS = {"auto": AUTO, "all": ALL, "none": frozenset()}
+KERNEL_SET_NAMES = {"auto": f"kernels as auto ({'+'.join(sorted(AUTO)) or 'none'})",
+                    "all": "all kernels", "none": "no elementwise kernels"}
+
+
+@functools.lru_cache(maxsize=None)
+def _getter_returning(fn):
+    # one object per function: a compiled block guards on the getter it called, so the same
+    # choice must be the same object every round (else every round would recompile)
+    return lambda *a, **k: fn
+
+
 @contextlib.contextmanager
 def fast_paths(on):
     """The model uses the Triton kernel of every fast path in ``on`` (on any device) and the
@@ -62,17 +87,12 @@ def fast_paths(on):
             mod = importlib.import_module(user)
             fn = getattr(importlib.import_module(module), kernel) if path in on else getattr(mod, reference)
             saved.append((mod, getter, getattr(mod, getter)))
-            setattr(mod, getter, lambda *a, _fn=fn, **k: _fn)
+            setattr(mod, getter, _getter_returning(fn))
     try:
         yield
     finally:
         for mod, getter, fn in saved:
             setattr(mod, getter, fn)
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -198,160 +218,328 @@ def count_kernels(fn, device) -> int | None:
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    fn(); _sync(device)
+    fn(); sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn(); _sync(device)
+        fn(); sync(device)
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def measure_hybrid(preset, seq, micro_batch, device, steps, warmup, on, overrides=None, kernels=False,
-                   profile_log=None, compile_blocks=False) -> dict:
-    from bench.model_step import Trainee, _median
+@dataclass(frozen=True)
+class HybridSetup:
+    """One hybridlm variant: which fast paths (KERNEL_SETS), compiled blocks or eager, mHC or a
+    plain residual, micro batch."""
+    kernels: str = "auto"
+    compiled: bool = False
+    hc: str = "mhc"
+    micro_batch: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"{self.hc}-{'compiled' if self.compiled else 'eager'}-{self.kernels}-{self.micro_batch}x"
+
+    @property
+    def name(self) -> str:
+        return (f"hybridlm {self.hc}, {'blocks compiled' if self.compiled else 'eager'}, "
+                f"{KERNEL_SET_NAMES[self.kernels]}")
+
+
+@dataclass(frozen=True)
+class DenseSetup:
+    compiled: bool = False
+    micro_batch: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"dense-{'compiled' if self.compiled else 'eager'}-{self.micro_batch}x"
+
+    @property
+    def name(self) -> str:
+        return f"dense GPT peer, {'compiled' if self.compiled else 'eager'}"
+
+
+# the compiled variants last: the first round warms them up (compiles) only if time is left
+PLAN = [HybridSetup(), HybridSetup("all"), HybridSetup("none"), HybridSetup(hc="residual"),
+        HybridSetup(micro_batch=2), HybridSetup("all", micro_batch=2),
+        DenseSetup(), DenseSetup(micro_batch=2), DenseSetup(True), DenseSetup(True, 2),
+        HybridSetup(compiled=True), HybridSetup("none", compiled=True), HybridSetup(compiled=True, micro_batch=2)]
+BASELINE = HybridSetup()   # today's default: eager, kernels as auto selects them, mHC
+
+
+def check_compiled(log, device, tiny: bool, backend: str) -> bool:
+    """model.compile=block vs eager, one forward+backward of the same weights and tokens: loss
+    and all gradients (relative L2; bf16 on CUDA, so a near-tied routing choice may flip)."""
+    import copy
+
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+
+    cfg = ModelConfig.from_preset("micro" if tiny else "small")
+    dt = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        eager = Transformer(cfg)
+    eager = eager.to(device=device, dtype=dt).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks(backend=backend)
+    L = 64 if tiny else 4096
+    ids = torch.randint(0, cfg.vocab_size, (1, L), device=device, generator=torch.Generator(device).manual_seed(3))
+    res = []
+    with fast_paths(AUTO):
+        for m in (eager, compiled):
+            out = m(ids, labels=ids)
+            res.append((out.loss.detach(), torch.autograd.grad(out.loss, list(m.parameters()), allow_unused=True)))
+    (l0, g0), (l1, g1) = res
+    pairs = [(a, b) for a, b in zip(g1, g0) if a is not None and b is not None]
+    g_err = (sum(((a.float() - b.float()) ** 2).sum() for a, b in pairs) ** 0.5 /
+             sum((b.float() ** 2).sum() for _, b in pairs) ** 0.5).item()
+    l_err = abs(l1.item() - l0.item()) / abs(l0.item())
+    tol = 2e-2 if dt == torch.bfloat16 else 1e-4
+    ok = l_err < tol and g_err < 5 * tol
+    log(fmt_row([f"model.compile=block vs eager ({backend}), {cfg.name} 1 x {L}", str(dt).removeprefix("torch."),
+                 f"loss {l1.item():.4f} vs {l0.item():.4f}", f"loss {l_err:.1e}", f"all gradients {g_err:.1e}",
+                 "yes" if ok else "NO"]))
+    del eager, compiled
+    return ok
+
+
+def build_variants(plan, seq: int, device, preset: str, backend: str, dense_sizes=None):
+    """Trainees (one per (hc, compiled), shared by the kernel sets and micro batches) and the
+    dense peers; -> [(setup, Variant, info)] with info = (model, flops per token, one_fb)."""
+    from bench.dense_gpt import DenseTrainee
+    from bench.model_step import Trainee, random_batches
     from model.config import ModelConfig
     from model.accounting import flops_per_token
 
-    cfg = ModelConfig.from_preset(preset, **(overrides or {}))
-    with fast_paths(on):
-        torch.manual_seed(0)
-        tr = Trainee(cfg, device, checkpointing=False)
-        if compile_blocks:   # experiment: torch.compile per block, our kernels left as graph breaks
-            for b in tr.model.layers:
-                b.forward = torch.compile(b.forward)
-        gen = torch.Generator(device=device).manual_seed(1)
-        batches = [torch.randint(0, cfg.vocab_size, (micro_batch, seq), device=device, generator=gen)
-                   for _ in range(2)]
-        for i in range(warmup):
-            tr.step(batches[i % 2])
-        _sync(device)
-        if torch.device(device).type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        fb, whole, losses = [], [], []
-        for i in range(steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            losses.append(tr.forward_backward(batches[i % 2]).detach())
-            _sync(device)
-            t1 = time.perf_counter()
-            tr.optimizer_step()
-            _sync(device)
-            t2 = time.perf_counter()
-            fb.append((t1 - t0) * 1e3)
-            whole.append((t2 - t0) * 1e3)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else float("nan")
+    trainees, out = {}, []
+    for s in plan:
+        if isinstance(s, DenseSetup):
+            dt = DenseTrainee(device, seq, s.micro_batch, s.compiled, dense_sizes, backend)
+            out.append((s, Variant(s.name, dt.phases()), {"flops": dt.flops_per_token, "fb": None}))
+            continue
+        if (s.hc, s.compiled) not in trainees:
+            cfg = ModelConfig.from_preset(preset, hyper_connections=s.hc, compile="none")
+            torch.manual_seed(0)
+            tr = Trainee(cfg, device, checkpointing=False)
+            if s.compiled:
+                tr.model.compile_blocks(backend=backend)
+            trainees[(s.hc, s.compiled)] = (tr, cfg, {})
+        tr, cfg, batches = trainees[(s.hc, s.compiled)]
+        if s.micro_batch not in batches:
+            batches[s.micro_batch] = random_batches(cfg, s.micro_batch, seq, device)
+        ids = batches[s.micro_batch][0]
 
-        def one_fb():
-            tr.forward_backward(batches[0])
+        def one_fb(tr=tr, ids=ids):
+            tr.forward_backward(ids)
             for p in tr.model.parameters():
                 p.grad = None
 
-        n_kernels = count_kernels(one_fb, device) if kernels else None
-        if profile_log is not None:
-            from bench.layer import profile_step
-
-            profile_step(one_fb, device, f"{preset} forward+backward, new kernels {sorted(on)}", profile_log, top=30)
-    res = {"fb_ms": _median(fb), "step_ms": _median(whole), "peak_gib": peak, "kernels": n_kernels,
-           "loss": float(losses[0]),
-           "flops_per_token": flops_per_token(tr.model, seq, cfg.attention_mode), "active": tr.model.num_params()[1]}
-    del tr
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-    return res
+        v = Variant(s.name, tr.phases(batches[s.micro_batch]),
+                    context=functools.partial(fast_paths, KERNEL_SETS[s.kernels]))
+        out.append((s, v, {"flops": flops_per_token(tr.model, seq, cfg.attention_mode), "fb": one_fb}))
+    return out
 
 
-HEADER = ["run", "batch x seq", "fwd+bwd ms", "step ms", "tok/s", "MFU", "peak GiB", "kernels / fwd+bwd",
-          "FLOPs/token (G)", "loss, 1st timed step"]
+HEADER = ["variant", "batch x seq", "timed steps", "fwd+bwd ms", "step ms", "step ms min-max", "tok/s", "MFU",
+          "tok/s vs default", "transient GiB", "kernels / fwd+bwd"]
 
 
-def _row(name, mb, seq, r, peak_tflops):
-    tok_s = mb * seq / (r["step_ms"] / 1e3)
-    mfu = f"{tok_s * r['flops_per_token'] / (peak_tflops * 1e12) * 100:.1f}%" if peak_tflops else "-"
-    fb = "-" if r["fb_ms"] != r["fb_ms"] else f"{r['fb_ms']:.1f}"
-    return fmt_row([name, f"{mb} x {seq}", fb, f"{r['step_ms']:.1f}", f"{tok_s / 1e3:.1f}K", mfu,
-                    f"{r['peak_gib']:.1f}", r.get("kernels") or "-", f"{r['flops_per_token'] / 1e9:.2f}",
-                    f"{r['loss']:.4f}" if "loss" in r else "-"])
-
-
-def plan(tiny: bool):
-    """(name, kind, micro_batch, fast paths on, extra) in order of importance (the budget may cut the tail)."""
-    rows = [("hybridlm, new kernels off (reference ops)", "hybrid", 1, frozenset(), {"kernels": True}),
-            ("hybridlm, all new kernels", "hybrid", 1, ALL, {"kernels": True, "profile": True}),
-            ("dense GPT peer, eager", "dense", 1, None, {}),
-            ("hybridlm, all new kernels", "hybrid", 2, ALL, {}),
-            ("dense GPT peer, compiled", "dense_compiled", 1, None, {})]
-    rows += [(f"hybridlm, only the {p} kernel", "hybrid", 1, frozenset([p]), {}) for p in FAST_PATHS]
-    rows += [("hybridlm, all new kernels, torch.compile per block (experiment)", "hybrid", 1, ALL, {"compile": True}),
-             ("hybridlm, new kernels off (reference ops)", "hybrid", 2, frozenset(), {}),
-             ("dense GPT peer, eager", "dense", 2, None, {}),
-             ("dense GPT peer, compiled", "dense_compiled", 2, None, {})]
-    if tiny:   # the pipeline, not the numbers: one row of each kind
-        rows = [r for r in rows if r[2] == 1][:3] + [rows[4]]
+def table_rows(built, seq: int, peak_tflops) -> list[str]:
+    """One row per variant (median over its timed steps); 'vs default': tok/s over the
+    BASELINE variant's at the same micro batch."""
+    tok_s = {}
+    for s, v, _ in built:
+        if v.error is None and v.times.get("step"):
+            tok_s[s] = s.micro_batch * seq / (median(v.times["step"]) / 1e3)
+    rows = []
+    for s, v, info in built:
+        name, bs = f"{v.name} [{s.key}]", f"{s.micro_batch} x {seq}"
+        if v.error is not None or s not in tok_s:
+            rows.append(fmt_row([name, bs, f"ERROR {v.error or 'no timed step'}"]))
+            continue
+        st = v.times["step"]
+        base = tok_s.get(dataclasses.replace(BASELINE, micro_batch=s.micro_batch))
+        mfu = f"{tok_s[s] * info['flops'] / (peak_tflops * 1e12) * 100:.1f}%" if peak_tflops else "-"
+        fb = v.times.get("fb")
+        rows.append(fmt_row([name, bs, len(st), f"{median(fb):.1f}" if fb else "-", f"{median(st):.1f}",
+                             f"{min(st):.0f}-{max(st):.0f}", f"{tok_s[s] / 1e3:.1f}K", mfu,
+                             f"{tok_s[s] / base:.2f}x" if base else "-",
+                             "-" if v.transient_gib != v.transient_gib else f"{v.transient_gib:.1f}",
+                             info.get("kernels") or "-"]))
     return rows
 
 
-def run(out: str, check: bool, tiny: bool, budget_s: float, device=None) -> dict:
-    from bench import dense_gpt
-    from train.engine import peak_tflops
+def train_summary(path: str, skip: int = 5) -> dict:
+    """Steady state of a ``python -m train`` run from its metrics.jsonl: medians over the train
+    lines after the first ``skip`` (start-up, allocator and autotuning warm-up)."""
+    import json
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rep = Report(out)
-    t_start = time.time()
-    left = lambda: budget_s - (time.time() - t_start)
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    train, stage = [], {}
+    with open(path) as fh:
+        for line in fh:
+            r = json.loads(line)
+            if r.get("kind") == "train":
+                train.append(r)
+            elif r.get("kind") == "event" and r.get("event") == "stage":
+                stage = r
+    steady = train[skip:] or train
+    pick = lambda k: median([r[k] for r in steady if r.get(k) is not None])
+    return {"steps": len(steady), "tokens_per_s": pick("tokens_per_s"), "mfu": pick("mfu"),
+            "step_s": pick("step_time_s"), "peak_gb": max((r.get("peak_mem_gb") or 0) for r in steady) if steady else 0,
+            "micro_batch": stage.get("micro_batch"), "grad_accum": stage.get("grad_accum"),
+            "seq_len": stage.get("seq_len") or (steady[-1].get("seq_len") if steady else None)}
+
+
+def _commit() -> str:
+    import subprocess
+
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except Exception:
+        return "unknown (no git here: set COMMIT)"
+
+
+def header_line(device) -> str:
+    dev_name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "CPU"
     try:
         import triton
         tv = triton.__version__
     except ImportError:
         tv = "none"
-    head = f"device: {dev_name}; torch {torch.__version__}; triton {tv}; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-    result = {"checks_ok": None, "rows": []}
+    return (f"device: {dev_name}; torch {torch.__version__}; triton {tv}; "
+            f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {_commit()}")
+
+
+def run(out: str, check: bool, tiny: bool, budget_s: float, device=None, keys=None, rounds: int = 6,
+        steps: int = 2, warmup: int = 2, backend: str | None = None) -> dict:
+    from train.engine import peak_tflops
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device(device).type == "cuda"
+    backend = backend or ("inductor" if cuda else "aot_eager")   # Inductor's C++ build on CPU: minutes
+    # one graph per block kind x kernel set x batch shape
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    rep = Report(out)
+    t_start = time.time()
+    head = header_line(device)
+    result = {"checks_ok": None, "variants": []}
     if check:
-        rep.log("checks.md", head)
-        rep.log("checks.md", "new Triton kernels vs their references in model/ (relative L2; same inputs, same dtype)")
-        result["checks_ok"] = check_kernels(lambda s: rep.log("checks.md", s), device, tiny)
-        print(f"[checks done at {time.time() - t_start:.0f}s, all pass: {result['checks_ok']}]", flush=True)
+        clog = lambda s: rep.log("checks.md", s)
+        clog(head)
+        clog("Triton kernels vs their references in model/ (relative L2; same inputs, same dtype)")
+        ok = check_kernels(clog, device, tiny)
+        try:
+            ok &= check_compiled(clog, device, tiny, backend)
+        except Exception as exc:
+            ok = False
+            clog(fmt_row(["model.compile=block vs eager", f"ERROR {type(exc).__name__}: {str(exc)[:200]}"]))
+        if cuda and not tiny:   # the attention, indexer and mHC kernels (bench/gpu_check.py)
+            from bench import gpu_check as gc
+
+            ok &= gc.check_attention(rep, budget_s=40)
+            gc.check_indexer(rep)
+            gc.check_mhc(rep)
+        result["checks_ok"] = ok
+        print(f"[checks done at {time.time() - t_start:.0f}s, all pass: {ok}]", flush=True)
     peak = peak_tflops(torch.device(device), None)
     preset, seq = ("micro", 64) if tiny else ("small", 4096)
-    steps, warmup = (2, 1) if tiny else (5, 2)
-    dense_sizes = {"dim": 32, "n_layers": 2, "n_heads": 2} if tiny else None
+    plan = [s for s in PLAN if keys is None or s.key in keys]
+    if tiny:
+        rounds, steps, warmup = 2, 1, 1
     log = lambda s: rep.log("throughput.md", s)
+    rep.files["throughput.md"] = []
+    log(f"# Throughput, {preset} preset, seq {seq}")
+    log("")
     log(head)
-    log(f"{preset} preset, bf16 model + fp32 master, Muon + AdamW, clip 1.0 (bench/model_step.py Trainee); "
-        f"dense peer: bench/dense_gpt.py (fp32 params, bf16 autocast, fused AdamW). Median of {steps} steps after "
-        f"{warmup} warm-up. MFU against {peak or '-'} TFLOP/s (train/engine.py).")
-    log(fmt_row(HEADER)); log(fmt_row(["---"] * len(HEADER)))
-    for name, kind, mb, on, extra in plan(tiny):
-        if left() < (90 if kind == "dense_compiled" or "compile" in extra else 30) and not tiny:
-            log(fmt_row([name, f"{mb} x {seq}", "skipped: time budget"]))
-            continue
-        try:
-            if kind == "hybrid":
-                r = measure_hybrid(preset, seq, mb, device, steps, warmup, on, kernels=extra.get("kernels", False),
-                                   profile_log=(lambda s: rep.log("profiles.md", s)) if extra.get("profile") else None,
-                                   compile_blocks=extra.get("compile", False))
-            else:
-                r = dense_gpt.measure(device, seq, mb, steps, warmup, compiled=kind == "dense_compiled",
-                                      sizes=dense_sizes)
-        except Exception as exc:  # e.g. out of memory at 2 x 4K: report and go on
-            log(fmt_row([name, f"{mb} x {seq}", f"ERROR {type(exc).__name__}: {str(exc)[:160]}"]))
-            if device == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        result["rows"].append((name, mb, r))
-        log(_row(name, mb, seq, r, peak))
+    log("")
+    log(f"hybridlm: bf16 model + fp32 master, Muon + AdamW, clip 1.0 (bench/model_step.py Trainee); dense peer: "
+        f"bench/dense_gpt.py (fp32 params, bf16 autocast, fused AdamW). Variants interleaved (bench/timing.py): "
+        f"{rounds} rounds x {steps} timed steps each, order alternating per round, {warmup} warm-up steps per "
+        f"variant discarded; medians per variant. MFU against {peak or '-'} TFLOP/s (train/engine.py), FLOPs per "
+        f"token from train/metrics.py. Transient GiB: peak above what was allocated when the variant's round began "
+        f"(all variants' weights and optimizer states stay resident). Compiled: model.compile=block ({backend}).")
+    built = build_variants(plan, seq, device, preset, backend,
+                           dense_sizes={"dim": 32, "n_layers": 2, "n_heads": 2} if tiny else None)
+    print(f"[{len(built)} variants built at {time.time() - t_start:.0f}s]", flush=True)
+    preamble = list(rep.files["throughput.md"])
+
+    def write_table():   # after every round: a cut-off run still leaves the table so far
+        rep.files["throughput.md"] = preamble + ["", fmt_row(HEADER), fmt_row(["---"] * len(HEADER))]
+        for row in table_rows(built, seq, peak):
+            log(row)
+
+    interleave([v for _, v, _ in built], device, rounds, steps, warmup,
+               budget_s=max(30.0, budget_s - (time.time() - t_start) - 30),
+               log=lambda s: print(s, flush=True), after_round=write_table)
+    for s, v, info in built:   # kernel counts at 1 x seq, after the timing
+        if info["fb"] is not None and v.error is None and s.micro_batch == 1 and cuda \
+                and time.time() - t_start < budget_s - 20:
+            try:
+                with v.context():
+                    info["kernels"] = count_kernels(info["fb"], device)
+            except Exception as exc:
+                info["kernels"] = f"ERROR {type(exc).__name__}"
+    write_table()
+    from bench.layer import profile_step
+
+    for s, v, info in built:   # where the time goes: the default, eager and compiled
+        if isinstance(s, HybridSetup) and s.micro_batch == 1 and s.kernels == "auto" and s.hc == "mhc" \
+                and v.error is None and time.time() - t_start < budget_s - 30:
+            try:
+                with v.context():
+                    profile_step(info["fb"], device, f"{s.key} forward+backward",
+                                 lambda x: rep.log("profiles.md", x), top=30)
+            except Exception as exc:
+                rep.log("profiles.md", f"[profile {s.key} failed: {type(exc).__name__}: {exc}]")
+    result["variants"] = [(s.key, v) for s, v, _ in built]
     print(f"[throughput done in {time.time() - t_start:.0f}s]", flush=True)
     return result
+
+
+def append_train(out: str, metrics: str, label: str) -> dict:
+    """A ``python -m train`` run's steady state as a second table in throughput.md."""
+    r = train_summary(metrics)
+    rep = Report(out)
+    path = os.path.join(out, "throughput.md")
+    if os.path.exists(path):
+        with open(path) as fh:
+            rep.files["throughput.md"] = fh.read().rstrip("\n").split("\n")
+    log = lambda s: rep.log("throughput.md", s)
+    hdr = ["trainer run", "micro batch x accumulation x seq", "steady steps", "step s", "tok/s", "MFU", "peak GB"]
+    log("")
+    log(fmt_row(hdr)); log(fmt_row(["---"] * len(hdr)))
+    mfu = f"{r['mfu'] * 100:.1f}%" if r["mfu"] == r["mfu"] else "-"
+    log(fmt_row([label, f"{r['micro_batch']} x {r['grad_accum']} x {r['seq_len']}", r["steps"], f"{r['step_s']:.2f}",
+                 f"{r['tokens_per_s'] / 1e3:.1f}K", mfu, f"{r['peak_gb']:.1f}"]))
+    return r
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "throughput_out"))
-    ap.add_argument("--check", action="store_true", help="check every MoE kernel against its reference first")
+    ap.add_argument("--check", action="store_true", help="check every kernel against its reference first")
     ap.add_argument("--tiny", action="store_true", help="micro preset, short sequences: the pipeline on CPU")
-    ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run (rows past it are skipped)")
+    ap.add_argument("--budget", type=float, default=400.0, help="seconds for the whole run (rounds past it are cut)")
+    ap.add_argument("--variants", nargs="*", default=None, help=f"keys to run (default all): {[s.key for s in PLAN]}")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--backend", default=None, help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU)")
+    ap.add_argument("--train-metrics", default=None, help="only append this python -m train run's steady state")
+    ap.add_argument("--train-label", default="python -m train experiment=small_gpu")
     a = ap.parse_args(argv)
-    res = run(a.out, a.check, a.tiny, a.budget)
+    if a.train_metrics:
+        print(append_train(a.out, a.train_metrics, a.train_label))
+        return
+    known = {s.key for s in PLAN}
+    if a.variants and not set(a.variants) <= known:
+        ap.error(f"--variants: unknown {sorted(set(a.variants) - known)}; known: {sorted(known)}")
+    res = run(a.out, a.check, a.tiny, a.budget, keys=set(a.variants) if a.variants else None, rounds=a.rounds,
+              steps=a.steps, warmup=a.warmup, backend=a.backend)
     if res["checks_ok"] is False:
-        print("[some kernel checks FAILED: see checks.md]", flush=True)
+        print("[some checks FAILED: see checks.md]", flush=True)
         sys.exit(1)
 
 
