@@ -13,6 +13,7 @@ times the stream ops of kernels/mhc_streams.py, collapse (h = sum_j pre_j x_j) a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -195,13 +196,84 @@ def sweep_streams(T=4096, n=4, D=1024, log=print,
         torch.cuda.empty_cache()
 
 
+SITE_HEADER = ["path", "tokens x n x D", "ops / kernels, forward", "ops / kernels, forward+backward",
+               "fwd+bwd ms", "counted as"]
+
+
+def site_launches(T=4096, n=4, D=1024, device=None, log=print, modes=("reference", "triton", "compiled")):
+    """What one mHC site launches: pre (coefficients + Sinkhorn, collapse) and post (mix = post
+    times f plus comb^T x, the residual merge), the sublayer between them left out. Counted per
+    forward and per forward+backward: CUDA kernels on CUDA (torch.profiler), top-level ATen ops on
+    CPU; for ``compiled`` (torch.compile of the site's pre + post, the reference math) the kernels
+    Inductor generated (torch._inductor.metrics) plus the ATen ops it calls (matmuls)."""
+    import torch._dynamo
+    from torch.profiler import ProfilerActivity, profile
+
+    from model.config import ModelConfig
+    from model.hyper_connections import HyperConnection
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device == "cuda"
+    dt = torch.bfloat16 if cuda else torch.float32
+    cfg = ModelConfig.from_preset("small", dim=D, hc_mult=n)
+    log(fmt_row(SITE_HEADER)); log(fmt_row(["---"] * len(SITE_HEADER)))
+    for mode in modes:
+        if mode == "triton" and not cuda:
+            continue
+        impl = "torch" if mode != "triton" else "triton"
+        site = HyperConnection(dataclasses.replace(cfg, mhc_impl=impl)).to(device)
+        x = torch.randn(1, T, n, D, device=device, dtype=dt, requires_grad=True)
+        f_in = torch.randn(1, T, D, device=device, dtype=dt, requires_grad=True)
+
+        def run_site(x, f_in):
+            h, post, comb = site.pre(x)
+            return site.post(h * f_in, x, post, comb)   # h * f_in: a stand-in sublayer (one op)
+
+        fn = run_site
+        if mode == "compiled":
+            torch._dynamo.reset()
+            fn = torch.compile(run_site, backend="inductor")
+        fwd = lambda: fn(x, f_in)
+        fb = lambda: torch.autograd.grad(fn(x, f_in).float().sum(), [x, f_in, site.fn])
+
+        def count(step):
+            step(); step()
+            acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+            with profile(activities=acts) as prof:
+                step()
+                if cuda:
+                    torch.cuda.synchronize()
+            if cuda:
+                return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+            return sum(1 for e in prof.events() if e.name.startswith("aten::") and
+                       (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+        try:
+            generated = ""
+            if mode == "compiled":
+                from torch._inductor import metrics
+
+                metrics.reset()
+                fb()
+                generated = f" (Inductor generated {metrics.generated_kernel_count} kernels, fwd + bwd graphs)"
+            n_f, n_fb = count(fwd), count(fb)
+            ms = time_ms(fb) if cuda else float("nan")
+            log(fmt_row([mode, f"{T}x{n}x{D}", n_f, n_fb, f"{ms:.3f}" if cuda else "-",
+                         ("CUDA kernels" if cuda else "top-level ATen ops") + generated]))
+        except Exception as exc:
+            log(fmt_row([mode, f"{T}x{n}x{D}", f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ops", nargs="+", choices=["coefficients", "streams"], default=["coefficients", "streams"])
+    ap.add_argument("--ops", nargs="+", choices=["coefficients", "streams", "site"], default=["coefficients", "streams"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--stream-tokens", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--site-tokens", type=int, default=4096)
     a = ap.parse_args(argv)
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
+    print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; torch {torch.__version__}")
+    if "site" in a.ops:
+        site_launches(a.site_tokens)
     if "streams" in a.ops:
         ok = check_streams()
         print(f"stream-op checks pass: {ok}")

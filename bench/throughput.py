@@ -441,6 +441,10 @@ def run(out: str, check: bool, tiny: bool, budget_s: float, device=None, keys=No
             ok &= gc.check_attention(rep, budget_s=40)
             gc.check_indexer(rep)
             gc.check_mhc(rep)
+            from bench.mhc import check_streams   # collapse and mix (the post-mix + residual merge)
+
+            clog("")
+            ok &= check_streams(log=clog)
         result["checks_ok"] = ok
         print(f"[checks done at {time.time() - t_start:.0f}s, all pass: {ok}]", flush=True)
     peak = peak_tflops(torch.device(device), None)
