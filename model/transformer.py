@@ -148,7 +148,7 @@ class Transformer(nn.Module):
         state dicts unchanged). Call it on the final model, after any copy or wrapping: a deep
         copy of a compiled module would still call the original's forward. Blocks of another
         layer kind (window / CSA / HCA, hash or learned routing) are separate graphs, so the
-        recompile limit is raised to one graph per block."""
+        recompile limit is raised to a few graphs per block (train / eval, batch shapes)."""
         import torch._dynamo
 
         from model.dispatch import import_kernel_modules
@@ -156,7 +156,7 @@ class Transformer(nn.Module):
         import_kernel_modules()   # Dynamo cannot trace an import: the first call may be compiled
         blocks = self.blocks()
         cfg = torch._dynamo.config
-        cfg.recompile_limit = max(cfg.recompile_limit, 2 * len(blocks))
+        cfg.recompile_limit = max(cfg.recompile_limit, 8 * len(blocks))
         for b in blocks:
             b.compile(backend=backend)
 
