@@ -10,8 +10,8 @@ clipping is itself a partial defence, and the point is the detector's. Four runs
 init: clean, corrupted without the mechanism (detector logging only), corrupted with
 ``stability.anticipatory_routing=auto`` (rollback + anticipatory routing), and clean with
 anticipatory routing always ``on`` (its cost). Writes ``<out>/spikes.csv`` (step, LM loss per
-run; a rolled-back step keeps its accepted value) and ``<out>/spikes.svg`` (hand-written SVG:
-matplotlib is not a dependency), prints a table.
+run; a rolled-back step keeps its accepted value) and ``<out>/spikes.svg`` (the hand-written SVG
+of bench/experiments/common.py), prints a table.
 
     python -m bench.spikes --steps 60 --spikes 25 45 --out bench/results
 """
@@ -75,30 +75,12 @@ def train_run(args, name: str, extra: list[str]) -> dict:
 
 
 def write_svg(path: Path, series: dict[str, dict[int, float]], marks: list[int]) -> None:
-    W, H, pad = 720, 380, 50
-    steps = sorted({s for d in series.values() for s in d})
-    ys = [v for d in series.values() for v in d.values()]
-    lo, hi = min(ys), max(ys)
-    sx = lambda s: pad + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (W - 2 * pad)
-    sy = lambda v: H - pad - (v - lo) / max(1e-9, hi - lo) * (H - 2 * pad)
-    colors = ["#2b7bba", "#d62728", "#2ca02c", "#9467bd"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-             f'<rect width="{W}" height="{H}" fill="white"/>',
-             f'<line x1="{pad}" y1="{H - pad}" x2="{W - pad}" y2="{H - pad}" stroke="black"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{H - pad}" stroke="black"/>',
-             f'<text x="{W / 2}" y="{H - 12}" text-anchor="middle">optimizer step</text>',
-             f'<text x="14" y="{H / 2}" transform="rotate(-90 14 {H / 2})" text-anchor="middle">LM loss</text>',
-             f'<text x="{pad - 6}" y="{sy(hi) + 4}" text-anchor="end">{hi:.2f}</text>',
-             f'<text x="{pad - 6}" y="{sy(lo) + 4}" text-anchor="end">{lo:.2f}</text>']
-    for m in marks:
-        parts.append(f'<line x1="{sx(m):.1f}" y1="{pad}" x2="{sx(m):.1f}" y2="{H - pad}" '
-                     'stroke="#999" stroke-dasharray="4 3"/>')
-    for i, (name, d) in enumerate(series.items()):
-        pts = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in sorted(d.items()))
-        parts.append(f'<polyline fill="none" stroke="{colors[i % 4]}" stroke-width="1.6" points="{pts}"/>')
-        parts.append(f'<text x="{W - pad - 230}" y="{pad + 16 * i}" fill="{colors[i % 4]}">{name}</text>')
-    parts.append("</svg>")
-    path.write_text("\n".join(parts))
+    """LM loss per step of each run, the corrupted steps marked (bench/experiments' SVG writer)."""
+    from bench.experiments.common import Panel, write_svg as write_panels
+
+    curves = {name: (sorted(d), [d[s] for s in sorted(d)]) for name, d in series.items()}
+    write_panels(path, [Panel("LM loss per step", "optimizer step", "LM loss", curves, vlines=marks)],
+                 "spike detection + rollback", cols=1)
 
 
 def main() -> None:

@@ -332,6 +332,7 @@ class Panel:
     logx: bool = False
     logy: bool = False
     hlines: dict[str, float] = field(default_factory=dict)
+    vlines: Sequence[float] = ()   # x positions marked by dashed vertical lines (e.g. injected spikes)
     markers: bool = False     # points as dots too (sparse series: an lr sweep)
     legend_left: bool = False  # legend in the upper left (curves that rise); else upper right
 
@@ -402,6 +403,10 @@ def _panel_svg(p: Panel, x0: float, y0: float, w: float, h: float) -> list[str]:
     for t in _ticks(ylo, yhi, p.logy):
         out.append(f'<line x1="{px0}" y1="{sy(t):.1f}" x2="{px1}" y2="{sy(t):.1f}" stroke="#eee"/>')
         out.append(f'<text x="{px0 - 4}" y="{sy(t) + 3:.1f}" text-anchor="end" font-size="10">{fmt(t)}</text>')
+    for v in p.vlines:
+        if ok(v, p.logx):
+            out.append(f'<line x1="{sx(v):.1f}" y1="{py0}" x2="{sx(v):.1f}" y2="{py1}" stroke="#999" '
+                       'stroke-dasharray="4 3"/>')
     for i, (name, v) in enumerate(p.hlines.items()):
         if ok(v, p.logy):
             out.append(f'<line x1="{px0}" y1="{sy(v):.1f}" x2="{px1}" y2="{sy(v):.1f}" stroke="#777" '

@@ -79,7 +79,7 @@ def test_numbers():
 
 def test_svg_log_and_linear_panels_and_empty(tmp_path):
     panels = [C.Panel("lin", "x", "y", {"a": ([1, 2, 3], [3.0, 2.0, 1.5]), "b": ([1, 3], [2.5, 1.0])},
-                      hlines={"ref": 2.0}),
+                      hlines={"ref": 2.0}, vlines=[2]),
               C.Panel("log", "x", "y", {"a": ([1, 10, 100], [1.0, 30.0, 3000.0])}, logx=True, logy=True, markers=True),
               C.Panel("nothing", "x", "y", {})]
     C.write_svg(tmp_path / "p.svg", panels, "title & <co>")
@@ -87,6 +87,16 @@ def test_svg_log_and_linear_panels_and_empty(tmp_path):
     ET.fromstring(text)                                   # text is escaped
     assert text.count("<polyline") == 3 and text.count("<circle") == 3 and "no data" in text
     assert ">1e+03<" not in text and ">1000<" in text     # log ticks at decades
+    assert text.count('stroke-dasharray="4 3"') == 1 and text.count('stroke-dasharray="5 4"') == 1
+
+
+def test_bench_spikes_plots_through_the_shared_writer(tmp_path):
+    from bench import spikes
+
+    spikes.write_svg(tmp_path / "s.svg", {"clean": {0: 7.0, 1: 6.5}, "corrupted": {0: 7.0, 1: 8.5}}, [1])
+    text = (tmp_path / "s.svg").read_text()
+    ET.fromstring(text)
+    assert text.count("<polyline") == 2 and 'stroke-dasharray="4 3"' in text
 
 
 def test_read_run_refuses_an_unfinished_run(tmp_path):
