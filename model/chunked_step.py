@@ -123,8 +123,10 @@ class _Routing:
         return [None if m.is_hash else (n, L) for m, n in zip(self.moes, self.counts)]
 
     def whole(self) -> list[torch.Tensor]:
+        # the layers that ran (a pass without labels runs no MTP block)
+        n = max(len(self.supplied), len(self.chunks[0]) if self.chunks else 0)
         return [self.supplied[i] if i < len(self.supplied)
-                else torch.cat([rec[i] for rec in self.chunks], dim=1).long() for i in range(len(self.moes))]
+                else torch.cat([rec[i] for rec in self.chunks], dim=1).long() for i in range(n)]
 
 
 class _LayerState:
@@ -132,12 +134,12 @@ class _LayerState:
     gradients the later chunks sent to it."""
 
     def __init__(self, n_chunks: int, entries: int, ckv_dim: int | None, index_dim: int | None,
-                 B: int, like: torch.Tensor):
+                 B: int, like: torch.Tensor, grads: bool):
         self.halos: list[torch.Tensor | None] = [None] * n_chunks   # input halo of chunk c
         self.ckv = like.new_zeros(B, entries, ckv_dim) if ckv_dim else None
         self.index_keys = like.new_zeros(B, entries, index_dim) if index_dim else None
-        self.g_ckv = torch.zeros_like(self.ckv) if ckv_dim else None
-        self.g_index_keys = torch.zeros_like(self.index_keys) if index_dim else None
+        self.g_ckv = torch.zeros_like(self.ckv) if ckv_dim and grads else None
+        self.g_index_keys = torch.zeros_like(self.index_keys) if index_dim and grads else None
         self.g_halo_out: torch.Tensor | None = None   # gradient for the halo the current chunk hands on
 
 
@@ -151,16 +153,147 @@ def _fold_into(grads: torch.Tensor) -> Callable[[torch.Tensor], None]:
     return fold
 
 
-def _check(model: Transformer, input_ids, labels, doc_ids) -> None:
+def _check(input_ids, labels, doc_ids, need_labels: bool) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
-    if labels is None or labels.shape != input_ids.shape:
+    if need_labels and (labels is None or labels.shape != input_ids.shape):
         raise ValueError("the chunked step needs labels of the input_ids' shape "
                          f"(got {None if labels is None else tuple(labels.shape)})")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
     if doc_ids is not None and doc_ids.shape != input_ids.shape:
         raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
-    if not model.training:
-        raise ValueError("the chunked step is a training step: call model.train() first")
+
+
+class _Sequence:
+    """A batch of sequences cut into chunks: the frames, the whole-sequence normalisers and every
+    attention layer's cross-token state, shared by the no-grad forward pass (``forward_pass``)
+    and the backward sweep. ``grads``: keep the state's gradients too (the training step)."""
+
+    def __init__(self, model: Transformer, input_ids, labels, chunk, doc_ids, routing_indices, grads: bool):
+        cfg = self.cfg = model.cfg
+        B, L = input_ids.shape
+        self.B, self.L = B, L
+        self.input_ids, self.labels = input_ids, labels
+        dev = input_ids.device
+        self.layout = DocLayout.from_doc_ids(doc_ids) if doc_ids is not None else DocLayout.single(B, L, dev)
+        self.ratios = cfg.attention_ratios
+        self.clayouts = {r: CompressedLayout.build(self.layout, r) for r in sorted({r for r in self.ratios if r})}
+        self.bounds = chunk_bounds(L, chunk)
+        self.halo = halo_rows(cfg)
+        # whole-sequence normalisers
+        self.lm_count = int((labels != IGNORE_INDEX).sum()) if labels is not None else 0
+        self.mtp_tokens = Transformer.mtp_targets(labels, doc_ids, cfg.mtp_depth) if labels is not None else []
+        csa = self.clayouts.get(cfg.csa_ratio)
+        self.indexer_norm = (1.0 / max(1, int(queries_with_entries(csa.c_end, self.layout.doc_start)))
+                             if csa is not None else None)
+        self.like = model.embed.weight
+        self.states = [
+            _LayerState(len(self.bounds), self.clayouts[r].c_end.shape[1] if r else 0, cfg.head_dim if r else None,
+                        cfg.index_head_dim if r and cfg.is_csa(r) else None, B, self.like, grads)
+            for r in self.ratios
+        ]
+        self.routing = _Routing(model, self.bounds, routing_indices)
+
+    def frame(self, c: int) -> ChunkFrame:
+        return build_frame(self.layout, self.clayouts, *self.bounds[c], self.halo, self.cfg.csa_ratio)
+
+    def context(self, fr: ChunkFrame, c: int, leaves: bool, sequence, need_loss: bool) -> ChunkContext:
+        """Chunk c's inputs: the state so far (``leaves``: as leaf tensors requiring grad, and the
+        indexer loss on). ``need_loss``: the heads and the LM / MTP losses run."""
+        s, e = fr.start, fr.end
+        cfg, B = self.cfg, self.B
+        layers = []
+        for li, st in enumerate(self.states):
+            halo = st.halos[c] if st.halos[c] is not None else self.like.new_zeros(B, 0, cfg.dim)
+            n_old = fr.entries[self.ratios[li]].n_old if self.ratios[li] else 0
+            ckv = st.ckv[:, :n_old] if st.ckv is not None else None
+            keys = st.index_keys[:, :n_old] if st.index_keys is not None else None
+            if leaves:
+                halo, ckv, keys = (None if t is None else t.detach().requires_grad_(True)
+                                   for t in (halo, ckv, keys))
+                for leaf, into in ((ckv, st.g_ckv), (keys, st.g_index_keys)):
+                    if leaf is not None:
+                        leaf.register_post_accumulate_grad_hook(_fold_into(into))
+            attn = AttentionCarry(fr, halo, ckv, keys, need_loss=leaves, indexer_norm=self.indexer_norm)
+            layers.append(LayerCarry(attn, sequence[li] if sequence is not None else None))
+        mtp = [(t[:, s:e], g[:, s:e], n) for t, g, n in self.mtp_tokens]
+        return ChunkContext(fr, layers, need_loss=need_loss, lm_count=self.lm_count, mtp=mtp)
+
+    def forward_pass(self, forward: Callable, need_loss: bool, on_chunk: Callable | None = None,
+                     **kwargs) -> dict[str, torch.Tensor]:
+        """Chunks first to last (call under no_grad): each runs with the state the earlier chunks
+        left and adds its own, and records its routing. -> the sums over chunks of the LM / MTP
+        losses when ``need_loss`` (each chunk's share: so the whole sequences' values)."""
+        labels = self.labels
+        totals: dict[str, torch.Tensor] = {}
+        for c, (s, e) in enumerate(self.bounds):
+            fr = self.frame(c)
+            out = forward(input_ids=self.input_ids[:, s:e], labels=None if labels is None else labels[:, s:e],
+                          routing_indices=self.routing.given(c),
+                          chunk=self.context(fr, c, False, None, need_loss), **kwargs)
+            self.routing.record(out.routing_indices)
+            if need_loss:
+                for k in PASS_LOSSES:
+                    if k in out.losses:
+                        totals[k] = out.losses[k] if k not in totals else totals[k] + out.losses[k]
+            if on_chunk is not None:
+                on_chunk(s, e, out)
+            for li, (st, carry) in enumerate(zip(self.states, out.carry)):
+                if c + 1 < len(self.bounds):
+                    st.halos[c + 1] = carry["halo"]
+                if self.ratios[li]:
+                    new_global = fr.entries[self.ratios[li]].new_global
+                    _state_write(st.ckv, new_global, carry["ckv"])
+                    if st.index_keys is not None and carry["index_keys"] is not None:
+                        _state_write(st.index_keys, new_global, carry["index_keys"])
+            del out
+        return totals
+
+
+# the loss terms a no-grad chunked pass returns: the balance loss needs the whole sequence's
+# expert counts before the first chunk and the indexer loss is a training term (model.training)
+PASS_LOSSES = ("lm", "mtp")
+
+
+@dataclass
+class ChunkedForward:
+    losses: dict[str, torch.Tensor]         # lm (and mtp) of the whole sequences, when labels were given
+    routes: "_Routing"                      # the experts every token used (see routing_indices)
+    n_chunks: int
+
+    @property
+    def routing_indices(self) -> list[torch.Tensor]:
+        """Per MoE layer [B, L, K] long (MTP layers included when labels were given)."""
+        return self.routes.whole()
+
+
+@torch.no_grad()
+def chunked_forward(
+    model: Transformer,
+    input_ids: torch.Tensor,
+    chunk: int | list[int],
+    doc_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    routing_indices: list[torch.Tensor] | None = None,
+    forward: Callable | None = None,
+    losses: bool = True,
+    on_hidden: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> ChunkedForward:
+    """A no-grad forward of whole sequences, ``chunk`` rows at a time, keeping only the
+    cross-token state between chunks (the chunked step's state pass): validation, evaluation and
+    the anticipatory-routing pre-pass at lengths where only chunks fit. Runs in the model's
+    mode (train or eval). ``labels`` (with ``losses``): the LM and MTP losses of the whole
+    sequences (equal to the unchunked forward's up to summation order); with labels the MTP
+    blocks run (their routing is returned), ``losses=False`` skips the heads. ``on_hidden(start,
+    end, hidden [B, end - start, D])``: the final hidden state of each chunk (the LM head's
+    input), for scoring without [L, V] logits. -> the routing of every token, the losses."""
+    _check(input_ids, labels, doc_ids, need_labels=False)
+    seq = _Sequence(model, input_ids, labels, chunk, doc_ids, routing_indices, grads=False)
+    on_chunk = None if on_hidden is None else (lambda s, e, out: on_hidden(s, e, out.hidden))
+    kwargs = {"return_hidden": True} if on_hidden is not None else {}
+    totals = seq.forward_pass(forward or model, losses and labels is not None, on_chunk, **kwargs)
+    return ChunkedForward(totals, seq.routing, len(seq.bounds))
 
 
 def chunked_forward_backward(
@@ -178,81 +311,26 @@ def chunked_forward_backward(
     """Loss and parameter gradients (accumulated into .grad by ``backward``) of
     ``model(input_ids, doc_ids, labels, routing_indices)``, computed ``chunk`` rows at a time
     (an int, or explicit chunk lengths summing to L). Returns the detached loss terms."""
-    _check(model, input_ids, labels, doc_ids)
+    _check(input_ids, labels, doc_ids, need_labels=True)
+    if not model.training:
+        raise ValueError("the chunked step is a training step: call model.train() first")
     forward = forward or model
     backward = backward or (lambda loss, last: loss.backward())
-    cfg = model.cfg
-    B, L = input_ids.shape
-    dev = input_ids.device
-    layout = DocLayout.from_doc_ids(doc_ids) if doc_ids is not None else DocLayout.single(B, L, dev)
-    ratios = cfg.attention_ratios
-    clayouts = {r: CompressedLayout.build(layout, r) for r in sorted({r for r in ratios if r})}
-    bounds = chunk_bounds(L, chunk)
-    halo = halo_rows(cfg)
-
-    def frame(c: int) -> ChunkFrame:
-        return build_frame(layout, clayouts, *bounds[c], halo, cfg.csa_ratio)
-
-    # whole-sequence normalisers
-    lm_count = int((labels != IGNORE_INDEX).sum())
-    mtp_tokens = Transformer.mtp_targets(labels, doc_ids, cfg.mtp_depth)
-    csa = clayouts.get(cfg.csa_ratio)
-    indexer_norm = (1.0 / max(1, int(queries_with_entries(csa.c_end, layout.doc_start)))
-                    if csa is not None else None)
-
-    like = model.embed.weight
-    states = [
-        _LayerState(len(bounds), clayouts[r].c_end.shape[1] if r else 0, cfg.head_dim if r else None,
-                    cfg.index_head_dim if r and cfg.is_csa(r) else None, B, like)
-        for r in ratios
-    ]
-
-    def context(fr: ChunkFrame, c: int, leaves: bool, sequence) -> ChunkContext:
-        """Chunk c's inputs: the state so far (``leaves``: as leaf tensors requiring grad)."""
-        s, e = fr.start, fr.end
-        layers = []
-        for li, st in enumerate(states):
-            halo = st.halos[c] if st.halos[c] is not None else like.new_zeros(B, 0, cfg.dim)
-            n_old = fr.entries[ratios[li]].n_old if ratios[li] else 0
-            ckv = st.ckv[:, :n_old] if st.ckv is not None else None
-            keys = st.index_keys[:, :n_old] if st.index_keys is not None else None
-            if leaves:
-                halo, ckv, keys = (None if t is None else t.detach().requires_grad_(True)
-                                   for t in (halo, ckv, keys))
-                for leaf, into in ((ckv, st.g_ckv), (keys, st.g_index_keys)):
-                    if leaf is not None:
-                        leaf.register_post_accumulate_grad_hook(_fold_into(into))
-            attn = AttentionCarry(fr, halo, ckv, keys, need_loss=leaves, indexer_norm=indexer_norm)
-            layers.append(LayerCarry(attn, sequence[li] if sequence is not None else None))
-        mtp = [(t[:, s:e], g[:, s:e], n) for t, g, n in mtp_tokens]
-        return ChunkContext(fr, layers, need_loss=leaves, lm_count=lm_count, mtp=mtp)
+    seq = _Sequence(model, input_ids, labels, chunk, doc_ids, routing_indices, grads=True)
+    states, ratios, bounds, routing = seq.states, seq.ratios, seq.bounds, seq.routing
 
     # ---- 1. state pass: the cross-token state, and the routing of every token
-    routing = _Routing(model, bounds, routing_indices)
     with torch.no_grad():
-        for c, (s, e) in enumerate(bounds):
-            fr = frame(c)
-            out = forward(input_ids=input_ids[:, s:e], labels=labels[:, s:e],
-                          routing_indices=routing.given(c), chunk=context(fr, c, False, None))
-            routing.record(out.routing_indices)
-            for li, (st, carry) in enumerate(zip(states, out.carry)):
-                if c + 1 < len(bounds):
-                    st.halos[c + 1] = carry["halo"]
-                if ratios[li]:
-                    new_global = fr.entries[ratios[li]].new_global
-                    _state_write(st.ckv, new_global, carry["ckv"])
-                    if st.index_keys is not None and carry["index_keys"] is not None:
-                        _state_write(st.index_keys, new_global, carry["index_keys"])
-    del out
-    sequence = routing.sequence(L)
+        seq.forward_pass(forward, need_loss=False)
+    sequence = routing.sequence(seq.L)
 
     # ---- 2. backward sweep, last chunk first
     totals: dict[str, torch.Tensor] = {}
     loss_total, diag = None, {}
     for c in reversed(range(len(bounds))):
-        fr = frame(c)
+        fr = seq.frame(c)
         s, e = fr.start, fr.end
-        ctx = context(fr, c, True, sequence)
+        ctx = seq.context(fr, c, True, sequence, need_loss=True)
         out = forward(input_ids=input_ids[:, s:e], labels=labels[:, s:e], routing_indices=routing.replay(c),
                       chunk=ctx, diagnostics=diagnostics and c == len(bounds) - 1)
         diag = out.diagnostics or diag

@@ -34,6 +34,7 @@ class ModelOutput:
     routing_indices: list[torch.Tensor] = field(default_factory=list)  # per layer [B, L, K]
     diagnostics: dict = field(default_factory=dict)
     carry: list[dict] | None = None   # chunked: per attention layer, the state handed on
+    hidden: torch.Tensor | None = None  # [B, L, D] the head's input, only when asked for (return_hidden)
 
 
 class Block(nn.Module):
@@ -230,6 +231,7 @@ class Transformer(nn.Module):
         diagnostics: bool = False,
         return_logits: bool | None = None,
         chunk: ChunkContext | None = None,
+        return_hidden: bool = False,
     ) -> ModelOutput:
         """``return_logits``: None = logits only when there are no labels (inference); with
         labels the losses never form [B, L, V] logits (model/loss.py) unless True is passed.
@@ -237,7 +239,9 @@ class Transformer(nn.Module):
         attention layers read the earlier chunks' state from it, losses are the chunk's share of
         the whole sequence's (logits of the chunk's rows only when ``return_logits=True``), and
         ``carry`` returns the state this chunk hands on. Context parallelism runs a rank's token
-        range the same way (``model/context_parallel_model.py``)."""
+        range the same way (``model/context_parallel_model.py``).
+        ``return_hidden``: also return the final hidden state (the LM head's input), for
+        scoring chosen positions without [B, L, V] logits (``model.chunked_step.chunked_forward``)."""
         cfg = self.cfg
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -264,7 +268,8 @@ class Transformer(nn.Module):
         if return_logits is None:
             return_logits = labels is None and chunk is None
         # (a chunk's state pass needs no head)
-        hidden = self._checkpointed(self._final_hidden, x) if want_loss or return_logits else None  # [B, L, D]
+        hidden = (self._checkpointed(self._final_hidden, x) if want_loss or return_logits or return_hidden
+                  else None)                                            # [B, L, D]
         logits = self.head(hidden) if return_logits else None           # [B, L, V]
 
         losses: dict[str, torch.Tensor] = {}
@@ -314,7 +319,8 @@ class Transformer(nn.Module):
         diag = collect.finish(self) if diagnostics else {}
         return ModelOutput(loss=total, losses=losses, logits=logits,
                            routing_indices=used_routes, diagnostics=diag,
-                           carry=state_out if chunk is not None else None)
+                           carry=state_out if chunk is not None else None,
+                           hidden=hidden if return_hidden else None)
 
     def _lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, count: int | None = None) -> torch.Tensor:
         """Mean cross-entropy of the shared head over hidden [B, L, D] (main head and MTP);

@@ -3,7 +3,7 @@ validation NLL by position bucket.
 
     python -m train.eval RUN_DIR_OR_CHECKPOINT [--lengths 4096,16384,65536,262144,1048576]
         [--depths 0,0.25,0.5,0.75,1] [--trials 1] [--data embedded_long] [--val-len 1048576]
-        [--val-rows 1] [--buckets 0,4096,65536,262144,1048576] [--device auto] [--out DIR]
+        [--val-rows 1] [--buckets 0,4096,65536,262144,1048576] [--seq-chunk N] [--device auto] [--out DIR]
 
 Offline (the embedded corpora and the GPT-2 tokenizer ship with the install). Prints a markdown
 table and writes ``eval.json`` (under ``--out``, default: the run directory) with the keys the
@@ -21,8 +21,9 @@ trainer's validation hook logs to metrics.jsonl (``eval.*`` settings):
   the shuffled-document control: far context that is unrelated text.
 
 Neither builds ``[L, V]`` logits: the model returns its final hidden state
-(``Transformer.hidden_states``) and only the positions that are scored go through the LM head
-(the answer tokens), or the fused LM-head loss (``model.loss``) gives the per-token NLL.
+(``Transformer.hidden_states``, or chunk by chunk from the chunked no-grad forward under
+``--seq-chunk`` / ``train.seq_chunk``) and only the positions that are scored go through the LM
+head (the answer tokens), or the fused LM-head loss (``model.loss``) gives the per-token NLL.
 ``bench/plot_eval.py`` draws the results.
 """
 from __future__ import annotations
@@ -33,12 +34,13 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from data.passkey import PasskeyTemplate, random_key
+from model.chunked_step import chunked_forward
 from model.layout import DocLayout
 from model.transformer import IGNORE_INDEX, Transformer
 
@@ -101,21 +103,40 @@ def _model_inputs(model: Transformer, tokens: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(tokens, dtype=torch.long, device=device).unsqueeze(0)
 
 
+def final_hidden(model: Transformer, input_ids: torch.Tensor, doc_ids: torch.Tensor | None,
+                 seq_chunk: int, fn: Callable[[int, int, torch.Tensor], None]) -> None:
+    """``fn(start, end, hidden [B, end - start, D])`` over the final hidden state (the LM head's
+    input) of every position: in one piece, or ``seq_chunk`` rows at a time through the
+    chunked no-grad forward (``model.chunked_step.chunked_forward``: only the cross-token state
+    of the whole sequence stays, so any length that trains in chunks also scores)."""
+    L = input_ids.shape[1]
+    if seq_chunk and L > seq_chunk:
+        chunked_forward(model, input_ids, seq_chunk, doc_ids=doc_ids, on_hidden=fn)
+    else:
+        fn(0, L, model.hidden_states(input_ids, doc_ids))
+
+
 @torch.no_grad()
 def passkey_correct(model: Transformer, template: PasskeyTemplate, length: int, depth: float,
-                    key: int) -> bool:
+                    key: int, seq_chunk: int = 0) -> bool:
     """One passkey prompt of ``length`` tokens: is the greedy prediction of every answer token
     right? Only the positions before the answer tokens go through the head."""
     doc = template.document(length, depth, key)
-    hidden = model.hidden_states(_model_inputs(model, doc.tokens))          # [1, L, D]
-    a = doc.answer_start
-    pred = model.head(hidden[0, a - 1: a - 1 + doc.answer_len]).argmax(-1)  # [answer_len]
-    target = torch.as_tensor(doc.tokens[a: a + doc.answer_len], device=pred.device)
+    lo, hi = doc.answer_start - 1, doc.answer_start - 1 + doc.answer_len    # rows predicting the answer
+    rows: list[torch.Tensor] = []
+
+    def keep(s: int, e: int, hidden: torch.Tensor) -> None:
+        if s < hi and e > lo:
+            rows.append(hidden[0, max(lo, s) - s: min(hi, e) - s])
+
+    final_hidden(model, _model_inputs(model, doc.tokens), None, seq_chunk, keep)
+    pred = model.head(torch.cat(rows)).argmax(-1)                           # [answer_len]
+    target = torch.as_tensor(doc.tokens[lo + 1: hi + 1], device=pred.device)
     return bool(torch.equal(pred, target))
 
 
 def passkey_accuracy(model: Transformer, template: PasskeyTemplate, lengths: Iterable[int],
-                     depths: Sequence[float], trials: int, seed: int) -> dict[str, float]:
+                     depths: Sequence[float], trials: int, seed: int, seq_chunk: int = 0) -> dict[str, float]:
     """``eval/passkey/<len>`` (mean over depths and trials) and ``.../d<depth>`` per depth.
     Keys come from ``default_rng([seed, length])``: the same prompts in every evaluation.
     Lengths run in the order given; the first that runs out of device memory is recorded as
@@ -125,7 +146,8 @@ def passkey_accuracy(model: Transformer, template: PasskeyTemplate, lengths: Ite
         rng = np.random.default_rng([seed, int(length)])
         per_depth = []
         try:
-            hits_by_depth = [[passkey_correct(model, template, int(length), float(depth), random_key(rng))
+            hits_by_depth = [[passkey_correct(model, template, int(length), float(depth), random_key(rng),
+                                              seq_chunk)
                               for _ in range(trials)] for depth in depths]
         except torch.cuda.OutOfMemoryError:
             out["eval/passkey_oom_at"] = int(length)
@@ -142,19 +164,26 @@ def passkey_accuracy(model: Transformer, template: PasskeyTemplate, lengths: Ite
 
 @torch.no_grad()
 def token_nll(model: Transformer, input_ids: torch.Tensor, doc_ids: torch.Tensor | None,
-              labels: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+              labels: torch.Tensor, chunk_tokens: int | None = None, seq_chunk: int = 0) -> torch.Tensor:
     """[B, L] next-token NLL (0 where the label is IGNORE_INDEX) through the LM head's fused
     loss (``model.loss.LMHead``: logits of one token chunk at a time). Through the head
-    module's forward, not its weight: a ZeRO-3 partitioned head is gathered by its hooks."""
-    hidden = model.hidden_states(input_ids, doc_ids)                        # [B, L, D]
-    return model.head(hidden, labels, return_nll=True, chunk_tokens=chunk_tokens)[1]
+    module's forward, not its weight: a ZeRO-3 partitioned head is gathered by its hooks.
+    ``seq_chunk``: the forward runs that many rows at a time (``final_hidden``)."""
+    pieces: list[torch.Tensor] = []
+
+    def score(s: int, e: int, hidden: torch.Tensor) -> None:
+        pieces.append(model.head(hidden, labels[:, s:e], return_nll=True, chunk_tokens=chunk_tokens)[1])
+
+    final_hidden(model, input_ids, doc_ids, seq_chunk, score)
+    return torch.cat(pieces, dim=1)
 
 
 class BucketNLL:
     """Sums of NLL and token counts per bucket of position-in-document."""
 
-    def __init__(self, edges: Sequence[int]):
+    def __init__(self, edges: Sequence[int], seq_chunk: int = 0):
         self.device = torch.device("cpu")
+        self.seq_chunk = seq_chunk
         self.edges = [int(e) for e in edges]
         self.names = bucket_names(self.edges)
         self.sums = torch.zeros(len(self.names), dtype=torch.float64)
@@ -164,7 +193,7 @@ class BucketNLL:
     def add(self, model: Transformer, batch: dict[str, torch.Tensor]) -> None:
         device = self.device = next(model.parameters()).device
         b = {k: v.to(device) for k, v in batch.items()}
-        nll = token_nll(model, b["input_ids"], b["doc_ids"], b["labels"]).double()
+        nll = token_nll(model, b["input_ids"], b["doc_ids"], b["labels"], seq_chunk=self.seq_chunk).double()
         pos = DocLayout.from_doc_ids(b["doc_ids"]).positions
         valid = b["labels"] != IGNORE_INDEX
         edges = torch.tensor(self.edges, device=device)
@@ -219,9 +248,10 @@ def shuffled_control(batch: dict[str, torch.Tensor], block: int, seed: int) -> d
 
 def long_context_metrics(model: Transformer, template: PasskeyTemplate | None,
                          val_batches: Iterable[dict[str, torch.Tensor]] | None,
-                         settings: EvalSettings, max_len: int) -> dict[str, float]:
+                         settings: EvalSettings, max_len: int, seq_chunk: int = 0) -> dict[str, float]:
     """Passkey accuracy for the lengths up to ``max_len`` and NLL by position bucket over
-    ``val_batches``: the validation hook and the CLI both call this."""
+    ``val_batches``: the validation hook and the CLI both call this. ``seq_chunk``: sequences
+    longer than this run through the chunked no-grad forward (as ``train.seq_chunk`` trains)."""
     settings.check()
     was_training = model.training
     model.eval()
@@ -231,10 +261,10 @@ def long_context_metrics(model: Transformer, template: PasskeyTemplate | None,
             lengths = sorted(int(n) for n in settings.passkey_lengths
                              if template.min_length <= int(n) <= max_len)
             out.update(passkey_accuracy(model, template, lengths, settings.passkey_depths,
-                                        settings.passkey_trials, settings.seed))
+                                        settings.passkey_trials, settings.seed, seq_chunk))
         if val_batches is not None and settings.nll_buckets:
-            buckets = BucketNLL(settings.nll_buckets)
-            control = BucketNLL(settings.nll_buckets) if settings.control_block else None
+            buckets = BucketNLL(settings.nll_buckets, seq_chunk)
+            control = BucketNLL(settings.nll_buckets, seq_chunk) if settings.control_block else None
             for k, batch in enumerate(val_batches):
                 try:
                     buckets.add(model, batch)
@@ -323,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-rows", type=int, default=1, help="validation rows to score")
     ap.add_argument("--control-block", type=int, default=4096,
                     help="also score the rows shuffled in blocks of this many tokens (0: no control)")
+    ap.add_argument("--seq-chunk", type=int, default=0,
+                    help="run sequences longer than this many tokens in chunks (the chunked no-grad "
+                         "forward; 0: whole). Needed where a whole 1M-token forward does not fit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16")
@@ -369,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     too_long = [n for n in settings.passkey_lengths if n > max_len]
     if too_long:
         print(f"train.eval: passkey lengths {too_long} exceed model.max_seq_len={max_len}: skipped")
-    results = long_context_metrics(model, PasskeyTemplate(tokenizer), val_batches, settings, max_len)
+    results = long_context_metrics(model, PasskeyTemplate(tokenizer), val_batches, settings, max_len,
+                                   args.seq_chunk)
     report = {"checkpoint": str(Path(args.checkpoint).resolve()), "model": model.cfg.name,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

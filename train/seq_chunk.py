@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from model.chunk_layout import halo_rows
-from model.chunked_step import chunked_forward_backward
+from model.chunked_step import chunked_forward, chunked_forward_backward
 from model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,31 @@ def chunked_micro_step(engine, model, batch: dict, chunk: int, *, routing=None, 
         model, batch["input_ids"], batch["labels"], chunk, doc_ids=batch.get("doc_ids"),
         routing_indices=routing, forward=engine, backward=backward,
         grad_factor=backward_scale(engine), diagnostics=diagnostics)
+
+
+def chunk_by_length(stages, chunks: list[int] | None) -> Callable[[int], int]:
+    """seq_len -> the rows per chunk its stage runs (0: whole), for the no-grad passes that see
+    a batch but not its stage (the anticipatory pre-pass). Stages of one length that differ
+    (another micro batch under auto): the smallest chunk."""
+    table: dict[int, int] = {}
+    for st, c in zip(stages, chunks or []):
+        old = table.get(st.seq_len)
+        table[st.seq_len] = c if old is None else (min(old, c) if old and c else (old or c))
+    return lambda seq_len: table.get(int(seq_len), 0)
+
+
+def no_grad_forward(engine, model, batch: dict, chunk: int, *, losses: bool = True):
+    """A micro-batch's no-grad forward through ``engine`` (validation, the anticipatory
+    pre-pass): whole, or ``chunk`` rows at a time keeping only the cross-token state
+    (``model.chunked_step.chunked_forward``), so that every length that trains in chunks also
+    validates: no [L, V] logits either way, and no activation beyond one chunk's.
+    -> an object with ``losses`` (lm, mtp, ...) and ``routing_indices`` of every token."""
+    ids, docs, labels = batch["input_ids"], batch.get("doc_ids"), batch.get("labels")
+    with torch.no_grad():
+        if chunk and ids.shape[1] > chunk:
+            return chunked_forward(model, ids, chunk, doc_ids=docs, labels=labels, forward=engine,
+                                   losses=losses)
+        return engine(input_ids=ids, doc_ids=docs, labels=labels)
 
 
 @dataclass

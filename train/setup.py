@@ -43,6 +43,7 @@ from train.progress import Progress
 from train.rng import seed_everything, set_rng_state
 from train.rollback import EngineState
 from train.run_dir import lock_run_dir
+from train.seq_chunk import chunk_by_length
 from train.stability_control import Injector, StabilityController, build_stability
 
 log = logging.getLogger("train")
@@ -188,7 +189,8 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
                                keep=tc.keep_checkpoints),
         metrics=None, progress=None, stability=stability, injector=None,
         snapshot_objects={"engine": EngineState(engine), "loader": train_loader},
-        routing_forward=engine_forward(engine, dist.device, context_parallel),
+        routing_forward=engine_forward(engine, dist.device, context_parallel,
+                                       chunk_by_length(curriculum.stages, chunks)),
         want_update_norm=want_update_norm, context_parallel=context_parallel, resume_ref=resume.ref)
     wandb_id, resumed_meta = _resume(run, resume)
     run.metrics = MetricsLogger(run_dir, enabled=dist.is_main, wandb_cfg=cfg.logging.wandb,
@@ -237,22 +239,28 @@ def _long_context_eval(eval_cfg, tokenizer, seed: int):
     settings.check()
     template = PasskeyTemplate(tokenizer) if settings.passkey_lengths else None
 
-    def run(model, val_loader, seq_len: int) -> dict[str, float]:
-        return long_context_metrics(model, template, val_loader, settings, seq_len)
+    def run(model, val_loader, seq_len: int, seq_chunk: int = 0) -> dict[str, float]:
+        return long_context_metrics(model, template, val_loader, settings, seq_len, seq_chunk)
     return run
 
 
-def engine_forward(engine, device: torch.device, context_parallel: ContextParallel | None = None):
+def engine_forward(engine, device: torch.device, context_parallel: ContextParallel | None = None,
+                   chunk_for: Callable[[int], int] | None = None):
     """The model call of the anticipatory pre-pass: a CPU micro-batch through the engine
     (ZeRO/bf16 handled as in training) under the current parameters (context parallel: this
-    rank's rows, whose routing its training forward replays)."""
+    rank's rows, whose routing its training forward replays); ``chunk_for(seq_len)``: the
+    train.seq_chunk rows its stage trains with (the pass runs chunked then, see
+    ``train.seq_chunk.no_grad_forward``)."""
+    from train.seq_chunk import no_grad_forward
+
     def forward(input_ids, doc_ids=None, labels=None):
         batch = {"input_ids": input_ids.to(device),
                  "doc_ids": None if doc_ids is None else doc_ids.to(device),
                  "labels": None if labels is None else labels.to(device)}
         if context_parallel is not None:
             return context_parallel.forward(engine, batch)
-        return engine(**batch)
+        chunk = chunk_for(input_ids.shape[1]) if chunk_for is not None else 0
+        return no_grad_forward(engine, engine.module, batch, chunk, losses=False)
     return forward
 
 

@@ -40,6 +40,7 @@ from train.engine import set_batch_shape
 from train.metrics import peak_memory_gb
 from train.plan import StepPlan, apply_plan, every
 from train.rng import rng_state
+from train.seq_chunk import no_grad_forward
 from train.setup import Run, setup
 from train.stability import check_finite
 from train.step import StepResult, train_step
@@ -190,8 +191,9 @@ def log_train_step(run: Run, plan: StepPlan, result: StepResult, window: Through
 def validate(run: Run, stage: Stage, step: int) -> float | None:
     """Mean LM loss over the fixed validation batches (the stage's sequence length), and the
     long-context metrics of ``eval.*`` (passkey accuracy, NLL by position bucket)."""
+    chunk = run.seq_chunks[stage.index] if run.seq_chunks else 0   # as the stage trains
     if run.long_eval is not None:
-        record = run.long_eval(run.engine.module, run.val_loader, stage.seq_len)
+        record = run.long_eval(run.engine.module, run.val_loader, stage.seq_len, chunk)
         if record:
             run.metrics.log(step, "eval", record)
             run.say(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in record.items()
@@ -204,9 +206,8 @@ def validate(run: Run, stage: Stage, step: int) -> float | None:
         batch = {k: v.to(run.device) for k, v in batch.items()}
         if run.context_parallel is not None:   # each rank its token range (x cp_size: world mean)
             out = run.context_parallel.forward(run.engine, batch)
-        else:
-            out = run.engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"],
-                             labels=batch["labels"])
+        else:   # whole, or in chunks as the stage trains (train.seq_chunk)
+            out = no_grad_forward(run.engine, run.engine.module, batch, chunk)
         total[0] += float(out.losses["lm"])
         count += 1
     total[1] = count

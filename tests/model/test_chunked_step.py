@@ -169,3 +169,37 @@ def test_queries_with_entries_matches_the_mask():
         cl = CompressedLayout.build(layout, ratio)
         want = compressed_mask(layout.doc_start, cl.c_end).any(-1).sum()
         assert int(queries_with_entries(cl.c_end, layout.doc_start)) == int(want) > 0
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-mode", "eval-mode"])
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_chunked_forward_equals_the_unchunked_forward(mode, train):
+    """The no-grad chunked pass (validation, evaluation, the anticipatory pre-pass): LM and MTP
+    losses, the final hidden state of every token and the routing of every MoE layer (MTP
+    included) equal the unchunked no-grad forward's, in train and in eval mode."""
+    from model.chunked_step import chunked_forward
+
+    model = make_model(attention_mode=mode, mtp_compress_ratio=4).train(train)
+    inp, lab, doc = make_batch(model.cfg)
+    with torch.no_grad():
+        ref = model(inp, doc_ids=doc, labels=lab, return_hidden=True)
+    hidden = torch.full_like(ref.hidden, float("nan"))
+
+    def keep(s, e, h):
+        hidden[:, s:e] = h
+
+    got = chunked_forward(model, inp, [20, 30, 46], doc_ids=doc, labels=lab, on_hidden=keep)
+    assert got.n_chunks == 3 and set(got.losses) == {"lm", "mtp"}
+    for k in ("lm", "mtp"):
+        assert torch.allclose(got.losses[k], ref.losses[k], rtol=TOL, atol=0), k
+    assert float((hidden - ref.hidden).abs().max()) <= TOL * float(ref.hidden.abs().max())
+    assert len(got.routing_indices) == len(ref.routing_indices) == model.cfg.n_layers + 1
+    for used, want in zip(got.routing_indices, ref.routing_indices):
+        assert torch.equal(used, want)
+    assert all(not m.load_accum.any() for m in model.moe_layers()), "a no-grad pass counts no load"
+    # without labels: hidden states only (no MTP, no heads); chunks shorter than the halo
+    got = chunked_forward(model, inp, 6, doc_ids=doc, on_hidden=keep)
+    assert got.losses == {} and len(got.routing_indices) == model.cfg.n_layers
+    with torch.no_grad():
+        assert float((hidden - model.hidden_states(inp, doc)).abs().max()) <= TOL * float(ref.hidden.abs().max())
+

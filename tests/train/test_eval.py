@@ -160,10 +160,10 @@ def test_out_of_memory_is_recorded_and_ends_the_passkey_sweep(model, gpt2, monke
     n = template.min_length + 8
     real = long_eval.passkey_correct
 
-    def limited(model, template, length, depth, key):
+    def limited(model, template, length, depth, key, seq_chunk=0):
         if length > 2 * n:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return real(model, template, length, depth, key)
+        return real(model, template, length, depth, key, seq_chunk)
 
     monkeypatch.setattr(long_eval, "passkey_correct", limited)
     res = long_eval.long_context_metrics(model, template, None, long_eval.EvalSettings(
@@ -240,3 +240,85 @@ def test_trainer_logs_the_long_context_metrics_at_validation(th, small_job, tmp_
         assert np.isfinite(r["val/nll_bucket/0-32"]) and np.isfinite(r["val/nll_bucket/32-128"])
     with pytest.raises(ValueError, match="nll_buckets"):
         th.run_job(tmp_path / "bad", small_job + ["eval.nll_buckets=[5,1]"])
+
+
+def _fp64_micro(mode="sparse", **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("micro", attention_impl="torch", mhc_impl="torch", attention_mode=mode, **kw)
+    return Transformer(cfg).double().eval()
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_chunked_scoring_equals_the_whole_forward(mode, gpt2):
+    """--seq-chunk / train.seq_chunk: the per-token NLL and the passkey decisions from the chunked
+    no-grad forward equal the whole forward's (fp64, chunks not dividing L, documents across
+    chunk boundaries)."""
+    model = _fp64_micro(mode)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 50257, (2, 150), generator=g)
+    labels = torch.randint(0, 50257, (2, 150), generator=g)
+    labels[1, 60:70] = IGNORE_INDEX
+    doc_ids = torch.zeros(2, 150, dtype=torch.long)
+    doc_ids[0, 47:] = 1
+    doc_ids[1, 100:] = 1
+    whole = long_eval.token_nll(model, ids, doc_ids, labels)
+    got = long_eval.token_nll(model, ids, doc_ids, labels, seq_chunk=41)
+    assert float((got - whole).abs().max()) <= 1e-10 * float(whole.abs().max())
+    assert (got[1, 60:70] == 0).all()
+    template = PasskeyTemplate(gpt2)
+    length = template.min_length + 70
+    for depth, key in ((0.0, 11111), (0.5, 24680), (1.0, 97531)):
+        # the answer rows straddle a chunk boundary for some depth/length choices: 37 does not divide
+        assert (long_eval.passkey_correct(model, template, length, depth, key, seq_chunk=37)
+                == long_eval.passkey_correct(model, template, length, depth, key))
+
+
+class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest tensor any op produces while active (numel and shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel, self.shape = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.numel() > self.numel:
+                self.numel, self.shape = t.numel(), tuple(t.shape)
+        return out
+
+
+@pytest.mark.slow   # ~35 s on 2 busy cores: every op goes through a Python dispatch mode
+def test_no_grad_passes_form_no_vocab_or_quadratic_tensors(monkeypatch):
+    """Validation / evaluation / the pre-pass at long L: no [L, V] tensor in the whole no-grad
+    forward (labels: the fused loss; hidden states: no head), and under seq_chunk nothing that
+    grows faster than L (the CPU reference attention is [B, H, L, L + N] unchunked: quadratic)."""
+    import model.loss
+    from train.seq_chunk import no_grad_forward
+
+    # logits chunks of 41 rows (not ~1300): L need not be thousands of rows to tell [L, V] apart
+    monkeypatch.setattr(model.loss, "CHUNK_ELEMENTS", 1 << 21)
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.from_preset("micro", attention_impl="torch", mhc_impl="torch")).eval()
+    V, L = net.cfg.vocab_size, 512
+    g = torch.Generator().manual_seed(5)
+    batch = {"input_ids": torch.randint(0, 50257, (1, L), generator=g), "doc_ids": None,
+             "labels": torch.randint(0, 50257, (1, L), generator=g)}
+    for run in (lambda: no_grad_forward(net, net, batch, 0),
+                lambda: long_eval.token_nll(net, batch["input_ids"], None, batch["labels"])):
+        with _Largest() as big:
+            run()
+        assert big.numel < L * V / 4, big.shape
+    # seq_chunk: the largest tensor grows linearly in L (a small vocabulary, so that attention's
+    # tensors are the largest), unchunked quadratically
+    small = Transformer(ModelConfig.from_preset("micro", attention_impl="torch", mhc_impl="torch",
+                                                vocab_size=97)).eval()
+    largest = {}
+    for n, chunk in ((256, 32), (512, 32), (512, 0)):
+        b = {"input_ids": torch.randint(0, 97, (1, n), generator=g), "doc_ids": None,
+             "labels": torch.randint(0, 97, (1, n), generator=g)}
+        with _Largest() as big:
+            losses = no_grad_forward(small, small, b, chunk).losses
+        largest[n, chunk] = big.numel
+        assert torch.isfinite(losses["lm"])
+    assert largest[512, 32] < 2.2 * largest[256, 32] and largest[512, 32] < largest[512, 0] / 5

@@ -138,3 +138,53 @@ def test_deepspeed_step_chunked_equals_unchunked(stage, tmp_path):
     for n, g in ref["grads"].items():
         err = float((got["grads"][n] - g).norm() / g.norm().clamp_min(1e-20))
         assert err < 1e-2, f"{n}: relative gradient error {err:.1e}"
+
+
+def test_chunk_by_length():
+    from train.seq_chunk import chunk_by_length
+
+    class S:
+        def __init__(self, n):
+            self.seq_len = n
+
+    f = chunk_by_length([S(4096), S(65536), S(1 << 20), S(1 << 20)], [0, 0, 65536, 32768])
+    assert (f(4096), f(65536), f(1 << 20), f(123)) == (0, 0, 32768, 0)
+    assert chunk_by_length([S(4096)], None)(4096) == 0
+
+
+def test_validation_and_prepass_run_chunked_as_the_stage_trains():
+    """train.seq_chunk: the validation forward and the anticipatory pre-pass (setup.engine_forward)
+    run the chunked no-grad forward: the LM loss and the routing equal the whole forward's."""
+    import torch
+
+    from model.transformer import Transformer
+    from train.anticipatory import compute_routing
+    from train.seq_chunk import no_grad_forward
+    from train.setup import engine_forward
+
+    cfg = ModelConfig.from_preset("micro", attention_impl="torch", mhc_impl="torch")
+    torch.manual_seed(0)
+    model = Transformer(cfg).double().train()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 97), generator=g)
+    doc = torch.zeros(2, 96, dtype=torch.long)
+    doc[0, 40:] = 1
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "doc_ids": doc}
+    model.eval()
+    whole = no_grad_forward(model, model, batch, 0).losses["lm"]
+    got = no_grad_forward(model, model, batch, 30)
+    assert got.n_chunks == 4 and torch.allclose(got.losses["lm"], whole, rtol=1e-10, atol=0)
+    model.train()
+
+    class Engine:   # what engine_forward needs of a DeepSpeed engine
+        module = model
+
+        def __call__(self, **kw):
+            self.calls = getattr(self, "calls", 0) + 1
+            return model(**kw)
+
+    engine = Engine()
+    ref = compute_routing(model, batch)
+    got = compute_routing(engine_forward(engine, torch.device("cpu"), lambda n: 30 if n == 96 else 0), batch)
+    assert engine.calls == 4 and len(got) == len(ref) == cfg.n_layers + cfg.mtp_depth
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
