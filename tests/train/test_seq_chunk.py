@@ -185,6 +185,6 @@ def test_validation_and_prepass_run_chunked_as_the_stage_trains():
 
     engine = Engine()
     ref = compute_routing(model, batch)
-    got = compute_routing(engine_forward(engine, torch.device("cpu"), lambda n: 30 if n == 96 else 0), batch)
+    got = compute_routing(engine_forward(engine, torch.device("cpu"), chunk_for=lambda n: 30 if n == 96 else 0), batch)
     assert engine.calls == 4 and len(got) == len(ref) == cfg.n_layers + cfg.mtp_depth
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
