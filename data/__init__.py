@@ -2,12 +2,20 @@
 
 Entry point: ``build_data(cfg, seq_len, micro_batch, seed, rank, world_size)`` (``data.builder``).
 """
-from data.builder import DataBundle, build_data
-from data.loader import TokenLoader, ValLoader
-from data.packing import TokenStream, doc_ids_from_inputs
-from data.tokenizer import EMBEDDED_GPT2, Tokenizer, load_tokenizer
+# Names are imported on first use (PEP 562): the config schema imports this package's typed
+# section (``config``) before anything heavy, so that a mistyped key fails at once.
+import importlib
 
-__all__ = [
-    "DataBundle", "build_data", "TokenLoader", "ValLoader", "TokenStream",
-    "doc_ids_from_inputs", "Tokenizer", "load_tokenizer", "EMBEDDED_GPT2",
-]
+_EXPORTS = {
+    **dict.fromkeys(('DataBundle', 'build_data'), "data.builder"),
+    **dict.fromkeys(('TokenLoader', 'ValLoader'), "data.loader"),
+    **dict.fromkeys(('TokenStream', 'doc_ids_from_inputs'), "data.packing"),
+    **dict.fromkeys(('EMBEDDED_GPT2', 'Tokenizer', 'load_tokenizer'), "data.tokenizer"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

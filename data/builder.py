@@ -1,6 +1,7 @@
 """``build_data``: from the ``data`` config to ready loaders, in one call.
 
-Config keys (``cfg``, a dict or OmegaConf mapping; unknown keys are an error):
+Config keys (``cfg``: ``data.config.DataSection``, which declares them and their defaults, or a
+mapping of some of them; unknown keys are an error):
 
 =============== ======================================================================
 kind            ``embedded`` (default; KJV Bible + Shakespeare, offline) | ``embedded_long``
@@ -29,26 +30,21 @@ tokenizer loads. Only then is the corpus tokenised (once; later runs map the cac
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from data.config import DataSection, section_defaults
 from data.corpus import KINDS, SAMPLE_BY, CorpusSpec, embedded_files, expand_paths
 from data.loader import TokenLoader, ValLoader, _check_positive, _check_shape
 from data.packing import PACKINGS, TokenStream
 from data.passkey import PasskeyMix, PasskeyTemplate
 from data.token_cache import default_cache_dir, open_or_build
-from data.tokenizer import EMBEDDED_GPT2, Tokenizer, load_tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
-
-DEFAULTS: dict[str, Any] = {
-    "kind": "embedded", "paths": [], "name": None, "subset": None, "split": "train",
-    "revision": None, "max_documents": None, "text_field": "text", "sample_by": "document",
-    "tokenizer": EMBEDDED_GPT2, "eos_token": None, "cache_dir": None,
-    "val_fraction": 0.01, "val_batches": 8, "packing": "stream", "passkey_rate": 0.0,
-}
 
 
 @dataclass
@@ -61,12 +57,16 @@ class DataBundle:
     stats: dict[str, Any]
 
 
-def _resolve_config(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+def _resolve_config(cfg: DataSection | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The section's keys, a mapping's filled in from DataSection's defaults (None = default)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     given = dict(cfg or {})
-    unknown = sorted(set(given) - set(DEFAULTS))
+    defaults = section_defaults()
+    unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise KeyError(f"unknown data config keys {unknown}; known keys are {sorted(DEFAULTS)}")
-    out = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+        raise KeyError(f"unknown data config keys {unknown}; known keys are {sorted(defaults)}")
+    out = {**defaults, **{k: v for k, v in given.items() if v is not None}}
     if out["kind"] not in KINDS:
         raise ValueError(f"data.kind must be one of {KINDS}, got {out['kind']!r}")
     if out["sample_by"] not in SAMPLE_BY:
@@ -118,7 +118,7 @@ def check_data_config(cfg: Mapping[str, Any] | None) -> None:
     _corpus_spec(_resolve_config(cfg))
 
 
-def build_data(cfg: Mapping[str, Any] | None, seq_len: int, micro_batch: int, seed: int,
+def build_data(cfg: DataSection | Mapping[str, Any] | None, seq_len: int, micro_batch: int, seed: int,
                rank: int = 0, world_size: int = 1, grad_accum: int = 1) -> DataBundle:
     """Tokenise (or map the cached tokens of) the configured corpus and build this rank's loaders.
 

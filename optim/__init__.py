@@ -9,15 +9,22 @@
 - ``schedule``: ``lr_factor`` / ``lr_scheduler`` (warm-up, constant, cosine), ``BatchSizeRamp``.
 - ``builder``: ``build_optimizer`` / ``build_lr_scheduler`` from the ``optim`` config node.
 """
-from optim.builder import build_lr_scheduler, build_optimizer
-from optim.groups import GroupingError, assign_groups, param_groups
-from optim.hybrid import HybridOptimizer, Muon
-from optim.muon import muon_direction
-from optim.newton_schulz import V4_NS_COEFFICIENTS, hybrid_newton_schulz
-from optim.schedule import BatchSizeRamp, lr_factor, lr_scheduler
+# Names are imported on first use (PEP 562): the config schema imports this package's typed
+# section (``config``) before anything heavy, so that a mistyped key fails at once.
+import importlib
 
-__all__ = [
-    "BatchSizeRamp", "GroupingError", "HybridOptimizer", "Muon", "V4_NS_COEFFICIENTS",
-    "assign_groups", "build_lr_scheduler", "build_optimizer", "hybrid_newton_schulz",
-    "lr_factor", "lr_scheduler", "muon_direction", "param_groups",
-]
+_EXPORTS = {
+    **dict.fromkeys(('build_lr_scheduler', 'build_optimizer'), "optim.builder"),
+    **dict.fromkeys(('GroupingError', 'assign_groups', 'param_groups'), "optim.groups"),
+    **dict.fromkeys(('HybridOptimizer', 'Muon'), "optim.hybrid"),
+    **dict.fromkeys(('muon_direction',), "optim.muon"),
+    **dict.fromkeys(('V4_NS_COEFFICIENTS', 'hybrid_newton_schulz'), "optim.newton_schulz"),
+    **dict.fromkeys(('BatchSizeRamp', 'lr_factor', 'lr_scheduler'), "optim.schedule"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,10 +34,11 @@ from typing import Sequence
 
 import torch
 
+from optim.config import OptimSection
 from optim.muon import NS_DTYPES
 from optim.newton_schulz import hybrid_newton_schulz
 
-DEFAULT_NS_BATCH_MB = 256.0
+DEFAULT_NS_BATCH_MB = OptimSection.ns_batch_mb
 FP32_BYTES = 4
 
 

@@ -1,4 +1,5 @@
-"""Build the optimizer and LR schedule from the ``optim`` config node (a plain mapping).
+"""Build the optimizer and LR schedule from the ``optim`` config section (``optim.config.
+OptimSection``, which declares the keys and their defaults, or a mapping of some of them).
 
 Keys (defaults are V4's):
     name            "muon" (Muon for matrices + AdamW for the rest) | "adamw" (everything AdamW;
@@ -21,44 +22,21 @@ Schedule keys (read by ``build_lr_scheduler``, ignored by ``build_optimizer``):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import torch
 
-from optim.batched import DEFAULT_NS_BATCH_MB
+from optim.config import OptimSection, optim_section
 from optim.groups import param_groups
-from optim.hybrid import ADAMW_DEFAULTS, MUON_DEFAULTS, HybridOptimizer
+from optim.hybrid import HybridOptimizer
 from optim.schedule import lr_scheduler
 
-OPTIMIZER_DEFAULTS = {
-    "muon_lr": None, "weight_decay": 0.1, "betas": ADAMW_DEFAULTS["betas"],
-    "eps": ADAMW_DEFAULTS["eps"], "momentum": MUON_DEFAULTS["momentum"],
-    "update_rms": MUON_DEFAULTS["update_rms"], "ns_dtype": "bf16", "wo_a_blocks": None,
-    "track_update_rms": True, "ns_batch_mb": DEFAULT_NS_BATCH_MB, "foreach": True,
-}
-REQUIRED_KEYS = ("name", "lr")
-SCHEDULE_DEFAULTS = {"warmup_steps": 2000, "total_steps": None, "decay_start": None,
-                     "decay_fraction": None, "final_fraction": 0.1}
-OPTIMIZER_NAMES = ("muon", "adamw")
+def _checked(cfg: OptimSection | Mapping) -> dict:
+    return dataclasses.asdict(optim_section(cfg))
 
 
-def _checked(cfg: Mapping) -> dict:
-    if not isinstance(cfg, Mapping):
-        raise TypeError(f"optim config must be a mapping, got {type(cfg).__name__}")
-    cfg = dict(cfg)
-    known = set(REQUIRED_KEYS) | set(OPTIMIZER_DEFAULTS) | set(SCHEDULE_DEFAULTS)
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise ValueError(f"optim: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    missing = [k for k in REQUIRED_KEYS if cfg.get(k) is None]
-    if missing:
-        raise ValueError(f"optim: missing required key(s) {missing}")
-    if cfg["name"] not in OPTIMIZER_NAMES:
-        raise ValueError(f"optim.name must be one of {OPTIMIZER_NAMES}, got {cfg['name']!r}")
-    return {**OPTIMIZER_DEFAULTS, **SCHEDULE_DEFAULTS, **cfg}
-
-
-def optimizer_groups(model: torch.nn.Module, cfg: Mapping) -> tuple[list[dict], dict]:
+def optimizer_groups(model: torch.nn.Module, cfg: OptimSection | Mapping) -> tuple[list[dict], dict]:
     """The param groups (``optim.groups``) and the optimizer-wide options of ``cfg``: what
     ``HybridOptimizer`` (here) and ``ShardedHybridOptimizer`` (optim.deepspeed) are built from."""
     c = _checked(cfg)
@@ -79,13 +57,13 @@ def optimizer_groups(model: torch.nn.Module, cfg: Mapping) -> tuple[list[dict], 
     return groups, options
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Mapping) -> HybridOptimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimSection | Mapping) -> HybridOptimizer:
     """HybridOptimizer over ``model``'s trainable parameters, grouped by ``optim.groups``."""
     groups, options = optimizer_groups(model, cfg)
     return HybridOptimizer(groups, **options)
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Mapping,
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimSection | Mapping,
                        total_steps: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """Warm-up / constant / cosine LambdaLR from the schedule keys of ``cfg``.
 

@@ -23,11 +23,13 @@ from optim.batched import (DEFAULT_NS_BATCH_MB, NSJob, adamw_foreach_, bucket_di
                            plan_ns_buckets, sum_of_squares)
 from optim.muon import (UpdateRMSTracker, canonical_ns_dtype, check_muon_params, decay_and_apply_,
                         muon_step_, nesterov_input_, validate_muon_hparams)
+from optim.config import OptimSection
 from optim.newton_schulz import V4_NS_COEFFICIENTS
 
-MUON_DEFAULTS = dict(momentum=0.95, weight_decay=0.1, update_rms=0.18, ns_dtype="bfloat16",
-                     ns_steps=V4_NS_COEFFICIENTS, row_blocks=1)
-ADAMW_DEFAULTS = dict(betas=(0.9, 0.95), eps=1e-20, weight_decay=0.1)
+_D = OptimSection   # the config's defaults (optim/config.py)
+MUON_DEFAULTS = dict(momentum=_D.momentum, weight_decay=_D.weight_decay, update_rms=_D.update_rms,
+                     ns_dtype="bfloat16", ns_steps=V4_NS_COEFFICIENTS, row_blocks=1)
+ADAMW_DEFAULTS = dict(betas=tuple(_D().betas), eps=_D.eps, weight_decay=_D.weight_decay)
 KIND_DEFAULTS = {"muon": MUON_DEFAULTS, "adamw": ADAMW_DEFAULTS}
 COMMON_KEYS = {"params", "param_names", "kind", "name", "lr", "initial_lr"}
 

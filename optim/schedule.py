@@ -39,21 +39,21 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, decay_start: in
     return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_schedule(optim_cfg: Mapping, main_steps: int) -> Callable[[int], float]:
-    """The run's schedule from the ``optim`` config: main step -> lr factor (``lr_factor`` over
-    ``optim.total_steps`` or the curriculum's ``main_steps``). Bad settings raise ValueError now,
-    naming the key, rather than at the first step."""
-    total = int(optim_cfg.get("total_steps") or main_steps)
-    warmup = int(optim_cfg["warmup_steps"])
+def lr_schedule(optim_cfg, main_steps: int) -> Callable[[int], float]:
+    """The run's schedule from the ``optim`` section (``optim.config.OptimSection``): main step
+    -> lr factor (``lr_factor`` over ``optim.total_steps`` or the curriculum's ``main_steps``).
+    Bad settings raise ValueError now, naming the key, rather than at the first step."""
+    total = int(optim_cfg.total_steps or main_steps)
+    warmup = int(optim_cfg.warmup_steps)
     if warmup >= total:
         raise ValueError(f"optim.warmup_steps={warmup} must be less than the run's "
                          f"{total} optimizer steps (the curriculum's, or optim.total_steps)")
 
     def factor(main_step: int) -> float:
         return lr_factor(main_step, warmup_steps=warmup, total_steps=total,
-                         decay_start=optim_cfg.get("decay_start"),
-                         decay_fraction=optim_cfg.get("decay_fraction"),
-                         final_fraction=float(optim_cfg["final_fraction"]))
+                         decay_start=optim_cfg.decay_start,
+                         decay_fraction=optim_cfg.decay_fraction,
+                         final_fraction=float(optim_cfg.final_fraction))
     factor(0)
     return factor
 

@@ -54,6 +54,7 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
     work. ``world_size``: the launcher's environment's when not given."""
     from data.builder import check_data_config
     from model.config import ModelConfig
+    from optim.config import optim_section
     from optim.schedule import lr_schedule
     from train.curriculum import build_curriculum
     from train.engine import deepspeed_config, resolve_device, resolve_precision
@@ -81,7 +82,7 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
     problem = check_cp_shards(int(cfg.parallel.cp_size), [st.seq_len for st in curriculum.stages], model_cfg)
     if problem:
         raise ConfigError(problem)
-    lr_schedule(_container(cfg.optim), curriculum.main_steps)
+    lr_schedule(optim_section(_container(cfg.optim)), curriculum.main_steps)
     zero_stage = int(cfg.deepspeed.zero_stage)
     first = curriculum.stages[0]
     deepspeed_config(cfg.deepspeed, micro_batch=first.micro_batch, grad_accum=first.grad_accum,

@@ -32,7 +32,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from data.config import DataSection
 from model.config import ModelConfig
+from optim.config import OptimSection
+from train.spikes import SpikeDetectorSection
 
 
 @dataclass
@@ -74,50 +77,6 @@ class TrainSection:
     # Refuse a job whose estimated memory per rank (train/memory.py) exceeds what the device has
     # free, before anything is allocated; false skips the check.
     memory_check: bool = True
-
-
-@dataclass
-class OptimSection:
-    """Keys of optim.builder.build_optimizer plus the lr-schedule keys (see optim/builder.py)."""
-    name: str = "muon"                 # muon (Muon + AdamW groups) | adamw (AdamW everywhere)
-    lr: float = MISSING                # peak AdamW lr
-    muon_lr: Optional[float] = None    # peak Muon lr; null = lr (update-RMS matching)
-    weight_decay: float = 0.1
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-20
-    momentum: float = 0.95
-    update_rms: float = 0.18
-    ns_dtype: str = "bf16"
-    wo_a_blocks: Optional[int] = None
-    track_update_rms: bool = True
-    ns_batch_mb: float = 256.0         # Newton-Schulz batched over same-shape matrices, MiB per bucket (0 = per matrix)
-    foreach: bool = True               # torch._foreach_* for the elementwise optimizer work
-    warmup_steps: int = 2000
-    total_steps: Optional[int] = None  # null: the curriculum's optimizer steps
-    decay_start: Optional[int] = None
-    decay_fraction: Optional[float] = None
-    final_fraction: float = 0.1
-
-
-@dataclass
-class DataSection:
-    """Keys of data.builder.build_data (see data/builder.py for their meaning)."""
-    kind: str = "embedded"             # embedded | embedded_long | files | hf
-    paths: List[str] = field(default_factory=list)      # files: files or directories
-    name: Optional[str] = None         # hf: dataset name or local dataset directory
-    subset: Optional[str] = None
-    split: str = "train"
-    revision: Optional[str] = None
-    text_field: str = "text"
-    sample_by: str = "document"        # files (text): document | paragraph | line
-    max_documents: Optional[int] = None
-    tokenizer: str = "gpt2-embedded"   # gpt2-embedded | a Hugging Face tokenizer name or path
-    eos_token: Optional[str] = None    # HF tokenizers: document separator (null: its eos)
-    cache_dir: Optional[str] = None    # token cache; null: ~/.cache/hybridlm
-    val_fraction: float = 0.01         # held-out fraction (whole documents/groups)
-    val_batches: int = 8               # micro-batches per validation pass
-    packing: str = "stream"            # stream (cut every seq_len) | documents (whole documents per row)
-    passkey_rate: float = 0.0          # share of training tokens from synthetic passkey documents
 
 
 @dataclass
@@ -199,16 +158,6 @@ class ParallelSection:
     cp_size: int = 1
     # where Muon's Newton-Schulz runs under ZeRO (optim/deepspeed.py): owner | redundant
     ns_placement: str = "owner"
-
-
-@dataclass
-class SpikeDetectorSection:
-    """train.spikes.SpikeDetector: robust z-score of each metric against its last ``window``
-    accepted values; NaN/inf always count as spikes."""
-    metrics: List[str] = field(default_factory=lambda: ["loss", "grad_norm", "update_norm"])
-    window: int = 50
-    z_threshold: float = 20.0         # clean runs reach ~9 (bench/results/spike_detector-*)
-    min_history: int = 10              # values needed before finite values can be spikes
 
 
 @dataclass

@@ -24,6 +24,7 @@ from data.builder import build_data
 from data.loader import remap_state
 from model.config import ModelConfig
 from model.transformer import Transformer
+from optim.config import OptimSection, optim_section
 from optim.deepspeed import ShardedHybridOptimizer, build_sharded_optimizer
 from optim.schedule import lr_schedule
 from train.checkpoint import (CheckpointManager, CheckpointRef, check_reshard, find_resume,
@@ -141,19 +142,19 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     curriculum = _curriculum(cfg, model_cfg, dist, resume, replica.dp_size)
     # train.seq_chunk per stage (auto: sized from the memory estimate before anything is allocated)
     chunks = seq_chunks(cfg, model_cfg, curriculum, device, precision, dist.world_size)
-    optim_cfg = OmegaConf.to_container(cfg.optim, resolve=True)
+    optim_cfg = optim_section(OmegaConf.to_object(cfg.optim))
     planner = Planner(
         curriculum, lr_schedule(optim_cfg, curriculum.main_steps),
-        warmup_steps=int(optim_cfg["warmup_steps"]),
+        warmup_steps=int(optim_cfg.warmup_steps),
         indexer_warmup_lr=float(cfg.curriculum.indexer_warmup_lr),
         mtp_weights=None if tc.mtp_loss_weight_at_decay is None else
         (model_cfg.mtp_loss_weight, float(tc.mtp_loss_weight_at_decay)))
-    stability_cfg = OmegaConf.to_container(cfg.stability, resolve=True)
+    stability_cfg = OmegaConf.to_object(cfg.stability)   # typed: the schema's StabilitySection
     stability = build_stability(stability_cfg, zero_stage=int(cfg.deepspeed.zero_stage),
                                 snapshot_dir=str(run_dir / "snapshots" / f"rank{dist.rank}"))
 
     first = curriculum.stages[0]
-    data = build_data(OmegaConf.to_container(cfg.data, resolve=True), seq_len=first.seq_len,
+    data = build_data(OmegaConf.to_object(cfg.data), seq_len=first.seq_len,
                       micro_batch=first.micro_batch, seed=tc.seed, rank=replica.dp_rank,
                       world_size=replica.dp_size, grad_accum=first.grad_accum)
     if data.vocab_size > model_cfg.vocab_size:
@@ -198,14 +199,14 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
                                 resume_run_id=wandb_id)
     run.progress = Progress(curriculum.total_steps, run.start_step, is_main=dist.is_main,
                             show_bar=tc.progress)
-    run.injector = Injector(stability_cfg.get("inject") or [], stability, start_step=run.start_step)
+    run.injector = Injector(stability_cfg.inject, stability, start_step=run.start_step)
     _announce(run, params, resumed_meta, precision=precision, curriculum_name=cfg.curriculum.name,
               ep_size=cfg.parallel.ep_size)
     run.long_eval = _long_context_eval(cfg.eval, data.tokenizer, tc.seed)
     return run
 
 
-def _build_model(cfg: DictConfig, model_cfg: ModelConfig, optim_cfg: dict, first, world_size: int,
+def _build_model(cfg: DictConfig, model_cfg: ModelConfig, optim_cfg: OptimSection, first, world_size: int,
                  precision: str):
     """Model (seeded), expert parallelism, the one optimizer (the indexers in groups of their
     own, for the warm-up), the DeepSpeed engine; -> (model, (total, active) parameters counted

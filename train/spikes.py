@@ -19,10 +19,21 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import List, Mapping, Sequence
 
 DEFAULT_METRICS = ("loss", "grad_norm", "update_norm")
+
+
+@dataclass
+class SpikeDetectorSection:
+    """``stability.detector`` (a node of the Hydra schema; its defaults are SpikeDetector's):
+    robust z-score of each metric against its last ``window`` accepted values; NaN/inf always
+    count as spikes."""
+    metrics: List[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    window: int = 50
+    z_threshold: float = 20.0         # clean runs reach ~9 (bench/results/spike_detector-*)
+    min_history: int = 10              # values needed before finite values can be spikes
 
 
 @dataclass(frozen=True)
@@ -44,7 +55,9 @@ def _median(values: Sequence[float]) -> float:
 
 
 class SpikeDetector:
-    def __init__(self, window: int = 50, z_threshold: float = 20.0, min_history: int = 10,
+    def __init__(self, window: int = SpikeDetectorSection.window,
+                 z_threshold: float = SpikeDetectorSection.z_threshold,
+                 min_history: int = SpikeDetectorSection.min_history,
                  metrics: Sequence[str] = DEFAULT_METRICS, rel_floor: float = 0.02,
                  abs_floor: float = 1e-8):
         if not isinstance(window, int) or window < 3:

@@ -32,6 +32,7 @@ train-line step (1-based, as metrics.jsonl and the console do): step ``s`` is "s
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any, Callable, Mapping
@@ -40,8 +41,9 @@ import torch
 
 from train.anticipatory import AnticipatoryRouter
 from train.collectives import all_reduce_mean, world_size
+from train.config_schema import InjectSection, RollbackSection, StabilitySection
 from train.rollback import RollbackExhausted, SnapshotRing
-from train.spikes import DEFAULT_METRICS, SpikeDetector
+from train.spikes import DEFAULT_METRICS, SpikeDetector, SpikeDetectorSection
 from train.stability import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
@@ -317,6 +319,18 @@ INJECT_KINDS = ("scale_grad", "scale_loss", "nan", "skip", "anticipate")
 _YAML_BOOL_MODES = {"false": "off", "true": "on"}   # YAML 1.1 reads a bare off/on as a bool
 
 
+# the schema's dataclasses hold the defaults (train/config_schema.py, train/spikes.py)
+_STABILITY, _DETECTOR, _ROLLBACK = StabilitySection(), SpikeDetectorSection(), RollbackSection()
+
+
+def _as_mapping(section) -> dict:
+    """A typed section (the schema's dataclass) or a mapping (tests, the checks' resolved
+    config) as a dict; None: {} (every key at its default)."""
+    if dataclasses.is_dataclass(section) and not isinstance(section, type):
+        return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    return dict(section or {})
+
+
 def _get(section: Mapping, key: str, default=None):
     value = section.get(key, default) if section is not None else default
     return default if value is None and default is not None else value
@@ -339,9 +353,10 @@ def normalise_mode(mode) -> str:
 
 def rollback_enabled(section: Mapping) -> bool:
     """``stability.rollback.enabled``; null means: exactly when anticipatory_routing=auto."""
-    enabled = _get(section.get("rollback") or {}, "enabled")
+    section = _as_mapping(section)
+    enabled = _get(_as_mapping(section.get("rollback")), "enabled")
     if enabled is None:
-        return normalise_mode(section.get("anticipatory_routing", "off")) == "auto"
+        return normalise_mode(section.get("anticipatory_routing", _STABILITY.anticipatory_routing)) == "auto"
     return bool(enabled)
 
 
@@ -350,36 +365,36 @@ def build_stability(section: Mapping, *, snapshot_dir: str | None = None,
     """The ``stability`` config section -> ``StabilityController`` (the one place the keys are
     read; see conf/stability/default.yaml for each key). Every bad value raises ``ValueError``
     naming its key. ``snapshot_dir``: where ``rollback.location=disk`` writes (per rank)."""
-    section = dict(section or {})
-    mode = normalise_mode(section.get("anticipatory_routing", "off"))
-    dt = _int(_get(section, "dt", 1), "stability.dt", 1)
-    on_steps = _int(_get(section, "on_steps", 100), "stability.on_steps", 1)
+    section = _as_mapping(section)
+    mode = normalise_mode(section.get("anticipatory_routing", _STABILITY.anticipatory_routing))
+    dt = _int(_get(section, "dt", _STABILITY.dt), "stability.dt", 1)
+    on_steps = _int(_get(section, "on_steps", _STABILITY.on_steps), "stability.on_steps", 1)
 
-    det = dict(section.get("detector") or {})
-    metrics = list(_get(det, "metrics", list(DEFAULT_METRICS)))
+    det = _as_mapping(section.get("detector"))
+    metrics = list(_get(det, "metrics", _DETECTOR.metrics))
     unknown = [m for m in metrics if m not in DEFAULT_METRICS]
     if unknown or not metrics:
         raise ValueError(f"stability.detector.metrics must be a non-empty subset of "
                          f"{list(DEFAULT_METRICS)}, got {metrics!r}")
-    window = _int(_get(det, "window", 50), "stability.detector.window", 3)
-    min_history = _int(_get(det, "min_history", 10), "stability.detector.min_history", 1)
+    window = _int(_get(det, "window", _DETECTOR.window), "stability.detector.window", 3)
+    min_history = _int(_get(det, "min_history", _DETECTOR.min_history), "stability.detector.min_history", 1)
     if min_history > window:
         raise ValueError(f"stability.detector.min_history={min_history} must be <= "
                          f"stability.detector.window={window}")
-    z = _get(det, "z_threshold", 20.0)
+    z = _get(det, "z_threshold", _DETECTOR.z_threshold)
     if isinstance(z, bool) or not isinstance(z, (int, float)) or not z > 0:
         raise ValueError(f"stability.detector.z_threshold must be a number > 0, got {z!r}")
     detector = SpikeDetector(window=window, z_threshold=float(z), min_history=min_history,
                              metrics=metrics)
 
-    rb = dict(section.get("rollback") or {})
-    every = _int(_get(rb, "snapshot_every", 50), "stability.rollback.snapshot_every", 1)
-    keep = _int(_get(rb, "keep", 2), "stability.rollback.keep", 1)
-    location = _get(rb, "location", "memory")
+    rb = _as_mapping(section.get("rollback"))
+    every = _int(_get(rb, "snapshot_every", _ROLLBACK.snapshot_every), "stability.rollback.snapshot_every", 1)
+    keep = _int(_get(rb, "keep", _ROLLBACK.keep), "stability.rollback.keep", 1)
+    location = _get(rb, "location", _ROLLBACK.location)
     if location not in ROLLBACK_LOCATIONS:
         raise ValueError(f"stability.rollback.location must be memory | disk, got {location!r}")
-    max_retries = _int(_get(rb, "max_retries", 3), "stability.rollback.max_retries", 0)
-    skip_batches = _int(_get(rb, "skip_batches", 1), "stability.rollback.skip_batches", 0)
+    max_retries = _int(_get(rb, "max_retries", _ROLLBACK.max_retries), "stability.rollback.max_retries", 0)
+    skip_batches = _int(_get(rb, "skip_batches", _ROLLBACK.skip_batches), "stability.rollback.skip_batches", 0)
     ring = None
     if rollback_enabled(section):
         if zero_stage == 3:
@@ -400,19 +415,19 @@ def parse_injections(items, mode: str = "auto") -> list[dict]:
     """Validate ``stability.inject``: a list of ``{step, kind, factor}``; see ``Injector``."""
     out = []
     for i, item in enumerate(items):
-        item = dict(item)
+        item = _as_mapping(item)
         key = f"stability.inject[{i}]"
         step = _int(item.get("step"), f"{key}.step", 0)
         kind = item.get("kind")
         if kind not in INJECT_KINDS:
             raise ValueError(f"{key}.kind must be one of {' | '.join(INJECT_KINDS)}, got {kind!r}")
-        factor = item.get("factor", 1e4)
+        factor = item.get("factor", InjectSection.factor)
         if kind in ("scale_grad", "scale_loss") and (
                 isinstance(factor, bool) or not isinstance(factor, (int, float))):
             raise ValueError(f"{key}.factor must be a number, got {factor!r}")
         if kind == "anticipate" and mode != "auto":
             raise ValueError(f"{key}.kind=anticipate needs stability.anticipatory_routing=auto")
-        out.append({"step": step, "kind": kind, "factor": float(factor if factor is not None else 1e4)})
+        out.append({"step": step, "kind": kind, "factor": float(factor if factor is not None else InjectSection.factor)})
     return out
 
 
