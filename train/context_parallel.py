@@ -26,7 +26,8 @@ Expert parallelism composes: its all-to-alls carry every CP rank's tokens to the
 DeepSpeed reduces expert gradients to the mean loss over all ranks, which the same cp_size
 factor turns into the data-parallel mean. Not combined (refused with one line by ``check_cp``):
 train.seq_chunk (the chunked step inside a CP rank). The validation loss is computed the same way (each rank its
-range); the ``eval.*`` long-context metrics still run the whole window on every rank.
+range); the ``eval.*`` long-context metrics still run the whole window on every rank. Model
+diagnostics (logged by rank 0) describe rank 0's token range.
 """
 from __future__ import annotations
 

@@ -139,8 +139,11 @@ def enter_stage(run: Run, stage: Stage, step: int, announce: bool) -> Stage:
     run.flops_per_token = flops_per_token(run.model, stage.seq_len, stage.attention_mode)
     if announce:
         run.say(f"stage {stage.index} ({stage.name}): seq_len {stage.seq_len}, micro batch "
-                f"{stage.micro_batch} x {stage.grad_accum} accumulation x {run.dist.world_size} "
-                f"ranks, {stage.attention_mode} attention" +
+                f"{stage.micro_batch} x {stage.grad_accum} accumulation x "
+                + (f"{run.dist.world_size} ranks" if run.context_parallel is None else
+                   f"{run.context_parallel.ranks.dp_size} data-parallel groups of "
+                   f"{run.context_parallel.size} context-parallel ranks")
+                + f", {stage.attention_mode} attention" +
                 (f" after {stage.warmup_steps} indexer warm-up steps" if stage.warmup_steps else "") +
                 (f", sequence chunks of {run.seq_chunks[stage.index]} tokens"
                  if run.seq_chunks and run.seq_chunks[stage.index] else ""))

@@ -6,7 +6,7 @@ every rank, in fp64.
 Checks (relative error <= 1e-10): this rank's logit rows and routing; every loss term and the
 total (summed over the CP group); every parameter gradient (summed over the group); the
 router-bias loads (summed); the attention bytes moved (== ``ShardPlan.predicted_bytes`` summed
-over the layers). Prints "EMPTY ..." for a rank owning no entry of a ratio, then "OK <rank>".
+over the layers); diagnostics on rank 0 only (as the trainer asks for them) change nothing. Prints "EMPTY ..." for a rank owning no entry of a ratio, then "OK <rank>".
 """
 from __future__ import annotations
 
@@ -93,8 +93,10 @@ def main() -> None:
     stats = CommStats()
     out = context_parallel_forward(model, cfg, cp, inp, lab, doc,
                                    routing_indices=None if routes is None else [r[:, s:e] for r in routes],
-                                   bounds=bounds, stats=stats, return_logits=True)
+                                   bounds=bounds, stats=stats, return_logits=True,
+                                   diagnostics=cp.rank == 0)   # as the trainer: rank 0 only
     out.loss.backward()
+    assert ("moe/maxvio_max" in out.diagnostics) == (cp.rank == 0), sorted(out.diagnostics)
 
     tag = f"rank {cp.rank} ({args.mode})"
     assert rel(out.logits.detach(), ref.logits[:, s:e].detach()) <= TOL, f"{tag}: logits"
