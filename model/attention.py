@@ -184,8 +184,9 @@ class Attention(nn.Module):
         if self.measure_recall and (topk_idx is not None or dense_idx is not None):
             with torch.no_grad():   # dense mode: the top-k the indexer would select
                 sel = topk_idx if topk_idx is not None else self._select(*dense_idx, c_end, doc_start)
-                recall = indexer_recall(q, ckv, lse, self.scale, sel, c_end, doc_start,
-                                        lse_covers_all=topk_idx is None)
+                h = carry.frame.halo if carry is not None else 0   # a chunk samples its own rows
+                recall = indexer_recall(q[:, h:], ckv, lse[:, h:], self.scale, sel[:, h:], c_end - h,
+                                        doc_start[:, h:] - h, lse_covers_all=topk_idx is None)
 
         indexer_loss = None
         # a chunk's halo queries are not its own: they see no entry in the loss
@@ -205,8 +206,9 @@ class Attention(nn.Module):
         wo_a = self.wo_a.weight.view(g, self.o_lora_rank, -1)            # [g, r, H*hd/g]
         o = torch.einsum("blgi,gri->blgr", o, wo_a)                      # [B, L, g, r]
         out = self.wo_b(o.flatten(2))                                    # [B, L, D]
-        with torch.no_grad():
-            sink_mass = torch.exp(self.sink.float()[None, None, :] - lse.float()).mean()
+        with torch.no_grad():   # over this chunk's own queries (a frame's halo rows belong to the previous)
+            own = lse if carry is None else lse[:, carry.frame.halo:]
+            sink_mass = torch.exp(self.sink.float()[None, None, :] - own.float()).mean()
         aux = {"indexer_loss": indexer_loss, "sink_mass": sink_mass, "topk_idx": topk_idx,
                "indexer_recall": recall}
         if carry is not None:

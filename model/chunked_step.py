@@ -37,6 +37,7 @@ import torch
 
 from model.chunk_layout import (AttentionCarry, ChunkContext, ChunkFrame, LayerCarry,
                                 build_frame, chunk_bounds, halo_rows)
+from model.diagnostics import merge_chunks
 from model.layout import CompressedLayout, DocLayout, queries_with_entries
 from model.moe import row_expert_counts
 from model.transformer import IGNORE_INDEX, Transformer
@@ -48,7 +49,7 @@ class ChunkedOutput:
     losses: dict[str, torch.Tensor]         # detached: lm, mtp, balance, indexer (as the unchunked step)
     routes: "_Routing"                      # the experts every token used (see routing_indices)
     n_chunks: int
-    diagnostics: dict                       # of the last chunk (when asked for)
+    diagnostics: dict                       # of the whole sequence, merged over chunks (when asked for)
 
     @property
     def routing_indices(self) -> list[torch.Tensor]:
@@ -326,14 +327,14 @@ def chunked_forward_backward(
 
     # ---- 2. backward sweep, last chunk first
     totals: dict[str, torch.Tensor] = {}
-    loss_total, diag = None, {}
+    loss_total, diags = None, []
     for c in reversed(range(len(bounds))):
         fr = seq.frame(c)
         s, e = fr.start, fr.end
         ctx = seq.context(fr, c, True, sequence, need_loss=True)
         out = forward(input_ids=input_ids[:, s:e], labels=labels[:, s:e], routing_indices=routing.replay(c),
-                      chunk=ctx, diagnostics=diagnostics and c == len(bounds) - 1)
-        diag = out.diagnostics or diag
+                      chunk=ctx, diagnostics=diagnostics)
+        diags.append((out.diagnostics, e - s))
         loss = out.loss
         for li, (st, carry) in enumerate(zip(states, out.carry)):
             terms = [_dot(carry["halo"], st.g_halo_out, grad_factor)]
@@ -355,4 +356,4 @@ def chunked_forward_backward(
             totals[k] = v if k not in totals else totals[k] + v
         del ctx, out, loss   # this chunk's graph inputs and outputs: not kept into the next chunk
     return ChunkedOutput(loss=loss_total, losses=totals, routes=routing, n_chunks=len(bounds),
-                         diagnostics=diag)
+                         diagnostics=merge_chunks(diags) if diagnostics else {})

@@ -10,6 +10,12 @@
   layers' indexer recall (the share of dense attention mass on compressed entries that the
   top-k holds, ``model.indexer.indexer_recall``), its chance level K / visible entries and its
   ceiling (the share of the best K entries).
+
+Under the sequence-chunked step every chunk collects its own; ``merge_chunks`` combines them
+into the whole sequence's values (loads summed, MaxVio from the summed loads, gains max over
+tokens, sink mass averaged over tokens, indexer-loss shares summed): the same numbers as the
+unchunked step's, up to summation order. The indexer recall is an estimate from sampled query
+rows: each chunk samples its own rows and the chunks' estimates are averaged weighted by rows.
 """
 from __future__ import annotations
 
@@ -71,13 +77,57 @@ class DiagnosticsCollector:
             fwd, bwd = composite_gain(self._combs)
             o["mhc/composite_gain_fwd"] = float(fwd)
             o["mhc/composite_gain_bwd"] = float(bwd)
-        vios = [v for k, v in o.items() if k.startswith("moe/maxvio/")]
-        if vios:
-            o["moe/maxvio_max"] = max(vios)
-        recalls = [v for k, v in o.items() if k.startswith("attn/indexer_recall/")]
-        if recalls:
-            o["attn/indexer_recall_mean"] = sum(recalls) / len(recalls)
-        sinks = [v for k, v in o.items() if k.startswith("attn/sink_mass/")]
-        if sinks:
-            o["attn/sink_mass_mean"] = sum(sinks) / len(sinks)
-        return o
+        return _summaries(o)
+
+
+def _summaries(o: dict) -> dict:
+    """The cross-layer summaries, from the per-layer values."""
+    vios = [v for k, v in o.items() if k.startswith("moe/maxvio/")]
+    if vios:
+        o["moe/maxvio_max"] = max(vios)
+    recalls = [v for k, v in o.items() if k.startswith("attn/indexer_recall/")]
+    if recalls:
+        o["attn/indexer_recall_mean"] = sum(recalls) / len(recalls)
+    sinks = [v for k, v in o.items() if k.startswith("attn/sink_mass/")]
+    if sinks:
+        o["attn/sink_mass_mean"] = sum(sinks) / len(sinks)
+    return o
+
+
+# how a chunk's value combines into the whole sequence's (key prefix -> rule); a key with no
+# rule is refused, so that a new diagnostic says how it aggregates instead of showing one chunk
+_MERGE = (
+    ("moe/load/", "sum"),                   # token counts per expert
+    ("moe/maxvio/", "from_load"),           # of the summed loads
+    ("moe/bias_spread/", "same"),           # a parameter: equal in every chunk
+    ("attn/sink_mass/", "row_mean"),        # mean over the chunk's own queries (no halo rows)
+    ("attn/indexer_loss/", "sum"),          # each chunk's share of the sequence's mean
+    ("attn/indexer_recall", "row_mean"),    # sampled-row estimates (recall, chance, oracle)
+    ("mhc/", "max"),                        # gains: max over tokens (composite: per-token product)
+    ("moe/maxvio_max", "summary"),
+    ("attn/sink_mass_mean", "summary"),
+)
+
+
+def merge_chunks(parts: list[tuple[dict, int]]) -> dict:
+    """The whole sequence's diagnostics from each chunk's (``diagnostics``, its rows)."""
+    parts = [(d, n) for d, n in parts if d]
+    keys = list(dict.fromkeys(k for d, _ in parts for k in d))
+    out: dict = {}
+    for key in keys:
+        rule = next((r for prefix, r in _MERGE if key.startswith(prefix)), None)
+        if rule is None:
+            raise KeyError(f"diagnostics.merge_chunks: no rule for {key!r}: add it to _MERGE")
+        vals = [(d[key], n) for d, n in parts if key in d]
+        if rule == "sum":
+            out[key] = sum(v for v, _ in vals)
+        elif rule == "max":
+            out[key] = max(v for v, _ in vals)
+        elif rule == "same":
+            out[key] = vals[-1][0]
+        elif rule == "row_mean":   # over the chunks that have it (recall: chunks with a sample)
+            out[key] = sum(v * n for v, n in vals) / sum(n for _, n in vals)
+    for key in keys:
+        if key.startswith("moe/maxvio/"):
+            out[key] = float(max_violation(out["moe/load/" + key[len("moe/maxvio/"):]]))
+    return _summaries(out)

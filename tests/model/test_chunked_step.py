@@ -203,3 +203,42 @@ def test_chunked_forward_equals_the_unchunked_forward(mode, train):
     with torch.no_grad():
         assert float((hidden - model.hidden_states(inp, doc)).abs().max()) <= TOL * float(ref.hidden.abs().max())
 
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_diagnostics_cover_every_chunk(mode):
+    """The chunked step's diagnostics are the whole sequence's (merged over chunks), equal to the
+    unchunked step's: expert loads and MaxVio, router-bias spread, mHC gains (per site and
+    composite: max over tokens), sink mass (mean over tokens), per-layer indexer loss. The
+    indexer recall is a sampled-row estimate (each chunk samples its own rows): in [0, 1]."""
+    model = make_model(attention_mode=mode, mtp_compress_ratio=4)
+    inp, lab, doc = make_batch(model.cfg)
+    with torch.no_grad():   # a router-bias spread that is not 0
+        for m in model.moe_layers():
+            if not m.is_hash:
+                m.gate.bias.copy_(torch.linspace(-0.1, 0.2, m.n_experts))
+    ref = model(inp, doc_ids=doc, labels=lab, diagnostics=True).diagnostics
+    got = chunked_forward_backward(model, inp, lab, [20, 30, 46], doc_ids=doc, diagnostics=True).diagnostics
+    assert set(got) == set(ref)
+    assert any(k.startswith("attn/indexer_loss/") for k in ref) and any(k.startswith("moe/load/") for k in ref)
+    for k, v in ref.items():
+        if k.startswith("attn/indexer_recall"):
+            assert 0.0 <= got[k] <= 1.0 + 1e-12, k
+        elif isinstance(v, torch.Tensor):
+            assert torch.equal(got[k], v), k
+        else:   # the sink mass is computed in fp32 (both paths)
+            rel = 1e-6 if k.startswith("attn/sink_mass") else TOL
+            assert got[k] == pytest.approx(v, rel=rel, abs=1e-300), (k, got[k], v)
+    assert float(got["moe/load/1"].sum()) == 2 * 96 * model.cfg.n_activated_experts   # every token
+
+
+def test_merge_chunks_refuses_a_diagnostic_without_a_rule():
+    from model.diagnostics import merge_chunks
+
+    with pytest.raises(KeyError, match="no rule for 'new/thing'"):
+        merge_chunks([({"new/thing": 1.0}, 10), ({"new/thing": 2.0}, 5)])
+    assert merge_chunks([({}, 3)]) == {}
+    got = merge_chunks([({"attn/sink_mass/0": 0.5, "mhc/gain_fwd/0.attn": 1.0}, 10),
+                        ({"attn/sink_mass/0": 0.2, "mhc/gain_fwd/0.attn": 1.5}, 30)])
+    assert got["attn/sink_mass/0"] == pytest.approx(0.275) and got["mhc/gain_fwd/0.attn"] == 1.5
+    assert got["attn/sink_mass_mean"] == pytest.approx(0.275)
