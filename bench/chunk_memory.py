@@ -42,9 +42,14 @@ def packed_batch(vocab: int, L: int, doc_len: int, seed: int = 0):
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), doc
 
 
-def measure(model: Transformer, ids, labels, doc, chunk: int) -> dict:
+class _Stop(Exception):
+    pass
+
+
+def measure(model: Transformer, ids, labels, doc, chunk: int, full: bool = True) -> dict:
     """{"state": bytes alive when the backward sweep starts, "chunk_peak": the most alive at a
-    chunk's backward call} (parameters, their gradients and buffers excluded; the batch included)."""
+    chunk's backward call} (parameters, their gradients and buffers excluded; the batch
+    included). ``full=False``: stop once "state" is measured (the state pass only)."""
     fixed = list(model.parameters()) + list(model.buffers())
     res = {"state": None, "chunk_peak": 0}
     meters: list[SavedTensorMeter] = []
@@ -53,10 +58,14 @@ def measure(model: Transformer, ids, labels, doc, chunk: int) -> dict:
         return fixed + [p.grad for p in model.parameters() if p.grad is not None]
 
     def forward(**kw):
-        if kw["chunk"].need_loss and res["state"] is None:
-            res["state"] = live_tensor_bytes(excluded())
-        if not kw["chunk"].need_loss:
+        if not kw["chunk"].need_loss:   # the state pass
             return model(**kw)
+        if res["state"] is None:
+            res["state"] = live_tensor_bytes(excluded())
+            if not full:
+                raise _Stop
+        else:   # what the previous chunk's backward left (the state gradients it produced)
+            res["chunk_peak"] = max(res["chunk_peak"], live_tensor_bytes(excluded()))
         meter = SavedTensorMeter(exclude=excluded())
         with meter:
             out = model(**kw)
@@ -66,22 +75,20 @@ def measure(model: Transformer, ids, labels, doc, chunk: int) -> dict:
     def backward(loss, last):
         saved = {k: v[0] for k, v in meters[0]._bytes.items()}
         res["chunk_peak"] = max(res["chunk_peak"], live_tensor_bytes(excluded(), also=saved))
-        loss.backward()
         meters.clear()
+        loss.backward()
 
-    def after_backward():
-        res["chunk_peak"] = max(res["chunk_peak"], live_tensor_bytes(excluded()))
-
-    # the gradients a chunk's backward leaves on the state leaves are alive until the next chunk
-    # starts: measured at the start of every recompute (forward) as well
-    def forward_measured(**kw):
-        if kw["chunk"].need_loss and res["state"] is not None:
-            after_backward()
-        return forward(**kw)
-
-    chunked_forward_backward(model, ids, labels, chunk, doc_ids=doc, forward=forward_measured,
-                             backward=backward)
+    try:
+        chunked_forward_backward(model, ids, labels, chunk, doc_ids=doc, forward=forward, backward=backward)
+    except _Stop:
+        pass
     return res
+
+
+def state_at_sweep(model: Transformer, ids, labels, doc, chunk: int) -> int:
+    """Bytes of tensors alive when the chunked step's backward sweep starts: what it holds for
+    the whole sequence (the batch included; parameters and buffers not)."""
+    return measure(model, ids, labels, doc, chunk, full=False)["state"]
 
 
 def run_one(preset: str, L: int, chunk: int, dtype: str, checkpointing: bool, doc_len: int,
@@ -113,13 +120,7 @@ def main():
                                  args.doc_len, args.mode)))
         return
 
-    from train.seq_chunk import state_bytes as _sb
-
-    def state_bytes(cfg, L, prec, chunk):
-        try:
-            return _sb(cfg, L, prec, chunk=chunk)
-        except TypeError:   # before the estimate knew the chunk (to measure older commits)
-            return _sb(cfg, L, prec)
+    from train.seq_chunk import state_bytes
 
     cfg = ModelConfig.from_preset(args.preset)
     prec = "bf16" if args.dtype == "bf16" else args.dtype

@@ -5,8 +5,11 @@
    sparse and dense attention: max relative gradient error per parameter (fp32 rounding only;
    the exact fp64 equality is a CPU test, tests/model/test_chunked_step.py).
 2. Memory and time (bf16, the small preset with max_seq_len raised to 4M): forward + backward of
-   one sequence of L tokens, chunked with --chunk rows (and unchunked where it fits): peak
-   allocated GiB above the model, seconds, tokens/s. L from --lengths (default 16K ... 1M).
+   one sequence of L tokens, chunked with each of --chunk rows (and unchunked where it fits):
+   peak allocated GiB above the model, beside train/memory.py's estimate of it (the
+   activations of one chunk + the whole sequence's state, train/seq_chunk.chunked_estimate,
+   + the parameter gradients), seconds, tokens/s. L from --lengths (default 16K ... 1M). Also
+   the chunk train.seq_chunk=auto would pick for each L on this device.
 
     python bench/seq_chunk.py --out $OUT        # writes $OUT/seq_chunk.md and prints it
 """
@@ -25,6 +28,9 @@ from bench.attention import fmt_row  # noqa: E402
 from model.chunked_step import chunked_forward_backward  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
+from train.memory import Setup  # noqa: E402
+from train.seq_chunk import (AUTO, AUTO_HEADROOM, AUTO_MAX_CHUNK, SeqChunkError, chunked_estimate,  # noqa: E402
+                             stage_chunks)
 
 
 def packed(B, L, vocab, device, seed=0):
@@ -105,7 +111,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--preset", default="small")
     ap.add_argument("--check-len", type=int, default=8192)
-    ap.add_argument("--chunk", type=int, default=16384)
+    ap.add_argument("--chunk", default="16384", help="chunk lengths, comma-separated")
     ap.add_argument("--lengths", default="16384,65536,262144,1048576")
     ap.add_argument("--unchunked-max", type=int, default=65536)
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing inside chunks")
@@ -123,23 +129,44 @@ def main():
     log(fmt_row(["---"] * 8))
     check(args.preset, args.check_len, device, log)
 
-    log("")
-    log(f"## memory and time: {args.preset}, bf16, batch 1, chunk {args.chunk}, "
-        f"checkpointing {'on' if args.checkpointing else 'off'}")
-    log(fmt_row(["L", "chunk", "peak GiB (above weights)", "fwd+bwd s", "tok/s"]))
-    log(fmt_row(["---"] * 5))
+    chunks = [int(x) for x in args.chunk.split(",")]
+    lengths = [int(x) for x in args.lengths.split(",")]
     cfg = ModelConfig.from_preset(args.preset, max_seq_len=1 << 22)
+    setup = Setup(tokens=0, seq_len=0, precision="bf16", reference_attention=False,
+                  activation_checkpointing=args.checkpointing)
+    free = torch.cuda.mem_get_info()[0]
+
+    class Stage:
+        micro_batch = 1
+
+    log("")
+    log(f"## train.seq_chunk=auto on this device ({free / 2**30:.1f} GiB free before the model; "
+        f"headroom {AUTO_HEADROOM}, at most {AUTO_MAX_CHUNK} rows)")
+    for L in lengths:
+        Stage.seq_len = L
+        try:
+            (pick,) = stage_chunks(AUTO, [Stage], cfg, setup=setup, free_bytes=free)
+        except SeqChunkError as e:
+            pick = f"refused: {e}"
+        log(f"- L={L}: chunk {pick or 'off (whole)'}")
+
+    log("")
+    log(f"## memory and time: {args.preset}, bf16, batch 1, checkpointing {'on' if args.checkpointing else 'off'}")
+    log(fmt_row(["L", "chunk", "peak GiB (above weights)", "estimate GiB", "fwd+bwd s", "tok/s"]))
+    log(fmt_row(["---"] * 6))
     torch.manual_seed(0)
     model = Transformer(cfg).to(device).to(torch.bfloat16).train()
     model.activation_checkpointing = args.checkpointing
     measure(model, 4096, 0, device)   # warm-up: Triton compilation
-    for L in (int(x) for x in args.lengths.split(",")):
-        for chunk in ([0] if L <= args.unchunked_max else []) + ([args.chunk] if L > args.chunk else []):
+    for L in lengths:
+        for chunk in ([0] if L <= args.unchunked_max else []) + [c for c in chunks if L > c]:
+            est = chunked_estimate(cfg, setup, L, 1, chunk)
+            est_gib = f"{(est.activations + est.grads) / 2**30:.1f}"
             try:
                 peak, dt = measure(model, L, chunk, device)
-                log(fmt_row([L, chunk or "off", f"{peak:.1f}", f"{dt:.2f}", f"{L / dt:,.0f}"]))
+                log(fmt_row([L, chunk or "off", f"{peak:.1f}", est_gib, f"{dt:.2f}", f"{L / dt:,.0f}"]))
             except torch.OutOfMemoryError:
-                log(fmt_row([L, chunk or "off", "OOM", "", ""]))
+                log(fmt_row([L, chunk or "off", "OOM", est_gib, "", ""]))
                 model.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)

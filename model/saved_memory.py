@@ -97,8 +97,9 @@ def live_tensor_bytes(exclude=(), also: dict[int, int] | None = None) -> int:
 
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = dict(also or {})
+    gc.collect()   # unreachable cycles are not alive: they would make the count depend on gc timing
     for obj in gc.get_objects():
-        if not isinstance(obj, torch.Tensor):
+        if not issubclass(type(obj), torch.Tensor):   # (type(): no __class__ lookups on proxies)
             continue
         for t in (obj, obj.grad if obj.is_leaf else None):
             if t is None or t.device.type == "meta":

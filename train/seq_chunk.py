@@ -2,11 +2,12 @@
 (``model/chunked_step.py``) under the DeepSpeed engine, for sequences longer than fit at once.
 
 Setting (read here only): 0 = off; N > 0 = chunks of N rows (sequences of at most N tokens run
-unchunked); ``auto`` = the longest chunk whose estimated memory (``train/memory.py``: weights,
-gradients, optimizer state, the activations of micro_batch x chunk tokens, plus the cross-token
-state of the whole sequence) fits in what the device has free; unchunked if the whole
-sequence fits. CPU jobs under ``auto`` run unchunked (host memory is checked by
-``train.memory_check``).
+unchunked); ``auto`` = the longest chunk of at most ``AUTO_MAX_CHUNK`` rows whose estimated
+memory (``train/memory.py``: weights, gradients, optimizer state, the activations of
+micro_batch x chunk tokens, plus what the step holds for every token of the whole sequence,
+``whole_sequence_terms``) fits in ``AUTO_HEADROOM`` of what the device has free; unchunked if
+the whole sequence fits and is no longer than ``AUTO_MAX_CHUNK``. CPU jobs under ``auto`` run
+unchunked (host memory is checked by ``train.memory_check``).
 
 DeepSpeed semantics, as ``engine.backward`` of one loss would give:
   * every chunk's forward goes through the engine (its backward hooks and ZeRO prologue run);
@@ -35,9 +36,17 @@ log = logging.getLogger(__name__)
 AUTO = "auto"
 # auto: chunks are multiples of this many rows (and at least the attention halo)
 AUTO_GRAIN = 1024
-# auto: the share of free device memory the estimate may fill (the estimate leaves out the
-# allocator's fragmentation and transient working buffers)
-AUTO_HEADROOM = 0.85
+# auto: the share of free device memory the estimate may fill. The estimate counts allocated
+# bytes (64K unchunked on an H200, small, bf16: 19.9 GiB estimated vs 20.0 measured); the
+# caching allocator holds more: the 1M step that OOMed had 116 GiB allocated and 20 GiB more
+# reserved but unallocated (17%), so 1 / 1.17 = 0.85 left no margin at all
+AUTO_HEADROOM = 0.75
+# auto: at most this many rows at once (longer sequences are chunked even where the estimate
+# says they would fit whole). Chunking's cost is the state pass, one no-grad forward, whatever
+# the chunk size; per chunk only the halo rows are recomputed (<= 127 of 65536 for small). Above
+# 64K rows the estimate is unchecked on a GPU and the allocator's slack grows with the
+# activations (above); 64K rows are the largest pass measured to fit (20 GiB above the weights)
+AUTO_MAX_CHUNK = 65536
 
 
 class SeqChunkError(ValueError):
@@ -65,17 +74,70 @@ def parse_seq_chunk(value: Any, model_cfg: ModelConfig) -> int | str:
     return n
 
 
-def state_bytes(model_cfg: ModelConfig, tokens: int, precision: str) -> float:
-    """The chunked step's whole-sequence buffers: compressed entries and indexer keys (and their
-    gradients) of every compressed attention layer, plus the routing of every MoE layer."""
+def whole_sequence_terms(model_cfg: ModelConfig, precision: str, chunk: int,
+                         checkpointing: bool = False) -> dict[str, float]:
+    """What the chunked step (model/chunked_step.py) holds for EVERY token of the sequence, in
+    bytes per token (of micro_batch x seq_len), term by term; activations are ``precision``'s
+    size (2 in bf16, 4 in fp32), indices int64 unless said.
+
+    Kept for the whole step (``state_bytes``):
+      batch        input_ids, labels, doc_ids (int64);
+      layout       the DocLayout: positions and doc starts (int64);
+      clayouts     per compress ratio r, the CompressedLayout: 4 int64 + 1 bool per entry (33 / r);
+      mtp          per MTP depth, the targets shifted over the whole sequence (int64);
+      routing      per MoE layer (main + MTP), K experts per token replayed by the recompute,
+                   in the narrowest integer type (1 byte for <= 256 experts);
+      entries      per compressed layer, its entries (head_dim) and CSA's indexer keys
+                   (index_head_dim), one per r tokens, and their gradients (x 2);
+      halos        per attention layer and chunk boundary, halo_rows(cfg) rows of its input
+                   (dim): per token, halo_rows x dim / chunk.
+    Alive while a chunk runs (``sweep_bytes``), sized by the whole sequence in the worst case
+    of one document (every chunk attends every earlier entry):
+      entry_lists  the chunk's list of the earlier entries (EntryMap.merge gathers it), kept
+                   for backward by every compressed layer without activation checkpointing,
+                   with it by the one layer being recomputed; and while one layer runs
+                   backward, the gradients of its list and of the concatenation it was
+                   gathered from (the state leaf's gradient is a view of the latter, folded
+                   into the state gradient at once): 2 x the largest layer's."""
     act = 2 if precision == "bf16" else 4
-    per_token = 0.0
-    for r in model_cfg.attention_ratios:
-        if r:
-            dim = model_cfg.head_dim + (model_cfg.index_head_dim if model_cfg.is_csa(r) else 0)
-            per_token += 2 * act * dim / r            # entries + their gradients
-        per_token += 8 * model_cfg.n_activated_experts   # int64 routing
-    return per_token * tokens
+    ratios = model_cfg.attention_ratios
+    n_moe = model_cfg.n_layers + model_cfg.mtp_depth
+    k = model_cfg.n_activated_experts
+    e = model_cfg.n_routed_experts
+    route_bytes = 1 if e <= 256 else 2 if e <= 32767 else 4   # = chunked_step._narrow_int
+
+    def entry_bytes(r: int) -> float:   # one compressed layer's entries, per token
+        dim = model_cfg.head_dim + (model_cfg.index_head_dim if model_cfg.is_csa(r) else 0)
+        return act * dim / r
+
+    per_layer = [entry_bytes(r) for r in ratios if r]
+    biggest = max(per_layer, default=0.0)
+    return {
+        "batch": 3 * 8.0,
+        "layout": 2 * 8.0,
+        "clayouts": sum(33.0 / r for r in {r for r in ratios if r}),
+        "mtp": 8.0 * model_cfg.mtp_depth,
+        "routing": float(n_moe * k * route_bytes),
+        "entries": 2 * sum(per_layer),
+        "halos": len(ratios) * halo_rows(model_cfg) * model_cfg.dim * act / max(chunk, 1),
+        "entry_lists": (biggest if checkpointing else sum(per_layer)) + 2 * biggest,
+    }
+
+
+SWEEP_TERMS = ("entry_lists",)
+
+
+def state_bytes(model_cfg: ModelConfig, tokens: int, precision: str, *, chunk: int) -> float:
+    """Bytes the chunked step keeps for the whole step for ``tokens`` (micro batch x sequence
+    length) tokens, in chunks of ``chunk`` rows (``whole_sequence_terms``, kept terms)."""
+    terms = whole_sequence_terms(model_cfg, precision, chunk)
+    return tokens * sum(v for name, v in terms.items() if name not in SWEEP_TERMS)
+
+
+def sweep_bytes(model_cfg: ModelConfig, tokens: int, precision: str, checkpointing: bool) -> float:
+    """Bytes alive only while a chunk runs that grow with the whole sequence (worst case)."""
+    terms = whole_sequence_terms(model_cfg, precision, 1, checkpointing)
+    return tokens * sum(terms[name] for name in SWEEP_TERMS)
 
 
 def choose_chunk(setting: int | str, seq_len: int, micro_batch: int, *, model_cfg: ModelConfig,
@@ -86,14 +148,14 @@ def choose_chunk(setting: int | str, seq_len: int, micro_batch: int, *, model_cf
         return 0
     if setting != AUTO:
         return setting if seq_len > setting else 0
-    if fits is None or fits(seq_len):
+    if fits is None or (seq_len <= AUTO_MAX_CHUNK and fits(seq_len)):
         return 0
     floor = max(AUTO_GRAIN, -(-4 * (halo_rows(model_cfg) + 1) // AUTO_GRAIN) * AUTO_GRAIN)
     if seq_len <= floor:
         raise SeqChunkError(f"train.seq_chunk=auto: sequences of {seq_len} tokens x micro batch {micro_batch} "
                             f"do not fit the device memory and are too short to chunk (< {floor} tokens); "
                             f"lower the micro batch (train.micro_batch_tokens) or shard the model")
-    chunk = AUTO_GRAIN * (seq_len // AUTO_GRAIN)
+    chunk = min(AUTO_MAX_CHUNK, AUTO_GRAIN * (seq_len // AUTO_GRAIN))
     while chunk > floor and not fits(chunk):
         chunk = max(floor, chunk // 2 // AUTO_GRAIN * AUTO_GRAIN)
     if not fits(chunk):
@@ -133,8 +195,10 @@ def chunked_estimate(model_cfg: ModelConfig, setup, seq_len: int, micro_batch: i
     rows = chunk or seq_len
     est = estimate(model_cfg, replace(setup, tokens=micro_batch * rows, seq_len=rows))
     if chunk:
-        est = replace(est, activations=est.activations + state_bytes(model_cfg, micro_batch * seq_len,
-                                                                     setup.precision))
+        tokens = micro_batch * seq_len
+        whole = (state_bytes(model_cfg, tokens, setup.precision, chunk=chunk)
+                 + sweep_bytes(model_cfg, tokens, setup.precision, setup.activation_checkpointing))
+        est = replace(est, activations=est.activations + whole)
     return est
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from model.config import ModelConfig
 from train.memory import Setup
-from train.seq_chunk import (AUTO, SeqChunkError, choose_chunk, chunked_estimate, parse_seq_chunk,
-                             stage_chunks)
+from train.seq_chunk import (AUTO, AUTO_HEADROOM, AUTO_MAX_CHUNK, SeqChunkError, choose_chunk, chunked_estimate,
+                             parse_seq_chunk, stage_chunks, state_bytes, whole_sequence_terms)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,6 +39,9 @@ def test_choose_chunk():
     assert choose_chunk(AUTO, 1 << 20, 1, model_cfg=cfg) == 0    # no memory limit known
     assert choose_chunk(AUTO, 1 << 20, 1, model_cfg=cfg, fits=lambda c: c <= 40000) == 32768
     assert choose_chunk(AUTO, 5000, 1, model_cfg=cfg, fits=lambda c: c <= 5000) == 0
+    # longer than AUTO_MAX_CHUNK rows: chunked even where the whole sequence would fit
+    assert choose_chunk(AUTO, 1 << 20, 1, model_cfg=cfg, fits=lambda c: True) == AUTO_MAX_CHUNK
+    assert choose_chunk(AUTO, AUTO_MAX_CHUNK, 1, model_cfg=cfg, fits=lambda c: True) == 0
     with pytest.raises(SeqChunkError, match="do not fit the device memory"):
         choose_chunk(AUTO, 1 << 20, 1, model_cfg=cfg, fits=lambda c: False)
 
@@ -53,14 +56,54 @@ def test_auto_from_the_memory_estimate():
     c16 = chunked_estimate(cfg, setup, 1 << 20, 1, 16384).total
     c16_short = chunked_estimate(cfg, setup, 1 << 16, 1, 16384).total
     assert c16 < whole / 4 and c16 - c16_short < 0.1 * c16   # only the ~1 kB/token state grows
-    free = 1.2 * c16 / 0.85
+    free = 1.2 * c16 / AUTO_HEADROOM
 
     class Stage:
         seq_len, micro_batch = 1 << 20, 1
 
     (chunk,) = stage_chunks(AUTO, [Stage], cfg, setup=setup, free_bytes=free)
-    assert 16384 <= chunk < 1 << 20 and chunk % 1024 == 0
-    assert chunked_estimate(cfg, setup, 1 << 20, 1, chunk).total <= 0.85 * free
+    assert 16384 <= chunk <= AUTO_MAX_CHUNK and chunk % 1024 == 0
+    assert chunked_estimate(cfg, setup, 1 << 20, 1, chunk).total <= AUTO_HEADROOM * free
+    # an H200's ~139 GiB: the 1M stage runs in chunks of at most 64K rows (256K OOMed)
+    (chunk,) = stage_chunks(AUTO, [Stage], cfg, setup=setup, free_bytes=139 * 2**30)
+    assert chunk == AUTO_MAX_CHUNK
+
+
+def test_whole_sequence_terms_for_small():
+    """The terms behind the 1M stage's estimate (small, bf16, chunks of 16K, as measured on an
+    H200): ~2.3 KB/token kept (the compressed entries and their gradients most of it), not the
+    ~30 KB/token the halo views of each chunk's input used to keep (13 layers x 1024 x 2 B)."""
+    cfg = ModelConfig.from_preset("small")
+    t = whole_sequence_terms(cfg, "bf16", 16384, checkpointing=True)
+    assert t["routing"] == 13 * 6 * 1                      # uint8 for 64 experts, main + MTP layers
+    assert t["entries"] == 2 * (5 * 2 * (256 + 128) / 4 + 4 * 2 * 256 / 128)   # 5 CSA + 4 HCA layers
+    assert t["halos"] == 13 * 127 * 1024 * 2 / 16384
+    assert t["entry_lists"] == 3 * 2 * (256 + 128) / 4     # one CSA layer's list + 2 gradients
+    kept = state_bytes(cfg, 1 << 20, "bf16", chunk=16384) / (1 << 20)
+    assert 2000 < kept < 2500
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_state_estimate_matches_the_live_bytes(mode):
+    """state_bytes (the whole-sequence state, term by term from the config) is within 1.5x of
+    the tensor bytes really alive when the backward sweep starts (micro, fp32, CPU: a gc walk of
+    live tensors, deterministic), at two lengths, and so is its growth per token."""
+    import torch
+
+    from bench.chunk_memory import packed_batch, state_at_sweep
+    from model.transformer import Transformer
+
+    cfg = ModelConfig.from_preset("micro", attention_impl="torch", mhc_impl="torch", attention_mode=mode)
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    chunk, got, est = 128, {}, {}
+    for L in (1024, 2048):
+        ids, lab, doc = packed_batch(cfg.vocab_size, L, doc_len=96)
+        got[L] = state_at_sweep(model, ids, lab, doc, chunk)
+        est[L] = state_bytes(cfg, L, "fp32", chunk=chunk)
+        assert est[L] / 1.5 <= got[L] <= 1.5 * est[L], (L, got[L], est[L])
+    grow, est_grow = got[2048] - got[1024], est[2048] - est[1024]
+    assert est_grow / 1.5 <= grow <= 1.5 * est_grow, (grow / 1024, est_grow / 1024)
 
 
 SCRIPT = textwrap.dedent("""
