@@ -17,7 +17,8 @@ Parameter names follow docs/ARCHITECTURE.md and map one-to-one onto the official
 ``wo_a.weight`` is stored as [o_groups * o_lora_rank, n_heads * head_dim / o_groups]: group g
 uses rows g*o_lora_rank .. (g+1)*o_lora_rank, as the official einsum and HF's grouped linear.
 
-CompressedLayouts: built here from the DocLayout (cheap index math), or the chunk frame's.
+CompressedLayouts: the DocLayout's (``Transformer`` builds each ratio's once per forward), else
+built here (cheap index math); in a chunk, the frame's.
 
 CSA mode is the attribute ``mode`` ("dense" | "sparse", from cfg.attention_mode; change it with
 ``set_attention_mode``). The indexer runs in sparse mode (to select) and, in dense mode, only in
@@ -157,7 +158,7 @@ class Attention(nn.Module):
                 entries = carry.frame.entries[self.ratio]
                 cl = entries.new_layout                                  # the blocks pooled here
             else:
-                cl = CompressedLayout.build(layout, self.ratio)
+                cl = layout.compressed.get(self.ratio) or CompressedLayout.build(layout, self.ratio)
             ckv, c_end = self.compressor(x, cl), cl.c_end                # [B, N, hd], [B, N]
             if carry is not None:   # + the entries of earlier chunks (state)
                 ckv_new, ckv, c_end = ckv, entries.merge(carry.state("ckv", ckv), ckv), entries.c_end

@@ -16,7 +16,7 @@ Visibility rules used everywhere (reference, kernels, indexer):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,14 @@ import torch
 class DocLayout:
     positions: torch.Tensor  # [B, L] long, position within document
     doc_start: torch.Tensor  # [B, L] long, global index of the document's first token
+    # ratio -> its CompressedLayout, built once per forward for every layer of that ratio
+    # (``with_compressed``); a layer whose ratio is missing builds its own
+    compressed: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def with_compressed(self, ratios) -> "DocLayout":
+        """This layout with the CompressedLayout of every ratio > 0 in ``ratios`` built."""
+        return DocLayout(self.positions, self.doc_start,
+                         {r: CompressedLayout.build(self, r) for r in sorted(set(ratios)) if r})
 
     @property
     def shape(self) -> torch.Size:

@@ -187,10 +187,12 @@ class Transformer(nn.Module):
         # the embedding lookup inside: a checkpoint then keeps token ids, not [B, L, D]
         return mod(x, self.embed(tokens), tokens, layout, routing, carry)
 
-    @staticmethod
-    def _layout(input_ids: torch.Tensor, doc_ids: torch.Tensor | None) -> DocLayout:
+    def _layout(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None) -> DocLayout:
+        """The batch's DocLayout with every compressed ratio's layout built once (shared by the
+        layers of that ratio)."""
         B, L = input_ids.shape
-        return DocLayout.from_doc_ids(doc_ids) if doc_ids is not None else DocLayout.single(B, L, input_ids.device)
+        layout = DocLayout.from_doc_ids(doc_ids) if doc_ids is not None else DocLayout.single(B, L, input_ids.device)
+        return layout.with_compressed(self.cfg.attention_ratios)
 
     def _trunk(self, input_ids, layout: DocLayout, routing_indices=None, collect=None, carries=None):
         """Embedding and the main blocks: (streams [B, L, n, D], balance losses, indexer losses,

@@ -116,6 +116,32 @@ def test_mtp_blocks_take_the_schedule_of_attention_ratios():
     assert ratios == cfg.attention_ratios == list(cfg.compress_ratios) + [4, 4]
 
 
+def test_compressed_layouts_built_once_per_forward_and_exact(monkeypatch):
+    """Transformer builds each compress ratio's CompressedLayout once per forward (shared by the
+    layers of that ratio): the same outputs as every layer building its own, bit for bit."""
+    from model.layout import CompressedLayout, DocLayout
+
+    torch.manual_seed(5)
+    cfg = tiny(mtp_depth=1)
+    model = Transformer(cfg).eval()
+    ids, labels = make_batch(cfg, B=2, L=64)
+    doc_ids = torch.cat([torch.zeros(2, 40, dtype=torch.long), torch.ones(2, 24, dtype=torch.long)], 1)
+    built = []
+    real = CompressedLayout.build
+    monkeypatch.setattr(CompressedLayout, "build", staticmethod(lambda lay, r: built.append(r) or real(lay, r)))
+    with torch.no_grad():
+        shared = model(ids, doc_ids=doc_ids, labels=labels, return_logits=True)
+    ratios = sorted({r for r in cfg.attention_ratios if r})
+    assert sorted(built) == ratios and len([r for r in cfg.attention_ratios if r]) > len(ratios)
+    # every layer building its own: a layout without prebuilt entries
+    monkeypatch.setattr(DocLayout, "with_compressed", lambda self, ratios: self)
+    built.clear()
+    with torch.no_grad():
+        own = model(ids, doc_ids=doc_ids, labels=labels, return_logits=True)
+    assert len(built) == len([r for r in cfg.attention_ratios if r])
+    assert torch.equal(shared.logits, own.logits) and torch.equal(shared.loss, own.loss)
+
+
 def test_supplied_routing_indices_are_used():
     torch.manual_seed(4)
     cfg = tiny()
