@@ -144,22 +144,23 @@ def activation_bytes(cfg: ModelConfig, s: Setup) -> tuple[float, float]:
     ratios = cfg.attention_ratios
     layers = [_layer_elements(cfg, r, s) * ab * s.tokens for r in ratios]
     stream = cfg.n_streams * cfg.dim * ab * s.tokens        # one block's input (the mHC streams)
-    head_saved, head_transient = head_bytes(cfg, s.tokens)
+    head_saved, head_transient = head_bytes(cfg, s.tokens, ab)
     if s.activation_checkpointing:
         return (len(ratios) + 1) * stream + head_saved, max(layers) + head_transient
     return sum(layers) + stream + head_saved, head_transient
 
 
-def head_bytes(cfg: ModelConfig, tokens: int) -> tuple[float, float]:
+def head_bytes(cfg: ModelConfig, tokens: int, weight_bytes: int = 4) -> tuple[float, float]:
     """(saved for backward, alive only while computed) by the LM head and its loss, main + MTP
     predictions. Reference loss: the fp32 logits of each prediction are saved, one logits
     gradient lives during backward. Chunked (fused) loss: no logits are kept; each prediction
-    keeps an fp32 head-weight gradient accumulator, and one chunk's logits and their gradient
-    live at a time (model/loss.py)."""
+    keeps a head-weight gradient in the weight's dtype (``weight_bytes``), and while one is
+    computed its fp32 accumulator and one chunk's logits and their gradient live (model/loss.py)."""
     from model.loss import default_chunk_tokens
 
     preds, v = 1 + cfg.mtp_depth, cfg.vocab_size
     if cfg.loss_impl == "reference":
         return preds * tokens * v * 4.0, tokens * v * 4.0
-    return preds * v * cfg.dim * 4.0, 2.0 * min(tokens, default_chunk_tokens(v)) * v * 4
+    return (preds * v * cfg.dim * float(weight_bytes),
+            v * cfg.dim * 4.0 + 2.0 * min(tokens, default_chunk_tokens(v)) * v * 4)
 

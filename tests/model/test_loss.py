@@ -69,6 +69,31 @@ def test_saves_no_vocab_sized_tensor_per_token():
     loss.backward()
 
 
+def test_bf16_keeps_the_weight_gradient_in_bf16():
+    """bf16: the [V, D] weight gradient is kept for backward in bf16 (accumulated in fp32 while
+    the forward runs): saved bytes (N D + V D) x 2, where the fp32 accumulator made them
+    N D x 2 + V D x 4; its error against the fp64 truth is within 1.5x the unfused bf16
+    path's, and the incoming gradient (0.3, not a bf16 number) is not rounded to bf16 first."""
+    N, D, V = 40, 16, 301
+    hidden, weight, labels = _inputs(1, N, D, V, torch.float64, seed=8)
+    h16, w16 = hidden.detach().bfloat16().requires_grad_(), weight.detach().bfloat16().requires_grad_()
+    with SavedTensorMeter() as meter:
+        loss = linear_cross_entropy(h16, w16, labels, chunk_tokens=7)
+    assert meter.live_bytes == (N * D + V * D) * 2
+    (loss * 0.3).backward()
+    truth = _loss_and_grads(reference_linear_cross_entropy, h16.detach().double(), w16.detach().double(), labels)
+    ref = _loss_and_grads(reference_linear_cross_entropy, h16.detach(), w16.detach(), labels)
+    err = lambda a, b: float((a.double() - b).norm() / b.norm())
+    # (_loss_and_grads scales by 0.7: compare the gradients per unit incoming gradient)
+    assert err(w16.grad / 0.3, truth[3] / 0.7) <= 1.5 * err(ref[3] / 0.7, truth[3] / 0.7)
+    assert err(h16.grad / 0.3, truth[2] / 0.7) <= 1.5 * err(ref[2] / 0.7, truth[2] / 0.7)
+    assert w16.grad.dtype == h16.grad.dtype == torch.bfloat16
+    # the scale itself: 0.3 rounded to bf16 first (0.30078) would be 2.6e-3 off
+    for got, unit in ((w16.grad, truth[3] / 0.7), (h16.grad, truth[2] / 0.7)):
+        scale = float((got.double() * unit).sum() / (unit * unit).sum())
+        assert abs(scale / 0.3 - 1) < 1e-3, scale
+
+
 def test_bf16_close_to_fp32():
     hidden, weight, labels = _inputs(2, 33, 16, 101, torch.float32, seed=6)
     ref = _loss_and_grads(linear_cross_entropy, hidden, weight, labels)
