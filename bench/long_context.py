@@ -1,7 +1,9 @@
 """Benchmark: one training step at long context on one device, L = 4K ... 1M (4M where it fits).
 
 For every length: step time (median of the timed steps), tokens/s, peak memory, and beside it
-the memory model's prediction from the per-token figures of docs/shared long-context notes
+train/memory.py's estimate of the step that ran (``estimate GB``: what ``train.seq_chunk=auto``
+and the trainer's memory check go by; for the chunked step one chunk's activations + the whole
+sequence's state) and the memory model's prediction from the per-token figures of docs/shared long-context notes
 (small preset, bf16, measured by saved-tensor accounting; ``MEMORY_MODEL`` below):
 
     predicted = static + activations/token x tokens alive at once + cross-token state x L
@@ -136,7 +138,20 @@ def measure(cfg: ModelConfig, L: int, device: str, steps: int, warmup: int, chec
             torch.cuda.empty_cache()
 
 
-HEADER = ["L", "path", "attention", "step s", "tok/s", "peak GB", "predicted GB", "measured / predicted"]
+HEADER = ["L", "path", "attention", "step s", "tok/s", "peak GB", "predicted GB", "measured / predicted",
+          "estimate GB", "measured / estimate"]
+
+
+def estimate_gb(cfg: ModelConfig, L: int, chunk: int, checkpointing: bool, device: str) -> float:
+    """train/memory.py's estimate of the step (the one train.seq_chunk=auto and the trainer's
+    memory check use): weights, gradients, optimizer state, one chunk's activations (``chunk``
+    rows; 0 = the whole sequence) + the chunked step's whole-sequence state."""
+    from train.memory import Setup
+    from train.seq_chunk import chunked_estimate
+
+    setup = Setup(tokens=0, seq_len=0, precision="bf16", activation_checkpointing=checkpointing,
+                  reference_attention=torch.device(device).type != "cuda")
+    return chunked_estimate(cfg, setup, L, 1, chunk if chunk and chunk < L else 0).total / GB
 
 
 def run(preset: str, lengths, device: str, steps: int, warmup: int, checkpointing: bool,
@@ -176,6 +191,7 @@ def run(preset: str, lengths, device: str, steps: int, warmup: int, checkpointin
         api = chunked_step_api() if chunk else None
         alive = chunk if api is not None and chunk and L > chunk else L
         pred = predict_gb(cfg, params, L, alive, checkpointing, mode)
+        est = estimate_gb(cfg, L, alive if alive < L else 0, checkpointing, device)
         n_steps, n_warm = steps, warmup
         ok_rows = [r for r in rows if r["status"] == "ok"]
         if budget_s is not None and ok_rows:
@@ -188,8 +204,8 @@ def run(preset: str, lengths, device: str, steps: int, warmup: int, checkpointin
                 n_steps, n_warm = 1, 0
             if per_step > left:
                 status = f"not run: ~{per_step:,.0f} s per step, {max(left, 0):,.0f} s of the budget left"
-                rows.append({"L": L, "status": status, "predicted_gb": pred})
-                line = fmt_row([L, "-", mode, status, "-", "-", f"{pred:.1f}", "-"])
+                rows.append({"L": L, "status": status, "predicted_gb": pred, "estimate_gb": est})
+                line = fmt_row([L, "-", mode, status, "-", "-", f"{pred:.1f}", "-", f"{est:.1f}", "-"])
                 lines.append(line)
                 log(line)
                 break
@@ -197,9 +213,9 @@ def run(preset: str, lengths, device: str, steps: int, warmup: int, checkpointin
             r = measure_fn(cfg, L, device, n_steps, n_warm, checkpointing, chunk)
         except Exception as exc:   # noqa: BLE001 - an OOM ends the sweep, anything else too (named)
             status = "OOM" if is_oom(exc) else f"ERROR {type(exc).__name__}: {str(exc)[:160]}"
-            row = {"L": L, "status": status, "predicted_gb": pred}
+            row = {"L": L, "status": status, "predicted_gb": pred, "estimate_gb": est}
             rows.append(row)
-            line = fmt_row([L, "-", mode, status, "-", "-", f"{pred:.1f}", "-"])
+            line = fmt_row([L, "-", mode, status, "-", "-", f"{pred:.1f}", "-", f"{est:.1f}", "-"])
             lines.append(line)
             log(line)
             if torch.device(device).type == "cuda":
@@ -207,11 +223,12 @@ def run(preset: str, lengths, device: str, steps: int, warmup: int, checkpointin
             break
         tok_s = L / r["step_s"]
         ratio = r["peak_gb"] / pred if pred and r["peak_gb"] == r["peak_gb"] else float("nan")
+        est_ratio = r["peak_gb"] / est if est and r["peak_gb"] == r["peak_gb"] else float("nan")
         row = {"L": L, "status": "ok", **r, "tok_s": tok_s, "predicted_gb": pred, "ratio": ratio,
-               "steps": n_steps, "warmup": n_warm}
+               "estimate_gb": est, "estimate_ratio": est_ratio, "steps": n_steps, "warmup": n_warm}
         rows.append(row)
         line = fmt_row([L, r["path"], mode, f"{r['step_s']:.3f}", f"{tok_s:,.0f}", f"{r['peak_gb']:.1f}",
-                        f"{pred:.1f}", f"{ratio:.2f}"])
+                        f"{pred:.1f}", f"{ratio:.2f}", f"{est:.1f}", f"{est_ratio:.2f}"])
         lines.append(line)
         log(line)
     ok = [r for r in rows if r["status"] == "ok"]

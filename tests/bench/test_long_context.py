@@ -41,6 +41,8 @@ def test_cpu_sweep_writes_the_table_and_json(tmp_path, capsys):
     data = json.loads(md.with_suffix(".json").read_text())
     assert [r["L"] for r in data["rows"]] == [64, 128]
     assert all(r["status"] == "ok" and r["step_s"] > 0 and r["tok_s"] > 0 for r in data["rows"])
+    # train/memory.py's estimate of the step that ran, beside the measurement (what auto uses)
+    assert "estimate GB" in out and all(r["estimate_gb"] > 0 for r in data["rows"])
     # the path that ran: the chunked step above --chunk when this checkout has it
     chunked = data["meta"]["chunked_step_available"]
     assert data["rows"][0]["path"] == "whole"
