@@ -104,7 +104,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
-        nn.init.normal_(self.embed.weight, std=std)
+        nn.init.normal_(self.embed.weight, std=self.cfg.embed_init_std)  # why: ModelConfig.embed_init_std
         nn.init.normal_(self.head.weight, std=std)
         for mod in self.mtp:
             nn.init.normal_(mod.e_proj.weight, std=std)
