@@ -59,19 +59,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, P: int, args, port: int, queue) -> None:
+def _join_group(rank: int, P: int, args, port: int):
+    """This rank's process group (NCCL on GPUs, gloo on CPU) -> (cuda, device, dtype)."""
     import torch.distributed as dist
-    from model.attention import Attention
-    from model.context_parallel import CommStats, ShardPlan, context_parallel_group, cp_attention
-    from model.layout import DocLayout
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=P)
-    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    dtype = getattr(torch, args.dtype)
+    return cuda, (torch.device("cuda", rank) if cuda else torch.device("cpu")), getattr(torch, args.dtype)
+
+
+def worker(rank: int, P: int, args, port: int, queue) -> None:
+    import torch.distributed as dist
+    from model.attention import Attention
+    from model.context_parallel import CommStats, ShardPlan, context_parallel_group, cp_attention
+    from model.layout import DocLayout
+
+    cuda, dev, dtype = _join_group(rank, P, args, port)
     cfg = ModelConfig.from_preset(args.preset, attention_impl="auto" if cuda else "torch",
                                   max_seq_len=max(args.length, 1))
     cp = context_parallel_group(P)
@@ -116,13 +122,7 @@ def worker_whole(rank: int, P: int, args, port: int, queue) -> None:
     from model.layout import DocLayout
     from model.transformer import Transformer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cuda = args.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=P)
-    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    dtype = getattr(torch, args.dtype)
+    cuda, dev, dtype = _join_group(rank, P, args, port)
     cfg = ModelConfig.from_preset(args.preset, max_seq_len=max(args.length, 1),
                                   **({} if cuda else {"attention_impl": "torch"}))
     torch.manual_seed(0)

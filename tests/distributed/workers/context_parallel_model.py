@@ -10,7 +10,6 @@ over the layers); diagnostics on rank 0 only (as the trainer asks for them) chan
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,24 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import torch  # noqa: E402
 
-TOL = 1e-10
-# packed documents per row: they cross rank boundaries and (at L = 96, P = 2/3/4) end exactly
-# on some (32, 48, 64, 72); short ones hold no HCA block, the last row is one document
-DOCS = ((0, 37, 61, 72), (0, 20, 32, 48, 50, 64), (0,))
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+from cp_common import DOCS, TOL, doc_ids, parser, rel  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["sparse", "dense"], required=True)
-    ap.add_argument("--length", type=int, default=96)
-    ap.add_argument("--checkpoint", action="store_true", help="activation checkpointing in the sharded model")
-    ap.add_argument("--ties", action="store_true", help="indexer queries zero: every score ties")
+    ap = parser("activation checkpointing in the sharded model")
     ap.add_argument("--routing", action="store_true", help="supplied routing (anticipatory routing)")
-    ap.add_argument("--bounds", default="", help="shard starts and the end, e.g. 0,7,96 (uneven)")
     args = ap.parse_args()
 
     import torch.distributed as dist
@@ -65,10 +52,7 @@ def main() -> None:
     B, L = len(DOCS), args.length
     ids = torch.randint(0, cfg.vocab_size, (B, L + 1), generator=g)
     inp, lab = ids[:, :-1], ids[:, 1:].clone()
-    doc = torch.zeros(B, L, dtype=torch.long)
-    for b, starts in enumerate(DOCS):
-        for d, s in enumerate(starts):
-            doc[b, s:] = d
+    doc = doc_ids(L)
     lab[0, 5] = lab[1, 47] = IGNORE_INDEX          # (47: the last row of rank 0 at P = 2)
     cuts = [int(c) for c in args.bounds.split(",")] if args.bounds else None
     bounds = list(zip(cuts[:-1], cuts[1:])) if cuts else None
