@@ -508,3 +508,8 @@ def read_model_config(source: str | os.PathLike | ModelConfig) -> ModelConfig:
         return ModelConfig.from_dict(d)
     except ConfigError as e:
         raise ExportError(f"model config {p}: {e}") from e
+
+
+if __name__ == "__main__":   # the export command moved to train/ (it reads DeepSpeed checkpoints)
+    raise SystemExit("python -m model.hf export moved: run python -m train.export export "
+                     "--checkpoint RUN/checkpoints --out DIR (same options)")
