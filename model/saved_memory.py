@@ -104,8 +104,11 @@ def live_tensor_bytes(exclude=(), also: dict[int, int] | None = None) -> int:
         for t in (obj, obj.grad if obj.is_leaf else None):
             if t is None or t.device.type == "meta":
                 continue
-            st = t.untyped_storage()
-            ptr = st.data_ptr()
+            try:
+                st = t.untyped_storage()
+                ptr = st.data_ptr()
+            except RuntimeError:   # a FakeTensor / FunctionalTensor left by torch.compile: no memory
+                continue
             if ptr and ptr not in skip:
                 seen[ptr] = st.nbytes()
     return sum(seen.values())
