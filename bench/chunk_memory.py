@@ -57,15 +57,19 @@ def measure(model: Transformer, ids, labels, doc, chunk: int, full: bool = True)
     def excluded():
         return fixed + [p.grad for p in model.parameters() if p.grad is not None]
 
+    # what was alive before the step (other objects of this process, e.g. an earlier test's
+    # tensors) is not the step's: measured once, without the batch, and subtracted
+    before = live_tensor_bytes(excluded() + [ids, labels, doc])
+
     def forward(**kw):
         if not kw["chunk"].need_loss:   # the state pass
             return model(**kw)
         if res["state"] is None:
-            res["state"] = live_tensor_bytes(excluded())
+            res["state"] = live_tensor_bytes(excluded()) - before
             if not full:
                 raise _Stop
         else:   # what the previous chunk's backward left (the state gradients it produced)
-            res["chunk_peak"] = max(res["chunk_peak"], live_tensor_bytes(excluded()))
+            res["chunk_peak"] = max(res["chunk_peak"], live_tensor_bytes(excluded()) - before)
         meter = SavedTensorMeter(exclude=excluded())
         with meter:
             out = model(**kw)
@@ -74,7 +78,7 @@ def measure(model: Transformer, ids, labels, doc, chunk: int, full: bool = True)
 
     def backward(loss, last):
         saved = {k: v[0] for k, v in meters[0]._bytes.items()}
-        res["chunk_peak"] = max(res["chunk_peak"], live_tensor_bytes(excluded(), also=saved))
+        res["chunk_peak"] = max(res["chunk_peak"], live_tensor_bytes(excluded(), also=saved) - before)
         meters.clear()
         loss.backward()
 
