@@ -207,13 +207,17 @@ def profile_step(step, device, title: str, log, top: int = 18) -> None:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     step(); sync(device)
+    t0 = time.perf_counter()   # wall time without the profiler: busy share = device time / wall
+    step(); sync(device)
+    wall_ms = (time.perf_counter() - t0) * 1e3
     with profile(activities=acts) as prof:
         step(); sync(device)
     events = prof.key_averages()
     key = "device_time_total" if torch.device(device).type == "cuda" else "cpu_time_total"
     total = sum(getattr(e, "self_device_time_total" if key == "device_time_total" else "self_cpu_time_total", 0.0)
                 for e in events)
-    log(f"profile of one step, {title}: self {key.split('_')[0]} time {total / 1e3:.1f} ms in total")
+    log(f"profile of one step, {title}: self {key.split('_')[0]} time {total / 1e3:.1f} ms in total; "
+        f"the step takes {wall_ms:.1f} ms wall unprofiled ({total / 1e3 / wall_ms:.0%} busy)")
     log(fmt_row(["op / kernel", "self ms", "total ms", "calls"]))
     log(fmt_row(["---"] * 4))
     self_key = "self_device_time_total" if key == "device_time_total" else "self_cpu_time_total"

@@ -261,7 +261,10 @@ class DenseSetup:
 PLAN = [HybridSetup(), HybridSetup("all"), HybridSetup("none"), HybridSetup(hc="residual"),
         HybridSetup(micro_batch=2), HybridSetup("all", micro_batch=2),
         DenseSetup(), DenseSetup(micro_batch=2), DenseSetup(True), DenseSetup(True, 2),
-        HybridSetup(compiled=True), HybridSetup("none", compiled=True), HybridSetup(compiled=True, micro_batch=2)]
+        HybridSetup(compiled=True), HybridSetup("none", compiled=True), HybridSetup(compiled=True, micro_batch=2),
+        # bigger micro-batches (opt-in with --variants: with every variant's weights resident they
+        # may not fit beside the whole plan): does tok/s keep growing with the batch?
+        HybridSetup(micro_batch=4), HybridSetup(compiled=True, micro_batch=4)]
 BASELINE = HybridSetup()   # today's default: eager, kernels as auto selects them, mHC
 
 
@@ -474,8 +477,11 @@ def run(out: str, check: bool, tiny: bool, budget_s: float, device=None, keys=No
         for row in table_rows(built, seq, peak):
             log(row)
 
+    # the profiles after the rounds need ~25 s each: keep that much of the budget for them
+    n_prof = sum(1 for s, _, _ in built if isinstance(s, HybridSetup) and s.micro_batch == 1
+                 and s.kernels == "auto" and s.hc == "mhc") if cuda else 0
     interleave([v for _, v, _ in built], device, rounds, steps, warmup,
-               budget_s=max(30.0, budget_s - (time.time() - t_start) - 30),
+               budget_s=max(30.0, budget_s - (time.time() - t_start) - 30 - 25 * n_prof),
                log=lambda s: print(s, flush=True), after_round=write_table)
     for s, v, info in built:   # kernel counts at 1 x seq, after the timing
         if info["fb"] is not None and v.error is None and s.micro_batch == 1 and cuda \
@@ -494,7 +500,7 @@ def run(out: str, check: bool, tiny: bool, budget_s: float, device=None, keys=No
             try:
                 with v.context():
                     profile_step(info["fb"], device, f"{s.key} forward+backward",
-                                 lambda x: rep.log("profiles.md", x), top=30)
+                                 lambda x: rep.log("profiles.md", x), top=40)
             except Exception as exc:
                 rep.log("profiles.md", f"[profile {s.key} failed: {type(exc).__name__}: {exc}]")
     result["variants"] = [(s.key, v) for s, v, _ in built]

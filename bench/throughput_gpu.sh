@@ -35,7 +35,7 @@ RUN=/tmp/hybridlm_small_gpu
 rm -rf "$RUN"
 STEP_TOKENS=65536   # 8 micro-batches of 2 x 4K
 timeout 165 $PY -m train experiment=small_gpu "hydra.run.dir=$RUN" train.global_batch_tokens=$STEP_TOKENS \
-    train.tokens=$(( 20 * STEP_TOKENS )) train.val_every=0 train.ckpt_every=0 data.val_batches=2 \
+    train.tokens=$(( 20 * STEP_TOKENS )) train.val_every=0 train.ckpt_every=0 data.val_batches=2 optim.warmup_steps=2 \
     logging.wandb.mode=disabled train.progress=false ${TRAIN_EXTRA:-} > /tmp/train_small.log 2>&1
 echo "train exit $? after $(( $(date +%s) - T0 ))s"
 tail -40 /tmp/train_small.log > "$OUT/train.log"
