@@ -76,13 +76,23 @@ class DenseTrainee:
         self.device_type = dev.type
         self.flops_per_token = self.model.flops_per_token(seq)
 
-    def step(self) -> None:
+    def forward_backward(self, ids: torch.Tensor, compiled: bool | None = None) -> torch.Tensor:
+        """Forward under bf16 autocast and backward of ``ids``; ``compiled`` picks the compiled
+        or the eager forward of the same weights (default: as constructed)."""
+        fwd = self.fwd if compiled is None or compiled else self.model
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            loss = self.fwd(self.ids)
+            loss = fwd(ids)
         loss.backward()
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.forward_backward(self.ids)
+        self.optimizer_step()
 
     def phases(self):
         return [("all", self.step)]
