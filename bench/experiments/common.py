@@ -2,13 +2,23 @@
 variants, reading their metrics.jsonl, and writing the committed plot (SVG), data (CSV) and
 table (markdown) under ``--out``.
 
-An experiment is a list of trainer runs. ``sweep`` runs the combinations of a few override
-axes as ONE ``python -m train -m`` (Hydra's basic launcher: the jobs run one after another in one
-process, so the import cost is paid once); ``single`` runs one ``python -m train``. Both use the
-trainer exactly as a user would (DeepSpeed engine, the embedded corpus, the scale's model
-preset), write under ``--work`` (checkpoints are deleted once a run's metrics are read: they are
-the bulk of the bytes and no experiment needs them), and group the wandb runs by experiment
-(``logging.wandb.group``; off unless ``--wandb offline|online``).
+An experiment is a list of trainer runs: a ``Sweep`` (the combinations of a few override axes)
+and/or ``Single`` runs, started together by ``launch``. With ``--parallel 1`` (the CPU default) a
+sweep is ONE ``python -m train -m`` (Hydra's basic launcher: the jobs run one after another in one
+process, so the import cost is paid once). With ``--parallel N`` (the CUDA default: every run at
+once, up to 8; at tiny sizes one run leaves the GPU mostly idle) each combination is its own
+``python -m train`` process with the same overrides, the same run directory
+(<sweep>/<override_dirname>) and the same wandb name as the multirun would give it, N at a
+time, each with its own log. Runs use the trainer exactly as a user would (DeepSpeed engine, the
+embedded corpus, the scale's model preset), write under ``--work`` (checkpoints are deleted once
+the runs end: they are the bulk of the bytes and no experiment needs them), and group the wandb
+runs by experiment (``logging.wandb.group``; off unless ``--wandb offline|online``).
+
+``--budget-s`` bounds an experiment's wall time: at the budget the runs still going are stopped
+(runs not started yet are not started) and the report is made from what they logged, each
+unfinished run marked "stopped at step k of n" in the table and the plot legends. ``--reuse``
+reads partial runs the same way. Only when no run logged a single step is there nothing to
+report, and the script says so in one line.
 
 Scales (``--scale``): micro is for CPU (tests and the committed CPU results), tiny for CPU or a
 GPU, small for one GPU. ``--steps`` overrides the scale's run length.
@@ -20,10 +30,13 @@ import csv
 import datetime as dt
 import json
 import math
+import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -50,6 +63,10 @@ SCALES = {
 }
 
 
+MAX_PARALLEL_CUDA = 8   # default cap on concurrent runs on one GPU (tiny runs are launch-bound)
+STOP_GRACE_S = 10.0     # after SIGTERM at the budget, before SIGKILL
+
+
 class ExperimentError(RuntimeError):
     """A run failed or produced no usable metrics (the message names the run and its log)."""
 
@@ -67,6 +84,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--wandb", choices=["disabled", "offline", "online"],
                     default=os.environ.get("WANDB_MODE", "disabled"))
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per run (OMP_NUM_THREADS)")
+    ap.add_argument("--parallel", type=int, default=None,
+                    help=f"runs at once, each its own process (default: 1 on CPU, where a sweep is one Hydra "
+                         f"multirun; on CUDA every run of the experiment, at most {MAX_PARALLEL_CUDA})")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-time budget of the experiment (from its start): runs still going are stopped "
+                         "and reported as far as they got")
     ap.add_argument("--tag", default=None, help="file name tag (default: <experiment>-<device>-<date>)")
     ap.add_argument("--reuse", action="store_true",
                     help="read the runs already under --work instead of training (re-plot, re-tabulate)")
@@ -77,10 +100,16 @@ def finish_args(args: argparse.Namespace, experiment: str, argv: Sequence[str] |
     """Resolve scale, steps, device name and the output names; refuse bad values in one line.
     The device, date and command are recorded in <work>/experiment.json; --reuse reads them back."""
     args.experiment = experiment
+    args.t0 = time.monotonic()      # the budget counts from here
+    args.failures = []              # one line per failed run (launch fills it; exit_status reads it)
     args.sc = SCALES[args.scale]
     args.steps = args.steps or args.sc.steps
     if args.steps < 2:
         raise SystemExit(f"{experiment}: --steps must be >= 2, got {args.steps}")
+    if args.parallel is not None and args.parallel < 1:
+        raise SystemExit(f"{experiment}: --parallel must be >= 1, got {args.parallel}")
+    if args.budget_s is not None and args.budget_s <= 0:
+        raise SystemExit(f"{experiment}: --budget-s must be > 0, got {args.budget_s}")
     if args.device == "auto":
         import torch
 
@@ -136,7 +165,8 @@ def base_overrides(args: argparse.Namespace, *, seq_len: int | None = None,
 # ----------------------------------------------------------------------------- runs
 @dataclass
 class Run:
-    """One finished trainer run: its name, directory and metrics.jsonl lines by kind."""
+    """One trainer run as far as it got: its name, directory and metrics.jsonl lines by kind.
+    ``total_steps``: the steps it was configured for (None: unknown, e.g. it never started)."""
     name: str
     path: Path
     overrides: list[str]
@@ -145,6 +175,7 @@ class Run:
     val: list[dict] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     start: dict = field(default_factory=dict)
+    total_steps: int | None = None
 
     def series(self, key: str, kind: str = "train", x: str = "step") -> tuple[list[float], list[float]]:
         """(x, values) of ``key`` over the lines of ``kind`` that carry it."""
@@ -157,6 +188,34 @@ class Run:
         return [p[0] for p in pts], [float(p[1]) for p in pts]
 
     @property
+    def logged(self) -> bool:
+        """At least one training step was logged (else the run has nothing to plot)."""
+        return bool(self.train)
+
+    @property
+    def finished(self) -> bool:
+        end = [e for e in self.events if e.get("event") == "end"]
+        return bool(self.train) and bool(end) and end[-1].get("status") == "finished"
+
+    @property
+    def steps_done(self) -> int:
+        return self.train[-1]["step"] if self.train else 0
+
+    @property
+    def status(self) -> str:
+        """'finished', 'stopped at step k of n' (no end event: stopped at the budget or killed),
+        'failed at step k of n (<the trainer's status>)' or 'not started' (nothing logged)."""
+        if self.finished:
+            return "finished"
+        if not self.train:
+            return "not started (no step logged)"
+        of = f" of {self.total_steps}" if self.total_steps else ""
+        end = [e for e in self.events if e.get("event") == "end"]
+        if end:
+            return f"failed at step {self.steps_done}{of} ({end[-1].get('status')})"
+        return f"stopped at step {self.steps_done}{of}"
+
+    @property
     def tokens_per_step(self) -> int:
         r = self.train[-1]    # a train line's tokens: consumed by the end of its step
         return r["tokens"] // r["step"]
@@ -167,7 +226,11 @@ class Run:
 
     @property
     def final_val(self) -> float | None:
-        return self.val[-1]["val_loss"] if self.val else None
+        """The validation loss at the run's last step (experiments validate at the start and the
+        end only: a run stopped early has none)."""
+        if self.val and self.train and self.val[-1]["step"] >= self.train[-1]["step"] > 0:
+            return self.val[-1]["val_loss"]
+        return None
 
     def flops_per_token(self) -> float:
         """The trainer's FLOP model (train/metrics.py), recovered from its tflops and tokens/s."""
@@ -178,26 +241,58 @@ class Run:
         return [e for e in self.events if e.get("event") == "stability/spike"]
 
 
-def read_run(name: str, path: Path, overrides: Sequence[str] = ()) -> Run:
-    metrics = Path(path) / "metrics.jsonl"
-    if not metrics.is_file():
-        raise ExperimentError(f"run {name!r}: no metrics.jsonl in {path}")
-    run = Run(name=name, path=Path(path), overrides=list(overrides))
-    with open(metrics) as fh:
-        for line in fh:
+def label(run: Run, name: str) -> str:
+    """A legend name: ``name``, plus the run's status when it did not finish."""
+    return name if run.finished else f"{name} ({run.status})"
+
+
+def _configured_steps(path: Path) -> int | None:
+    """train.tokens / train.global_batch_tokens from the run's composed config (one stage)."""
+    import yaml
+
+    try:
+        t = yaml.safe_load((Path(path) / ".hydra" / "config.yaml").read_text())["train"]
+        return int(t["tokens"]) // int(t["global_batch_tokens"])
+    except (OSError, KeyError, TypeError, ValueError, ZeroDivisionError, yaml.YAMLError):
+        return None
+
+
+def read_run(name: str, path: Path | None, overrides: Sequence[str] = ()) -> Run:
+    """The run's metrics.jsonl as far as it got (a run stopped mid-write may end in a cut line,
+    which is dropped); no metrics.jsonl at all: a run marked 'not started'."""
+    run = Run(name=name, path=Path(path) if path else Path(), overrides=list(overrides))
+    metrics = Path(path) / "metrics.jsonl" if path else None
+    if metrics is None or not metrics.is_file():
+        return run
+    run.total_steps = _configured_steps(path)
+    lines = metrics.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
             r = json.loads(line)
-            kind = r.get("kind")
-            if kind in ("train", "diagnostics", "val"):
-                getattr(run, kind).append(r)
-            elif kind == "event":
-                run.events.append(r)
-                if r.get("event") == "start":
-                    run.start = r
-    end = [e for e in run.events if e.get("event") == "end"]
-    if not run.train or not end or end[-1].get("status") != "finished":
-        status = end[-1].get("status") if end else "no end event"
-        raise ExperimentError(f"run {name!r} did not finish ({status}); see {path}")
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:   # cut mid-write by the stop
+                break
+            raise ExperimentError(f"run {name!r}: line {i + 1} of {metrics} is not JSON") from None
+        kind = r.get("kind")
+        if kind in ("train", "diagnostics", "val"):
+            getattr(run, kind).append(r)
+        elif kind == "event":
+            run.events.append(r)
+            if r.get("event") == "start":
+                run.start = r
     return run
+
+
+def logged_runs(args: argparse.Namespace, runs: Sequence[Run]) -> list[Run]:
+    """The runs with at least one training step; none: the one-line refusal (nothing to report)."""
+    out = [r for r in runs if r.logged]
+    if not out:
+        where = "; ".join(f"{r.name}: {r.status}" for r in runs) or "no runs"
+        budget = (f" (--budget-s {args.budget_s:g} ended before any run logged a step: raise it)"
+                  if getattr(args, "budget_s", None) else "")
+        raise ExperimentError(f"{args.experiment}: nothing to report, no run logged a training step{budget}; "
+                              f"{where}; runs under {args.work}")
+    return out
 
 
 def _env(args: argparse.Namespace) -> dict:
@@ -205,78 +300,235 @@ def _env(args: argparse.Namespace) -> dict:
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["WANDB_MODE"] = args.wandb
     env.setdefault("HYDRA_FULL_ERROR", "1")
-    if args.device == "cpu":
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    # one run's CPU work is launching kernels (CUDA) or the model (CPU): several runs at once
+    # must not each start a thread per core
+    env["OMP_NUM_THREADS"] = str(args.threads)
     return env
 
 
-def _launch(args: argparse.Namespace, argv: list[str], log: Path, what: str) -> None:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "train", *argv]
-    print(f"[{args.experiment}] {what}", flush=True)
-    with open(log, "w") as fh:
-        fh.write(" ".join(cmd) + "\n")
-        fh.flush()
-        rc = subprocess.run(cmd, cwd=REPO, env=_env(args), stdout=fh, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise ExperimentError(f"{args.experiment}: {what} failed (exit {rc}); log {log}:\n{tail}")
+@dataclass
+class Job:
+    """One process (``python -m train`` and its overrides, see ``trainer``) and its log."""
+    what: str
+    cmd: list[str]
+    log: Path
 
 
-def _drop_checkpoints(run_dir: Path) -> None:
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
+def trainer(argv: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "train", *argv]
+
+
+@dataclass
+class Sweep:
+    """Every combination of ``axes`` (override key -> values), into <work>/<name>/<key=value,...>
+    (Hydra's override_dirname of the swept keys); runs come back in the order of the
+    combinations (the first axis varies slowest), named by their axis values."""
+    name: str
+    axes: dict[str, Sequence]
+    fixed: Sequence[str]
+
+    def combinations(self) -> list[dict[str, str]]:
+        return [dict(zip(self.axes, (str(v) for v in vs))) for vs in itertools.product(*self.axes.values())]
+
+
+@dataclass
+class Single:
+    """One ``python -m train`` into <work>/<name>; ``label``: the run's name in the report."""
+    name: str
+    overrides: Sequence[str]
+    label: str | None = None
+
+
+def _sweep_hydra_args(args, sweep_dir: Path, fixed: Sequence[str]) -> list[str]:
+    """The Hydra settings that make a job's directory and wandb name carry only the swept
+    values: the same for a multirun and for one process per combination."""
+    fixed_keys = sorted({o.split("=", 1)[0].lstrip("+~") for o in fixed} | {"logging.wandb.name"})
+    return [f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed_keys)}]",
+            f"logging.wandb.name={args.experiment}/${{hydra:job.override_dirname}}"]
+
+
+def _jobs(args, item, parallel: int) -> list[Job]:
+    if isinstance(item, Single):
+        run_dir = args.work / item.name
+        argv = [*item.overrides, f"logging.wandb.name={args.experiment}/{item.name}", f"hydra.run.dir={run_dir}"]
+        return [Job(f"run {item.name}", trainer(argv), args.work / f"{item.name}.log")]
+    sweep_dir = args.work / item.name
+    hydra = _sweep_hydra_args(args, sweep_dir, item.fixed)
+    n = len(item.combinations())
+    if parallel == 1:   # one multirun: Hydra's launcher runs the jobs one after another
+        argv = ["-m", *item.fixed, *(f"{k}={','.join(str(v) for v in vs)}" for k, vs in item.axes.items()),
+                f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.override_dirname}", *hydra]
+        return [Job(f"sweep {item.name}: {n} runs of {' x '.join(item.axes)}", trainer(argv),
+                    args.work / f"{item.name}.log")]
+    jobs = []
+    for combo in item.combinations():
+        dirname = _override_dirname(combo)
+        argv = [*item.fixed, *(f"{k}={v}" for k, v in combo.items()),
+                f"hydra.run.dir={sweep_dir}/${{hydra.job.override_dirname}}", *hydra]
+        jobs.append(Job(f"run {item.name}/{dirname}", trainer(argv), sweep_dir / f"{dirname}.log"))
+    return jobs
+
+
+def _override_dirname(combo: dict[str, str]) -> str:
+    """Hydra's override_dirname of these overrides (sorted 'key=value' joined by ',')."""
+    return ",".join(sorted(f"{k}={v}" for k, v in combo.items()))
+
+
+def launch(args: argparse.Namespace, items: Sequence[Sweep | Single]) -> list[list[Run]]:
+    """Train every run of ``items`` (``--parallel`` at a time, within ``--budget-s``), then
+    read them: one list of runs per item (a Single's: one run). Failed runs are named in one line
+    each (with their log) and recorded in ``args.failures``; the others still run and report."""
+    if not args.reuse:
+        n_runs = sum(len(i.combinations()) if isinstance(i, Sweep) else 1 for i in items)
+        parallel = args.parallel or (min(n_runs, MAX_PARALLEL_CUDA) if args.device == "cuda" else 1)
+        for item in items:
+            shutil.rmtree(args.work / item.name, ignore_errors=True)
+        _record(args, parallel=parallel, budget_s=args.budget_s)
+        _execute(args, [job for item in items for job in _jobs(args, item, parallel)], parallel)
+    out = []
+    for item in items:
+        if isinstance(item, Single):
+            run_dir = args.work / item.name
+            _drop_checkpoints(run_dir)
+            run = read_run(item.label or item.name, run_dir if run_dir.is_dir() else None, item.overrides)
+            out.append([run])
+        else:
+            runs = _read_sweep(args.work / item.name, item)
+            for r in runs:
+                _drop_checkpoints(r.path)
+            out.append(runs)
+    return out
+
+
+def _record(args: argparse.Namespace, **values) -> None:
+    """Add ``values`` to <work>/experiment.json (what --reuse reads back)."""
+    record = args.work / "experiment.json"
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    record.write_text(json.dumps({**saved, **values}))
+
+
+def launched_as(args: argparse.Namespace) -> str:
+    """How the sweep's runs were started, for a report's setup line."""
+    record = args.work / "experiment.json"
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    parallel = saved.get("parallel", 1)
+    budget = f", budget {saved['budget_s']:g} s" if saved.get("budget_s") else ""
+    return ("one Hydra multirun" if parallel == 1 else
+            f"one `python -m train` per combination, {parallel} at once (Hydra multirun's directory layout)") + budget
 
 
 def single(args: argparse.Namespace, name: str, overrides: Sequence[str]) -> Run:
     """One ``python -m train`` into <work>/<name>."""
-    run_dir = args.work / name
-    if not args.reuse:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        argv = [*overrides, f"logging.wandb.name={args.experiment}/{name}", f"hydra.run.dir={run_dir}"]
-        _launch(args, argv, args.work / f"{name}.log", f"run {name}")
-        _drop_checkpoints(run_dir)
-    return read_run(name, run_dir, overrides)
+    return launch(args, [Single(name, overrides)])[0][0]
 
 
 def sweep(args: argparse.Namespace, name: str, axes: dict[str, Sequence], fixed: Sequence[str]) -> list[Run]:
-    """Every combination of ``axes`` (override key -> values) as one Hydra multirun into
-    <work>/<name>/<key=value,...>; runs come back in launch order, named by their axis values."""
-    sweep_dir = args.work / name
-    n = math.prod(len(v) for v in axes.values())
-    if not args.reuse:
-        _run_sweep(args, sweep_dir, name, n, axes, fixed)
-    runs = [read_run(job["name"], job["path"], job["overrides"]) for job in _sweep_jobs(sweep_dir, axes)]
-    if len(runs) != n:
-        raise ExperimentError(f"sweep {name}: {len(runs)} of {n} runs found under {sweep_dir}")
+    """Every combination of ``axes`` into <work>/<name>/<key=value,...> (see ``Sweep``)."""
+    return launch(args, [Sweep(name, axes, fixed)])[0]
+
+
+def _execute(args: argparse.Namespace, jobs: list[Job], parallel: int) -> None:
+    """Run ``jobs``, ``parallel`` at a time, each in its own process group and log; at the
+    budget, stop those still going (SIGTERM, then SIGKILL) and start no more."""
+    deadline = args.t0 + args.budget_s if args.budget_s else math.inf
+    pending, running = list(jobs), {}
+    env = _env(args)
+    budget_hit = False
+    while pending or running:
+        while pending and len(running) < parallel and time.monotonic() < deadline:
+            job = pending.pop(0)
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(job.log, "w")
+            fh.write(" ".join(job.cmd) + "\n")
+            fh.flush()
+            proc = subprocess.Popen(job.cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)   # its own group: the stop reaches its children
+            running[proc] = (job, fh, time.monotonic())
+            print(f"[{args.experiment}] {job.what}: started (log {job.log})", flush=True)
+        if time.monotonic() >= deadline and not budget_hit:
+            budget_hit = True
+            left = [j.what for j in pending]
+            print(f"[{args.experiment}] budget {args.budget_s:g} s reached: stopping {len(running)} run(s)"
+                  + (f", not starting {len(left)}: {', '.join(left)}" if left else ""), flush=True)
+            pending.clear()
+            for proc in running:
+                _signal(proc, signal.SIGTERM)
+            grace = time.monotonic() + STOP_GRACE_S
+        for proc in list(running):
+            if proc.poll() is None:
+                if budget_hit and time.monotonic() > grace:
+                    _signal(proc, signal.SIGKILL)
+                continue
+            job, fh, started = running.pop(proc)
+            fh.close()
+            took = time.monotonic() - started
+            if proc.returncode == 0:
+                print(f"[{args.experiment}] {job.what}: done in {took:.0f} s", flush=True)
+            elif budget_hit:
+                print(f"[{args.experiment}] {job.what}: stopped at the budget after {took:.0f} s (log {job.log})",
+                      flush=True)
+            elif proc.returncode != 0:
+                line = f"{job.what} failed (exit {proc.returncode}) after {took:.0f} s; log {job.log}"
+                args.failures.append(line)
+                print(f"[{args.experiment}] {line}", flush=True)
+        if running:
+            time.sleep(0.2)
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:   # already gone
+        pass
+
+
+def exit_status(args: argparse.Namespace) -> int:
+    """1 when a run failed (each named again in one line with its log), else 0."""
+    for line in args.failures:
+        print(f"[{args.experiment}] FAILED: {line}", file=sys.stderr, flush=True)
+    return 1 if args.failures else 0
+
+
+def _drop_checkpoints(run_dir: Path) -> None:
+    if run_dir and run_dir != Path():
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
+
+
+def _same_value(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
+
+
+def _read_sweep(sweep_dir: Path, item: Sweep) -> list[Run]:
+    """The sweep's runs in the order of its combinations; a combination with no directory (not
+    started) comes back as a run marked so."""
+    found = _sweep_jobs(sweep_dir, item.axes)
+    runs = []
+    for combo in item.combinations():
+        name = " ".join(f"{k}={v}" for k, v in combo.items())
+        job = next((j for j in found if all(_same_value(j["values"].get(k, ""), v) for k, v in combo.items())), None)
+        if job is None:
+            runs.append(read_run(name, None, [f"{k}={v}" for k, v in combo.items()]))
+        else:
+            runs.append(read_run(job["name"], job["path"], job["overrides"]))
     return runs
-
-
-def _run_sweep(args, sweep_dir: Path, name: str, n: int, axes: dict[str, Sequence], fixed: Sequence[str]) -> None:
-    shutil.rmtree(sweep_dir, ignore_errors=True)
-    fixed_keys = sorted({o.split("=", 1)[0].lstrip("+~") for o in fixed} | {"logging.wandb.name"})
-    argv = ["-m", *fixed, *(f"{k}={','.join(str(v) for v in vs)}" for k, vs in axes.items()),
-            f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.override_dirname}",
-            # the job's directory and wandb name carry only the swept values
-            f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed_keys)}]",
-            f"logging.wandb.name={args.experiment}/${{hydra:job.override_dirname}}"]
-    _launch(args, argv, args.work / f"{name}.log", f"sweep {name}: {n} runs of {' x '.join(axes)}")
-    for job in _sweep_jobs(sweep_dir, axes):
-        _drop_checkpoints(job["path"])
 
 
 def _sweep_jobs(sweep_dir: Path, axes: dict[str, Sequence]) -> list[dict]:
     import yaml
 
     jobs = []
-    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         overrides = yaml.safe_load(overrides_file.read_text())
-        hydra_cfg = yaml.safe_load((overrides_file.parent / "hydra.yaml").read_text())
         values = dict(o.split("=", 1) for o in overrides if o.split("=", 1)[0] in axes)
+        if set(values) != set(axes):
+            continue
         jobs.append({"name": " ".join(f"{k}={values[k]}" for k in axes),
-                     "path": overrides_file.parent.parent, "overrides": overrides,
-                     "num": hydra_cfg["hydra"]["job"]["num"], "values": values})
-    return sorted(jobs, key=lambda j: j["num"])
+                     "path": overrides_file.parent.parent, "overrides": overrides, "values": values})
+    return jobs
 
 
 def axis_value(run: Run, key: str) -> str:
@@ -473,20 +725,31 @@ def git_commit() -> str:
 
 def write_report(args: argparse.Namespace, title: str, runs: Sequence[Run], tables: Sequence[str],
                  findings: Sequence[str], setup: str) -> Path:
-    """<out>/<tag>.md: what ran (device, date, model, tokens, command), the tables, what they show."""
-    r0 = runs[0]
+    """<out>/<tag>.md: what ran (device, date, model, tokens, command), the tables, what they show;
+    runs that did not finish get a table of their own (status, steps logged) above the findings."""
+    logged = [r for r in runs if r.logged]
+    r0 = logged[0]
     params = r0.start.get("params")
     model = f"{args.sc.model}" + (f" ({params / 1e6:.2f}M parameters, {r0.start.get('active_params', 0) / 1e6:.2f}M active)"
                                   if params else "")
-    tokens = sorted({r.tokens for r in runs})
+    tokens = sorted({r.tokens for r in logged})
+    unfinished = [r for r in runs if not r.finished]
     text = [f"# {title}", "",
             f"- device: {args.device_name}; date: {args.date} (UTC); commit {git_commit()}",
             f"- model: {model}; scale {args.scale}",
-            f"- tokens per run: {', '.join(f'{t:,}' for t in tokens)}; {args.steps} optimizer steps",
+            f"- tokens per run: {', '.join(f'{t:,}' for t in tokens)}; {args.steps} optimizer steps"
+            + (f" configured; {len(unfinished)} of {len(runs)} runs did not finish (below)" if unfinished else ""),
             f"- command: `{args.command.strip()}`",
             f"- plot: {args.tag}.svg; plotted data: {args.tag}.csv", "", setup, ""]
     for t in tables:
         text += [t, ""]
+    if unfinished:
+        budget = f" (--budget-s {args.budget_s:g})" if getattr(args, "budget_s", None) else ""
+        text += [f"## Runs that did not finish{budget}", "",
+                 "Their rows and curves above show what they logged until they stopped; numbers "
+                 "that need the end of a run (final validation loss) are missing for them.", "",
+                 markdown_table(["run", "status", "steps logged"],
+                                [[r.name, r.status, r.steps_done] for r in unfinished]), ""]
     text += ["## What it shows", ""] + [f"- {f}" for f in findings] + [""]
     path = args.out / f"{args.tag}.md"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 hyper-connections let it grow (mHC paper, arXiv 2512.24880: ~1.6 for mHC vs up to ~3,000 for HC
 at 27B), and at what LM loss?
 
-Runs model.hyper_connections = mhc | hc | residual (one Hydra multirun, same seed, data and lr),
+Runs model.hyper_connections = mhc | hc | residual (one sweep, same seed, data and lr),
 at an lr above the default so that HC's unconstrained mixing can drift (``--lr``; the CPU job's
 default is 3e-3). The model logs, every diagnostics step, the Amax gain of the composite residual
 map across all sites (``mhc/composite_gain_fwd``: max absolute row sum of the product of the
@@ -27,17 +27,18 @@ def launch(args) -> list[C.Run]:
 def report(args, runs: list[C.Run]):
     k = C.smoothing_window(args.steps)
     loss, gfwd, gbwd, rows, data = {}, {}, {}, [], {}
-    for run in runs:
+    for run in C.logged_runs(args, runs):
         kind = C.axis_value(run, KEY)
+        name = C.label(run, kind)
         steps, lm = run.series("loss/lm")
-        loss[kind] = (steps, C.trailing_mean(lm, k))
+        loss[name] = (steps, C.trailing_mean(lm, k))
         ds, fwd = run.series("mhc/composite_gain_fwd", "diagnostics")
         _, bwd = run.series("mhc/composite_gain_bwd", "diagnostics")
         if fwd:
-            gfwd[kind], gbwd[kind] = (ds, fwd), (ds, bwd)
+            gfwd[name], gbwd[name] = (ds, fwd), (ds, bwd)
         data[kind] = {"loss/lm": (steps, lm), "composite_gain_fwd": (ds, fwd), "composite_gain_bwd": (ds, bwd)}
         rows.append([kind, C.final_mean(lm), run.final_val, max(fwd, default=None), fwd[-1] if fwd else None,
-                     max(bwd, default=None), bwd[-1] if bwd else None, f"{run.tokens:,}"])
+                     max(bwd, default=None), bwd[-1] if bwd else None, f"{run.tokens:,}", run.status])
     title = (f"hyper-connections: mhc vs hc vs residual ({args.scale}, lr {args.lr:g}, "
              f"{args.steps} steps, {args.device_name})")
     C.write_svg(args.out / f"{args.tag}.svg", [
@@ -50,16 +51,20 @@ def report(args, runs: list[C.Run]):
     C.write_csv(args.out / f"{args.tag}.csv", data)
     table = C.markdown_table(
         ["hyper_connections", "final LM loss (mean last 10%)", "final val loss", "composite gain fwd max",
-         "fwd final", "bwd max", "bwd final", "tokens"], rows)
+         "fwd final", "bwd max", "bwd final", "tokens", "status"], rows)
     by = {r[0]: r for r in rows}
+    col = lambda kind, i: C.fmt(by[kind][i]) if kind in by else "no step logged"
     findings = [
-        f"composite forward gain, max over training: mhc {C.fmt(by['mhc'][3])}, hc {C.fmt(by['hc'][3])} "
-        f"(backward: mhc {C.fmt(by['mhc'][5])}, hc {C.fmt(by['hc'][5])}); residual has no mixing "
+        f"composite forward gain, max over training: mhc {col('mhc', 3)}, hc {col('hc', 3)} "
+        f"(backward: mhc {col('mhc', 5)}, hc {col('hc', 5)}); residual has no mixing "
         "(one stream, no gain logged)",
-        f"final LM loss (mean of the last 10% of steps): mhc {by['mhc'][1]:.3f}, hc {by['hc'][1]:.3f}, "
-        f"residual {by['residual'][1]:.3f}",
+        "final LM loss (mean of the last 10% of the steps each run logged): "
+        + ", ".join(f"{v} {col(v, 1)}" for v in VARIANTS),
     ]
-    hc, mhc = by["hc"][3], by["mhc"][3]
+    if any(r[-1] != "finished" for r in rows) or len(rows) < len(VARIANTS):
+        findings.append("the runs did not all reach the same step (status column): their final numbers are "
+                        "at different points of training and compare only roughly")
+    hc, mhc = by.get("hc", [None] * 4)[3], by.get("mhc", [None] * 4)[3]
     if hc is not None and mhc is not None:
         findings.append(
             f"vs the paper (mHC, arXiv 2512.24880, 27B, full training): HC's composite gain grows to ~3,000 while "
@@ -67,12 +72,13 @@ def report(args, runs: list[C.Run]):
             f"magnitude is ~{3000 / hc:.0f}x smaller: a {args.sc.model} model (few mixing sites to compound) trained "
             f"{args.steps} steps; mHC's backward gain above 1 comes from the finite Sinkhorn iterations "
             "(model.hc_sinkhorn_iters), as the paper's 1.6")
-    findings.append(f"vs the paper's loss gains from mHC: the three final losses here differ by "
-                    f"{100 * (max(r[1] for r in rows) - min(r[1] for r in rows)) / min(r[1] for r in rows):.2f}%, "
-                    "within run-to-run noise at this size (one seed each)")
+    spread = 100 * (max(r[1] for r in rows) - min(r[1] for r in rows)) / min(r[1] for r in rows)
+    findings.append(f"vs the paper's loss gains from mHC: the {len(rows)} final losses here differ by {spread:.2f}%, "
+                    + ("within run-to-run noise at this size (one seed each)" if all(r[-1] == "finished" for r in rows)
+                       else "but over different numbers of steps (not all runs finished): no loss comparison"))
     return C.write_report(
         args, "Hyper-connections: composite gain and loss (mhc / hc / residual)", runs, [table], findings,
-        f"Setup: one Hydra multirun over {KEY}, optim.lr={args.lr:g}, seq_len {args.sc.seq_len}, "
+        f"Setup: {C.launched_as(args)} over {KEY}, optim.lr={args.lr:g}, seq_len {args.sc.seq_len}, "
         f"{args.sc.batch_seqs} sequences per step; gains every {args.diagnostics_every} steps (first "
         "micro-batch, max over its tokens).")
 
@@ -88,7 +94,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     report(args, launch(args))
-    return 0
+    return C.exit_status(args)
 
 
 if __name__ == "__main__":

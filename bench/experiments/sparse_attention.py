@@ -9,7 +9,7 @@ Three arms at the scale's long sequence (``--seq-len``; micro: 256, where a CSA 
                   sequence (compress_ratios all 0, window = seq_len), trained for the SAME total
                   training FLOPs as the sparse arm (train/metrics.py's FLOP model, on a meta-device
                   model: the token count is scaled by the ratio of FLOPs per token)
-sparse and dense are one Hydra multirun; the baseline is one run. Indexer recall
+sparse and dense are one sweep (common.Sweep), the baseline one run, started together. Indexer recall
 (``attn/indexer_recall/<layer>``: the share of the dense attention mass on compressed entries
 that the top-k holds; in the dense arm, of the top-k the indexer would pick) is logged every
 diagnostics step. Writes <out>/sparse_attention-<device>-<date>.{svg,csv,md}.
@@ -55,13 +55,13 @@ def baseline_overrides(args) -> list[str]:
 
 def launch(args) -> list[C.Run]:
     base = C.base_overrides(args, seq_len=args.seq_len)
-    runs = C.sweep(args, "modes", {"model.attention_mode": MODES}, base)
     full = baseline_overrides(args)
     f_sparse = flops_per_token(args, base, "sparse")
     f_full = flops_per_token(args, base + full, "sparse")
     steps = max(2, round(args.steps * f_sparse / f_full))    # same total training FLOPs
-    full_run = C.single(args, "full_attention", C.base_overrides(args, seq_len=args.seq_len, steps=steps) + full)
-    full_run.name = BASELINE
+    runs, [full_run] = C.launch(args, [
+        C.Sweep("modes", {"model.attention_mode": MODES}, base),
+        C.Single("full_attention", C.base_overrides(args, seq_len=args.seq_len, steps=steps) + full, label=BASELINE)])
     return runs + [full_run]
 
 
@@ -78,15 +78,16 @@ def layer_mean(run: C.Run, prefix: str) -> tuple[list[int], list[float]]:
 
 def report(args, runs: list[C.Run]):
     k = C.smoothing_window(args.steps)
-    arms = {(C.axis_value(r, "model.attention_mode") if r.name != BASELINE else BASELINE): r for r in runs}
+    arms = {(C.axis_value(r, "model.attention_mode") if r.name != BASELINE else BASELINE): r
+            for r in C.logged_runs(args, runs)}
     by_tok, by_flops, recall, data, rows = {}, {}, {}, {}, []
     chance = None
     for name, run in arms.items():
         xs, ys = run.series("loss/lm", x="tokens")
         fpt = run.flops_per_token()
         smooth = C.trailing_mean(ys, k)
-        by_tok[name] = (xs, smooth)
-        by_flops[name] = ([x * fpt for x in xs], smooth)
+        by_tok[C.label(run, name)] = (xs, smooth)
+        by_flops[C.label(run, name)] = ([x * fpt for x in xs], smooth)
         ds, rec = layer_mean(run, "attn/indexer_recall/")
         _, best = layer_mean(run, "attn/indexer_recall_oracle/")
         if rec:
@@ -96,7 +97,7 @@ def report(args, runs: list[C.Run]):
             chance = sum(ch) / len(ch)
         data[name] = {"loss/lm": (xs, ys), "indexer_recall": (ds, rec), "indexer_recall_oracle": (ds, best)}
         rows.append([name, fpt, fpt * run.tokens, f"{run.tokens:,}", C.final_mean(ys), run.final_val,
-                     rec[-1] if rec else None, best[-1] if best else None])
+                     rec[-1] if rec else None, best[-1] if best else None, run.status])
     title = f"CSA sparse vs dense attention ({args.scale}, seq_len {args.seq_len}, {args.device_name})"
     C.write_svg(args.out / f"{args.tag}.svg", [
         C.Panel(f"train LM loss vs tokens (trailing mean of {k})", "tokens", "train LM loss", by_tok),
@@ -106,21 +107,10 @@ def report(args, runs: list[C.Run]):
     ], title, cols=3)
     C.write_csv(args.out / f"{args.tag}.csv", data)
     table = C.markdown_table(["arm", "FLOPs / token", "training FLOPs", "tokens", "final train LM loss (mean last 10%)",
-                              "final val loss", "final indexer recall", "best-K share (ceiling)"], rows)
-    s, d, f = (arms[n] for n in ("sparse", "dense", BASELINE))
-    gap = lambda a, b: 100 * (a.final_val - b.final_val) / b.final_val
-    findings = [
-        f"final validation loss: sparse {s.final_val:.4f}, dense {d.final_val:.4f} ({gap(s, d):+.2f}% sparse vs "
-        f"dense), full-attention baseline at the same FLOPs {f.final_val:.4f} ({gap(s, f):+.2f}% sparse vs it)",
-        f"FLOPs per token: sparse {C.fmt(s.flops_per_token())}, dense {C.fmt(d.flops_per_token())}, "
-        f"full attention {C.fmt(f.flops_per_token())}",
-    ]
-    findings.append(f"vs V4 (hybrid sparse attention trains within a few percent of dense): sparse is {gap(s, d):+.2f}% "
-                    f"vs dense here, at seq_len {args.seq_len} (each CSA query keeps {args.topk} of up to "
-                    f"{args.seq_len // args.csa_ratio} entries); {args.steps} steps, one seed")
-    findings.append(f"attention is a small share of the FLOPs at this length: full attention costs "
-                    f"{100 * (f.flops_per_token() / s.flops_per_token() - 1):+.2f}% FLOPs per token vs sparse, so "
-                    "'same FLOPs' is nearly 'same tokens' here; the comparison bites at long sequences (GPU scales)")
+                              "final val loss", "final indexer recall", "best-K share (ceiling)", "status"], rows)
+    s, d, f = (arms.get(n) for n in ("sparse", "dense", BASELINE))
+    findings = [f"{n}: {r.status}" for n, r in arms.items() if not r.finished]
+    findings += comparisons(args, s, d, f)
     if recall and chance is not None:
         for name in ("sparse", "dense"):
             rec, best = recall.get(f"{name}: indexer top-k"), recall.get(f"{name}: best K (ceiling)")
@@ -133,13 +123,35 @@ def report(args, runs: list[C.Run]):
     if recall:
         findings.append("final indexer recall / best-K ceiling: " + ", ".join(f"{n} {v[1][-1]:.3f}" for n, v in recall.items())
                         + (f" (chance {chance:.3f})" if chance is not None else ""))
+    full_steps = (f"{f.total_steps or f.steps_done} steps configured" if f else "not run")
     return C.write_report(
         args, "CSA sparse vs dense attention, and a full-attention baseline at the same FLOPs", runs, [table],
         findings,
-        f"Setup: seq_len {args.seq_len}, {args.sc.batch_seqs} sequences per step; sparse and dense: one Hydra "
-        f"multirun over model.attention_mode ({args.steps} steps); full attention: compress_ratios all 0, "
-        f"window {args.seq_len}, {f.train[-1]['step']} steps (same training FLOPs as sparse). Recall every "
+        f"Setup: seq_len {args.seq_len}, {args.sc.batch_seqs} sequences per step; sparse and dense: "
+        f"{C.launched_as(args)} over model.attention_mode ({args.steps} steps); full attention: compress_ratios "
+        f"all 0, window {args.seq_len}, {full_steps} (same training FLOPs as sparse). Recall every "
         f"{args.diagnostics_every} steps over up to 256 query rows of the first micro-batch.")
+
+
+def comparisons(args, s: C.Run | None, d: C.Run | None, f: C.Run | None) -> list[str]:
+    """The loss and FLOP comparisons between the arms that logged (a final validation loss only
+    for those that finished)."""
+    out = []
+    val = lambda r: C.fmt(r.final_val) if r and r.final_val is not None else "none (did not finish)"
+    gap = lambda a, b: (f"{100 * (a.final_val - b.final_val) / b.final_val:+.2f}%"
+                        if a and b and a.final_val is not None and b.final_val is not None else "n/a")
+    out.append(f"final validation loss: sparse {val(s)}, dense {val(d)} ({gap(s, d)} sparse vs dense), "
+               f"full-attention baseline at the same FLOPs {val(f)} ({gap(s, f)} sparse vs it)")
+    out.append("FLOPs per token: " + ", ".join(f"{n} {C.fmt(r.flops_per_token())}" for n, r in
+                                               (("sparse", s), ("dense", d), ("full attention", f)) if r))
+    out.append(f"vs V4 (hybrid sparse attention trains within a few percent of dense): sparse is {gap(s, d)} "
+               f"vs dense here, at seq_len {args.seq_len} (each CSA query keeps {args.topk} of up to "
+               f"{args.seq_len // args.csa_ratio} entries); {args.steps} steps, one seed")
+    if s and f:
+        out.append(f"attention is a small share of the FLOPs at this length: full attention costs "
+                   f"{100 * (f.flops_per_token() / s.flops_per_token() - 1):+.2f}% FLOPs per token vs sparse, so "
+                   "'same FLOPs' is nearly 'same tokens' here; the comparison bites at long sequences (GPU scales)")
+    return out
 
 
 def parse_args(argv=None):
@@ -155,7 +167,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     report(args, launch(args))
-    return 0
+    return C.exit_status(args)
 
 
 if __name__ == "__main__":

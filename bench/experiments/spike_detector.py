@@ -2,7 +2,7 @@
 z threshold and at others, and which threshold is quiet on them?
 
 Clean runs (no injected spike; the detector in its default logging-only mode, so a detection
-changes nothing) over ``train.seed`` x ``train.grad_clip`` as one Hydra multirun. The detector
+changes nothing) over ``train.seed`` x ``train.grad_clip`` as one sweep. The detector
 is a pure function of the logged series (loss, grad_norm, update_norm: exactly what
 ``train_step`` feeds it, in every train line), so each threshold is evaluated by replaying those
 series through ``train.spikes.SpikeDetector`` with the run's window and min_history; the replay at
@@ -97,6 +97,7 @@ def lock_in(run: C.Run, settings: dict, z: float) -> tuple[int, int, int] | None
 
 
 def report(args, runs: list[C.Run]):
+    all_runs, runs = runs, C.logged_runs(args, runs)
     settings = {r.name: detector_settings(r) for r in runs}
     for r in runs:
         check_replay(r, settings[r.name])
@@ -130,7 +131,7 @@ def report(args, runs: list[C.Run]):
             hits, n = replay(r, settings[r.name], z)
             xs.append(z)
             ys.append(100.0 * len({s for s, _ in hits}) / max(n, 1))
-        name = label(r)
+        name = C.label(r, label(r))
         fpr[name] = (xs, ys)
         steps, zmax, _ = z_series(r, settings[r.name])
         zplot[name] = (steps, [max(v, 0.1) for v in zmax])
@@ -172,9 +173,12 @@ def report(args, runs: list[C.Run]):
                         "(median over these runs' steps; early-training noise widens it)")
     else:
         findings.append(f"no threshold tried is quiet with a {args.margin:g}x margin")
+    if not all(r.finished for r in all_runs):
+        findings.append("not every clean run finished (below): the rates are over the steps they logged, and "
+                        "the recommendation rests on fewer steps than configured")
     return C.write_report(
-        args, "Spike detector: false positives on clean runs by z threshold", runs, [table], findings,
-        f"Setup: one Hydra multirun over train.seed = {' '.join(map(str, args.seeds))} x train.grad_clip = "
+        args, "Spike detector: false positives on clean runs by z threshold", all_runs, [table], findings,
+        f"Setup: {C.launched_as(args)} over train.seed = {' '.join(map(str, args.seeds))} x train.grad_clip = "
         f"{' '.join(f'{g:g}' for g in args.grad_clips)}; no injection; detector window "
         f"{settings[runs[0].name]['window']}, min_history {settings[runs[0].name]['min_history']}, metrics "
         f"{', '.join(settings[runs[0].name]['metrics'])}; thresholds evaluated by replaying the logged series "
@@ -196,7 +200,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     report(args, launch(args))
-    return 0
+    return C.exit_status(args)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,18 @@ from bench.experiments import hyper_connections, optim, sparse_attention, spike_
 # ----------------------------------------------------------------------------- synthetic runs
 def fake_run(root: Path, name: str, overrides: list[str], losses: list[float], *, batch: int = 256,
              diag: dict | None = None, extra: dict | None = None, events: list[dict] = (),
-             val: float | None = None, detector: dict | None = None, finished: bool = True) -> C.Run:
+             val: float | None = None, detector: dict | None = None, finished: bool = True,
+             total: int | None = None) -> C.Run:
     """A run directory whose metrics.jsonl has what the trainer writes: a start event, one train
     line per step (tokens consumed by its end, tflops and tokens/s for the FLOP model), optional
-    diagnostics lines {step: {key: value}}, validation lines, an end event."""
+    diagnostics lines {step: {key: value}}, validation lines, an end event. ``finished=False``:
+    the run stopped after ``losses`` (no final validation, no end event) of ``total`` steps."""
     d = root / name.replace(" ", "_")
     (d / ".hydra").mkdir(parents=True)
     det = detector or {"window": 50, "min_history": 10, "metrics": ["loss", "grad_norm", "update_norm"],
                        "z_threshold": 6.0}
-    (d / ".hydra" / "config.yaml").write_text(json.dumps({"stability": {"detector": det}}))
+    train = {"tokens": (total or len(losses)) * batch, "global_batch_tokens": batch}
+    (d / ".hydra" / "config.yaml").write_text(json.dumps({"stability": {"detector": det}, "train": train}))
     lines = [{"step": 0, "kind": "event", "event": "start", "params": 3_000_000, "active_params": 1_500_000,
               "world_size": 1}, {"step": 0, "kind": "val", "val_loss": losses[0] + 1}]
     for i, loss in enumerate(losses, start=1):
@@ -41,8 +44,8 @@ def fake_run(root: Path, name: str, overrides: list[str], losses: list[float], *
         if diag and i in diag:
             lines.append({"step": i, "kind": "diagnostics", **diag[i]})
     lines += list(events)
-    lines.append({"step": len(losses), "kind": "val", "val_loss": val if val is not None else losses[-1]})
     if finished:
+        lines.append({"step": len(losses), "kind": "val", "val_loss": val if val is not None else losses[-1]})
         lines.append({"step": len(losses), "kind": "event", "event": "end", "status": "finished"})
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     return C.read_run(name, d, overrides)
@@ -99,25 +102,120 @@ def test_bench_spikes_plots_through_the_shared_writer(tmp_path):
     assert text.count("<polyline") == 2 and 'stroke-dasharray="4 3"' in text
 
 
-def test_read_run_refuses_an_unfinished_run(tmp_path):
-    with pytest.raises(C.ExperimentError, match="did not finish"):
-        fake_run(tmp_path, "cut", [], [5.0, 4.0], finished=False)
-    with pytest.raises(C.ExperimentError, match="no metrics.jsonl"):
-        C.read_run("none", tmp_path / "missing")
+def test_read_run_marks_unfinished_runs(tmp_path):
+    cut = fake_run(tmp_path, "cut", [], [5.0, 4.0, 3.5], finished=False, total=10)
+    assert not cut.finished and cut.status == "stopped at step 3 of 10" and cut.final_val is None
+    assert C.label(cut, "hc") == "hc (stopped at step 3 of 10)"
+    done = fake_run(tmp_path, "done", [], [5.0, 4.0])
+    assert done.finished and done.status == "finished" and done.final_val == 4.0 and C.label(done, "x") == "x"
+    # a stop mid-write leaves a cut last line: dropped; a bad line elsewhere is an error
+    metrics = cut.path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 4, "kind": "tr')
+    assert C.read_run("cut", cut.path).steps_done == 3
+    metrics.write_text('{"step": 1, "ki\n' + metrics.read_text())
+    with pytest.raises(C.ExperimentError, match="line 1 .* is not JSON"):
+        C.read_run("cut", cut.path)
+    failed = fake_run(tmp_path, "failed", [], [5.0], finished=False, total=4,
+                      events=[{"step": 1, "kind": "event", "event": "end", "status": "error"}])
+    assert failed.status == "failed at step 1 of 4 (error)"
+    missing = C.read_run("none", None)
+    assert not missing.logged and missing.status.startswith("not started")
 
 
-def test_runs_are_grouped_in_wandb_and_sweeps_are_one_multirun(tmp_path, monkeypatch):
+def test_nothing_logged_is_refused_in_one_line(tmp_path):
+    args = args_for(hyper_connections, tmp_path, "--budget-s", "5")
+    with pytest.raises(C.ExperimentError, match=r"nothing to report.*--budget-s 5 ended before any run"):
+        C.logged_runs(args, [C.read_run("mhc", None), C.read_run("hc", tmp_path / "nowhere")])
+
+
+def test_sweeps_are_one_multirun_or_one_process_per_run(tmp_path, monkeypatch):
     args = args_for(hyper_connections, tmp_path, "--wandb", "offline")
     base = C.base_overrides(args)
     assert "logging.wandb.group=hyper_connections" in base and "logging.wandb.mode=offline" in base
     launched = []
-    monkeypatch.setattr(C, "_launch", lambda a, argv, log, what: launched.append(argv))
-    with pytest.raises(C.ExperimentError, match="0 of 2 runs"):
-        C.sweep(args, "s", {"model.hyper_connections": ["mhc", "hc"]}, base)
-    argv = launched[0]
-    assert argv[0] == "-m" and "model.hyper_connections=mhc,hc" in argv
-    assert "logging.wandb.name=hyper_connections/${hydra:job.override_dirname}" in argv
-    assert C._env(args)["WANDB_MODE"] == "offline"
+    monkeypatch.setattr(C, "_execute", lambda a, jobs, parallel: launched.append((jobs, parallel)))
+    axes = {"model.hyper_connections": ["mhc", "hc"], "optim.lr": [0.01]}
+    runs = C.sweep(args, "s", axes, base)         # nothing ran: both marked, in combination order
+    assert [r.name for r in runs] == ["model.hyper_connections=mhc optim.lr=0.01",
+                                      "model.hyper_connections=hc optim.lr=0.01"]
+    assert all(r.status.startswith("not started") for r in runs)
+    [job], parallel = launched[0]                # CPU default: one Hydra multirun
+    assert parallel == 1 and job.cmd[3] == "-m" and "model.hyper_connections=mhc,hc" in job.cmd
+    assert "logging.wandb.name=hyper_connections/${hydra:job.override_dirname}" in job.cmd
+    assert C._env(args)["WANDB_MODE"] == "offline" and C._env(args)["OMP_NUM_THREADS"] == "1"
+    args.parallel = 2                            # one process per combination, same layout and names
+    C.launch(args, [C.Sweep("s", axes, base), C.Single("one", base)])
+    jobs, parallel = launched[1]
+    assert parallel == 2 and [j.what for j in jobs] == ["run s/model.hyper_connections=mhc,optim.lr=0.01",
+                                                       "run s/model.hyper_connections=hc,optim.lr=0.01", "run one"]
+    assert "-m" not in jobs[0].cmd[3:] and "model.hyper_connections=mhc" in jobs[0].cmd
+    assert f"hydra.run.dir={args.work}/s/${{hydra.job.override_dirname}}" in jobs[0].cmd
+    assert "logging.wandb.name=hyper_connections/${hydra:job.override_dirname}" in jobs[0].cmd
+    assert jobs[0].log == args.work / "s" / "model.hyper_connections=mhc,optim.lr=0.01.log"
+    assert len({j.log for j in jobs}) == 3
+    args.device = "cuda"
+    args.parallel = None                         # CUDA default: every run at once, capped
+    C.launch(args, [C.Sweep("s", {"train.seed": list(range(10))}, base)])
+    assert launched[2][1] == C.MAX_PARALLEL_CUDA
+
+
+def _job(tmp_path, name: str, code: str) -> C.Job:
+    return C.Job(f"run {name}", [sys.executable, "-c", code], tmp_path / f"{name}.log")
+
+
+def test_execute_runs_jobs_at_once_names_failures_and_stops_at_the_budget(tmp_path):
+    args = args_for(hyper_connections, tmp_path)
+    sleep = "import time; print('hello', flush=True); time.sleep(1.5)"
+    args.t0 = C.time.monotonic()
+    C._execute(args, [_job(tmp_path, f"s{i}", sleep) for i in range(3)] +
+               [_job(tmp_path, "bad", "raise SystemExit(3)")], parallel=4)
+    took = C.time.monotonic() - args.t0
+    assert took < 4.0, f"4 jobs of <= 1.5 s at once took {took:.1f} s"     # one after another: >= 4.5 s
+    assert "hello" in (tmp_path / "s0.log").read_text() and (tmp_path / "s0.log").read_text().startswith(sys.executable)
+    assert args.failures == [f"run bad failed (exit 3) after 0 s; log {tmp_path / 'bad.log'}"]
+    assert C.exit_status(args) == 1
+    # the budget: the running job is stopped (its group gets SIGTERM), the pending one never starts
+    args.failures, args.budget_s, args.t0 = [], 1.0, C.time.monotonic()
+    C._execute(args, [_job(tmp_path, "long", "import time; time.sleep(60)"), _job(tmp_path, "later", "pass")],
+               parallel=1)
+    assert C.time.monotonic() - args.t0 < 1.0 + C.STOP_GRACE_S
+    assert args.failures == [] and not (tmp_path / "later.log").exists()
+
+
+def test_partial_runs_are_reported_and_marked(tmp_path):
+    args = args_for(hyper_connections, tmp_path)
+    diag = lambda g: {s: {"mhc/composite_gain_fwd": g, "mhc/composite_gain_bwd": g} for s in (5, 10)}
+    runs = [fake_run(tmp_path / "w", "mhc", ["model.hyper_connections=mhc"], [6 - 0.1 * i for i in range(20)],
+                     diag=diag(1.0)),
+            fake_run(tmp_path / "w", "hc", ["model.hyper_connections=hc"], [6 - 0.1 * i for i in range(12)],
+                     diag=diag(3.0), finished=False, total=20),
+            C.read_run("model.hyper_connections=residual", None, ["model.hyper_connections=residual"])]
+    hyper_connections.report(args, runs)
+    md = check_outputs(args.out, args.tag)
+    assert "| hc | " in md and "| stopped at step 12 of 20 |" in md
+    assert "| model.hyper_connections=residual | not started (no step logged) | 0 |" in md
+    assert "2 of 3 runs did not finish" in md and "residual no step logged" in md
+    assert "no loss comparison" in md and "within run-to-run noise" not in md
+    assert "hc (stopped at step 12 of 20)" in (args.out / f"{args.tag}.svg").read_text()
+
+
+def test_optim_compares_partial_runs_at_the_steps_all_reached(tmp_path):
+    args = args_for(optim, tmp_path, "--lrs", "0.001", "0.01")
+    runs = []
+    # muon at lr 0.01 falls faster but stopped at step 8; at lr 0.001 it finished (worse at step 8)
+    for name, lr, rate, n in (("muon", "0.001", 0.1, 20), ("muon", "0.01", 0.3, 8),
+                              ("adamw", "0.001", 0.05, 20), ("adamw", "0.01", 0.1, 20)):
+        runs.append(fake_run(tmp_path / "w", f"{name} {lr}", [f"optim={name}", f"optim.lr={lr}"],
+                             [8 - rate * i for i in range(n)], finished=n == 20, total=20))
+    chosen_by, score = optim.selection(runs)
+    assert "first 8 steps" in chosen_by
+    assert score["muon 0.01"] == pytest.approx(8 - 0.3 * 6)        # mean of its steps 6..8 (loss index 5..7)
+    best = optim.best_runs(runs)
+    assert C.axis_value(best["muon"], "optim.lr") == "0.01" and C.axis_value(best["adamw"], "optim.lr") == "0.01"
+    optim.report(args, runs)
+    md = check_outputs(args.out, args.tag)
+    assert "2 lrs: fewer than the scale's default grid" in md and "not both best runs finished" in md
+    assert "| stopped at step 8 of 20 |" in md
 
 
 # ----------------------------------------------------------------------------- each experiment's analysis
@@ -215,3 +313,37 @@ def test_script_end_to_end_at_micro(module, extra, tmp_path):
     assert module.main(argv) == 0
     check_outputs(out, "t")
     assert not list((tmp_path / "work").rglob("checkpoints"))      # deleted once read
+
+
+@pytest.mark.slow
+def test_parallel_runs_end_to_end_at_micro(tmp_path):
+    """Each variant its own ``python -m train`` process, all at once: the sweep's directory
+    layout, one log per run, the report as from a multirun."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--scale", "micro", "--steps", "3", "--device", "cpu", "--out", str(out), "--work", str(work),
+            "--wandb", "disabled", "--tag", "t", "--parallel", "3"]
+    assert hyper_connections.main(argv) == 0
+    md = check_outputs(out, "t")
+    assert md.count("| finished |") == 3 and "3 at once" in md
+    sweep = work / "hyper_connections" / "variants"
+    for kind in hyper_connections.VARIANTS:
+        assert (sweep / f"model.hyper_connections={kind}" / "metrics.jsonl").is_file()
+        assert "python" in (sweep / f"model.hyper_connections={kind}.log").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_budget_stops_runs_and_the_report_marks_them(tmp_path):
+    """Runs far longer than the budget: stopped at it, reported as far as they got, and the
+    re-plot (--reuse) of the partial runs gives the same report."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--scale", "micro", "--steps", "5000", "--device", "cpu", "--out", str(out), "--work", str(work),
+            "--wandb", "disabled", "--tag", "t", "--parallel", "2", "--budget-s", "60",
+            "--seeds", "1", "2", "--grad-clips", "1.0"]
+    t0 = C.time.monotonic()
+    assert spike_detector.main(argv) == 0
+    assert C.time.monotonic() - t0 < 60 + C.STOP_GRACE_S + 30     # + reading and plotting
+    md = check_outputs(out, "t")
+    assert md.count("stopped at step") >= 2 and "of 5000 |" in md and "2 of 2 runs did not finish" in md
+    first = md
+    assert spike_detector.main([*argv, "--reuse"]) == 0
+    assert (out / "t.md").read_text().split("- command")[1] == first.split("- command")[1]
