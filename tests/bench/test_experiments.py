@@ -347,3 +347,24 @@ def test_budget_stops_runs_and_the_report_marks_them(tmp_path):
     first = md
     assert spike_detector.main([*argv, "--reuse"]) == 0
     assert (out / "t.md").read_text().split("- command")[1] == first.split("- command")[1]
+
+
+def test_gpu_sh_all_starts_the_four_experiments_at_once_with_a_budget(tmp_path):
+    """gpu.sh's command lines (PYTHON=echo: each experiment's log is its argument list)."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "bench" / "experiments" / "gpu.sh"
+    env = {**os.environ, "PYTHON": "echo"}
+    r = subprocess.run(["bash", str(script), str(tmp_path), "all", "tiny", "150"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for exp in ("hyper_connections", "optim", "sparse_attention", "spike_detector"):
+        argv = (tmp_path / f"{exp}.log").read_text().split()
+        assert argv[:2] == ["-m", f"bench.experiments.{exp}"] and "--budget-s" in argv and "150" in argv
+        assert "--device" in argv and "cuda" in argv and "--scale" in argv and "tiny" in argv
+        assert ("--lrs" in argv) == (exp == "optim")
+        assert f"== {exp}: exit 0" in r.stdout
+    r = subprocess.run(["bash", str(script), str(tmp_path), "optimm"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "unknown experiment 'optimm'" in r.stderr
