@@ -39,8 +39,11 @@ MFU = tok/s x FLOPs per token / the device's bf16 dense peak (train/engine.py's 
 Timing: bench/timing.py's ``interleave``: rounds over every row, order alternating, each row's
 warm-up (incl. compilation) discarded; each timed step = forward+backward, then the optimizer
 step, each between device synchronisations; medians. ``--budget`` seconds for the whole run
-including the builds: a row whose warm-up would start past it is reported as skipped, a round
-that would end past it is not started. Peak GiB: the peer's resident state (weights, master
+including the builds: a row whose warm-up would start past it is reported as SKIPPED, a round
+that would end past it is not started. The first round warms up every peer at 4K, then at 16K,
+then the compiled MoE rows (hybridlm, torchtitan), whose compilations are the longest: a tight
+budget skips those first. Compiled rows follow Dynamo's defaults: the second length recompiles
+with a dynamic sequence dimension (as model.compile=block does when a training stage changes). Peak GiB: the peer's resident state (weights, master
 copy, optimizer states) + the step's peak above what was allocated when its round began.
 Output: peers.md (device, date, commit from $COMMIT, the table), peers.json (raw numbers).
 """
@@ -73,10 +76,12 @@ LABELS = {"hybridlm": "hybridlm", "dense": "dense GPT", "hf": "transformers Deep
           "titan": "torchtitan DeepSeek-V3"}   # a built peer's label adds its version
 MODES = {"hybridlm": ("eager", "compiled"), "dense": ("eager", "compiled"), "hf": ("eager",),
          "titan": ("eager", "compiled")}
-# round-1 order (warm-ups and compilations run in it): the cheap rows first, compilations last,
-# so a spent budget skips the compiled rows rather than the eager peers
+# round-1 order (warm-ups and compilations run in it): every peer at each length, shortest
+# first, then the compiled MoE rows (the longest compilations), so that a spent budget skips
+# those rather than a peer
 ORDER = [("hybridlm", "eager"), ("hf", "eager"), ("titan", "eager"), ("dense", "eager"), ("dense", "compiled"),
          ("hybridlm", "compiled"), ("titan", "compiled")]
+LATE = {("hybridlm", "compiled"), ("titan", "compiled")}
 
 
 # ----------------------------------------------------------------------------- FLOP model
@@ -344,8 +349,8 @@ def run(out: str, tiny: bool, seqs: list[int] | None = None, budget_s: float = 2
     seqs = seqs or ([32, 64] if tiny else [4096, 16384])
     if tiny:
         rounds, steps, warmup = 1, 1, 1
-    # one static graph per sequence length (as a run at one length compiles), several block kinds
-    torch._dynamo.config.automatic_dynamic_shapes = False
+    # graphs per block kind x sequence length (Dynamo's defaults otherwise: the second length
+    # recompiles with a dynamic sequence dimension, as model.compile=block does when a stage changes)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # --tiny: micro with a 512-token vocabulary (the head is most of micro's compute otherwise)
     cfg = ModelConfig.from_preset(preset, **({"vocab_size": 512} if tiny else {}))
@@ -378,19 +383,18 @@ def run(out: str, tiny: bool, seqs: list[int] | None = None, budget_s: float = 2
     gen = torch.Generator(device=device).manual_seed(1)
     batches = {L: torch.randint(0, cfg.vocab_size, (1, L), device=device, generator=gen) for L in seqs}
     rows: list[Row] = []
-    for pk, mode in wanted:
-        for L in seqs:
-            r = Row(pk, mode, L)
-            p = peers[pk]
-            if p.error is not None:
-                r.error = p.error
-            else:
-                def fb(p=p, ids=batches[L], compiled=mode == "compiled", key=(mode, L)):
-                    p.losses[key] = p.forward_backward(ids, compiled)
+    for (pk, mode), L in sorted(((w, L) for w in wanted for L in seqs),
+                                key=lambda x: (x[0] in LATE, x[1], ORDER.index(x[0]))):
+        r, p = Row(pk, mode, L), peers[pk]
+        if p.error is not None:
+            r.error = p.error
+        else:
+            def fb(p=p, ids=batches[L], compiled=mode == "compiled", key=(mode, L)):
+                p.losses[key] = p.forward_backward(ids, compiled)
 
-                r.variant = Variant(r.key, [("fb", fb), ("opt", p.trainee.optimizer_step)],
-                                    context=lambda p=p, c=mode == "compiled": p.context(c))
-            rows.append(r)
+            r.variant = Variant(r.key, [("fb", fb), ("opt", p.trainee.optimizer_step)],
+                                context=lambda p=p, c=mode == "compiled": p.context(c))
+        rows.append(r)
     rows_shown = sorted(rows, key=lambda r: (r.seq, ORDER.index((r.peer, r.mode))))
     peak = _peak(torch.device(device), None)
     head = [f"# Peers: the {preset} configuration trained by four implementations, one process", "",

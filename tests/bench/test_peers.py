@@ -87,6 +87,30 @@ def test_titan_peer_matches_our_active_size():
         assert len(model.layers) == cfg.n_layers and len(model.mtp_layers) == cfg.mtp_depth
 
 
+def test_titan_flex_mask_is_causal_attention(monkeypatch):
+    """The BlockMask the torchtitan peer builds for flex (its GPU attention) gives the same loss
+    as causal SDPA on the same weights (flex forward runs eagerly on CPU; no CPU backward)."""
+    pytest.importorskip("torchtitan")
+    from bench.peer_trainees import TitanTrainee, titan_compat
+
+    titan_compat()
+    from torch.nn.attention.flex_attention import flex_attention
+    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+
+    cfg = ModelConfig.from_preset("micro", vocab_size=512)
+    torch.manual_seed(0)
+    tr = TitanTrainee(cfg, "cpu", 160, attention="flex")
+    monkeypatch.setattr(FlexAttention, "_compiled_flex_attn", flex_attention)
+    ids = torch.randint(0, 512, (2, 160), generator=torch.Generator().manual_seed(1))   # not a block multiple
+    with torch.no_grad():
+        flex = tr.loss(ids)
+        for b in tr.blocks():
+            b.attention.inner_attention = ScaledDotProductAttention(ScaledDotProductAttention.Config())
+        tr.attention = "sdpa"
+        sdpa = tr.loss(ids)
+    torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
+
+
 def test_a_peer_that_cannot_build_is_an_error_row(tmp_path, monkeypatch):
     import bench.peers as peers
 
