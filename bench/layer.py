@@ -214,8 +214,10 @@ def profile_step(step, device, title: str, log, top: int = 18) -> None:
         step(); sync(device)
     events = prof.key_averages()
     key = "device_time_total" if torch.device(device).type == "cuda" else "cpu_time_total"
-    total = sum(getattr(e, "self_device_time_total" if key == "device_time_total" else "self_cpu_time_total", 0.0)
-                for e in events)
+    if key == "device_time_total":   # kernels only: an op's row repeats its kernels' device time
+        total = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
     log(f"profile of one step, {title}: self {key.split('_')[0]} time {total / 1e3:.1f} ms in total; "
         f"the step takes {wall_ms:.1f} ms wall unprofiled ({total / 1e3 / wall_ms:.0%} busy)")
     log(fmt_row(["op / kernel", "self ms", "total ms", "calls"]))
