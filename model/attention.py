@@ -92,8 +92,9 @@ class Attention(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
-        for lin in (self.wq_a, self.wq_b, self.wkv, self.wo_a, self.wo_b):
+        for lin in (self.wq_a, self.wq_b, self.wkv, self.wo_a):
             nn.init.normal_(lin.weight, std=std)
+        nn.init.normal_(self.wo_b.weight, std=self.cfg.output_init_std)
         self.q_norm.weight.fill_(1.0)
         self.kv_norm.weight.fill_(1.0)
         self.sink.zero_()  # as HF's _init_weights

@@ -7,6 +7,7 @@ turns a Hydra ``cfg.model`` node into a config (unknown keys are an error).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,9 @@ class ModelConfig:
     # (MaxVio 6-9.4 of 9.67 at init, small preset). With 1.0 the token identity dominates the
     # stream at init (MaxVio 0.5-0.8). V4's init is unpublished; HF's is 0.02.
     embed_init_std: float = 1.0
+    # True: the residual branches' output projections (attention wo_b, every expert's w2) start
+    # at N(0, init_std / sqrt(2 n_layers)) (GPT-2 / Megatron's output_layer_init_method)
+    scaled_output_init: bool = False
     # --- attention (one shared K=V head, MQA)
     n_heads: int = 64
     head_dim: int = 512
@@ -192,6 +196,11 @@ class ModelConfig:
         need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
 
     # ------------------------------------------------------------------ derived
+    @property
+    def output_init_std(self) -> float:
+        """Init std of the residual branches' output projections (``scaled_output_init``)."""
+        return self.init_std / math.sqrt(2 * self.n_layers) if self.scaled_output_init else self.init_std
+
     @property
     def n_streams(self) -> int:
         """Residual streams carried between blocks (1 for a plain residual)."""

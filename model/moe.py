@@ -448,12 +448,13 @@ class MoE(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Our init (V4's is unpublished): every matrix N(0, init_std), as HF initialises V4."""
-        std = self.cfg.init_std
-        for p in (self.gate.weight, self.experts.w1, self.experts.w2, self.experts.w3):
-            p.normal_(0.0, std)
+        std, out_std = self.cfg.init_std, self.cfg.output_init_std   # w2: the branch's output
+        for p, s in ((self.gate.weight, std), (self.experts.w1, std), (self.experts.w2, out_std),
+                     (self.experts.w3, std)):
+            p.normal_(0.0, s)
         if self.shared is not None:
-            for lin in (self.shared.w1, self.shared.w2, self.shared.w3):
-                lin.weight.normal_(0.0, std)
+            for lin, s in ((self.shared.w1, std), (self.shared.w2, out_std), (self.shared.w3, std)):
+                lin.weight.normal_(0.0, s)
 
     # ------------------------------------------------------------------ forward
     def _check_routing_indices(self, ri: torch.Tensor, B: int, L: int) -> torch.Tensor:
