@@ -264,7 +264,7 @@ PLAN = [HybridSetup(), HybridSetup("all"), HybridSetup("none"), HybridSetup(hc="
         HybridSetup(compiled=True), HybridSetup("none", compiled=True), HybridSetup(compiled=True, micro_batch=2),
         # bigger micro-batches (opt-in with --variants: with every variant's weights resident they
         # may not fit beside the whole plan): does tok/s keep growing with the batch?
-        HybridSetup(micro_batch=4), HybridSetup(compiled=True, micro_batch=4)]
+        HybridSetup(micro_batch=4), HybridSetup("all", micro_batch=4), HybridSetup(compiled=True, micro_batch=4)]
 BASELINE = HybridSetup()   # today's default: eager, kernels as auto selects them, mHC
 
 
