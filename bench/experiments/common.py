@@ -430,8 +430,27 @@ def sweep(args: argparse.Namespace, name: str, axes: dict[str, Sequence], fixed:
 def _execute(args: argparse.Namespace, jobs: list[Job], parallel: int) -> None:
     """Run ``jobs``, ``parallel`` at a time, each in its own process group and log; at the
     budget, stop those still going (SIGTERM, then SIGKILL) and start no more."""
+    running: dict = {}
+    # runs live in their own process groups: if this process is told to stop (SIGTERM from an
+    # outer timeout, Ctrl-C), they must be stopped too, not left training
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _schedule(args, jobs, parallel, running)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc, (_, fh, _) in running.items():
+            _signal(proc, signal.SIGKILL)
+            proc.wait()
+            fh.close()
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _schedule(args: argparse.Namespace, jobs: list[Job], parallel: int, running: dict) -> None:
     deadline = args.t0 + args.budget_s if args.budget_s else math.inf
-    pending, running = list(jobs), {}
+    pending = list(jobs)
     env = _env(args)
     budget_hit = False
     while pending or running:

@@ -368,3 +368,33 @@ def test_gpu_sh_all_starts_the_four_experiments_at_once_with_a_budget(tmp_path):
     r = subprocess.run(["bash", str(script), str(tmp_path), "optimm"], env=env, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "unknown experiment 'optimm'" in r.stderr
+
+
+def test_a_stopped_experiment_stops_its_runs(tmp_path):
+    """SIGTERM to the experiment (an outer timeout) reaches the runs in their own process groups."""
+    import os
+    import signal
+    import subprocess
+
+    pid_file = tmp_path / "run.pid"
+    code = f"""
+import sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from bench.experiments import common as C
+from bench.experiments import hyper_connections
+args = hyper_connections.parse_args(["--device", "cpu", "--work", {str(tmp_path / "work")!r}])
+job = C.Job("run long", [sys.executable, "-c",
+            "import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"],
+            C.Path({str(tmp_path / "long.log")!r}))
+C._execute(args, [job], parallel=1)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = C.time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and C.time.monotonic() < deadline:
+        C.time.sleep(0.1)
+    run_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    C.time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(run_pid, 0)
