@@ -243,7 +243,8 @@ def build_titan(cfg: ModelConfig, device, max_seq: int, attention: str, autotune
              note=f"MLA (q/kv LoRA {cfg.q_lora_rank}, qk {half}+{cfg.rope_dim}, v {half}), {cfg.n_routed_experts} "
                   f"experts top-{cfg.n_activated_experts} (sigmoid), {cfg.n_shared_experts} shared, MTP {cfg.mtp_depth}; "
                   f"{attention} attention" + (" (max-autotune)" if autotune and attention == "flex" else "")
-                  + f"; fp32 + bf16 autocast, fused AdamW; compiled = each block torch.compile'd"
+                  + f"; fp32 {'+ bf16 autocast' if tr.autocast else '(no autocast on CPU)'}, fused AdamW; "
+                    f"compiled = each block torch.compile'd"
                   + (f"; torch {torch.__version__.split('+')[0]} lacks {', '.join(shims)}: placeholder (FSDP only)"
                      if shims else ""))
     if compile_backend:
@@ -295,19 +296,27 @@ HEADER = ["peer", "mode", "batch x seq", "timed steps", "fwd+bwd ms", "step ms",
           "MFU vs hybridlm", "active params (M)", "GFLOP / token", "peak GiB", "loss (last)"]
 
 
-def table(rows: list[Row], peers: dict[str, Peer], peak_tflops: float | None) -> list[str]:
+def measured(rows: list[Row], peers: dict[str, Peer], peak_tflops: float | None) -> dict[str, dict]:
+    """row key -> tok/s, FLOPs per token and MFU of every row with timed steps."""
     res = {}
     for r in rows:
         v = r.variant
         if r.error is None and v is not None and v.error is None and v.times.get("step"):
-            p = peers[r.peer]
             tok_s = r.seq / (median(v.times["step"]) / 1e3)
-            fpt = p.flops(r.seq)
+            fpt = peers[r.peer].flops(r.seq)
             res[r.key] = dict(tok_s=tok_s, fpt=fpt, mfu=tok_s * fpt / (peak_tflops * 1e12) if peak_tflops else None)
+    return res
+
+
+def _num(x: float) -> str:
+    return f"{x / 1e3:.1f}K" if x >= 1e4 else f"{x:.0f}"
+
+
+def table(rows: list[Row], peers: dict[str, Peer], res: dict[str, dict]) -> list[str]:
     out = [fmt_row(HEADER), fmt_row(["---"] * len(HEADER))]
     for r in rows:
         p = peers.get(r.peer)
-        label = p.label if p is not None else r.peer
+        label = p.label if p is not None else LABELS[r.peer]
         if r.key not in res:
             err = r.error or (r.variant.error if r.variant is not None else None) or "no timed step"
             out.append(fmt_row([label, r.mode, f"1 x {r.seq}",
@@ -322,12 +331,34 @@ def table(rows: list[Row], peers: dict[str, Peer], peak_tflops: float | None) ->
         loss = p.losses.get((r.mode, r.seq))
         out.append(fmt_row([
             label, r.mode, f"1 x {r.seq}", len(st), f"{median(fb):.1f}" if fb else "-", f"{median(st):.1f}",
-            f"{x['tok_s'] / 1e3:.1f}K", f"{x['mfu'] * 100:.1f}%" if x["mfu"] is not None else "-",
+            _num(x["tok_s"]), f"{x['mfu'] * 100:.1f}%" if x["mfu"] is not None else "-",
             f"{x['tok_s'] / base['tok_s']:.2f}x" if base else "-",
             f"{x['mfu'] / base['mfu']:.2f}x" if base and x["mfu"] and base["mfu"] else "-",
-            f"{p.active / 1e6:.1f}", f"{x['fpt'] / 1e9:.2f}", peak,
+            f"{p.active / 1e6:.4g}", f"{x['fpt'] / 1e9:.3g}", peak,
             f"{float(loss):.3f}" if loss is not None else "-"]))
     return out
+
+
+def acceptance(res: dict[str, dict], seq: int) -> list[str]:
+    """Issue 16's three peer criteria at ``seq``, from the table's numbers, for hybridlm eager
+    and compiled."""
+    lines = []
+    for mode in ("eager", "compiled"):
+        h = res.get(f"hybridlm-{mode}-{seq}")
+        if h is None:
+            continue
+        hf, dense = res.get(f"hf-eager-{seq}"), res.get(f"dense-compiled-{seq}")
+        titans = [res[k] for k in (f"titan-eager-{seq}", f"titan-compiled-{seq}") if k in res]
+        titan = max(titans, key=lambda x: x["tok_s"]) if titans else None
+        got = [f"tok/s / transformers eager = {h['tok_s'] / hf['tok_s']:.2f}x (>= 5x)" if hf else None,
+               f"MFU / compiled dense GPT = {h['mfu'] / dense['mfu']:.2f}x (>= 0.6x)"
+               if dense and h["mfu"] and dense["mfu"] else None,
+               f"tok/s / torchtitan DeepSeek-V3's best row (active params matched) = "
+               f"{h['tok_s'] / titan['tok_s']:.2f}x (> 1)" if titan else None]
+        got = [g for g in got if g]
+        if got:
+            lines.append(f"* hybridlm {mode}, 1 x {seq}: " + "; ".join(got))
+    return lines
 
 
 def run(out: str, tiny: bool, seqs: list[int] | None = None, budget_s: float = 240.0, rounds: int = 5,
@@ -409,7 +440,10 @@ def run(out: str, tiny: bool, seqs: list[int] | None = None, budget_s: float = 2
     head.append("")
 
     def write():
-        body = table(rows_shown, peers, peak)
+        res = measured(rows_shown, peers, peak)
+        body = table(rows_shown, peers, res)
+        summary = [ln for L in seqs for ln in acceptance(res, L)]
+        body += ["", "Issue 16's peer criteria:"] + summary if summary else []
         with open(os.path.join(out, "peers.md"), "w") as fh:
             fh.write("\n".join(head + body) + "\n")
         return body
