@@ -39,8 +39,9 @@ MFU = tok/s x FLOPs per token / the device's bf16 dense peak (train/engine.py's 
 Timing: bench/timing.py's ``interleave``: rounds over every row, order alternating, each row's
 warm-up (incl. compilation) discarded; each timed step = forward+backward, then the optimizer
 step, each between device synchronisations; medians. ``--budget`` seconds for the whole run
-including the builds: a row whose warm-up would start past it is reported as SKIPPED, a round
-that would end past it is not started. The first round warms up every peer at 4K, then at 16K,
+including the builds: a row whose warm-up would start past it (on CUDA, a compiled row whose
+expected compilation time, COMPILE_S, would end past it) is reported as SKIPPED, a round that
+would end past it is not started. The first round warms up every peer at 4K, then at 16K,
 then the compiled MoE rows (hybridlm, torchtitan), whose compilations are the longest: a tight
 budget skips those first. Compiled rows follow Dynamo's defaults: the second length recompiles
 with a dynamic sequence dimension (as model.compile=block does when a training stage changes). Peak GiB: the peer's resident state (weights, master
@@ -82,6 +83,9 @@ MODES = {"hybridlm": ("eager", "compiled"), "dense": ("eager", "compiled"), "hf"
 ORDER = [("hybridlm", "eager"), ("hf", "eager"), ("titan", "eager"), ("dense", "eager"), ("dense", "compiled"),
          ("hybridlm", "compiled"), ("titan", "compiled")]
 LATE = {("hybridlm", "compiled"), ("titan", "compiled")}
+# expected warm-up (compilation) seconds of the compiled rows on an H200, guesses from the
+# throughput bench's block compiles: a row's warm-up starts only if it fits the budget
+COMPILE_S = {"hybridlm": 90.0, "titan": 60.0, "dense": 30.0}
 
 
 # ----------------------------------------------------------------------------- FLOP model
@@ -424,7 +428,8 @@ def run(out: str, tiny: bool, seqs: list[int] | None = None, budget_s: float = 2
                 p.losses[key] = p.forward_backward(ids, compiled)
 
             r.variant = Variant(r.key, [("fb", fb), ("opt", p.trainee.optimizer_step)],
-                                context=lambda p=p, c=mode == "compiled": p.context(c))
+                                context=lambda p=p, c=mode == "compiled": p.context(c),
+                                warmup_s=COMPILE_S[pk] if mode == "compiled" and cuda else 0.0)
         rows.append(r)
     rows_shown = sorted(rows, key=lambda r: (r.seq, ORDER.index((r.peer, r.mode))))
     peak = _peak(torch.device(device), None)

@@ -73,6 +73,7 @@ class Variant:
     transient_gib: float = float("nan")   # peak above what was allocated when its round began
     error: str | None = None
     warmed: bool = False
+    warmup_s: float = 0.0   # expected warm-up time (e.g. a compilation): it starts only if it fits the budget
 
 
 def interleave(variants: list[Variant], device, rounds: int, steps: int, warmup: int,
@@ -82,7 +83,7 @@ def interleave(variants: list[Variant], device, rounds: int, steps: int, warmup:
     each warmed up ``warmup`` steps before its first timed round. A variant that raises (e.g.
     out of memory) keeps its error and leaves the later rounds. With ``budget_s`` no round starts
     once the time spent so far plus the last round's time would exceed it, and no variant starts
-    its warm-up (e.g. a compilation) past it. ``after_round`` runs after every round (e.g. to
+    its warm-up (e.g. a compilation) past it, or ``Variant.warmup_s`` before its end. ``after_round`` runs after every round (e.g. to
     write the table so far). Returns the variants with ``times`` / ``transient_gib`` / ``error``."""
     cuda = torch.device(device).type == "cuda"
     t_start = time.time()
@@ -98,8 +99,9 @@ def interleave(variants: list[Variant], device, rounds: int, steps: int, warmup:
         for v in order:
             if v.error is not None:
                 continue
-            if not v.warmed and over():
-                v.error = "skipped: time budget spent before its warm-up"
+            if not v.warmed and over(v.warmup_s):
+                v.error = ("skipped: time budget spent before its warm-up" if not v.warmup_s else
+                           f"skipped: its warm-up (~{v.warmup_s:.0f}s expected) would end past the time budget")
                 continue
             try:
                 with v.context():

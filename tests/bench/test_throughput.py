@@ -46,6 +46,17 @@ def test_interleave_alternates_order_and_discards_warmup():
     assert vs[3].error.startswith("ZeroDivisionError") and not vs[3].times
 
 
+def test_interleave_skips_a_warmup_expected_to_end_past_the_budget():
+    from bench.timing import Variant, interleave
+
+    calls = []
+    vs = [Variant("A", [("all", lambda: calls.append("A"))]),
+          Variant("B", [("all", lambda: calls.append("B"))], warmup_s=3600.0)]
+    interleave(vs, "cpu", rounds=2, steps=1, warmup=1, budget_s=60.0)
+    assert calls == ["A", "A", "A"] and vs[0].error is None
+    assert vs[1].error == "skipped: its warm-up (~3600s expected) would end past the time budget"
+
+
 def test_train_summary_reads_the_steady_state(tmp_path):
     import json
 
