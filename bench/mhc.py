@@ -9,6 +9,15 @@ times the stream ops of kernels/mhc_streams.py, collapse (h = sum_j pre_j x_j) a
 (x'_k = post_k f + sum_j comb[j, k] x_j), at the small preset's shapes (n = 4, D = 1024):
 
     python bench/mhc.py --ops streams
+
+``--ops site``: one whole site (pre + stand-in sublayer + post-mix) per path, reference /
+unfused Triton (before kernels/mhc_pre.py) / fused / compiled: kernels and ms per forward and
+forward+backward, the host's issue time, the share of a small-model layer; before that the fused
+pre checked against the reference at real sizes (bf16), after it a tile sweep of the fused pre.
+``--ops model``: the small model's forward+backward at 1 x 4K, residual vs mhc (unfused and
+fused pre), interleaved: the issue's "mHC overhead vs residual". Both in one GPU call (~2 min):
+
+    python bench/mhc.py --ops site model
 """
 from __future__ import annotations
 
@@ -196,84 +205,281 @@ def sweep_streams(T=4096, n=4, D=1024, log=print,
         torch.cuda.empty_cache()
 
 
-SITE_HEADER = ["path", "tokens x n x D", "ops / kernels, forward", "ops / kernels, forward+backward",
-               "fwd+bwd ms", "counted as"]
+SITE_HEADER = ["path", "tokens x n x D", "kernels fwd", "kernels fwd+bwd", "fwd ms", "fwd+bwd ms", "host ms fwd+bwd",
+               "sites / layer x fwd+bwd ms", "share of a layer", "counted as"]
+SITE_MODES = ("reference", "unfused", "fused", "compiled", "compiled-fused")
 
 
-def site_launches(T=4096, n=4, D=1024, device=None, log=print, modes=("reference", "triton", "compiled")):
-    """What one mHC site launches: pre (coefficients + Sinkhorn, collapse) and post (mix = post
-    times f plus comb^T x, the residual merge), the sublayer between them left out. Counted per
-    forward and per forward+backward: CUDA kernels on CUDA (torch.profiler), top-level ATen ops on
-    CPU; for ``compiled`` (torch.compile of the site's pre + post, the reference math) the kernels
-    Inductor generated (torch._inductor.metrics) plus the ATen ops it calls (matmuls)."""
-    import torch._dynamo
+def _unfused_mhc_pre(x, fn, base, scale, n, iters, eps, norm_eps):
+    """mHC pre as main ran it before kernels/mhc_pre.py (the 'before' of --ops site): the Triton
+    coefficients (kernels/mhc.py) then the Triton collapse (kernels/mhc_streams.py), x handed on
+    as is (autograd adds the three gradients of x)."""
+    from kernels.mhc import mhc_coefficients_triton
+    from kernels.mhc_streams import collapse_streams_triton
+
+    pre, post, comb = mhc_coefficients_triton(x, fn, base, scale, n, iters, eps, norm_eps)
+    return collapse_streams_triton(x, pre), x, post, comb
+
+
+def _count_launches(step, cuda: bool) -> int:
+    """CUDA kernels of one call of ``step`` (CUDA), or its top-level ATen ops (CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
+    step(); step()
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    if cuda:
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and
+               (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+
+
+def _host_ms(step, reps: int = 20) -> float:
+    """Host time to issue one call (no synchronisation inside: what the CPU spends per site)."""
+    step()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    t1 = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (t1 - t0) * 1e3 / reps
+
+
+def site_launches(T=4096, n=4, D=1024, device=None, log=print, modes=SITE_MODES, layer_ms=20.0,
+                  sites_per_layer=2) -> dict:
+    """What one mHC site costs: pre (coefficients + Sinkhorn + collapse) and post (mix = post
+    times f plus comb^T x, the residual merge), the sublayer between them a stand-in (one
+    multiply). Paths: ``reference`` (PyTorch), ``unfused`` (main before kernels/mhc_pre.py:
+    Triton coefficients, collapse and mix, 3 autograd nodes), ``fused`` (HyperConnection as the
+    model runs it: kernels/mhc_pre.py + the Triton mix), ``compiled`` (torch.compile of the
+    reference site), ``compiled-fused`` (torch.compile of the fused site, the kernels opaque, as
+    under model.compile=block). Per path: kernels per forward and per forward+backward (CUDA:
+    torch.profiler; CPU: top-level ATen ops, the Triton kernels then run in the interpreter and
+    are not counted), CUDA-event ms, the host's time to issue a forward+backward, and
+    ``sites_per_layer`` sites' fwd+bwd as a share of ``layer_ms`` (a small-model layer's
+    forward+backward at these tokens: ~240 ms / 12 layers at 1 x 4K on one H200, 2026-12-03).
+    Returns {path: (kernels fwd, kernels fwd+bwd, fwd ms, fwd+bwd ms)}."""
+    import torch._dynamo
+
+    import model.hyper_connections as hcm
     from model.config import ModelConfig
-    from model.hyper_connections import HyperConnection
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
     dt = torch.bfloat16 if cuda else torch.float32
     cfg = ModelConfig.from_preset("small", dim=D, hc_mult=n)
+    log(f"one mHC site, {T} tokens x {n} streams x {D}, {dt}; the share: {sites_per_layer} sites' fwd+bwd "
+        f"/ {layer_ms:.1f} ms per layer")
     log(fmt_row(SITE_HEADER)); log(fmt_row(["---"] * len(SITE_HEADER)))
+    from kernels.mhc_pre import mhc_pre_triton
+    from kernels.mhc_streams import mix_streams_triton
+
+    # the Triton paths: the getters patched (as HyperConnection with mhc_impl=triton selects them;
+    # on CPU this runs them in the interpreter, which the dispatcher would refuse)
+    pre_of = {"unfused": _unfused_mhc_pre, "fused": mhc_pre_triton, "compiled-fused": mhc_pre_triton}
+    out = {}
+    real = hcm.get_mhc_pre, hcm.get_mix_streams
     for mode in modes:
-        if mode == "triton" and not cuda:
+        if mode in pre_of and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
             continue
-        impl = "torch" if mode != "triton" else "triton"
-        site = HyperConnection(dataclasses.replace(cfg, mhc_impl=impl)).to(device)
+        torch.manual_seed(0)
+        site = hcm.HyperConnection(dataclasses.replace(cfg, mhc_impl="torch")).to(device)
         x = torch.randn(1, T, n, D, device=device, dtype=dt, requires_grad=True)
         f_in = torch.randn(1, T, D, device=device, dtype=dt, requires_grad=True)
+        cot = torch.randn(1, T, n, D, device=device, dtype=dt)
+        leaves = [x, f_in] + list(site.parameters())
 
         def run_site(x, f_in):
-            h, post, comb = site.pre(x)
-            return site.post(h * f_in, x, post, comb)   # h * f_in: a stand-in sublayer (one op)
+            h, state = site.pre(x)
+            return site.post(h * f_in, state)   # h * f_in: a stand-in sublayer (one op)
 
         fn = run_site
-        if mode == "compiled":
+        if mode.startswith("compiled"):
             torch._dynamo.reset()
             fn = torch.compile(run_site, backend="inductor")
-        fwd = lambda: fn(x, f_in)
-        fb = lambda: torch.autograd.grad(fn(x, f_in).float().sum(), [x, f_in, site.fn])
 
-        def count(step):
-            step(); step()
-            acts = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-            with profile(activities=acts) as prof:
-                step()
-                if cuda:
-                    torch.cuda.synchronize()
-            if cuda:
-                return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-            return sum(1 for e in prof.events() if e.name.startswith("aten::") and
-                       (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+        def fwd():
+            with torch.no_grad():
+                return fn(x, f_in)
+
+        def fb():
+            return torch.autograd.grad(fn(x, f_in), leaves, cot)
 
         try:
-            generated = ""
-            if mode == "compiled":
-                from torch._inductor import metrics
-
-                metrics.reset()
-                fb()
-                generated = f" (Inductor generated {metrics.generated_kernel_count} kernels, fwd + bwd graphs)"
-            n_f, n_fb = count(fwd), count(fb)
-            ms = time_ms(fb) if cuda else float("nan")
-            log(fmt_row([mode, f"{T}x{n}x{D}", n_f, n_fb, f"{ms:.3f}" if cuda else "-",
-                         ("CUDA kernels" if cuda else "top-level ATen ops") + generated]))
+            if mode in pre_of:
+                hcm.get_mhc_pre = lambda *a, _f=pre_of[mode]: _f
+                hcm.get_mix_streams = lambda *a: mix_streams_triton
+            n_f, n_fb = _count_launches(fwd, cuda), _count_launches(fb, cuda)
+            ms_f, ms_fb = (time_ms(fwd), time_ms(fb)) if cuda else (float("nan"), float("nan"))
+            host = _host_ms(fb, reps=20 if cuda else 2)
+            out[mode] = (n_f, n_fb, ms_f, ms_fb)
+            share = sites_per_layer * ms_fb / layer_ms
+            log(fmt_row([mode, f"{T}x{n}x{D}", n_f, n_fb, f"{ms_f:.3f}", f"{ms_fb:.3f}", f"{host:.3f}",
+                         f"{sites_per_layer * ms_fb:.2f}", f"{100 * share:.1f}%",
+                         "CUDA kernels" if cuda else "top-level ATen ops"]))
         except Exception as exc:
             log(fmt_row([mode, f"{T}x{n}x{D}", f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+        finally:
+            hcm.get_mhc_pre, hcm.get_mix_streams = real
+        del site, x, f_in, cot
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+def check_site_pre(shapes=((4096, 4, 1024), (4097, 4, 1000), (1531, 3, 1024)), log=print, tol_low=1e-2,
+                   tol_fp32=1e-4) -> bool:
+    """The fused pre (kernels/mhc_pre.py) vs the reference mhc_pre on the device, bf16 x, real
+    sizes: h and every gradient (x through h, post, comb and x_res; fn, base, scale)."""
+    from kernels.mhc_pre import mhc_pre_triton
+    from model.hyper_connections import mhc_pre
+
+    ok_all = True
+    hdr = ["tokens x n x D", "h", "post", "comb", "dx", "dfn", "dbase", "dscale", "pass"]
+    log("fused mHC pre, bf16 x, Triton vs reference (relative error norms)")
+    log(fmt_row(hdr)); log(fmt_row(["---"] * len(hdr)))
+    for T, n, D in shapes:
+        try:
+            NM = (2 + n) * n
+            x = torch.randn(T, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            fn = (torch.randn(NM, n * D, device="cuda") / (n * D) ** 0.5).requires_grad_()
+            base = torch.randn(NM, device="cuda", requires_grad=True)
+            scale = (torch.rand(3, device="cuda") + 0.5).requires_grad_()
+            args = (n, 20, 1e-6, 1e-6)
+            ref, got = mhc_pre(x, fn, base, scale, *args), mhc_pre_triton(x, fn, base, scale, *args)
+            cots = [torch.randn_like(r) for r in ref]
+            loss = lambda o: sum((a.float() * c.float()).sum() for a, c in zip(o, cots))
+            g_ref = torch.autograd.grad(loss(ref), [x, fn, base, scale])
+            g_got = torch.autograd.grad(loss(got), [x, fn, base, scale])
+            e_out = [_rel(a, b) for a, b in zip(got, ref)]
+            e_g = [_rel(a, b) for a, b in zip(g_got, g_ref)]
+            # h, dx: bf16 (both round the same fp32 value); the rest fp32 (tf32x3 products)
+            ok = (e_out[0] < tol_low and e_out[2] < tol_fp32 and e_out[3] < tol_fp32 and e_g[0] < tol_low
+                  and all(e < 10 * tol_fp32 for e in e_g[1:]))
+            ok_all &= ok
+            log(fmt_row([f"{T}x{n}x{D}", f"{e_out[0]:.1e}", f"{e_out[2]:.1e}", f"{e_out[3]:.1e}"]
+                        + [f"{e:.1e}" for e in e_g] + ["yes" if ok else "NO"]))
+        except Exception as exc:
+            ok_all = False
+            log(fmt_row([f"{T}x{n}x{D}", f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+        torch.cuda.empty_cache()
+    return ok_all
+
+
+def sweep_site_pre(T=4096, n=4, D=1024, log=print,
+                   tiles=((16, 64, 64), (16, 128, 128), (16, 256, 128), (32, 128, 128), (32, 64, 64),
+                          (64, 64, 64))) -> None:
+    """The fused pre's tiles (block_t, block_k, block_d), forward and forward+backward, bf16."""
+    from kernels.mhc_pre import DEFAULT_TILES, mhc_pre_triton
+
+    NM = (2 + n) * n
+    x = torch.randn(T, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    fn = (torch.randn(NM, n * D, device="cuda") / (n * D) ** 0.5).requires_grad_()
+    base = torch.randn(NM, device="cuda", requires_grad=True)
+    scale = torch.full((3,), 0.5, device="cuda", requires_grad=True)
+    cots = [torch.randn_like(o) for o in mhc_pre_triton(x, fn, base, scale, n, 20, 1e-6, 1e-6)]
+    hdr = ["block_t", "block_k", "block_d", "fwd ms", "fwd+bwd ms"]
+    log(f"fused mHC pre tile sweep, {T} tokens, n={n}, D={D}, bf16 (default {DEFAULT_TILES})")
+    log(fmt_row(hdr)); log(fmt_row(["---"] * len(hdr)))
+    for tl_ in tiles:
+        try:
+            def fwd():
+                with torch.no_grad():
+                    return mhc_pre_triton(x, fn, base, scale, n, 20, 1e-6, 1e-6, tiles=tl_)
+
+            def fb():
+                outs = mhc_pre_triton(x, fn, base, scale, n, 20, 1e-6, 1e-6, tiles=tl_)
+                return torch.autograd.grad(outs, [x, fn, base, scale], cots)
+
+            log(fmt_row([*tl_, f"{time_ms(fwd, budget_s=0.2):.4f}", f"{time_ms(fb, budget_s=0.2):.4f}"]))
+        except Exception as exc:
+            log(fmt_row([*tl_, f"ERROR {type(exc).__name__}: {str(exc)[:120]}"]))
+
+
+MODEL_HEADER = ["variant", "timed fwd+bwd", "fwd+bwd ms (median)", "min-max", "vs residual"]
+
+
+def model_overhead(seq=4096, preset="small", device="cuda", log=print, rounds=4, steps=2, warmup=2,
+                   budget_s=150.0) -> dict:
+    """The issue's measure: the whole small model's forward+backward (bf16, 1 x ``seq`` random
+    tokens, eager) with hyper_connections = residual vs mhc, mhc both with the unfused pre (main
+    before kernels/mhc_pre.py) and the fused one, interleaved (bench/timing.py) so that order
+    cannot decide it. Returns {variant: median ms}."""
+    import contextlib
+
+    import model.hyper_connections as hcm
+    from bench.timing import Variant, interleave, median
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+
+    def build(kind):
+        cfg = ModelConfig.from_preset(preset, hyper_connections=kind, compile="none")
+        torch.manual_seed(0)
+        with torch.device(device):
+            m = Transformer(cfg)
+        m = m.to(device).to(torch.bfloat16).train()   # hash-routing tables are built on the CPU
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), device=device,
+                            generator=torch.Generator(device=device).manual_seed(1))
+
+        def fb():
+            m(ids, labels=ids).loss.backward()
+            for p in m.parameters():
+                p.grad = None
+        return [("fwd+bwd", fb)]
+
+    @contextlib.contextmanager
+    def unfused():
+        real = hcm.get_mhc_pre
+        hcm.get_mhc_pre = lambda *a: _unfused_mhc_pre
+        try:
+            yield
+        finally:
+            hcm.get_mhc_pre = real
+
+    mhc = build("mhc")
+    variants = [Variant("residual", build("residual")), Variant("mhc, unfused pre (before)", mhc, context=unfused),
+                Variant("mhc, fused pre (after)", mhc)]
+    interleave(variants, device, rounds=rounds, steps=steps, warmup=warmup, budget_s=budget_s, log=log)
+    res = {v.name: median(v.times.get("fwd+bwd", [])) for v in variants}
+    log(f"{preset} model, 1 x {seq} tokens, bf16, eager, forward+backward (lm + MTP losses)")
+    log(fmt_row(MODEL_HEADER)); log(fmt_row(["---"] * len(MODEL_HEADER)))
+    for v in variants:
+        xs = v.times.get("fwd+bwd", [])
+        if v.error or not xs:
+            log(fmt_row([v.name, 0, f"ERROR {v.error}"]))
+            continue
+        log(fmt_row([v.name, len(xs), f"{res[v.name]:.1f}", f"{min(xs):.1f}-{max(xs):.1f}",
+                     f"{100 * (res[v.name] / res['residual'] - 1):+.1f}%"]))
+    return res
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ops", nargs="+", choices=["coefficients", "streams", "site"], default=["coefficients", "streams"])
+    ap.add_argument("--ops", nargs="+", choices=["coefficients", "streams", "site", "model"], default=["coefficients", "streams"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--stream-tokens", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--site-tokens", type=int, default=4096)
+    ap.add_argument("--layer-ms", type=float, default=20.0,
+                    help="a small-model layer's fwd+bwd at --site-tokens, for the site's share")
     a = ap.parse_args(argv)
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; torch {torch.__version__}")
     if "site" in a.ops:
-        site_launches(a.site_tokens)
+        t0 = time.time()
+        if torch.cuda.is_available():
+            print(f"fused pre checks pass: {check_site_pre()}")
+        site_launches(a.site_tokens, layer_ms=a.layer_ms)
+        if torch.cuda.is_available():
+            sweep_site_pre(a.site_tokens)
+        print(f"[--ops site: {time.time() - t0:.0f} s]")
+    if "model" in a.ops:
+        t0 = time.time()
+        model_overhead(a.site_tokens)
+        print(f"[--ops model: {time.time() - t0:.0f} s]")
     if "streams" in a.ops:
         ok = check_streams()
         print(f"stream-op checks pass: {ok}")

@@ -13,7 +13,8 @@ Kernels (fp32 math throughout, x read in its own dtype):
   _mhc_tail_fwd  sigmoids and the whole Sinkhorn iteration in registers per token
                  (the reference launches ~4 kernels per iteration over [T, n, n]);
   _mhc_tail_bwd  backward of the tail; Sinkhorn's intermediates are recomputed from the
-                 softmax for every step (O(iters^2) tiny n x n ops per token, no memory);
+                 softmax for every step (O(iters^2) tiny n x n ops per token, no memory;
+                 ``_sinkhorn_bwd``, shared with kernels/mhc_pre.py);
   _mhc_mix_bwd   dx = (dmix * r) @ fn - (r^3 / nD) * <dmix, x fn^T> x, in x's dtype;
   _mhc_dfn       dfn = (dmix * r)^T @ x, reduced over tokens per column block of fn.
 """
@@ -102,6 +103,36 @@ def _row_norm_bwd(m, g, eps):
 
 
 @triton.jit
+def _sinkhorn_fwd(zcomb, cmask, iters, eps):
+    """sinkhorn(zcomb) [BT, NP, NP] (padded entries 0)."""
+    _, m = _softmax_eps(zcomb, cmask, eps)
+    m = _col_norm(m, eps)
+    for _ in range(0, iters - 1):
+        m = _col_norm(_row_norm(m, eps), eps)
+    return m
+
+
+@triton.jit
+def _sinkhorn_bwd(zcomb, g, cmask, iters, eps):
+    """d(logits) of sinkhorn(zcomb) given d(comb) = g; each step's input is recomputed from the
+    softmax (O(iters^2) tiny steps, no memory). The gradient is zeroed on the padded entries
+    after every step: a padded row's (or column's) sum is 0, so its entries would be divided by
+    eps at each step and overflow to inf (NaN once multiplied by its zero entries) for n < NP."""
+    p, m0 = _softmax_eps(zcomb, cmask, eps)
+    # forward: m1 = col(m0), then iters-1 pairs (row, col); walk the pairs backwards
+    for i in range(0, iters - 1):
+        pair = iters - 2 - i
+        m = _col_norm(m0, eps)
+        for _ in range(0, pair):
+            m = _col_norm(_row_norm(m, eps), eps)
+        m_row = _row_norm(m, eps)
+        g = tl.where(cmask, _col_norm_bwd(m_row, g, eps), 0.0)
+        g = tl.where(cmask, _row_norm_bwd(m, g, eps), 0.0)
+    g = tl.where(cmask, _col_norm_bwd(m0, g, eps), 0.0)
+    return tl.where(cmask, p * (g - tl.sum(g * p, 2)[:, :, None]), 0.0)  # softmax backward (+eps: none)
+
+
+@triton.jit
 def _logit_params(SCALE, BASE, rj, j_ok, n):
     """The three group scales and the pre / post / comb biases of the coefficient logits."""
     s0 = tl.load(SCALE)
@@ -125,10 +156,7 @@ def _mhc_tail_fwd(MIX, BASE, SCALE, PRE, POST, COMB, T, n, NM, iters, eps,
     s0, s1, s2, bpre, bpost, bcomb = _logit_params(SCALE, BASE, rj, j_ok, n)
     pre = tl.sigmoid(s0 * mpre + bpre[None, :]) + eps
     post = 2.0 * tl.sigmoid(s1 * mpost + bpost[None, :])
-    _, m = _softmax_eps(s2 * mcomb + bcomb[None, :, :], cmask, eps)
-    m = _col_norm(m, eps)
-    for _ in range(0, iters - 1):
-        m = _col_norm(_row_norm(m, eps), eps)
+    m = _sinkhorn_fwd(s2 * mcomb + bcomb[None, :, :], cmask, iters, eps)
     out2 = rt.to(tl.int64)[:, None] * n + rj[None, :]
     tl.store(PRE + out2, pre, mask=m2)
     tl.store(POST + out2, post, mask=m2)
@@ -156,20 +184,7 @@ def _mhc_tail_bwd(MIX, BASE, SCALE, DPRE, DPOST, DCOMB, DLOGIT, T, n, NM, iters,
     d_post = 2.0 * g_post * sq * (1.0 - sq)
     g = tl.load(DCOMB + rt.to(tl.int64)[:, None, None] * (n * n) + rj[None, :, None] * n + rj[None, None, :],
                 mask=cmask, other=0.0)
-    p, m0 = _softmax_eps(s2 * mcomb + bcomb[None, :, :], cmask, eps)
-    # forward: m1 = col(m0), then iters-1 pairs (row, col). Walk the pairs backwards,
-    # recomputing each pair's input from m0 (no intermediates kept).
-    for i in range(0, iters - 1):
-        pair = iters - 2 - i
-        m = _col_norm(m0, eps)
-        for _ in range(0, pair):
-            m = _col_norm(_row_norm(m, eps), eps)
-        m_row = _row_norm(m, eps)
-        g = _col_norm_bwd(m_row, g, eps)
-        g = _row_norm_bwd(m, g, eps)
-    g = _col_norm_bwd(m0, g, eps)
-    g = tl.where(cmask, g, 0.0)
-    d_comb = p * (g - tl.sum(g * p, 2)[:, :, None])  # softmax backward (the +eps has no gradient)
+    d_comb = _sinkhorn_bwd(s2 * mcomb + bcomb[None, :, :], g, cmask, iters, eps)
     row = DLOGIT + rt.to(tl.int64) * NM
     tl.store(row[:, None] + rj[None, :], d_pre, mask=m2)
     tl.store(row[:, None] + n + rj[None, :], d_post, mask=m2)

@@ -180,7 +180,7 @@ class _CollapseStreams(torch.autograd.Function):
         T, n, D = xf.shape
         g = dh.reshape(T, D).contiguous()
         dx = torch.empty_like(xf)
-        dpre = torch.zeros(T, n, device=xf.device, dtype=torch.float32)
+        dpre = torch.empty(T, n, device=xf.device, dtype=torch.float32)   # the kernel writes every entry
         NP, BT, BD = _blocks(n, D, _BWD_ELEMS, block_t or _COLLAPSE_BWD_TILE[0],
                              block_d or min(_COLLAPSE_BWD_TILE[1], max(16, _pow2(D))))
         if T > 0 and D > 0:
@@ -214,8 +214,8 @@ class _MixStreams(torch.autograd.Function):
         g = dout.reshape(T, n, D).contiguous()
         df = torch.empty_like(ff)
         dx = torch.empty_like(xf)
-        dpost = torch.zeros(T, n, device=xf.device, dtype=torch.float32)
-        dcomb = torch.zeros(T, n, n, device=xf.device, dtype=torch.float32)
+        dpost = torch.empty(T, n, device=xf.device, dtype=torch.float32)   # the kernel writes every entry
+        dcomb = torch.empty(T, n, n, device=xf.device, dtype=torch.float32)
         NP, BT, BD = _blocks(n, D, _BWD_ELEMS, block_t or _MIX_TILE[0],
                              block_d or min(_MIX_TILE[1], max(16, _pow2(D))))
         if T > 0 and D > 0:

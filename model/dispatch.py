@@ -43,6 +43,7 @@ KERNELS = {
     "indexer_topk": ("kernels.indexer_topk", "indexer_topk"),
     "mhc_coefficients": ("kernels.mhc", "mhc_coefficients_triton"),
     "collapse_streams": ("kernels.mhc_streams", "collapse_streams_triton"),
+    "mhc_pre": ("kernels.mhc_pre", "mhc_pre_triton"),
     "mix_streams": ("kernels.mhc_streams", "mix_streams_triton"),
     "topk_routing": ("kernels.moe_router", "topk_routing_triton"),
     "swiglu_activation": ("kernels.swiglu", "swiglu_activation_triton"),

@@ -19,6 +19,7 @@ The layout of fn/base rows is [pre (n) | post (n) | comb (n*n, row-major [j, k])
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,30 @@ def collapse_streams(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
 get_collapse_streams = dispatcher("collapse_streams", collapse_streams)
 
 
+def mhc_pre(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    n: int,
+    iters: int,
+    eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One mHC site's pre: x [..., n, D] -> (h [..., D], x_res, post [..., n], comb [..., n, n]).
+
+    h = collapse_streams(x, pre) with (pre, post, comb) = mhc_coefficients(x, ...). x_res is x
+    itself, the residual input the post-mix must be given: the fused path
+    (kernels/mhc_pre.py) returns it through its autograd node so that the post-mix's gradient of
+    x is added inside its backward pass instead of in separate full-size additions.
+    """
+    pre, post, comb = mhc_coefficients(x, fn, base, scale, n, iters, eps, norm_eps)
+    return collapse_streams(x, pre), x, post, comb
+
+
+get_mhc_pre = dispatcher("mhc_pre", mhc_pre)
+
+
 def mix_streams(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """x'_k = post_k f + sum_j comb[j, k] x_j. f [..., D], x [..., n, D] -> [..., n, D] (x's dtype)."""
     cd = _compute_dtype(x)
@@ -165,13 +190,22 @@ def composite_gain(combs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
 
 
 # ---------------------------------------------------------------------------- modules
+class SiteState(NamedTuple):
+    """What a site's post-mix needs from its pre: the residual input x [B, L, n, D] (for the fused
+    mHC pre, x handed back through its autograd node: see ``mhc_pre``), post [B, L, n] and
+    comb [B, L, n, n] (fp32; None for "residual")."""
+    x: torch.Tensor
+    post: torch.Tensor | None
+    comb: torch.Tensor | None
+
+
 class HyperConnection(nn.Module):
-    """One hyper-connection site. pre(x [B,L,n,D]) -> (h [B,L,D], post [B,L,n], comb [B,L,n,n]);
-    post(f [B,L,D], x, post, comb) -> x' [B,L,n,D] in x's dtype (mixing in fp32).
+    """One hyper-connection site. pre(x [B,L,n,D]) -> (h [B,L,D], SiteState(x, post [B,L,n],
+    comb [B,L,n,n])); post(f [B,L,D], state) -> x' [B,L,n,D] in x's dtype (mixing in fp32).
 
     ``layer_idx`` is the site index (count attention and FFN sites separately: 2*i and 2*i + 1);
     only "hc" uses it, for its static pre vector e_{layer_idx mod n}.
-    "residual": pre returns (x[:, :, 0], None, None) and post returns x + f.
+    "residual": pre returns (x[:, :, 0], SiteState(x, None, None)) and post returns x + f.
 
     Init (ours; V4 published only alpha = 0.01):
       mhc  fn ~ N(0, 1/(nD)) so mixes have unit variance at any width; scale = cfg.hc_init_alpha;
@@ -232,23 +266,30 @@ class HyperConnection(nn.Module):
             return fn(x, self.fn, self.base, self.scale, self.n, self.iters, self.eps, self.norm_eps)
         return hc_coefficients(x, self.fn, self.base, self.scale, self.n, self.norm_eps)
 
-    def pre(self, x: torch.Tensor):
+    def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, "SiteState"]:
+        """x [B, L, n, D] -> (h [B, L, D], the state ``post`` needs)."""
         self._check(x)
         if self.kind == "residual":
-            return x[:, :, 0], None, None
+            return x[:, :, 0], SiteState(x, None, None)
+        if self.kind == "mhc":  # coefficients + Sinkhorn + collapse in one op (Triton on CUDA)
+            fused = get_mhc_pre(self.mhc_impl, x.device, x.dtype)
+            h, x_res, post, comb = fused(x, self.fn, self.base, self.scale, self.n, self.iters, self.eps,
+                                         self.norm_eps)
+            return h, SiteState(x_res, post, comb)
         pre, post, comb = self.coefficients(x)  # [B,L,n], [B,L,n], [B,L,n,n] fp32
         collapse = get_collapse_streams(self.mhc_impl, x.device, x.dtype)  # Triton on CUDA
-        return collapse(x, pre), post, comb
+        return collapse(x, pre), SiteState(x, post, comb)
 
-    def post(self, f: torch.Tensor, x: torch.Tensor, post: torch.Tensor | None,
-             comb: torch.Tensor | None) -> torch.Tensor:
+    def post(self, f: torch.Tensor, state: "SiteState") -> torch.Tensor:
+        """x' = post f + comb^T x (in x's dtype, mixing in fp32) from the sublayer's output f [B, L, D]."""
+        x = state.x
         if f.shape != x.shape[:2] + x.shape[3:]:
             raise ValueError(f"HyperConnection.post: f must be [B, L, D] matching x {list(x.shape)}, "
                              f"got {list(f.shape)}")
         if self.kind == "residual":
             return x + f.unsqueeze(2)
         mix = get_mix_streams(self.mhc_impl, x.device, x.dtype)  # Triton on CUDA
-        return mix(f, x, post, comb)
+        return mix(f, x, state.post, state.comb)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, n={self.n}, dim={self.dim}, layer_idx={self.layer_idx}"

@@ -53,15 +53,14 @@ class Block(nn.Module):
 
     def forward(self, x, input_ids, layout: DocLayout, routing_indices=None, carry: LayerCarry | None = None):
         # x: [B, L, n, D]; carry: this block's state from earlier chunks (chunked step)
-        h, post, comb = self.hc_attn.pre(x)
+        h, attn_site = self.hc_attn.pre(x)
         a_in = self.attn_norm(h)
         a, attn_aux = self.attn(a_in, layout) if carry is None else carry.attention(self.attn, a_in, layout)
-        x = self.hc_attn.post(a, x, post, comb)
-        comb_attn = comb
-        h, post, comb = self.hc_ffn.pre(x)
+        x = self.hc_attn.post(a, attn_site)
+        h, ffn_site = self.hc_ffn.pre(x)
         f, moe_aux = self.ffn(self.ffn_norm(h), input_ids, routing_indices, carry and carry.moe_sequence)
-        x = self.hc_ffn.post(f, x, post, comb)
-        return x, {"attn": attn_aux, "moe": moe_aux, "comb": (comb_attn, comb)}
+        x = self.hc_ffn.post(f, ffn_site)
+        return x, {"attn": attn_aux, "moe": moe_aux, "comb": (attn_site.comb, ffn_site.comb)}
 
 
 class MTPModule(nn.Module):

@@ -91,6 +91,7 @@ def test_moe_kernels_stay_off_under_auto_until_measured(getter, module, kernel):
 
 GETTERS = {"get_sparse_attention": "model.sparse_attention", "get_indexer_topk": "model.indexer",
            "get_mhc_coefficients": "model.hyper_connections", "get_collapse_streams": "model.hyper_connections",
+           "get_mhc_pre": "model.hyper_connections",
            "get_mix_streams": "model.hyper_connections", "get_topk_routing": "model.moe",
            "get_swiglu_activation": "model.moe", "get_permute_tokens": "model.moe",
            "get_unpermute_tokens": "model.moe", "get_rope_rotate": "model.rope", "get_rms_norm": "model.norms"}

@@ -101,9 +101,11 @@ def test_dispatch():
 
 @pytest.mark.parametrize("kind", ["mhc", "hc"])
 def test_hyper_connection_uses_dispatch(monkeypatch, kind):
-    """HyperConnection.pre/post route collapse/mix through model.dispatch: with the getters
-    forced to the Triton functions, a site's outputs and gradients equal the reference's."""
+    """HyperConnection.pre/post route through model.dispatch (mhc: the fused pre and mix; hc:
+    collapse and mix): with the getters forced to the Triton functions, a site's outputs and
+    gradients equal the reference's."""
     import model.hyper_connections as hcm
+    from kernels.mhc_pre import mhc_pre_triton
     from model.config import ModelConfig
 
     cfg = ModelConfig.from_preset("tiny", dim=24, hc_mult=4, hyper_connections=kind)
@@ -111,17 +113,18 @@ def test_hyper_connection_uses_dispatch(monkeypatch, kind):
     x = torch.randn(2, 5, 4, 24, device=DEVICE, requires_grad=True)
 
     def step():
-        h, post, comb = site.pre(x)
-        out = site.post(torch.tanh(h), x, post, comb)
+        h, state = site.pre(x)
+        out = site.post(torch.tanh(h), state)
         loss = (out * torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)).sum()
         return [out] + list(torch.autograd.grad(loss, [x] + list(site.parameters())))
 
     ref = step()
     calls = []
+    monkeypatch.setattr(hcm, "get_mhc_pre", lambda *a: calls.append("pre") or mhc_pre_triton)
     monkeypatch.setattr(hcm, "get_collapse_streams",
                         lambda *a: calls.append("collapse") or collapse_streams_triton)
     monkeypatch.setattr(hcm, "get_mix_streams", lambda *a: calls.append("mix") or mix_streams_triton)
     got = step()
-    assert calls == ["collapse", "mix"]
+    assert calls == (["pre", "mix"] if kind == "mhc" else ["collapse", "mix"])
     for a, b in zip(got, ref):
         _check("site", a, b, 1e-5)

@@ -9,7 +9,8 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.hyper_connections import (HyperConnection, HyperHead, amax_gain, composite_gain,
-                                     hc_coefficients, mhc_coefficients, mix_streams, sinkhorn_knopp)
+                                     collapse_streams, hc_coefficients, mhc_coefficients, mhc_pre, mix_streams,
+                                     sinkhorn_knopp)
 
 N, D = 4, 8
 
@@ -111,9 +112,9 @@ def test_residual_mode_is_exact():
     assert cfg.n_streams == 1 and len(list(hc.parameters())) == 0
     x = torch.randn(2, 3, 1, D, dtype=torch.bfloat16)
     f = torch.randn(2, 3, D, dtype=torch.bfloat16)
-    h, post, comb = hc.pre(x)
-    assert torch.equal(h, x[:, :, 0]) and post is None and comb is None
-    assert torch.equal(hc.post(f, x, post, comb), x + f[:, :, None])
+    h, state = hc.pre(x)
+    assert torch.equal(h, x[:, :, 0]) and state.post is None and state.comb is None
+    assert torch.equal(hc.post(f, state), x + f[:, :, None])
     head = HyperHead(cfg)
     assert torch.equal(head(x), x[:, :, 0]) and len(list(head.parameters())) == 0
     assert head.expand(f).shape == (2, 3, 1, D)
@@ -130,7 +131,7 @@ def test_hc_init_is_static_paper_matrices():
         torch.testing.assert_close(pre, e.expand(2, 3, N))
         torch.testing.assert_close(post, torch.ones(2, 3, N))
         torch.testing.assert_close(comb, torch.eye(N).expand(2, 3, N, N))
-        h, _, _ = hc.pre(x)
+        h, _ = hc.pre(x)
         torch.testing.assert_close(h, x[:, :, site % N])
     assert dict((n, p.shape) for n, p in hc.named_parameters()) == {
         "fn": (2 + N, D), "base": ((2 + N) * N,), "scale": (3,)}
@@ -146,7 +147,7 @@ def test_mhc_params_and_init():
     # identical streams (an expanded embedding) collapse to x and mix like a residual at init
     emb = torch.randn(2, 3, D)
     x = HyperHead(cfg).expand(emb)
-    h, post, comb = hc.pre(x)
+    h, (_, post, comb) = hc.pre(x)
     torch.testing.assert_close(h, emb, rtol=0.05, atol=0.05)
     torch.testing.assert_close(post, torch.ones_like(post), rtol=0.05, atol=0.05)
     assert (comb.diagonal(dim1=-2, dim2=-1) > 0.85).all()
@@ -169,8 +170,8 @@ def test_forward_backward_and_toy_training(kind):
         def forward(self, inp):
             x = self.head.expand(inp)  # [B, L, n, D]
             for site, sub in zip(self.sites, self.sub):
-                h, post, comb = site.pre(x)
-                x = site.post(torch.tanh(sub(h)), x, post, comb)
+                h, state = site.pre(x)
+                x = site.post(torch.tanh(sub(h)), state)
             return self.out(self.head(x))
 
     model = Toy()
@@ -191,9 +192,10 @@ def test_forward_backward_and_toy_training(kind):
             assert site.scale.grad.abs().sum() > 0
     # bf16 streams: output in bf16, mixing coefficients fp32
     x = torch.randn(2, 3, n, D, dtype=torch.bfloat16)
-    h, post, comb = model.sites[0].pre(x)
+    h, state = model.sites[0].pre(x)
+    post, comb = state.post, state.comb
     assert h.dtype == torch.bfloat16
-    y = model.sites[0].post(h, x, post, comb)
+    y = model.sites[0].post(h, state)
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
     if kind != "residual":
         assert post.dtype == torch.float32 and comb.dtype == torch.float32
@@ -259,6 +261,27 @@ def test_gradcheck_mhc_coefficients_and_post():
     assert torch.autograd.gradcheck(fun, (x, f, fn, base, scale), eps=1e-6, atol=1e-6)
 
 
+def test_mhc_pre_is_coefficients_then_collapse_fp64():
+    """The fused op's reference: h = collapse(x, pre) exactly, x_res is x, and gradcheck through
+    all four outputs (x_res feeds a mix, as in a site)."""
+    torch.manual_seed(5)
+    n, d = 3, 5
+    x = torch.randn(2, 3, n, d, dtype=torch.float64, requires_grad=True)
+    fn = (torch.randn((2 + n) * n, n * d, dtype=torch.float64) * 0.5).requires_grad_()
+    base = torch.randn((2 + n) * n, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([0.8, 1.1, 0.9], dtype=torch.float64, requires_grad=True)
+    h, x_res, post, comb = mhc_pre(x, fn, base, scale, n, 5, 1e-6, 1e-6)
+    pre, post2, comb2 = mhc_coefficients(x, fn, base, scale, n, 5, 1e-6, 1e-6)
+    assert x_res is x and torch.equal(post, post2) and torch.equal(comb, comb2)
+    assert torch.equal(h, collapse_streams(x, pre))
+
+    def fun(x, fn, base, scale):
+        h, x_res, post, comb = mhc_pre(x, fn, base, scale, n, 5, 1e-6, 1e-6)
+        return mix_streams(torch.tanh(h), x_res, post, comb)
+
+    assert torch.autograd.gradcheck(fun, (x, fn, base, scale), eps=1e-6, atol=1e-6)
+
+
 def test_matches_hf_hyper_connection():
     hf = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
     from transformers.models.deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
@@ -275,11 +298,12 @@ def test_matches_hf_hyper_connection():
         theirs.scale.copy_(ours.scale)
     x = torch.randn(2, 3, N, D)
     f = torch.randn(2, 3, D)
-    h, post, comb = ours.pre(x)
+    h, state = ours.pre(x)
+    post, comb = state.post, state.comb
     t_post, t_comb, t_h = theirs(x)
     torch.testing.assert_close(h, t_h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(post, t_post, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(comb, t_comb, rtol=1e-5, atol=1e-6)
     # HF's decoder layer mixes with comb^T @ x
     ref = t_post.unsqueeze(-1) * f.unsqueeze(-2) + torch.matmul(t_comb.transpose(-1, -2), x)
-    torch.testing.assert_close(ours.post(f, x, post, comb), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.post(f, state), ref, rtol=1e-5, atol=1e-5)
