@@ -231,8 +231,13 @@ class ChunkContext:
     """Everything ``Transformer.forward`` needs to compute one chunk of a longer sequence.
     ``need_loss=False``: the no-grad state pass (no heads, no losses). Losses are the chunk's
     share of the whole sequence's: sums divided by whole-sequence counts."""
-    frame: ChunkFrame
+    frame: ChunkFrame | None          # None: the rows are several ranges (context parallel), see layout
     layers: list[LayerCarry]          # main layers, then the MTP blocks
     need_loss: bool
     lm_count: int = 0                 # labelled tokens in the whole batch
     mtp: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None  # per depth: (inputs, targets, labelled count)
+    layout: DocLayout | None = None   # the rows' layout the blocks get, if not the frame's
+
+    @property
+    def rows_layout(self) -> DocLayout:
+        return self.layout if self.layout is not None else self.frame.layout

@@ -1,27 +1,30 @@
-"""Context parallelism for V4 attention: one sequence sharded over the ranks of a CP group by
-contiguous token ranges (issue 13).
+"""Context parallelism for V4 attention: one sequence sharded over the ranks of a CP group
+(issue 13). Which rows a rank owns is the layout's (``model/cp_layout.py``: contiguous ranges,
+or zigzag: an early and a late piece per rank, which balances causal work).
 
 Every rank of a CP group holds the same packed window (so the same global ``DocLayout`` and
-``CompressedLayout``s, cheap index math) and computes the rows of its range ``[s, e)``. What an
-attention layer reads from other ranks is exactly the "state from earlier chunks" of the
-sequence-chunked step (``model/chunk_layout.py``), so the layer runs unchanged in the chunk's
-frame (``AttentionCarry``); only where the state comes from differs:
+``CompressedLayout``s, cheap index math) and computes the rows of its pieces, each like one
+chunk of the sequence-chunked step (``model/chunk_layout.py``): the layer runs unchanged in the
+piece's frame (``AttentionCarry``); only where the state comes from differs:
 
-  * halo: the last ``halo_rows(cfg)`` rows of the layer's input before ``s`` (window - 1, or the
-    2m - 1 rows an overlapped CSA block pools), received from the previous rank. Backward sends
-    their gradient back. ``HaloExchange``.
-  * compressed entries and indexer keys ending before ``s``: each rank pools the entries whose
-    block ENDS in its range (blocks restart at every packed document, so they straddle rank
-    boundaries: the halo holds their first rows); an all-gather gives every rank the others';
-    backward reduce-scatters (sums) their gradients back to the owners. ``GatherShards``.
-The indexer top-k then runs over the global entry list in global order (ties break alike), and
-the indexer KL is each rank's share of the global mean (``AttentionCarry.indexer_norm``): the
-CP group's losses and gradients SUM to the unsharded ones.
+  * halo: the last ``halo_rows(cfg)`` rows of the layer's input before the piece (window - 1,
+    or the 2m - 1 rows an overlapped CSA block pools), from the owner of the previous piece
+    (a local slice when that is this rank). Backward sends their gradient back. ``HaloExchange``.
+  * compressed entries and indexer keys ending before the piece: each rank pools the entries
+    whose block ENDS in its pieces (blocks restart at every packed document, so they straddle
+    piece boundaries: the halo holds their first rows) and sends them to the ranks that own a
+    later piece, only those (an entry is read by later queries alone); backward sends their
+    gradients back to the owner, which sums them. ``EntryExchange``.
+A rank computes its pieces in order; its k-th piece runs in "round" k, in which every rank
+sends the entries of its k-th piece (zigzag: round 0 the early pieces, round 1 the late ones;
+every entry a piece reads was sent in its round or before). The indexer top-k runs over the
+global entry list in global order (ties break alike), and the indexer KL is each piece's share
+of the global mean (``AttentionCarry.indexer_norm``): the CP group's losses and gradients SUM
+to the unsharded ones.
 
-Limit: a shard other than the first and last must hold at least ``halo_rows(cfg)`` rows (its
-successor reads them all from it). Bytes moved are counted per collective in ``CommStats``
-(payload each rank sends and receives, padding included).
-The whole model on a token range: ``model/context_parallel_model.py``.
+Bytes moved are counted per operation in ``CommStats`` (payload each rank sends and receives,
+padding included) and predicted by ``ShardPlan.predicted_bytes`` from the same plan.
+The whole model on a rank's rows: ``model/context_parallel_model.py``.
 """
 from __future__ import annotations
 
@@ -33,15 +36,17 @@ import torch.distributed as dist
 
 from model.chunk_layout import AttentionCarry, ChunkFrame, build_frame, halo_rows
 from model.config import ModelConfig
+from model.cp_layout import (DEFAULT_CP_LAYOUT, check_pieces, entry_need, layout_pieces, piece_owners,
+                             pieces_per_rank, rank_pieces, rank_rows)
 from model.layout import CompressedLayout, DocLayout, queries_with_entries
 
 
-# ---------------------------------------------------------------------------- groups, shards
+# ---------------------------------------------------------------------------- groups
 
 @dataclass
 class CPGroup:
     """This rank's context-parallel group: ``size`` consecutive ranks; ``rank`` is the index
-    inside it (= which token range this rank owns). ``group=None`` means the default group."""
+    inside it (which pieces of the window this rank owns). ``group=None``: the default group."""
     rank: int
     size: int
     group: object = None
@@ -68,32 +73,6 @@ def context_parallel_group(cp_size: int) -> CPGroup:
     return CPGroup(me % cp_size, cp_size, mine)
 
 
-def shard_bounds(length: int, cp_size: int) -> list[tuple[int, int]]:
-    """Contiguous ranges [(s, e)] of ``length`` rows over ``cp_size`` ranks; the first
-    ``length % cp_size`` ranks get one row more."""
-    if cp_size < 1 or length < cp_size:
-        raise ValueError(f"context parallel: sequence length {length} cannot be split over "
-                         f"parallel.cp_size={cp_size} ranks (every rank needs >= 1 row)")
-    base, extra = divmod(length, cp_size)
-    bounds, s = [], 0
-    for r in range(cp_size):
-        e = s + base + (r < extra)
-        bounds.append((s, e))
-        s = e
-    return bounds
-
-
-def check_shards(bounds: list[tuple[int, int]], halo: int) -> None:
-    """Every rank reads its halo from its predecessor alone: shards 1..P-2 need >= halo rows."""
-    for r, (s, e) in enumerate(bounds):
-        if e <= s:
-            raise ValueError(f"context parallel: rank {r}'s shard [{s}, {e}) is empty")
-        if 0 < r < len(bounds) - 1 and e - s < halo:
-            raise ValueError(f"context parallel: rank {r}'s shard [{s}, {e}) has {e - s} rows, fewer "
-                             f"than the {halo} halo rows rank {r + 1} reads from it; use a longer "
-                             f"sequence or a smaller parallel.cp_size")
-
-
 # ---------------------------------------------------------------------------- accounting
 
 @dataclass
@@ -110,82 +89,103 @@ class CommStats:
         return sum(self.sent.values()), sum(self.received.values())
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def _nbytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
 
 
-# ---------------------------------------------------------------------------- communication
+# ---------------------------------------------------------------------------- point to point
+
+def _cat(parts: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """Received buffers (each contiguous, as a receive needs) as one tensor along rows."""
+    return parts[0] if len(parts) == 1 else (torch.cat(parts, dim=1) if parts else empty)
+
+
+def _p2p(cp: CPGroup, sends: list[tuple[torch.Tensor, int, int]], recvs: list[tuple[torch.Tensor, int, int]]) -> None:
+    """Post every (tensor, peer rank in the group, tag) send and receive as one batch and wait
+    (NCCL groups a batch, so no pairwise ordering can deadlock). Both sides post a pair's
+    messages in the same order (callers order them by the receiving piece)."""
+    ops = [dist.P2POp(dist.isend, t, cp.global_rank(p), cp.group, tag) for t, p, tag in sends if t.numel()]
+    ops += [dist.P2POp(dist.irecv, t, cp.global_rank(p), cp.group, tag) for t, p, tag in recvs if t.numel()]
+    if ops:
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+
+
+@dataclass(frozen=True)
+class HaloSpec:
+    """One layer's halo traffic for this rank, in rows of its input (its pieces concatenated):
+    sends (peer, first row, rows, tag) and receives (peer, rows, tag); tag = receiving piece."""
+    sends: tuple[tuple[int, int, int, int], ...]
+    recvs: tuple[tuple[int, int, int], ...]
+
 
 class HaloExchange(torch.autograd.Function):
-    """Rows [B, recv, D] of the previous rank's input (its last ``recv`` rows); this rank's last
-    ``send`` rows go to the next rank. Backward: the halo's gradient goes back to the previous
-    rank, and the next rank's gradient of my last rows is received and added."""
+    """x [B, n, D] (this rank's rows) -> the halo rows received from other ranks, concatenated
+    [B, sum rows, D]; backward returns their gradient to the senders and adds the gradient
+    received for the rows this rank sent."""
 
     @staticmethod
-    def forward(ctx, x, recv: int, send: int, cp: CPGroup, stats: CommStats | None):
-        ctx.recv, ctx.send, ctx.cp, ctx.stats, ctx.shape = recv, send, cp, stats, x.shape
+    def forward(ctx, x, spec: HaloSpec, cp: CPGroup, stats: CommStats | None):
+        ctx.spec, ctx.cp, ctx.stats, ctx.shape = spec, cp, stats, x.shape
         B, _, D = x.shape
-        halo = x.new_empty(B, recv, D)
-        out = x[:, x.shape[1] - send:].contiguous() if send else None
-        _exchange(cp, out, halo if recv else None, forward=True)
+        out = [x[:, a:a + n].contiguous() for _, a, n, _ in spec.sends]
+        parts = [x.new_empty(B, n, D) for _, n, _ in spec.recvs]
+        _p2p(cp, [(t, p, tag) for t, (p, _, _, tag) in zip(out, spec.sends)],
+             [(t, p, tag) for t, (p, _, tag) in zip(parts, spec.recvs)])
+        got = _cat(parts, x.new_empty(B, 0, D))
         if stats is not None:
-            stats.add("halo.fwd", _nbytes(out) if send else 0, _nbytes(halo))
-        return halo
+            stats.add("halo.fwd", _nbytes(out), _nbytes([got]))
+        return got
 
     @staticmethod
-    def backward(ctx, grad_halo):
+    def backward(ctx, grad):
+        spec = ctx.spec
         B, L, D = ctx.shape
-        back = grad_halo.contiguous() if ctx.recv else None
-        got = grad_halo.new_empty(B, ctx.send, D) if ctx.send else None
-        _exchange(ctx.cp, back, got, forward=False)
+        back = [g.contiguous() for g in grad.split([n for _, n, _ in spec.recvs], dim=1)] if spec.recvs else []
+        got = [grad.new_empty(B, n, D) for _, _, n, _ in spec.sends]
+        _p2p(ctx.cp, [(t, p, tag) for t, (p, _, tag) in zip(back, spec.recvs)],
+             [(t, p, tag) for t, (p, _, _, tag) in zip(got, spec.sends)])
         if ctx.stats is not None:
-            ctx.stats.add("halo.bwd", _nbytes(back) if ctx.recv else 0, _nbytes(got) if ctx.send else 0)
-        grad_x = grad_halo.new_zeros(B, L, D)
-        if ctx.send:
-            grad_x[:, L - ctx.send:] = got
-        return grad_x, None, None, None, None
+            ctx.stats.add("halo.bwd", _nbytes(back), _nbytes(got))
+        grad_x = grad.new_zeros(B, L, D)
+        for t, (_, a, n, _) in zip(got, spec.sends):
+            grad_x[:, a:a + n] += t
+        return grad_x, None, None, None
 
 
-def _exchange(cp: CPGroup, send: torch.Tensor | None, recv: torch.Tensor | None, forward: bool) -> None:
-    """Forward: send to rank+1, receive from rank-1; backward the other way round."""
-    to, frm = (cp.rank + 1, cp.rank - 1) if forward else (cp.rank - 1, cp.rank + 1)
-    reqs = []
-    if send is not None:
-        reqs.append(dist.isend(send, cp.global_rank(to), group=cp.group))
-    if recv is not None:
-        reqs.append(dist.irecv(recv, cp.global_rank(frm), group=cp.group))
-    for r in reqs:
-        r.wait()
-
-
-class GatherShards(torch.autograd.Function):
-    """All-gather of equal-shaped slabs [B, C, W] -> [P, B, C, W]; backward: reduce-scatter
-    (sum) of the gradient, so each rank gets the sum over ranks of the gradient of its slab.
-    ``anchor`` is the layer's previous communication output (halo, then gathered entries): it
-    fixes the backward order of the collectives on every rank (reverse of the forward; the
+class EntryExchange(torch.autograd.Function):
+    """One round's entries: this rank's slab [B, C, W] goes to ``dsts``; the slabs of ``srcs``
+    ([(peer, C')]) come back concatenated [B, sum C', W]. Backward: their gradients go back,
+    and the gradients of my slab from every destination are summed.
+    ``anchor`` is the layer's previous communication output (the halo, then earlier rounds): it
+    fixes the backward order of the exchanges on every rank (reverse of the forward; the
     autograd engine's order may differ between ranks whose graphs differ, e.g. one pooling no
     entry) and puts the node in every rank's graph (a slab without history has none)."""
 
     @staticmethod
-    def forward(ctx, slab, anchor, cp: CPGroup, stats: CommStats | None, name: str):
-        ctx.cp, ctx.stats, ctx.name = cp, stats, name
+    def forward(ctx, slab, anchor, dsts: tuple[int, ...], srcs: tuple[tuple[int, int], ...], cp: CPGroup,
+                stats: CommStats | None, name: str):
+        ctx.dsts, ctx.srcs, ctx.cp, ctx.stats, ctx.name, ctx.shape = dsts, srcs, cp, stats, name, slab.shape
         slab = slab.contiguous()
-        parts = [torch.empty_like(slab) for _ in range(cp.size)]
-        dist.all_gather(parts, slab, group=cp.group)
+        B, _, W = slab.shape
+        parts = [slab.new_empty(B, c, W) for _, c in srcs]
+        _p2p(cp, [(slab, p, 0) for p in dsts], [(t, p, 0) for t, (p, _) in zip(parts, srcs)])
+        got = _cat(parts, slab.new_empty(B, 0, W))
         if stats is not None:
-            n = _nbytes(slab) * (cp.size - 1)
-            stats.add(f"{name}.fwd", n, n)
-        return torch.stack(parts)
+            stats.add(f"{name}.fwd", _nbytes([slab]) * len(dsts), _nbytes([got]))
+        return got
 
     @staticmethod
     def backward(ctx, grad):
-        parts = [g.contiguous() for g in grad.unbind(0)]
-        out = torch.empty_like(parts[0])
-        dist.reduce_scatter(out, parts, op=dist.ReduceOp.SUM, group=ctx.cp.group)
+        back = [g.contiguous() for g in grad.split([c for _, c in ctx.srcs], dim=1)] if ctx.srcs else []
+        got = [grad.new_empty(ctx.shape) for _ in ctx.dsts]
+        _p2p(ctx.cp, [(t, p, 0) for t, (p, _) in zip(back, ctx.srcs)], [(t, p, 0) for t, p in zip(got, ctx.dsts)])
         if ctx.stats is not None:
-            n = _nbytes(out) * (ctx.cp.size - 1)
-            ctx.stats.add(f"{ctx.name}.bwd", n, n)
-        return out, None, None, None, None
+            ctx.stats.add(f"{ctx.name}.bwd", _nbytes(back), _nbytes(got))
+        grad_slab = grad.new_zeros(ctx.shape)
+        for t in got:
+            grad_slab += t
+        return grad_slab, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------- entry ownership
@@ -198,50 +198,55 @@ def _count_below(c_end: torch.Tensor, bound: int) -> torch.Tensor:
 
 @dataclass
 class EntryOwnership:
-    """Which rank pools which compressed entry of one ratio: rank r owns, per row b, the global
-    entries [first[r, b], first[r + 1, b]): those whose block ends (global c_end) in its range.
+    """Which piece pools which compressed entry of one ratio: piece p pools, per row b, the
+    global entries [first[p, b], first[p + 1, b]): those whose block ends (global c_end) in it.
 
-    first   [P + 1, B] global index of each rank's first owned entry (first[P] = entries per row)
-    width   C: slab length every rank sends (the most entries any rank owns in any row)
+    first   [n_pieces + 1, B] global index of each piece's first entry (last: entries per row)
+    widths  per piece, its slab length (the most entries it pools in any row)
     """
     first: torch.Tensor
-    width: int
+    widths: list[int]
 
     @staticmethod
-    def build(gl: CompressedLayout, bounds: list[tuple[int, int]]) -> "EntryOwnership":
-        L = bounds[-1][1]
-        first = torch.stack([_count_below(gl.c_end, s) for s, _ in bounds] + [_count_below(gl.c_end, L)])
-        width = int((first[1:] - first[:-1]).max()) if first.numel() else 0
-        return EntryOwnership(first, width)
+    def build(gl: CompressedLayout, pieces: list[tuple[int, int]]) -> "EntryOwnership":
+        L = pieces[-1][1]
+        first = torch.stack([_count_below(gl.c_end, s) for s, _ in pieces] + [_count_below(gl.c_end, L)])
+        counts = first[1:] - first[:-1]
+        widths = [int(c.max()) if c.numel() else 0 for c in counts]
+        return EntryOwnership(first, widths)
 
-    def slab(self, rank: int, pooled: torch.Tensor, pooled_global: torch.Tensor) -> torch.Tensor:
-        """This rank's owned entries [B, C, W], in global order (zero pads), taken from the frame's
-        pooled entries [B, N_new, W]; pooled_global [B, N_new]: global index of an owned entry,
-        -1 for one pooled but owned by an earlier rank (an overlapped block's predecessor) or pad."""
+    def slab(self, piece: int, pooled: torch.Tensor, pooled_global: torch.Tensor) -> torch.Tensor:
+        """The piece's entries [B, C, W], in global order (zero pads), taken from its frame's
+        pooled entries [B, N_new, W]; pooled_global [B, N_new]: global index of an entry the
+        piece owns, -1 for one pooled but owned earlier (an overlapped block's predecessor) or pad."""
         B, _, W = pooled.shape
-        C = self.width
-        n_own = self.first[rank + 1] - self.first[rank]                      # [B]
+        C = self.widths[piece]
+        if pooled.shape[1] == 0 or C == 0:
+            return pooled.new_zeros(B, C, W)
+        n_own = self.first[piece + 1] - self.first[piece]                   # [B]
         lead = (pooled_global < 0).long().cumprod(1).sum(1)                  # pooled, not mine, first
         j = torch.arange(C, device=pooled.device).expand(B, C)
-        idx = (lead[:, None] + j).clamp(max=max(pooled.shape[1] - 1, 0))
-        if pooled.shape[1] == 0:
-            return pooled.new_zeros(B, C, W)
+        idx = (lead[:, None] + j).clamp(max=pooled.shape[1] - 1)
         got = torch.gather(pooled, 1, idx[:, :, None].expand(B, C, W))
         return got * (j < n_own[:, None])[:, :, None].to(got.dtype)
 
-    def earlier(self, rank: int, gathered: torch.Tensor) -> torch.Tensor:
-        """gathered [P, B, C, W] (every rank's slab) -> the global entries [0, n_old) of each row
-        [B, n_old, W], n_old = the most entries ending before this rank's range in any row (what
-        ``EntryMap.merge`` takes as state; a row's entries past its own count are not read)."""
-        P, B, C, W = gathered.shape
-        n_old = int(self.first[rank].max()) if B else 0
-        g = torch.arange(n_old, device=gathered.device).expand(B, n_old)
-        owner = (self.first[1:P, :, None] <= g[None]).sum(0)                 # [B, n_old]
-        pos = g - torch.gather(self.first.t(), 1, owner)                     # index in the owner's slab
-        flat = gathered.permute(1, 0, 2, 3).reshape(B, P * C, W)
-        src = (owner * C + pos).clamp(0, max(P * C - 1, 0))
-        if P * C == 0:
-            return gathered.new_zeros(B, n_old, W)
+    def earlier(self, piece: int, slabs: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        """The global entries [0, n_old) of each row [B, n_old, W] before ``piece``, from the
+        slabs of the pieces before it (piece -> [B, C, W]; a piece of width 0 may be missing);
+        n_old = the most entries ending before the piece in any row (what ``EntryMap.merge``
+        takes as state; a row's entries past its own count are not read). like: dtype/shape."""
+        B, _, W = like.shape
+        n_old = int(self.first[piece].max()) if B else 0
+        if piece == 0 or n_old == 0:
+            return like.new_zeros(B, n_old, W)
+        flat = torch.cat([slabs[q] if self.widths[q] else like.new_zeros(B, 0, W) for q in range(piece)], dim=1)
+        offset = torch.tensor([0] + self.widths[:piece], device=like.device).cumsum(0)      # [piece + 1]
+        g = torch.arange(n_old, device=like.device).expand(B, n_old)
+        owner = (self.first[1:piece, :, None] <= g[None]).sum(0)                            # [B, n_old]
+        pos = g - torch.gather(self.first.t(), 1, owner)                                    # in the owner's slab
+        src = (offset[owner] + pos).clamp(0, max(flat.shape[1] - 1, 0))
+        if flat.shape[1] == 0:
+            return like.new_zeros(B, n_old, W)
         return torch.gather(flat, 1, src[:, :, None].expand(B, n_old, W))
 
 
@@ -251,93 +256,160 @@ class EntryOwnership:
 class ShardPlan:
     """One batch's CP bookkeeping for this rank, shared by every attention layer (index math)."""
     cp: CPGroup
-    bounds: list[tuple[int, int]]
-    frame: ChunkFrame                       # this rank's range + halo, in the chunked step's terms
-    send_rows: int                          # halo rows the next rank reads from me
-    owners: dict[int, EntryOwnership]       # ratio -> who pools which entry
+    layout_name: str
+    pieces: list[tuple[int, int]]           # the window's pieces, in order
+    owners: list[int]                       # the rank owning each piece
+    mine: list[int]                         # this rank's pieces, in order (its rounds)
+    frames: list[ChunkFrame]                # per piece of mine: its range + halo, in the chunked step's terms
+    offsets: list[int]                      # per piece of mine: its first row in this rank's rows
+    rows: torch.Tensor                      # [n] the global rows this rank computes, in order
+    halo: HaloSpec                          # one layer's halo traffic
+    entries: dict[int, EntryOwnership]      # ratio -> which piece pools which entry
+    need: list[list[int]]                   # per piece: the other ranks that read its entries
     indexer_norm: float                     # 1 / (queries with a non-empty entry set, whole batch)
 
     @property
-    def start(self) -> int:
-        return self.frame.start
+    def length(self) -> int:
+        return self.pieces[-1][1]
 
-    @property
-    def end(self) -> int:
-        return self.frame.end
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        """t [B, L, ...] over the window -> this rank's rows [B, n, ...] (a view for one piece)."""
+        if len(self.mine) == 1:
+            s, e = self.pieces[self.mine[0]]
+            return t[:, s:e]
+        return t.index_select(1, self.rows.to(t.device))
 
     @staticmethod
     def build(cfg: ModelConfig, layout: DocLayout, cp: CPGroup,
               clayouts: dict[int, CompressedLayout] | None = None,
-              bounds: list[tuple[int, int]] | None = None) -> "ShardPlan":
+              bounds: list[tuple[int, int]] | None = None, cp_layout: str = DEFAULT_CP_LAYOUT) -> "ShardPlan":
         """layout: the whole sequence's (same on every rank); clayouts: ratio -> global layout
-        (built for every compressed ratio of cfg if None); bounds: explicit ranges (uneven
-        shards), else ``shard_bounds``."""
+        (built for every compressed ratio of cfg if None); bounds: explicit pieces (uneven;
+        as many as the layout gives the group), else ``layout_pieces``."""
         L = layout.positions.shape[1]
-        bounds = shard_bounds(L, cp.size) if bounds is None else [tuple(b) for b in bounds]
-        if len(bounds) != cp.size or bounds[0][0] != 0 or bounds[-1][1] != L or any(
-                a[1] != b[0] for a, b in zip(bounds, bounds[1:])):
-            raise ValueError(f"context parallel: shard ranges {bounds} must tile [0, {L}) in "
-                             f"parallel.cp_size={cp.size} contiguous pieces")
+        n = pieces_per_rank(cp_layout) * cp.size
+        pieces = layout_pieces(cp_layout, L, cp.size) if bounds is None else [tuple(b) for b in bounds]
+        if len(pieces) != n or pieces[0][0] != 0 or pieces[-1][1] != L or any(
+                a[1] != b[0] for a, b in zip(pieces, pieces[1:])):
+            raise ValueError(f"context parallel: shard ranges {pieces} must tile [0, {L}) in {n} contiguous "
+                             f"pieces (parallel.cp_size={cp.size}, parallel.cp_layout={cp_layout})")
+        owners = piece_owners(cp_layout, cp.size)
         halo = halo_rows(cfg)
-        check_shards(bounds, halo)
+        check_pieces(pieces, owners, halo)
         if clayouts is None:
             clayouts = {r: CompressedLayout.build(layout, r) for r in set(cfg.attention_ratios) if r}
-        s, e = bounds[cp.rank]
-        frame = build_frame(layout, clayouts, s, e, halo, cfg.csa_ratio)
+        mine = rank_pieces(owners, cp.rank)
+        frames = [build_frame(layout, clayouts, *pieces[p], halo, cfg.csa_ratio) for p in mine]
+        lens = [pieces[p][1] - pieces[p][0] for p in mine]
+        offsets = [sum(lens[:k]) for k in range(len(mine))]
         csa = clayouts.get(cfg.csa_ratio)
         n_q = int(queries_with_entries(csa.c_end, layout.doc_start)) if csa is not None else 0
-        return ShardPlan(cp, bounds, frame, min(halo, e) if cp.rank < cp.size - 1 else 0,
-                         {r: EntryOwnership.build(cl, bounds) for r, cl in clayouts.items()},
-                         1.0 / max(1, n_q))
+        return ShardPlan(cp, cp_layout, pieces, owners, mine, frames, offsets,
+                         rank_rows(pieces, owners, cp.rank, layout.positions.device),
+                         _halo_spec(pieces, owners, mine, offsets, halo, cp.rank),
+                         {r: EntryOwnership.build(cl, pieces) for r, cl in clayouts.items()},
+                         entry_need(owners), 1.0 / max(1, n_q))
+
+    def entry_traffic(self, ratio: int, k: int) -> tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]]:
+        """Round k of one ratio: (ranks my k-th piece's entries go to, [(piece, owner, width)]
+        of the other ranks' k-th pieces I read), empty slabs left out on both sides."""
+        own, p = self.entries[ratio], self.mine[k]
+        dsts = tuple(self.need[p]) if own.widths[p] else ()
+        srcs = tuple((q, self.owners[q], own.widths[q]) for q in range(len(self.pieces))
+                     if rank_pieces(self.owners, self.owners[q]).index(q) == k and self.owners[q] != self.cp.rank
+                     and self.cp.rank in self.need[q] and own.widths[q])
+        return dsts, srcs
 
     def predicted_bytes(self, ratio: int, dim: int, widths: dict[str, int], elt: int,
                         batch: int) -> dict[str, tuple[int, int]]:
         """What one layer's forward + backward moves for this rank, by operation: (sent,
-        received). widths: name -> row width of each gathered tensor ({"ckv": head_dim,
+        received). widths: name -> row width of each exchanged tensor ({"ckv": head_dim,
         "index_keys": index_head_dim} for CSA in training; {"ckv": head_dim} for HCA)."""
         row = batch * dim * elt
-        recv, send = self.frame.halo * row, self.send_rows * row
+        send = sum(n for _, _, n, _ in self.halo.sends) * row
+        recv = sum(n for _, n, _ in self.halo.recvs) * row
         out = {"halo.fwd": (send, recv), "halo.bwd": (recv, send)}
         if ratio:
-            n = (self.cp.size - 1) * batch * self.owners[ratio].width * elt
             for name, w in widths.items():
-                out[f"{name}.fwd"] = out[f"{name}.bwd"] = (n * w, n * w)
+                s = r = 0
+                for k, p in enumerate(self.mine):
+                    dsts, srcs = self.entry_traffic(ratio, k)
+                    s += len(dsts) * self.entries[ratio].widths[p] * batch * w * elt
+                    r += sum(c for _, _, c in srcs) * batch * w * elt
+                out[f"{name}.fwd"], out[f"{name}.bwd"] = (s, r), (r, s)
         return out
 
     def layer(self, x: torch.Tensor, ratio: int, need_loss: bool = True,
               stats: CommStats | None = None) -> "LayerComm":
-        """One attention layer's communication, its input rows [s, e) being ``x`` [B, e - s, D]:
-        the halo is exchanged now; the earlier ranks' entries are gathered when the layer has
-        pooled its own (``AttentionCarry.exchange``: every rank gets there in the same order)."""
-        if x.shape[1] != self.end - self.start:
-            raise ValueError(f"context parallel: rank {self.cp.rank} owns rows [{self.start}, {self.end}), "
-                             f"got an input of {x.shape[1]} rows")
-        return LayerComm(self, ratio, HaloExchange.apply(x, self.frame.halo, self.send_rows, self.cp, stats),
-                         need_loss, stats)
+        """One attention layer's communication, its input being this rank's rows ``x`` [B, n, D]:
+        the halos are exchanged now; the entries round by round, as the pieces pool theirs
+        (``AttentionCarry.exchange``: every rank gets there in the same order)."""
+        if x.shape[1] != self.rows.numel():
+            raise ValueError(f"context parallel: rank {self.cp.rank} owns {self.rows.numel()} rows "
+                             f"(pieces {[self.pieces[p] for p in self.mine]}), got an input of {x.shape[1]} rows")
+        return LayerComm(self, ratio, x, need_loss, stats)
+
+
+def _halo_spec(pieces, owners, mine, offsets, halo: int, rank: int) -> HaloSpec:
+    """Piece p > 0 reads the last min(halo, start) rows of piece p - 1 (``build_frame``)."""
+    sends, recvs = [], []
+    for k, p in enumerate(mine):
+        s, e = pieces[p]
+        if p + 1 < len(pieces) and owners[p + 1] != rank:
+            n = min(halo, e)
+            sends.append((owners[p + 1], offsets[k] + (e - s) - n, n, p + 1))
+        if p > 0 and owners[p - 1] != rank:
+            recvs.append((owners[p - 1], min(halo, s), p))
+    return HaloSpec(tuple(sends), tuple(recvs))
 
 
 class LayerComm:
-    """The carry of one layer on one rank, and the chain of its communication outputs (halo,
-    gathered entries, gathered keys), which ``finish`` ties to the layer output."""
+    """One layer's communication on one rank: its halos, the carry of each of its pieces, the
+    entries received so far, and the chain of its communication outputs (halo, then each
+    round's entries), which ``finish`` ties to the layer output."""
 
-    def __init__(self, plan: ShardPlan, ratio: int, halo: torch.Tensor, need_loss: bool,
+    def __init__(self, plan: ShardPlan, ratio: int, x: torch.Tensor, need_loss: bool,
                  stats: CommStats | None) -> None:
-        self.plan, self.ratio, self.stats = plan, ratio, stats
-        self.chain = [halo]
-        self.carry = AttentionCarry(plan.frame, halo, need_loss=need_loss, indexer_norm=plan.indexer_norm,
-                                    exchange=self.exchange if ratio else None)
+        self.plan, self.ratio, self.need_loss, self.stats = plan, ratio, need_loss, stats
+        got = HaloExchange.apply(x, plan.halo, plan.cp, stats)
+        self.chain = [got]
+        received = dict(zip([tag for _, _, tag in plan.halo.recvs],
+                            got.split([n for _, n, _ in plan.halo.recvs], dim=1))) if plan.halo.recvs else {}
+        self.halos = []
+        for k, p in enumerate(plan.mine):
+            h = plan.frames[k].halo
+            if p in received:
+                self.halos.append(received[p])
+            else:   # the first piece (no halo) or the previous piece is mine: a slice of my rows
+                end = plan.offsets[k]
+                self.halos.append(x[:, end - h:end])
+        self.slabs: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
 
-    def exchange(self, name: str, pooled: torch.Tensor) -> torch.Tensor:
-        """Pooled entries of this frame [B, N_new, W] -> global entries before it [B, n_old, W]."""
-        plan, own = self.plan, self.plan.owners[self.ratio]
-        slab = own.slab(plan.cp.rank, pooled, plan.frame.entries[self.ratio].new_global)
-        self.chain.append(GatherShards.apply(slab, self.chain[-1], plan.cp, self.stats, name))
-        return own.earlier(plan.cp.rank, self.chain[-1])
+    def carry(self, k: int) -> AttentionCarry:
+        """The carry of this rank's k-th piece."""
+        return AttentionCarry(self.plan.frames[k], self.halos[k], need_loss=self.need_loss,
+                              indexer_norm=self.plan.indexer_norm,
+                              exchange=(lambda name, pooled: self.exchange(k, name, pooled)) if self.ratio else None)
+
+    def exchange(self, k: int, name: str, pooled: torch.Tensor) -> torch.Tensor:
+        """Round k: the entries my k-th piece pooled [B, N_new, W] -> the global entries before
+        it [B, n_old, W] (sending mine to the ranks that read them, receiving this round's)."""
+        plan, own, p = self.plan, self.plan.entries[self.ratio], self.plan.mine[k]
+        slab = own.slab(p, pooled, plan.frames[k].entries[self.ratio].new_global)
+        dsts, srcs = plan.entry_traffic(self.ratio, k)
+        got = EntryExchange.apply(slab, self.chain[-1], dsts, tuple((o, c) for _, o, c in srcs),
+                                  plan.cp, self.stats, name)
+        self.chain.append(got)
+        mine = self.slabs[name]
+        mine[p] = slab
+        if srcs:
+            mine.update(zip([q for q, _, _ in srcs], got.split([c for _, _, c in srcs], dim=1)))
+        return own.earlier(p, mine, pooled)
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
         """The layer output, joined to the last communication output: every rank's backward
-        then runs every collective of the layer, in the same order (a rank whose entry list is
-        empty would otherwise leave its gathers off the graph and hang the others)."""
+        then runs every exchange of the layer, in the same order (a rank whose entry list is
+        empty would otherwise leave its exchanges off the graph and hang the others)."""
         return _Join.apply(out, self.chain[-1])
 
 
@@ -356,25 +428,50 @@ class _Join(torch.autograd.Function):
 
 
 def cp_attention(attn, x: torch.Tensor, plan: ShardPlan, stats: CommStats | None = None):
-    """One ``model.attention.Attention`` layer on this rank's rows ``x`` [B, e - s, D] ->
-    (out [B, e - s, D], aux). aux["indexer_loss"] is this rank's share: the sum over the CP
-    group is the unsharded layer's loss (its gradient too: sum parameter gradients over the
-    group, as data-parallel reduction does). aux["topk_idx"] (sparse CSA) is the unsharded
-    layer's selection of this rank's rows: global entry indices [B, e - s, min(k, L // m)]."""
+    """One ``model.attention.Attention`` layer on this rank's rows ``x`` [B, n, D] -> (out
+    [B, n, D], aux), its pieces one after the other. aux["indexer_loss"] is this rank's share:
+    the sum over the CP group is the unsharded layer's loss (its gradient too: sum parameter
+    gradients over the group, as data-parallel reduction does). aux["topk_idx"] (sparse CSA) is
+    the unsharded layer's selection of this rank's rows: global entry indices [B, n, min(k, L // m)]."""
     comm = plan.layer(x, attn.ratio, need_loss=True, stats=stats)
-    out, aux = attn(x, plan.frame.layout, carry=comm.carry)
-    if aux.get("topk_idx") is not None:
-        aux["topk_idx"] = _global_selection(aux["topk_idx"], plan, attn.ratio, attn.cfg.index_topk)
-    return comm.finish(out), aux
+    outs, auxes = [], []
+    for k, off in enumerate(plan.offsets):
+        n = plan.frames[k].length
+        out, aux = attn(x[:, off:off + n], plan.frames[k].layout, carry=comm.carry(k))
+        if aux.get("topk_idx") is not None:
+            aux["topk_idx"] = _global_selection(aux["topk_idx"], plan, k, attn.ratio, attn.cfg.index_topk)
+        outs.append(out)
+        auxes.append(aux)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return comm.finish(out), _merge_aux(auxes, [f.length for f in plan.frames])
 
 
-def _global_selection(idx: torch.Tensor, plan: ShardPlan, ratio: int, k: int) -> torch.Tensor:
-    """The frame's top-k [B, halo + e - s, K'] (indices into the frame's entry list, -1 empty)
-    -> this rank's rows in global entry indices, padded with -1 to the unsharded K."""
-    em = plan.frame.entries[ratio]
-    idx = idx[:, plan.frame.halo:]
+def _merge_aux(auxes: list[dict], lens: list[int]) -> dict:
+    """The pieces' aux as one rank's: losses summed (each is its share), selections
+    concatenated in row order, per-query diagnostics averaged by rows."""
+    if len(auxes) == 1:
+        return auxes[0]
+    out = {}
+    losses = [a["indexer_loss"] for a in auxes if a.get("indexer_loss") is not None]
+    out["indexer_loss"] = sum(losses[1:], losses[0]) if losses else None
+    idx = [a.get("topk_idx") for a in auxes]
+    out["topk_idx"] = torch.cat(idx, dim=1) if idx[0] is not None else None
+    w = [n / sum(lens) for n in lens]
+    out["sink_mass"] = sum(wi * a["sink_mass"] for wi, a in zip(w, auxes))
+    rec = [a.get("indexer_recall") for a in auxes]
+    out["indexer_recall"] = ({key: sum(wi * r[key] for wi, r in zip(w, rec)) for key in rec[0]}
+                             if all(r is not None for r in rec) else None)
+    return out
+
+
+def _global_selection(idx: torch.Tensor, plan: ShardPlan, k: int, ratio: int, topk: int) -> torch.Tensor:
+    """The k-th piece's top-k [B, halo + n, K'] (indices into its frame's entry list, -1 empty)
+    -> its rows in global entry indices, padded with -1 to the unsharded K."""
+    frame = plan.frames[k]
+    em = frame.entries[ratio]
+    idx = idx[:, frame.halo:]
     idx = torch.where(idx >= 0, idx + em.first[:, None, None], idx)
-    K = min(k, plan.bounds[-1][1] // ratio)
+    K = min(topk, plan.length // ratio)
     if idx.shape[-1] < K:
         idx = torch.cat([idx, idx.new_full((*idx.shape[:2], K - idx.shape[-1]), -1)], dim=-1)
     return idx

@@ -1,5 +1,6 @@
 """The whole V4 model under context parallelism (issue 13): every rank of a CP group holds the
-same packed window and runs ``Transformer.forward`` on its contiguous token range [s, e).
+same packed window and runs ``Transformer.forward`` on its rows (``ShardPlan.rows``: one
+contiguous range, or two under the zigzag layout, concatenated).
 
 A rank's range is computed exactly like one chunk of the sequence-chunked step
 (``model/chunked_step.py``), in the same frame and with the same ``ChunkContext``: the only
@@ -31,6 +32,7 @@ import torch.distributed as dist
 from model.chunk_layout import ChunkContext
 from model.config import ModelConfig
 from model.context_parallel import CommStats, CPGroup, ShardPlan, cp_attention
+from model.cp_layout import DEFAULT_CP_LAYOUT
 from model.layout import DocLayout
 from model.loss import IGNORE_INDEX
 from model.moe import row_expert_counts
@@ -48,7 +50,7 @@ class ShardedBlock:
         return cp_attention(attn, x, self.plan, self.stats)
 
     def moe_sequence(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """indices [B, e - s, K] of this rank's rows -> (expert counts [B, E] of the whole
+        """indices [B, n, K] of this rank's rows -> (expert counts [B, E] of the whole
         sequence, its length)."""
         counts = row_expert_counts(indices, self.n_experts)
         dist.all_reduce(counts, group=self.plan.cp.group)
@@ -62,13 +64,14 @@ def context_parallel_forward(forward, cfg: ModelConfig, cp: CPGroup, input_ids: 
                              labels: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                              routing_indices: list[torch.Tensor] | None = None,
                              bounds: list[tuple[int, int]] | None = None, stats: CommStats | None = None,
-                             **kwargs) -> ModelOutput:
+                             cp_layout: str = DEFAULT_CP_LAYOUT, **kwargs) -> ModelOutput:
     """This rank's share of ``model(input_ids, doc_ids, labels, routing_indices)``.
 
     forward: the model, or a DeepSpeed engine wrapping it (called with keyword arguments).
     input_ids, labels, doc_ids: the WHOLE window [B, L] (the same on every rank of the group).
-    routing_indices: per MoE layer, THIS rank's rows [B, e - s, K] (as ``ModelOutput`` returns
-    them). bounds: explicit token ranges (uneven shards), else ``shard_bounds``.
+    routing_indices: per MoE layer, THIS rank's rows [B, n, K] (as ``ModelOutput`` returns
+    them: ``ShardPlan.rows``, its pieces in order). bounds: explicit pieces (uneven), else
+    those of ``cp_layout`` (``model/cp_layout.py``).
     Returns the rank's rows (logits, routing indices) and its share of every loss term."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -77,14 +80,15 @@ def context_parallel_forward(forward, cfg: ModelConfig, cp: CPGroup, input_ids: 
             raise ValueError(f"{name} shape {tuple(t.shape)} != input_ids shape {tuple(input_ids.shape)}")
     B, L = input_ids.shape
     layout = DocLayout.from_doc_ids(doc_ids) if doc_ids is not None else DocLayout.single(B, L, input_ids.device)
-    plan = ShardPlan.build(cfg, layout, cp, bounds=bounds)
-    s, e = plan.start, plan.end
+    plan = ShardPlan.build(cfg, layout, cp, bounds=bounds, cp_layout=cp_layout)
     block = ShardedBlock(plan, cfg.n_routed_experts, L, stats)
     lm_count, mtp = 0, None
     if labels is not None:
         lm_count = int((labels != IGNORE_INDEX).sum())
-        mtp = [(t[:, s:e], g[:, s:e], n) for t, g, n in Transformer.mtp_targets(labels, doc_ids, cfg.mtp_depth)]
-    ctx = ChunkContext(plan.frame, [block] * len(cfg.attention_ratios), need_loss=labels is not None,
-                       lm_count=lm_count, mtp=mtp)
-    return forward(input_ids=input_ids[:, s:e], labels=None if labels is None else labels[:, s:e],
+        mtp = [(plan.take(t), plan.take(g), n) for t, g, n in Transformer.mtp_targets(labels, doc_ids, cfg.mtp_depth)]
+    # (the blocks get the rows' own layout; attention works in each piece's frame, from the plan)
+    ctx = ChunkContext(None, [block] * len(cfg.attention_ratios), need_loss=labels is not None,
+                       lm_count=lm_count, mtp=mtp,
+                       layout=DocLayout(plan.take(layout.positions), plan.take(layout.doc_start)))
+    return forward(input_ids=plan.take(input_ids), labels=None if labels is None else plan.take(labels),
                    routing_indices=routing_indices, chunk=ctx, **kwargs)

@@ -256,7 +256,7 @@ class Transformer(nn.Module):
                 f"got {len(routing_indices)}"
             )
         if chunk is not None:
-            layout = chunk.frame.layout
+            layout = chunk.rows_layout
         else:
             layout = self._layout(input_ids, doc_ids)
         carries = [None] * n_moe if chunk is None else chunk.layers

@@ -70,7 +70,8 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
     precision = resolve_precision(tc.precision, device)
     from train.context_parallel import check_cp
 
-    problem = check_cp(int(cfg.parallel.cp_size), world_size, seq_chunk=tc.seq_chunk)
+    problem = check_cp(int(cfg.parallel.cp_size), world_size, seq_chunk=tc.seq_chunk,
+                       cp_layout=str(cfg.parallel.cp_layout))
     if problem:
         raise ConfigError(problem)
     curriculum = build_curriculum(   # the batch is split over the data-parallel ranks (CP groups)
@@ -79,7 +80,8 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
         max_seq_len=model_cfg.max_seq_len)
     from train.context_parallel import check_cp_shards
 
-    problem = check_cp_shards(int(cfg.parallel.cp_size), [st.seq_len for st in curriculum.stages], model_cfg)
+    problem = check_cp_shards(int(cfg.parallel.cp_size), [st.seq_len for st in curriculum.stages], model_cfg,
+                              str(cfg.parallel.cp_layout))
     if problem:
         raise ConfigError(problem)
     lr_schedule(optim_section(_container(cfg.optim)), curriculum.main_steps)

@@ -27,6 +27,8 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass, field
+
+from model.cp_layout import DEFAULT_CP_LAYOUT
 from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
@@ -154,8 +156,11 @@ class ParallelSection:
     # ep_size ranks; must divide the world size and every layer's expert count; ZeRO 0/1/2
     ep_size: int = 1
     # context parallelism (train/context_parallel.py): each window over cp_size consecutive
-    # ranks (contiguous token ranges); data parallel over the groups; must divide the world size
+    # ranks; data parallel over the groups; must divide the world size
     cp_size: int = 1
+    # which rows each CP rank owns (model/cp_layout.py): contiguous | zigzag (an early and a
+    # late piece per rank: balances causal attention/indexer work); checkpoints do not depend on it
+    cp_layout: str = DEFAULT_CP_LAYOUT
     # where Muon's Newton-Schulz runs under ZeRO (optim/deepspeed.py): owner | redundant
     ns_placement: str = "owner"
 

@@ -32,7 +32,7 @@ from train.checkpoint import (CheckpointManager, CheckpointRef, check_reshard, f
 from train.collectives import broadcast_from_rank0
 from train.config_check import check_job, seq_chunks
 from train.config_schema import check_config_keys
-from train.context_parallel import ContextParallel, CPRanks, cp_size, routing_cache_for_cp
+from train.context_parallel import ContextParallel, CPRanks, cp_layout, cp_rows, cp_size, routing_cache_for_cp
 from train.curriculum import Curriculum, CurriculumError, build_curriculum
 from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
                           resolve_device, resolve_precision, setup_distributed)
@@ -164,7 +164,7 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
 
     model, params, expert_parallel, optimizer, engine = _build_model(
         cfg, model_cfg, optim_cfg, first, dist.world_size, precision)
-    context_parallel = ContextParallel.setup(model.cfg, replica.cp_size)
+    context_parallel = ContextParallel.setup(model.cfg, replica.cp_size, str(cfg.parallel.cp_layout))
     watched = set(stability.detector.metrics)
     want_update_norm = "update_norm" in watched and getattr(optimizer, "track_update_rms", False)
     if "update_norm" in watched and not want_update_norm:
@@ -339,7 +339,8 @@ def _resume(run: Run, resume: _Resume) -> tuple[str | None, dict | None]:
                  run.dist.world_size, resume.universal_dir or "its ZeRO-0 state as saved")
     set_rng_state(rank_state["rng"])
     run.stability.load_checkpoint_state(routing_cache_for_cp(
-        rank_state.get("stability"), int(meta.get("cp_size", 1)), cp_size(run.context_parallel)))
+        rank_state.get("stability"), cp_rows(int(meta.get("cp_size", 1)), meta.get("cp_layout", "contiguous")),
+        cp_rows(cp_size(run.context_parallel), cp_layout(run.context_parallel))))
     return meta.get("wandb_run_id"), meta
 
 

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 from model.accounting import flops_per_token
 from train.checkpoint import CheckpointRef, job_id
 from train.collectives import all_reduce_sum
-from train.context_parallel import cp_size
+from train.context_parallel import cp_layout, cp_size
 from train.curriculum import Stage
 from train.engine import set_batch_shape
 from train.metrics import peak_memory_gb
@@ -236,7 +236,7 @@ def save(run: Run, step: int, stage: Stage) -> CheckpointRef:
             # what resume=auto matches (train.checkpoint.job_identity)
             "job": run.job, "job_id": job_id(run.job),
             # (the checkpoint does not depend on it; a resume at another one drops cached routing)
-            "cp_size": cp_size(run.context_parallel)}
+            "cp_size": cp_size(run.context_parallel), "cp_layout": cp_layout(run.context_parallel)}
     # the data position, the RNG, and the stability state (detector history, auto window, the
     # next step's cached routing)
     rank_state = {"data": run.train_loader.state_dict(), "rng": rng_state(),

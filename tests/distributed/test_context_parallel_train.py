@@ -37,6 +37,30 @@ def test_check_cp_refusals():
     assert check_cp(2, 4, seq_chunk=0) is None
     assert "divide the number of ranks (3)" in check_cp(2, 3, seq_chunk=0)
     assert "set train.seq_chunk=0" in check_cp(2, 2, seq_chunk="auto")
+    assert "parallel.cp_layout='ring' is not a context-parallel layout" in check_cp(2, 2, seq_chunk=0, cp_layout="ring")
+
+
+def test_check_cp_shards_per_layout():
+    """zigzag cuts a window into 2 x cp_size pieces: a window contiguous ranges fit may not fit it."""
+    from model.config import ModelConfig
+    from train.context_parallel import check_cp_shards
+
+    cfg = ModelConfig.from_preset("micro")   # halo 15 rows
+    assert check_cp_shards(4, [96], cfg, "contiguous") is None
+    assert check_cp_shards(4, [128], cfg, "zigzag") is None
+    problem = check_cp_shards(4, [128, 96], cfg, "zigzag")
+    assert "fewer than the 15 halo rows" in problem and "parallel.cp_layout=zigzag" in problem, problem
+
+
+def test_routing_cache_dropped_at_other_rows():
+    from train.context_parallel import cp_rows, routing_cache_for_cp
+
+    state = {"router": {"entries": [1, 2]}, "detector": {"n": 3}}
+    assert routing_cache_for_cp(state, cp_rows(2, "zigzag"), cp_rows(2, "zigzag")) is state
+    assert cp_rows(1, "zigzag") == cp_rows(1, "contiguous") == "1"
+    for saved, now in (((2, "zigzag"), (2, "contiguous")), ((2, "zigzag"), (1, "zigzag"))):
+        got = routing_cache_for_cp(state, cp_rows(*saved), cp_rows(*now))
+        assert got["router"]["entries"] == [] and got["detector"] == {"n": 3}
 
 
 STEPS = 3

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import torch  # noqa: E402
 
-from cp_common import DOCS, TOL, doc_ids, parser, rel  # noqa: E402
+from cp_common import DOCS, TOL, doc_ids, owned_entries, parser, pieces, rel  # noqa: E402
 
 
 def main() -> None:
@@ -37,10 +37,8 @@ def main() -> None:
     B, L, D = len(DOCS), args.length, cfg.dim
     doc = doc_ids(L)
     layout = DocLayout.from_doc_ids(doc)
-    cuts = [int(c) for c in args.bounds.split(",")] if args.bounds else None
-    bounds = list(zip(cuts[:-1], cuts[1:])) if cuts else None
-    plan = ShardPlan.build(cfg, layout, cp, bounds=bounds)
-    s, e = plan.start, plan.end
+    plan = ShardPlan.build(cfg, layout, cp, bounds=pieces(args.bounds), cp_layout=args.layout)
+    mine = plan.take
     assert all(r in cfg.compress_ratios for r in (0, cfg.csa_ratio)) and len(set(cfg.compress_ratios)) == 3
 
     g = torch.Generator().manual_seed(1)
@@ -67,21 +65,21 @@ def main() -> None:
 
         # the same layer, this rank's rows
         stats = CommStats()
-        xl = x[:, s:e].clone().requires_grad_(True)
+        xl = mine(x).clone().requires_grad_(True)
         if args.checkpoint:   # (non-reentrant: the recompute repeats the layer's collectives)
             from torch.utils.checkpoint import checkpoint
             out_l, aux_l = checkpoint(cp_attention, attn, xl, plan, stats, use_reentrant=False)
         else:
             out_l, aux_l = cp_attention(attn, xl, plan, stats)
         il = aux_l["indexer_loss"]
-        loss_l = (out_l * w[:, s:e]).sum() + (3.0 * il if il is not None else 0.0)
+        loss_l = (out_l * mine(w)).sum() + (3.0 * il if il is not None else 0.0)
         loss_l.backward()
 
         tag = f"rank {cp.rank} layer {li} (ratio {ratio}, {args.mode})"
-        assert rel(out_l.detach(), out[:, s:e].detach()) <= TOL, f"{tag}: output {rel(out_l, out[:, s:e]):.2e}"
-        assert rel(xl.grad, xr.grad[:, s:e]) <= TOL, f"{tag}: input gradient {rel(xl.grad, xr.grad[:, s:e]):.2e}"
+        assert rel(out_l.detach(), mine(out).detach()) <= TOL, f"{tag}: output {rel(out_l, mine(out)):.2e}"
+        assert rel(xl.grad, mine(xr.grad)) <= TOL, f"{tag}: input gradient {rel(xl.grad, mine(xr.grad)):.2e}"
         if aux["topk_idx"] is not None:   # the same selection, in global entry indices
-            assert torch.equal(aux_l["topk_idx"], aux["topk_idx"][:, s:e]), f"{tag}: top-k selection differs"
+            assert torch.equal(aux_l["topk_idx"], mine(aux["topk_idx"])), f"{tag}: top-k selection differs"
         assert (il is None) == (il_ref is None), f"{tag}: indexer loss present on one side only"
         if il is not None:
             total = il.detach().clone()
@@ -95,8 +93,7 @@ def main() -> None:
                 continue
             assert rel(got, grads[n]) <= TOL, f"{tag}: {n} gradient {rel(got, grads[n]):.2e}"
         if ratio:
-            own = plan.owners[ratio]
-            n_own = own.first[cp.rank + 1] - own.first[cp.rank]
+            n_own = owned_entries(plan, ratio)
             if (n_own == 0).any():
                 print(f"EMPTY rank {cp.rank} ratio {ratio} rows {(n_own == 0).nonzero().flatten().tolist()}")
         widths = {"ckv": cfg.head_dim, "index_keys": cfg.index_head_dim} if ratio == cfg.csa_ratio else (

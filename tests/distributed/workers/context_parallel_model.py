@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import torch  # noqa: E402
 
-from cp_common import DOCS, TOL, doc_ids, parser, rel  # noqa: E402
+from cp_common import DOCS, TOL, doc_ids, owned_entries, parser, pieces, rel  # noqa: E402
 
 
 def main() -> None:
@@ -54,10 +54,9 @@ def main() -> None:
     inp, lab = ids[:, :-1], ids[:, 1:].clone()
     doc = doc_ids(L)
     lab[0, 5] = lab[1, 47] = IGNORE_INDEX          # (47: the last row of rank 0 at P = 2)
-    cuts = [int(c) for c in args.bounds.split(",")] if args.bounds else None
-    bounds = list(zip(cuts[:-1], cuts[1:])) if cuts else None
-    plan = ShardPlan.build(cfg, DocLayout.from_doc_ids(doc), cp, bounds=bounds)
-    s, e = plan.start, plan.end
+    bounds = pieces(args.bounds)
+    plan = ShardPlan.build(cfg, DocLayout.from_doc_ids(doc), cp, bounds=bounds, cp_layout=args.layout)
+    mine = plan.take
     routes = None
     if args.routing:   # any valid routing: a fixed random one
         routes = [torch.randint(0, cfg.n_routed_experts, (B, L, cfg.n_activated_experts), generator=g)
@@ -76,16 +75,16 @@ def main() -> None:
     model.activation_checkpointing = args.checkpoint
     stats = CommStats()
     out = context_parallel_forward(model, cfg, cp, inp, lab, doc,
-                                   routing_indices=None if routes is None else [r[:, s:e] for r in routes],
-                                   bounds=bounds, stats=stats, return_logits=True,
+                                   routing_indices=None if routes is None else [mine(r) for r in routes],
+                                   bounds=bounds, cp_layout=args.layout, stats=stats, return_logits=True,
                                    diagnostics=cp.rank == 0)   # as the trainer: rank 0 only
     out.loss.backward()
     assert ("moe/maxvio_max" in out.diagnostics) == (cp.rank == 0), sorted(out.diagnostics)
 
     tag = f"rank {cp.rank} ({args.mode})"
-    assert rel(out.logits.detach(), ref.logits[:, s:e].detach()) <= TOL, f"{tag}: logits"
+    assert rel(out.logits.detach(), mine(ref.logits).detach()) <= TOL, f"{tag}: logits"
     for got, want in zip(out.routing_indices, ref.routing_indices):
-        assert torch.equal(got, want[:, s:e]), f"{tag}: routing differs"
+        assert torch.equal(got, mine(want)), f"{tag}: routing differs"
     terms = dict(out.losses, total=out.loss.detach())
     want_terms = dict(ref.losses, total=ref.loss.detach())
     assert set(terms) == set(want_terms) == {"lm", "mtp", "balance", "indexer", "total"}, set(terms)
@@ -118,8 +117,8 @@ def main() -> None:
             want_bytes[k] = (old[0] + rep * a, old[1] + rep * b)
     got_bytes = {k: (stats.sent[k], stats.received[k]) for k in stats.sent if not k.startswith("moe_counts")}
     assert got_bytes == want_bytes, f"{tag}: bytes moved {got_bytes}, the model predicts {want_bytes}"
-    for ratio in sorted(plan.owners):
-        n_own = plan.owners[ratio].first[cp.rank + 1] - plan.owners[ratio].first[cp.rank]
+    for ratio in sorted(plan.entries):
+        n_own = owned_entries(plan, ratio)
         if (n_own == 0).any():
             print(f"EMPTY rank {cp.rank} ratio {ratio} rows {(n_own == 0).nonzero().flatten().tolist()}")
     sent, recv = stats.total()

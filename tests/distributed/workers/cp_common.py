@@ -31,5 +31,18 @@ def parser(checkpoint_help: str) -> argparse.ArgumentParser:
     ap.add_argument("--length", type=int, default=96)
     ap.add_argument("--checkpoint", action="store_true", help=checkpoint_help)
     ap.add_argument("--ties", action="store_true", help="indexer queries zero: every score ties")
-    ap.add_argument("--bounds", default="", help="shard starts and the end, e.g. 0,7,96 (uneven)")
+    ap.add_argument("--bounds", default="", help="piece starts and the end, e.g. 0,7,96 (uneven)")
+    ap.add_argument("--layout", default="contiguous", help="parallel.cp_layout")
     return ap
+
+
+def pieces(arg: str) -> list[tuple[int, int]] | None:
+    """--bounds "0,7,96" -> [(0, 7), (7, 96)]; "" -> None (the layout's own pieces)."""
+    cuts = [int(c) for c in arg.split(",")] if arg else None
+    return list(zip(cuts[:-1], cuts[1:])) if cuts else None
+
+
+def owned_entries(plan, ratio: int) -> torch.Tensor:
+    """[B] entries of ``ratio`` this rank pools, per row (over its pieces)."""
+    first = plan.entries[ratio].first
+    return sum(first[p + 1] - first[p] for p in plan.mine)
