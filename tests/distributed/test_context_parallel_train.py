@@ -91,7 +91,9 @@ def _train_records(run: Path) -> list[dict]:
                                    # the no-grad pre-pass routes each rank's rows for the next step
                                    "deepspeed=zero1 stability.anticipatory_routing=on",
                                    # experts over the same 2 ranks (both ranks' tokens reach them)
-                                   "deepspeed=zero1 parallel.ep_size=2"])
+                                   "deepspeed=zero1 parallel.ep_size=2",
+                                   # zigzag rows (rank 0: [0, 16) + [48, 64)), routing pre-pass
+                                   "deepspeed=zero1 parallel.cp_layout=zigzag stability.anticipatory_routing=on"])
 def test_cp2_trains_as_cp1(tmp_path, extra):
     corpus = FX.write_corpus(tmp_path / "corpus", chapters=20)
     runs = {}
@@ -128,31 +130,38 @@ def test_cp2_trains_as_cp1(tmp_path, extra):
     assert diff <= 1e-3, f"parameters differ by {diff:.2e} (relative, all parameters)"
 
 
-@pytest.mark.slow   # ~2 minutes: a 2-rank run of 4 steps, two resumed runs of 2 steps
-@pytest.mark.parametrize("zero", ["zero0", "zero1"])
-def test_resume_at_another_cp_size(tmp_path, zero):
+@pytest.mark.slow   # ~2 minutes: a 2-rank run of 4 steps, two or three resumed runs of 2 steps
+@pytest.mark.parametrize("zero, layout", [("zero0", "contiguous"), ("zero1", "contiguous"), ("zero0", "zigzag")])
+def test_resume_at_another_cp_size(tmp_path, zero, layout):
     """A checkpoint written at cp_size=2 (2 ranks, one data-parallel replica) resumes at cp_size=1
     on 1 process (another world: ZeRO-0 loads as saved, ZeRO-1 through the universal conversion)
-    and on 2 ranks (the same world, two data-parallel replicas: the data position is remapped):
-    the same windows and losses at steps 3 and 4 as the cp_size=2 run."""
+    and on 2 ranks (the same world, two data-parallel replicas: the data position is remapped);
+    one written with the zigzag layout also at cp_size=2 with the contiguous one (checkpoints
+    do not depend on the layout): the same windows and losses at steps 3 and 4 as the first run."""
     corpus = FX.write_corpus(tmp_path / "corpus", chapters=20)
     more = [f"deepspeed={zero}", "train.ckpt_every=2", "train.keep_checkpoints=3", f"train.tokens={128 * 4}"]
     run_ranks("train_traced.py", [str(tmp_path / "trace_ref"), *_overrides(
-        tmp_path, corpus, "ref", *more, "parallel.cp_size=2")], world=2, timeout=240)
+        tmp_path, corpus, "ref", *more, "parallel.cp_size=2", f"parallel.cp_layout={layout}")],
+        world=2, timeout=240)
     ckpt = tmp_path / "runs" / "ref" / "checkpoints" / "step_00000002"
-    assert json.loads((ckpt / "meta.json").read_text())["cp_size"] == 2
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert (meta["cp_size"], meta["cp_layout"]) == (2, layout)
     want = {r["step"]: r for r in _train_records(tmp_path / "runs" / "ref")}
     ref_rows = [b["rows"] for b in _trace_of(tmp_path / "trace_ref", 0)[4:]]   # steps 3, 4 (2 micro-batches each)
-    for name, world in (("one_rank", 1), ("two_replicas", 2)):
+    resumes = [("one_rank", 1, 1), ("two_replicas", 2, 1)] + ([("cp2_contiguous", 2, 2)] if layout == "zigzag" else [])
+    for name, world, cp in resumes:
         if zero != "zero0" and world == 2:
             continue   # the same world: no conversion, covered by zero0
         run_ranks("train_traced.py", [str(tmp_path / f"trace_{name}"), *_overrides(
-            tmp_path, corpus, name, *more, "parallel.cp_size=1", f"train.resume={ckpt}")],
-            world=world, timeout=240)
+            tmp_path, corpus, name, *more, f"parallel.cp_size={cp}", "parallel.cp_layout=contiguous",
+            f"train.resume={ckpt}")], world=world, timeout=240)
         traces = [_trace_of(tmp_path / f"trace_{name}", r) for r in range(world)]
-        # the same windows in the global order (micro-step m of rank r is chunk m * world + r)
-        rows = [b["rows"] for m in range(len(traces[0])) for r in range(world) for b in [traces[r][m]]]
+        # the same windows in the global order (micro-step m of data-parallel rank r is chunk
+        # m * dp_size + r; the ranks of a CP group draw the same)
+        rows = [b["rows"] for m in range(len(traces[0])) for r in range(0, world, cp) for b in [traces[r][m]]]
         assert rows == ref_rows, name
+        if cp > 1:
+            assert traces[0] == traces[1], name
         got = {r["step"]: r for r in _train_records(tmp_path / "runs" / name)}
         assert sorted(got) == [1, 2, 3, 4]   # the earlier run's lines carried over
         for step in (3, 4):
