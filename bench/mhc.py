@@ -205,7 +205,8 @@ def sweep_streams(T=4096, n=4, D=1024, log=print,
         torch.cuda.empty_cache()
 
 
-SITE_HEADER = ["path", "tokens x n x D", "kernels fwd", "kernels fwd+bwd", "fwd ms", "fwd+bwd ms", "host ms fwd+bwd",
+SITE_HEADER = ["path", "tokens x n x D", "kernels fwd", "kernels fwd+bwd", "fwd ms", "fwd+bwd ms",
+               "GPU busy ms fwd+bwd", "host ms fwd+bwd",
                "sites / layer x fwd+bwd ms", "share of a layer", "counted as"]
 SITE_MODES = ("reference", "unfused", "fused", "compiled", "compiled-fused")
 
@@ -221,19 +222,22 @@ def _unfused_mhc_pre(x, fn, base, scale, n, iters, eps, norm_eps):
     return collapse_streams_triton(x, pre), x, post, comb
 
 
-def _count_launches(step, cuda: bool) -> int:
-    """CUDA kernels of one call of ``step`` (CUDA), or its top-level ATen ops (CPU)."""
+def _count_launches(step, cuda: bool, reps: int = 3) -> tuple[int, float]:
+    """(CUDA kernels of one call of ``step``, their summed GPU time in ms) on CUDA; on CPU (its
+    top-level ATen ops, NaN)."""
     from torch.profiler import ProfilerActivity, profile
 
     step(); step()
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
-        step()
+        for _ in range(reps if cuda else 1):
+            step()
         if cuda:
             torch.cuda.synchronize()
     if cuda:
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        return len(kernels) // reps, sum(e.time_range.elapsed_us() for e in kernels) / reps / 1e3
     return sum(1 for e in prof.events() if e.name.startswith("aten::") and
-               (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+               (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))), float("nan")
 
 
 def _host_ms(step, reps: int = 20) -> float:
@@ -260,7 +264,9 @@ def site_launches(T=4096, n=4, D=1024, device=None, log=print, modes=SITE_MODES,
     reference site), ``compiled-fused`` (torch.compile of the fused site, the kernels opaque, as
     under model.compile=block). Per path: kernels per forward and per forward+backward (CUDA:
     torch.profiler; CPU: top-level ATen ops, the Triton kernels then run in the interpreter and
-    are not counted), CUDA-event ms, the host's time to issue a forward+backward, and
+    are not counted), CUDA-event ms (host-bound paths: what the host takes), the summed GPU
+    time of the kernels (what it would cost with the host ahead), the host's time to issue a
+    forward+backward, and
     ``sites_per_layer`` sites' fwd+bwd as a share of ``layer_ms`` (a small-model layer's
     forward+backward at these tokens: ~240 ms / 12 layers at 1 x 4K on one H200, 2026-12-03).
     Returns {path: (kernels fwd, kernels fwd+bwd, fwd ms, fwd+bwd ms)}."""
@@ -314,12 +320,12 @@ def site_launches(T=4096, n=4, D=1024, device=None, log=print, modes=SITE_MODES,
             if mode in pre_of:
                 hcm.get_mhc_pre = lambda *a, _f=pre_of[mode]: _f
                 hcm.get_mix_streams = lambda *a: mix_streams_triton
-            n_f, n_fb = _count_launches(fwd, cuda), _count_launches(fb, cuda)
+            (n_f, _), (n_fb, busy) = _count_launches(fwd, cuda), _count_launches(fb, cuda)
             ms_f, ms_fb = (time_ms(fwd), time_ms(fb)) if cuda else (float("nan"), float("nan"))
             host = _host_ms(fb, reps=20 if cuda else 2)
             out[mode] = (n_f, n_fb, ms_f, ms_fb)
             share = sites_per_layer * ms_fb / layer_ms
-            log(fmt_row([mode, f"{T}x{n}x{D}", n_f, n_fb, f"{ms_f:.3f}", f"{ms_fb:.3f}", f"{host:.3f}",
+            log(fmt_row([mode, f"{T}x{n}x{D}", n_f, n_fb, f"{ms_f:.3f}", f"{ms_fb:.3f}", f"{busy:.3f}", f"{host:.3f}",
                          f"{sites_per_layer * ms_fb:.2f}", f"{100 * share:.1f}%",
                          "CUDA kernels" if cuda else "top-level ATen ops"]))
         except Exception as exc:
@@ -372,9 +378,10 @@ def check_site_pre(shapes=((4096, 4, 1024), (4097, 4, 1000), (1531, 3, 1024)), l
 
 
 def sweep_site_pre(T=4096, n=4, D=1024, log=print,
-                   tiles=((16, 64, 64), (16, 128, 128), (16, 256, 128), (32, 128, 128), (32, 64, 64),
-                          (64, 64, 64))) -> None:
-    """The fused pre's tiles (block_t, block_k, block_d), forward and forward+backward, bf16."""
+                   configs=(((16, 128, 128), True), ((16, 128, 128), False), ((16, 64, 64), True),
+                            ((32, 128, 128), True))) -> None:
+    """The fused pre's tiles (block_t, block_k, block_d) and Sinkhorn backward (step inputs kept
+    in a scratch, O(iters), vs recomputed in registers, O(iters^2)), fwd and fwd+bwd, bf16."""
     from kernels.mhc_pre import DEFAULT_TILES, mhc_pre_triton
 
     NM = (2 + n) * n
@@ -383,29 +390,34 @@ def sweep_site_pre(T=4096, n=4, D=1024, log=print,
     base = torch.randn(NM, device="cuda", requires_grad=True)
     scale = torch.full((3,), 0.5, device="cuda", requires_grad=True)
     cots = [torch.randn_like(o) for o in mhc_pre_triton(x, fn, base, scale, n, 20, 1e-6, 1e-6)]
-    hdr = ["block_t", "block_k", "block_d", "fwd ms", "fwd+bwd ms"]
-    log(f"fused mHC pre tile sweep, {T} tokens, n={n}, D={D}, bf16 (default {DEFAULT_TILES})")
+    hdr = ["block_t", "block_k", "block_d", "Sinkhorn bwd", "fwd ms", "fwd+bwd ms", "GPU busy ms fwd",
+           "GPU busy ms fwd+bwd"]
+    log(f"fused mHC pre sweep, {T} tokens, n={n}, D={D}, bf16 (default {DEFAULT_TILES}, saved)")
     log(fmt_row(hdr)); log(fmt_row(["---"] * len(hdr)))
-    for tl_ in tiles:
+    for tiles, saved in configs:
+        kw = {"tiles": tiles, "sinkhorn_saved": saved}
+        label = "saved" if saved else "recomputed"
         try:
             def fwd():
                 with torch.no_grad():
-                    return mhc_pre_triton(x, fn, base, scale, n, 20, 1e-6, 1e-6, tiles=tl_)
+                    return mhc_pre_triton(x, fn, base, scale, n, 20, 1e-6, 1e-6, **kw)
 
             def fb():
-                outs = mhc_pre_triton(x, fn, base, scale, n, 20, 1e-6, 1e-6, tiles=tl_)
+                outs = mhc_pre_triton(x, fn, base, scale, n, 20, 1e-6, 1e-6, **kw)
                 return torch.autograd.grad(outs, [x, fn, base, scale], cots)
 
-            log(fmt_row([*tl_, f"{time_ms(fwd, budget_s=0.2):.4f}", f"{time_ms(fb, budget_s=0.2):.4f}"]))
+            busy_f, busy_fb = _count_launches(fwd, True)[1], _count_launches(fb, True)[1]
+            log(fmt_row([*tiles, label, f"{time_ms(fwd, budget_s=0.2):.4f}", f"{time_ms(fb, budget_s=0.2):.4f}",
+                         f"{busy_f:.4f}", f"{busy_fb:.4f}"]))
         except Exception as exc:
-            log(fmt_row([*tl_, f"ERROR {type(exc).__name__}: {str(exc)[:120]}"]))
+            log(fmt_row([*tiles, label, f"ERROR {type(exc).__name__}: {str(exc)[:120]}"]))
 
 
 MODEL_HEADER = ["variant", "timed fwd+bwd", "fwd+bwd ms (median)", "min-max", "vs residual"]
 
 
-def model_overhead(seq=4096, preset="small", device="cuda", log=print, rounds=4, steps=2, warmup=2,
-                   budget_s=150.0) -> dict:
+def model_overhead(seq=4096, preset="small", device="cuda", log=print, rounds=3, steps=2, warmup=2,
+                   budget_s=100.0) -> dict:
     """The issue's measure: the whole small model's forward+backward (bf16, 1 x ``seq`` random
     tokens, eager) with hyper_connections = residual vs mhc, mhc both with the unfused pre (main
     before kernels/mhc_pre.py) and the fused one, interleaved (bench/timing.py) so that order

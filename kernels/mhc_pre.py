@@ -13,8 +13,9 @@ Launches (the unfused path: 5 forward, ~30 backward incl. ~20 small torch ops an
   forward   _mhc_pre_fwd: per token block, the skinny product with fn and the sum of squares
             (one pass over x), the sigmoids and Sinkhorn in registers, then the collapse (a
             second pass over the same rows, from L2);
-  backward  _mhc_pre_bwd: per token block, dpre = <dh, x_j> (pass 1), the tail's backward in
-            registers (Sinkhorn's steps recomputed from the softmax, no memory), then
+  backward  _mhc_pre_bwd: per token block, dpre = <dh, x_j> (pass 1), the tail's backward
+            (Sinkhorn's forward run again with each step's input kept in a transient scratch,
+            2 (iters - 1) n^2 fp32 per token, 10 MB at 4K tokens, then walked back), then
             dx = dx_res + pre_j dh + (dmix r) @ fn - (r^3/nD) <dmix, x fn^T> x (pass 2), plus
             per-block sums of dbase / dscale; _mhc_dfn_split: dfn = (dmix r)^T x with the token
             range split across programs; two small torch sums finish dfn and dbase / dscale.
@@ -27,8 +28,39 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mhc import _load_parts, _logit_params, _pow2, _sinkhorn_bwd, _sinkhorn_fwd
+from kernels.mhc import (_col_norm, _col_norm_bwd, _load_parts, _logit_params, _pow2, _row_norm, _row_norm_bwd,
+                         _sinkhorn_bwd, _sinkhorn_fwd, _softmax_eps)
 from kernels.opaque import opaque_to_compile
+
+
+@triton.jit
+def _sinkhorn_bwd_saved(zcomb, g, cmask, iters, eps, SCR, rt64, t_ok, NP: tl.constexpr):
+    """d(logits) of sinkhorn(zcomb) given d(comb) = g, in O(iters): the forward is run once more,
+    each step's input stored in this token block's rows of SCR [T, 2 (iters - 1), NP, NP] (the
+    same threads read back what they wrote), then the steps are walked backwards. (Recomputing
+    each step's input from the softmax instead, kernels/mhc.py's _sinkhorn_bwd, costs O(iters^2)
+    cross-lane reductions: the largest part of this kernel at 20 iterations.) The gradient is
+    zeroed on the padded entries after every step (see _sinkhorn_bwd)."""
+    slots = 2 * (iters - 1)
+    rj = tl.arange(0, NP)
+    off = rt64[:, None, None] * (slots * NP * NP) + rj[None, :, None] * NP + rj[None, None, :]
+    smask = t_ok[:, None, None] & (rj >= 0)[None, :, None] & (rj >= 0)[None, None, :]
+    p, m0 = _softmax_eps(zcomb, cmask, eps)
+    m = _col_norm(m0, eps)
+    for i in range(0, iters - 1):
+        m_row = _row_norm(m, eps)
+        tl.store(SCR + off + (2 * i) * (NP * NP), m, mask=smask)
+        tl.store(SCR + off + (2 * i + 1) * (NP * NP), m_row, mask=smask)
+        m = _col_norm(m_row, eps)
+    tl.debug_barrier()
+    for i in range(0, iters - 1):
+        pair = iters - 2 - i
+        m = tl.load(SCR + off + (2 * pair) * (NP * NP), mask=smask, other=0.0)
+        m_row = tl.load(SCR + off + (2 * pair + 1) * (NP * NP), mask=smask, other=0.0)
+        g = tl.where(cmask, _col_norm_bwd(m_row, g, eps), 0.0)
+        g = tl.where(cmask, _row_norm_bwd(m, g, eps), 0.0)
+    g = tl.where(cmask, _col_norm_bwd(m0, g, eps), 0.0)
+    return tl.where(cmask, p * (g - tl.sum(g * p, 2)[:, :, None]), 0.0)  # softmax backward (+eps: none)
 
 
 @triton.jit
@@ -78,9 +110,9 @@ def _mhc_pre_fwd(X, FN, BASE, SCALE, MIX, R, PRE, POST, COMB, H, T, D, NM, iters
 
 
 @triton.jit
-def _mhc_pre_bwd(X, FN, BASE, SCALE, MIX, R, PRE, DH, DXRES, DPOST, DCOMB, G, PART, DX, T, D, NM, iters, eps,
+def _mhc_pre_bwd(X, FN, BASE, SCALE, MIX, R, PRE, DH, DXRES, DPOST, DCOMB, G, PART, DX, SCR, T, D, NM, iters, eps,
                  N: tl.constexpr, NP: tl.constexpr, NM_P: tl.constexpr, HAS_DXRES: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                 SAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """DX [T, nD], G = dmix * r [T, NM] (for dfn), PART[pid] = (sum_t dlogit [NM], per-group
     sum_t dlogit * mixes [3]) of this token block."""
     K = N * D
@@ -111,7 +143,10 @@ def _mhc_pre_bwd(X, FN, BASE, SCALE, MIX, R, PRE, DH, DXRES, DPOST, DCOMB, G, PA
     d_post = tl.where(m2, 2.0 * g_post * sq * (1.0 - sq), 0.0)
     i3 = rt64[:, None, None] * (N * N) + rj[None, :, None] * N + rj[None, None, :]
     g_comb = tl.load(DCOMB + i3, mask=cmask, other=0.0)
-    d_comb = _sinkhorn_bwd(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps)
+    if SAVED:
+        d_comb = _sinkhorn_bwd_saved(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps, SCR, rt64, t_ok, NP)
+    else:
+        d_comb = _sinkhorn_bwd(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps)
     # dmix = dlogit * scale_group; d(x fn^T) = dmix * r; coef = -(r^2 / K) <dmix, mixes> (the r-path)
     r = tl.load(R + rt, mask=t_ok, other=0.0)
     dot_pre = tl.sum(d_pre * mpre, 1)
@@ -185,7 +220,7 @@ def _dfn_split(T: int, K: int, block_t: int, block_k: int) -> int:
 
 class _MHCPre(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, tiles):
+    def forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, tiles, saved):
         D = x.shape[-1]
         K = n * D
         xf = x.reshape(-1, K).contiguous()
@@ -205,14 +240,14 @@ class _MHCPre(torch.autograd.Function):
                                                iters, eps, norm_eps, N=n, NP=_pow2(n), NM_P=nm_p,
                                                BLOCK_T=bt, BLOCK_K=bk, BLOCK_D=bd)
         ctx.save_for_backward(xf, fn32, base32, scale32, mixes, r, pre)
-        ctx.meta = (x.shape, n, iters, eps, tiles, fn.dtype, base.dtype, scale.dtype)
+        ctx.meta = (x.shape, n, iters, eps, tiles, saved, fn.dtype, base.dtype, scale.dtype)
         lead = x.shape[:-2]
         return h.view(*lead, D), x, post.view(*lead, n), comb.view(*lead, n, n)
 
     @staticmethod
     def backward(ctx, dh, dx_res, dpost, dcomb):
         xf, fn32, base32, scale32, mixes, r, pre = ctx.saved_tensors
-        xshape, n, iters, eps, tiles, fdt, bdt, sdt = ctx.meta
+        xshape, n, iters, eps, tiles, saved, fdt, bdt, sdt = ctx.meta
         T, K = xf.shape
         D, NM = K // n, fn32.shape[0]
         dev = xf.device
@@ -234,10 +269,13 @@ class _MHCPre(torch.autograd.Function):
         dx = torch.empty_like(xf)
         if T == 0:
             return (dx.view(xshape), torch.zeros_like(fn32).to(fdt), torch.zeros_like(base32).to(bdt),
-                    torch.zeros_like(scale32).to(sdt), None, None, None, None, None)
-        _mhc_pre_bwd[(P,)](xf, fn32, base32, scale32, mixes, r, pre, dh, dx_res, dpost, dcomb, g, part, dx,
+                    torch.zeros_like(scale32).to(sdt), None, None, None, None, None, None)
+        # Sinkhorn's step inputs for the backward walk: 2 (iters - 1) n x n per token, transient
+        steps = 2 * (iters - 1) if saved else 0
+        scratch = torch.empty(max(1, T * steps * _pow2(n) ** 2), device=dev, dtype=torch.float32)
+        _mhc_pre_bwd[(P,)](xf, fn32, base32, scale32, mixes, r, pre, dh, dx_res, dpost, dcomb, g, part, dx, scratch,
                            T, D, NM, iters, eps, N=n, NP=_pow2(n), NM_P=nm_p, HAS_DXRES=has_dxres,
-                           BLOCK_T=bt, BLOCK_K=bk, BLOCK_D=bd)
+                           SAVED=saved, BLOCK_T=bt, BLOCK_K=bk, BLOCK_D=bd)
         splits = _dfn_split(T, K, bt, bk)
         dfn = torch.empty(splits, NM, K, device=dev, dtype=torch.float32)
         _mhc_dfn_split[(triton.cdiv(K, bk), splits)](xf, g, dfn, T, K, NM, triton.cdiv(T, splits),
@@ -245,16 +283,19 @@ class _MHCPre(torch.autograd.Function):
         dfn = dfn[0] if splits == 1 else dfn.sum(0)
         sums = part.sum(0)
         # dscale per group = sum_t <dlogit, mixes> of the group; dbase = sum_t dlogit
-        return (dx.view(xshape), dfn.to(fdt), sums[:NM].to(bdt), sums[NM:].to(sdt), None, None, None, None, None)
+        return (dx.view(xshape), dfn.to(fdt), sums[:NM].to(bdt), sums[NM:].to(sdt), None, None, None, None, None, None)
 
 
 @opaque_to_compile
 def mhc_pre_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int,
-                   iters: int, eps: float, norm_eps: float, *, tiles: tuple[int, int, int] | None = None):
+                   iters: int, eps: float, norm_eps: float, *, tiles: tuple[int, int, int] | None = None,
+                   sinkhorn_saved: bool = True):
     """Triton version of ``model.hyper_connections.mhc_pre``: x [..., n, D] -> (h [..., D] in x's
     dtype, x_res (= x), post [..., n], comb [..., n, n] fp32); differentiable in x (through h,
     post, comb and x_res), fn, base and scale. ``tiles`` = (block_t, block_k, block_d) overrides
-    the tile sizes (powers of 2, block_t >= 16; tests and bench/mhc.py's sweep)."""
+    the tile sizes (powers of 2, block_t >= 16; tests and bench/mhc.py's sweep).
+    ``sinkhorn_saved``: the backward keeps Sinkhorn's step inputs in a transient scratch
+    (O(iters)); False recomputes them in registers (O(iters^2), no memory)."""
     if x.dim() < 2 or x.shape[-2] != n:
         raise ValueError(f"mhc_pre_triton: x must be [..., n={n}, D], got {tuple(x.shape)}")
     K = n * x.shape[-1]
@@ -270,4 +311,5 @@ def mhc_pre_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale:
     tiles = tuple(tiles or DEFAULT_TILES)
     if tiles[0] < 16 or any(t & (t - 1) for t in tiles):
         raise ValueError(f"mhc_pre_triton: tiles must be powers of 2 with block_t >= 16, got {tiles}")
-    return _MHCPre.apply(x, fn, base, scale, int(n), int(iters), float(eps), float(norm_eps), tiles)
+    return _MHCPre.apply(x, fn, base, scale, int(n), int(iters), float(eps), float(norm_eps), tiles,
+                         bool(sinkhorn_saved))

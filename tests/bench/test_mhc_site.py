@@ -2,7 +2,7 @@
 kernels run in the interpreter and are not counted), forward below forward+backward."""
 import os
 
-import torch
+import pytest
 
 
 def _rows(lines):
@@ -23,3 +23,17 @@ def test_site_launches_counts_the_reference_and_runs_the_fused_site():
         assert set(out) == set(modes), lines   # no ERROR row
         # the fused pre is one autograd node: fewer host-side ops than the three unfused ones
         assert out["fused"][1] < out["unfused"][1], lines
+
+
+@pytest.mark.slow
+def test_model_overhead_times_residual_and_both_mhc_pres():
+    """bench/mhc.py --ops model at micro size on CPU (~30 s): three rows, none an error."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the unfused pre runs the Triton kernels: needs the interpreter on CPU")
+    from bench.mhc import model_overhead
+
+    lines = []
+    res = model_overhead(seq=32, preset="micro", device="cpu", log=lines.append, rounds=1, steps=1, warmup=1)
+    assert list(res) == ["residual", "mhc, unfused pre (before)", "mhc, fused pre (after)"], lines
+    assert all(v == v and v > 0 for v in res.values()), lines
+    assert not any("ERROR" in ln for ln in lines), lines

@@ -31,18 +31,20 @@ def _loss(outs, cots):
     return sum((o.float() * c).sum() for o, c in zip((h, x_res * 0.5, post, comb), cots))
 
 
-@pytest.mark.parametrize("n,D,lead,dtype,iters,tiles,tol", [
-    (4, 40, (2, 37), torch.float32, 20, None, 1e-4),
-    (3, 24, (45,), torch.float32, 5, (16, 16, 16), 1e-4),
-    (3, 24, (21,), torch.float32, 20, None, 1e-4),   # padded n x n tiles through 20 iterations
-    (4, 40, (1, 33), torch.float16, 20, (32, 32, 16), 1e-3),
-    (2, 16, (9,), torch.float32, 1, None, 1e-4),
+@pytest.mark.parametrize("n,D,lead,dtype,iters,tiles,saved,tol", [
+    (4, 40, (2, 37), torch.float32, 20, None, True, 1e-4),
+    (4, 40, (2, 37), torch.float32, 20, None, False, 1e-4),  # Sinkhorn's steps recomputed
+    (3, 24, (45,), torch.float32, 5, (16, 16, 16), True, 1e-4),
+    (3, 24, (21,), torch.float32, 20, None, True, 1e-4),   # padded n x n tiles through 20 iterations
+    (3, 24, (21,), torch.float32, 20, None, False, 1e-4),
+    (4, 40, (1, 33), torch.float16, 20, (32, 32, 16), True, 1e-3),
+    (2, 16, (9,), torch.float32, 1, None, True, 1e-4),
 ])
-def test_matches_reference(n, D, lead, dtype, iters, tiles, tol):
+def test_matches_reference(n, D, lead, dtype, iters, tiles, saved, tol):
     x, fn, base, scale = _inputs(n, D, lead, dtype, n * 100 + D)
     args = (n, iters, 1e-6, 1e-6)
     ref = mhc_pre(x, fn, base, scale, *args)
-    got = mhc_pre_triton(x, fn, base, scale, *args, tiles=tiles)
+    got = mhc_pre_triton(x, fn, base, scale, *args, tiles=tiles, sinkhorn_saved=saved)
     cots = [torch.randn(r.shape, generator=torch.Generator().manual_seed(i)).to(DEVICE) for i, r in enumerate(ref)]
     params = [x, fn, base, scale]
     g_ref = torch.autograd.grad(_loss(ref, cots), params)
