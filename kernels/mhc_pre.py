@@ -9,7 +9,9 @@ gradient of x then arrives in this op's backward, which adds it in the same pass
 instead of autograd adding three [T, n, D] gradients (coefficients, collapse, mix) in two more
 full passes.
 
-Launches (the unfused path: 5 forward, ~30 backward incl. ~20 small torch ops and a host sync):
+Launches: 1 forward, 2 backward + 2 small sums (the unfused pre, kernels/mhc.py then
+kernels/mhc_streams.py's collapse: 3 forward, ~20 backward incl. ~14 small torch ops, a host-to-
+device copy that syncs, and autograd's 2 full-size additions of x's three gradients):
   forward   _mhc_pre_fwd: per token block, the skinny product with fn and the sum of squares
             (one pass over x), the sigmoids and Sinkhorn in registers, then the collapse (a
             second pass over the same rows, from L2);

@@ -74,3 +74,35 @@ def test_bad_input_raises():
         mhc_pre_triton(x, torch.randn(24, 31), torch.randn(24), torch.randn(3), 4, 20, 1e-6, 1e-6)
     with pytest.raises(ValueError, match="tiles must be"):
         mhc_pre_triton(x, torch.randn(24, 32), torch.randn(24), torch.randn(3), 4, 20, 1e-6, 1e-6, tiles=(8, 16, 16))
+
+
+def test_site_under_activation_checkpointing(monkeypatch):
+    """A whole site (fused pre, stand-in sublayer, Triton mix) inside a non-reentrant checkpoint,
+    as Transformer._checkpointed runs blocks: x_res (an input handed back by the fused op) survives
+    the recompute; output and gradients equal the reference site's."""
+    from torch.utils.checkpoint import checkpoint
+
+    import model.hyper_connections as hcm
+    from kernels.mhc_streams import mix_streams_triton
+    from model.config import ModelConfig
+
+    cfg = ModelConfig.from_preset("tiny", dim=40, hc_mult=4)
+    site = hcm.HyperConnection(cfg).to(DEVICE)
+    x = torch.randn(2, 9, 4, 40, device=DEVICE, requires_grad=True)
+    w = torch.randn(40, 40, device=DEVICE) / 40 ** 0.5
+
+    def run(x):
+        h, state = site.pre(x)
+        return site.post(torch.tanh(h @ w), state)
+
+    def step():
+        out = checkpoint(run, x, use_reentrant=False)
+        cot = torch.linspace(-1, 1, out.numel(), device=DEVICE).view_as(out)
+        return [out] + list(torch.autograd.grad((out * cot).sum(), [x] + list(site.parameters())))
+
+    ref = step()
+    monkeypatch.setattr(hcm, "get_mhc_pre", lambda *a: mhc_pre_triton)
+    monkeypatch.setattr(hcm, "get_mix_streams", lambda *a: mix_streams_triton)
+    got = step()
+    for name, a, b in zip(["out", "dx", "dfn", "dbase", "dscale"], got, ref):
+        assert _rel(a, b) < 1e-4, (name, _rel(a, b))
