@@ -9,9 +9,15 @@ number of them; a rank computes its pieces in increasing order, so its k-th piec
     them): on one long document the last rank does ~2x the mean of that work.
   * zigzag: 2P pieces, rank r owns pieces r and 2P-1-r (one early, one late). With equal
     pieces a query's causal work grows linearly with its position, so the two pieces of every
-    rank sum to the same work: balanced up to rounding. Cost: a middle rank receives two
-    halos instead of one (one halo is 2 (window - 1) x dim bytes: small beside the entries at
-    long L); the entries each rank receives stay at most (P-1)/P of them (``entry_need``).
+    rank sum to the same work: balanced up to rounding (small, 64K, one document: the most
+    loaded rank's attention + indexer pairs / the mean = 1.47 / 1.70 / 1.82 contiguous, 1.00
+    zigzag at P = 2 / 4 / 8). Cost: more bytes. Entries go only to the ranks owning a later
+    piece (``entry_need``), and each rank also receives the gradients of what others read
+    from it, so per rank and step a contiguous rank moves (P-1)/P of the entries (reads r/P,
+    is read (P-1-r)/P: even over ranks), a zigzag rank 1.5x that (its early piece is read by
+    every other rank's late piece), plus a second halo for the middle ranks. The default
+    stays contiguous for that reason (the bytes are small beside the work at long L:
+    ``python bench/context_parallel.py --model small --length 65536`` prints both).
 Both need every piece but the first and the last to hold at least ``halo_rows`` rows (a piece's
 halo is read from its predecessor alone).
 """
