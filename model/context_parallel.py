@@ -12,9 +12,11 @@ piece's frame (``AttentionCarry``); only where the state comes from differs:
     (a local slice when that is this rank). Backward sends their gradient back. ``HaloExchange``.
   * compressed entries and indexer keys ending before the piece: each rank pools the entries
     whose block ENDS in its pieces (blocks restart at every packed document, so they straddle
-    piece boundaries: the halo holds their first rows) and sends them to the ranks that own a
-    later piece, only those (an entry is read by later queries alone); backward sends their
-    gradients back to the owner, which sums them. ``EntryExchange``.
+    piece boundaries: the halo holds their first rows) and sends each other rank what it reads:
+    nothing unless it owns a later piece (an entry is read by later queries alone), and there
+    only the entries from the document open at that piece's start on (``EntryTraffic``: with
+    packed documents most entries stay home); backward sends their gradients back to the
+    owner, which sums them. ``EntryExchange``.
 A rank computes its pieces in order; its k-th piece runs in "round" k, in which every rank
 sends the entries of its k-th piece (zigzag: round 0 the early pieces, round 1 the late ones;
 every entry a piece reads was sent in its round or before). The indexer top-k runs over the
@@ -154,38 +156,35 @@ class HaloExchange(torch.autograd.Function):
 
 
 class EntryExchange(torch.autograd.Function):
-    """One round's entries: this rank's slab [B, C, W] goes to ``dsts``; the slabs of ``srcs``
-    ([(peer, C')]) come back concatenated [B, sum C', W]. Backward: their gradients go back,
-    and the gradients of my slab from every destination are summed.
+    """One round's entries: ``parts[i]`` [B, C_i, W] goes to rank ``dsts[i]``; the slabs of
+    ``srcs`` ([(peer, C')]) come back concatenated [B, sum C', W]. Backward: their gradients go
+    back to the senders, and the gradient of each part comes back from its destination.
     ``anchor`` is the layer's previous communication output (the halo, then earlier rounds): it
     fixes the backward order of the exchanges on every rank (reverse of the forward; the
     autograd engine's order may differ between ranks whose graphs differ, e.g. one pooling no
-    entry) and puts the node in every rank's graph (a slab without history has none)."""
+    entry) and puts the node in every rank's graph (a rank sending nothing has no history)."""
 
     @staticmethod
-    def forward(ctx, slab, anchor, dsts: tuple[int, ...], srcs: tuple[tuple[int, int], ...], cp: CPGroup,
-                stats: CommStats | None, name: str):
-        ctx.dsts, ctx.srcs, ctx.cp, ctx.stats, ctx.name, ctx.shape = dsts, srcs, cp, stats, name, slab.shape
-        slab = slab.contiguous()
-        B, _, W = slab.shape
-        parts = [slab.new_empty(B, c, W) for _, c in srcs]
-        _p2p(cp, [(slab, p, 0) for p in dsts], [(t, p, 0) for t, (p, _) in zip(parts, srcs)])
-        got = _cat(parts, slab.new_empty(B, 0, W))
+    def forward(ctx, anchor, like, dsts: tuple[int, ...], srcs: tuple[tuple[int, int], ...], cp: CPGroup,
+                stats: CommStats | None, name: str, *parts):
+        ctx.dsts, ctx.srcs, ctx.cp, ctx.stats, ctx.name = dsts, srcs, cp, stats, name
+        ctx.shapes = [t.shape for t in parts]
+        parts = [t.contiguous() for t in parts]
+        B, W = like.shape[0], like.shape[2]
+        got = [like.new_empty(B, c, W) for _, c in srcs]
+        _p2p(cp, [(t, p, 0) for t, p in zip(parts, dsts)], [(t, p, 0) for t, (p, _) in zip(got, srcs)])
         if stats is not None:
-            stats.add(f"{name}.fwd", _nbytes([slab]) * len(dsts), _nbytes([got]))
-        return got
+            stats.add(f"{name}.fwd", _nbytes(parts), _nbytes(got))
+        return _cat(got, like.new_empty(B, 0, W))
 
     @staticmethod
     def backward(ctx, grad):
         back = [g.contiguous() for g in grad.split([c for _, c in ctx.srcs], dim=1)] if ctx.srcs else []
-        got = [grad.new_empty(ctx.shape) for _ in ctx.dsts]
+        got = [grad.new_empty(shape) for shape in ctx.shapes]
         _p2p(ctx.cp, [(t, p, 0) for t, (p, _) in zip(back, ctx.srcs)], [(t, p, 0) for t, p in zip(got, ctx.dsts)])
         if ctx.stats is not None:
             ctx.stats.add(f"{ctx.name}.bwd", _nbytes(back), _nbytes(got))
-        grad_slab = grad.new_zeros(ctx.shape)
-        for t in got:
-            grad_slab += t
-        return grad_slab, None, None, None, None, None, None
+        return (None, None, None, None, None, None, None, *got)
 
 
 # ---------------------------------------------------------------------------- entry ownership
@@ -201,19 +200,25 @@ class EntryOwnership:
     """Which piece pools which compressed entry of one ratio: piece p pools, per row b, the
     global entries [first[p, b], first[p + 1, b]): those whose block ends (global c_end) in it.
 
-    first   [n_pieces + 1, B] global index of each piece's first entry (last: entries per row)
-    widths  per piece, its slab length (the most entries it pools in any row)
+    first       [n_pieces + 1, B] global index of each piece's first entry (last: entries per row)
+    widths      per piece, its slab length (the most entries it pools in any row)
+    open_first  [n_pieces, B] the first entry of the document open at each piece's start (the
+                first one its queries can see: ``EntryMap.first``)
     """
     first: torch.Tensor
     widths: list[int]
+    open_first: torch.Tensor
 
     @staticmethod
-    def build(gl: CompressedLayout, pieces: list[tuple[int, int]]) -> "EntryOwnership":
+    def build(gl: CompressedLayout, pieces: list[tuple[int, int]], doc_start: torch.Tensor) -> "EntryOwnership":
+        """gl: the global layout of this ratio; doc_start [B, L]: the window's (``DocLayout``)."""
         L = pieces[-1][1]
         first = torch.stack([_count_below(gl.c_end, s) for s, _ in pieces] + [_count_below(gl.c_end, L)])
         counts = first[1:] - first[:-1]
         widths = [int(c.max()) if c.numel() else 0 for c in counts]
-        return EntryOwnership(first, widths)
+        starts = doc_start[:, [s for s, _ in pieces]].to(gl.c_end.dtype).contiguous()      # [B, n_pieces]
+        open_first = torch.searchsorted(gl.c_end.contiguous(), starts).t()
+        return EntryOwnership(first, widths, open_first)
 
     def slab(self, piece: int, pooled: torch.Tensor, pooled_global: torch.Tensor) -> torch.Tensor:
         """The piece's entries [B, C, W], in global order (zero pads), taken from its frame's
@@ -230,24 +235,64 @@ class EntryOwnership:
         got = torch.gather(pooled, 1, idx[:, :, None].expand(B, C, W))
         return got * (j < n_own[:, None])[:, :, None].to(got.dtype)
 
-    def earlier(self, piece: int, slabs: dict[int, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    def part(self, piece: int, slab: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
+        """The piece's entries from global index ``start`` [B] on, ``width`` of them [B, width, W]
+        (zero past the piece's last entry), out of its slab [B, C, W]."""
+        B, C, W = slab.shape
+        if C == 0 or width == 0:
+            return slab.new_zeros(B, width, W)
+        off = start - self.first[piece]                                      # [B], >= 0
+        n = self.first[piece + 1] - start
+        j = torch.arange(width, device=slab.device).expand(B, width)
+        got = torch.gather(slab, 1, (off[:, None] + j).clamp(0, C - 1)[:, :, None].expand(B, width, W))
+        return got * (j < n[:, None])[:, :, None].to(got.dtype)
+
+    def earlier(self, piece: int, parts: dict[int, tuple[torch.Tensor, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
         """The global entries [0, n_old) of each row [B, n_old, W] before ``piece``, from the
-        slabs of the pieces before it (piece -> [B, C, W]; a piece of width 0 may be missing);
-        n_old = the most entries ending before the piece in any row (what ``EntryMap.merge``
-        takes as state; a row's entries past its own count are not read). like: dtype/shape."""
+        pieces before it that are here (q -> (entries [B, C_q, W], global index of the first
+        [B])); n_old = the most entries ending before the piece in any row (what
+        ``EntryMap.merge`` takes as state). An entry not here (below the first one this rank
+        reads, or past a row's own count) is not read: any value fills its slot."""
         B, _, W = like.shape
         n_old = int(self.first[piece].max()) if B else 0
-        if piece == 0 or n_old == 0:
+        here = [q for q in range(piece) if q in parts and parts[q][0].shape[1]]
+        if n_old == 0 or not here:
             return like.new_zeros(B, n_old, W)
-        flat = torch.cat([slabs[q] if self.widths[q] else like.new_zeros(B, 0, W) for q in range(piece)], dim=1)
-        offset = torch.tensor([0] + self.widths[:piece], device=like.device).cumsum(0)      # [piece + 1]
+        flat = torch.cat([parts[q][0] for q in here], dim=1)
+        widths = torch.tensor([parts[q][0].shape[1] for q in here], device=like.device)
+        offset = torch.cumsum(widths, 0) - widths                                           # [len(here)]
+        starts = torch.stack([parts[q][1] for q in here])                                   # [len(here), B]
+        firsts = self.first[here]                                                           # [len(here), B]
         g = torch.arange(n_old, device=like.device).expand(B, n_old)
-        owner = (self.first[1:piece, :, None] <= g[None]).sum(0)                            # [B, n_old]
-        pos = g - torch.gather(self.first.t(), 1, owner)                                    # in the owner's slab
-        src = (offset[owner] + pos).clamp(0, max(flat.shape[1] - 1, 0))
-        if flat.shape[1] == 0:
-            return like.new_zeros(B, n_old, W)
+        slot = ((firsts[1:, :, None] <= g[None]).sum(0) if len(here) > 1
+                else torch.zeros_like(g))                                                   # [B, n_old] index into here
+        pos = g - torch.gather(starts.t(), 1, slot)
+        src = (offset[slot] + pos).clamp(0, flat.shape[1] - 1)
         return torch.gather(flat, 1, src[:, :, None].expand(B, n_old, W))
+
+
+@dataclass
+class EntryTraffic:
+    """Which entries of one ratio go where: ``sends[(p, r)] = (start [B], width)``: piece p's
+    entries from global index start on (per row) go to rank r, ``width`` slots (the most any
+    row sends). A rank reads an entry only for a later piece of its own, and only from the
+    document open at that piece's start on (entries of documents that ended before it are
+    invisible to all its queries: ``EntryMap``'s list starts there), so start = the lowest
+    such first entry over r's later pieces; pairs with nothing to send are left out."""
+    sends: dict[tuple[int, int], tuple[torch.Tensor, int]]
+
+    @staticmethod
+    def build(own: EntryOwnership, owners: list[int]) -> "EntryTraffic":
+        sends = {}
+        for p, readers in enumerate(entry_need(owners)):
+            for r in readers:
+                later = [q for q in range(p + 1, len(owners)) if owners[q] == r]
+                lo = own.open_first[later].min(0).values
+                start = torch.maximum(own.first[p], lo)
+                width = int((own.first[p + 1] - start).clamp(min=0).max()) if start.numel() else 0
+                if width:
+                    sends[(p, r)] = (start, width)
+        return EntryTraffic(sends)
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -265,7 +310,8 @@ class ShardPlan:
     rows: torch.Tensor                      # [n] the global rows this rank computes, in order
     halo: HaloSpec                          # one layer's halo traffic
     entries: dict[int, EntryOwnership]      # ratio -> which piece pools which entry
-    need: list[list[int]]                   # per piece: the other ranks that read its entries
+    traffic: dict[int, "EntryTraffic"]      # ratio -> which entries go from which piece to which rank
+    rounds: list[int]                       # per piece: its round (its place among its owner's pieces)
     indexer_norm: float                     # 1 / (queries with a non-empty entry set, whole batch)
 
     @property
@@ -302,22 +348,24 @@ class ShardPlan:
         frames = [build_frame(layout, clayouts, *pieces[p], halo, cfg.csa_ratio) for p in mine]
         lens = [pieces[p][1] - pieces[p][0] for p in mine]
         offsets = [sum(lens[:k]) for k in range(len(mine))]
+        owned = {r: EntryOwnership.build(cl, pieces, layout.doc_start) for r, cl in clayouts.items()}
         csa = clayouts.get(cfg.csa_ratio)
         n_q = int(queries_with_entries(csa.c_end, layout.doc_start)) if csa is not None else 0
         return ShardPlan(cp, cp_layout, pieces, owners, mine, frames, offsets,
                          rank_rows(pieces, owners, cp.rank, layout.positions.device),
                          _halo_spec(pieces, owners, mine, offsets, halo, cp.rank),
-                         {r: EntryOwnership.build(cl, pieces) for r, cl in clayouts.items()},
-                         entry_need(owners), 1.0 / max(1, n_q))
+                         owned, {r: EntryTraffic.build(o, owners) for r, o in owned.items()},
+                         [rank_pieces(owners, o).index(q) for q, o in enumerate(owners)], 1.0 / max(1, n_q))
 
-    def entry_traffic(self, ratio: int, k: int) -> tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]]:
-        """Round k of one ratio: (ranks my k-th piece's entries go to, [(piece, owner, width)]
-        of the other ranks' k-th pieces I read), empty slabs left out on both sides."""
-        own, p = self.entries[ratio], self.mine[k]
-        dsts = tuple(self.need[p]) if own.widths[p] else ()
-        srcs = tuple((q, self.owners[q], own.widths[q]) for q in range(len(self.pieces))
-                     if rank_pieces(self.owners, self.owners[q]).index(q) == k and self.owners[q] != self.cp.rank
-                     and self.cp.rank in self.need[q] and own.widths[q])
+    def entry_traffic(self, ratio: int, k: int) -> tuple[list[tuple[int, torch.Tensor, int]], list[tuple[int, int, torch.Tensor, int]]]:
+        """Round k of one ratio: what my k-th piece sends [(rank, first global entry [B],
+        width)], what I receive [(piece, owner, first global entry [B], width)] (this round's
+        pieces of other ranks); empty parts are left out on both sides."""
+        sends = self.traffic[ratio].sends
+        p, me = self.mine[k], self.cp.rank
+        dsts = [(r, *sends[(p, r)]) for r in range(self.cp.size) if (p, r) in sends]
+        srcs = [(q, self.owners[q], *sends[(q, me)]) for q in range(len(self.pieces))
+                if self.rounds[q] == k and (q, me) in sends]
         return dsts, srcs
 
     def predicted_bytes(self, ratio: int, dim: int, widths: dict[str, int], elt: int,
@@ -332,10 +380,10 @@ class ShardPlan:
         if ratio:
             for name, w in widths.items():
                 s = r = 0
-                for k, p in enumerate(self.mine):
+                for k in range(len(self.mine)):
                     dsts, srcs = self.entry_traffic(ratio, k)
-                    s += len(dsts) * self.entries[ratio].widths[p] * batch * w * elt
-                    r += sum(c for _, _, c in srcs) * batch * w * elt
+                    s += sum(c for _, _, c in dsts) * batch * w * elt
+                    r += sum(c for _, _, _, c in srcs) * batch * w * elt
                 out[f"{name}.fwd"], out[f"{name}.bwd"] = (s, r), (r, s)
         return out
 
@@ -383,7 +431,7 @@ class LayerComm:
             else:   # the first piece (no halo) or the previous piece is mine: a slice of my rows
                 end = plan.offsets[k]
                 self.halos.append(x[:, end - h:end])
-        self.slabs: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
+        self.parts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = defaultdict(dict)
 
     def carry(self, k: int) -> AttentionCarry:
         """The carry of this rank's k-th piece."""
@@ -397,14 +445,15 @@ class LayerComm:
         plan, own, p = self.plan, self.plan.entries[self.ratio], self.plan.mine[k]
         slab = own.slab(p, pooled, plan.frames[k].entries[self.ratio].new_global)
         dsts, srcs = plan.entry_traffic(self.ratio, k)
-        got = EntryExchange.apply(slab, self.chain[-1], dsts, tuple((o, c) for _, o, c in srcs),
-                                  plan.cp, self.stats, name)
+        got = EntryExchange.apply(self.chain[-1], pooled, tuple(r for r, _, _ in dsts),
+                                  tuple((o, c) for _, o, _, c in srcs), plan.cp, self.stats, name,
+                                  *[own.part(p, slab, start, c) for _, start, c in dsts])
         self.chain.append(got)
-        mine = self.slabs[name]
-        mine[p] = slab
-        if srcs:
-            mine.update(zip([q for q, _, _ in srcs], got.split([c for _, _, c in srcs], dim=1)))
-        return own.earlier(p, mine, pooled)
+        here = self.parts[name]
+        here[p] = (slab, own.first[p])
+        for (q, _, start, _), t in zip(srcs, got.split([c for _, _, _, c in srcs], dim=1) if srcs else []):
+            here[q] = (t, start)
+        return own.earlier(p, here, pooled)
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
         """The layer output, joined to the last communication output: every rank's backward

@@ -49,14 +49,18 @@ def _layouts(L=96, docs=((0, 37, 61, 72), (0, 20, 32, 48, 50, 64), (0,))):
                                     [(0, 24), (24, 48), (48, 72), (72, 96)]])
 @pytest.mark.parametrize("ratio", [4, 16])
 def test_every_entry_has_one_owner_holding_its_last_token(bounds, ratio):
-    cl = CompressedLayout.build(_layouts(), ratio)
-    own = EntryOwnership.build(cl, bounds)
+    lay = _layouts()
+    cl = CompressedLayout.build(lay, ratio)
+    own = EntryOwnership.build(cl, bounds, lay.doc_start)
     assert torch.equal(own.first[-1], cl.valid.sum(1))
     for r, (s, e) in enumerate(bounds):
         for b in range(cl.c_end.shape[0]):
             mine = cl.c_end[b, own.first[r, b]:own.first[r + 1, b]]
             assert ((mine >= s) & (mine < e)).all()          # global end positions, not shifted
         assert own.widths[r] == int((own.first[r + 1] - own.first[r]).max())
+        for b in range(cl.c_end.shape[0]):   # the first entry of the document open at s
+            f, ds = int(own.open_first[r, b]), int(lay.doc_start[b, s])
+            assert (f == 0 or cl.c_end[b, f - 1] < ds) and (f == cl.c_end.shape[1] or cl.c_end[b, f] >= ds)
 
 
 def test_shard_bounds_and_halo_limit():
