@@ -13,9 +13,11 @@ number of them; a rank computes its pieces in increasing order, so its k-th piec
     loaded rank's attention + indexer pairs / the mean = 1.47 / 1.70 / 1.82 contiguous, 1.00
     zigzag at P = 2 / 4 / 8). Cost: more bytes. Entries go only to the ranks owning a later
     piece (``entry_need``), and each rank also receives the gradients of what others read
-    from it, so per rank and step a contiguous rank moves (P-1)/P of the entries (reads r/P,
-    is read (P-1-r)/P: even over ranks), a zigzag rank 1.5x that (its early piece is read by
-    every other rank's late piece), plus a second halo for the middle ranks. The default
+    from it, so on one document a contiguous rank moves (P-1)/P of the entries per step
+    (reads r/P, is read (P-1-r)/P: even over ranks), a zigzag rank 1.5x that (its early piece
+    is read by every other rank's late piece), plus a second halo for the middle ranks.
+    (With packed documents both move less: only entries of a document open at a later
+    piece's start cross, ``EntryTraffic``.) The default
     stays contiguous for that reason (the bytes are small beside the work at long L:
     ``python bench/context_parallel.py --model small --length 65536`` prints both).
 Both need every piece but the first and the last to hold at least ``halo_rows`` rows (a piece's
