@@ -13,7 +13,7 @@ per rank. This times, interleaved round by round (bench/timing.py), one training
              counts' all-reduce): the per-rank overhead of the CP path without communication;
 and checks first that both give the same losses (bf16: <= 2e-2 relative).
 
-    python bench/cp1_step.py --preset small --seq 4096 --out $OUT      # one GPU, ~1 minute
+    python bench/cp1_step.py --preset small --seq 4096 --out $OUT      # one GPU: compile + ~30 s of rounds
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--budget", type=float, default=45.0, help="seconds for the timed rounds")
+    ap.add_argument("--budget", type=float, default=30.0, help="seconds for the timed rounds")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args()
