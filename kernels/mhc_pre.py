@@ -291,13 +291,15 @@ class _MHCPre(torch.autograd.Function):
 @opaque_to_compile
 def mhc_pre_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int,
                    iters: int, eps: float, norm_eps: float, *, tiles: tuple[int, int, int] | None = None,
-                   sinkhorn_saved: bool = True):
+                   sinkhorn_saved: bool = False):
     """Triton version of ``model.hyper_connections.mhc_pre``: x [..., n, D] -> (h [..., D] in x's
     dtype, x_res (= x), post [..., n], comb [..., n, n] fp32); differentiable in x (through h,
     post, comb and x_res), fn, base and scale. ``tiles`` = (block_t, block_k, block_d) overrides
     the tile sizes (powers of 2, block_t >= 16; tests and bench/mhc.py's sweep).
     ``sinkhorn_saved``: the backward keeps Sinkhorn's step inputs in a transient scratch
-    (O(iters)); False recomputes them in registers (O(iters^2), no memory)."""
+    (O(iters)); False recomputes them in registers (O(iters^2), no memory). The default stays
+    False (the version checked and timed on the H200) until bench/mhc.py's sweep shows the saved
+    one correct and faster there."""
     if x.dim() < 2 or x.shape[-2] != n:
         raise ValueError(f"mhc_pre_triton: x must be [..., n={n}, D], got {tuple(x.shape)}")
     K = n * x.shape[-1]
