@@ -16,22 +16,23 @@ Per candidate, three measurements (each a column group of the table):
             expert width 512 with w2 doubled so the MoE output has Flash's inter-2048 rms).
   fp32      max relative error (max |g32 - g64| / max |g64| per parameter) of the whole model's
             fp32 gradient against fp64 on the same weights and tokens, routing replayed from the
-            fp64 pass (so no discrete flip counts): the mHC head collapse weights (hc_head fn /
-            base / scale, main and MTP) apart from every other parameter; micro and tiny.
+            fp64 pass (so no discrete flip counts), in three groups (``param_group``): the mHC
+            head's collapse weights, the blocks' mHC coefficients, every other parameter; micro
+            and tiny.
   training  ``python -m train`` on the shipped corpus: the tiny preset with the small preset's
             wide attention output (8 x 128 heads, o 1 x 1024: the width at which the old init
             collapses), 8 x 128 tokens a step, AdamW (embedding, head, gates) + Muon, --steps
-            steps, lr 3e-3 (the default job): first/last train LM loss, last validation loss, the
-            routers' MaxVio at step 1 and at the end, the largest gradient norm.
+            steps, lr 3e-3 (the default job): train LM loss at steps 1 / half / end, the final
+            validation loss, the routers' MaxVio (step 1, max, end), the largest gradient norm.
+            ``embed-1.0+bias-0.01`` (train only) is no init: the router-bias speed x10.
 
-    PYTHONPATH=$PWD python -m bench.init_study --out bench/results      # ~25 min on 1 busy core (2 of them shared)
-    PYTHONPATH=$PWD python -m bench.init_study --train                  # balance + fp32 only (~10 min)
+    PYTHONPATH=$PWD python -m bench.init_study --out bench/results      # ~50 min on one busy core
+    PYTHONPATH=$PWD python -m bench.init_study --train                  # balance + fp32 only (~12 min)
     PYTHONPATH=$PWD python -m bench.init_study --candidates --train embed-1.0   # one training run
 """
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class Candidate:
     name: str
     overrides: dict = field(default_factory=dict)   # ModelConfig fields (and trainer model.* keys)
     note: str = ""
+    train_only: bool = False   # not an init: no balance / fp32 row (they would repeat another's)
 
 
 def _init(embed: float, scaled_output: bool = False, **kw) -> dict:
@@ -64,6 +66,9 @@ CANDIDATES = [
     Candidate("out-scaled", _init(0.02, True), "HF's 0.02, branch outputs / sqrt(2L)"),
     Candidate("embed-1.0+out-scaled", _init(1.0, True)),
     Candidate("v3-0.006", _init(0.006, init_std=0.006), "DeepSeek-V3: every parameter N(0, 0.006)"),
+    # not an init: does a 10x faster router-bias update (default 0.001) keep training balanced?
+    Candidate("embed-1.0+bias-0.01", _init(1.0, bias_update_speed=0.01), "reference: router-bias speed x10",
+              train_only=True),
 ]
 
 # the trainer's model: tiny with the small preset's attention output width (see the docstring)
@@ -148,7 +153,7 @@ def fp32_summary(c: Candidate, preset: str) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- training
-def train_overrides(c: Candidate, steps: int, work: Path, threads: int) -> list[str]:
+def train_overrides(c: Candidate, steps: int, work: Path) -> list[str]:
     batch, seq = 8 * 128, 128
     model = {**WIDE_TINY, **c.overrides}
     return ["model=tiny", *(f"model.{k}={v}" for k, v in model.items()),
@@ -174,9 +179,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, default=512, help="tokens of the balance forward (small preset)")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps of each training run")
-    ap.add_argument("--candidates", nargs="*", default=[c.name for c in CANDIDATES],
+    ap.add_argument("--candidates", nargs="*", default=[c.name for c in CANDIDATES if not c.train_only],
                     help="candidates for the balance and fp32 tables (none: skip them)")
-    ap.add_argument("--train", nargs="*", default=["hf-0.02", "embed-1.0", "embed-1.0+out-scaled"],
+    ap.add_argument("--train", nargs="*", default=["hf-0.02", "embed-1.0", "embed-1.0+out-scaled", "embed-1.0+bias-0.01"],
                     help="candidates to train (each run ~5-10 min on one busy core); none: skip")
     ap.add_argument("--skip-flash", action="store_true", help="no Flash-width balance (3.4 GB, ~20 s each)")
     ap.add_argument("--threads", type=int, default=1)
@@ -202,10 +207,14 @@ def main(argv=None) -> None:
               f"fp32 micro/tiny head, sites, rest {' '.join(f'{v:.1e}' for v in fp)} ({time.time() - t:.0f} s)",
               flush=True)
     if args.train:
-        ns = argparse.Namespace(experiment="init_study", work=args.work.resolve(), reuse=False,
-                                device="cpu", threads=args.threads, wandb="disabled")
+        # the evidence experiments' launcher (bench/experiments/common.py), one run at a time
+        ns = C.parser("init_study").parse_args(["--device", "cpu", "--work", str(args.work), "--steps",
+                                                str(args.steps), "--threads", str(args.threads), "--wandb", "disabled"])
+        ns = C.finish_args(ns, "init_study", argv=[])
         for c in (known[n] for n in args.train):
-            run = C.single(ns, c.name, train_overrides(c, args.steps, ns.work, args.threads))
+            run = C.single(ns, c.name, train_overrides(c, args.steps, ns.work))
+            if ns.failures:
+                raise SystemExit("init_study: " + "; ".join(ns.failures))
             s = train_summary(run)
             rows_tr.append([c.name, s["loss_first"], s["loss_mid"], s["loss_last"], s["val"], s["vio_first"],
                             s["vio_max"], s["vio_last"], s["grad_norm_max"]])

@@ -59,15 +59,22 @@ class ModelConfig:
     max_seq_len: int = 1048576
     norm_eps: float = 1e-6
     init_std: float = 0.02        # every weight matrix N(0, init_std) (as HF's initializer_range)
-    # The embedding is N(0, embed_init_std) instead: at init the sublayer outputs (attention ~ a
-    # sliding average of values, nearly the same for every token) reach ~4x an N(0, 0.02)
-    # embedding at small's width, so the normalised router input became ~75% one shared
-    # direction and the learned routers sent every token to the same experts from step 0
-    # (MaxVio 6-9.4 of 9.67 at init, small preset). With 1.0 the token identity dominates the
-    # stream at init (MaxVio 0.5-0.8). V4's init is unpublished; HF's is 0.02.
+    # The embedding is N(0, embed_init_std) instead: at init the sublayer outputs (attention ~ an
+    # average of values, nearly the same for every token) swamp an N(0, 0.02) embedding, so the
+    # normalised router input is mostly one shared direction and the learned routers send every
+    # token to the same experts from step 0 (small preset: MaxVio 8.0 of 9.67). Unit scale keeps
+    # the token identity dominant (0.75); 0.1 / 0.3 still collapse (8.0 / 6.2). It costs fp32
+    # resolution of the mHC coefficient gradients at init (head 2.5e-2 from fp64, was 7.6e-4: the
+    # streams start identical and differ only by alpha-sized terms) and nothing in early training
+    # (val loss equal after 20 steps). bench/results/init-study-cpu-2026-12-03.md. V4's init is
+    # unpublished; HF's is 0.02.
     embed_init_std: float = 1.0
     # True: the residual branches' output projections (attention wo_b, every expert's w2) start
-    # at N(0, init_std / sqrt(2 n_layers)) (GPT-2 / Megatron's output_layer_init_method)
+    # at N(0, init_std / sqrt(2 n_layers)) (GPT-2 / Megatron's output_layer_init_method). Off by
+    # default: the unit embedding suffices at small's width; at Flash's (wo_b fan-in 8192, expert
+    # width 2048) the branch outputs are 5-13x small's and the routers start imbalanced again
+    # (a 4-layer Flash-width stack: MaxVio 1.19 of 7, with this 0.53) but the first steps learn
+    # slower (val loss +0.19 after 20 steps of tiny). Consider it for Flash/Pro-width runs.
     scaled_output_init: bool = False
     # --- attention (one shared K=V head, MQA)
     n_heads: int = 64

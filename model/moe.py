@@ -447,7 +447,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Our init (V4's is unpublished): every matrix N(0, init_std), as HF initialises V4."""
+        """Our init (V4's is unpublished): every matrix N(0, init_std), as HF initialises V4; the
+        experts' w2 (the branch's output) at cfg.output_init_std (``scaled_output_init``)."""
         std, out_std = self.cfg.init_std, self.cfg.output_init_std   # w2: the branch's output
         for p, s in ((self.gate.weight, std), (self.experts.w1, std), (self.experts.w2, out_std),
                      (self.experts.w3, std)):

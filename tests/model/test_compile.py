@@ -33,7 +33,8 @@ def test_compiled_blocks_match_eager(dtype):
     (the MoE's grouped GEMMs; fp64 takes the per-expert loop, whose .tolist() and log line break
     the graph), equal to fp32 rounding (measured <= 1.2e-6) with no graph break in any block."""
     # embed_init_std=0.02: with the default unit-scale embeddings the mHC gradients are
-    # ill-conditioned in fp32 (2e-4 apart between two fp32 evaluations); fp64 stays exact
+    # ill-conditioned in fp32 (2e-4 apart between two fp32 evaluations; why and how far:
+    # tests/model/test_init.py); fp64 stays exact
     cfg = ModelConfig.from_preset("micro", compile="block", embed_init_std=0.02)
     torch.manual_seed(0)
     eager = Transformer(cfg).to(dtype).train()

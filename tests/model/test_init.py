@@ -2,8 +2,12 @@
 bench/results/init-study-cpu-2026-12-03.md)."""
 from __future__ import annotations
 
-from bench.init_study import fp32_gradient_errors, param_group
+import pytest
+import torch
+
+from bench.init_study import fp32_gradient_errors, learned_maxvio, param_group
 from model.config import ModelConfig
+from model.transformer import Transformer
 
 
 def test_fp32_gradients_of_the_default_init_match_fp64():
@@ -23,3 +27,32 @@ def test_fp32_gradients_of_the_default_init_match_fp64():
     assert worst["sites"][0] <= 2e-3, worst
     assert worst["head"][0] <= 0.1, worst
 
+
+
+@pytest.mark.parametrize("o_lora_rank, init, balanced", [
+    (1024, {}, True),                                                         # the default
+    (1024, {"embed_init_std": 0.02, "scaled_output_init": False}, False),     # HF's uniform 0.02
+    (8192, {"scaled_output_init": True}, True),                               # Flash's output width
+])
+def test_learned_routers_are_balanced_at_init(o_lora_rank, init, balanced):
+    """A fresh model spreads random tokens over the experts in every learned-router layer (main
+    and MTP), and the test sees the collapse of the init that had it.
+
+    tiny with a wide attention output projection (wo_b fan-in 1024 as small's, 8192 as Flash's):
+    at init the sublayer outputs are large next to an N(0, 0.02) embedding and mostly shared by
+    all tokens (attention ~ an average of the values), so the normalised router input is nearly
+    one direction and top-k picks the same experts for every token (MaxVio 1.3-2.8 of the maximum
+    3 here; 8.0 of 9.67 in the small preset). The unit embedding fixes it at small's width
+    (<= 0.72 here, 0.75 in small); at Flash's width it is not enough alone (the MTP block's input
+    is normalised, so the embedding's scale never reaches it: 2.8), the branch outputs at
+    init_std / sqrt(2 n_layers) are (<= 0.53). Numbers: bench/results/init-study-cpu-2026-12-03.md."""
+    cfg = ModelConfig.from_preset("tiny", vocab_size=1024, window=128, n_heads=8, head_dim=128,
+                                  o_groups=1, o_lora_rank=o_lora_rank, **init)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    vio = learned_maxvio(model, torch.randint(0, cfg.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1)))
+    assert len(vio) == cfg.n_layers - cfg.n_hash_layers + cfg.mtp_depth
+    if balanced:
+        assert max(vio.values()) < 1.0, vio
+    else:
+        assert max(vio.values()) > 1.5, vio

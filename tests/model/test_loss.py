@@ -140,7 +140,8 @@ def _micro(loss_impl):
     # moe_impl=loop: the grouped GEMM has no fp64. embed_init_std=0.02 (not the default 1.0):
     # with unit-scale embeddings the mHC head's own fp32 gradients sit 5e-3..7e-2 from fp64 on
     # BOTH paths (measured 2026-12-03), so the fp32 test would measure that conditioning, not
-    # the loss path; the fp64 test checks the default init's exactness.
+    # the loss path; the fp64 test checks the default init's exactness, and
+    # tests/model/test_init.py bounds the default init's fp32 error (intrinsic at init).
     return ModelConfig.from_preset("micro", vocab_size=97, moe_impl="loop", loss_impl=loss_impl,
                                    embed_init_std=0.02)
 
