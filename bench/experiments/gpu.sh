@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The evidence experiments (issue 14) on one GPU. At tiny scale one run leaves an H200 mostly idle
 # (300 steps of 8 x 256 tokens: ~60 s, launch-bound), so every run of an experiment trains at
-# once (--parallel: each its own python -m train), and `all` starts the four experiments at once
-# too (14 runs), each under a wall-time budget: runs still going at the budget are stopped and
-# reported as far as they got ("stopped at step k of n").
+# once (--parallel: each its own python -m train), and `all` starts the five experiments at once
+# too (17 runs: load_balance's 3 bias-update speeds on top of the other four's 14), each under a
+# wall-time budget: runs still going at the budget are stopped and reported as far as they got
+# ("stopped at step k of n").
 #
-#   bash bench/experiments/gpu.sh OUT_DIR all [SCALE] [BUDGET_S]       # all four at once (~BUDGET_S + 30 s)
-#   bash bench/experiments/gpu.sh OUT_DIR hyper_connections|optim|sparse_attention|spike_detector \
+#   bash bench/experiments/gpu.sh OUT_DIR all [SCALE] [BUDGET_S]       # all five at once (~BUDGET_S + 30 s)
+#   bash bench/experiments/gpu.sh OUT_DIR hyper_connections|optim|sparse_attention|spike_detector|load_balance \
 #        [SCALE] [script args...]                                     # one of them
 #
 # SCALE: tiny (default) or small. BUDGET_S (all; default 190): each experiment's budget, from its
-# start; with 14 runs at once at tiny scale expect ~1.5-2.5x one run's time (startup ~15-25 s).
+# start; with 17 runs at once at tiny scale expect ~1.5-2.5x one run's time (startup ~15-25 s;
+# the 3 more runs than the four-experiment `all` may leave more runs stopped short of 300 steps).
 # In `all`, optim sweeps 2 lrs (OPTIM_LRS, default "0.01 0.03"; its report says the grid is
-# smaller than the scale's default) so that 14 runs share the GPU, not 16.
+# smaller than the scale's default) so that 17 runs share the GPU, not 19.
 # Each experiment's output: OUT_DIR/<experiment>.log (which run started, finished, failed or was
 # stopped, with the path of each run's own log), the plot, CSV and table under OUT_DIR/results,
 # the runs under OUT_DIR/work/<experiment>/ (metrics.jsonl, .hydra/, train.log; checkpoints are
@@ -23,7 +25,7 @@
 # are named <experiment>-h200-<date>.{md,svg,csv}.)
 # Expects the project's dependencies importable (see bench/scaling_gpu.sh for an air-gapped image).
 set -uo pipefail
-EXPERIMENTS="hyper_connections optim sparse_attention spike_detector"
+EXPERIMENTS="hyper_connections optim sparse_attention spike_detector load_balance"
 USAGE="usage: bench/experiments/gpu.sh OUT_DIR all|${EXPERIMENTS// /|} [tiny|small] [BUDGET_S | script args...]"
 OUT=${1:?$USAGE}
 EXP=${2:?$USAGE}

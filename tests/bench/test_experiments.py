@@ -16,24 +16,26 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.experiments import common as C  # noqa: E402
-from bench.experiments import hyper_connections, optim, sparse_attention, spike_detector  # noqa: E402
+from bench.experiments import hyper_connections, load_balance, optim, sparse_attention, spike_detector  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- synthetic runs
 def fake_run(root: Path, name: str, overrides: list[str], losses: list[float], *, batch: int = 256,
              diag: dict | None = None, extra: dict | None = None, events: list[dict] = (),
              val: float | None = None, detector: dict | None = None, finished: bool = True,
-             total: int | None = None) -> C.Run:
+             total: int | None = None, model: dict | None = None) -> C.Run:
     """A run directory whose metrics.jsonl has what the trainer writes: a start event, one train
     line per step (tokens consumed by its end, tflops and tokens/s for the FLOP model), optional
     diagnostics lines {step: {key: value}}, validation lines, an end event. ``finished=False``:
-    the run stopped after ``losses`` (no final validation, no end event) of ``total`` steps."""
+    the run stopped after ``losses`` (no final validation, no end event) of ``total`` steps;
+    ``model``: the composed config's model section."""
     d = root / name.replace(" ", "_")
     (d / ".hydra").mkdir(parents=True)
     det = detector or {"window": 50, "min_history": 10, "metrics": ["loss", "grad_norm", "update_norm"],
                        "z_threshold": 6.0}
     train = {"tokens": (total or len(losses)) * batch, "global_batch_tokens": batch}
-    (d / ".hydra" / "config.yaml").write_text(json.dumps({"stability": {"detector": det}, "train": train}))
+    (d / ".hydra" / "config.yaml").write_text(json.dumps({"stability": {"detector": det}, "train": train,
+                                                          "model": model or {}}))
     lines = [{"step": 0, "kind": "event", "event": "start", "params": 3_000_000, "active_params": 1_500_000,
               "world_size": 1}, {"step": 0, "kind": "val", "val_loss": losses[0] + 1}]
     for i, loss in enumerate(losses, start=1):
@@ -295,12 +297,45 @@ def test_spike_detector_replay_and_false_positive_table(tmp_path):
         spike_detector.report(args, [wrong])
 
 
+def test_load_balance_peak_recovery_and_learned_layers_only(tmp_path):
+    args = args_for(load_balance, tmp_path)
+    model = {"n_hash_layers": 1, "n_layers": 2, "n_routed_experts": 8, "n_activated_experts": 2,
+             "balance_loss_alpha": 1e-4}
+    rise = [0.4, 1.0, 2.0, 2.8]
+    worst = {0.0: rise + [2.9] + [3.0] * 15,                              # collapses and stays
+             0.001: rise + [2.0, 1.5, 1.0, 0.6] + [0.5] * 12,             # peaks at step 4, recovers
+             0.01: [0.6] * 20}                                             # never above 1
+    runs = []
+    for speed, w in worst.items():
+        # MoE layer 0 is hash-routed (at 5.0: it must not count as a learned layer), 1 (main) and 2 (MTP) learned
+        extra = {i: {"moe/maxvio_step/0": 5.0, "moe/maxvio_step/1": w[i - 1], "moe/maxvio_step/2": w[i - 1] - 0.2,
+                     "loss/balance": 1e-4} for i in range(1, 21)}
+        runs.append(fake_run(tmp_path / "w", f"speed {speed}", [f"model.bias_update_speed={speed}"],
+                             [6 - 0.1 * i for i in range(20)], extra=extra,
+                             model={**model, "bias_update_speed": speed}))
+    load_balance.report(args, runs)
+    md = check_outputs(args.out, args.tag)
+    row = lambda speed: next(line for line in md.splitlines() if line.startswith(f"| {speed} | 0.0001 |"))
+    # peak, its step, final worst (mean of the last 3), final mean of learned, per layer, recovery, hash final
+    assert "| 3 | 6 | 3 | 2.9 | 1: 3, MTP1: 2.8 | not within the run | 5 |" in row("0")
+    # after the peak at step 4 the trailing mean of 3 is first below 1 at step 9 ((1.0 + 0.6 + 0.5) / 3)
+    assert "| 2.8 | 4 | 0.5 | 0.4 | 1: 0.5, MTP1: 0.3 | step 9 | 5 |" in row("0.001")
+    assert "never above 1" in row("0.01")
+    assert "collapse value E/K - 1 = 3" in md and "against V3's claim" in md
+    assert "the bias update does keep the load markedly more balanced" in md     # 0.5 vs 3.0
+    svg = (args.out / f"{args.tag}.svg").read_text()
+    assert "bias speed 0 (no bias update)" in svg and "collapse E/K-1 = 3" in svg
+    with pytest.raises(SystemExit, match="--recovered must be in"):
+        args_for(load_balance, tmp_path, "--recovered", "1.5")
+
+
 # ----------------------------------------------------------------------------- end to end (python -m train)
 E2E = [
     (hyper_connections, []),
     (optim, ["--lrs", "0.003"]),
     (sparse_attention, ["--seq-len", "64"]),
     (spike_detector, ["--seeds", "1", "--grad-clips", "1.0"]),
+    (load_balance, ["--speeds", "0", "0.01"]),
 ]
 
 
@@ -349,7 +384,7 @@ def test_budget_stops_runs_and_the_report_marks_them(tmp_path):
     assert (out / "t.md").read_text().split("- command")[1] == first.split("- command")[1]
 
 
-def test_gpu_sh_all_starts_the_four_experiments_at_once_with_a_budget(tmp_path):
+def test_gpu_sh_all_starts_the_five_experiments_at_once_with_a_budget(tmp_path):
     """gpu.sh's command lines (PYTHON=echo: each experiment's log is its argument list)."""
     import os
     import subprocess
@@ -359,7 +394,7 @@ def test_gpu_sh_all_starts_the_four_experiments_at_once_with_a_budget(tmp_path):
     r = subprocess.run(["bash", str(script), str(tmp_path), "all", "tiny", "150"], env=env, capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    for exp in ("hyper_connections", "optim", "sparse_attention", "spike_detector"):
+    for exp in ("hyper_connections", "optim", "sparse_attention", "spike_detector", "load_balance"):
         argv = (tmp_path / f"{exp}.log").read_text().split()
         assert argv[:2] == ["-m", f"bench.experiments.{exp}"] and "--budget-s" in argv and "150" in argv
         assert "--device" in argv and "cuda" in argv and "--scale" in argv and "tiny" in argv
