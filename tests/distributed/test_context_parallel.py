@@ -105,9 +105,10 @@ def test_plan_refuses_bad_ranges():
     layout = _layouts()
     assert halo_rows(cfg) == 15
     with pytest.raises(ValueError, match="must tile"):
-        ShardPlan.build(cfg, layout, CPGroup(0, 2), bounds=[(0, 40), (41, 96)])
+        ShardPlan.build(cfg, layout, CPGroup(0, 2), bounds=[(0, 40), (41, 96)], cp_layout="contiguous")
     with pytest.raises(ValueError, match="fewer than the 15 halo rows"):
-        ShardPlan.build(cfg, layout, CPGroup(0, 3), bounds=[(0, 40), (40, 50), (50, 96)])
+        ShardPlan.build(cfg, layout, CPGroup(0, 3), bounds=[(0, 40), (40, 50), (50, 96)],
+                        cp_layout="contiguous")
     plan = ShardPlan.build(cfg, layout, CPGroup(1, 2), cp_layout="contiguous")
     assert (plan.mine, plan.frames[0].start, plan.frames[0].end, plan.frames[0].halo, plan.halo.sends) == (
         [1], 48, 96, 15, ())

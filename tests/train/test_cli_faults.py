@@ -198,8 +198,9 @@ def test_context_parallel_needs_a_world_it_divides(th):
     with pytest.raises(cc.ConfigError, match="set train.seq_chunk=0"):
         cc.check_job(th.compose("model=micro", "train.device=cpu", "parallel.cp_size=2", "train.seq_chunk=256"),
                      world_size=2)
-    # 64 tokens over 8 ranks: 8-row ranges, shorter than the 15-row halo of micro
-    with pytest.raises(cc.ConfigError, match=r"fewer than the 15 halo rows .* \(seq_len 64 over parallel.cp_size=8\)"):
+    # 64 tokens over 8 ranks: 4-row zigzag pieces (the default layout), shorter than micro's 15-row halo
+    with pytest.raises(cc.ConfigError, match=r"fewer than the 15 halo rows .*parallel.cp_layout=contiguous "
+                                             r"\(seq_len 64 over parallel.cp_size=8, parallel.cp_layout=zigzag\)"):
         cc.check_job(th.compose("model=micro", "train.device=cpu", "parallel.cp_size=8", "train.seq_len=64",
                                 "train.global_batch_tokens=512", "train.micro_batch_tokens=64"), world_size=8)
 
