@@ -384,13 +384,17 @@ class RoutedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(E, inter, D))
         self.w2 = nn.Parameter(torch.empty(E, D, inter))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x [T, D], weights [T, K], indices [T, K] -> y [T, D] fp32 (sum over each token's K experts)."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, D], weights [T, K], indices [T, K] -> y [T, D] fp32 (sum over each token's K experts).
+        ``counts``: ``expert_counts`` of these indices when the caller has them already (MoE does:
+        its load), else counted here."""
         T, K = indices.shape
         flat_expert = indices.reshape(-1)  # [T*K]
         # sort the (token, slot) pairs by expert so each expert sees one contiguous segment
         order = torch.argsort(flat_expert, stable=True)
-        counts = expert_counts(flat_expert, self.n_experts)
+        if counts is None:
+            counts = expert_counts(flat_expert, self.n_experts)
         dev, dt = x.device, x.dtype
         x_sorted = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K)  # [T*K, D]
         w_sorted = weights.reshape(-1).index_select(0, order)  # [T*K]
@@ -491,11 +495,12 @@ class MoE(nn.Module):
 
         x_flat = x.reshape(B * L, D)  # [T, D]
         weights, indices, scores = self.gate(x_flat, ids, ri)  # [T, K], [T, K], [T, E]
-        y = self.experts(x_flat, weights, indices)  # [T, D] fp32
+        counts = expert_counts(indices.reshape(-1), self.n_experts)  # [E] long: the experts' rows and the load
+        y = self.experts(x_flat, weights, indices, counts)  # [T, D] fp32
         if self.shared is not None:
-            y = y + self.shared(x_flat).to(y.dtype)
+            y = y + self.shared(x_flat)   # promoted to y's fp32 inside the add (no separate cast launch)
 
-        load = expert_counts(indices.reshape(-1), self.n_experts).float()  # [E]
+        load = counts.float()  # [E]
         if self.training and torch.is_grad_enabled():
             self.load_accum += load
         indices = indices.view(B, L, self.top_k)

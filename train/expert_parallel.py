@@ -177,7 +177,10 @@ class ParallelExperts(_moe_marker_base()):
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by DeepSpeed's engine: the groups exist already (``expert_parallel_groups``)."""
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                counts: torch.Tensor | None = None) -> torch.Tensor:
+        """As ``RoutedExperts.forward``; ``counts`` [E] (the caller's ``expert_counts``) are the rows sent
+        to each global expert."""
         T, K = indices.shape
         P, n_local, group = self.ep_size, self.n_local, self.groups.ep_group
         flat_expert = indices.reshape(-1)                       # [T*K] global expert ids
@@ -187,7 +190,7 @@ class ParallelExperts(_moe_marker_base()):
         w_sorted = weights.reshape(-1).index_select(0, order).float()   # [T*K]
 
         # counts: send[e] rows for global expert e; recv[s, e] rows from rank s for local expert e
-        send_counts = torch.bincount(flat_expert, minlength=self.n_experts)       # [E]
+        send_counts = counts if counts is not None else torch.bincount(flat_expert, minlength=self.n_experts)  # [E]
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         send_counts = send_counts.view(P, n_local)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.moe import (MoE, hash_routing_table, max_violation, sequence_balance_loss, swiglu)
+from model.moe import (MoE, expert_counts, hash_routing_table, max_violation, sequence_balance_loss, swiglu)
 
 E, K, D, INTER, V = 6, 2, 16, 12, 64
 
@@ -362,3 +362,28 @@ def test_out_of_range_routing_indices_are_refused():
     with pytest.raises(ValueError, match=r"routing_indices must lie in \[0, 6\)"):
         moe(x, torch.zeros(1, 3, dtype=torch.long), torch.full((1, 3, K), E))
 
+
+
+def test_routed_experts_with_callers_counts_equal_own_counts():
+    # MoE counts the experts' rows once (its load) and hands them to the experts: the same output
+    # and gradients as the experts counting them themselves, bit for bit (fp64)
+    moe = make().double()
+    x = torch.randn(2, 7, D, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, V, (2, 7))
+    weights, indices, _ = moe.gate(x.reshape(14, D), ids.reshape(14))
+    res = []
+    for counts in (None, expert_counts(indices.reshape(-1), moe.n_experts)):
+        y = moe.experts(x.reshape(14, D), weights, indices, counts)
+        res.append((y, torch.autograd.grad(y.square().sum(), [x, moe.experts.w1, moe.experts.w2], retain_graph=True)))
+    assert torch.equal(res[0][0], res[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(res[0][1], res[1][1]))
+    y, aux = moe(x, ids)
+    assert torch.equal(aux["load"], expert_counts(aux["indices"].reshape(-1), moe.n_experts).float())
+    # bf16: the shared expert's output is promoted inside the add, exactly as cast-then-add
+    m16 = make().to(torch.bfloat16)
+    x16 = torch.randn(2, 7, D, dtype=torch.bfloat16)
+    ids16 = torch.randint(0, V, (2, 7))
+    y16, _ = m16(x16, ids16)
+    w16, i16, _ = m16.gate(x16.reshape(14, D), ids16.reshape(14))
+    ref = (m16.experts(x16.reshape(14, D), w16, i16) + m16.shared(x16.reshape(14, D)).float()).to(torch.bfloat16)
+    assert torch.equal(y16, ref.view(2, 7, D))
