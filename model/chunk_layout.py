@@ -145,6 +145,7 @@ class EntryMap:
             c_pos=torch.where(ok, _rows(gl.c_pos, g), torch.zeros_like(g)),
             prev_index=torch.where(ok & (prev >= q[:, None]), prev - q[:, None], torch.full_like(g, -1)),
             valid=ok,
+            ratio=ratio,
         )
         new_global = torch.where(ok & (g >= n_s[:, None]), g, torch.full_like(g, -1))
         # the chunk's list: global entries [first, n_e) per row

@@ -24,7 +24,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.layout import CompressedLayout
+from model.layout import CompressedLayout, PoolingIndex
 from model.norms import RMSNorm
 from model.rope import RoPE
 
@@ -71,20 +71,18 @@ class Compressor(nn.Module):
         gate = F.linear(xf, self.wgate.weight.to(cdt))  # [B, L, coff*c]
         C = kv.shape[-1]
         # tokens of each block: [B, N, m]; pads point at token 0.. m-1 (masked at the end)
-        tok = clayout.block_start[:, :, None] + torch.arange(m, device=x.device)
-        flat = tok.reshape(B, N * m, 1).expand(B, N * m, C)
+        pool = clayout.pooling if clayout.ratio == m else PoolingIndex.of(clayout, m)
+        flat = pool.tokens.reshape(B, N * m, 1).expand(B, N * m, C)
         kv_b = torch.gather(kv, 1, flat).view(B, N, m, C)                                 # [B, N, m, C]
         gate_b = torch.gather(gate, 1, flat).view(B, N, m, C) + self.ape.to(cdt)          # [B, N, m, C]
         if self.overlap:
-            prev = clayout.prev_index                                # [B, N], -1 at a doc's first block
-            has_prev = (prev >= 0)[:, :, None, None]
-            pidx = prev.clamp(min=0)[:, :, None, None].expand(B, N, m, c)
+            pidx = pool.prev[:, :, None, None].expand(B, N, m, c)     # previous block (first: 0, masked)
             prev_kv = torch.gather(kv_b[..., :c], 1, pidx)           # block i-1, first half
             prev_gate = torch.gather(gate_b[..., :c], 1, pidx)
-            prev_gate = prev_gate.masked_fill(~has_prev, float("-inf"))
+            prev_gate = prev_gate.masked_fill(pool.no_prev[:, :, None, None], float("-inf"))
             kv_b = torch.cat([prev_kv, kv_b[..., c:]], dim=2)         # [B, N, 2m, c]
             gate_b = torch.cat([prev_gate, gate_b[..., c:]], dim=2)
         pooled = (kv_b * gate_b.softmax(dim=2)).sum(dim=2)            # [B, N, c]
         ckv = self.norm(pooled.to(x.dtype))
         ckv = self.rope.apply(ckv, clayout.c_pos)
-        return ckv.masked_fill(~clayout.valid[:, :, None], 0.0)
+        return ckv.masked_fill(pool.invalid[:, :, None], 0.0)

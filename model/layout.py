@@ -71,6 +71,15 @@ class CompressedLayout:
     c_pos: torch.Tensor        # [B, N] long, in-document position of the block's first token
     prev_index: torch.Tensor   # [B, N] long, entry index of the previous block in the same doc, -1 if none
     valid: torch.Tensor        # [B, N] bool
+    # the compression ratio m; with it the layout also carries the compressor's gather indices
+    # (``pooling``), built once per forward instead of once per compressing layer (each is a
+    # kernel launch per layer on CUDA, where the eager step is host-bound)
+    ratio: int | None = None
+    pooling: "PoolingIndex | None" = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and self.pooling is None:
+            self.pooling = PoolingIndex.of(self, self.ratio)
 
     @staticmethod
     def build(layout: DocLayout, ratio: int) -> "CompressedLayout":
@@ -95,11 +104,26 @@ class CompressedLayout:
         c_pos = torch.where(valid, torch.gather(pos, 1, block_start), torch.zeros_like(order))
         ent = torch.arange(n_max, device=dev).expand(B, n_max)
         prev_index = torch.where(valid & (c_pos >= ratio), ent - 1, torch.full_like(ent, -1))
-        return CompressedLayout(block_start, c_end, c_pos, prev_index, valid)
+        return CompressedLayout(block_start, c_end, c_pos, prev_index, valid, ratio)
 
     @staticmethod
     def build_single(batch: int, length: int, ratio: int, device="cpu") -> "CompressedLayout":
         return CompressedLayout.build(DocLayout.single(batch, length, device), ratio)
+
+
+@dataclass
+class PoolingIndex:
+    """What ``model.compressor.Compressor`` gathers with, for one CompressedLayout and ratio m."""
+
+    tokens: torch.Tensor       # [B, N, m] long, the tokens of each block (pads: tokens 0..m-1)
+    prev: torch.Tensor         # [B, N] long, prev_index clamped at 0 (a first block reads block 0, masked)
+    no_prev: torch.Tensor      # [B, N] bool, a document's first block (no previous block)
+    invalid: torch.Tensor      # [B, N] bool, pad entries
+
+    @staticmethod
+    def of(cl: CompressedLayout, ratio: int) -> "PoolingIndex":
+        tokens = cl.block_start[:, :, None] + torch.arange(ratio, device=cl.block_start.device)
+        return PoolingIndex(tokens, cl.prev_index.clamp(min=0), cl.prev_index < 0, ~cl.valid)
 
 
 def window_mask(doc_start: torch.Tensor, window: int) -> torch.Tensor:

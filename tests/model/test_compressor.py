@@ -155,3 +155,26 @@ def test_matches_hf_single_document(kind):
         ref = theirs(x, torch.randn(2, L, cfg.q_lora_rank), pos, None, 0)[0][:, 0]  # [B, N, hd]
         got = ours(x, CompressedLayout.build_single(2, L, ratio))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ratio,overlap", [(4, True), (16, False), (3, True)])
+def test_pooling_index_built_once_equals_built_per_layer(ratio, overlap):
+    # CompressedLayout.build carries the gather indices (built once per forward); a layout without
+    # its ratio makes the compressor build them itself: the same output and gradients, bit for bit
+    torch.manual_seed(1)
+    cfg = _cfg()
+    comp = Compressor(cfg, ratio, cfg.head_dim, overlap, RoPE.for_ratio(cfg, ratio)).double()
+    with torch.no_grad():
+        comp.ape.normal_(std=0.5)
+    cl = CompressedLayout.build(DocLayout.from_doc_ids(DOC_IDS), ratio)
+    bare = CompressedLayout(cl.block_start, cl.c_end, cl.c_pos, cl.prev_index, cl.valid)
+    assert cl.pooling is not None and bare.pooling is None
+    x = torch.randn(*DOC_IDS.shape, cfg.dim, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for layout in (cl, bare):
+        out = comp(x, layout)
+        g = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum(),
+                                [x, comp.wkv.weight, comp.wgate.weight, comp.ape])
+        outs.append((out, g))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
