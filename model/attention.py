@@ -30,7 +30,8 @@ chunk by query chunk (``model.indexer.indexer_kl_loss_dense``).
 ``aux["topk_idx"]`` is the selection [B, L, K] in sparse CSA, else None.
 ``aux["indexer_recall"]``: {recall, chance, oracle} of ``model.indexer.indexer_recall`` when the model
 set ``measure_recall`` for a diagnostics step (dense mode: of the top-k the indexer would pick),
-else None.
+else None. ``aux["sink_mass"]`` (mean probability on the sink) when ``measure_sink`` (a bare
+layer: always; in the model: diagnostics steps), else None.
 """
 from __future__ import annotations
 
@@ -73,6 +74,9 @@ class Attention(nn.Module):
         self.eps = cfg.norm_eps
         self.mode = cfg.attention_mode  # CSA mode, switchable at run time (set_attention_mode)
         self.measure_recall = False     # set per forward by model.diagnostics (diagnostics steps)
+        # the sink mass: by default (a bare layer); the model arms it for diagnostics steps only
+        # (4 small kernels per layer and forward, on a step whose speed is its launches)
+        self.measure_sink = True
         self.rope = RoPE.for_ratio(cfg, compress_ratio)
 
         H, hd = cfg.n_heads, cfg.head_dim
@@ -208,9 +212,11 @@ class Attention(nn.Module):
         wo_a = self.wo_a.weight.view(g, self.o_lora_rank, -1)            # [g, r, H*hd/g]
         o = torch.einsum("blgi,gri->blgr", o, wo_a)                      # [B, L, g, r]
         out = self.wo_b(o.flatten(2))                                    # [B, L, D]
-        with torch.no_grad():   # over this chunk's own queries (a frame's halo rows belong to the previous)
-            own = lse if carry is None else lse[:, carry.frame.halo:]
-            sink_mass = torch.exp(self.sink.float()[None, None, :] - own.float()).mean()
+        sink_mass = None
+        if self.measure_sink:
+            with torch.no_grad():   # over this chunk's own queries (a frame's halo rows belong to the previous)
+                own = lse if carry is None else lse[:, carry.frame.halo:]
+                sink_mass = torch.exp(self.sink.float()[None, None, :] - own.float()).mean()
         aux = {"indexer_loss": indexer_loss, "sink_mass": sink_mass, "topk_idx": topk_idx,
                "indexer_recall": recall}
         if carry is not None:

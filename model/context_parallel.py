@@ -506,7 +506,8 @@ def _merge_aux(auxes: list[dict], lens: list[int]) -> dict:
     idx = [a.get("topk_idx") for a in auxes]
     out["topk_idx"] = torch.cat(idx, dim=1) if idx[0] is not None else None
     w = [n / sum(lens) for n in lens]
-    out["sink_mass"] = sum(wi * a["sink_mass"] for wi, a in zip(w, auxes))
+    out["sink_mass"] = (sum(wi * a["sink_mass"] for wi, a in zip(w, auxes))
+                        if all(a.get("sink_mass") is not None for a in auxes) else None)
     rec = [a.get("indexer_recall") for a in auxes]
     out["indexer_recall"] = ({key: sum(wi * r[key] for wi, r in zip(w, rec)) for key in rec[0]}
                              if all(r is not None for r in rec) else None)

@@ -33,9 +33,10 @@ class DiagnosticsCollector:
 
     def arm(self, model) -> None:
         """Tell the attention layers whether this forward measures what only they can (the
-        indexer recall); set on every forward so that no flag outlives its step."""
+        sink mass, the indexer recall); set on every forward so that no flag outlives its step."""
         blocks = list(model.layers) + [m.block for m in model.mtp]
         for b in blocks:
+            b.attn.measure_sink = self.enabled
             if b.attn.indexer is not None:
                 b.attn.measure_recall = self.enabled
 

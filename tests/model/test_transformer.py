@@ -209,3 +209,23 @@ def test_bad_inputs():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="labels"):
         model(torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 7, dtype=torch.long))
+
+
+def test_sink_mass_measured_on_diagnostics_steps_only():
+    # the per-layer sink mass is a diagnostic: a plain training forward skips its kernels and
+    # computes the same loss and gradients, bit for bit; a diagnostics step reports it
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("micro")
+    model = Transformer(cfg).double()
+    ids, labels = make_batch(cfg, B=1, L=32)
+    runs = []
+    for diag in (False, True):
+        out = model(ids, labels=labels, diagnostics=diag)
+        runs.append((out, torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)))
+        measured = [m.measure_sink for m in model.modules() if hasattr(m, "measure_sink")]
+        assert measured and all(v is diag for v in measured)
+    (plain, g0), (diag, g1) = runs
+    assert torch.equal(plain.loss, diag.loss)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g0, g1))
+    assert not plain.diagnostics
+    assert all(0 < diag.diagnostics[f"attn/sink_mass/{i}"] < 1 for i in range(cfg.n_layers))
