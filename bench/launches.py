@@ -16,7 +16,8 @@ would launch:
 Gaps against a CUDA profiler count (torch.profiler counts kernels, memsets and memcpys): an aten
 op that launches several kernels on CUDA (sort, topk, index_add with a fp32 accumulator, some
 reductions) counts one here; host-to-device copies of tensors built from Python values happen
-only on CUDA; cuBLAS may split a GEMM. ``python bench/launches.py --preset small --seq 4096``.
+only on CUDA; cuBLAS may split a GEMM. ``python bench/launches.py --preset small --seq 4096``
+(``--cuda`` on a GPU machine: also the profiler's count of the same step, side by side).
 """
 from __future__ import annotations
 
@@ -347,18 +348,45 @@ def report(counts: Counter, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+def profiled_on_cuda(preset: str, batch: int, seq: int) -> int:
+    """The same forward+backward on a CUDA device, its kernels counted by torch.profiler
+    (bench/throughput.py's count_kernels: kernels, memsets and memcpys): the number the count
+    above estimates, to calibrate ``TRITON_LAUNCHES`` and the one-launch-per-op rule."""
+    from bench.throughput import count_kernels
+
+    model, cfg = build(preset)
+    model = model.cuda()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1)).cuda()
+
+    def fb():
+        model(ids, labels=ids).loss.backward()
+        for p in model.parameters():
+            p.grad = None
+
+    return count_kernels(fb, "cuda")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--cuda", action="store_true",
+                    help="also run it on the GPU and print torch.profiler's kernel count beside this count")
     args = ap.parse_args(argv)
+    if args.cuda and not torch.cuda.is_available():
+        raise SystemExit("--cuda: no CUDA device here; run it without --cuda for the CPU count only")
     model, cfg = build(args.preset)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
     counts = count_forward_backward(model, ids)
     print(f"{cfg.name}, {args.batch} x {args.seq}, bf16, CUDA path under attention.impl=auto (counted on CPU)")
     print(report(counts, args.top))
+    if args.cuda:
+        real = profiled_on_cuda(args.preset, args.batch, args.seq)
+        est = sum(counts.values())
+        print(f"\ntorch.profiler on {torch.cuda.get_device_name()}: {real} kernels per forward+backward; "
+              f"counted here {est} ({est / real:.2f}x)")
 
 
 if __name__ == "__main__":
