@@ -16,16 +16,18 @@
 #                at 1 x 4K (bench/peers.py; needs the --peers wheels of launch/wheelhouse.sh; ~75 s here,
 #                the full table at 4K and 16K wants its own call: `python3 bench/peers.py --out OUT`)
 #   tp4          issue 16: MoE kernels and compiled blocks at 4 x 4K, interleaved (bench/throughput.py; ~130 s)
+#   launches     issue 16: bench/launches.py's CPU-side launch count beside the profiler's (calibrates
+#                its table of Triton launches; the CPU count at 1 x 1024 takes ~1-2 min)
 #
 # Expects the project's dependencies importable (on the air-gapped image: install the carried
 # wheels into /tmp/site and put it on PYTHONPATH, see bench/throughput_gpu.sh).
 set -uo pipefail
-OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers|tp4 ...]}
+OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers|tp4|launches ...]}
 shift
 PARTS=${*:-experiments trainer cp1 mhc peers}
 for part in $PARTS; do   # refuse a misspelled part before any GPU time is spent
-  case $part in experiments|trainer|cp1|mhc|peers|tp4) ;;
-    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer cp1 mhc peers tp4)" >&2; exit 2 ;; esac
+  case $part in experiments|trainer|cp1|mhc|peers|tp4|launches) ;;
+    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer cp1 mhc peers tp4 launches)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -58,6 +60,8 @@ for part in $PARTS; do
       timeout 130 $PY bench/throughput.py --out "$OUT/tp4" --budget 120 --rounds 2 \
         --variants mhc-eager-auto-4x mhc-eager-all-4x mhc-compiled-auto-4x > /tmp/followup_tp4.log 2>&1
       el "throughput 4x exit $?"; grep -vE '^(W|I)[0-9]{4} ' /tmp/followup_tp4.log | tail -8 > "$OUT/tp4.log" ;;
+    launches)
+      timeout 150 $PY bench/launches.py --preset small --seq 1024 --cuda > "$OUT/launches.txt" 2>&1; el "launches exit $?" ;;
   esac
 done
 el "done"
