@@ -20,6 +20,7 @@ Each trainee: ``forward_backward(ids)`` (returns the detached loss), ``optimizer
 """
 from __future__ import annotations
 
+import abc
 import warnings
 
 import torch
@@ -27,8 +28,9 @@ import torch
 from model.config import ModelConfig
 
 
-class AutocastTrainee:
-    """fp32 parameters, bf16 autocast forward, clip 1.0, fused AdamW (on CUDA)."""
+class AutocastTrainee(abc.ABC):
+    """fp32 parameters, bf16 autocast forward, clip 1.0, fused AdamW (on CUDA); a peer defines
+    ``loss``."""
 
     autocast = True
 
@@ -38,8 +40,9 @@ class AutocastTrainee:
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                      betas=(0.9, 0.95), weight_decay=0.1, fused=self.device.type == "cuda")
 
+    @abc.abstractmethod
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The peer's training loss of one micro-batch ids [B, L]."""
 
     def forward_backward(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):

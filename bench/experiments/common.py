@@ -501,6 +501,14 @@ def _signal(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def run_experiment(parse_args, launch, report, argv=None) -> int:
+    """One experiment script's main: its arguments, its runs (or the --reuse'd ones), its report;
+    the exit status (``exit_status``)."""
+    args = parse_args(argv)
+    report(args, launch(args))
+    return exit_status(args)
+
+
 def exit_status(args: argparse.Namespace) -> int:
     """1 when a run failed (each named again in one line with its log), else 0."""
     for line in args.failures:

@@ -165,9 +165,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    report(args, launch(args))
-    return C.exit_status(args)
+    return C.run_experiment(parse_args, launch, report, argv)
 
 
 if __name__ == "__main__":
