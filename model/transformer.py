@@ -171,9 +171,10 @@ class Transformer(nn.Module):
     def _checkpointed(self, fn, *args):
         """fn(*args); with activation checkpointing (training, grad on) only its inputs are kept
         and its activations are recomputed in backward. Used for every block, the MTP modules
-        and the head's stream mix + norm; the losses (model/loss.py) keep only gradients."""
+        and the head's stream mix + norm; the losses (model/loss.py) keep only gradients.
+        No RNG state is stashed: the model draws no random numbers (model/recompute.py says why)."""
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
+            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
         return fn(*args)
 
     def _run_block(self, block: Block, x, input_ids, layout, routing, carry=None):
