@@ -550,7 +550,7 @@ def main(argv=None):
         plans += [("reference-small", 16, 256, 4096), ("reference-flash", 64, 512, 4096)]
         ba.run_peer_plans(plans, log=lambda s: rep.log("peers64.md", s), time_budget_s=max(10, left() - 15))
     if "sparse_path" in a.sections:
-        from model.indexer import BMM_HAS_OUT_DTYPE
+        from model.matmul import BMM_HAS_OUT_DTYPE
 
         rep.log("checks.md", f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
                              f"{triton.__version__}; bmm(out_dtype=fp32) available: {BMM_HAS_OUT_DTYPE}")

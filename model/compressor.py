@@ -13,18 +13,22 @@ This is the official ``overlap_transform`` layout (HF: "Ca"/"Cb"); the first blo
 document has its previous slots masked (-inf gate), i.e. it pools only its own m tokens.
 
 Numerics follow DeepSeek's official code: projections, gates and the pooled sum in fp32, the
-sum cast to the activation dtype, then the (fp32-internal) RMSNorm. Blocks come from
-``CompressedLayout``: compression restarts at every packed document and a trailing partial
-block is dropped. Everything is gathers, no python loop over tokens or documents.
+sum cast to the activation dtype, then the (fp32-internal) RMSNorm. The projections are
+``F.linear(x.float(), w.float())`` there; on CUDA with a bf16 model we compute the same values as
+bf16 x bf16 tensor-core GEMMs with fp32 accumulation and output (``model.matmul.linears_fp32``:
+a bf16 product is exact in fp32, so only the summation order differs), without fp32 copies of x
+and the weights; ``attention_impl=torch`` and every other case keep the upcast reference.
+Blocks come from ``CompressedLayout``: compression restarts at every packed document and a
+trailing partial block is dropped. Everything is gathers, no python loop over tokens or documents.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.layout import CompressedLayout, PoolingIndex
+from model.matmul import linears_fp32
 from model.norms import RMSNorm
 from model.rope import RoPE
 
@@ -40,6 +44,7 @@ class Compressor(nn.Module):
         self.out_dim = out_dim
         self.overlap = overlap
         self.init_std = cfg.init_std
+        self.impl = cfg.attention_impl   # model/dispatch.py: auto | triton | torch
         coff = 2 if overlap else 1
         self.wkv = nn.Linear(cfg.dim, coff * out_dim, bias=False)
         self.wgate = nn.Linear(cfg.dim, coff * out_dim, bias=False)
@@ -66,9 +71,7 @@ class Compressor(nn.Module):
         if N == 0:
             return x.new_zeros(B, 0, c)
         cdt = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(cdt)
-        kv = F.linear(xf, self.wkv.weight.to(cdt))      # [B, L, coff*c]
-        gate = F.linear(xf, self.wgate.weight.to(cdt))  # [B, L, coff*c]
+        kv, gate = linears_fp32(x, self.wkv.weight, self.wgate.weight, impl=self.impl)  # [B, L, coff*c] each
         C = kv.shape[-1]
         # tokens of each block: [B, N, m]; pads point at token 0.. m-1 (masked at the end)
         pool = clayout.pooling if clayout.ratio == m else PoolingIndex.of(clayout, m)

@@ -37,6 +37,7 @@ from kernels.checks import require
 from model.config import ModelConfig
 from model.compressor import Compressor
 from model.layout import CompressedLayout, compressed_mask
+from model.matmul import matmul_acc
 from model.dispatch import indexer_topk_dispatcher
 from model.indexer_fp8 import indexer_topk_fp8_reference
 from model.indexer_topk import indexer_scores, reference_indexer_topk, select_topk
@@ -134,23 +135,6 @@ def gather_entries(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.reshape(B * N, D).index_select(0, (idx + offset).reshape(-1)).view(*idx.shape, D)
 
 
-# torch >= 2.8: bmm(..., out_dtype=fp32) on fp16/bf16 CUDA inputs (a constant of the install)
-BMM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
-
-
-def _matmul_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """a [..., m, k] @ b [..., k, n] -> [..., m, n] in ``acc`` (fp32 / fp64).
-
-    fp16/bf16 on CUDA: tensor-core product with fp32 output (``bmm(out_dtype=fp32)``), as the
-    Triton kernels accumulate; anything else (or an older torch) is upcast first."""
-    if (a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and acc == torch.float32
-            and BMM_HAS_OUT_DTYPE):
-        lead = a.shape[:-2]
-        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
-        return out.view(*lead, a.shape[-2], b.shape[-1])
-    return a.to(acc) @ b.to(acc)
-
-
 class _SelectedIndexerScores(torch.autograd.Function):
     """I[t, j] = sum_h w[t, h] * ReLU(q[t, h] . k[idx[t, j]]) for the K selected entries, in query
     chunks; backward recomputes each chunk's gather instead of keeping [B, L, K, Di]."""
@@ -164,7 +148,7 @@ class _SelectedIndexerScores(torch.autograd.Function):
         for t0 in range(0, L, chunk):
             t1 = min(L, t0 + chunk)
             ks = gather_entries(k, safe[:, t0:t1])                               # [B, Lc, K, Di]
-            dots = _matmul_acc(q[:, t0:t1], ks.transpose(-1, -2), acc)           # [B, Lc, Hi, K]
+            dots = matmul_acc(q[:, t0:t1], ks.transpose(-1, -2), acc)            # [B, Lc, Hi, K]
             out[:, t0:t1] = (dots.relu_() * w[:, t0:t1, :, None].to(acc)).sum(2)
         ctx.save_for_backward(q, w, k, idx)
         ctx.chunk = chunk
@@ -186,13 +170,13 @@ class _SelectedIndexerScores(torch.autograd.Function):
             t1 = min(L, t0 + ctx.chunk)
             qc, sc = q[:, t0:t1], safe[:, t0:t1]
             ks = gather_entries(k, sc)                                           # [B, Lc, K, Di]
-            dots = _matmul_acc(qc, ks.transpose(-1, -2), acc)                    # [B, Lc, Hi, K]
+            dots = matmul_acc(qc, ks.transpose(-1, -2), acc)                     # [B, Lc, Hi, K]
             gc = g[:, t0:t1, None, :]                                            # [B, Lc, 1, K]
             dw[:, t0:t1] = (dots.relu() * gc).sum(-1)
             # d dots = g * w where the ReLU passes
             dd = torch.where(dots > 0, gc * w[:, t0:t1, :, None].to(acc), 0.0).to(q.dtype)
-            dq[:, t0:t1] = _matmul_acc(dd, ks, acc).to(q.dtype)                  # [B, Lc, Hi, Di]
-            dks = _matmul_acc(dd.transpose(-1, -2), qc, acc)                     # [B, Lc, K, Di]
+            dq[:, t0:t1] = matmul_acc(dd, ks, acc).to(q.dtype)                   # [B, Lc, Hi, Di]
+            dks = matmul_acc(dd.transpose(-1, -2), qc, acc)                      # [B, Lc, K, Di]
             dk.index_add_(0, (sc + offset).reshape(-1), dks.reshape(-1, Di))
         return dq, dw.to(w.dtype), dk.view(B, N, Di).to(k.dtype), None, None
 
@@ -247,7 +231,7 @@ def attention_mass_on_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Te
     for t0 in range(0, L, chunk):
         t1 = min(L, t0 + chunk)
         sel = gather_entries(ckv, safe[:, t0:t1])                                  # [B, Lc, K, D]
-        logit = _matmul_acc(q[:, t0:t1], sel.transpose(-1, -2), acc)               # [B, Lc, H, K]
+        logit = matmul_acc(q[:, t0:t1], sel.transpose(-1, -2), acc)                # [B, Lc, H, K]
         logit = logit.mul_(scale).sub_(lse[:, t0:t1, :, None].to(acc))
         mass[:, t0:t1] = logit.exp_().sum(2)
     return mass.masked_fill_(topk_idx < 0, 0.0)
