@@ -32,6 +32,7 @@ from torch import nn
 from model.dispatch import dispatcher
 from kernels.checks import require
 from model.config import ModelConfig
+from model.matmul import linears_fp32_fused, linears_fp32_supported
 from model.recompute import recompute_in_backward
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,13 @@ def swiglu(
     return F.linear(act(F.linear(x, w1), F.linear(x, w3), limit, weight), w2)  # [T, D]
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W^T in fp32 (the router runs in fp32). x [..., D], weight [E, D] -> [..., E]. Keeps x
-    (bf16), not its fp32 copy, for backward (model/recompute.py)."""
+def router_logits(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """x W^T in fp32 (the router runs in fp32). x [..., D], weight [E, D] -> [..., E].
+    CUDA bf16: a tensor-core GEMM with fp32 output (model/matmul.py: the same products as the
+    fp32 upcast, which ran as a SIMT sgemm in the H200 profile); ``impl="torch"`` or elsewhere:
+    the upcast reference, keeping x (bf16), not its fp32 copy, for backward (model/recompute.py)."""
+    if impl != "torch" and linears_fp32_supported(x, weight):
+        return linears_fp32_fused(x, weight)[0]
     return recompute_in_backward(_router_linear_fp32, x, weight)
 
 
@@ -262,7 +267,7 @@ class Router(nn.Module):
         routing_indices: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D], input_ids [T] -> (weights [T, K] fp32, indices [T, K] long, scores [T, E] fp32)."""
-        logits = router_logits(x, self.weight)  # [T, E] fp32
+        logits = router_logits(x, self.weight, self.kernel_impl)  # [T, E] fp32
         if routing_indices is None and not self.is_hash:
             route = get_topk_routing(self.kernel_impl, logits.device, logits.dtype)
             return route(logits, self.bias, self.top_k, self.route_scale)

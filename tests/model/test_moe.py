@@ -387,3 +387,38 @@ def test_routed_experts_with_callers_counts_equal_own_counts():
     w16, i16, _ = m16.gate(x16.reshape(14, D), ids16.reshape(14))
     ref = (m16.experts(x16.reshape(14, D), w16, i16) + m16.shared(x16.reshape(14, D)).float()).to(torch.bfloat16)
     assert torch.equal(y16, ref.view(2, 7, D))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_router_tensor_core_logits_equal_the_upcast_reference(monkeypatch, dtype):
+    """The router's logits through model/matmul.py's bf16-GEMM-with-fp32-output form (what CUDA
+    bf16 takes; forced here, where it runs as upcast products) equal the fp32-upcast reference:
+    fp64 to rounding, bf16 to the fp32 summation order; gradients of x and the router weight too
+    (bf16: the backward's hi/lo split of the fp32 cotangent)."""
+    import model.moe as moe_mod
+
+    moe = make().to(dtype)
+    x = torch.randn(2, 7, D, dtype=dtype)
+    ids = torch.randint(0, V, (2, 7))
+    results = {}
+    for path, supported in (("reference", False), ("tensor-core form", True)):
+        monkeypatch.setattr(moe_mod, "linears_fp32_supported", lambda *a, s=supported: s)
+        xi = x.clone().requires_grad_()
+        moe.zero_grad(set_to_none=True)
+        logits = moe_mod.router_logits(xi.reshape(-1, D), moe.gate.weight)
+        assert logits.dtype == torch.promote_types(dtype, torch.float32)
+        y, aux = moe(xi, ids)
+        (y.float().square().sum() + logits.square().sum() + aux["balance_loss"]).backward()
+        results[path] = (logits.detach(), aux["indices"], xi.grad.float(), moe.gate.weight.grad.float())
+    ref, fast = results["reference"], results["tensor-core form"]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    assert torch.allclose(fast[0], ref[0], **tol)
+    assert torch.equal(fast[1], ref[1])
+    gtol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    for a, b in zip(fast[2:], ref[2:]):
+        assert torch.allclose(a, b, **gtol), (a - b).abs().max()
+    monkeypatch.setattr(moe_mod, "linears_fp32_supported", lambda *a: True)
+    calls = []
+    monkeypatch.setattr(moe_mod, "linears_fp32_fused", lambda *a: calls.append(1) or (x.new_zeros(1),))
+    moe_mod.router_logits(x.reshape(-1, D), moe.gate.weight, impl="torch")
+    assert not calls, "impl='torch' (model.moe_kernel_impl=torch) must keep the upcast reference"
