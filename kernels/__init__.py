@@ -5,6 +5,8 @@ reference it replaces (the reference lives in ``model/`` and is the contract):
 * ``kernels.indexer_topk``                              <- ``model.indexer_topk`` scoring + top-k
   (bf16 | fp8 scores, chunked torch.topk | fused exact select); ``kernels.fp8`` (plain PyTorch)
   defines the fp8 bytes its quantiser reproduces, for it and for the reference ``model.indexer_fp8``
+* ``kernels.indexer_loss``                              <- ``model.indexer`` sparse-loss gathers
+  (``attention_mass_on_selected``)
 * ``kernels.mhc``                                       <- ``model.hyper_connections`` coefficients + Sinkhorn
 * ``kernels.moe_router`` / ``kernels.swiglu`` / ``kernels.moe_permute``  <- ``model.moe`` (``topk_routing``,
   ``swiglu_activation``, ``permute_tokens`` / ``unpermute_tokens``)

@@ -198,7 +198,8 @@ class Attention(nn.Module):
         # a chunk's halo queries are not its own: they see no entry in the loss
         kl_start = doc_start if carry is None else carry.frame.kl_doc_start
         if selected is not None:
-            indexer_loss = indexer_kl_loss_selected(q, ckv, lse, self.scale, selected, topk_idx, c_end, kl_start)
+            indexer_loss = indexer_kl_loss_selected(q, ckv, lse, self.scale, selected, topk_idx, c_end, kl_start,
+                                                    impl=self.cfg.attention_impl)
         elif dense_idx is not None:
             indexer_loss = indexer_kl_loss_dense(*dense_idx, q, ckv, lse, self.scale, c_end, kl_start)
         if indexer_loss is not None and carry is not None:

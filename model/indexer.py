@@ -26,7 +26,9 @@ reference elsewhere), then ``selected_indexer_scores`` (with gradient) and
 only, gathering the K keys per query in query chunks so that memory stays bounded
 (``max_chunk_elems`` elements per chunk instead of O(L * K * D)); the backward of the scores
 recomputes each chunk's gather. ``indexer_kl_loss_selected`` is the KL on that set: the same
-numbers as ``indexer_kl_loss(..., topk_idx)`` over the full score matrix.
+numbers as ``indexer_kl_loss(..., topk_idx)`` over the full score matrix. The target's gather
+is the reference of a Triton kernel that keeps the gathered rows in registers
+(``kernels/indexer_loss.py``; ``get_attention_mass_on_selected``, model/dispatch.py).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from model.config import ModelConfig
 from model.compressor import Compressor
 from model.layout import CompressedLayout, compressed_mask
 from model.matmul import matmul_acc
-from model.dispatch import indexer_topk_dispatcher
+from model.dispatch import dispatcher, indexer_topk_dispatcher
 from model.indexer_fp8 import indexer_topk_fp8_reference
 from model.indexer_topk import indexer_scores, reference_indexer_topk, select_topk
 from model.rope import RoPE
@@ -237,13 +239,19 @@ def attention_mass_on_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Te
     return mass.masked_fill_(topk_idx < 0, 0.0)
 
 
+# the fast path of the target's gather (kernels/indexer_loss.py), chosen by attention.impl
+get_attention_mass_on_selected = dispatcher("attention_mass_on_selected", attention_mass_on_selected)
+
+
 def indexer_kl_loss_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale: float,
                              selected_scores: torch.Tensor, topk_idx: torch.Tensor, c_end: torch.Tensor,
-                             doc_start: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
+                             doc_start: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS,
+                             impl: str = "auto") -> torch.Tensor:
     """Sparse-mode indexer loss from the selected set alone: the value of
     ``indexer_kl_loss(q, ckv, lse, scale, scores, c_end, doc_start, topk_idx)`` with
     ``selected_scores [B, L, K]`` = scores gathered at topk_idx (``selected_indexer_scores``).
-    The target (main attention mass on the set) is detached; only selected_scores get gradient."""
+    The target (main attention mass on the set) is detached; only selected_scores get gradient.
+    ``impl`` (attention.impl) picks the target's kernel or reference (model/dispatch.py)."""
     if selected_scores.shape != topk_idx.shape:
         raise ValueError(f"indexer_kl_loss_selected: selected_scores {tuple(selected_scores.shape)} and "
                          f"topk_idx {tuple(topk_idx.shape)} must have the same shape")
@@ -252,7 +260,8 @@ def indexer_kl_loss_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tens
     sel_end = torch.gather(c_end, 1, safe.reshape(B, -1)).view_as(safe)            # [B, L, K]
     t = torch.arange(L, device=c_end.device)
     in_set = (topk_idx >= 0) & (sel_end >= doc_start[:, :, None]) & (sel_end <= t[None, :, None])
-    target = attention_mass_on_selected(q.detach(), ckv.detach(), lse.detach(), scale, topk_idx, max_chunk_elems)
+    mass_fn = get_attention_mass_on_selected(impl, q.device, q.dtype)
+    target = mass_fn(q.detach(), ckv.detach(), lse.detach(), scale, topk_idx, max_chunk_elems)
     cdt = torch.promote_types(selected_scores.dtype, torch.float32)
     return _kl_over_set(target, selected_scores.to(cdt), in_set)
 

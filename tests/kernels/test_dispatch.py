@@ -71,25 +71,26 @@ def test_dispatch_is_traced_by_torch_compile_without_graph_breaks():
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
-@pytest.mark.parametrize("getter, module, kernel", [
-    ("get_topk_routing", "kernels.moe_router", "topk_routing_triton"),
-    ("get_swiglu_activation", "kernels.swiglu", "swiglu_activation_triton"),
-    ("get_permute_tokens", "kernels.moe_permute", "permute_tokens_triton"),
-    ("get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton"),
+@pytest.mark.parametrize("user, getter, module, kernel", [
+    ("model.moe", "get_topk_routing", "kernels.moe_router", "topk_routing_triton"),
+    ("model.moe", "get_swiglu_activation", "kernels.swiglu", "swiglu_activation_triton"),
+    ("model.moe", "get_permute_tokens", "kernels.moe_permute", "permute_tokens_triton"),
+    ("model.moe", "get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton"),
+    ("model.indexer", "get_attention_mass_on_selected", "kernels.indexer_loss", "attention_mass_on_selected_triton"),
 ])
-def test_moe_kernels_stay_off_under_auto_until_measured(getter, module, kernel):
-    """auto keeps the MoE references on CUDA (no measured win: dispatch.AUTO_KEEPS_REFERENCE);
+def test_unmeasured_kernels_stay_off_under_auto(user, getter, module, kernel):
+    """auto keeps these references on CUDA (no measured win yet: dispatch.AUTO_KEEPS_REFERENCE);
     triton still selects the kernel."""
     import importlib
 
-    import model.moe as mm
-
-    reference = getattr(mm, getter.removeprefix("get_"))
-    assert getattr(mm, getter)("auto", "cuda", torch.bfloat16) is reference
-    assert getattr(mm, getter)("triton", "cuda", torch.bfloat16) is getattr(importlib.import_module(module), kernel)
+    mod = importlib.import_module(user)
+    reference = getattr(mod, getter.removeprefix("get_"))
+    assert getattr(mod, getter)("auto", "cuda", torch.bfloat16) is reference
+    assert getattr(mod, getter)("triton", "cuda", torch.bfloat16) is getattr(importlib.import_module(module), kernel)
 
 
 GETTERS = {"get_sparse_attention": "model.sparse_attention", "get_indexer_topk": "model.indexer",
+           "get_attention_mass_on_selected": "model.indexer",
            "get_mhc_coefficients": "model.hyper_connections", "get_collapse_streams": "model.hyper_connections",
            "get_mhc_pre": "model.hyper_connections",
            "get_mix_streams": "model.hyper_connections", "get_topk_routing": "model.moe",

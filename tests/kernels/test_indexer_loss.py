@@ -1,0 +1,94 @@
+"""Triton sparse indexer-loss gathers (kernels/indexer_loss.py, interpreter on CPU) vs their
+PyTorch references in model/indexer.py on fresh random inputs, fp32 and fp16: empty (-1) slots,
+entries 0 and N-1, many queries selecting one entry, a query listing an entry twice, odd L / N / K
+(K not a multiple of the tile), B > 1, several head blocks and head-dim chunks."""
+import pytest
+import torch
+
+from kernels.indexer_loss import attention_mass_on_selected_triton
+from model.indexer import attention_mass_on_selected
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _selection(g, B, L, N, K):
+    """Random indices in [-1, N) with the corner cases planted."""
+    idx = torch.randint(-1, N, (B, L, K), generator=g)
+    idx[:, : L // 2, 0] = 0              # half the queries pick entry 0 (dk accumulation)
+    idx[:, :, -1] = N - 1                # every query picks the last entry
+    idx[0, 1, :] = -1                    # a query with an empty set
+    idx[-1, 2, 1] = idx[-1, 2, 2] = 3    # one query lists an entry twice
+    return idx.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("B,L,N,K,H,D,blocks", [
+    (2, 11, 9, 21, 3, 40, {}),                                  # one head block, one chunk
+    (1, 7, 5, 18, 20, 40, {"block_h": 16, "block_d": 16}),      # 2 head blocks, 3 head-dim chunks
+    (3, 4, 6, 9, 16, 32, {"block_k": 32}),
+])
+def test_attention_mass_on_selected_matches_reference(dtype, tol, B, L, N, K, H, D, blocks):
+    g = torch.Generator().manual_seed(L * 10 + H)
+    q, ckv = torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype), torch.randn(B, N, D, generator=g).to(DEVICE, dtype)
+    lse = (torch.randn(B, L, H, generator=g) + 4).to(DEVICE)
+    idx = _selection(g, B, L, N, K)
+    got = attention_mass_on_selected_triton(q, ckv, lse, D ** -0.5, idx, **blocks)
+    ref = attention_mass_on_selected(q, ckv, lse, D ** -0.5, idx)
+    assert got.dtype == ref.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.equal(got[idx < 0], torch.zeros_like(got[idx < 0]))
+    assert _rel(got, ref) < tol
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k = torch.randn(1, 3, 2, 16, device=DEVICE), torch.randn(1, 4, 16, device=DEVICE)
+    w, idx = torch.randn(1, 3, 2, device=DEVICE), torch.zeros(1, 3, 2, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="one dtype"):
+        attention_mass_on_selected_triton(q, k.half(), w, 0.3, idx)
+    with pytest.raises(ValueError, match="block_k"):
+        attention_mass_on_selected_triton(q, k, w, 0.3, idx, block_k=24)
+    with pytest.raises(ValueError, match="lse must be"):
+        attention_mass_on_selected_triton(q, k, w[..., :1], 0.3, idx)
+    if DEVICE == "cpu":   # on CUDA the same check is a device-side assert (kernels/checks.py)
+        with pytest.raises(ValueError, match="index >= N"):
+            attention_mass_on_selected_triton(q, k, w, 0.3, idx + 4)
+
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_attention_layer_indexer_loss_with_kernels_matches_reference(monkeypatch, dtype, tol):
+    """The CSA layer's sparse indexer loss (tiny config, three packed documents, a query with
+    an empty set) and every indexer parameter's gradient: kernels vs references, same weights."""
+    import model.indexer as mi
+    from model.attention import Attention
+    from model.config import ModelConfig
+    from model.layout import DocLayout
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", attention_mode="sparse", attention_impl="torch")
+    attn = Attention(cfg, 1).to(DEVICE, dtype).train()
+    assert attn.indexer is not None
+    with torch.no_grad():
+        attn.indexer.compressor.ape.normal_(std=0.5)
+        attn.sink.normal_()
+    doc_ids = torch.tensor([[0] * 37, [0] * 9 + [1] * 17 + [2] * 11]).to(DEVICE)
+    lay = DocLayout.from_doc_ids(doc_ids)
+    x = torch.randn(*doc_ids.shape, cfg.dim, device=DEVICE).to(dtype)
+    results, calls = [], []
+    for kernels in (False, True):
+        with monkeypatch.context() as m:
+            if kernels:
+                m.setattr(mi, "get_attention_mass_on_selected",
+                          lambda *a, **k: calls.append("mass") or attention_mass_on_selected_triton)
+            _, aux = attn(x, lay)
+            loss = aux["indexer_loss"]
+            results.append((loss.detach(), torch.autograd.grad(loss, list(attn.indexer.parameters()))))
+    assert calls == ["mass"]
+    (l_ref, g_ref), (l_k, g_k) = results
+    assert float(l_ref) > 0 and abs(float(l_k) - float(l_ref)) <= tol * float(l_ref)
+    for (name, _), a, b in zip(attn.indexer.named_parameters(), g_k, g_ref):
+        assert b.abs().max() > 0, name
+        assert _rel(a, b) < tol, (name, _rel(a, b))
