@@ -41,8 +41,7 @@ from torch import nn
 from model.compressor import Compressor
 from model.config import ATTENTION_MODES, ModelConfig
 from model.chunk_layout import AttentionCarry
-from model.indexer import (Indexer, get_indexer_topk, indexer_kl_loss_dense, indexer_kl_loss_selected, indexer_recall,
-                           selected_indexer_scores)
+from model.indexer import Indexer, get_indexer_topk, indexer_kl_loss_dense, indexer_kl_loss_selected, indexer_recall
 from model.layout import CompressedLayout, DocLayout, queries_with_entries
 from model.norms import RMSNorm, rms_norm
 from model.rope import RoPE
@@ -180,7 +179,7 @@ class Attention(nn.Module):
                 with torch.no_grad():
                     topk_idx = self._select(q_i, w_i, k_i, c_end, doc_start)             # [B, L, K]
                 if want_loss:
-                    selected = selected_indexer_scores(q_i, w_i, k_i, topk_idx)            # [B, L, K]
+                    selected = self.indexer.selected_scores(q_i, w_i, k_i, topk_idx)       # [B, L, K]
             elif use_indexer and want_loss:
                 # dense mode: the loss scores every visible entry, in query chunks (no [B, L, N])
                 dense_idx = (q_i, w_i, k_i)

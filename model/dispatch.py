@@ -41,6 +41,7 @@ IMPLS = KERNEL_IMPLS
 KERNELS = {
     "sparse_attention": ("kernels.sparse_attention", "sparse_attention_triton"),
     "indexer_topk": ("kernels.indexer_topk", "indexer_topk"),
+    "selected_indexer_scores": ("kernels.indexer_loss", "selected_indexer_scores_triton"),
     "attention_mass_on_selected": ("kernels.indexer_loss", "attention_mass_on_selected_triton"),
     "mhc_coefficients": ("kernels.mhc", "mhc_coefficients_triton"),
     "collapse_streams": ("kernels.mhc_streams", "collapse_streams_triton"),
@@ -99,10 +100,10 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # bench/results/throughput-h200-2026-12-03.md (small, one H200, rows run in sequence): 1 x 4K
 # 11.0K tok/s with them off vs 9.2K on, 2 x 4K 15.6K off vs 19.0K on: no clean evidence either
 # way, so auto keeps the PyTorch reference until the interleaved table says otherwise.
-# The sparse indexer loss's kernel (kernels/indexer_loss.py) waits for their first GPU check
+# The sparse indexer loss's kernels (kernels/indexer_loss.py) wait for their first GPU check
 # and timing (bench/gpu_check.py --sections indexer_loss): tested in Triton's interpreter only.
 AUTO_KEEPS_REFERENCE = frozenset({"topk_routing", "swiglu_activation", "permute_tokens", "unpermute_tokens",
-                                  "attention_mass_on_selected"})
+                                  "selected_indexer_scores", "attention_mass_on_selected"})
 
 
 def _select(op: str, impl: str, device: torch.device | str | None, module: str, name: str,

@@ -26,9 +26,10 @@ reference elsewhere), then ``selected_indexer_scores`` (with gradient) and
 only, gathering the K keys per query in query chunks so that memory stays bounded
 (``max_chunk_elems`` elements per chunk instead of O(L * K * D)); the backward of the scores
 recomputes each chunk's gather. ``indexer_kl_loss_selected`` is the KL on that set: the same
-numbers as ``indexer_kl_loss(..., topk_idx)`` over the full score matrix. The target's gather
-is the reference of a Triton kernel that keeps the gathered rows in registers
-(``kernels/indexer_loss.py``; ``get_attention_mass_on_selected``, model/dispatch.py).
+numbers as ``indexer_kl_loss(..., topk_idx)`` over the full score matrix. Those two gathers are
+the references of Triton kernels that keep the gathered rows in registers
+(``kernels/indexer_loss.py``; ``get_selected_indexer_scores`` / ``get_attention_mass_on_selected``,
+model/dispatch.py).
 """
 from __future__ import annotations
 
@@ -239,7 +240,8 @@ def attention_mass_on_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Te
     return mass.masked_fill_(topk_idx < 0, 0.0)
 
 
-# the fast path of the target's gather (kernels/indexer_loss.py), chosen by attention.impl
+# the fast paths of the two gathers above (kernels/indexer_loss.py), chosen by attention.impl
+get_selected_indexer_scores = dispatcher("selected_indexer_scores", selected_indexer_scores)
 get_attention_mass_on_selected = dispatcher("attention_mass_on_selected", attention_mass_on_selected)
 
 
@@ -400,6 +402,7 @@ class Indexer(nn.Module):
         self.head_dim = cfg.index_head_dim
         self.init_std = cfg.init_std
         self.weight_scale = cfg.index_n_heads ** -0.5 * cfg.index_head_dim ** -0.5
+        self.impl = cfg.attention_impl   # model/dispatch.py: the selected-set scores' kernel or reference
         self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.dim, cfg.index_n_heads, bias=False)
         self.compressor = Compressor(cfg, cfg.csa_ratio, cfg.index_head_dim, overlap=True, rope=rope)
@@ -423,6 +426,12 @@ class Indexer(nn.Module):
         k = self.compressor(x, clayout)                                       # [B, N, Di]
         w = self.weights_proj(x) * self.weight_scale                          # [B, L, Hi]
         return q, w, k
+
+    def selected_scores(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor,
+                        topk_idx: torch.Tensor) -> torch.Tensor:
+        """``selected_indexer_scores`` of ``project``'s outputs at topk_idx [B, L, K] (sparse mode's
+        loss input, with gradient): the Triton kernel or the reference, by ``self.impl``."""
+        return get_selected_indexer_scores(self.impl, q.device, q.dtype)(q, w, k, topk_idx)
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, doc_start: torch.Tensor,
                 clayout: CompressedLayout) -> torch.Tensor:

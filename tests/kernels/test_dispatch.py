@@ -76,6 +76,7 @@ def test_dispatch_is_traced_by_torch_compile_without_graph_breaks():
     ("model.moe", "get_swiglu_activation", "kernels.swiglu", "swiglu_activation_triton"),
     ("model.moe", "get_permute_tokens", "kernels.moe_permute", "permute_tokens_triton"),
     ("model.moe", "get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton"),
+    ("model.indexer", "get_selected_indexer_scores", "kernels.indexer_loss", "selected_indexer_scores_triton"),
     ("model.indexer", "get_attention_mass_on_selected", "kernels.indexer_loss", "attention_mass_on_selected_triton"),
 ])
 def test_unmeasured_kernels_stay_off_under_auto(user, getter, module, kernel):
@@ -90,7 +91,7 @@ def test_unmeasured_kernels_stay_off_under_auto(user, getter, module, kernel):
 
 
 GETTERS = {"get_sparse_attention": "model.sparse_attention", "get_indexer_topk": "model.indexer",
-           "get_attention_mass_on_selected": "model.indexer",
+           "get_selected_indexer_scores": "model.indexer", "get_attention_mass_on_selected": "model.indexer",
            "get_mhc_coefficients": "model.hyper_connections", "get_collapse_streams": "model.hyper_connections",
            "get_mhc_pre": "model.hyper_connections",
            "get_mix_streams": "model.hyper_connections", "get_topk_routing": "model.moe",

@@ -1,12 +1,13 @@
 """Triton sparse indexer-loss gathers (kernels/indexer_loss.py, interpreter on CPU) vs their
 PyTorch references in model/indexer.py on fresh random inputs, fp32 and fp16: empty (-1) slots,
-entries 0 and N-1, many queries selecting one entry, a query listing an entry twice, odd L / N / K
-(K not a multiple of the tile), B > 1, several head blocks and head-dim chunks."""
+entries 0 and N-1, many queries selecting one entry (the dk atomics), a query listing an entry
+twice, odd L / N / K (K not a multiple of the tile), B > 1, several head blocks and head-dim
+chunks; then the Attention layer's indexer loss and gradients with the kernels vs the references."""
 import pytest
 import torch
 
-from kernels.indexer_loss import attention_mass_on_selected_triton
-from model.indexer import attention_mass_on_selected
+from kernels.indexer_loss import attention_mass_on_selected_triton, selected_indexer_scores_triton
+from model.indexer import attention_mass_on_selected, selected_indexer_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -23,6 +24,51 @@ def _selection(g, B, L, N, K):
     idx[0, 1, :] = -1                    # a query with an empty set
     idx[-1, 2, 1] = idx[-1, 2, 2] = 3    # one query lists an entry twice
     return idx.to(DEVICE)
+
+
+CASES = [  # B, L, N, K, Hi, Di, block_k
+    (2, 13, 7, 21, 3, 20, 16),     # K = 21 over tiles of 16; odd heads and head dim
+    (1, 9, 11, 5, 2, 16, 16),      # K < one tile
+    (3, 6, 5, 40, 16, 32, 32),     # many slots per entry (K > N), three batch rows
+]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("B,L,N,K,Hi,Di,block_k", CASES)
+def test_selected_scores_forward_and_backward_match_reference(dtype, tol, B, L, N, K, Hi, Di, block_k):
+    g = torch.Generator().manual_seed(B * 100 + K)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)
+    q, w, k = r(B, L, Hi, Di), r(B, L, Hi) * 0.3, r(B, N, Di)
+    idx = _selection(g, B, L, N, K)
+    leaves = [t.requires_grad_() for t in (q, w, k)]
+    got = selected_indexer_scores_triton(*leaves, idx, block_k=block_k)
+    ref = selected_indexer_scores(*leaves, idx)
+    assert got.dtype == ref.dtype == torch.float32 and got.shape == ref.shape
+    assert torch.equal(got == float("-inf"), idx < 0) and torch.equal(ref == float("-inf"), idx < 0)
+    valid = idx >= 0
+    assert _rel(got[valid], ref[valid]) < tol
+    cot = torch.randn(B, L, K, generator=g).to(DEVICE)
+    cot[~valid] = float("nan")   # the loss never sends gradient to empty slots: must be ignored
+    for a, b, name in zip(torch.autograd.grad(got, leaves, cot), torch.autograd.grad(ref, leaves, cot), "qwk"):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all() and _rel(a, b) < tol, (name, _rel(a, b))
+        assert b.abs().max() > 0, name
+
+
+def test_selected_scores_non_contiguous_inputs_and_empty_selection():
+    g = torch.Generator().manual_seed(5)
+    B, L, N, K, Hi, Di = 2, 5, 6, 4, 2, 16
+    base = torch.randn(B, L, 2 * Hi, Di, generator=g, device=DEVICE)
+    q = base[:, :, ::2]                                                   # a strided head view
+    w, k = torch.randn(B, L, Hi, generator=g).to(DEVICE), torch.randn(B, N, Di, generator=g).to(DEVICE)
+    idx = _selection(g, B, L, N, K)
+    torch.testing.assert_close(selected_indexer_scores_triton(q, w, k, idx), selected_indexer_scores(q, w, k, idx))
+    empty = torch.full((B, L, K), -1, dtype=torch.long, device=DEVICE)
+    qq, ww, kk = (t.clone().requires_grad_() for t in (q, w, k))
+    out = selected_indexer_scores_triton(qq, ww, kk, empty)
+    assert (out == float("-inf")).all()
+    for grad in torch.autograd.grad(out, (qq, ww, kk), torch.ones_like(out)):
+        assert torch.equal(grad, torch.zeros_like(grad))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
@@ -47,15 +93,25 @@ def test_bad_inputs_raise_clear_errors():
     q, k = torch.randn(1, 3, 2, 16, device=DEVICE), torch.randn(1, 4, 16, device=DEVICE)
     w, idx = torch.randn(1, 3, 2, device=DEVICE), torch.zeros(1, 3, 2, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="one dtype"):
-        attention_mass_on_selected_triton(q, k.half(), w, 0.3, idx)
+        selected_indexer_scores_triton(q, w, k.half(), idx)
+    with pytest.raises(ValueError, match="w must be"):
+        selected_indexer_scores_triton(q, w[..., :1], k, idx)
     with pytest.raises(ValueError, match="block_k"):
-        attention_mass_on_selected_triton(q, k, w, 0.3, idx, block_k=24)
+        selected_indexer_scores_triton(q, w, k, idx, block_k=24)
+    with pytest.raises(ValueError, match="one dtype"):
+        attention_mass_on_selected_triton(q, k.half(), w, 0.3, idx)
+    with pytest.raises(ValueError, match="block_h"):
+        attention_mass_on_selected_triton(q, k, w, 0.3, idx, block_h=8)
+    with pytest.raises(ValueError, match="index_n_heads x index_head_dim"):
+        selected_indexer_scores_triton(torch.randn(1, 3, 128, 256, device=DEVICE), torch.randn(1, 3, 128, device=DEVICE),
+                                       torch.randn(1, 4, 256, device=DEVICE), idx)
     with pytest.raises(ValueError, match="lse must be"):
         attention_mass_on_selected_triton(q, k, w[..., :1], 0.3, idx)
     if DEVICE == "cpu":   # on CUDA the same check is a device-side assert (kernels/checks.py)
         with pytest.raises(ValueError, match="index >= N"):
             attention_mass_on_selected_triton(q, k, w, 0.3, idx + 4)
-
+        with pytest.raises(ValueError, match="index >= N"):
+            selected_indexer_scores_triton(q, w, k, idx + 4)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
@@ -81,12 +137,14 @@ def test_attention_layer_indexer_loss_with_kernels_matches_reference(monkeypatch
     for kernels in (False, True):
         with monkeypatch.context() as m:
             if kernels:
+                m.setattr(mi, "get_selected_indexer_scores",
+                          lambda *a, **k: calls.append("scores") or selected_indexer_scores_triton)
                 m.setattr(mi, "get_attention_mass_on_selected",
                           lambda *a, **k: calls.append("mass") or attention_mass_on_selected_triton)
             _, aux = attn(x, lay)
             loss = aux["indexer_loss"]
             results.append((loss.detach(), torch.autograd.grad(loss, list(attn.indexer.parameters()))))
-    assert calls == ["mass"]
+    assert calls == ["scores", "mass"]
     (l_ref, g_ref), (l_k, g_k) = results
     assert float(l_ref) > 0 and abs(float(l_k) - float(l_ref)) <= tol * float(l_ref)
     for (name, _), a, b in zip(attn.indexer.named_parameters(), g_k, g_ref):
