@@ -32,6 +32,14 @@ from optim.builder import build_optimizer  # noqa: E402
 OPTIM = {"name": "muon", "lr": 2.7e-4}
 
 
+def forward_backward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    """One micro-batch's forward (every loss: lm, MTP, balance, indexer) and backward, the
+    gradients added into ``.grad``; -> the loss."""
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.loss
+
+
 class Trainee:
     """A bf16 model, its fp32 master copy and the optimizer over the master copy."""
 
@@ -49,10 +57,8 @@ class Trainee:
         self.opt = build_optimizer(self.master, OPTIM)
         self.device = device
 
-    def forward_backward(self, ids: torch.Tensor) -> float:
-        out = self.model(ids, labels=ids)
-        out.loss.backward()
-        return out.loss
+    def forward_backward(self, ids: torch.Tensor) -> torch.Tensor:
+        return forward_backward(self.model, ids)
 
     def optimizer_step(self) -> None:
         for pm, pb in self.pairs:

@@ -214,6 +214,18 @@ def _check_moe_layer(log, device, tiny, dt, tol) -> bool:
 # ----------------------------------------------------------------------------- timing
 def count_kernels(fn, device) -> int | None:
     """CUDA kernels launched by one call of fn (torch.profiler); None off CUDA."""
+    counts = launch_counts(fn, device)
+    return None if counts is None else counts[0]
+
+
+# host-side CUDA API calls that start work on the device: kernels (runtime and driver API, the
+# latter is how Triton launches) and CUDA-graph replays
+_LAUNCH_CALLS = ("LaunchKernel", "GraphLaunch")
+
+
+def launch_counts(fn, device) -> tuple[int, int] | None:
+    """(device kernels, host launch calls) of one call of fn (torch.profiler), after one
+    unprofiled call; None off CUDA. A CUDA-graph replay runs many kernels from one host call."""
     if torch.device(device).type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -221,7 +233,11 @@ def count_kernels(fn, device) -> int | None:
     fn(); sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn(); sync(device)
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    calls = sum(1 for e in events if e.device_type != torch.autograd.DeviceType.CUDA
+                and any(k in e.name for k in _LAUNCH_CALLS))
+    return kernels, calls
 
 
 @dataclass(frozen=True)
@@ -268,6 +284,15 @@ PLAN = [HybridSetup(), HybridSetup("all"), HybridSetup("none"), HybridSetup(hc="
 BASELINE = HybridSetup()   # today's default: eager, kernels as auto selects them, mHC
 
 
+def loss_grad_errors(loss, grads, ref_loss, ref_grads) -> tuple[float, float]:
+    """(relative error of the loss, relative L2 error of all gradients together) against a
+    reference; gradient pairs where either side is None are left out."""
+    pairs = [(a, b) for a, b in zip(grads, ref_grads) if a is not None and b is not None]
+    g_err = (sum(((a.float() - b.float()) ** 2).sum() for a, b in pairs) ** 0.5 /
+             sum((b.float() ** 2).sum() for _, b in pairs) ** 0.5).item()
+    return abs(loss.item() - ref_loss.item()) / abs(ref_loss.item()), g_err
+
+
 def check_compiled(log, device, tiny: bool, backend: str) -> bool:
     """model.compile=block vs eager, one forward+backward of the same weights and tokens: loss
     and all gradients (relative L2; bf16 on CUDA, so a near-tied routing choice may flip)."""
@@ -292,10 +317,7 @@ def check_compiled(log, device, tiny: bool, backend: str) -> bool:
             out = m(ids, labels=ids)
             res.append((out.loss.detach(), torch.autograd.grad(out.loss, list(m.parameters()), allow_unused=True)))
     (l0, g0), (l1, g1) = res
-    pairs = [(a, b) for a, b in zip(g1, g0) if a is not None and b is not None]
-    g_err = (sum(((a.float() - b.float()) ** 2).sum() for a, b in pairs) ** 0.5 /
-             sum((b.float() ** 2).sum() for _, b in pairs) ** 0.5).item()
-    l_err = abs(l1.item() - l0.item()) / abs(l0.item())
+    l_err, g_err = loss_grad_errors(l1, g1, l0, g0)
     tol = 2e-2 if dt == torch.bfloat16 else 1e-4
     ok = l_err < tol and g_err < 5 * tol
     log(fmt_row([f"model.compile=block vs eager ({backend}), {cfg.name} 1 x {L}", str(dt).removeprefix("torch."),

@@ -143,12 +143,15 @@ class Transformer(nn.Module):
         """Every transformer block: the main stack's, then the MTP modules'."""
         return list(self.layers) + [m.block for m in self.mtp]
 
-    def compile_blocks(self, backend: str = "inductor") -> None:
+    def compile_blocks(self, backend: str = "inductor", mode: str | None = None,
+                       options: dict | None = None) -> None:
         """``model.compile=block``: torch.compile every block in place (parameter names and
         state dicts unchanged). Call it on the final model, after any copy or wrapping: a deep
         copy of a compiled module would still call the original's forward. Blocks of another
         layer kind (window / CSA / HCA, hash or learned routing) are separate graphs, so the
-        recompile limit is raised to a few graphs per block (train / eval, batch shapes)."""
+        recompile limit is raised to a few graphs per block (train / eval, batch shapes).
+        ``mode`` / ``options``: torch.compile's (e.g. mode="reduce-overhead": Inductor's CUDA
+        graphs, measured by bench/cuda_graphs.py; the trainer passes neither)."""
         import torch._dynamo
 
         from model.dispatch import import_kernel_modules
@@ -158,7 +161,7 @@ class Transformer(nn.Module):
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, 8 * len(blocks))
         for b in blocks:
-            b.compile(backend=backend)
+            b.compile(backend=backend, mode=mode, options=options)
 
     def indexer_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if ".indexer." in n]
