@@ -57,6 +57,8 @@ FAST_PATHS = {
                  "unpermute_tokens")],
     "rope": [("model.rope", "get_rope_rotate", "kernels.rope", "rope_rotate_triton", "rope_rotate")],
     "rmsnorm": [("model.norms", "get_rms_norm", "kernels.rms_norm", "rms_norm_triton", "rms_norm_reference")],
+    "compressor": [("model.compressor", "get_compressor_pool", "kernels.compressor_pool", "compressor_pool_triton",
+                    "compressor_pool")],
 }
 ALL = frozenset(FAST_PATHS)
 

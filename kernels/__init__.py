@@ -12,6 +12,7 @@ reference it replaces (the reference lives in ``model/`` and is the contract):
   ``swiglu_activation``, ``permute_tokens`` / ``unpermute_tokens``)
 * ``kernels.rms_norm``                                  <- ``model.norms.rms_norm_reference``
 * ``kernels.rope``                                      <- ``model.rope.rope_rotate``
+* ``kernels.compressor_pool``                           <- ``model.compressor.compressor_pool`` (gated pooling)
 * ``kernels.checks``: value checks on tensors without a host sync (kernels and model use them)
 
 The choice between a kernel and its reference is made in ``model.dispatch`` (``*_impl: auto |

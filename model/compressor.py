@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.dispatch import dispatcher
 from model.layout import CompressedLayout, PoolingIndex
 from model.matmul import linears_fp32
 from model.norms import RMSNorm
@@ -70,22 +71,38 @@ class Compressor(nn.Module):
                              f"expected [{B}, {L // m}] for ratio {m} and length {L}")
         if N == 0:
             return x.new_zeros(B, 0, c)
-        cdt = torch.promote_types(x.dtype, torch.float32)
         kv, gate = linears_fp32(x, self.wkv.weight, self.wgate.weight, impl=self.impl)  # [B, L, coff*c] each
-        C = kv.shape[-1]
-        # tokens of each block: [B, N, m]; pads point at token 0.. m-1 (masked at the end)
         pool = clayout.pooling if clayout.ratio == m else PoolingIndex.of(clayout, m)
-        flat = pool.tokens.reshape(B, N * m, 1).expand(B, N * m, C)
-        kv_b = torch.gather(kv, 1, flat).view(B, N, m, C)                                 # [B, N, m, C]
-        gate_b = torch.gather(gate, 1, flat).view(B, N, m, C) + self.ape.to(cdt)          # [B, N, m, C]
-        if self.overlap:
-            pidx = pool.prev[:, :, None, None].expand(B, N, m, c)     # previous block (first: 0, masked)
-            prev_kv = torch.gather(kv_b[..., :c], 1, pidx)           # block i-1, first half
-            prev_gate = torch.gather(gate_b[..., :c], 1, pidx)
-            prev_gate = prev_gate.masked_fill(pool.no_prev[:, :, None, None], float("-inf"))
-            kv_b = torch.cat([prev_kv, kv_b[..., c:]], dim=2)         # [B, N, 2m, c]
-            gate_b = torch.cat([prev_gate, gate_b[..., c:]], dim=2)
-        pooled = (kv_b * gate_b.softmax(dim=2)).sum(dim=2)            # [B, N, c]
+        fn = get_compressor_pool(self.impl, kv.device, kv.dtype)
+        pooled = fn(kv, gate, self.ape, pool.tokens, pool.prev, pool.no_prev, pool.invalid, self.overlap)
+        # pad entries pool to zero, and RMSNorm and RoPE keep a zero row zero
         ckv = self.norm(pooled.to(x.dtype))
-        ckv = self.rope.apply(ckv, clayout.c_pos)
-        return ckv.masked_fill(pool.invalid[:, :, None], 0.0)
+        return self.rope.apply(ckv, clayout.c_pos)
+
+
+def compressor_pool(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, tokens: torch.Tensor,
+                    prev: torch.Tensor, no_prev: torch.Tensor, invalid: torch.Tensor, overlap: bool) -> torch.Tensor:
+    """The gated pooling of the module doc: kv, gate [B, L, C] (the projections; C = 2c with
+    overlap, else c), ape [m, C], a ``PoolingIndex``'s tensors (tokens [B, N, m], prev, no_prev,
+    invalid [B, N]) -> pooled [B, N, c] in kv's dtype; pad entries are zero. Triton:
+    ``kernels/compressor_pool.py`` (``get_compressor_pool``)."""
+    B, N, m = tokens.shape
+    C = kv.shape[-1]
+    c = C // 2 if overlap else C
+    # tokens of each block: [B, N, m]; pads point at tokens 0..m-1 (zeroed at the end)
+    flat = tokens.reshape(B, N * m, 1).expand(B, N * m, C)
+    kv_b = torch.gather(kv, 1, flat).view(B, N, m, C)                                 # [B, N, m, C]
+    gate_b = torch.gather(gate, 1, flat).view(B, N, m, C) + ape.to(kv.dtype)          # [B, N, m, C]
+    if overlap:
+        pidx = prev[:, :, None, None].expand(B, N, m, c)           # previous block (first: 0, masked)
+        prev_kv = torch.gather(kv_b[..., :c], 1, pidx)           # block i-1, first half
+        prev_gate = torch.gather(gate_b[..., :c], 1, pidx)
+        prev_gate = prev_gate.masked_fill(no_prev[:, :, None, None], float("-inf"))
+        kv_b = torch.cat([prev_kv, kv_b[..., c:]], dim=2)         # [B, N, 2m, c]
+        gate_b = torch.cat([prev_gate, gate_b[..., c:]], dim=2)
+    pooled = (kv_b * gate_b.softmax(dim=2)).sum(dim=2)            # [B, N, c]
+    return pooled.masked_fill(invalid[:, :, None], 0.0)
+
+
+# the pooling: Triton (kernels/compressor_pool.py) or the reference above (model/dispatch.py)
+get_compressor_pool = dispatcher("compressor_pool", compressor_pool)

@@ -53,6 +53,7 @@ KERNELS = {
     "unpermute_tokens": ("kernels.moe_permute", "unpermute_tokens_triton"),
     "rope_rotate": ("kernels.rope", "rope_rotate_triton"),
     "rms_norm": ("kernels.rms_norm", "rms_norm_triton"),
+    "compressor_pool": ("kernels.compressor_pool", "compressor_pool_triton"),
 }
 
 
@@ -102,8 +103,11 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # way, so auto keeps the PyTorch reference until the interleaved table says otherwise.
 # The sparse indexer loss's kernels (kernels/indexer_loss.py) wait for their first GPU check
 # and timing (bench/gpu_check.py --sections indexer_loss): tested in Triton's interpreter only.
+# So does the compressor's pooling (kernels/compressor_pool.py, issue 16): auto keeps the
+# reference until bench/compressor.py's one-call check (correctness, fwd+bwd time at the small
+# preset's sizes) has passed on the device and the throughput table has it.
 AUTO_KEEPS_REFERENCE = frozenset({"topk_routing", "swiglu_activation", "permute_tokens", "unpermute_tokens",
-                                  "selected_indexer_scores", "attention_mass_on_selected"})
+                                  "selected_indexer_scores", "attention_mass_on_selected", "compressor_pool"})
 
 
 def _select(op: str, impl: str, device: torch.device | str | None, module: str, name: str,

@@ -116,7 +116,9 @@ class PoolingIndex:
     """What ``model.compressor.Compressor`` gathers with, for one CompressedLayout and ratio m."""
 
     tokens: torch.Tensor       # [B, N, m] long, the tokens of each block (pads: tokens 0..m-1)
-    prev: torch.Tensor         # [B, N] long, prev_index clamped at 0 (a first block reads block 0, masked)
+    # [B, N] long, prev_index clamped at 0 (a first block reads block 0, masked); always e - 1
+    # where there is one (a document's blocks are consecutive entries: kernels/compressor_pool.py relies on it)
+    prev: torch.Tensor
     no_prev: torch.Tensor      # [B, N] bool, a document's first block (no previous block)
     invalid: torch.Tensor      # [B, N] bool, pad entries
 

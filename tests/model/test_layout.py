@@ -82,3 +82,20 @@ def test_single_document_visibility_rule():
     for t in range(L):
         for i in range(L // m):
             assert bool(cm[t, i]) == (i < (t + 1) // m)
+
+
+def test_previous_block_is_the_entry_before():
+    # the fused compressor pooling (kernels/compressor_pool.py) finds the entry whose previous
+    # block is e as e + 1: every layout the compressor pools with, global and per chunk frame,
+    # lists a document's blocks consecutively (prev_index is -1 or e - 1)
+    from model.chunk_layout import build_frame
+
+    lay = DocLayout.from_doc_ids(DOC_IDS)
+    L = DOC_IDS.shape[1]
+    for ratio in (2, 3, 4):
+        gl = CompressedLayout.build(lay, ratio)
+        layouts = [gl] + [build_frame(lay, {ratio: gl}, s, min(L, s + 7), 8, ratio).entries[ratio].new_layout
+                          for s in range(0, L, 7)]
+        for cl in layouts:
+            e = torch.arange(cl.prev_index.shape[1]).expand_as(cl.prev_index)
+            assert bool(((cl.prev_index == -1) | (cl.prev_index == e - 1)).all()), ratio
