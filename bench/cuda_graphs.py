@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -237,6 +238,9 @@ def cut_at(deadline: float):
     left = deadline - time.time()
     if left <= 0:
         raise TimeoutError("no time left before the budget's end")
+    if threading.current_thread() is not threading.main_thread():   # signals reach the main thread only
+        yield
+        return
 
     def fire(*_):
         raise TimeoutError("cut at the budget's end")
@@ -467,12 +471,13 @@ def _run(out, tiny, budget_s, kinds, micro_batches, seq, checkpointing, rounds, 
         except Exception as exc:
             if isinstance(exc, TimeoutError) or "cut at the budget's end" in str(exc):   # (Dynamo wraps it)
                 a.status = f"not run: warm-up cut at the budget's end after {time.time() - t_arm:.0f}s"
-                print(f"[{time.time() - t0:.0f}s] {KINDS[a.kind]} [{a.micro_batch}x]: {a.status}", flush=True)
-                continue
-            a.status = f"ERROR {type(exc).__name__}"
-            a.notes.append(f"warm-up / capture failed after {time.time() - t0:.0f}s: {type(exc).__name__}: "
-                           + " | ".join(str(exc).splitlines()[:3])[:600])
-            if cuda:   # a failed capture can leave its side stream current
+            else:
+                a.status = f"ERROR {type(exc).__name__}"
+                a.notes.append(f"warm-up / capture failed after {time.time() - t_arm:.0f}s: {type(exc).__name__}: "
+                               + " | ".join(str(exc).splitlines()[:3])[:600])
+            # an interrupted capture or compilation can leave its stream current and grad mode off
+            torch.set_grad_enabled(True)
+            if cuda:
                 torch.cuda.set_stream(torch.cuda.default_stream())
                 with contextlib.suppress(Exception):
                     torch.cuda.synchronize()
