@@ -465,6 +465,10 @@ def _run(out, tiny, budget_s, kinds, micro_batches, seq, checkpointing, rounds, 
         a = arms[key]
         if a.status == "needs CUDA":
             continue
+        failed = next((b for b in arms.values() if b.kind == a.kind and b.status.startswith("ERROR")), None)
+        if failed is not None and "OutOfMemory" not in failed.status:   # the same error again, at a price
+            a.status = f"not run: failed at {failed.micro_batch}x (see the reasons)"
+            continue
         t_arm = time.time()
         try:
             prepare(a)
