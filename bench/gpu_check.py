@@ -4,7 +4,7 @@
 
 Writes markdown tables to --out (checks.md, sweep.md, attention.md, resources.md; with the
 sections sparse_path, model_step and layer also sparse_path.md, model_step.md, layer.md and
-profiles.md) and prints them. Every section has a time budget so that the whole call ends inside the lease's limit.
+profiles.md; with compressor, compressor.md) and prints them. Every section has a time budget so that the whole call ends inside the lease's limit.
 """
 from __future__ import annotations
 
@@ -569,6 +569,11 @@ def main(argv=None):
         if len(res) < 2:  # e.g. out of memory: once more with activation checkpointing
             bms.run("small", 4096, 1, "cuda", steps=5, warmup=2, checkpointing=True, log=log)
         print(f"[model step done at {time.time() - t_start:.0f}s]", flush=True)
+    if "compressor" in a.sections:   # issue 16: the compressor's fast path (bench/compressor.py)
+        from bench import compressor as bc
+
+        ok = bc.run(a.out, "cuda", tiny=False, budget_s=max(30.0, min(240.0, left() - 30)))
+        print(f"[compressor done at {time.time() - t_start:.0f}s, checks pass: {ok}]", flush=True)
     if "layer" in a.sections:
         from bench import layer as bl
 
