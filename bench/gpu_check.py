@@ -3,8 +3,8 @@
     PYTHONUNBUFFERED=1 python bench/gpu_check.py --out $OUT [--sections checks sweep attention peers]
 
 Writes markdown tables to --out (checks.md, sweep.md, attention.md, resources.md; with the
-sections sparse_path, model_step and layer also sparse_path.md, model_step.md, layer.md and
-profiles.md; with compressor, compressor.md) and prints them. Every section has a time budget so that the whole call ends inside the lease's limit.
+sections sparse_path, indexer_loss, model_step and layer also sparse_path.md, indexer_loss.md,
+model_step.md, layer.md and profiles.md; with compressor, compressor.md) and prints them. Every section has a time budget so that the whole call ends inside the lease's limit.
 """
 from __future__ import annotations
 
@@ -118,26 +118,27 @@ SPARSE_PATH_CHECKS = [
 ]
 
 
-def _sparse_path_inputs(L, H, D, Hi, Di, K, cuts, seed, device="cuda"):
-    """bf16 indexer projections, main q / ckv (unit RMS, as after the layer's norms), the layout,
-    the Triton top-k and the main attention's lse (Triton kernel on random window kv)."""
+def _sparse_path_inputs(L, H, D, Hi, Di, K, cuts, seed, device="cuda", B=1):
+    """bf16 indexer projections, main q / ckv (unit RMS, as after the layer's norms), the layout
+    (the same documents in each of the B rows), the top-k (Triton on CUDA) and the main
+    attention's lse (Triton kernel on random window kv on CUDA)."""
     from model.indexer import get_indexer_topk
     from model.sparse_attention import get_sparse_attention
     from model.layout import CompressedLayout, DocLayout
 
     impl = "triton" if torch.device(device).type == "cuda" else "torch"
     g = torch.Generator(device=device).manual_seed(seed)
-    doc_ids = torch.zeros(1, L, dtype=torch.long, device=device)
+    doc_ids = torch.zeros(B, L, dtype=torch.long, device=device)
     for c in cuts:
         doc_ids[:, c:] += 1
     lay = DocLayout.from_doc_ids(doc_ids)
     cl = CompressedLayout.build(lay, 4)
     N = cl.c_end.shape[1]
     r = lambda *shape: torch.randn(*shape, device=device, generator=g)
-    q_i = r(1, L, Hi, Di).bfloat16()
-    w = (r(1, L, Hi) * (Hi * Di) ** -0.5).bfloat16()
-    k_i = r(1, N, Di).bfloat16()
-    q, kv, ckv = r(1, L, H, D).bfloat16(), r(1, L, D).bfloat16(), r(1, N, D).bfloat16()
+    q_i = r(B, L, Hi, Di).bfloat16()
+    w = (r(B, L, Hi) * (Hi * Di) ** -0.5).bfloat16()
+    k_i = r(B, N, Di).bfloat16()
+    q, kv, ckv = r(B, L, H, D).bfloat16(), r(B, L, D).bfloat16(), r(B, N, D).bfloat16()
     sink = r(H)
     topk = get_indexer_topk(impl, device, q_i.dtype)(q_i, w, k_i, cl.c_end, lay.doc_start, K)
     with torch.no_grad():
@@ -234,6 +235,166 @@ def bench_sparse_path(rep: Report, lengths=(16384, 65536)) -> None:
             except Exception as exc:
                 rep.log("sparse_path.md", fmt([name, L, f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
             torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- sparse indexer loss kernels
+INDEXER_LOSS_CHECKS = [
+    # name, B, L, H x D (main), Hi x Di (indexer), top-k, doc cuts
+    ("small sizes, 3 docs", 2, 4096, (16, 256), (16, 128), 256, (900, 2600)),
+    ("flash sizes, 2 docs", 1, 4096, (64, 512), (64, 128), 512, (1500,)),
+]
+# small preset, one CSA layer's indexer loss at the trainer's micro-batch (small_gpu: 4 x 4K)
+INDEXER_LOSS_BENCH = ("small: 16x256, Hi 16x128, top-256", 4, 4096, (16, 256), (16, 128), 256)
+
+
+def _indexer_loss_paths(device):
+    """(reference context, kernel context): model.indexer's getters patched to the references /
+    to kernels/indexer_loss.py (on CPU the kernels run in Triton's interpreter)."""
+    import functools
+
+    from bench.throughput import fast_paths
+
+    return functools.partial(fast_paths, frozenset()), functools.partial(fast_paths, frozenset({"indexer_loss"}))
+
+
+def _indexer_loss_fb(inp, leaves):
+    """Selected-set scores + KL target + KL loss, then the gradients of q_idx, w, k_idx, through
+    whatever model.indexer's getters select -> (loss, grads)."""
+    import model.indexer as mi
+
+    sel = mi.get_selected_indexer_scores("auto", leaves[0].device, leaves[0].dtype)(*leaves, inp["topk"])
+    loss = mi.indexer_kl_loss_selected(inp["q"].to(leaves[0].dtype), inp["ckv"].to(leaves[0].dtype), inp["lse"],
+                                       inp["scale"], sel, inp["topk"], inp["c_end"], inp["doc_start"])
+    return loss, torch.autograd.grad(loss, leaves)
+
+
+def check_indexer_loss(rep: Report, checks=INDEXER_LOSS_CHECKS, device="cuda",
+                       dtypes=(torch.bfloat16, torch.float32)) -> bool:
+    """kernels/indexer_loss.py against its references (model/indexer.py) on the same inputs and
+    dtype (bf16, fp32): selected scores and their q / w / k gradients under a random cotangent,
+    the KL target mass, and the whole indexer loss with its gradients; plus dk run to run (fp32
+    atomics: summation order only). Relative L2 (loss: relative difference)."""
+    from kernels.indexer_loss import attention_mass_on_selected_triton, selected_indexer_scores_triton
+    from model.indexer import attention_mass_on_selected, selected_indexer_scores
+
+    ref_ctx, ker_ctx = _indexer_loss_paths(device)
+    ok_all = True
+    rep.log("checks.md", "")
+    rep.log("checks.md", "sparse indexer loss kernels (kernels/indexer_loss.py) vs their PyTorch references, same "
+                         "inputs and dtype, relative L2 error")
+    hdr = ["check", "dtype", "scores", "d q_idx", "d w", "d k_idx", "target mass", "loss", "loss grads (max)",
+           "d k_idx run-to-run", "pass"]
+    rep.log("checks.md", fmt(hdr)); rep.log("checks.md", fmt(["---"] * len(hdr)))
+    for name, B, L, (H, D), (Hi, Di), K, cuts in checks:
+        try:
+            inp = _sparse_path_inputs(L, H, D, Hi, Di, K, cuts, seed=L + H, device=device, B=B)
+            topk, valid = inp["topk"], inp["topk"] >= 0
+            g = torch.Generator(device=device).manual_seed(7)
+            cot = torch.randn(topk.shape, device=device, generator=g)
+            for dt in dtypes:
+                res = []
+                for fn in (selected_indexer_scores, selected_indexer_scores_triton, selected_indexer_scores_triton):
+                    leaves = [inp[k].to(dt).requires_grad_() for k in ("q_i", "w", "k_i")]
+                    out = fn(*leaves, topk)
+                    res.append((out.detach(), torch.autograd.grad(out, leaves, cot.masked_fill(~valid, 0.0))))
+                (s_ref, g_ref), (s_k, g_k), (_, g_k2) = res
+                mass_args = (inp["q"].to(dt), inp["ckv"].to(dt), inp["lse"], inp["scale"], topk)
+                m_ref, m_k = attention_mass_on_selected(*mass_args), attention_mass_on_selected_triton(*mass_args)
+                losses = []
+                for ctx in (ref_ctx, ker_ctx):
+                    with ctx():
+                        loss, grads = _indexer_loss_fb(inp, [inp[k].to(dt).requires_grad_() for k in ("q_i", "w", "k_i")])
+                    losses.append((loss.detach(), grads))
+                (l_ref, lg_ref), (l_k, lg_k) = losses
+                errs = [_rel(s_k[valid], s_ref[valid])] + [_rel(a, b) for a, b in zip(g_k, g_ref)]
+                errs += [_rel(m_k, m_ref), abs(float(l_k) - float(l_ref)) / abs(float(l_ref)),
+                         max(_rel(a, b) for a, b in zip(lg_k, lg_ref))]
+                run2run = _rel(g_k2[2], g_k[2])
+                tol = 5e-3 if dt == torch.bfloat16 else 1e-5
+                exact_empty = bool((s_k[~valid] == float("-inf")).all()) and bool((m_k[~valid] == 0).all())
+                finite = all(bool(torch.isfinite(x).all()) for x in (*g_k, *lg_k, m_k, s_k[valid]))
+                ok = exact_empty and finite and all(e < tol for e in errs) and run2run < tol
+                ok_all &= ok
+                rep.log("checks.md", fmt([f"{name} (B={B}, L={L}, {H}x{D}, Hi {Hi}x{Di}, top-{K})",
+                                          str(dt).removeprefix("torch."), *[f"{e:.1e}" for e in errs],
+                                          f"{run2run:.1e}", "yes" if ok else "NO"]))
+        except Exception as exc:
+            ok_all = False
+            rep.log("checks.md", fmt([name, f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return ok_all
+
+
+def bench_indexer_loss(rep: Report, sizes=INDEXER_LOSS_BENCH, device="cuda", rounds: int = 5, steps: int = 3,
+                       budget_s: float = 120.0, sweep: bool = True, dtype=torch.bfloat16) -> None:
+    """Reference vs kernel at one CSA layer's sizes, interleaved (bench/timing.py): the KL target
+    (no grad), the selected scores forward, forward + backward, and the whole indexer loss
+    forward + backward (scores + target + KL, gradients of q_idx, w, k_idx). Median ms and the
+    transient memory. Then (CUDA) a tile sweep of the kernels: block_k x num_warps."""
+    import functools
+
+    from bench.timing import Variant, interleave, median
+    from kernels.indexer_loss import attention_mass_on_selected_triton, selected_indexer_scores_triton
+    from model.indexer import attention_mass_on_selected, selected_indexer_scores
+
+    name, B, L, (H, D), (Hi, Di), K = sizes
+    log = lambda s: rep.log("indexer_loss.md", s)
+    log(f"sparse indexer loss, one CSA layer, {str(dtype).removeprefix('torch.')}, {name}, B={B}, L={L} (one document per row); "
+        f"reference (model/indexer.py) vs kernels/indexer_loss.py, interleaved, median of {rounds} x {steps}")
+    inp = _sparse_path_inputs(L, H, D, Hi, Di, K, (), seed=1, device=device, B=B)
+    for k in ("q_i", "w", "k_i", "q", "ckv"):
+        inp[k] = inp[k].to(dtype)
+    leaves = [inp[k].requires_grad_() for k in ("q_i", "w", "k_i")]
+    mass_args = (inp["q"], inp["ckv"], inp["lse"], inp["scale"], inp["topk"])
+    cot = torch.randn(inp["topk"].shape, device=device).masked_fill(inp["topk"] < 0, 0.0)
+
+    def scores_fb(fn):
+        return torch.autograd.grad(fn(*leaves, inp["topk"]), leaves, cot)
+
+    ref_ctx, ker_ctx = _indexer_loss_paths(device)
+    ops = [("KL target (attention mass on the selected set)", lambda: attention_mass_on_selected(*mass_args),
+            lambda: attention_mass_on_selected_triton(*mass_args), None),
+           ("selected scores, forward", lambda: selected_indexer_scores(*leaves, inp["topk"]).detach(),
+            lambda: selected_indexer_scores_triton(*leaves, inp["topk"]).detach(), None),
+           ("selected scores, forward + backward", functools.partial(scores_fb, selected_indexer_scores),
+            functools.partial(scores_fb, selected_indexer_scores_triton), None),
+           ("whole indexer loss, forward + backward", lambda: _indexer_loss_fb(inp, leaves),
+            lambda: _indexer_loss_fb(inp, leaves), (ref_ctx, ker_ctx))]
+    variants = []
+    for op, f_ref, f_ker, ctxs in ops:
+        for which, f in (("reference", f_ref), ("kernel", f_ker)):
+            ctx = {} if ctxs is None else {"context": ctxs[which == "kernel"]}
+            variants.append((op, which, Variant(f"{op}: {which}", [(op, f)], **ctx)))
+    interleave([v for *_, v in variants], device, rounds=rounds, steps=steps, warmup=2, budget_s=budget_s)
+    hdr = ["op", "reference ms", "kernel ms", "speed-up", "reference transient MiB", "kernel transient MiB"]
+    log(fmt(hdr)); log(fmt(["---"] * len(hdr)))
+    for i in range(0, len(variants), 2):
+        (op, _, vr), (_, _, vk) = variants[i], variants[i + 1]
+        if vr.error or vk.error:
+            log(fmt([op, vr.error or "", vk.error or ""]))
+            continue
+        tr, tk = median(vr.times["step"]), median(vk.times["step"])
+        log(fmt([op, f"{tr:.2f}", f"{tk:.2f}", f"{tr / tk:.1f}x", f"{vr.transient_gib * 1024:.0f}",
+                 f"{vk.transient_gib * 1024:.0f}"]))
+    if not (sweep and torch.device(device).type == "cuda"):
+        return
+    log("")
+    log("kernel tiles (CUDA-event median ms): block_k x num_warps")
+    hdr = ["kernel", *[f"bk {bk} / {nw}w" for bk in (16, 32, 64, 128) for nw in (2, 4, 8)]]
+    log(fmt(hdr)); log(fmt(["---"] * len(hdr)))
+    for kname, call in (
+            ("KL target", lambda bk, nw: attention_mass_on_selected_triton(*mass_args, block_k=bk, num_warps=nw)),
+            ("scores fwd+bwd", lambda bk, nw: torch.autograd.grad(
+                selected_indexer_scores_triton(*leaves, inp["topk"], block_k=bk, num_warps=nw), leaves, cot))):
+        cells = []
+        for bk in (16, 32, 64, 128):
+            for nw in (2, 4, 8):
+                try:
+                    cells.append(f"{ba.time_ms(functools.partial(call, bk, nw), budget_s=0.3):.2f}")
+                except Exception as exc:
+                    cells.append(f"ERROR {type(exc).__name__}")
+        log(fmt([kname, *cells]))
 
 
 def check_indexer(rep: Report) -> None:
@@ -558,6 +719,13 @@ def main(argv=None):
         print(f"[sparse-path checks done at {time.time() - t_start:.0f}s, all pass: {ok}]", flush=True)
         bench_sparse_path(rep)
         print(f"[sparse-path bench done at {time.time() - t_start:.0f}s]", flush=True)
+    if "indexer_loss" in a.sections:
+        rep.log("indexer_loss.md", f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
+                                   f"{triton.__version__}; date {time.strftime('%Y-%m-%d')}")
+        ok = check_indexer_loss(rep)
+        print(f"[indexer-loss checks done at {time.time() - t_start:.0f}s, all pass: {ok}]", flush=True)
+        bench_indexer_loss(rep, budget_s=max(10, min(150, left() - 60)))
+        print(f"[indexer-loss bench done at {time.time() - t_start:.0f}s]", flush=True)
     if "model_step" in a.sections:
         from bench import model_step as bms
 

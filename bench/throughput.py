@@ -5,7 +5,7 @@
 
 One process: (1) ``--check``: every Triton kernel the small model runs against its reference in
 model/ on the device, forward and backward (MoE router, SwiGLU, permute, RoPE, RMSNorm here;
-sparse attention, indexer and mHC through bench/gpu_check.py on CUDA; a whole MoE layer), and
+sparse attention, indexer, indexer loss and mHC through bench/gpu_check.py on CUDA; a whole MoE layer), and
 the block-compiled model against eager, before any timing; (2) variants of the training step
 (bench/model_step.py's ``Trainee``: bf16 model, fp32 master, Muon + AdamW, clip, router-bias
 update): kernels as ``auto`` selects them / all kernels / no elementwise kernels, eager or
@@ -59,6 +59,10 @@ FAST_PATHS = {
     "rmsnorm": [("model.norms", "get_rms_norm", "kernels.rms_norm", "rms_norm_triton", "rms_norm_reference")],
     "compressor": [("model.compressor", "get_compressor_pool", "kernels.compressor_pool", "compressor_pool_triton",
                     "compressor_pool")],
+    "indexer_loss": [("model.indexer", "get_selected_indexer_scores", "kernels.indexer_loss",
+                      "selected_indexer_scores_triton", "selected_indexer_scores"),
+                     ("model.indexer", "get_attention_mass_on_selected", "kernels.indexer_loss",
+                      "attention_mass_on_selected_triton", "attention_mass_on_selected")],
 }
 ALL = frozenset(FAST_PATHS)
 
@@ -467,6 +471,7 @@ def run(out: str, check: bool, tiny: bool, budget_s: float, device=None, keys=No
 
             ok &= gc.check_attention(rep, budget_s=40)
             gc.check_indexer(rep)
+            ok &= gc.check_indexer_loss(rep, checks=gc.INDEXER_LOSS_CHECKS[:1])
             gc.check_mhc(rep)
             from bench.mhc import check_streams   # collapse and mix (the post-mix + residual merge)
 

@@ -1,4 +1,4 @@
-"""The micro model with the MoE / RoPE / RMSNorm Triton kernels (interpreter on CPU) against the
+"""The micro model with the MoE / RoPE / RMSNorm / indexer-loss Triton kernels (interpreter on CPU) against the
 same model on the references, fp32, two packed documents: loss and every parameter gradient.
 Yardstick: the fp64 model. Some gradients (the head mixer's base/scale, sums over every token
 with cancellation) carry ~1e-3 relative fp32 rounding in the reference itself, so each kernel
