@@ -46,9 +46,9 @@ class _LinearsFp32(torch.autograd.Function):
     weights (bf16) for backward, not the fp32 upcasts autograd keeps for the reference.
 
     Backward: the reference's gradients are fp32 products cast once to bf16 (dx = sum_i dy_i @
-    w_i, dw_i = dy_i^T @ x). Each fp32 dy_i is split into bf16 hi + lo (hi = bf16(dy),
-    lo = bf16(dy - hi): 16 significant bits, relative error <= 2^-17, far below the final bf16
-    rounding at 2^-9) so that both products run as bf16 GEMMs with fp32 accumulation: one GEMM
+    w_i, dw_i = dy_i^T @ x). Each fp32 dy_i is split into bf16 hi + lo (hi = dy truncated to
+    bf16, lo = bf16(dy - hi): 16 significant bits, relative error <= 2^-16, far below the final
+    bf16 rounding at 2^-9) so that both products run as bf16 GEMMs with fp32 accumulation: one GEMM
     for dx over the concatenated [hi_0 | lo_0 | hi_1 | lo_1 ...] against [w_0; w_0; w_1; w_1 ...]
     (a copy of the weights in backward only, 2 * sum_i |w_i| bf16), one for all the dw."""
 
@@ -73,8 +73,15 @@ class _LinearsFp32(torch.autograd.Function):
         for dy, n in zip(dys, outs):
             dy = dy.reshape(-1, n)
             hi, lo = split[:, col:col + n], split[:, col + n:col + 2 * n]
-            hi.copy_(dy)
-            torch.sub(dy, hi, out=lo)   # exact in fp32, then rounded to bf16
+            if split.dtype == torch.bfloat16 and dy.dtype == torch.float32:
+                # hi: dy with the low 16 bits of its fp32 pattern cleared (exactly a bf16), so that
+                # dy - hi is exact; bit operations, not a cast round trip, which Inductor may fuse
+                # away (it keeps fused intermediates in fp32), leaving lo = 0
+                hi32 = (dy.view(torch.int32) & -65536).view(torch.float32)
+            else:   # fp32 / fp64 operands (tests): hi = dy exactly, lo = 0
+                hi32 = dy
+            hi.copy_(hi32)
+            lo.copy_(dy - hi32)         # exact, then rounded to bf16 (no out=: Dynamo breaks on it)
             col += 2 * n
         dx = None
         if need_x:

@@ -124,3 +124,33 @@ def test_compressor_uses_it(monkeypatch):
     assert torch.equal(o0, o1)   # the same fp32 projections (summation order aside), rounded to bf16
     for a, b in zip(g1, g0):
         assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_keeps_the_split(backend):
+    # torch.compile traces the Function without a graph break and keeps the hi/lo split (Inductor
+    # keeps fused bf16 casts in fp32, which would zero lo if hi came from a cast round trip); the
+    # rest equals eager up to the compiled GEMMs' summation order
+    import torch._dynamo
+
+    x, ws, cots = _inputs(torch.bfloat16, scale=3.0)
+    f = lambda x, *ws: linears_fp32_fused(x * 2, *ws)
+    x1 = torch.ones(1, 4, dtype=torch.bfloat16, requires_grad=True)
+    w1 = torch.full((2, 4), 256.0, dtype=torch.bfloat16)
+    dy = torch.tensor([[1.0 + 2 ** -12, -1.0]])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        (yc, gc), (ye, ge) = _run(torch.compile(f, backend=backend), x, ws, cots), _run(f, x, ws, cots)
+        (y1,) = torch.compile(linears_fp32_fused, backend=backend)(x1, w1)
+        (dx1,) = torch.autograd.grad(y1, [x1], dy)
+        breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    finally:
+        torch._dynamo.reset()
+    assert not breaks, breaks
+    assert torch.equal(dx1, torch.full_like(dx1, 2 ** -4))   # as test_bf16_gradient_keeps_the_low_bits
+    for a, b in zip(yc, ye):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(gc, ge):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-3
+        assert (a == b).float().mean().item() > 0.97
