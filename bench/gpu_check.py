@@ -726,6 +726,9 @@ def main(argv=None):
         print(f"[indexer-loss checks done at {time.time() - t_start:.0f}s, all pass: {ok}]", flush=True)
         bench_indexer_loss(rep, budget_s=max(10, min(150, left() - 60)))
         print(f"[indexer-loss bench done at {time.time() - t_start:.0f}s]", flush=True)
+        from kernels import indexer_loss as il
+
+        kernel_resources(rep, [il._scores_fwd, il._scores_bwd, il._mass_on_selected])
     if "model_step" in a.sections:
         from bench import model_step as bms
 

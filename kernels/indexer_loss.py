@@ -37,13 +37,17 @@ from kernels.opaque import opaque_to_compile
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # the scores kernels hold a query's whole [Hi, Di] block (and its fp32 dq) in registers
 _MAX_SCORE_BLOCK = 64 * 256
-# the mass kernel's [head block, head-dim chunk] product operand
-_MAX_MASS_BLOCK = 64 * 128
+# the mass kernel's two product operands, [head block + entry tile, head-dim chunk] elements
+_MAX_MASS_BLOCK = 8192
 
 
 def _pow2(x: int, least: int = 16) -> int:
     # tl.dot wants every dimension >= 16
     return max(least, 1 << max(0, (int(x) - 1).bit_length()))
+
+
+def _floor_pow2(x: int) -> int:
+    return 1 << max(0, int(x).bit_length() - 1)
 
 
 # ----------------------------------------------------------------------------- device code
@@ -201,12 +205,14 @@ class _SelectedScores(torch.autograd.Function):
 
 @opaque_to_compile
 def selected_indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk_idx: torch.Tensor,
-                                   max_chunk_elems: int = 1 << 26, *, block_k: int = 64,
-                                   num_warps: int | None = None) -> torch.Tensor:
+                                   max_chunk_elems: int = 1 << 26, *, block_k: int = 32,
+                                   num_warps: int = 8) -> torch.Tensor:
     """Triton ``model.indexer.selected_indexer_scores``: q_idx [B, L, Hi, Di], w [B, L, Hi], k_idx
     [B, N, Di] (q and k of one dtype: fp16 / bf16 / fp32), topk_idx [B, L, K] (-1 = empty) ->
     [B, L, K] fp32, -inf in empty slots; differentiable in q_idx, w, k_idx (dk by fp32 atomics:
-    see the module doc). ``block_k``: selected entries per tile (a power of two >= 16)."""
+    see the module doc). ``block_k``: selected entries per tile (a power of two >= 16), forward and
+    backward. Defaults: no register spills at Hi x Di = 16 x 128 and 64 x 128 on sm_90 (cuobjdump
+    of the compiled kernels: backward 169 / 234 registers; block_k 64 spills at 4 warps)."""
     B, L, Hi, Di = q_idx.shape
     if w.shape != (B, L, Hi):
         raise ValueError(f"selected_indexer_scores: w must be [B, L, Hi] = {(B, L, Hi)}, got {tuple(w.shape)}")
@@ -215,9 +221,8 @@ def selected_indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: 
         raise ValueError(f"selected_indexer_scores_triton: index_n_heads x index_head_dim = {Hi} x {Di} exceeds the "
                          f"kernel's {_MAX_SCORE_BLOCK} register block (model.attention_impl=torch takes the reference)")
     _check_tile("selected_indexer_scores_triton", "block_k", block_k)
-    nw = num_warps or (4 if _pow2(Hi) * _pow2(Di) <= 4096 else 8)
     return _SelectedScores.apply(_unit_last(q_idx), _unit_last(w), _unit_last(k_idx), _unit_last(topk_idx),
-                                 block_k, nw)
+                                 block_k, num_warps)
 
 
 @opaque_to_compile
@@ -225,18 +230,19 @@ def selected_indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: 
 def attention_mass_on_selected_triton(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale: float,
                                       topk_idx: torch.Tensor, max_chunk_elems: int = 1 << 26, *,
                                       block_k: int = 64, block_h: int | None = None, block_d: int | None = None,
-                                      num_warps: int = 4) -> torch.Tensor:
+                                      num_warps: int = 8) -> torch.Tensor:
     """Triton ``model.indexer.attention_mass_on_selected``: q [B, L, H, D], ckv [B, N, D] (one
     dtype: fp16 / bf16 / fp32), lse [B, L, H], topk_idx [B, L, K] (-1 = empty) -> [B, L, K] fp32,
     0 in empty slots (no gradient). Tiles (powers of two >= 16): ``block_k`` selected entries,
     ``block_h`` heads (default: all, at most 64), ``block_d`` head-dim channels per product
-    (default: all that fit a 64 x 128 operand)."""
+    (default: the most with (block_h + block_k) x block_d <= 8192 elements: no register spills
+    at 16 x 256 and 64 x 512 on sm_90 with 8 warps, where 4 warps or larger chunks spill)."""
     B, L, H, D = q.shape
     if lse.shape != (B, L, H):
         raise ValueError(f"attention_mass_on_selected: lse must be [B, L, H] = {(B, L, H)}, got {tuple(lse.shape)}")
     _check("attention_mass_on_selected", q, ckv, topk_idx)
     BH = block_h or min(_pow2(H), 64)
-    BD = block_d or min(_pow2(D), max(16, _MAX_MASS_BLOCK // BH))
+    BD = block_d or min(_pow2(D), max(16, _floor_pow2(_MAX_MASS_BLOCK // (BH + block_k))))
     for name, v in (("block_k", block_k), ("block_h", BH), ("block_d", BD)):
         _check_tile("attention_mass_on_selected_triton", name, v)
     q, ckv, lse, topk_idx = _unit_last(q), _unit_last(ckv), _unit_last(lse), _unit_last(topk_idx)
