@@ -34,26 +34,30 @@ def matmul_acc(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tens
 
 
 def linears_fp32_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether ``linears_fp32`` has its tensor-core path here: CUDA, bf16 x and weights.
-    (fp16 is left to the upcast reference: its backward splits fp32 gradients into fp16 parts,
-    which would underflow where bf16, with fp32's exponent range, does not.)"""
+    """Whether ``linears_fp32`` has its tensor-core path here: CUDA, bf16 x and weights, weights
+    of one shape (fp16 is left to the upcast reference: its backward splits fp32 gradients into
+    fp16 parts, which would underflow where bf16, with fp32's exponent range, does not)."""
     return (BMM_HAS_OUT_DTYPE and x.is_cuda and x.dtype == torch.bfloat16
-            and all(w.dtype == torch.bfloat16 for w in weights))
+            and all(w.dtype == torch.bfloat16 and w.shape == weights[0].shape for w in weights))
 
 
 class _LinearsFp32(torch.autograd.Function):
-    """ys_i = x @ w_i^T in fp32 from bf16 x and w_i (see the module doc). Keeps x and the
-    weights (bf16) for backward, not the fp32 upcasts autograd keeps for the reference.
+    """ys_i = x @ w_i^T in fp32 from bf16 x and same-shape w_i [C, D] (see the module doc). Keeps
+    x and the weights (bf16) for backward, not the fp32 upcasts autograd keeps for the reference.
 
     Backward: the reference's gradients are fp32 products cast once to bf16 (dx = sum_i dy_i @
     w_i, dw_i = dy_i^T @ x). Each fp32 dy_i is split into bf16 hi + lo (hi = dy truncated to
     bf16, lo = bf16(dy - hi): 16 significant bits, relative error <= 2^-16, far below the final
     bf16 rounding at 2^-9) so that both products run as bf16 GEMMs with fp32 accumulation: one GEMM
-    for dx over the concatenated [hi_0 | lo_0 | hi_1 | lo_1 ...] against [w_0; w_0; w_1; w_1 ...]
-    (a copy of the weights in backward only, 2 * sum_i |w_i| bf16), one for all the dw."""
+    for dx over [hi_0 | lo_0 | hi_1 | lo_1 ...] against [w_0; w_0; w_1; w_1 ...] (a copy of the
+    weights in backward only), one for every dw. 11 launches (the reference's backward: 8, plus
+    the SIMT fp32 GEMMs and the fp32 copies of x and the weights it keeps)."""
 
     @staticmethod
     def forward(ctx, x, *weights):
+        if any(w.shape != weights[0].shape for w in weights):
+            raise ValueError(f"linears_fp32_fused: the weights must have one shape, got "
+                             f"{[tuple(w.shape) for w in weights]}")
         x2 = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x, *weights)
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -65,37 +69,27 @@ class _LinearsFp32(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:])
         if not (need_x or need_w):
             return (None,) * (1 + len(weights))
-        x2 = x.reshape(-1, x.shape[-1])
+        (C, D), nw = weights[0].shape, len(weights)
+        x2 = x.reshape(-1, D)
+        M = x2.shape[0]
         acc = torch.promote_types(x.dtype, torch.float32)
-        outs = [w.shape[0] for w in weights]
-        split = torch.empty(x2.shape[0], 2 * sum(outs), device=x.device, dtype=x.dtype)
-        col = 0
-        for dy, n in zip(dys, outs):
-            dy = dy.reshape(-1, n)
-            hi, lo = split[:, col:col + n], split[:, col + n:col + 2 * n]
-            if split.dtype == torch.bfloat16 and dy.dtype == torch.float32:
-                # hi: dy with the low 16 bits of its fp32 pattern cleared (exactly a bf16), so that
-                # dy - hi is exact; bit operations, not a cast round trip, which Inductor may fuse
-                # away (it keeps fused intermediates in fp32), leaving lo = 0
-                hi32 = (dy.view(torch.int32) & -65536).view(torch.float32)
-            else:   # fp32 / fp64 operands (tests): hi = dy exactly, lo = 0
-                hi32 = dy
-            hi.copy_(hi32)
-            lo.copy_(dy - hi32)         # exact, then rounded to bf16 (no out=: Dynamo breaks on it)
-            col += 2 * n
-        dx = None
+        dy = torch.stack([d.reshape(M, C).to(acc) for d in dys], 1)          # [M, nw, C]
+        if x.dtype == torch.bfloat16 and acc == torch.float32:
+            # hi: dy with the low 16 bits of its fp32 pattern cleared (exactly a bf16), so that
+            # dy - hi is exact; bit operations, not a cast round trip, which Inductor may fuse
+            # away (it keeps fused intermediates in fp32), leaving lo = 0
+            hi = (dy.view(torch.int32) & -65536).view(torch.float32)
+        else:   # fp32 / fp64 operands (tests): hi = dy exactly, lo = 0
+            hi = dy
+        split = torch.stack([hi, dy - hi], 2).to(x.dtype).view(M, nw * 2 * C)   # [hi_0 | lo_0 | hi_1 ...]
+        dx = dws = None
         if need_x:
-            stacked = torch.cat([w for w in weights for _ in range(2)])       # [2 * sum(outs), D]
+            stacked = torch.cat([w for w in weights for _ in range(2)])          # [nw * 2 * C, D]
             dx = matmul_acc(split, stacked, acc).to(x.dtype).view(x.shape)
-        dws = [None] * len(weights)
         if need_w:
-            dw_all = matmul_acc(split.t(), x2, acc)                # [2 * sum(outs), D]
-            col = 0
-            for i, (w, n) in enumerate(zip(weights, outs)):
-                if ctx.needs_input_grad[1 + i]:
-                    dws[i] = (dw_all[col:col + n] + dw_all[col + n:col + 2 * n]).to(w.dtype)
-                col += 2 * n
-        return (dx, *dws)
+            dw = matmul_acc(split.t(), x2, acc).view(nw, 2, C, D).sum(1)         # hi + lo parts
+            dws = dw.to(weights[0].dtype).unbind(0)
+        return (dx, *(dws[i] if dws is not None and ctx.needs_input_grad[1 + i] else None for i in range(nw)))
 
 
 def linears_fp32_reference(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -22,7 +22,7 @@ def _run(fn, x, ws, cots):
     return ys, torch.autograd.grad(loss, [x, *ws])
 
 
-@pytest.mark.parametrize("outs", [(24, 24), (7, 40, 5)])
+@pytest.mark.parametrize("outs", [(24, 24), (40, 40, 40), (5,)])
 def test_fp64_exact(outs):
     # fp64: the hi/lo split is exact (lo = 0), so every output and gradient matches to rounding
     x, ws, cots = _inputs(torch.float64, outs=outs)
@@ -43,7 +43,7 @@ def test_bf16_products_exact_in_fp32():
     assert bool(((y.double() - exact).abs() <= bound).all())
 
 
-@pytest.mark.parametrize("outs", [(24, 24), (16, 9)])
+@pytest.mark.parametrize("outs", [(24, 24), (9, 9, 9)])
 def test_bf16_matches_reference(outs):
     # forward: the same fp32 values; gradients: the reference's fp32 products rounded once to
     # bf16, ours from a 16-bit hi/lo split of the fp32 cotangent: equal but for rare one-ulp ties
@@ -91,6 +91,9 @@ def test_selection():
         assert linears_fp32_supported(xc, *wc)
         assert not linears_fp32_supported(xc.half(), *[w.half() for w in wc])   # fp16: reference
         assert not linears_fp32_supported(xc, wc[0].float(), wc[1])
+        assert not linears_fp32_supported(xc, wc[0], wc[1][:5])           # weights of two shapes
+    with pytest.raises(ValueError, match="one shape"):
+        linears_fp32_fused(x, ws[0], ws[1][:5])
     ys = linears_fp32(x, *ws, impl="auto")
     yr = linears_fp32_reference(x, *ws)
     assert all(torch.equal(a, b) for a, b in zip(ys, yr))
