@@ -189,7 +189,7 @@ class _CompressorPool(torch.autograd.Function):
         B, L, C = kv.shape
         N, m = tokens.shape[1], tokens.shape[2]
         c = out.shape[-1]
-        dkv, dgate = torch.zeros_like(kv), torch.zeros_like(gate)   # tokens of no entry keep 0
+        dkv, dgate = torch.zeros(2, *kv.shape, device=kv.device, dtype=kv.dtype).unbind(0)   # tokens of no entry keep 0
         part = torch.empty(grid[0] * B, m, C, device=kv.device, dtype=torch.float32)
         if B and N and c:
             _pool_bwd[grid](kv, gate, ape, tokens, prev, no_prev, invalid, out, lse, dout.contiguous(), dkv, dgate,
@@ -200,9 +200,9 @@ class _CompressorPool(torch.autograd.Function):
 
 
 def _check(kv, gate, ape, tokens, prev, no_prev, invalid, overlap) -> None:
-    if kv.dim() != 3 or gate.shape != kv.shape:
+    if kv.dim() != 3 or gate.shape != kv.shape or gate.dtype != kv.dtype:
         raise ValueError(f"compressor_pool_triton: kv and gate must be [B, L, C] alike, got {tuple(kv.shape)} "
-                         f"and {tuple(gate.shape)}")
+                         f"{kv.dtype} and {tuple(gate.shape)} {gate.dtype}")
     B, L, C = kv.shape
     if tokens.dim() != 3 or tokens.shape[0] != B or tokens.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"compressor_pool_triton: tokens must be an integer [B={B}, N, m] tensor, got "
