@@ -232,8 +232,8 @@ def sweep(log, device, tiny: bool, B: int = 1, L: int = 4096) -> None:
     from model.compressor import compressor_pool
     from model.matmul import linears_fp32_reference
 
-    tiles = [(None, None, None), (4, 4, 64), (8, 4, 64), (16, 4, 32), (32, 4, 32), (8, 4, 128),
-             (1, 32, 64), (1, 64, 32), (2, 32, 32), (1, 128, 32)]
+    tiles = [(None, None, None), (2, 4, 64), (8, 4, 64), (4, 4, 128), (8, 4, 32), (16, 4, 32),
+             (1, 16, 64), (1, 32, 32), (1, 16, 16), (2, 16, 32), (1, 8, 32)]
     log(fmt_row(["compressor", "B x L", "tiles (e, s, c)", "pool fwd+bwd ms"]))
     log(fmt_row(["---"] * 4))
     for kind in KINDS:
@@ -247,8 +247,8 @@ def sweep(log, device, tiny: bool, B: int = 1, L: int = 4096) -> None:
         ref = lambda: torch.autograd.grad(compressor_pool(*leaves, *idx, comp.overlap), leaves, d)
         log(fmt_row([kind, f"{B}x{L}", "reference (torch)", f"{_time(ref, device):.3f}"]))
         for be, bs, bc in tiles:
-            if bs is not None and bs > max(1, comp.ratio) * 2:
-                continue
+            if (bs is not None and bs > comp.ratio) or (bs == 4 and comp.ratio > 16):
+                continue   # chunks past the ratio, or CSA-sized chunks for HCA
             fb = lambda: torch.autograd.grad(compressor_pool_triton(*leaves, *idx, comp.overlap, block_e=be,
                                                                     block_s=bs, block_c=bc), leaves, d)
             shown = _tiles(comp.ratio, comp.out_dim, (be, bs, bc))
