@@ -19,7 +19,9 @@ bf16 x bf16 tensor-core GEMMs with fp32 accumulation and output (``model.matmul.
 a bf16 product is exact in fp32, so only the summation order differs), without fp32 copies of x
 and the weights; ``attention_impl=torch`` and every other case keep the upcast reference.
 Blocks come from ``CompressedLayout``: compression restarts at every packed document and a
-trailing partial block is dropped. Everything is gathers, no python loop over tokens or documents.
+trailing partial block is dropped. The pooling (``compressor_pool``) is gathers, no python
+loop over tokens or documents; its fast path is one Triton kernel each way
+(``kernels/compressor_pool.py``, ``get_compressor_pool``, ``attention_impl``).
 """
 from __future__ import annotations
 
