@@ -62,6 +62,9 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
 
     tc = cfg.train
     model_cfg = ModelConfig.from_dict(_container(cfg.model))
+    from train.profiler import check_window
+
+    check_window(cfg.logging.get("profile_steps"))
     if cfg.launch.kind not in LAUNCH_KINDS:
         raise ConfigError(f"launch.kind must be {' | '.join(LAUNCH_KINDS)}, got {cfg.launch.kind!r}")
     if world_size is None:

@@ -132,6 +132,9 @@ class LoggingSection:
     log_every: int = 1                 # optimizer steps between training metric lines
     diagnostics_every: int = 10        # steps between model diagnostics (MoE, mHC, sinks)
     peak_tflops: Optional[float] = None  # per device, for MFU; null: known GPUs, none on CPU
+    # [first, stop]: torch.profiler over optimizer steps first..stop-1, a trace and a summary of
+    # the top ops per rank in <run_dir>/profile/ (train/profiler.py); null: off
+    profile_steps: Optional[List[int]] = None
     wandb: WandbSection = field(default_factory=WandbSection)
 
 

@@ -40,6 +40,7 @@ from train.expert_parallel import apply_expert_parallel, check_zero_stage_for_ep
 from train.metrics import MetricsLogger
 from train.plan import Planner
 from train.prefetch import Prefetcher
+from train.profiler import check_window
 from train.progress import Progress
 from train.rng import seed_everything, set_rng_state
 from train.rollback import EngineState
@@ -60,6 +61,7 @@ class LoopSettings:
     diagnostics_every: int
     zero_stage: int
     peak_tflops: float | None     # per device, for MFU
+    profile_window: tuple[int, int] | None = None   # logging.profile_steps (train/profiler.py)
 
 
 @dataclass
@@ -179,7 +181,8 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             log_every=int(cfg.logging.log_every),
             diagnostics_every=int(cfg.logging.diagnostics_every),
             zero_stage=int(cfg.deepspeed.zero_stage),
-            peak_tflops=peak_tflops(dist.device, cfg.logging.peak_tflops)),
+            peak_tflops=peak_tflops(dist.device, cfg.logging.peak_tflops),
+            profile_window=check_window(cfg.logging.profile_steps)),
         dist=dist, run_dir=run_dir, overrides=list(overrides), job=job, curriculum=curriculum,
         seq_chunks=chunks,
         planner=planner, data_stats=data.stats, train_loader=train_loader,

@@ -39,6 +39,7 @@ from train.curriculum import Stage
 from train.engine import set_batch_shape
 from train.metrics import peak_memory_gb
 from train.plan import StepPlan, apply_plan, every
+from train.profiler import StepProfiler
 from train.rng import rng_state
 from train.seq_chunk import no_grad_forward
 from train.setup import Run, setup
@@ -69,6 +70,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     announce = True               # re-entering a stage after a rollback: no new stage event
     initial_val = final_val = None
     window = Throughput()
+    profiler = StepProfiler(s.profile_window, run.run_dir / "profile", run.dist.rank, run.device)
     run.engine.train()
     if step == 0:
         initial_val = validate(run, run.curriculum.at(0).stage, step)
@@ -79,7 +81,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             stage = enter_stage(run, plan.stage, step, announce)
         announce = True
         apply_plan(plan, run.model, run.optimizer, run.trainable, run.indexer_ids)
-        result = train_step(run, plan)
+        with profiler.step(step):
+            result = train_step(run, plan)
         run.stability.log_events(run.metrics, run.say)
         if result.next_step != step + 1:   # rolled back: continue at the restored step
             step, stage, announce = result.next_step, None, False
@@ -97,6 +100,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             last_ckpt = save(run, step, stage)
 
     run.progress.close()
+    profiler.close(step)
     if stage is not None:   # this invocation trained: validate and save where it ended
         final_stage = run.curriculum.at(step - 1).stage
         final_val = validate(run, final_stage, step)
