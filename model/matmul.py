@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.opaque import opaque_to_compile
+
 # torch >= 2.8: bmm(..., out_dtype=fp32) on fp16/bf16 CUDA inputs (a constant of the install)
 BMM_HAS_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
 
@@ -99,9 +101,13 @@ def linears_fp32_reference(x: torch.Tensor, *weights: torch.Tensor) -> tuple[tor
     return tuple(torch.nn.functional.linear(xf, w.to(cdt)) for w in weights)
 
 
+@opaque_to_compile
 def linears_fp32_fused(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensor-core form (``_LinearsFp32``) on any device; off CUDA ``matmul_acc`` upcasts,
-    the same products (what the CPU tests check)."""
+    the same products (what the CPU tests check). Opaque to torch.compile (runs as in eager, a
+    graph split per call, like our Triton kernels): on the H200 image's torch 2.11, Dynamo traced
+    this Function with its inputs shifted by one (InternalTorchDynamoError "'Tensor' object has no
+    attribute 'save_for_backward'" in model.compile=block; torch 2.13 traces it)."""
     return _LinearsFp32.apply(x, *weights)
 
 

@@ -131,9 +131,9 @@ def test_compressor_uses_it(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compiled_keeps_the_split(backend):
-    # torch.compile traces the Function without a graph break and keeps the hi/lo split (Inductor
-    # keeps fused bf16 casts in fp32, which would zero lo if hi came from a cast round trip); the
-    # rest equals eager up to the compiled GEMMs' summation order
+    # under torch.compile the Function runs opaque (one graph split, no other break) and keeps the
+    # hi/lo split (Inductor, tracing it, kept fused bf16 casts in fp32, which zeroed lo when hi came
+    # from a cast round trip); the rest equals eager up to the compiled GEMMs' summation order
     import torch._dynamo
 
     x, ws, cots = _inputs(torch.bfloat16, scale=3.0)
@@ -150,7 +150,7 @@ def test_compiled_keeps_the_split(backend):
         breaks = dict(torch._dynamo.utils.counters["graph_break"])
     finally:
         torch._dynamo.reset()
-    assert not breaks, breaks
+    assert all(b.startswith("Skip calling `torch.compiler.disable()`d function") for b in breaks), breaks
     assert torch.equal(dx1, torch.full_like(dx1, 2 ** -4))   # as test_bf16_gradient_keeps_the_low_bits
     for a, b in zip(yc, ye):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
