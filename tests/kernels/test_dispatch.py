@@ -33,6 +33,21 @@ def test_auto_on_cuda_picks_the_kernel_except_fp64():
     assert get_sparse_attention("auto", "cuda", torch.float64) is sparse_attention
 
 
+@pytest.mark.parametrize("user, getter, module, kernel", [
+    ("model.indexer", "get_selected_indexer_scores", "kernels.indexer_loss", "selected_indexer_scores_triton"),
+    ("model.indexer", "get_attention_mass_on_selected", "kernels.indexer_loss", "attention_mass_on_selected_triton"),
+    ("model.compressor", "get_compressor_pool", "kernels.compressor_pool", "compressor_pool_triton"),
+])
+def test_measured_kernels_are_auto_on_cuda(user, getter, module, kernel):
+    """Kernels that won on the H200 (dispatch.AUTO_KEEPS_REFERENCE's comment): auto picks them on
+    CUDA in bf16, the reference for fp64."""
+    import importlib
+
+    mod = importlib.import_module(user)
+    assert getattr(mod, getter)("auto", "cuda", torch.bfloat16) is getattr(importlib.import_module(module), kernel)
+    assert getattr(mod, getter)("auto", "cuda", torch.float64) is getattr(mod, getter.removeprefix("get_"))
+
+
 def test_missing_kernel_module_logs_once(monkeypatch, caplog):
     ref = object()
     with caplog.at_level(logging.WARNING, logger="model.dispatch"):
@@ -76,8 +91,6 @@ def test_dispatch_is_traced_by_torch_compile_without_graph_breaks():
     ("model.moe", "get_swiglu_activation", "kernels.swiglu", "swiglu_activation_triton"),
     ("model.moe", "get_permute_tokens", "kernels.moe_permute", "permute_tokens_triton"),
     ("model.moe", "get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton"),
-    ("model.indexer", "get_selected_indexer_scores", "kernels.indexer_loss", "selected_indexer_scores_triton"),
-    ("model.indexer", "get_attention_mass_on_selected", "kernels.indexer_loss", "attention_mass_on_selected_triton"),
 ])
 def test_unmeasured_kernels_stay_off_under_auto(user, getter, module, kernel):
     """auto keeps these references on CUDA (no measured win yet: dispatch.AUTO_KEEPS_REFERENCE);
