@@ -56,6 +56,7 @@ from bench.model_step import Trainee, forward_backward, random_batches  # noqa: 
 from bench.throughput import header_line, launch_counts, loss_grad_errors  # noqa: E402
 from bench.timing import Variant, interleave, median, sync  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
+from train.cuda_graph import CudaGraph, capture_graph  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 aten = torch.ops.aten
@@ -178,15 +179,17 @@ class HostSyncs(TorchDispatchMode):
 
 # ----------------------------------------------------------------------------- (d) by hand
 class CapturedStep:
-    """One micro-batch's forward+backward (``forward_backward``) as ONE CUDA graph.
+    """One micro-batch's forward+backward (``forward_backward``) as ONE CUDA graph
+    (train/cuda_graph.py ``capture_graph``: side-stream warm-up, then the capture).
 
     ``ids`` is the static input (``step`` copies each batch into it before the replay). The
     gradients exist before capture, outside the graph's memory pool, so the captured
     AccumulateGrad adds into them in place (it does once ``.grad`` exists) and every replay
-    accumulates, as gradient accumulation does; ``zero_grad`` zeroes them in place. Warm-up runs
-    on a side stream first (Triton compilation, cuBLAS/cub workspaces, cached tables), as
-    torch.cuda.graph requires. Anything that needs the host mid-step (a host sync, a copy of a
-    Python value to the GPU, an RNG-state read) makes the capture raise."""
+    accumulates, as gradient accumulation does; ``zero_grad`` zeroes them in place (and after
+    the warm-up). Anything that needs the host mid-step (a host sync, a copy of a Python value to
+    the GPU, an RNG-state read) makes the capture raise. The trainer's graphed step
+    (``train.cuda_graph=true``, ``GraphedMicroStep``) zeroes its gradient buffers inside the graph
+    instead, so that DeepSpeed sees one micro-batch's gradient per replay."""
 
     def __init__(self, model: torch.nn.Module, example_ids: torch.Tensor, warmup: int = 2):
         self.model = model
@@ -195,16 +198,9 @@ class CapturedStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.ids = example_ids.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                forward_backward(model, self.ids)
-        torch.cuda.current_stream().wait_stream(side)
-        self.zero_grad()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = forward_backward(model, self.ids).detach()
+        self.graph, loss = capture_graph(lambda: forward_backward(model, self.ids).detach(), self.ids.device,
+                                         warmup=warmup, before_capture=self.zero_grad, factory=CudaGraph)
+        self.loss = loss
 
     def zero_grad(self) -> None:
         for p in self.params:

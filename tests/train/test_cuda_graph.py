@@ -1,0 +1,209 @@
+"""train/cuda_graph.py: the graphed micro-batch step (train.cuda_graph=true) on CPU, with
+``EagerGraph`` standing in for the CUDA graph: keys and re-capture, each micro-batch copied into
+the static inputs, warm-up and capture leaving the model untouched, invalidation when storage is
+re-allocated, the refusals; and through the trainer (fp32 CPU, DeepSpeed): a few steps with
+gradient accumulation equal the plain path bit for bit, also across a rollback."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train.cuda_graph import EagerGraph, GraphedMicroStep, capture_graph, cuda_graph_problem
+
+
+class Engine:
+    """What GraphedMicroStep needs of a DeepSpeed engine at ZeRO 0 in fp32: the client
+    optimizer and the backward epilogue (counted)."""
+
+    def __init__(self, model):
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        self.epilogues = 0
+
+    def _backward_epilogue(self):
+        self.epilogues += 1
+
+
+def _model(seed=0):
+    cfg = ModelConfig.from_preset("micro", attention_impl="torch", mhc_impl="torch")
+    torch.manual_seed(seed)
+    return Transformer(cfg).train()
+
+
+def _batch(cfg, seed, b=2, n=48):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (b, n + 1), generator=g)
+    doc = torch.zeros(b, n, dtype=torch.long)
+    doc[0, 20:] = 1
+    doc[-1, 31:] = 1
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "doc_ids": doc}
+
+
+def _plain(model, batches, scale):
+    """The eager reference: forward, backward of loss x scale, gradients accumulated."""
+    losses = []
+    for b in batches:
+        out = model(**b)
+        (out.loss * scale).backward()
+        losses.append((out.loss.detach(), out.losses))
+    return losses
+
+
+def _grads(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _equal(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert (a[n] is None) == (b[n] is None), n
+        assert a[n] is None or torch.equal(a[n], b[n]), n
+
+
+def test_graphed_micro_batches_equal_the_eager_step_bitwise():
+    ref, got = _model(), _model()
+    batches = [_batch(ref.cfg, s) for s in range(3)]
+    expect = _plain(ref, batches, 0.5)
+    engine = Engine(got)
+    step = GraphedMicroStep(engine, got, torch.device("cpu"), factory=EagerGraph)
+    for b, (loss, losses) in zip(batches, expect):
+        res = step(b, None, 0.5)
+        assert torch.equal(res.logged, loss)
+        assert res.losses.keys() == losses.keys() and all(torch.equal(res.losses[k], losses[k]) for k in losses)
+    assert step.captures == 1 and engine.epilogues == 3
+    _equal(_grads(got), _grads(ref))
+    # the MoE load counters counted each micro-batch once (not the warm-up or the capture)
+    assert all(torch.equal(a, b) for a, b in zip(got.router_load_buffers(), ref.router_load_buffers()))
+    assert any(float(b.sum()) > 0 for b in ref.router_load_buffers())
+
+
+def test_static_inputs_take_each_micro_batch():
+    model = _model()
+    step = GraphedMicroStep(Engine(model), model, torch.device("cpu"), factory=EagerGraph)
+    b0, b1 = _batch(model.cfg, 0), _batch(model.cfg, 1)
+    step(b0, None, 1.0)
+    (c,) = step.graphs.values()
+    assert all(torch.equal(c.inputs[k], b0[k]) for k in b0)
+    step(b1, None, 1.0)
+    assert all(torch.equal(c.inputs[k], b1[k]) for k in b1) and step.captures == 1
+    assert all(c.inputs[k].data_ptr() != b1[k].data_ptr() for k in b1)
+
+
+def test_every_key_change_captures_again():
+    model = _model()
+    step = GraphedMicroStep(Engine(model), model, torch.device("cpu"), factory=EagerGraph, max_graphs=2)
+    b = _batch(model.cfg, 0)
+    step(b, None, 0.5)
+    step(b, None, 0.5)
+    assert step.captures == 1
+    other_mode = "dense" if model.attention_mode == "sparse" else "sparse"
+    changes = [
+        lambda: step(_batch(model.cfg, 1, b=1), None, 0.5),                  # micro-batch shape
+        lambda: step(b, None, 0.25),                                           # accumulation steps
+        lambda: (model.set_attention_mode(other_mode), step(b, None, 0.25)),  # attention mode
+        lambda: (setattr(model, "mtp_loss_weight", 0.1), step(b, None, 0.25)),  # MTP weight at decay
+        lambda: (model.embed.weight.requires_grad_(False), step(b, None, 0.25)),  # trainable set
+    ]
+    for n, change in enumerate(changes, start=2):
+        change()
+        assert step.captures == n
+        assert len(step.graphs) <= 2
+    # routing supplied: its own graph; the same routing shapes again: replayed
+    routing = model(**b).routing_indices
+    step(b, [r.detach() for r in routing], 0.25)
+    step(b, [r.detach() for r in routing], 0.25)
+    assert step.captures == len(changes) + 2
+    # the least recently used graph was dropped: going back captures again
+    step(b, None, 0.5)
+    assert step.captures == len(changes) + 3
+
+
+def test_frozen_parameters_get_no_gradient_and_supplied_routing_is_used():
+    ref, got = _model(), _model()
+    for m in (ref, got):   # the indexer warm-up: only some parameters train
+        for n, p in m.named_parameters():
+            p.requires_grad_("indexer" in n)
+    b = _batch(ref.cfg, 3)
+    routing = [r.detach() for r in ref(**_batch(ref.cfg, 4)).routing_indices]
+    ref.zero_grad(set_to_none=True)
+    for buf in ref.router_load_buffers():
+        buf.zero_()
+    out = ref(**b, routing_indices=routing)
+    out.loss.backward()
+    res = GraphedMicroStep(Engine(got), got, torch.device("cpu"), factory=EagerGraph)(b, routing, 1.0)
+    assert torch.equal(res.logged, out.loss.detach())
+    _equal(_grads(got), _grads(ref))
+    assert sum(g is not None for g in _grads(got).values()) > 0
+
+
+def test_reallocated_storage_and_invalidate_capture_again():
+    model = _model()
+    step = GraphedMicroStep(Engine(model), model, torch.device("cpu"), factory=EagerGraph)
+    b = _batch(model.cfg, 0)
+    step(b, None, 1.0)
+    with torch.no_grad():   # an in-place load (rollback, resume: load_state_dict copies) keeps the graph
+        model.load_state_dict(_model(seed=1).state_dict())
+    step(b, None, 1.0)
+    assert step.captures == 1
+    model.head.weight.data = model.head.weight.data.clone()   # new storage: the graph is stale
+    step(b, None, 1.0)
+    assert step.captures == 2
+    step.invalidate("test")
+    step(b, None, 1.0)
+    assert step.captures == 3
+
+
+def test_a_failing_capture_says_so_and_leaves_the_model_as_it_was():
+    model = _model()
+    b = _batch(model.cfg, 0)
+    before = _grads(model)
+    loads = [x.clone() for x in model.router_load_buffers()]
+
+    class Refuses(EagerGraph):
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    step = GraphedMicroStep(Engine(model), model, torch.device("cpu"), factory=Refuses)
+    with pytest.raises(RuntimeError, match="capturing the micro-batch step failed.*train.cuda_graph=false"):
+        step(b, None, 1.0)
+    _equal(_grads(model), before)
+    assert all(torch.equal(a, c) for a, c in zip(model.router_load_buffers(), loads))
+
+
+def test_capture_graph_warms_up_then_captures():
+    calls = []
+    x = torch.zeros(3)
+
+    def fn():
+        calls.append("run")
+        return x + 1
+
+    graph, out = capture_graph(fn, torch.device("cpu"), warmup=2, before_capture=lambda: calls.append("before"),
+                               factory=EagerGraph)
+    assert calls == ["run", "run", "before", "run"]
+    x += 5
+    graph.replay()
+    assert torch.equal(out, torch.full((3,), 6.0))
+
+
+GOOD = dict(device=torch.device("cuda"), precision="bf16", zero_stage=0, seq_chunk=0, cp_size=1, ep_size=1,
+            compile_mode="none", ds_extra={})
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"device": torch.device("cpu")}, "needs a CUDA device; this job runs on cpu"),
+    ({"precision": "fp32"}, "train.precision=fp32"),
+    ({"zero_stage": 2}, "deepspeed.zero_stage=0"),
+    ({"seq_chunk": "auto"}, "train.seq_chunk=0"),
+    ({"seq_chunk": 4096}, "train.seq_chunk=0"),
+    ({"cp_size": 2}, "parallel.cp_size=1"),
+    ({"ep_size": 2}, "parallel.ep_size=1"),
+    ({"compile_mode": "block"}, "model.compile=none"),
+    ({"ds_extra": {"bf16": {"immediate_grad_update": True}}}, "immediate_grad_update"),
+])
+def test_refusals_name_the_setting(change, says):
+    assert cuda_graph_problem(**GOOD) is None
+    problem = cuda_graph_problem(**{**GOOD, **change})
+    assert problem is not None and says in problem and "\n" not in problem
+    assert "train.cuda_graph=false" in problem
