@@ -69,9 +69,13 @@ TRITON_LAUNCHES = {
     # + where + the copy into out (one chunk at training lengths) | no gradient
     "indexer_topk": (9, 0),
     # _pool_fwd (fp32 kv: no cast) | one zeros for dkv and dgate + _pool_bwd + part.sum(0)
-    # + dape.to(bf16) (only counted when AUTO_KEEPS_REFERENCE no longer holds it back)
+    # + dape.to(bf16)
     "compressor_pool": (1, 4),
-    # the MoE kernels (only counted when AUTO_KEEPS_REFERENCE no longer holds them back)
+    # the sparse indexer loss (kernels/indexer_loss.py): _scores_fwd | zeros(dk fp32) + _scores_bwd
+    # + dw.to + dk.to; the KL target: _mass_on_selected, no gradient
+    "selected_indexer_scores": (1, 4),
+    "attention_mass_on_selected": (1, 0),
+    # the MoE kernels (one launch each way; the permutes also build the inverse slot map)
     "topk_routing": (1, 1),
     "swiglu_activation": (1, 1),
     "permute_tokens": (1, 1),

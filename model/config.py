@@ -97,8 +97,9 @@ class ModelConfig:
     # loop = one SwiGLU per expert (the reference); auto = grouped where supported (model/moe.py)
     moe_impl: str = "auto"
     # the MoE's elementwise ops as Triton kernels (router top-k, clamped SwiGLU, permute /
-    # combine; model/dispatch.py): auto = the reference until a measurement shows the kernels
-    # pay (model/dispatch.py AUTO_KEEPS_REFERENCE), triton = the kernels or an error, torch = reference
+    # combine; model/dispatch.py): auto = the kernels on CUDA (they won on the H200, 1.12x fwd+bwd
+    # at 4 x 4K: model/dispatch.py), the reference elsewhere; triton = the kernels or an error;
+    # torch = the reference
     moe_kernel_impl: str = "auto"
     # LM-head + cross-entropy (main and MTP): chunked = token chunks, no [L, V] logits
     # (model/loss.py); reference = full fp32 logits + F.cross_entropy

@@ -97,17 +97,14 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Ops whose kernel ``auto`` does NOT pick on CUDA (``triton`` still selects it): a kernel becomes
 # the default only when an interleaved measurement (bench/throughput.py, variants alternated so
 # order and warm-up cannot decide) shows the training step gets faster with it. This is where
-# that decision lives. The MoE kernels (model.moe_kernel_impl) rest on
-# bench/results/throughput-h200-2026-12-03.md (small, one H200, rows run in sequence): 1 x 4K
-# 11.0K tok/s with them off vs 9.2K on, 2 x 4K 15.6K off vs 19.0K on: no clean evidence either
-# way, so auto keeps the PyTorch reference until the interleaved table says otherwise.
-# The sparse indexer loss's kernels (kernels/indexer_loss.py) and the compressor's pooling
-# (kernels/compressor_pool.py) are picked by auto: on one H200 (2026-12-03, bench/gpu_check.py
-# --sections compressor indexer_loss; bench/results/kernels-h200-2026-12-03.md) they pass their
-# checks against the references and, at small_gpu's 4 x 4K, the whole indexer loss fwd+bwd per CSA
-# layer takes 3.05 ms instead of 19.78 (6.5x, 843 -> 208 MiB transient) and the compressors
-# fwd+bwd 1.76x (CSA attention), 1.47x (CSA indexer), 1.01x (HCA) their references.
-AUTO_KEEPS_REFERENCE = frozenset({"topk_routing", "swiglu_activation", "permute_tokens", "unpermute_tokens"})
+# that decision lives; today every kernel has won and the set is empty:
+# * the MoE kernels (router top-k, clamped SwiGLU, permute / unpermute; model.moe_kernel_impl):
+#   one H200, 2026-12-03 14:54 UTC, small at small_gpu's 4 x 4K, interleaved: fwd+bwd 287.2 ->
+#   255.3 ms (1.12x), step 1.08x (bench/results/throughput-h200-2026-12-03.md, fourth run);
+# * the sparse indexer loss's kernels and the compressor's pooling: the same day's checks and
+#   timings (bench/results/kernels-h200-2026-12-03.md): the indexer loss fwd+bwd per CSA layer
+#   19.78 -> 3.05 ms at 4 x 4K, the compressors 1.76x / 1.47x / 1.01x.
+AUTO_KEEPS_REFERENCE: frozenset[str] = frozenset()
 
 
 def _select(op: str, impl: str, device: torch.device | str | None, module: str, name: str,

@@ -133,10 +133,11 @@ def test_compressor_with_kernel_matches_reference(monkeypatch, ratio, overlap):
         assert _rel(a, b) < 1e-4, (name, _rel(a, b))
 
 
-def test_dispatch_keeps_the_reference_under_auto_until_measured():
-    # auto: the reference on CUDA too (model/dispatch.py AUTO_KEEPS_REFERENCE); triton: the kernel;
+def test_dispatch_picks_the_kernel_under_auto_on_cuda():
+    # auto: the kernel on CUDA (measured on the H200: model/dispatch.py); triton: the kernel;
     # fp64 and CPU: the reference
-    assert mc.get_compressor_pool("auto", "cuda", torch.float32) is compressor_pool
+    assert mc.get_compressor_pool("auto", "cuda", torch.float32) is compressor_pool_triton
+    assert mc.get_compressor_pool("auto", "cuda", torch.float64) is compressor_pool
     assert mc.get_compressor_pool("triton", "cuda", torch.float32) is compressor_pool_triton
     assert mc.get_compressor_pool("auto", "cpu", torch.float32) is compressor_pool
     assert mc.get_compressor_pool("torch", "cuda", torch.float32) is compressor_pool

@@ -37,6 +37,10 @@ def test_auto_on_cuda_picks_the_kernel_except_fp64():
     ("model.indexer", "get_selected_indexer_scores", "kernels.indexer_loss", "selected_indexer_scores_triton"),
     ("model.indexer", "get_attention_mass_on_selected", "kernels.indexer_loss", "attention_mass_on_selected_triton"),
     ("model.compressor", "get_compressor_pool", "kernels.compressor_pool", "compressor_pool_triton"),
+    ("model.moe", "get_topk_routing", "kernels.moe_router", "topk_routing_triton"),
+    ("model.moe", "get_swiglu_activation", "kernels.swiglu", "swiglu_activation_triton"),
+    ("model.moe", "get_permute_tokens", "kernels.moe_permute", "permute_tokens_triton"),
+    ("model.moe", "get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton"),
 ])
 def test_measured_kernels_are_auto_on_cuda(user, getter, module, kernel):
     """Kernels that won on the H200 (dispatch.AUTO_KEEPS_REFERENCE's comment): auto picks them on
@@ -86,21 +90,15 @@ def test_dispatch_is_traced_by_torch_compile_without_graph_breaks():
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
 
 
-@pytest.mark.parametrize("user, getter, module, kernel", [
-    ("model.moe", "get_topk_routing", "kernels.moe_router", "topk_routing_triton"),
-    ("model.moe", "get_swiglu_activation", "kernels.swiglu", "swiglu_activation_triton"),
-    ("model.moe", "get_permute_tokens", "kernels.moe_permute", "permute_tokens_triton"),
-    ("model.moe", "get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton"),
-])
-def test_unmeasured_kernels_stay_off_under_auto(user, getter, module, kernel):
-    """auto keeps these references on CUDA (no measured win yet: dispatch.AUTO_KEEPS_REFERENCE);
-    triton still selects the kernel."""
-    import importlib
+def test_auto_keeps_the_reference_for_an_op_held_back(monkeypatch):
+    """The mechanism for a kernel without a measured win (dispatch.AUTO_KEEPS_REFERENCE, empty
+    today): auto keeps the reference on CUDA, triton still selects the kernel."""
+    from kernels.moe_permute import permute_tokens_triton
+    from model import moe
 
-    mod = importlib.import_module(user)
-    reference = getattr(mod, getter.removeprefix("get_"))
-    assert getattr(mod, getter)("auto", "cuda", torch.bfloat16) is reference
-    assert getattr(mod, getter)("triton", "cuda", torch.bfloat16) is getattr(importlib.import_module(module), kernel)
+    monkeypatch.setattr(dispatch, "AUTO_KEEPS_REFERENCE", frozenset({"permute_tokens"}))
+    assert moe.get_permute_tokens("auto", "cuda", torch.bfloat16) is moe.permute_tokens
+    assert moe.get_permute_tokens("triton", "cuda", torch.bfloat16) is permute_tokens_triton
 
 
 GETTERS = {"get_sparse_attention": "model.sparse_attention", "get_indexer_topk": "model.indexer",
