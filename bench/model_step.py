@@ -56,6 +56,9 @@ class Trainee:
                       if pb.requires_grad]
         self.opt = build_optimizer(self.master, OPTIM)
         self.device = device
+        # True: the bf16 gradient buffers are zeroed in place after a step, never replaced (a
+        # captured CUDA graph writes into them: bench/peers.py GraphTrainee)
+        self.keep_grad_buffers = False
 
     def forward_backward(self, ids: torch.Tensor) -> torch.Tensor:
         return forward_backward(self.model, ids)
@@ -63,7 +66,10 @@ class Trainee:
     def optimizer_step(self) -> None:
         for pm, pb in self.pairs:
             pm.grad = None if pb.grad is None else pb.grad.float()
-            pb.grad = None
+            if self.keep_grad_buffers and pb.grad is not None:
+                pb.grad.zero_()
+            else:
+                pb.grad = None
         torch.nn.utils.clip_grad_norm_([pm for pm, _ in self.pairs if pm.grad is not None], 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

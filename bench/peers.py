@@ -46,6 +46,10 @@ then the compiled MoE rows (hybridlm, torchtitan), whose compilations are the lo
 budget skips those first. Compiled rows follow Dynamo's defaults: the second length recompiles
 with a dynamic sequence dimension (as model.compile=block does when a training stage changes). Peak GiB: the peer's resident state (weights, master
 copy, optimizer states) + the step's peak above what was allocated when its round began.
+hybridlm's "graph" rows: a second hybridlm trainee whose forward+backward is replayed as one
+hand-captured CUDA graph per length (the capture in the row's first warm-up step; what the
+trainer's train.cuda_graph does); their peak adds the graphs' private memory pools. They need CUDA
+(an ERROR row elsewhere).
 Output: peers.md (device, date, commit from $COMMIT, the table), peers.json (raw numbers).
 """
 from __future__ import annotations
@@ -75,12 +79,14 @@ from model.config import ModelConfig  # noqa: E402
 PEERS = ("hybridlm", "dense", "hf", "titan")
 LABELS = {"hybridlm": "hybridlm", "dense": "dense GPT", "hf": "transformers DeepseekV4ForCausalLM",
           "titan": "torchtitan DeepSeek-V3"}   # a built peer's label adds its version
-MODES = {"hybridlm": ("eager", "compiled"), "dense": ("eager", "compiled"), "hf": ("eager",),
+# hybridlm "graph": its whole forward+backward replayed as one hand-captured CUDA graph
+# (bench/cuda_graphs.py CapturedStep; the trainer's train.cuda_graph), on its own trainee
+MODES = {"hybridlm": ("eager", "graph", "compiled"), "dense": ("eager", "compiled"), "hf": ("eager",),
          "titan": ("eager", "compiled")}
 # round-1 order (warm-ups and compilations run in it): every peer at each length, shortest
 # first, then the compiled MoE rows (the longest compilations), so that a spent budget skips
 # those rather than a peer
-ORDER = [("hybridlm", "eager"), ("hf", "eager"), ("titan", "eager"), ("dense", "eager"), ("dense", "compiled"),
+ORDER = [("hybridlm", "eager"), ("hybridlm", "graph"), ("hf", "eager"), ("titan", "eager"), ("dense", "eager"), ("dense", "compiled"),
          ("hybridlm", "compiled"), ("titan", "compiled")]
 LATE = {("hybridlm", "compiled"), ("titan", "compiled")}
 # expected warm-up (compilation) seconds of the compiled rows on an H200, guesses from the
@@ -138,6 +144,7 @@ class Peer:
     flops: Callable[[int], float] | None = None          # seq -> FLOPs per token
     state: Callable[[], list] | None = None              # tensors resident between steps
     losses: dict = field(default_factory=dict)
+    graph: object = None                                  # GraphTrainee of the "graph" rows (hybridlm)
 
     def context(self, compiled: bool):
         return contextlib.nullcontext() if compiled else eager_blocks(self.compiled_blocks)
@@ -170,7 +177,42 @@ def _opt_tensors(opt) -> list:
     return [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
 
-def build_hybridlm(cfg: ModelConfig, device, compile_backend: str | None) -> Peer:
+class GraphTrainee:
+    """hybridlm's "graph" rows: a second trainee (its own weights, master copy and optimizer)
+    whose forward+backward is one CUDA graph per sequence length (bench/cuda_graphs.py
+    CapturedStep), captured in the row's first warm-up step; gradients stay in the captured
+    buffers (zeroed in place after each optimizer step, never replaced)."""
+
+    def __init__(self, cfg: ModelConfig, device):
+        from bench.model_step import Trainee
+
+        if torch.device(device).type != "cuda":
+            raise RuntimeError("the graph rows need CUDA (CUDA graphs)")
+        torch.manual_seed(0)
+        self.trainee = Trainee(replace_cfg(cfg, compile="none"), device, checkpointing=False)
+        self.trainee.keep_grad_buffers = True
+        self.steps: dict[int, object] = {}
+        self.pool_bytes = 0          # memory reserved by the captures (their private pools)
+
+    def forward_backward(self, ids: torch.Tensor) -> torch.Tensor:
+        from bench.cuda_graphs import CapturedStep
+
+        step = self.steps.get(ids.shape[-1])
+        if step is None:
+            before = torch.cuda.memory_reserved()
+            step = self.steps[ids.shape[-1]] = CapturedStep(self.trainee.model, ids)
+            self.pool_bytes += torch.cuda.memory_reserved() - before
+        return step.step(ids).detach().clone()
+
+    def optimizer_step(self) -> None:
+        self.trainee.optimizer_step()
+
+    def state(self) -> list:
+        tr = self.trainee
+        return list(tr.model.parameters()) + list(tr.model.buffers()) + list(tr.master.parameters()) + _opt_tensors(tr.opt)
+
+
+def build_hybridlm(cfg: ModelConfig, device, compile_backend: str | None, graph: bool = False) -> Peer:
     from bench.model_step import Trainee
     from model.accounting import flops_per_token, matmul_params
 
@@ -187,6 +229,11 @@ def build_hybridlm(cfg: ModelConfig, device, compile_backend: str | None) -> Pee
     p.flops = lambda seq: flops_per_token(tr.model, seq, cfg.attention_mode)
     p.state = lambda: (list(tr.model.parameters()) + list(tr.model.buffers()) + list(tr.master.parameters())
                        + _opt_tensors(tr.opt))
+    if graph:
+        try:
+            p.graph = GraphTrainee(cfg, device)
+        except Exception as exc:   # the graph rows say why; eager and compiled still run
+            p.graph = exc
     return p
 
 
@@ -331,7 +378,9 @@ def table(rows: list[Row], peers: dict[str, Peer], res: dict[str, dict]) -> list
         fb, st = v.times.get("fb"), v.times["step"]
         peak = "-"
         if not math.isnan(v.transient_gib):
-            peak = f"{state_bytes(p.state()) / 2**30 + v.transient_gib:.1f}"
+            resident = (state_bytes(p.graph.state()) + p.graph.pool_bytes if r.mode == "graph"
+                        else state_bytes(p.state()))
+            peak = f"{resident / 2**30 + v.transient_gib:.1f}"
         loss = p.losses.get((r.mode, r.seq))
         out.append(fmt_row([
             label, r.mode, f"1 x {r.seq}", len(st), f"{median(fb):.1f}" if fb else "-", f"{median(st):.1f}",
@@ -347,7 +396,7 @@ def acceptance(res: dict[str, dict], seq: int) -> list[str]:
     """Issue 16's three peer criteria at ``seq``, from the table's numbers, for hybridlm eager
     and compiled."""
     lines = []
-    for mode in ("eager", "compiled"):
+    for mode in ("eager", "graph", "compiled"):
         h = res.get(f"hybridlm-{mode}-{seq}")
         if h is None:
             continue
@@ -394,11 +443,13 @@ def run(out: str, tiny: bool, seqs: list[int] | None = None, budget_s: float = 2
     os.makedirs(out, exist_ok=True)
     wanted = [(pk, m) for pk, m in ORDER if keys is None or f"{pk}-{m}" in keys]
     want_compiled = {pk for pk, m in wanted if m == "compiled"}
+    want_graph = ("hybridlm", "graph") in wanted
     log = lambda s: print(s, flush=True)
 
     peers: dict[str, Peer] = {}
     builders = {
-        "hybridlm": lambda: build_hybridlm(cfg, device, backend if "hybridlm" in want_compiled else None),
+        "hybridlm": lambda: build_hybridlm(cfg, device, backend if "hybridlm" in want_compiled else None,
+                                           graph=want_graph),
         "dense": lambda: build_dense(cfg, device, backend if "dense" in want_compiled else None, seqs),
         "hf": lambda: build_hf(cfg, device, peers["hybridlm"].trainee.master
                                if peers.get("hybridlm") and peers["hybridlm"].error is None else None),
@@ -423,6 +474,13 @@ def run(out: str, tiny: bool, seqs: list[int] | None = None, budget_s: float = 2
         r, p = Row(pk, mode, L), peers[pk]
         if p.error is not None:
             r.error = p.error
+        elif mode == "graph" and not isinstance(p.graph, GraphTrainee):
+            r.error = f"build: {_first_line(p.graph)}" if isinstance(p.graph, Exception) else "not built"
+        elif mode == "graph":
+            def fb_graph(p=p, ids=batches[L], key=(mode, L)):
+                p.losses[key] = p.graph.forward_backward(ids)
+
+            r.variant = Variant(r.key, [("fb", fb_graph), ("opt", p.graph.optimizer_step)])
         else:
             def fb(p=p, ids=batches[L], compiled=mode == "compiled", key=(mode, L)):
                 p.losses[key] = p.forward_backward(ids, compiled)

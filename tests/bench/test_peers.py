@@ -149,6 +149,9 @@ def test_tiny_pipeline_has_every_row(tmp_path):
         for L in (32, 64):
             lines = [ln for ln in table.splitlines() if labels[peer] in ln and f"| {mode} | 1 x {L} |" in ln]
             assert len(lines) == 1, (peer, mode, L, table)
+            if mode == "graph":   # CUDA graphs: a reasoned row on the CPU
+                assert "ERROR build: RuntimeError: the graph rows need CUDA" in lines[0], lines[0]
+                continue
             if peer == "titan" and not titan_ok:   # a reasoned row, not a missing one
                 assert "ERROR build: ModuleNotFoundError: No module named 'torchtitan'" in lines[0]
                 continue
