@@ -188,8 +188,8 @@ class CapturedStep:
     accumulates, as gradient accumulation does; ``zero_grad`` zeroes them in place (and after
     the warm-up). Anything that needs the host mid-step (a host sync, a copy of a Python value to
     the GPU, an RNG-state read) makes the capture raise. The trainer's graphed step
-    (``train.cuda_graph=true``, ``GraphedMicroStep``) zeroes its gradient buffers inside the graph
-    instead, so that DeepSpeed sees one micro-batch's gradient per replay."""
+    (``train.cuda_graph=true``, ``GraphedMicroStep``) accumulates the same way, into buffers it
+    makes the parameters' .grad before each replay."""
 
     def __init__(self, model: torch.nn.Module, example_ids: torch.Tensor, warmup: int = 2):
         self.model = model

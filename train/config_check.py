@@ -71,6 +71,15 @@ def check_job(cfg: DictConfig, world_size: int | None = None) -> None:
         world_size, _ = launch_world(cfg.launch.kind)
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
+    if tc.cuda_graph:
+        from train.cuda_graph import cuda_graph_problem
+
+        problem = cuda_graph_problem(
+            device=device, precision=precision, zero_stage=int(cfg.deepspeed.zero_stage),
+            seq_chunk=tc.seq_chunk, cp_size=int(cfg.parallel.cp_size), ep_size=int(cfg.parallel.ep_size),
+            compile_mode=str(cfg.model.get("compile", "none")))
+        if problem:
+            raise ConfigError(problem)
     from train.context_parallel import check_cp
 
     problem = check_cp(int(cfg.parallel.cp_size), world_size, seq_chunk=tc.seq_chunk,

@@ -58,6 +58,10 @@ class TrainSection:
     # tokens run N rows at a time (a no-grad state pass, then recompute + backward per chunk);
     # auto = the longest chunk the memory estimate fits on the device, off when the whole fits.
     seq_chunk: Any = 0
+    # Each micro-batch's forward+backward as the replay of one captured CUDA graph (train/cuda_graph.py):
+    # one graph per batch shape / attention mode / MTP weight / trainable set, captured on first
+    # use. CUDA, bf16, ZeRO stage 0, no seq_chunk / context or expert parallelism / model.compile.
+    cuda_graph: bool = False
     # MTP loss weight once the lr decays (V4: 0.3 -> 0.1); null keeps model.mtp_loss_weight.
     mtp_loss_weight_at_decay: Optional[float] = 0.1
     val_every: int = 50                # optimizer steps between validations (0: only start/end)

@@ -22,21 +22,23 @@ The trainer's step (``GraphedMicroStep``):
   anticipatory-routing window), the least recently used is dropped.
 * Inputs. Each micro-batch is copied into the key's static input tensors (device to device, no
   host sync) before the replay.
-* Gradients. The graph zeroes static gradient buffers (one per parameter that got a gradient in
-  the warm-up; allocated outside the graph's pool) and its backward of ``loss x backward_scale``
-  accumulates into them, so each replay leaves exactly this micro-batch's gradient, as
-  ``engine.backward(loss)`` computes it. DeepSpeed's bookkeeping around it runs eagerly, as
-  ``engine.backward`` runs it (deepspeed/runtime/engine.py ``_backward_prologue`` /
-  ``_backward_epilogue``):
-    - bf16 (``BF16_Optimizer`` at ZeRO stage 0): before the replay its ``backward_prologue``
-      (clears the bf16 .grad) and ``enter_backward``; after it, the parameters' .grad ARE the
-      static buffers and the engine's ``_backward_epilogue`` runs: ``backward_epilogue``
-      accumulates them into the fp32 gradients, the all-reduce at the accumulation boundary when
-      world > 1, ``exit_backward``. The optimizer is DeepSpeed's, unchanged.
-    - plain (fp32, the client optimizer; the CPU tests' path): the static buffers are added into
-      .grad (a copy for the first micro-batch), as autograd accumulates, then the same epilogue.
-  The forward is ``module.forward``, not the engine's call: DeepSpeed's module hooks (its
-  throughput timer synchronizes the device) stay out of the graph.
+* Gradients, as ``engine.backward(loss)`` leaves them. At ZeRO stage 0 DeepSpeed (0.19,
+  runtime/engine.py ``_do_optimizer_sanity_check``) wraps the client optimizer in bf16 as
+  ``FP16_UnfusedOptimizer`` with bf16 weights ("DDP_BFLOAT16"; ``BF16_Optimizer`` is its choice at
+  ZeRO stage 1 or with pipeline parallelism only), in fp32 not at all: either way no ZeRO
+  prologue runs, the gradients accumulate in the parameters' own .grad over the micro-batches
+  (bf16 on the GPU), and ``engine.backward`` is ``(loss / accumulation steps).backward()``
+  followed by ``_backward_epilogue`` (the all-reduce at the accumulation boundary when world > 1).
+  The graph does the same: its backward of ``loss x backward_scale`` (train/seq_chunk.py)
+  accumulates in place into static gradient buffers (one per parameter that got a gradient in
+  the warm-up, allocated outside the graph's pool), and before each replay the parameters' .grad
+  are made those buffers: zeroed when .grad is None (the first micro-batch after DeepSpeed's
+  ``zero_grad``), loaded from .grad when another tensor holds it (an eager micro-batch, another
+  key's graph), kept when it is the buffer already. After the replay the engine's own
+  ``_backward_epilogue`` runs, so boundary handling and the all-reduce are DeepSpeed's; the
+  optimizer is DeepSpeed's, unchanged. Any ZeRO optimizer (ZeRO stage > 0, ``BF16_Optimizer``) is
+  refused. The forward is ``module.forward``, not the engine's call: DeepSpeed's module hooks
+  (its throughput timer synchronizes the device) stay out of the graph.
 * Losses. The graph's loss outputs are static: each micro-batch's are cloned after its replay.
 * State. Warm-up and capture leave the model as they found it: the parameters' .grad and every
   buffer (the MoE load counters count each forward) are restored afterwards. In-place updates
@@ -49,7 +51,7 @@ The trainer's step (``GraphedMicroStep``):
   stay eager (no gradient).
 * Unsupported (refused at config check, ``cuda_graph_problem``): no CUDA device, fp32, ZeRO stage
   > 0 (its gradient hooks run Python per parameter), train.seq_chunk, context parallelism, expert
-  parallelism, model.compile (not tried together), DeepSpeed's bf16 immediate_grad_update.
+  parallelism, model.compile (not tried together).
 
 Off CUDA ``EagerGraph`` stands in for the graph (capture runs the callable once, replay re-runs it
 and copies its outputs into the first run's): the whole path above runs on CPU, which is how the
@@ -146,7 +148,7 @@ def capture_graph(fn: Callable[[], Any], device: torch.device, *, warmup: int = 
 
 # ----------------------------------------------------------------------------- config
 def cuda_graph_problem(*, device: torch.device, precision: str, zero_stage: int, seq_chunk: Any,
-                       cp_size: int, ep_size: int, compile_mode: str, ds_extra: dict | None) -> str | None:
+                       cp_size: int, ep_size: int, compile_mode: str) -> str | None:
     """One line naming the setting that train.cuda_graph=true cannot run with; None when it can."""
     off = "or set train.cuda_graph=false"
     if torch.device(device).type != "cuda":
@@ -165,9 +167,6 @@ def cuda_graph_problem(*, device: torch.device, precision: str, zero_stage: int,
     if compile_mode != "none":
         return (f"train.cuda_graph=true is not tried with model.compile={compile_mode}: set "
                 f"model.compile=none {off}")
-    if ((ds_extra or {}).get("bf16") or {}).get("immediate_grad_update"):
-        return (f"train.cuda_graph=true cannot run DeepSpeed's bf16 immediate_grad_update (its "
-                f"per-parameter hooks): drop deepspeed.extra.bf16.immediate_grad_update {off}")
     return None
 
 
@@ -184,16 +183,11 @@ class _Captured:
     storage: tuple[int, ...]               # parameter and buffer addresses at capture
 
 
-def _is_bf16_optimizer(opt) -> bool:
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-
-    return isinstance(opt, BF16_Optimizer)
-
-
 class GraphedMicroStep:
     """Forward+backward of a micro-batch through ``engine`` (a DeepSpeed engine at ZeRO stage 0)
     as a captured graph's replay (module doc). ``__call__(batch, routing, scale)`` ->
-    train.seq_chunk.MicroResult. ``on_capture(record, message)``: told of every capture."""
+    train.seq_chunk.MicroResult, the gradients accumulated in .grad. ``on_capture(record,
+    message)``: told of every capture."""
 
     def __init__(self, engine, model: torch.nn.Module, device: torch.device, *, warmup: int = 2,
                  max_graphs: int = 1, factory: Callable[[], Any] | None = None,
@@ -202,13 +196,9 @@ class GraphedMicroStep:
             raise ValueError(f"warmup and max_graphs must be >= 1, got {warmup}, {max_graphs}")
         from deepspeed.runtime.base_optimizer import ZeROOptimizer
 
-        opt = engine.optimizer
-        self.bf16 = _is_bf16_optimizer(opt)
-        if isinstance(opt, ZeROOptimizer) and not self.bf16:
-            raise ValueError(f"train.cuda_graph: DeepSpeed's {type(opt).__name__} is not supported "
-                             f"(ZeRO stage 0 only: bf16's BF16_Optimizer or the fp32 client optimizer)")
-        if self.bf16 and opt.immediate_grad_update:
-            raise ValueError("train.cuda_graph: DeepSpeed's bf16 immediate_grad_update is not supported")
+        if isinstance(engine.optimizer, ZeROOptimizer):   # gradient hooks, prologue, partitions
+            raise ValueError(f"train.cuda_graph: DeepSpeed's {type(engine.optimizer).__name__} is not "
+                             f"supported (ZeRO stage 0 only, where gradients accumulate in .grad)")
         self.engine, self.model, self.device = engine, model, torch.device(device)
         self.warmup, self.max_graphs = warmup, max_graphs
         self.factory = factory or graph_factory(self.device)
@@ -235,7 +225,8 @@ class GraphedMicroStep:
         self.graphs.clear()
 
     # ------------------------------------------------------------------ the step
-    def __call__(self, batch: dict, routing: list[torch.Tensor] | None, scale: float):
+    def __call__(self, batch: dict, routing: list[torch.Tensor] | None, scale: float, step: int | None = None):
+        """``step``: the optimizer step, for the capture's log line only."""
         from train.seq_chunk import MicroResult
 
         key = self.key(batch, routing, scale)
@@ -244,32 +235,38 @@ class GraphedMicroStep:
             self.invalidate("a parameter or buffer was re-allocated")
             c = None
         if c is None:
-            c = self._capture(key, batch, routing, scale)
+            c = self._capture(key, batch, routing, scale, step)
         self.graphs.move_to_end(key)
         for k in INPUT_KEYS:
             c.inputs[k].copy_(batch[k], non_blocking=True)
         for static, r in zip(c.routing or (), routing or (), strict=True):
             static.copy_(r, non_blocking=True)
 
-        opt = self.engine.optimizer
-        if self.bf16:   # engine._backward_prologue's ZeRO part: clear the bf16 grads, enter backward
-            opt.clear_backward_seen_flag()
-            opt.backward_prologue()
-            opt.enter_backward()
-        else:
-            before = [p.grad for p in c.params]
-        c.graph.replay()
-        if self.bf16:   # the static buffers are the bf16 grads the epilogue accumulates in fp32
-            for p, g in zip(c.params, c.grads):
-                p.grad = g
-        else:           # autograd's accumulation: a copy first, then in place
-            for p, g, old in zip(c.params, c.grads, before):
-                p.grad = g.clone() if old is None else old.add_(g)
+        self._bind_grads(c)
+        c.graph.replay()   # accumulates this micro-batch's gradient into .grad
         self.engine._backward_epilogue()
         loss, losses = c.outputs
         return MicroResult(loss.detach().clone(), {k: v.detach().clone() for k, v in losses.items()}, {})
 
-    def _capture(self, key: tuple, batch: dict, routing, scale: float) -> _Captured:
+    @staticmethod
+    def _bind_grads(c: _Captured) -> None:
+        """Make the parameters' .grad the graph's buffers, holding what .grad held."""
+        zero, load_dst, load_src = [], [], []
+        for p, g in zip(c.params, c.grads):
+            if p.grad is g:
+                continue
+            if p.grad is None:
+                zero.append(g)
+            else:
+                load_dst.append(g)
+                load_src.append(p.grad)
+            p.grad = g
+        if zero:
+            torch._foreach_zero_(zero)
+        if load_dst:
+            torch._foreach_copy_(load_dst, load_src)
+
+    def _capture(self, key: tuple, batch: dict, routing, scale: float, step: int | None) -> _Captured:
         model, device, cuda = self.model, self.device, self.device.type == "cuda"
         while len(self.graphs) >= self.max_graphs:   # free the old pool before the new capture
             self.graphs.popitem(last=False)
@@ -300,14 +297,13 @@ class GraphedMicroStep:
             for p in trainable:
                 p.grad = None
 
-            def step():
+            def body():
                 for p, g in zip(params, grads):   # Python: runs at capture only on CUDA
                     p.grad = g
-                torch._foreach_zero_(grads)
                 out = forward_backward()
                 return out.loss.detach(), dict(out.losses)
 
-            graph, outputs = capture_graph(step, device, warmup=self.warmup - 1, factory=self.factory)
+            graph, outputs = capture_graph(body, device, warmup=self.warmup - 1, factory=self.factory)
         except Exception as exc:
             raise RuntimeError(f"train.cuda_graph: capturing the micro-batch step failed ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}); run with "
@@ -323,7 +319,7 @@ class GraphedMicroStep:
         self.captures += 1
         seconds = time.perf_counter() - t0
         pool_gib = (torch.cuda.memory_reserved(device) - reserved) / 2**30 if cuda else None
-        record = {"event": "cuda_graph_capture", "batch": list(batch["input_ids"].shape),
+        record = {"event": "cuda_graph_capture", "step": step, "batch": list(batch["input_ids"].shape),
                   "attention_mode": key[2], "mtp_loss_weight": key[3], "routing": routing is not None,
                   "trainable": sum(key[6]), "grad_params": len(params), "scale": scale,
                   "seconds": round(seconds, 3), "pool_gib": None if pool_gib is None else round(pool_gib, 3)}

@@ -97,6 +97,7 @@ class Run:
     flops_per_token: float = 0.0  # training FLOPs per token of the current stage (MFU)
     seq_chunks: list[int] | None = None   # train.seq_chunk per stage (0: whole micro-batches)
     long_eval: Callable | None = None   # eval.*: long-context metrics at every validation
+    cuda_graphs: Any = None       # train.cuda_graph: train/cuda_graph.py's GraphedMicroStep
 
     @property
     def device(self) -> torch.device:
@@ -206,7 +207,21 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     _announce(run, params, resumed_meta, precision=precision, curriculum_name=cfg.curriculum.name,
               ep_size=cfg.parallel.ep_size)
     run.long_eval = _long_context_eval(cfg.eval, data.tokenizer, tc.seed)
+    if tc.cuda_graph:   # built after the resume: nothing is captured before the weights are loaded
+        run.cuda_graphs = _cuda_graphs(run)
     return run
+
+
+def _cuda_graphs(run: Run):
+    """train.cuda_graph: the graphed micro-batch step; each capture is said and logged as an event."""
+    from train.cuda_graph import GraphedMicroStep
+
+    def logged(record: dict, message: str) -> None:
+        run.say(message)
+        step = record.pop("step", None)
+        run.metrics.log(run.start_step if step is None else step, "event", record)
+
+    return GraphedMicroStep(run.engine, run.engine.module, run.device, on_capture=logged)
 
 
 def _build_model(cfg: DictConfig, model_cfg: ModelConfig, optim_cfg: OptimSection, first, world_size: int,

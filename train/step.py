@@ -2,7 +2,8 @@
 
     stability.begin_step (snapshot, skips after a rollback, this step's micro-batches, and while
     anticipatory routing is on for step + dt the no-grad pre-pass caching its routing)
-    -> micro-batches (forward with the cached routing, backward) -> finite checks
+    -> micro-batches (forward with the cached routing, backward; train.cuda_graph: replays of a
+       captured graph, train/cuda_graph.py) -> finite checks
     -> optimizer step -> MoE router-bias update (aux-loss-free balancing)
     -> stability.end_step (spike detection; a rollback returns the restored step as next_step)
 
@@ -19,7 +20,7 @@ import torch
 
 from train.collectives import all_reduce_mean, world_size
 from train.plan import StepPlan, every
-from train.seq_chunk import micro_forward_backward
+from train.seq_chunk import backward_scale, micro_forward_backward
 from train.stability import check_finite
 
 LOSS_KEYS = ("lm", "mtp", "balance", "indexer")
@@ -82,6 +83,10 @@ def _forward_backward(run, step: int, batches: list, diagnose: bool, chunk: int 
     loss_sum = torch.zeros(1 + len(LOSS_KEYS), dtype=torch.float64, device=device)
     diagnostics: dict[str, Any] = {}
     corrupt = run.injector.corruption(step, batches)
+    # train.cuda_graph: whole micro-batches as graph replays (train/cuda_graph.py); those with
+    # diagnostics or an injected corruption run eagerly
+    graphs = run.cuda_graphs if not chunk and run.context_parallel is None else None
+    scale = backward_scale(engine) if graphs is not None else None
     for micro, cpu_batch in enumerate(batches):
         routing = run.stability.routing_for(step, micro, cpu_batch)
         if routing is not None:
@@ -89,10 +94,12 @@ def _forward_backward(run, step: int, batches: list, diagnose: bool, chunk: int 
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
         last = micro == accum - 1
         engine.set_gradient_accumulation_boundary(last)
-        # corrupt: stability.inject (experiments only)
-        res = micro_forward_backward(engine, run.model, batch, chunk=chunk, routing=routing, boundary=last,
-                                     diagnostics=diagnose and micro == 0, corrupt=corrupt[micro],
-                                     context_parallel=run.context_parallel)
+        if graphs is not None and not (diagnose and micro == 0) and corrupt[micro] is None:
+            res = graphs(batch, routing, scale, step=step)
+        else:   # corrupt: stability.inject (experiments only)
+            res = micro_forward_backward(engine, run.model, batch, chunk=chunk, routing=routing, boundary=last,
+                                         diagnostics=diagnose and micro == 0, corrupt=corrupt[micro],
+                                         context_parallel=run.context_parallel)
         terms = [res.logged] + [res.losses.get(k, loss_sum.new_zeros(())) for k in LOSS_KEYS]
         loss_sum += torch.stack([t.to(torch.float64) for t in terms])
         if res.diagnostics:

@@ -85,6 +85,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             result = train_step(run, plan)
         run.stability.log_events(run.metrics, run.say)
         if result.next_step != step + 1:   # rolled back: continue at the restored step
+            if run.cuda_graphs is not None:   # the restore may have re-allocated state: capture anew
+                run.cuda_graphs.invalidate(f"rollback to step {result.next_step}")
             step, stage, announce = result.next_step, None, False
             window.reset()
             continue

@@ -188,7 +188,7 @@ def test_capture_graph_warms_up_then_captures():
 
 
 GOOD = dict(device=torch.device("cuda"), precision="bf16", zero_stage=0, seq_chunk=0, cp_size=1, ep_size=1,
-            compile_mode="none", ds_extra={})
+            compile_mode="none")
 
 
 @pytest.mark.parametrize("change, says", [
@@ -200,10 +200,127 @@ GOOD = dict(device=torch.device("cuda"), precision="bf16", zero_stage=0, seq_chu
     ({"cp_size": 2}, "parallel.cp_size=1"),
     ({"ep_size": 2}, "parallel.ep_size=1"),
     ({"compile_mode": "block"}, "model.compile=none"),
-    ({"ds_extra": {"bf16": {"immediate_grad_update": True}}}, "immediate_grad_update"),
 ])
 def test_refusals_name_the_setting(change, says):
     assert cuda_graph_problem(**GOOD) is None
     problem = cuda_graph_problem(**{**GOOD, **change})
     assert problem is not None and says in problem and "\n" not in problem
     assert "train.cuda_graph=false" in problem
+
+
+# --------------------------------------------------------------------- through the trainer
+SPIKE_STEP, STEPS = 3, 6
+STABILITY = ["stability.anticipatory_routing=auto", "stability.on_steps=3",
+             "stability.rollback.snapshot_every=2", "stability.rollback.skip_batches=1",
+             "stability.detector.metrics=[loss,grad_norm]", "stability.detector.window=8",
+             "stability.detector.min_history=3", "stability.detector.z_threshold=1000",
+             f"stability.inject=[{{step:{SPIKE_STEP},kind:scale_grad,factor:1e4}}]"]
+
+
+@pytest.fixture(scope="module")
+def runs(th, tmp_path_factory, corpus_dir, token_cache_dir):
+    """fp32 CPU trainer runs (made on first use) of one job: 6 steps of 2 accumulated micro-batches
+    (seq_len 32, micro batch 2), diagnostics on every 2nd step's first micro-batch, a x1e4
+    gradient injected at step 3 (detected, rolled back to the snapshot after step 2, that batch
+    skipped, anticipatory routing on for steps 2..4: routing supplied). `plain`; `graph`
+    (train.cuda_graph=true, EagerGraph standing in, the CPU refusal lifted); `resumed` (graph,
+    stopped after 4 steps, then train.resume=auto); `plain_bf16`, `graph_bf16` (the same in bf16).
+    ``get.optimizers[name]``: the optimizer class each GraphedMicroStep was built over."""
+    root = tmp_path_factory.mktemp("cuda_graph")
+    base = th.SMALL_MODEL + [
+        "data=files", f"data.paths=[{corpus_dir}]", f"data.cache_dir={token_cache_dir}",
+        "data.val_fraction=0.1", "data.val_batches=1", "train.seq_len=32", "train.global_batch_tokens=128",
+        "train.micro_batch_tokens=64", f"train.tokens={128 * STEPS}", "train.val_every=0",
+        "train.ckpt_every=100", "train.progress=false", f"train.runs_root={root / 'outputs'}",
+        "optim.warmup_steps=2", "logging.diagnostics_every=2"] + STABILITY
+    graph = ["train.cuda_graph=true"]
+    jobs = {"plain": [[]], "graph": [graph], "plain_bf16": [["train.precision=bf16"]],
+            "graph_bf16": [graph + ["train.precision=bf16"]],
+            "resumed": [graph + ["train.stop_at_step=4"], graph + ["train.resume=auto"]]}
+    done = {}
+    from train.cuda_graph import GraphedMicroStep
+
+    init = GraphedMicroStep.__init__
+
+    def get(name):
+        if name not in done:
+            mp = pytest.MonkeyPatch()
+            mp.setenv("WANDB_MODE", "disabled")
+            mp.setattr("train.cuda_graph.cuda_graph_problem", lambda **kw: None)
+            seen = get.optimizers.setdefault(name, [])
+
+            def recording_init(self, engine, *a, **kw):
+                seen.append(type(engine.optimizer).__name__)
+                init(self, engine, *a, **kw)
+            mp.setattr(GraphedMicroStep, "__init__", recording_init)
+            torch.set_num_threads(1)
+            try:
+                for i, extra in enumerate(jobs[name]):
+                    task = [o for o in extra if o.startswith("train.")] + [f"+job={name}"]
+                    done[name] = th.run_job(root / "outputs" / "runs" / f"{name}-{i}", base + extra, task)
+            finally:
+                mp.undo()
+        return done[name]
+    get.optimizers = {}
+    return get
+
+
+def _train_lines(th, result):
+    """step -> (loss, grad_norm) of the accepted train line (a replayed step keeps its last)."""
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in th.read_metrics(result.metrics_path)
+            if r["kind"] == "train"}
+
+
+def _module(result):
+    return torch.load(result.checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def _same_run(th, got, ref):
+    assert _train_lines(th, got) == _train_lines(th, ref) and len(_train_lines(th, ref)) == STEPS
+    a, b = _module(got), _module(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainer_graph_path_equals_the_plain_path_across_a_rollback(th, runs):
+    plain, graph = runs("plain"), runs("graph")
+    events = th.read_metrics(graph.metrics_path)
+    (rollback,) = [e for e in events if e.get("event") == "stability/rollback"]
+    assert rollback["to_step"] == 2
+    captures = [e for e in events if e.get("event") == "cuda_graph_capture"]
+    # step 0 captures; the rollback drops the graphs (the step it restores captures again), the
+    # anticipatory window (routing supplied) and the MTP weight's decay have graphs of their own
+    assert [(e["step"], e["routing"], e["mtp_loss_weight"]) for e in captures] == [
+        (0, False, 0.3), (2, False, 0.3), (3, True, 0.3), (5, False, 0.1)]
+    assert not any(e.get("event") == "cuda_graph_capture" for e in th.read_metrics(plain.metrics_path))
+    _same_run(th, graph, plain)
+
+
+def test_trainer_graph_path_resumes_exactly(th, runs):
+    _same_run(th, runs("resumed"), runs("plain"))
+
+
+def test_config_check_refuses_cuda_graph_on_cpu(th, small_job):
+    from train.config_check import ConfigError, check_job
+
+    with pytest.raises(ConfigError, match=r"train.cuda_graph=true needs a CUDA device; this job runs on cpu"):
+        check_job(th.compose(*small_job, "train.device=cpu", "train.cuda_graph=true"), world_size=1)
+    check_job(th.compose(*small_job, "train.device=cpu", "train.cuda_graph=false"), world_size=1)
+
+
+def test_trainer_graph_path_in_bf16_equals_the_plain_path(th, runs):
+    """train.precision=bf16 on CPU: DeepSpeed wraps the client optimizer at ZeRO 0 as on the GPU
+    (FP16_UnfusedOptimizer over bf16 weights, gradients accumulated in bf16 .grad)."""
+    graph = runs("graph_bf16")
+    assert runs.optimizers["graph_bf16"] == ["FP16_UnfusedOptimizer"]
+    _same_run(th, graph, runs("plain_bf16"))
+    assert _train_lines(th, graph) != _train_lines(th, runs("graph"))   # (bf16, not fp32)
+
+
+def test_a_zero_optimizer_is_refused():
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    model = _model()
+    engine = Engine(model)
+    engine.optimizer = ZeROOptimizer()
+    with pytest.raises(ValueError, match="ZeRO stage 0 only"):
+        GraphedMicroStep(engine, model, torch.device("cpu"))
