@@ -18,16 +18,18 @@
 #   tp4          issue 16: MoE kernels and compiled blocks at 4 x 4K, interleaved (bench/throughput.py; ~130 s)
 #   launches     issue 16: bench/launches.py's CPU-side launch count beside the profiler's (calibrates
 #                its table of Triton launches; the CPU count at 1 x 1024 takes ~1-2 min)
+#   graphstep    issue 16: train.cuda_graph=false vs true in python -m train experiment=small_gpu, 10 steps
+#                each at 1 x 4K and 4 x 4K (bench/graph_step.py: losses side by side, tok/s; ~200 s)
 #
 # Expects the project's dependencies importable (on the air-gapped image: install the carried
 # wheels into /tmp/site and put it on PYTHONPATH, see bench/throughput_gpu.sh).
 set -uo pipefail
-OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers|tp4|launches ...]}
+OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers|tp4|launches|graphstep ...]}
 shift
 PARTS=${*:-experiments trainer cp1 mhc peers}
 for part in $PARTS; do   # refuse a misspelled part before any GPU time is spent
-  case $part in experiments|trainer|cp1|mhc|peers|tp4|launches) ;;
-    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer cp1 mhc peers tp4 launches)" >&2; exit 2 ;; esac
+  case $part in experiments|trainer|cp1|mhc|peers|tp4|launches|graphstep) ;;
+    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer cp1 mhc peers tp4 launches graphstep)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -62,6 +64,9 @@ for part in $PARTS; do
       el "throughput 4x exit $?"; grep -vE '^(W|I)[0-9]{4} ' /tmp/followup_tp4.log | tail -8 > "$OUT/tp4.log" ;;
     launches)
       timeout 150 $PY bench/launches.py --preset small --seq 1024 --cuda > "$OUT/launches.txt" 2>&1; el "launches exit $?" ;;
+    graphstep)
+      timeout 240 $PY bench/graph_step.py --out "$OUT/graphstep" --steps 10 --budget 228 --python "$PY" \
+        > "$OUT/graphstep.log" 2>&1; el "graphstep exit $?" ;;
   esac
 done
 el "done"

@@ -303,7 +303,9 @@ class GraphedMicroStep:
                 out = forward_backward()
                 return out.loss.detach(), dict(out.losses)
 
-            graph, outputs = capture_graph(body, device, warmup=self.warmup - 1, factory=self.factory)
+            # (the warm-up's cached activations go back first: the graph's pool takes their place)
+            graph, outputs = capture_graph(body, device, warmup=self.warmup - 1, factory=self.factory,
+                                           before_capture=torch.cuda.empty_cache if cuda else None)
         except Exception as exc:
             raise RuntimeError(f"train.cuda_graph: capturing the micro-batch step failed ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}); run with "
