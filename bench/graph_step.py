@@ -98,7 +98,8 @@ def compare(eager: list[dict], graph: list[dict]) -> tuple[str, bool]:
             for name, recs in (("eager", eager), ("graph", graph))}
     lines.append(f"Run ends: eager {ends['eager']}, graph {ends['graph']}")
     verdict = (f"losses agree (first step rel diff <= {FIRST_STEP_RTOL:g}, every step <= {ALL_STEPS_RTOL:g}; "
-               f"worst {worst:.1e})" if ok else f"CHECK FAILED: steps missing or losses apart (worst rel diff {worst:.1e})")
+               f"worst {worst:.1e})" if ok else
+               f"CHECK FAILED: steps missing or losses apart (worst rel diff {worst:.1e})")
     return "\n".join([verdict, ""] + lines), ok
 
 

@@ -75,13 +75,15 @@ INPUT_KEYS = ("input_ids", "doc_ids", "labels")
 
 # ----------------------------------------------------------------------------- capture
 class CudaGraph:
-    """``torch.cuda.CUDAGraph`` behind ``capture(fn) -> outputs`` / ``replay()``."""
+    """``torch.cuda.CUDAGraph`` behind ``capture(fn) -> outputs`` / ``replay()``. Captured in
+    thread_local error mode: what this thread does is checked as in the default mode, while other
+    threads' CUDA calls (NCCL's watchdog polling its events) do not abort the capture."""
 
     def __init__(self):
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn: Callable[[], Any]) -> Any:
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             return fn()
 
     def replay(self) -> None:
@@ -199,6 +201,9 @@ class GraphedMicroStep:
         if isinstance(engine.optimizer, ZeROOptimizer):   # gradient hooks, prologue, partitions
             raise ValueError(f"train.cuda_graph: DeepSpeed's {type(engine.optimizer).__name__} is not "
                              f"supported (ZeRO stage 0 only, where gradients accumulate in .grad)")
+        if not callable(getattr(engine, "_backward_epilogue", None)):   # (DeepSpeed 0.19's engine.backward)
+            raise ValueError("train.cuda_graph: this DeepSpeed engine has no _backward_epilogue (the part of "
+                             "engine.backward after autograd); the project pins deepspeed==0.19.8")
         self.engine, self.model, self.device = engine, model, torch.device(device)
         self.warmup, self.max_graphs = warmup, max_graphs
         self.factory = factory or graph_factory(self.device)
