@@ -234,8 +234,12 @@ def runs(th, tmp_path_factory, corpus_dir, token_cache_dir):
         "train.ckpt_every=100", "train.progress=false", f"train.runs_root={root / 'outputs'}",
         "optim.warmup_steps=2", "logging.diagnostics_every=2"] + STABILITY
     graph = ["train.cuda_graph=true"]
+    # the v4_test curriculum: 64 -> 128 -> 256 tokens, dense, then an indexer warm-up and sparse
+    curriculum = ["curriculum=v4_test", "train.micro_batch_tokens=256", "stability.inject=[]",
+                  "stability.anticipatory_routing=off"]
     jobs = {"plain": [[]], "graph": [graph], "plain_bf16": [["train.precision=bf16"]],
             "graph_bf16": [graph + ["train.precision=bf16"]],
+            "plain_curriculum": [curriculum], "graph_curriculum": [graph + curriculum],
             "resumed": [graph + ["train.stop_at_step=4"], graph + ["train.resume=auto"]]}
     done = {}
     from train.cuda_graph import GraphedMicroStep
@@ -275,8 +279,8 @@ def _module(result):
     return torch.load(result.checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
 
-def _same_run(th, got, ref):
-    assert _train_lines(th, got) == _train_lines(th, ref) and len(_train_lines(th, ref)) == STEPS
+def _same_run(th, got, ref, steps=STEPS):
+    assert _train_lines(th, got) == _train_lines(th, ref) and len(_train_lines(th, ref)) == steps
     a, b = _module(got), _module(ref)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -324,3 +328,14 @@ def test_a_zero_optimizer_is_refused():
     engine.optimizer = ZeROOptimizer()
     with pytest.raises(ValueError, match="ZeRO stage 0 only"):
         GraphedMicroStep(engine, model, torch.device("cpu"))
+
+
+def test_trainer_graph_path_through_a_curriculum_with_an_indexer_warmup(th, runs):
+    """Stage switches (shape, accumulation), the indexer warm-up (only the indexers train, dense)
+    and sparse attention each capture their own graph; the run equals the plain one bit for bit."""
+    graph = runs("graph_curriculum")
+    _same_run(th, graph, runs("plain_curriculum"), steps=8)
+    captures = [e for e in th.read_metrics(graph.metrics_path) if e.get("event") == "cuda_graph_capture"]
+    assert [(e["step"], e["batch"], e["attention_mode"]) for e in captures][:4] == [
+        (0, [4, 64], "dense"), (2, [2, 128], "dense"), (4, [1, 256], "dense"), (6, [1, 256], "sparse")]
+    assert captures[2]["trainable"] < captures[1]["trainable"] == captures[3]["trainable"]
