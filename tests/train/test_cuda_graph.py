@@ -299,6 +299,7 @@ def test_trainer_graph_path_equals_the_plain_path_across_a_rollback(th, runs):
     _same_run(th, graph, plain)
 
 
+@pytest.mark.slow   # two more trainer runs, ~40 s on 2 busy cores
 def test_trainer_graph_path_resumes_exactly(th, runs):
     _same_run(th, runs("resumed"), runs("plain"))
 
@@ -330,6 +331,7 @@ def test_a_zero_optimizer_is_refused():
         GraphedMicroStep(engine, model, torch.device("cpu"))
 
 
+@pytest.mark.slow   # two more trainer runs, ~40 s on 2 busy cores
 def test_trainer_graph_path_through_a_curriculum_with_an_indexer_warmup(th, runs):
     """Stage switches (shape, accumulation), the indexer warm-up (only the indexers train, dense)
     and sparse attention each capture their own graph; the run equals the plain one bit for bit."""
