@@ -136,12 +136,7 @@ def check(log, device, tiny: bool) -> bool:
             comp, x, cl, cot = make_case(kind, B, L, device, tiny)
             sizes = f"{B}x{L}, ratio {comp.ratio}, C {comp.wkv.weight.shape[0]}"
             # the pooling op alone on fp32 kv/gate (what the model feeds it): kernel vs reference
-            with torch.no_grad():
-                kv, gate = linears_fp32_reference(x, comp.wkv.weight, comp.wgate.weight)
-            leaves = [t.detach().float().requires_grad_() for t in (kv, gate, comp.ape)]
-            p = cl.pooling
-            idx = (p.tokens, p.prev, p.no_prev, p.invalid)
-            d = torch.randn(B, cl.c_end.shape[1], comp.out_dim, device=device)
+            leaves, idx, d = pool_inputs(comp, x, cl)
             res = []
             for fn in (compressor_pool, compressor_pool_triton):
                 o = fn(*leaves, *idx, comp.overlap)
@@ -169,6 +164,20 @@ def check(log, device, tiny: bool) -> bool:
             ok_all = False
             log(fmt_row([kind, f"ERROR {type(exc).__name__}: {str(exc)[:200]}"]))
     return ok_all
+
+
+def pool_inputs(comp, x, cl):
+    """The pooling op's own inputs for a case: (leaves [kv, gate, ape] fp32 with grad, the pooling
+    index, a cotangent of the pooled output)."""
+    from model.matmul import linears_fp32_reference
+
+    with torch.no_grad():
+        kv, gate = linears_fp32_reference(x, comp.wkv.weight, comp.wgate.weight)
+    leaves = [t.detach().float().requires_grad_() for t in (kv, gate, comp.ape)]
+    p = cl.pooling
+    idx = (p.tokens, p.prev, p.no_prev, p.invalid)
+    d = torch.randn(x.shape[0], cl.c_end.shape[1], comp.out_dim, device=x.device)
+    return leaves, idx, d
 
 
 # ----------------------------------------------------------------------------- timing
@@ -230,7 +239,6 @@ def sweep(log, device, tiny: bool, B: int = 1, L: int = 4096) -> None:
     """The pooling kernel's forward+backward alone over a few tiles (block_e, block_s, block_c)."""
     from kernels.compressor_pool import _tiles, compressor_pool_triton
     from model.compressor import compressor_pool
-    from model.matmul import linears_fp32_reference
 
     tiles = [(None, None, None), (2, 4, 64), (8, 4, 64), (4, 4, 128), (8, 4, 32), (16, 4, 32),
              (1, 16, 64), (1, 32, 32), (1, 16, 16), (2, 16, 32), (1, 8, 32)]
@@ -238,12 +246,7 @@ def sweep(log, device, tiny: bool, B: int = 1, L: int = 4096) -> None:
     log(fmt_row(["---"] * 4))
     for kind in KINDS:
         comp, x, cl, _ = make_case(kind, B, L, device, tiny)
-        with torch.no_grad():
-            kv, gate = linears_fp32_reference(x, comp.wkv.weight, comp.wgate.weight)
-        leaves = [t.detach().float().requires_grad_() for t in (kv, gate, comp.ape)]
-        p = cl.pooling
-        idx = (p.tokens, p.prev, p.no_prev, p.invalid)
-        d = torch.randn(B, cl.c_end.shape[1], comp.out_dim, device=device)
+        leaves, idx, d = pool_inputs(comp, x, cl)
         ref = lambda: torch.autograd.grad(compressor_pool(*leaves, *idx, comp.overlap), leaves, d)
         log(fmt_row([kind, f"{B}x{L}", "reference (torch)", f"{_time(ref, device):.3f}"]))
         for be, bs, bc in tiles:

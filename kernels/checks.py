@@ -6,6 +6,9 @@ checks on the device instead: CPU tensors raise ValueError with the message at o
 go through ``torch._assert_async``, which stops the run with a device-side assert (the message is
 in this call site's source) when the condition is false. Under torch.compile CPU tensors take
 ``torch._assert_async`` too (a RuntimeError with the message): ``bool(ok)`` would break the graph.
+
+``check_selected``: the shapes and index range of a per-query selection of entries, shared by the
+sparse indexer loss's reference (model/indexer.py) and its kernels (kernels/indexer_loss.py).
 """
 from __future__ import annotations
 
@@ -18,3 +21,15 @@ def require(ok: torch.Tensor, msg: str) -> None:
         torch._assert_async(ok, msg)
     elif not bool(ok):
         raise ValueError(msg)
+
+
+def check_selected(name: str, q: torch.Tensor, table: torch.Tensor, topk_idx: torch.Tensor) -> None:
+    """q [B, L, ...,  D], table [B, N, D], topk_idx [B, L, K] with every index < N (-1 = empty):
+    a ValueError naming ``name`` and the offending shape, or a device-side assert for an index."""
+    B, L = q.shape[:2]
+    if topk_idx.dim() != 3 or tuple(topk_idx.shape[:2]) != (B, L):
+        raise ValueError(f"{name}: topk_idx must be [B, L, K] = [{B}, {L}, K], got {tuple(topk_idx.shape)}")
+    if table.dim() != 3 or table.shape[0] != B or table.shape[2] != q.shape[-1]:
+        raise ValueError(f"{name}: entries must be [B={B}, N, {q.shape[-1]}], got {tuple(table.shape)}")
+    if topk_idx.numel():
+        require(topk_idx.max() < table.shape[1], f"{name}: topk_idx holds an index >= N = {table.shape[1]}")

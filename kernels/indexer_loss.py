@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import require
+from kernels.checks import check_selected
 from kernels.opaque import opaque_to_compile
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -144,16 +144,10 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 def _check(name: str, q: torch.Tensor, table: torch.Tensor, topk_idx: torch.Tensor) -> None:
-    B, L = q.shape[:2]
     if q.dtype not in _DTYPES or table.dtype != q.dtype:
         raise ValueError(f"{name}: queries and entries must share one dtype of {_DTYPES}, got {q.dtype} and "
                          f"{table.dtype} (model.attention_impl=torch takes the reference)")
-    if topk_idx.dim() != 3 or tuple(topk_idx.shape[:2]) != (B, L):
-        raise ValueError(f"{name}: topk_idx must be [B, L, K] = [{B}, {L}, K], got {tuple(topk_idx.shape)}")
-    if table.dim() != 3 or table.shape[0] != B or table.shape[2] != q.shape[-1]:
-        raise ValueError(f"{name}: entries must be [B={B}, N, {q.shape[-1]}], got {tuple(table.shape)}")
-    if topk_idx.numel():
-        require(topk_idx.max() < table.shape[1], f"{name}: topk_idx holds an index >= N = {table.shape[1]}")
+    check_selected(name, q, table, topk_idx)
 
 
 def _check_tile(fn: str, name: str, v: int) -> None:

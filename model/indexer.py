@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.checks import require
+from kernels.checks import check_selected
 from model.config import ModelConfig
 from model.compressor import Compressor
 from model.layout import CompressedLayout, compressed_mask
@@ -184,16 +184,6 @@ class _SelectedIndexerScores(torch.autograd.Function):
         return dq, dw.to(w.dtype), dk.view(B, N, Di).to(k.dtype), None, None
 
 
-def _check_selected(name: str, q: torch.Tensor, table: torch.Tensor, topk_idx: torch.Tensor) -> None:
-    B, L = q.shape[:2]
-    if topk_idx.dim() != 3 or tuple(topk_idx.shape[:2]) != (B, L):
-        raise ValueError(f"{name}: topk_idx must be [B, L, K] = [{B}, {L}, K], got {tuple(topk_idx.shape)}")
-    if table.dim() != 3 or table.shape[0] != B or table.shape[2] != q.shape[-1]:
-        raise ValueError(f"{name}: entries must be [B={B}, N, {q.shape[-1]}], got {tuple(table.shape)}")
-    if topk_idx.numel():
-        require(topk_idx.max() < table.shape[1], f"{name}: topk_idx holds an index >= N = {table.shape[1]}")
-
-
 def selected_indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk_idx: torch.Tensor,
                             max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
     """Indexer scores of the selected entries only, differentiable in q_idx, w and k_idx.
@@ -207,7 +197,7 @@ def selected_indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.T
     B, L, Hi, Di = q_idx.shape
     if w.shape != (B, L, Hi):
         raise ValueError(f"selected_indexer_scores: w must be [B, L, Hi] = {(B, L, Hi)}, got {tuple(w.shape)}")
-    _check_selected("selected_indexer_scores", q_idx, k_idx, topk_idx)
+    check_selected("selected_indexer_scores", q_idx, k_idx, topk_idx)
     K = topk_idx.shape[-1]
     chunk = _query_chunk(B, K, max(Di, Hi), max_chunk_elems)
     return _SelectedIndexerScores.apply(q_idx, w, k_idx, topk_idx.long(), chunk)
@@ -225,7 +215,7 @@ def attention_mass_on_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Te
     B, L, H, D = q.shape
     if lse.shape != (B, L, H):
         raise ValueError(f"attention_mass_on_selected: lse must be [B, L, H] = {(B, L, H)}, got {tuple(lse.shape)}")
-    _check_selected("attention_mass_on_selected", q, ckv, topk_idx)
+    check_selected("attention_mass_on_selected", q, ckv, topk_idx)
     K = topk_idx.shape[-1]
     acc = torch.promote_types(q.dtype, torch.float32)
     safe = topk_idx.clamp(min=0).long()
