@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed to the open issues (13, 14, 16), in parts that fit one H200
-# device call each or together, most important first; each part under its own time limit.
+# The GPU measurements still owed (issue 16 open; 13 and 14 ended blocked, their parts kept), in parts
+# that fit one H200 device call each or together, most important first; each part under its own limit.
 #
-#   bash bench/gpu_followup.sh OUT_DIR [PART ...]     # default: experiments trainer cp1 mhc peers
+#   bash bench/gpu_followup.sh OUT_DIR [PART ...]     # default: trainer compiled matmul peers graphstep
 #
 #   experiments  issue 14: all evidence experiments at tiny scale at once (bench/experiments/gpu.sh all;
 #                ~190 s); the runs and reports come back as OUT_DIR/exp.tgz (re-plot: gpu.sh's header)
@@ -18,6 +18,9 @@
 #   tp4          issue 16: MoE kernels and compiled blocks at 4 x 4K, interleaved (bench/throughput.py; ~130 s)
 #   launches     issue 16: bench/launches.py's CPU-side launch count beside the profiler's (calibrates
 #                its table of Triton launches; the CPU count at 1 x 1024 takes ~1-2 min)
+#   compiled     issue 16: the trainer as `trainer` with model.compile=block (compiling + 8 steps did not fit
+#                170 s on 2026-12-03: 300 s here; OUT_DIR/compiled_metrics.jsonl)
+#   matmul       issue 16: the compressor's/router's bf16 -> fp32 GEMM forms, fwd+bwd (bench/matmul_fp32_out.py; ~30 s)
 #   graphstep    issue 16: train.cuda_graph=false vs true in python -m train experiment=small_gpu, 10 steps
 #                each at 1 x 4K and 4 x 4K (bench/graph_step.py: losses side by side, tok/s; ~200 s)
 #
@@ -26,10 +29,10 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers|tp4|launches|graphstep ...]}
 shift
-PARTS=${*:-experiments trainer cp1 mhc peers}
+PARTS=${*:-trainer compiled matmul peers graphstep}
 for part in $PARTS; do   # refuse a misspelled part before any GPU time is spent
-  case $part in experiments|trainer|cp1|mhc|peers|tp4|launches|graphstep) ;;
-    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer cp1 mhc peers tp4 launches graphstep)" >&2; exit 2 ;; esac
+  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep) ;;
+    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -50,6 +53,15 @@ for part in $PARTS; do
         logging.wandb.mode=disabled train.progress=false > /tmp/followup_trainer.log 2>&1; el "trainer exit $?"
       tail -30 /tmp/followup_trainer.log > "$OUT/trainer.log"
       cp "$RUN/metrics.jsonl" "$OUT/trainer_metrics.jsonl" 2>/dev/null ;;
+    compiled)
+      RUN=/tmp/hybridlm_followup_compiled; rm -rf "$RUN"
+      timeout 300 $PY -m train experiment=small_gpu "hydra.run.dir=$RUN" train.global_batch_tokens=131072 \
+        train.tokens=$(( 8 * 131072 )) train.val_every=0 train.ckpt_every=0 data.val_batches=1 optim.warmup_steps=2 \
+        model.compile=block logging.wandb.mode=disabled train.progress=false > /tmp/followup_compiled.log 2>&1
+      el "trainer compiled exit $?"; tail -30 /tmp/followup_compiled.log > "$OUT/compiled.log"
+      cp "$RUN/metrics.jsonl" "$OUT/compiled_metrics.jsonl" 2>/dev/null ;;
+    matmul)
+      timeout 40 $PY bench/matmul_fp32_out.py --rounds 3 > "$OUT/matmul.md" 2>&1; el "matmul exit $?" ;;
     cp1)
       timeout 60 $PY bench/cp1_step.py --preset small --seq 4096 --out "$OUT" --budget 20 > "$OUT/cp1.log" 2>&1; el "cp1 exit $?" ;;
     mhc)
@@ -57,7 +69,7 @@ for part in $PARTS; do
       grep -vi warn /tmp/followup_mhc.log | tail -60 > "$OUT/mhc_site.txt" ;;
     peers)
       timeout 75 $PY bench/peers.py --out "$OUT/peers" --seqs 4096 --budget 65 --rounds 2 \
-        --rows hybridlm-eager hf-eager dense-compiled titan-eager > "$OUT/peers.log" 2>&1; el "peers exit $?" ;;
+        --rows hybridlm-eager hybridlm-graph hf-eager dense-compiled titan-eager > "$OUT/peers.log" 2>&1; el "peers exit $?" ;;
     tp4)
       timeout 130 $PY bench/throughput.py --out "$OUT/tp4" --budget 120 --rounds 2 \
         --variants mhc-eager-auto-4x mhc-eager-all-4x mhc-compiled-auto-4x > /tmp/followup_tp4.log 2>&1
