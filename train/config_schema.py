@@ -117,6 +117,10 @@ class DeepSpeedSection:
     # Build DeepSpeed's shared-memory CPU all-reduce op (a ~1 min C++ JIT build on first use).
     # auto: only for multi-process CPU runs; a single process never uses it.
     cpu_shm_comm: str = "auto"         # auto | on | off
+    # Gradient accumulation across micro-batches: auto = DeepSpeed's default, the model dtype
+    # (bf16 at ZeRO 0: its FP16_UnfusedOptimizer adds each micro-batch into the bf16 .grad);
+    # fp32 = DeepSpeed's BF16_Optimizer with fp32 gradient buffers (a bf16 model: zero_stage 1)
+    grad_accum_dtype: str = "auto"     # auto | bf16 | fp32
     extra: Dict[str, Any] = field(default_factory=dict)  # merged verbatim into the DS config
 
 

@@ -154,6 +154,9 @@ def deepspeed_config(ds: Mapping[str, Any], *, micro_batch: int, grad_accum: int
         "steps_per_print": 2**62,                # we log ourselves
         "wall_clock_breakdown": False,
     }
+    accum = grad_accum_dtype(ds, precision, stage)
+    if accum is not None:
+        config["data_types"] = {"grad_accum_dtype": accum}
     extra = dict(ds.get("extra") or {})
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(config.get(key), dict):
@@ -161,6 +164,38 @@ def deepspeed_config(ds: Mapping[str, Any], *, micro_batch: int, grad_accum: int
         else:
             config[key] = value
     return config
+
+
+GRAD_ACCUM_DTYPES = ("auto", "bf16", "fp32")
+
+
+def grad_accum_dtype(ds: Mapping[str, Any], precision: str, stage: int) -> str | None:
+    """``deepspeed.grad_accum_dtype`` -> DeepSpeed's ``data_types.grad_accum_dtype`` (None: its
+    default, the model dtype). DeepSpeed 0.19 runs a bf16 model with fp32 accumulation in its
+    BF16_Optimizer, which it picks at ZeRO 1 (optim/deepspeed.py binds Muon to its shards); at ZeRO
+    0 it raises NotImplementedError and ZeRO 2/3 are not checked with it here, so those are refused
+    first, naming the settings."""
+    value = str(ds.get("grad_accum_dtype", "auto"))
+    if value not in GRAD_ACCUM_DTYPES:
+        raise ValueError(f"deepspeed.grad_accum_dtype must be one of {GRAD_ACCUM_DTYPES}, got {value!r}")
+    if value == "auto" or precision != "bf16":
+        return None   # fp32 models accumulate in fp32 anyway
+    if value == "fp32" and stage != 1:
+        raise ValueError(f"deepspeed.grad_accum_dtype=fp32 with bf16 needs deepspeed.zero_stage=1, got {stage} "
+                         f"(DeepSpeed accumulates fp32 gradients of a bf16 model in its BF16_Optimizer, which it "
+                         f"uses at ZeRO 1): add deepspeed=zero1")
+    return value
+
+
+def bf16_accumulation_warning(precision: str, ds: Mapping[str, Any], max_grad_accum: int) -> str | None:
+    """The warning for a run whose gradients add up in bf16 over several micro-batches (bf16 at
+    ZeRO 0 under DeepSpeed's default), or None."""
+    if precision != "bf16" or max_grad_accum <= 1 or int(ds["zero_stage"]) != 0:
+        return None
+    if str(ds.get("grad_accum_dtype", "auto")) == "fp32":
+        return None   # refused by grad_accum_dtype
+    return (f"gradients of up to {max_grad_accum} micro-batches per step add up in bf16 (DeepSpeed at ZeRO 0 in bf16 "
+            f"accumulates in the bf16 .grad); for fp32 accumulation run deepspeed=zero1 deepspeed.grad_accum_dtype=fp32")
 
 
 def initialize_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict):

@@ -34,7 +34,7 @@ from train.config_check import check_job, seq_chunks
 from train.config_schema import check_config_keys
 from train.context_parallel import ContextParallel, CPRanks, cp_layout, cp_rows, cp_size, routing_cache_for_cp
 from train.curriculum import Curriculum, CurriculumError, build_curriculum
-from train.engine import (DistInfo, deepspeed_config, initialize_engine, peak_tflops,
+from train.engine import (DistInfo, bf16_accumulation_warning, deepspeed_config, initialize_engine, peak_tflops,
                           resolve_device, resolve_precision, setup_distributed)
 from train.expert_parallel import apply_expert_parallel, check_zero_stage_for_ep
 from train.metrics import MetricsLogger
@@ -143,6 +143,9 @@ def setup(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     # parallel.cp_size: each CP group of ranks is one data-parallel replica (train/context_parallel.py)
     replica = CPRanks.of(dist.rank, dist.world_size, int(cfg.parallel.cp_size))
     curriculum = _curriculum(cfg, model_cfg, dist, resume, replica.dp_size)
+    accum_warning = bf16_accumulation_warning(precision, cfg.deepspeed, max(st.grad_accum for st in curriculum.stages))
+    if accum_warning and dist.is_main:
+        log.warning(accum_warning)
     # train.seq_chunk per stage (auto: sized from the memory estimate before anything is allocated)
     chunks = seq_chunks(cfg, model_cfg, curriculum, device, precision, dist.world_size)
     optim_cfg = optim_section(OmegaConf.to_object(cfg.optim))
