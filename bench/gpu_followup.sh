@@ -37,43 +37,44 @@ done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 PY=${PYTHON:-python3}
+TMP=${TMPDIR:-/tmp}   # scratch: logs and run directories of this call
 T0=$(date +%s)
 el() { echo "$1 after $(( $(date +%s) - T0 )) s" | tee -a "$OUT/summary.txt"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/summary.txt" 2>&1
 for part in $PARTS; do
   case $part in
     experiments)
-      timeout 200 bash bench/experiments/gpu.sh "$OUT/exp" all tiny 150 > /tmp/exp_all.log 2>&1; el "experiments exit $?"
-      tail -80 /tmp/exp_all.log > "$OUT/exp_all.log"
+      timeout 200 bash bench/experiments/gpu.sh "$OUT/exp" all tiny 150 > $TMP/exp_all.log 2>&1; el "experiments exit $?"
+      tail -80 $TMP/exp_all.log > "$OUT/exp_all.log"
       tar -C "$OUT" -czf "$OUT/exp.tgz" exp && rm -rf "$OUT/exp" ;;
     trainer)
-      RUN=/tmp/hybridlm_followup_trainer; rm -rf "$RUN"
+      RUN=$TMP/hybridlm_followup_trainer; rm -rf "$RUN"
       timeout 125 $PY -m train experiment=small_gpu "hydra.run.dir=$RUN" train.global_batch_tokens=131072 \
         train.tokens=$(( 10 * 131072 )) train.val_every=0 train.ckpt_every=0 data.val_batches=2 optim.warmup_steps=2 \
-        logging.wandb.mode=disabled train.progress=false > /tmp/followup_trainer.log 2>&1; el "trainer exit $?"
-      tail -30 /tmp/followup_trainer.log > "$OUT/trainer.log"
+        logging.wandb.mode=disabled train.progress=false > $TMP/followup_trainer.log 2>&1; el "trainer exit $?"
+      tail -30 $TMP/followup_trainer.log > "$OUT/trainer.log"
       cp "$RUN/metrics.jsonl" "$OUT/trainer_metrics.jsonl" 2>/dev/null ;;
     compiled)
-      RUN=/tmp/hybridlm_followup_compiled; rm -rf "$RUN"
+      RUN=$TMP/hybridlm_followup_compiled; rm -rf "$RUN"
       timeout 300 $PY -m train experiment=small_gpu "hydra.run.dir=$RUN" train.global_batch_tokens=131072 \
         train.tokens=$(( 8 * 131072 )) train.val_every=0 train.ckpt_every=0 data.val_batches=1 optim.warmup_steps=2 \
-        model.compile=block logging.wandb.mode=disabled train.progress=false > /tmp/followup_compiled.log 2>&1
-      el "trainer compiled exit $?"; tail -30 /tmp/followup_compiled.log > "$OUT/compiled.log"
+        model.compile=block logging.wandb.mode=disabled train.progress=false > $TMP/followup_compiled.log 2>&1
+      el "trainer compiled exit $?"; tail -30 $TMP/followup_compiled.log > "$OUT/compiled.log"
       cp "$RUN/metrics.jsonl" "$OUT/compiled_metrics.jsonl" 2>/dev/null ;;
     matmul)
       timeout 40 $PY bench/matmul_fp32_out.py --rounds 3 > "$OUT/matmul.md" 2>&1; el "matmul exit $?" ;;
     cp1)
       timeout 60 $PY bench/cp1_step.py --preset small --seq 4096 --out "$OUT" --budget 20 > "$OUT/cp1.log" 2>&1; el "cp1 exit $?" ;;
     mhc)
-      timeout 80 $PY bench/mhc.py --ops site > /tmp/followup_mhc.log 2>&1; el "mhc site exit $?"
-      grep -vi warn /tmp/followup_mhc.log | tail -60 > "$OUT/mhc_site.txt" ;;
+      timeout 80 $PY bench/mhc.py --ops site > $TMP/followup_mhc.log 2>&1; el "mhc site exit $?"
+      grep -vi warn $TMP/followup_mhc.log | tail -60 > "$OUT/mhc_site.txt" ;;
     peers)
       timeout 75 $PY bench/peers.py --out "$OUT/peers" --seqs 4096 --budget 65 --rounds 2 \
         --rows hybridlm-eager hybridlm-graph hf-eager dense-compiled titan-eager > "$OUT/peers.log" 2>&1; el "peers exit $?" ;;
     tp4)
       timeout 130 $PY bench/throughput.py --out "$OUT/tp4" --budget 120 --rounds 2 \
-        --variants mhc-eager-auto-4x mhc-eager-all-4x mhc-compiled-auto-4x > /tmp/followup_tp4.log 2>&1
-      el "throughput 4x exit $?"; grep -vE '^(W|I)[0-9]{4} ' /tmp/followup_tp4.log | tail -8 > "$OUT/tp4.log" ;;
+        --variants mhc-eager-auto-4x mhc-eager-all-4x mhc-compiled-auto-4x > $TMP/followup_tp4.log 2>&1
+      el "throughput 4x exit $?"; grep -vE '^(W|I)[0-9]{4} ' $TMP/followup_tp4.log | tail -8 > "$OUT/tp4.log" ;;
     launches)
       timeout 150 $PY bench/launches.py --preset small --seq 1024 --cuda > "$OUT/launches.txt" 2>&1; el "launches exit $?" ;;
     graphstep)

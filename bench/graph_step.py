@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def run(out: Path, steps: int, budget: float, python: str) -> bool:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     metrics = {}
     for n, (mode, graph) in enumerate((("eager", False), ("graph", True))):
-        run_dir = Path(f"/tmp/hybridlm_graphstep_{mode}")
+        run_dir = Path(tempfile.gettempdir()) / f"hybridlm_graphstep_{mode}"
         subprocess.run(["rm", "-rf", str(run_dir)], check=False)
         left = budget - (time.time() - t0)
         limit = left if n == 1 else 0.55 * left   # the first run compiles the Triton kernels
