@@ -144,7 +144,8 @@ class Peer:
     flops: Callable[[int], float] | None = None          # seq -> FLOPs per token
     state: Callable[[], list] | None = None              # tensors resident between steps
     losses: dict = field(default_factory=dict)
-    graph: object = None                                  # GraphTrainee of the "graph" rows (hybridlm)
+    graph: "GraphTrainee | None" = None                   # the "graph" rows' trainee (hybridlm)
+    graph_error: str | None = None                        # why it was not built
 
     def context(self, compiled: bool):
         return contextlib.nullcontext() if compiled else eager_blocks(self.compiled_blocks)
@@ -233,7 +234,7 @@ def build_hybridlm(cfg: ModelConfig, device, compile_backend: str | None, graph:
         try:
             p.graph = GraphTrainee(cfg, device)
         except Exception as exc:   # the graph rows say why; eager and compiled still run
-            p.graph = exc
+            p.graph_error = f"build: {_first_line(exc)}"
     return p
 
 
@@ -474,8 +475,8 @@ def run(out: str, tiny: bool, seqs: list[int] | None = None, budget_s: float = 2
         r, p = Row(pk, mode, L), peers[pk]
         if p.error is not None:
             r.error = p.error
-        elif mode == "graph" and not isinstance(p.graph, GraphTrainee):
-            r.error = f"build: {_first_line(p.graph)}" if isinstance(p.graph, Exception) else "not built"
+        elif mode == "graph" and p.graph is None:
+            r.error = p.graph_error or "not built"
         elif mode == "graph":
             def fb_graph(p=p, ids=batches[L], key=(mode, L)):
                 p.losses[key] = p.graph.forward_backward(ids)

@@ -191,9 +191,7 @@ def bf16_accumulation_warning(precision: str, ds: Mapping[str, Any], max_grad_ac
     """The warning for a run whose gradients add up in bf16 over several micro-batches (bf16 at
     ZeRO 0 under DeepSpeed's default), or None."""
     if precision != "bf16" or max_grad_accum <= 1 or int(ds["zero_stage"]) != 0:
-        return None
-    if str(ds.get("grad_accum_dtype", "auto")) == "fp32":
-        return None   # refused by grad_accum_dtype
+        return None   # (fp32 accumulation at ZeRO 0 never gets here: check_job refuses it)
     return (f"gradients of up to {max_grad_accum} micro-batches per step add up in bf16 (DeepSpeed at ZeRO 0 in bf16 "
             f"accumulates in the bf16 .grad); for fp32 accumulation run deepspeed=zero1 deepspeed.grad_accum_dtype=fp32")
 
