@@ -11,7 +11,7 @@ Keys (defaults are V4's):
     betas, eps      AdamW, (0.9, 0.95), 1e-20
     momentum        Muon mu, 0.95
     update_rms      Muon update RMS gamma, 0.18
-    ns_dtype        Newton-Schulz arithmetic: bf16 | fp32
+    ns_dtype        Newton-Schulz arithmetic: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     wo_a_blocks     null (= model.cfg.o_groups: wo_a orthogonalised per group) | int (1 = whole)
     track_update_rms  true
     ns_batch_mb     256: Newton-Schulz batched over buckets of same-shape matrices of at most

@@ -27,7 +27,7 @@ class OptimSection:
     eps: float = 1e-20
     momentum: float = 0.95             # Muon mu
     update_rms: float = 0.18           # Muon update RMS gamma
-    ns_dtype: str = "bf16"
+    ns_dtype: str = "auto"             # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
     wo_a_blocks: Optional[int] = None
     track_update_rms: bool = True
     ns_batch_mb: float = 256.0         # Newton-Schulz batched over same-shape matrices, MiB per bucket (0 = per matrix)

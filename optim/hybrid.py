@@ -28,7 +28,7 @@ from optim.newton_schulz import V4_NS_COEFFICIENTS
 
 _D = OptimSection   # the config's defaults (optim/config.py)
 MUON_DEFAULTS = dict(momentum=_D.momentum, weight_decay=_D.weight_decay, update_rms=_D.update_rms,
-                     ns_dtype="bfloat16", ns_steps=V4_NS_COEFFICIENTS, row_blocks=1)
+                     ns_dtype="auto", ns_steps=V4_NS_COEFFICIENTS, row_blocks=1)
 ADAMW_DEFAULTS = dict(betas=tuple(_D().betas), eps=_D.eps, weight_decay=_D.weight_decay)
 KIND_DEFAULTS = {"muon": MUON_DEFAULTS, "adamw": ADAMW_DEFAULTS}
 COMMON_KEYS = {"params", "param_names", "kind", "name", "lr", "initial_lr"}
@@ -114,7 +114,8 @@ class HybridOptimizer(torch.optim.Optimizer):
     def _check_group(group: dict, where: str) -> None:
         group.setdefault("initial_lr", group["lr"])
         if group["kind"] == "muon":
-            group["ns_dtype"] = canonical_ns_dtype(group["ns_dtype"])
+            device_type = group["params"][0].device.type if group["params"] else None
+            group["ns_dtype"] = canonical_ns_dtype(group["ns_dtype"], device_type)
             group["ns_steps"] = tuple(tuple(float(c) for c in s) for s in group["ns_steps"])
             validate_muon_hparams(lr=group["lr"], momentum=group["momentum"],
                                   weight_decay=group["weight_decay"],

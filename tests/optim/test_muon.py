@@ -134,3 +134,17 @@ def test_last_update_rms_tracks_groups():
     assert set(stats) == {"first", "1"}
     assert stats["first"] == pytest.approx(0.18, rel=0.03)
     assert stats["1"] == pytest.approx(0.3, rel=0.03)
+
+
+def test_ns_dtype_auto_resolves_by_parameter_device():
+    from optim.muon import canonical_ns_dtype
+    assert canonical_ns_dtype("auto", "cuda") == "bfloat16"    # tensor cores, as V4
+    assert canonical_ns_dtype("auto", "cpu") == "float32"
+    assert canonical_ns_dtype("bf16", "cpu") == "bfloat16"     # an explicit choice wins
+    with pytest.raises(ValueError, match="device type"):
+        canonical_ns_dtype("auto")
+    with pytest.raises(ValueError, match="'auto' or one of"):
+        canonical_ns_dtype("fp8", "cuda")
+    # the default group resolves on the parameters' device (CPU here)
+    opt = HybridOptimizer([{"params": [torch.nn.Parameter(torch.randn(8, 16))], "kind": "muon", "lr": 0.02}])
+    assert opt.param_groups[0]["ns_dtype"] == "float32"
