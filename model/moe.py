@@ -91,10 +91,12 @@ def swiglu(
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """x W^T in fp32 (the router runs in fp32). x [..., D], weight [E, D] -> [..., E].
-    CUDA bf16: a tensor-core GEMM with fp32 output (model/matmul.py: the same products as the
-    fp32 upcast, which ran as a SIMT sgemm in the H200 profile); ``impl="torch"`` or elsewhere:
-    the upcast reference, keeping x (bf16), not its fp32 copy, for backward (model/recompute.py)."""
-    if impl != "torch" and linears_fp32_supported(x, weight):
+    Default (``auto``/``torch``): the fp32 upcast, keeping x (bf16), not its fp32 copy, for backward
+    (model/recompute.py). ``impl="triton"`` on CUDA bf16: the tensor-core GEMM with fp32 output of
+    model/matmul.py (the same products); not the default because at the router's narrow output it
+    loses: 16384 x 1024 -> 64 fwd+bwd 0.95 ms vs 0.52 ms upcast (bench/matmul_fp32_out.py, H200,
+    2026-12-03), while the compressors' wider outputs win with it."""
+    if impl == "triton" and linears_fp32_supported(x, weight):
         return linears_fp32_fused(x, weight)[0]
     return recompute_in_backward(_router_linear_fp32, x, weight)
 
