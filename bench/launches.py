@@ -80,6 +80,9 @@ TRITON_LAUNCHES = {
     "swiglu_activation": (1, 1),
     "permute_tokens": (1, 1),
     "unpermute_tokens": (1, 1),
+    # the LM-head loss's per chunk (kernels/cross_entropy.py): _cross_entropy_rows, inside the
+    # loss's own autograd forward | no gradient of its own
+    "chunk_cross_entropy": (1, 0),
 }
 
 # aten ops that launch no kernel on CUDA: views and metadata, allocations without a fill,

@@ -63,6 +63,8 @@ FAST_PATHS = {
                       "selected_indexer_scores_triton", "selected_indexer_scores"),
                      ("model.indexer", "get_attention_mass_on_selected", "kernels.indexer_loss",
                       "attention_mass_on_selected_triton", "attention_mass_on_selected")],
+    "cross_entropy": [("model.loss", "get_chunk_cross_entropy", "kernels.cross_entropy", "chunk_cross_entropy_triton",
+                       "chunk_cross_entropy")],
 }
 ALL = frozenset(FAST_PATHS)
 

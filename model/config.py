@@ -104,6 +104,10 @@ class ModelConfig:
     # LM-head + cross-entropy (main and MTP): chunked = token chunks, no [L, V] logits
     # (model/loss.py); reference = full fp32 logits + F.cross_entropy
     loss_impl: str = "chunked"
+    # the chunked loss's per-chunk softmax, loss and d loss / d logits (kernels/cross_entropy.py,
+    # 2 passes over the fp32 logits instead of ~9): auto = the reference until measured on a GPU
+    # (model/dispatch.py AUTO_KEEPS_REFERENCE), triton = the kernel or an error, torch = reference
+    loss_kernel_impl: str = "auto"
     # torch.compile: none = eager; block = each transformer block (main and MTP) compiled in
     # place by Transformer.compile_blocks (the trainer calls it), our Triton kernels opaque
     # calls inside (kernels/opaque.py)
@@ -192,7 +196,7 @@ class ModelConfig:
         need(self.attention_mode in ATTENTION_MODES, "attention_mode",
              f"must be one of {ATTENTION_MODES}, got {self.attention_mode!r}")
         need(self.mtp_depth >= 0, "mtp_depth", "must be >= 0")
-        for f in ("attention_impl", "mhc_impl", "moe_kernel_impl"):
+        for f in ("attention_impl", "mhc_impl", "moe_kernel_impl", "loss_kernel_impl"):
             need(getattr(self, f) in KERNEL_IMPLS, f,
                  f"must be one of {KERNEL_IMPLS}, got {getattr(self, f)!r}")
         need(self.moe_impl in MOE_IMPLS, "moe_impl",

@@ -54,6 +54,7 @@ KERNELS = {
     "rope_rotate": ("kernels.rope", "rope_rotate_triton"),
     "rms_norm": ("kernels.rms_norm", "rms_norm_triton"),
     "compressor_pool": ("kernels.compressor_pool", "compressor_pool_triton"),
+    "chunk_cross_entropy": ("kernels.cross_entropy", "chunk_cross_entropy_triton"),
 }
 
 
@@ -97,14 +98,17 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Ops whose kernel ``auto`` does NOT pick on CUDA (``triton`` still selects it): a kernel becomes
 # the default only when an interleaved measurement (bench/throughput.py, variants alternated so
 # order and warm-up cannot decide) shows the training step gets faster with it. This is where
-# that decision lives; today every kernel has won and the set is empty:
+# that decision lives. Every kernel below has won; held back:
+# * chunk_cross_entropy (kernels/cross_entropy.py, the LM-head loss's per-chunk softmax and
+#   gradient; model.loss_kernel_impl): not yet measured on a GPU (bench/cross_entropy.py checks
+#   and times it, bench/throughput.py's "all kernels" variant runs it in the training step).
 # * the MoE kernels (router top-k, clamped SwiGLU, permute / unpermute; model.moe_kernel_impl):
 #   one H200, 2026-12-03 14:54 UTC, small at small_gpu's 4 x 4K, interleaved: fwd+bwd 287.2 ->
 #   255.3 ms (1.12x), step 1.08x (bench/results/throughput-h200-2026-12-03.md, fourth run);
 # * the sparse indexer loss's kernels and the compressor's pooling: the same day's checks and
 #   timings (bench/results/kernels-h200-2026-12-03.md): the indexer loss fwd+bwd per CSA layer
 #   19.78 -> 3.05 ms at 4 x 4K, the compressors 1.76x / 1.47x / 1.01x.
-AUTO_KEEPS_REFERENCE: frozenset[str] = frozenset()
+AUTO_KEEPS_REFERENCE: frozenset[str] = frozenset({"chunk_cross_entropy"})
 
 
 def _select(op: str, impl: str, device: torch.device | str | None, module: str, name: str,

@@ -30,6 +30,11 @@ gradient has (its GEMM accumulates in fp32 and writes bf16), plus the rounding o
 with the incoming gradient in backward (computed in fp32, written in the weight's dtype).
 fp32/fp64 weights keep their fp32/fp64 accumulator: nothing changes for them.
 A batch with no valid label gives loss 0 and zero gradients (F.cross_entropy's mean gives NaN).
+
+Per chunk, the softmax, the losses and d loss / d logits are ``chunk_cross_entropy`` (torch: ~9
+passes over the fp32 chunk) or, on CUDA, ``kernels/cross_entropy.py`` (two reads of it and one
+write of the gradient in the hidden's dtype), chosen by ``kernel_impl`` (model.loss_kernel_impl)
+through model/dispatch.py; fp64 always takes the reference.
 """
 from __future__ import annotations
 
@@ -39,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import LOSS_IMPLS
+from model.config import KERNEL_IMPLS, LOSS_IMPLS
+from model.dispatch import dispatcher
 
 IGNORE_INDEX = -100
 # fp32 logits per chunk ~ 2^26 elements (256 MiB): big enough for efficient GEMMs, small next to
@@ -87,36 +93,56 @@ def _addmm_acc_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out.add_(torch.mm(a, b))
 
 
+def chunk_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, inv_count: torch.Tensor,
+                        grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's cross-entropy from its logits [c, V] (fp32, or fp64; overwritten when a gradient
+    is wanted), labels [c] (IGNORE_INDEX: ignored) and inv_count (0-dim: 1 / the labelled tokens
+    the mean divides by) -> (nll [c] in the logits' dtype, 0 where ignored; when ``grad_dtype`` is
+    given, d (sum(nll) * inv_count) / d logits = (softmax - onehot) * inv_count, 0 on ignored rows,
+    in ``grad_dtype``, else None). The reference of ``kernels/cross_entropy.py`` (model/dispatch.py)."""
+    valid = labels != IGNORE_INDEX
+    safe = labels.masked_fill(~valid, 0).unsqueeze(1)
+    lse = torch.logsumexp(logits, dim=1)
+    tgt = logits.gather(1, safe).squeeze(1)
+    nll = torch.where(valid, lse - tgt, 0.0)
+    if grad_dtype is None:
+        return nll, None
+    # built in place in `logits`: no second [c, V] tensor in the logits' dtype
+    scale = (valid.to(logits.dtype) * inv_count).unsqueeze(1)
+    g = logits.sub_(lse.unsqueeze(1)).exp_()
+    g.scatter_add_(1, safe, torch.full_like(tgt, -1.0).unsqueeze(1))
+    return nll, g.mul_(scale).to(grad_dtype)
+
+
+get_chunk_cross_entropy = dispatcher("chunk_cross_entropy", chunk_cross_entropy)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens: int, want_grad: bool, count: int | None):
+    def forward(ctx, hidden, weight, labels, chunk_tokens: int, want_grad: bool, count: int | None,
+                kernel_impl: str):
         # hidden [N, D], weight [V, D], labels [N] -> (mean loss over valid labels, nll [N] detached)
         acc = _acc_dtype(hidden.dtype)
         n_tok = hidden.shape[0]
-        valid = labels != IGNORE_INDEX
-        safe = labels.masked_fill(~valid, 0).unsqueeze(1)
-        # 1 / n_valid per valid token (0 elsewhere): the mean's weights, known before any logit
-        n_valid = valid.sum() if count is None else torch.tensor(count, device=hidden.device)
+        # 1 / n_valid (the mean's weight of a labelled token), known before any logit
+        n_valid = (labels != IGNORE_INDEX).sum() if count is None else torch.tensor(count, device=hidden.device)
         inv_count = 1.0 / n_valid.clamp(min=1).to(acc)
         nll = torch.zeros(n_tok, dtype=acc, device=hidden.device)
         need_h, need_w = want_grad and ctx.needs_input_grad[0], want_grad and ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_dtype = hidden.dtype if need_h or need_w else None
+        # the per-chunk loss + d loss / d logits: Triton on CUDA (kernels/cross_entropy.py) or
+        # chunk_cross_entropy above, by kernel_impl (model/dispatch.py)
+        chunk_ce = get_chunk_cross_entropy(kernel_impl, hidden.device, hidden.dtype)
         w_t = weight.t()
         for s in range(0, n_tok, chunk_tokens):
             e = min(s + chunk_tokens, n_tok)
             h = hidden[s:e]
             logits = _mm_acc(h, w_t, acc)                         # [c, V], the only [*, V] tensor
-            lse = torch.logsumexp(logits, dim=1)
-            tgt = logits.gather(1, safe[s:e]).squeeze(1)
-            nll[s:e] = torch.where(valid[s:e], lse - tgt, 0.0)
-            if grad_h is None and grad_w is None:
-                continue
-            # d loss / d logits = (softmax - onehot) * valid / n_valid, built in place in `logits`
-            scale = (valid[s:e].to(acc) * inv_count).unsqueeze(1)
-            g = logits.sub_(lse.unsqueeze(1)).exp_()
-            g.scatter_add_(1, safe[s:e], torch.full_like(tgt, -1.0).unsqueeze(1))
-            g = g.mul_(scale).to(hidden.dtype)
+            nll_chunk, g = chunk_ce(logits, labels[s:e], inv_count, grad_dtype)
+            nll[s:e] = nll_chunk
+            del logits   # a narrower g is a copy: the fp32 chunk is freed before the next one
             if grad_h is not None:
                 grad_h[s:e] = g @ weight
             if grad_w is not None:
@@ -138,16 +164,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_h = grad_h * grad_loss
         if grad_w is not None:
             grad_w = grad_w * grad_loss
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_tokens: int | None = None, return_nll: bool = False, count: int | None = None):
+                         chunk_tokens: int | None = None, return_nll: bool = False, count: int | None = None,
+                         kernel_impl: str = "auto"):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (IGNORE_INDEX skipped)
     without [tokens, vocab] logits. hidden [..., D], weight [V, D], labels [...].
     ``return_nll`` also returns the per-token losses [...] (0 at ignored positions, no grad).
     ``count``: the sum is divided by this many labelled tokens instead of those in ``labels``
-    (one chunk's share of a longer sequence's mean, ``model/chunked_step.py``)."""
+    (one chunk's share of a longer sequence's mean, ``model/chunked_step.py``).
+    ``kernel_impl`` (auto | triton | torch): each chunk's softmax / loss / gradient by
+    ``kernels/cross_entropy.py`` or ``chunk_cross_entropy`` (model/dispatch.py's rules)."""
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and labels "
                          f"{tuple(labels.shape)} must share the leading dimensions")
@@ -160,9 +189,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if hidden.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but the head weight is "
                          f"{weight.dtype}; run the model in one dtype")
+    if kernel_impl not in KERNEL_IMPLS:
+        raise ValueError(f"linear_cross_entropy: kernel_impl must be one of {KERNEL_IMPLS}, got {kernel_impl!r}")
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     loss, nll = _ChunkedLinearCrossEntropy.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk, want_grad, count)
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk, want_grad, count,
+        kernel_impl)
     return (loss, nll.view(labels.shape)) if return_nll else loss
 
 
@@ -180,15 +212,19 @@ def reference_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
 
 class LMHead(nn.Linear):
     """The LM head (weight [V, D], no bias). ``head(hidden)`` -> logits; ``head(hidden, labels)``
-    -> the mean cross-entropy without logits (``impl``: chunked | reference). The loss goes
-    through the module's forward so that hooks on it see the weight in use (ZeRO-3 gathers a
-    partitioned weight in the owning module's pre-forward hook)."""
+    -> the mean cross-entropy without logits (``impl``: chunked | reference; ``kernel_impl``:
+    the chunked path's per-chunk kernel, auto | triton | torch). The loss goes through the
+    module's forward so that hooks on it see the weight in use (ZeRO-3 gathers a partitioned
+    weight in the owning module's pre-forward hook)."""
 
-    def __init__(self, dim: int, vocab_size: int, impl: str = "chunked"):
+    def __init__(self, dim: int, vocab_size: int, impl: str = "chunked", kernel_impl: str = "auto"):
         super().__init__(dim, vocab_size, bias=False)
         if impl not in LOSS_IMPLS:
             raise ValueError(f"LMHead: impl must be one of {LOSS_IMPLS}, got {impl!r}")
+        if kernel_impl not in KERNEL_IMPLS:
+            raise ValueError(f"LMHead: kernel_impl must be one of {KERNEL_IMPLS}, got {kernel_impl!r}")
         self.impl = impl
+        self.kernel_impl = kernel_impl
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
                 count: int | None = None, *, return_nll: bool = False,
@@ -199,4 +235,5 @@ class LMHead(nn.Linear):
             return F.linear(hidden, self.weight)                              # [..., V]
         if self.impl == "reference":
             return reference_linear_cross_entropy(hidden, self.weight, labels, return_nll=return_nll, count=count)
-        return linear_cross_entropy(hidden, self.weight, labels, chunk_tokens, return_nll=return_nll, count=count)
+        return linear_cross_entropy(hidden, self.weight, labels, chunk_tokens, return_nll=return_nll, count=count,
+                                    kernel_impl=self.kernel_impl)

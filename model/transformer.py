@@ -93,7 +93,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
         self.hc_head = HyperHead(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = LMHead(cfg.dim, cfg.vocab_size, cfg.loss_impl)
+        self.head = LMHead(cfg.dim, cfg.vocab_size, cfg.loss_impl, cfg.loss_kernel_impl)
         self.mtp = nn.ModuleList([MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth)])
         self.mtp_loss_weight = cfg.mtp_loss_weight  # the trainer lowers it at LR decay (0.3 -> 0.1)
         self.activation_checkpointing = False

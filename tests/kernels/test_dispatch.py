@@ -108,7 +108,7 @@ GETTERS = {"get_sparse_attention": "model.sparse_attention", "get_indexer_topk":
            "get_mix_streams": "model.hyper_connections", "get_topk_routing": "model.moe",
            "get_swiglu_activation": "model.moe", "get_permute_tokens": "model.moe",
            "get_unpermute_tokens": "model.moe", "get_rope_rotate": "model.rope", "get_rms_norm": "model.norms",
-           "get_compressor_pool": "model.compressor"}
+           "get_compressor_pool": "model.compressor", "get_chunk_cross_entropy": "model.loss"}
 
 
 def test_every_kernel_is_opaque_to_compile_and_its_module_preloaded(monkeypatch):
