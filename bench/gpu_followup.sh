@@ -21,18 +21,21 @@
 #   compiled     issue 16: the trainer as `trainer` with model.compile=block (compiling + 8 steps did not fit
 #                170 s on 2026-12-03: 300 s here; OUT_DIR/compiled_metrics.jsonl)
 #   matmul       issue 16: the compressor's/router's bf16 -> fp32 GEMM forms, fwd+bwd (bench/matmul_fp32_out.py; ~30 s)
+#   loss         issue 16: the LM-head loss's per-chunk Triton kernel vs its torch reference at 16384 x 1024
+#                -> 129280 bf16: checks, tile sweep, linear_cross_entropy fwd+bwd both ways (bench/cross_entropy.py;
+#                < 60 s); tp4's auto vs all variants differ only by this kernel (held back from auto)
 #   graphstep    issue 16: train.cuda_graph=false vs true in python -m train experiment=small_gpu, 10 steps
 #                each at 1 x 4K and 4 x 4K (bench/graph_step.py: losses side by side, tok/s; ~200 s)
 #
 # Expects the project's dependencies importable (on the air-gapped image: install the carried
 # wheels into /tmp/site and put it on PYTHONPATH, see bench/throughput_gpu.sh).
 set -uo pipefail
-OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers|tp4|launches|graphstep ...]}
+OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers|tp4|launches|graphstep|loss ...]}
 shift
 PARTS=${*:-trainer compiled matmul peers graphstep}
 for part in $PARTS; do   # refuse a misspelled part before any GPU time is spent
-  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep) ;;
-    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep)" >&2; exit 2 ;; esac
+  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep|loss) ;;
+    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep loss)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -75,6 +78,8 @@ for part in $PARTS; do
       timeout 130 $PY bench/throughput.py --out "$OUT/tp4" --budget 120 --rounds 2 \
         --variants mhc-eager-auto-4x mhc-eager-all-4x mhc-compiled-auto-4x > $TMP/followup_tp4.log 2>&1
       el "throughput 4x exit $?"; grep -vE '^(W|I)[0-9]{4} ' $TMP/followup_tp4.log | tail -8 > "$OUT/tp4.log" ;;
+    loss)
+      timeout 90 $PY bench/cross_entropy.py --out "$OUT/cross_entropy.md" > "$OUT/cross_entropy.log" 2>&1; el "loss exit $?" ;;
     launches)
       timeout 150 $PY bench/launches.py --preset small --seq 1024 --cuda > "$OUT/launches.txt" 2>&1; el "launches exit $?" ;;
     graphstep)
