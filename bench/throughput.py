@@ -4,7 +4,7 @@
     python bench/throughput.py --tiny --check --out /tmp/tp                # CPU pipeline check
 
 One process: (1) ``--check``: every Triton kernel the small model runs against its reference in
-model/ on the device, forward and backward (MoE router, SwiGLU, permute, RoPE, RMSNorm here;
+model/ on the device, forward and backward (MoE router, SwiGLU, permute, RoPE, RMSNorm, the LM-head loss here;
 sparse attention, indexer, indexer loss and mHC through bench/gpu_check.py on CUDA; a whole MoE layer), and
 the block-compiled model against eager, before any timing; (2) variants of the training step
 (bench/model_step.py's ``Trainee``: bf16 model, fp32 master, Muon + AdamW, clip, router-bias
@@ -183,6 +183,22 @@ def check_kernels(log, device, tiny: bool) -> bool:
         except Exception as exc:
             ok_all = False
             log(fmt_row(["swiglu / permute / rope", str(dt), f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+    try:   # the LM-head loss's chunk kernel (bench/cross_entropy.py: the same checks at 16K tokens + timing)
+        from bench.cross_entropy import checks as loss_checks, head_inputs
+        from model.loss import default_chunk_tokens
+
+        N, Dh, V = (20, 8, 300) if tiny else (4096, 1024, 129280)
+        h, w, y = head_inputs(N, Dh, V, dtypes[0], device)
+        res = loss_checks(h, w, y, 7 if tiny else default_chunk_tokens(V), device)
+        ok = all(passed for _, passed, _ in res)
+        ok_all &= ok
+        log(fmt_row(["LM-head loss chunk kernel: one chunk (nll, grad logits); linear_cross_entropy (loss, grad h, "
+                     "grad w)", str(dtypes[0]).removeprefix("torch."), f"{N}x{Dh} -> {V}", res[0][2],
+                     res[2][2], "yes" if ok else "NO"]))
+        del h, w, y
+    except Exception as exc:
+        ok_all = False
+        log(fmt_row(["LM-head loss chunk kernel", f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
     try:
         ok_all &= _check_moe_layer(log, device, tiny, dtypes[0], tol[dtypes[0]] * 1.5)
     except Exception as exc:

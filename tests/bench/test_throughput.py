@@ -81,7 +81,7 @@ def test_tiny_pipeline_without_optional_packages(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     checks = (tmp_path / "checks.md").read_text()
-    assert checks.count("| yes |") == 7 and "NO" not in checks and "ERROR" not in checks, checks
+    assert checks.count("| yes |") == 8 and "NO" not in checks and "ERROR" not in checks, checks
     table = (tmp_path / "throughput.md").read_text()
     assert "device: CPU" in table and "commit " in table and "ERROR" not in table, table
     for key in variants:   # timed in at least one round (the budget may cut the second on a busy CPU)
