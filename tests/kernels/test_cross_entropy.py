@@ -143,3 +143,36 @@ def test_selection_by_config_and_impl():
     with pytest.raises(ValueError, match="kernel_impl"):
         linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long),
                              kernel_impl="fast")
+
+
+def test_model_main_and_mtp_losses_with_the_kernel(monkeypatch):
+    """A micro model (main head and MTP share the head's loss), packed with padding, fp32: with the
+    kernel, the same losses and the head's gradient as with the reference, and every parameter's
+    gradient as close to the fp64 truth as the reference's (the mHC parameters' fp32 gradients
+    are ill-conditioned: tests/model/test_loss.py)."""
+    from model.transformer import Transformer
+
+    cfg = ModelConfig.from_preset("micro", vocab_size=97, moe_impl="loop", attention_impl="torch",
+                                  mhc_impl="torch", embed_init_std=0.02)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 97, (2, 30), generator=g)
+    labels = torch.randint(0, 97, (2, 30), generator=g)
+    labels[0, -5:] = IGNORE_INDEX
+    res, calls = [], []
+    for dtype, kernel in ((torch.float64, False), (torch.float32, False), (torch.float32, True)):
+        if kernel:
+            monkeypatch.setattr(loss_mod, "get_chunk_cross_entropy",
+                                lambda *a: calls.append(a) or chunk_cross_entropy_triton)
+        torch.manual_seed(0)
+        model = Transformer(cfg).to(dtype)
+        out = model(ids, labels=labels)
+        out.loss.backward()
+        res.append((out.losses, {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}))
+    (_, truth), (ref_losses, ref), (losses, got) = res
+    assert len(calls) == 2 and {"lm", "mtp"} <= set(losses) and set(got) == set(ref)   # both heads
+    for k in ref_losses:
+        assert abs(float(losses[k]) - float(ref_losses[k])) <= 1e-6 * abs(float(ref_losses[k])), k
+    _close(got["head.weight"], ref["head.weight"], 1e-5)
+    err = lambda a, b: float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+    for n in ref:
+        assert err(got[n], truth[n]) <= 2 * err(ref[n], truth[n]) + 1e-6, n
