@@ -36,7 +36,7 @@ from model.loss import (IGNORE_INDEX, chunk_cross_entropy, default_chunk_tokens,
                         linear_cross_entropy)
 
 # (BLOCK_V, num_warps) swept at the real size; None = the kernel's default (kernels.cross_entropy.tiles)
-TILES = [None, (2048, 4), (4096, 4), (8192, 8), (8192, 16), (16384, 16)]
+TILES = [None, (2048, 4), (4096, 4), (8192, 8), (8192, 16), (16384, 16), (32768, 32)]
 TINY_TILES = [None, (256, 4)]
 
 
