@@ -128,6 +128,7 @@ def chunk_table(h, w, y, chunk, device, reps, tile_list) -> list[str]:
     c, V = logits.shape
     rows = [fmt_row(["chunk op", "tile (BLOCK_V, warps)", "gradient", "median ms", "GB/s at the kernel's bytes"]),
             "|---|---|---|---|---|"]
+    notes = []
     for grad in (torch.bfloat16, None):
         # the kernel's traffic: fp32 read (+ fp32 read and bf16 write with the gradient)
         bytes_moved = c * V * (4 + 4 + 2) if grad is not None else c * V * 4
@@ -137,13 +138,18 @@ def chunk_table(h, w, y, chunk, device, reps, tile_list) -> list[str]:
             name = f"{bv}, {nw}" + (" (default)" if t is None else "")
             variants.append(("kernel", name, lambda bv=bv, nw=nw: chunk_cross_entropy_triton(
                 logits, lab, inv, grad, block_v=bv, num_warps=nw)))
+        res = []
         for what, tile, fn in variants:
             fn()   # compile / warm up
             ms = median(timed(fn, device, reps))
+            res.append((ms, tile))
             rows.append(fmt_row([what, tile, "bf16" if grad is not None else "none", f"{ms:.3f}",
                                  f"{bytes_moved / (ms * 1e-3) / 1e9:,.0f}"]))
-    rows.append(f"\n({c} x {V} fp32 logits per chunk)")
-    return rows
+        best = min(res[1:])
+        notes.append(f"{'with' if grad is not None else 'without'} the gradient: reference {res[0][0]:.3f} ms, "
+                     f"kernel default {res[1][0]:.3f} ms, fastest tile ({best[1]}) {best[0]:.3f} ms "
+                     f"({res[0][0] / best[0]:.2f}x the reference)")
+    return rows + ["", f"{c} x {V} fp32 logits per chunk;"] + [f"- {n}" for n in notes]
 
 
 def head_table(h, w, y, chunk, device, rounds) -> list[str]:

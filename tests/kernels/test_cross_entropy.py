@@ -131,8 +131,13 @@ def test_linear_cross_entropy_with_the_kernel_matches_the_reference(monkeypatch,
 
 def test_selection_by_config_and_impl():
     assert loss_mod.get_chunk_cross_entropy("auto", "cpu", torch.float32) is chunk_cross_entropy
-    # held back until measured on a GPU (model/dispatch.py AUTO_KEEPS_REFERENCE)
-    assert loss_mod.get_chunk_cross_entropy("auto", "cuda", torch.bfloat16) is chunk_cross_entropy
+    # auto on CUDA: the kernel once measured, the reference while held back (AUTO_KEEPS_REFERENCE)
+    from model.dispatch import AUTO_KEEPS_REFERENCE
+
+    held = "chunk_cross_entropy" in AUTO_KEEPS_REFERENCE
+    assert loss_mod.get_chunk_cross_entropy("auto", "cuda", torch.bfloat16) is \
+        (chunk_cross_entropy if held else chunk_cross_entropy_triton)
+    assert loss_mod.get_chunk_cross_entropy("auto", "cuda", torch.float64) is chunk_cross_entropy
     assert loss_mod.get_chunk_cross_entropy("triton", "cuda", torch.bfloat16) is chunk_cross_entropy_triton
     with pytest.raises(RuntimeError, match="needs CUDA"):
         loss_mod.get_chunk_cross_entropy("triton", "cpu", torch.float32)
