@@ -11,7 +11,8 @@ def test_checks_pass_and_tables_have_every_variant():
     results = bce.checks(h, w, y, 7, device)
     assert len(results) == 3 and all(ok for _, ok, _ in results), results
     rows = bce.chunk_table(h, w, y, 7, device, 1, bce.TINY_TILES)
-    assert sum("reference" in r for r in rows) == 2 and sum("| kernel |" in r for r in rows) == 4, rows
+    assert sum(r.startswith("| reference") for r in rows) == 2 and sum("| kernel |" in r for r in rows) == 4, rows
+    assert sum(r.startswith("- with") for r in rows) == 2, rows   # the fastest tile, with and without the gradient
     rows = bce.head_table(h, w, y, 7, device, 1)
     assert any("kernel_impl=torch" in r for r in rows), rows
 
