@@ -35,7 +35,7 @@ from typing import Sequence
 import torch
 
 from optim.config import OptimSection
-from optim.muon import NS_DTYPES
+from optim.muon import resolve_ns_dtype
 from optim.newton_schulz import hybrid_newton_schulz
 
 DEFAULT_NS_BATCH_MB = OptimSection.ns_batch_mb
@@ -135,7 +135,7 @@ def bucket_directions(inputs: Sequence[torch.Tensor], jobs: Sequence[NSJob]
     parts += [inputs[i].reshape(jobs[i].count, jobs[i].n, jobs[i].m).mT for i in flipped]
     # S: [K, k, l], k = min(n, m) <= l = max(n, m): the NS iterates on it without transposing
     S = parts[0] if len(parts) == 1 else torch.cat(parts)
-    O = hybrid_newton_schulz(S, first.ns_steps, NS_DTYPES[first.ns_dtype])
+    O = hybrid_newton_schulz(S, first.ns_steps, resolve_ns_dtype(first.ns_dtype, S.device.type))
     O.mul_(math.sqrt(first.canonical[1]) * first.update_rms)
     k_plain = sum(jobs[i].count for i in plain)
     outs: list[torch.Tensor | None] = [None] * len(jobs)

@@ -114,8 +114,7 @@ class HybridOptimizer(torch.optim.Optimizer):
     def _check_group(group: dict, where: str) -> None:
         group.setdefault("initial_lr", group["lr"])
         if group["kind"] == "muon":
-            device_type = group["params"][0].device.type if group["params"] else None
-            group["ns_dtype"] = canonical_ns_dtype(group["ns_dtype"], device_type)
+            group["ns_dtype"] = canonical_ns_dtype(group["ns_dtype"])
             group["ns_steps"] = tuple(tuple(float(c) for c in s) for s in group["ns_steps"])
             validate_muon_hparams(lr=group["lr"], momentum=group["momentum"],
                                   weight_decay=group["weight_decay"],

@@ -26,20 +26,18 @@ NS_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
              "fp64": torch.float64, "float64": torch.float64}
 
 
-# ``auto``: bf16 where the parameters live on a GPU (tensor cores, V4's choice: fp32 there runs the
-# iteration on SIMT cores, measured 16% of an H200 step on 2026-12-03), fp32 elsewhere (CPUs without
-# bf16 matmul units run fp32 faster).
-AUTO_NS_DTYPE = {"cuda": "bfloat16"}
-AUTO_NS_DTYPE_ELSEWHERE = "float32"
+# ``auto``: bf16 where the iteration runs on a GPU (tensor cores, V4's choice: fp32 there runs it on
+# SIMT cores, ~16% of an H200 step on 2026-12-03), fp32 elsewhere (CPUs without bf16 matmul units run
+# fp32 faster). Resolved where the NS runs, from the tensor's device: the trainer builds the optimizer
+# on the CPU model before DeepSpeed moves it to the GPU.
+AUTO_NS_DTYPE = {"cuda": torch.bfloat16}
+AUTO_NS_DTYPE_ELSEWHERE = torch.float32
 
 
-def canonical_ns_dtype(ns_dtype: str | torch.dtype, device_type: str | None = None) -> str:
-    """'bf16' | 'bfloat16' | torch.bfloat16 | ... -> 'bfloat16' | 'float32' | 'float64';
-    'auto' resolves by ``device_type`` (the parameters' device), which it then requires."""
+def canonical_ns_dtype(ns_dtype: str | torch.dtype) -> str:
+    """'auto' | 'bf16' | 'bfloat16' | torch.bfloat16 | ... -> 'auto' | 'bfloat16' | 'float32' | 'float64'."""
     if ns_dtype == "auto":
-        if device_type is None:
-            raise ValueError("ns_dtype='auto' needs the parameters' device type to resolve")
-        return AUTO_NS_DTYPE.get(device_type, AUTO_NS_DTYPE_ELSEWHERE)
+        return "auto"
     if isinstance(ns_dtype, torch.dtype):
         if ns_dtype not in NS_DTYPES.values():
             raise ValueError(f"ns_dtype must be one of {sorted(NS_DTYPES)}, got {ns_dtype}")
@@ -47,6 +45,14 @@ def canonical_ns_dtype(ns_dtype: str | torch.dtype, device_type: str | None = No
     if ns_dtype not in NS_DTYPES:
         raise ValueError(f"ns_dtype must be 'auto' or one of {sorted(NS_DTYPES)}, got {ns_dtype!r}")
     return str(NS_DTYPES[ns_dtype]).removeprefix("torch.")
+
+
+def resolve_ns_dtype(ns_dtype: str | torch.dtype, device_type: str) -> torch.dtype:
+    """The arithmetic dtype of a Newton-Schulz run on ``device_type`` ('auto' resolved there)."""
+    canonical = canonical_ns_dtype(ns_dtype)
+    if canonical == "auto":
+        return AUTO_NS_DTYPE.get(device_type, AUTO_NS_DTYPE_ELSEWHERE)
+    return NS_DTYPES[canonical]
 
 
 def muon_direction(
@@ -70,7 +76,7 @@ def muon_direction(
                          f"{shape[-2]} of shape {tuple(shape)}")
     X = update_input.reshape(*shape[:-2], row_blocks, shape[-2] // row_blocks, shape[-1])
     n, m = X.shape[-2:]
-    O = hybrid_newton_schulz(X, ns_steps, NS_DTYPES[canonical_ns_dtype(ns_dtype)])
+    O = hybrid_newton_schulz(X, ns_steps, resolve_ns_dtype(ns_dtype, X.device.type))
     return (O * (math.sqrt(max(n, m)) * update_rms)).reshape(shape)
 
 

@@ -136,15 +136,25 @@ def test_last_update_rms_tracks_groups():
     assert stats["1"] == pytest.approx(0.3, rel=0.03)
 
 
-def test_ns_dtype_auto_resolves_by_parameter_device():
-    from optim.muon import canonical_ns_dtype
-    assert canonical_ns_dtype("auto", "cuda") == "bfloat16"    # tensor cores, as V4
-    assert canonical_ns_dtype("auto", "cpu") == "float32"
-    assert canonical_ns_dtype("bf16", "cpu") == "bfloat16"     # an explicit choice wins
-    with pytest.raises(ValueError, match="device type"):
-        canonical_ns_dtype("auto")
-    with pytest.raises(ValueError, match="'auto' or one of"):
-        canonical_ns_dtype("fp8", "cuda")
-    # the default group resolves on the parameters' device (CPU here)
-    opt = HybridOptimizer([{"params": [torch.nn.Parameter(torch.randn(8, 16))], "kind": "muon", "lr": 0.02}])
-    assert opt.param_groups[0]["ns_dtype"] == "float32"
+def test_ns_dtype_auto_resolves_where_the_iteration_runs():
+    from optim.muon import canonical_ns_dtype, resolve_ns_dtype
+    assert resolve_ns_dtype("auto", "cuda") == torch.bfloat16    # tensor cores, as V4
+    assert resolve_ns_dtype("auto", "cpu") == torch.float32
+    assert resolve_ns_dtype("bf16", "cpu") == torch.bfloat16     # an explicit choice wins
+    assert canonical_ns_dtype("auto") == "auto"                  # kept until the NS runs: the
+    with pytest.raises(ValueError, match="'auto' or one of"):    # trainer builds the optimizer on
+        canonical_ns_dtype("fp8")                                # the CPU model, DeepSpeed moves it
+    # the default group keeps 'auto' and its step on CPU is the fp32 iteration's
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    g = torch.randn(8, 16)
+    steps = {}
+    for dt in ("auto", "fp32"):
+        p = torch.nn.Parameter(w.clone())
+        opt = HybridOptimizer([{"params": [p], "kind": "muon", "lr": 0.02, "ns_dtype": dt}])
+        assert opt.param_groups[0]["ns_dtype"] == ("auto" if dt == "auto" else "float32")
+        p.grad = g.clone()
+        opt.step()
+        steps[dt] = p.detach()
+    assert torch.equal(steps["auto"], steps["fp32"])
+    assert muon_direction(g, update_rms=0.18).dtype == torch.float32
