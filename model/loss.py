@@ -101,7 +101,7 @@ def chunk_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, inv_count: t
     given, d (sum(nll) * inv_count) / d logits = (softmax - onehot) * inv_count, 0 on ignored rows,
     in ``grad_dtype``, else None). The reference of ``kernels/cross_entropy.py`` (model/dispatch.py)."""
     valid = labels != IGNORE_INDEX
-    safe = labels.masked_fill(~valid, 0).unsqueeze(1)
+    safe = torch.where(valid, labels, 0).unsqueeze(1)
     lse = torch.logsumexp(logits, dim=1)
     tgt = logits.gather(1, safe).squeeze(1)
     nll = torch.where(valid, lse - tgt, 0.0)
