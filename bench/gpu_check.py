@@ -529,12 +529,12 @@ def check_mhc(rep: Report) -> None:
             print(f"[mhc check failed: {type(exc).__name__}: {exc}]", flush=True)
             rep.log("checks.md", fmt([f"{T}x4x{D}", f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
         torch.cuda.empty_cache()
-    # the fused site pre the model runs (kernels/mhc_pre.py), a non-power-of-2 n and D among them
+    # the site pre the model runs (kernels/mhc_pre_split.py), a non-power-of-2 n and D among them
     from bench.mhc import check_site_pre
 
     rep.log("checks.md", "")
     if not check_site_pre(shapes=((4097, 4, 1024), (1531, 3, 1000)), log=lambda s: rep.log("checks.md", s)):
-        print("[mhc fused pre check failed: see checks.md]", flush=True)
+        print("[mhc site pre check failed: see checks.md]", flush=True)
 
 
 fmt = ba.fmt_row

@@ -45,9 +45,10 @@ TRITON_LAUNCHES = {
     "rms_norm": (1, 3),
     # _rope | _rope with the inverse sign
     "rope_rotate": (1, 1),
-    # fn/base/scale .float() + _mhc_pre_fwd | _mhc_pre_bwd + _mhc_dfn_split + dfn.sum(0) + part.sum(0)
-    # + 3 casts of the parameter gradients back to bf16
-    "mhc_pre": (4, 7),
+    # kernels/mhc_pre_split.py: fn/base/scale .float() + _mhc_mix_fwd + _mhc_tail_fwd + _collapse_fwd |
+    # _collapse_bwd (dpre) + _pre_tail_bwd + _pre_dx_dfn + dfn.sum(0) + part.sum(0) + 3 casts of the
+    # parameter gradients back to bf16 (kernels/mhc_pre.py's fused pre: 4 | 7)
+    "mhc_pre": (6, 8),
     # _mhc_mix_fwd + _mhc_tail_fwd + 3 parameter casts | _mhc_tail_bwd + zeros/index_add for dscale
     # (2) + (dlogit * mixes).sum (2) + dbase sum + _mhc_mix_bwd + _mhc_dfn + 3 casts
     "mhc_coefficients": (5, 10),

@@ -11,18 +11,28 @@ times the stream ops of kernels/mhc_streams.py, collapse (h = sum_j pre_j x_j) a
     python bench/mhc.py --ops streams
 
 ``--ops site``: one whole site (pre + stand-in sublayer + post-mix) per path, reference /
-unfused Triton (before kernels/mhc_pre.py) / fused / compiled: kernels and ms per forward and
-forward+backward, the host's issue time, the share of a small-model layer; before that the fused
+unfused Triton (before kernels/mhc_pre.py) / fused (kernels/mhc_pre.py) / split
+(kernels/mhc_pre_split.py, what the model runs) / compiled: kernels and ms per forward and
+forward+backward, the host's issue time, the share of a small-model layer; before that the split
 pre checked against the reference at real sizes (bf16), after it a tile sweep of the fused pre.
-``--ops model``: the small model's forward+backward at 1 x 4K, residual vs mhc (unfused and
-fused pre), interleaved: the issue's "mHC overhead vs residual". Both in one GPU call (~2 min):
+``--ops model``: the small model's forward+backward at 1 x 4K, residual vs mhc (fused and
+split pre), interleaved: the issue's "mHC overhead vs residual". Both in one GPU call (~2 min):
 
     python bench/mhc.py --ops site model
+
+``--ops pre`` (~1 min): the site pre's kernels at the small preset's micro-batch (16K tokens x 4
+x 1024, bf16): both pres checked against the reference, then one site's forward+backward (pre,
+stand-in sublayer, Triton post-mix) profiled per kernel, fused pre (before) vs split pre (after,
+autotuned): microseconds per call, the bytes each kernel must move at least, GB/s, and that as a
+share of a plain copy's GB/s (x.clone(), the bandwidth ceiling); the tiles autotune picked:
+
+    python bench/mhc.py --ops pre
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -208,7 +218,7 @@ def sweep_streams(T=4096, n=4, D=1024, log=print,
 SITE_HEADER = ["path", "tokens x n x D", "kernels fwd", "kernels fwd+bwd", "fwd ms", "fwd+bwd ms",
                "GPU busy ms fwd+bwd", "host ms fwd+bwd",
                "sites / layer x fwd+bwd ms", "share of a layer", "counted as"]
-SITE_MODES = ("reference", "unfused", "fused", "compiled", "compiled-fused")
+SITE_MODES = ("reference", "unfused", "fused", "split", "compiled", "compiled-fused")
 
 
 def _unfused_mhc_pre(x, fn, base, scale, n, iters, eps, norm_eps):
@@ -259,8 +269,9 @@ def site_launches(T=4096, n=4, D=1024, device=None, log=print, modes=SITE_MODES,
     """What one mHC site costs: pre (coefficients + Sinkhorn + collapse) and post (mix = post
     times f plus comb^T x, the residual merge), the sublayer between them a stand-in (one
     multiply). Paths: ``reference`` (PyTorch), ``unfused`` (main before kernels/mhc_pre.py:
-    Triton coefficients, collapse and mix, 3 autograd nodes), ``fused`` (HyperConnection as the
-    model runs it: kernels/mhc_pre.py + the Triton mix), ``compiled`` (torch.compile of the
+    Triton coefficients, collapse and mix, 3 autograd nodes), ``fused`` (kernels/mhc_pre.py + the
+    Triton mix), ``split`` (HyperConnection as the model runs it: kernels/mhc_pre_split.py + the
+    Triton mix), ``compiled`` (torch.compile of the
     reference site), ``compiled-fused`` (torch.compile of the fused site, the kernels opaque, as
     under model.compile=block). Per path: kernels per forward and per forward+backward (CUDA:
     torch.profiler; CPU: top-level ATen ops, the Triton kernels then run in the interpreter and
@@ -283,11 +294,13 @@ def site_launches(T=4096, n=4, D=1024, device=None, log=print, modes=SITE_MODES,
         f"/ {layer_ms:.1f} ms per layer")
     log(fmt_row(SITE_HEADER)); log(fmt_row(["---"] * len(SITE_HEADER)))
     from kernels.mhc_pre import mhc_pre_triton
+    from kernels.mhc_pre_split import mhc_pre_split_triton
     from kernels.mhc_streams import mix_streams_triton
 
     # the Triton paths: the getters patched (as HyperConnection with mhc_impl=triton selects them;
     # on CPU this runs them in the interpreter, which the dispatcher would refuse)
-    pre_of = {"unfused": _unfused_mhc_pre, "fused": mhc_pre_triton, "compiled-fused": mhc_pre_triton}
+    pre_of = {"unfused": _unfused_mhc_pre, "fused": mhc_pre_triton, "split": mhc_pre_split_triton,
+              "compiled-fused": mhc_pre_triton}
     out = {}
     real = hcm.get_mhc_pre, hcm.get_mix_streams
     for mode in modes:
@@ -339,23 +352,26 @@ def site_launches(T=4096, n=4, D=1024, device=None, log=print, modes=SITE_MODES,
 
 
 def check_site_pre(shapes=((4096, 4, 1024), (4097, 4, 1000), (1531, 3, 1024)), log=print, tol_low=1e-2,
-                   tol_fp32=1e-4) -> bool:
-    """The fused pre (kernels/mhc_pre.py) vs the reference mhc_pre on the device, bf16 x, real
-    sizes: h and every gradient (x through h, post, comb and x_res; fn, base, scale)."""
-    from kernels.mhc_pre import mhc_pre_triton
+                   tol_fp32=1e-4, op=None, label="split (kernels/mhc_pre_split.py)", device="cuda") -> bool:
+    """A Triton site pre (default: kernels/mhc_pre_split.py's, the model's) vs the reference
+    mhc_pre on the device, bf16 x, real sizes: h and every gradient (x through h, post, comb
+    and x_res; fn, base, scale). Off CUDA (tests: the interpreter) in fp32."""
+    from kernels.mhc_pre_split import mhc_pre_split_triton
     from model.hyper_connections import mhc_pre
 
+    mhc_pre_triton = op or mhc_pre_split_triton
     ok_all = True
     hdr = ["tokens x n x D", "h", "post", "comb", "dx", "dfn", "dbase", "dscale", "pass"]
-    log("fused mHC pre, bf16 x, Triton vs reference (relative error norms)")
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    log(f"mHC pre {label}, {dt} x, Triton vs reference (relative error norms)")
     log(fmt_row(hdr)); log(fmt_row(["---"] * len(hdr)))
     for T, n, D in shapes:
         try:
             NM = (2 + n) * n
-            x = torch.randn(T, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            fn = (torch.randn(NM, n * D, device="cuda") / (n * D) ** 0.5).requires_grad_()
-            base = torch.randn(NM, device="cuda", requires_grad=True)
-            scale = (torch.rand(3, device="cuda") + 0.5).requires_grad_()
+            x = torch.randn(T, n, D, device=device, dtype=dt, requires_grad=True)
+            fn = (torch.randn(NM, n * D, device=device) / (n * D) ** 0.5).requires_grad_()
+            base = torch.randn(NM, device=device, requires_grad=True)
+            scale = (torch.rand(3, device=device) + 0.5).requires_grad_()
             args = (n, 20, 1e-6, 1e-6)
             ref, got = mhc_pre(x, fn, base, scale, *args), mhc_pre_triton(x, fn, base, scale, *args)
             cots = [torch.randn_like(r) for r in ref]
@@ -373,7 +389,8 @@ def check_site_pre(shapes=((4096, 4, 1024), (4097, 4, 1000), (1531, 3, 1024)), l
         except Exception as exc:
             ok_all = False
             log(fmt_row([f"{T}x{n}x{D}", f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return ok_all
 
 
@@ -413,15 +430,151 @@ def sweep_site_pre(T=4096, n=4, D=1024, log=print,
             log(fmt_row([*tiles, label, f"ERROR {type(exc).__name__}: {str(exc)[:120]}"]))
 
 
+# The bytes a kernel must move at least (its inputs read once, its outputs written once), for
+# GB/s: X = the streams [T, n, D], H = one [T, D] tensor (h, dh, f, df), both in x's dtype; the
+# per-token coefficient arrays (<= (2+n)n fp32 per token) count as S.
+_PRE_KERNEL_BYTES = {
+    "_mhc_pre_fwd": lambda X, H, S: X + H + S,          # fused (before): x -> mixes, coefficients, h
+    "_mhc_pre_bwd": lambda X, H, S: 3 * X + H + S,      # x, dh, dx_res -> dx
+    "_mhc_dfn_split": lambda X, H, S: X + S,            # x, G -> dfn parts
+    "_mhc_mix_fwd": lambda X, H, S: X + S,              # split (after): x -> mixes, r
+    "_mhc_tail_fwd": lambda X, H, S: 2 * S,             # mixes -> pre, post, comb
+    "_collapse_fwd": lambda X, H, S: X + H + S,         # x, pre -> h
+    "_collapse_bwd": lambda X, H, S: X + H + S,         # x, dh -> dpre
+    "_pre_tail_bwd": lambda X, H, S: 3 * S,             # mixes, dpre, dpost, dcomb -> G, coef
+    "_pre_dx_dfn": lambda X, H, S: 3 * X + H + S,       # x, dh, dx_res, G -> dx, dfn parts
+    "_mix_fwd": lambda X, H, S: 2 * X + H + S,          # post-mix: f, x -> x'
+    "_mix_bwd": lambda X, H, S: 3 * X + 2 * H + S,      # g, f, x -> df, dx, dpost, dcomb
+}
+PRE_KERNEL_HEADER = ["pre", "kernel", "calls / site", "us / call", "MB moved (at least)", "GB/s",
+                     "of copy GB/s"]
+
+
+def _kernel_times(step, cuda: bool = True, reps: int = 5) -> dict[str, tuple[int, float]]:
+    """{CUDA kernel name: (calls per step, summed device ms per step)} over ``reps`` profiled steps
+    (off CUDA: the top-level ATen ops and their CPU ms, a smoke test of the bench)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    reps = reps if cuda else 1
+    step(); sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            step()
+        sync()
+    out: dict[str, list] = {}
+    for e in prof.events():
+        if (e.device_type == torch.autograd.DeviceType.CUDA if cuda else
+                e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))):
+            name = e.name.split("(")[0].strip()
+            c = out.setdefault(name, [0, 0.0])
+            c[0] += 1
+            c[1] += e.time_range.elapsed_us() / 1e3
+    return {k: (c // reps, ms / reps) for k, (c, ms) in out.items()}
+
+
+def pre_kernels(T=16384, n=4, D=1024, log=print, check_shapes=((16384, 4, 1024), (4097, 4, 1000), (1531, 3, 1024)),
+                device=None):
+    """One mHC site at the small preset's micro-batch, fused pre (kernels/mhc_pre.py, before) vs
+    split pre (kernels/mhc_pre_split.py, after, autotuned): both checked against the reference,
+    then the site's forward+backward (pre, stand-in sublayer h * f, Triton post-mix; every
+    gradient) profiled per kernel beside x.clone() (the bandwidth ceiling). Each part in its own
+    try: an error prints one line and the rest still runs. Off CUDA (the interpreter, fp32, tiny
+    sizes: tests) the same code runs with wall-clock times and ATen ops in place of kernels.
+    Returns {path: fwd+bwd ms}."""
+    import kernels.mhc_pre_split as split_mod
+    from kernels.mhc_pre import mhc_pre_triton
+    from kernels.mhc_streams import mix_streams_triton
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device == "cuda"
+    empty_cache = torch.cuda.empty_cache if cuda else (lambda: None)
+
+    def timer(fn):
+        if cuda:
+            return time_ms(fn, budget_s=0.3)
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    paths = {"fused (before)": mhc_pre_triton, "split (after)": split_mod.mhc_pre_split_triton}
+    pinned = functools.partial(split_mod.mhc_pre_split_triton, config="default")
+    # (label, op, shapes): the split pre autotunes at the timed shape only (each new shape would
+    # compile and time every candidate again); the other shapes run its default tiles
+    checks = [("fused (before)", mhc_pre_triton, check_shapes),
+              ("split (after), autotuned", split_mod.mhc_pre_split_triton, check_shapes[:1]),
+              ("split (after), default tiles", pinned, check_shapes[1:])]
+    for label, op, shapes in checks:
+        t0 = time.time()
+        try:
+            ok = check_site_pre(shapes=shapes, log=log, op=op, label=label, device=device)
+            log(f"checks pass, {label}: {ok} [{time.time() - t0:.0f} s, incl. compiling and autotuning]")
+        except Exception as exc:
+            log(f"[check of {label} failed: {type(exc).__name__}: {str(exc)[:200]}]")
+        empty_cache()
+    res = {}
+    try:
+        NM = (2 + n) * n
+        torch.manual_seed(0)
+        dt = torch.bfloat16 if cuda else torch.float32
+        x = torch.randn(T, n, D, device=device, dtype=dt, requires_grad=True)
+        f = torch.randn(T, D, device=device, dtype=dt, requires_grad=True)
+        fn = (torch.randn(NM, n * D, device=device) / (n * D) ** 0.5).requires_grad_()
+        base = torch.randn(NM, device=device, requires_grad=True)
+        scale = torch.full((3,), 0.5, device=device, requires_grad=True)
+        cot = torch.randn(T, n, D, device=device, dtype=dt)
+        leaves = [x, f, fn, base, scale]
+        X, H, S = x.numel() * x.element_size(), T * D * x.element_size(), T * NM * 4
+        copy_ms = timer(lambda: x.detach().clone())
+        copy_gbs = 2 * X / copy_ms / 1e6
+        log(f"\none site, {T} tokens x {n} x {D}, {dt}: x.clone() (reads + writes {2 * X / 1e6:.0f} MB) "
+            f"{copy_ms * 1e3:.0f} us = {copy_gbs:.0f} GB/s (the ceiling below)")
+    except Exception as exc:
+        log(f"[site setup failed: {type(exc).__name__}: {str(exc)[:200]}]")
+        return res
+    log(fmt_row(PRE_KERNEL_HEADER)); log(fmt_row(["---"] * len(PRE_KERNEL_HEADER)))
+    for label, op in paths.items():
+        try:
+            def fb(op=op):
+                h, x_res, post, comb = op(x, fn, base, scale, n, 20, 1e-6, 1e-6)
+                return torch.autograd.grad(mix_streams_triton(h * f, x_res, post, comb), leaves, cot)
+
+            res[label] = timer(fb)
+            for name, (calls, ms) in sorted(_kernel_times(fb, cuda).items(), key=lambda kv: -kv[1][1]):
+                nbytes = _PRE_KERNEL_BYTES.get(name)
+                us = ms * 1e3 / max(calls, 1)
+                if nbytes is None:
+                    log(fmt_row([label, name[:60], calls, f"{us:.1f}", "-", "-", "-"]))
+                    continue
+                mb = nbytes(X, H, S) / 1e6
+                gbs = mb / us * 1e3
+                log(fmt_row([label, name, calls, f"{us:.1f}", f"{mb:.0f}", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"]))
+            log(fmt_row([label, "whole site fwd+bwd (CUDA events)", 1, f"{res[label] * 1e3:.0f}", "", "", ""]))
+        except Exception as exc:
+            log(fmt_row([label, f"ERROR {type(exc).__name__}: {str(exc)[:200]}"]))
+        empty_cache()
+    if len(res) == 2:
+        a, b = res.values()
+        log(f"site fwd+bwd: fused {a:.3f} ms, split {b:.3f} ms ({a / b:.2f}x)")
+    try:
+        for name, picks in split_mod.tuned_configs().items():
+            for key, cfg in picks.items():
+                log(f"autotune {name} {key}: {cfg}")
+    except Exception as exc:
+        log(f"[autotune picks unavailable: {type(exc).__name__}: {exc}]")
+    return res
+
+
 MODEL_HEADER = ["variant", "timed fwd+bwd", "fwd+bwd ms (median)", "min-max", "vs residual"]
 
 
 def model_overhead(seq=4096, preset="small", device="cuda", log=print, rounds=3, steps=2, warmup=2,
                    budget_s=100.0) -> dict:
     """The issue's measure: the whole small model's forward+backward (bf16, 1 x ``seq`` random
-    tokens, eager) with hyper_connections = residual vs mhc, mhc both with the unfused pre (main
-    before kernels/mhc_pre.py) and the fused one, interleaved (bench/timing.py) so that order
-    cannot decide it. Returns {variant: median ms}."""
+    tokens, eager) with hyper_connections = residual vs mhc, mhc both with the fused pre
+    (kernels/mhc_pre.py, main before kernels/mhc_pre_split.py) and the split one, interleaved
+    (bench/timing.py) so that order cannot decide it. Returns {variant: median ms}."""
     import contextlib
 
     import model.hyper_connections as hcm
@@ -445,17 +598,19 @@ def model_overhead(seq=4096, preset="small", device="cuda", log=print, rounds=3,
         return [("fwd+bwd", fb)]
 
     @contextlib.contextmanager
-    def unfused():
+    def fused():
+        from kernels.mhc_pre import mhc_pre_triton
+
         real = hcm.get_mhc_pre
-        hcm.get_mhc_pre = lambda *a: _unfused_mhc_pre
+        hcm.get_mhc_pre = lambda *a: mhc_pre_triton
         try:
             yield
         finally:
             hcm.get_mhc_pre = real
 
     mhc = build("mhc")
-    variants = [Variant("residual", build("residual")), Variant("mhc, unfused pre (before)", mhc, context=unfused),
-                Variant("mhc, fused pre (after)", mhc)]
+    variants = [Variant("residual", build("residual")), Variant("mhc, fused pre (before)", mhc, context=fused),
+                Variant("mhc, split pre (after)", mhc)]
     interleave(variants, device, rounds=rounds, steps=steps, warmup=warmup, budget_s=budget_s, log=log)
     res = {v.name: median(v.times.get("fwd+bwd", [])) for v in variants}
     log(f"{preset} model, 1 x {seq} tokens, bf16, eager, forward+backward (lm + MTP losses)")
@@ -472,18 +627,24 @@ def model_overhead(seq=4096, preset="small", device="cuda", log=print, rounds=3,
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ops", nargs="+", choices=["coefficients", "streams", "site", "model"], default=["coefficients", "streams"])
+    ap.add_argument("--ops", nargs="+", choices=["coefficients", "streams", "site", "model", "pre"],
+                    default=["coefficients", "streams"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--stream-tokens", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--site-tokens", type=int, default=4096)
+    ap.add_argument("--pre-tokens", type=int, default=16384, help="--ops pre: tokens of the site (small_gpu: 4 x 4K)")
     ap.add_argument("--layer-ms", type=float, default=20.0,
                     help="a small-model layer's fwd+bwd at --site-tokens, for the site's share")
     a = ap.parse_args(argv)
     print(f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}; torch {torch.__version__}")
+    if "pre" in a.ops:
+        t0 = time.time()
+        pre_kernels(a.pre_tokens)
+        print(f"[--ops pre: {time.time() - t0:.0f} s]", flush=True)
     if "site" in a.ops:
         t0 = time.time()
         if torch.cuda.is_available():
-            print(f"fused pre checks pass: {check_site_pre()}")
+            print(f"split pre checks pass: {check_site_pre()}")
         site_launches(a.site_tokens, layer_ms=a.layer_ms)
         if torch.cuda.is_available():
             sweep_site_pre(a.site_tokens)

@@ -55,7 +55,8 @@ def _collapse_fwd(X, PRE, H, T, D, N: tl.constexpr, NP: tl.constexpr,
 
 @triton.jit
 def _collapse_bwd(X, PRE, G, DX, DPRE, T, D, N: tl.constexpr, NP: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_DX: tl.constexpr = True):
+    """dpre (and dx unless WRITE_DX is off: kernels/mhc_pre_split.py writes dx in a later pass)."""
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rj = tl.arange(0, NP)
     t_ok, j_ok = rt < T, rj < N
@@ -71,8 +72,9 @@ def _collapse_bwd(X, PRE, G, DX, DPRE, T, D, N: tl.constexpr, NP: tl.constexpr,
                     other=0.0).to(tl.float32)                                          # [BT, BD]
         m3 = m2[:, :, None] & d_ok[None, None, :]
         x = tl.load(X + xrow + rd[None, None, :], mask=m3, other=0.0).to(tl.float32)   # [BT, NP, BD]
-        dx = p[:, :, None] * g[:, None, :]
-        tl.store(DX + xrow + rd[None, None, :], dx.to(DX.dtype.element_ty), mask=m3)
+        if WRITE_DX:
+            dx = p[:, :, None] * g[:, None, :]
+            tl.store(DX + xrow + rd[None, None, :], dx.to(DX.dtype.element_ty), mask=m3)
         acc += tl.sum(x * g[:, None, :], 2)
     tl.store(DPRE + rt64[:, None] * N + rj[None, :], acc, mask=m2)
 

@@ -45,7 +45,7 @@ KERNELS = {
     "attention_mass_on_selected": ("kernels.indexer_loss", "attention_mass_on_selected_triton"),
     "mhc_coefficients": ("kernels.mhc", "mhc_coefficients_triton"),
     "collapse_streams": ("kernels.mhc_streams", "collapse_streams_triton"),
-    "mhc_pre": ("kernels.mhc_pre", "mhc_pre_triton"),
+    "mhc_pre": ("kernels.mhc_pre_split", "mhc_pre_split_triton"),
     "mix_streams": ("kernels.mhc_streams", "mix_streams_triton"),
     "topk_routing": ("kernels.moe_router", "topk_routing_triton"),
     "swiglu_activation": ("kernels.swiglu", "swiglu_activation_triton"),

@@ -142,9 +142,9 @@ def mhc_pre(
     """One mHC site's pre: x [..., n, D] -> (h [..., D], x_res, post [..., n], comb [..., n, n]).
 
     h = collapse_streams(x, pre) with (pre, post, comb) = mhc_coefficients(x, ...). x_res is x
-    itself, the residual input the post-mix must be given: the fused path
-    (kernels/mhc_pre.py) returns it through its autograd node so that the post-mix's gradient of
-    x is added inside its backward pass instead of in separate full-size additions.
+    itself, the residual input the post-mix must be given: the Triton path
+    (kernels/mhc_pre_split.py) returns it through its autograd node so that the post-mix's
+    gradient of x is added inside its backward pass instead of in separate full-size additions.
     """
     pre, post, comb = mhc_coefficients(x, fn, base, scale, n, iters, eps, norm_eps)
     return collapse_streams(x, pre), x, post, comb

@@ -13,7 +13,7 @@ def test_site_launches_counts_the_reference_and_runs_the_fused_site():
     from bench.mhc import site_launches
 
     lines = []
-    modes = ("reference", "unfused", "fused") if os.environ.get("TRITON_INTERPRET") == "1" else ("reference",)
+    modes = ("reference", "unfused", "fused", "split") if os.environ.get("TRITON_INTERPRET") == "1" else ("reference",)
     out = site_launches(T=16, n=4, D=32, device="cpu", log=lines.append, modes=modes)
     rows = _rows(lines)
     assert rows["reference"][1] == "16x4x32", lines
@@ -34,6 +34,23 @@ def test_model_overhead_times_residual_and_both_mhc_pres():
 
     lines = []
     res = model_overhead(seq=32, preset="micro", device="cpu", log=lines.append, rounds=1, steps=1, warmup=1)
-    assert list(res) == ["residual", "mhc, unfused pre (before)", "mhc, fused pre (after)"], lines
+    assert list(res) == ["residual", "mhc, fused pre (before)", "mhc, split pre (after)"], lines
     assert all(v == v and v > 0 for v in res.values()), lines
     assert not any("ERROR" in ln for ln in lines), lines
+
+
+def test_pre_kernels_checks_and_times_both_pres():
+    """bench/mhc.py --ops pre, in the interpreter at a tiny size: both pres pass their checks, the
+    profile table has rows for both paths and the copy ceiling, nothing is an ERROR."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the pres run the Triton kernels: needs the interpreter on CPU")
+    from bench.mhc import pre_kernels
+
+    lines = []
+    res = pre_kernels(T=19, n=4, D=24, log=lines.append, check_shapes=((19, 4, 24), (7, 3, 20)), device="cpu")
+    text = "\n".join(lines)
+    assert set(res) == {"fused (before)", "split (after)"}, text
+    assert text.count("checks pass") == 3 and "checks pass" in text and ": False" not in text, text
+    assert "x.clone()" in text and "ERROR" not in text and "failed" not in text, text
+    rows = _rows(lines)
+    assert {"fused (before)", "split (after)"} <= set(rows), text

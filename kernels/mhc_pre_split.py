@@ -1,0 +1,296 @@
+"""One mHC site's pre in Triton, the per-token coefficient work split from the passes over x.
+
+Same op, arguments and results as kernels/mhc_pre.py (``model.hyper_connections.mhc_pre``:
+h = sum_j pre_j x_j with (pre, post, comb) the mHC coefficients of x, and x handed back as
+``x_res`` so the post-mix's gradient of x is added in this op's backward), scheduled differently.
+Why: the fused kernels of kernels/mhc_pre.py keep the Sinkhorn's [block, n, n] tiles, the skinny
+product with fn and the [block, n, D] collapse tiles in one program: compiled for sm_90 they
+use 255 registers and spill (1 KB per thread in the backward), so an H200 runs 2 programs of 4
+warps per multiprocessor and the passes over x stay 3-5x off memory bandwidth (profile of
+experiment=small_gpu, 2026-12-03: 0.33 ms forward, 0.59 + 0.15 ms backward at 16K tokens x 4 x
+1024, where x is 128 MiB). Here every pass over [T, n, D] is its own light kernel with many
+programs, the Sinkhorn runs on [T, (2+n)n] only, and each kernel's tiles and warps are picked by
+``triton.autotune`` on the device (first call per shape, eager: before a CUDA graph captures).
+
+Launches, T tokens, K = nD (x read twice forward, twice backward; dfn needs no pass of its own):
+  forward   kernels/mhc.py _mhc_mix_fwd   mixes = (x fn^T) r and r       x once   -> [T, (2+n)n]
+            kernels/mhc.py _mhc_tail_fwd  pre, post, comb (Sinkhorn)      [T, (2+n)n] only
+            kernels/mhc_streams.py _collapse_fwd  h = sum_j pre_j x_j     x once   -> h
+  backward  kernels/mhc_streams.py _collapse_bwd  dpre = <dh, x_j>        x, dh once
+            _pre_tail_bwd   the tail's backward: G = dmix r [T, (2+n)n], coef [T], per-block sums
+                            for dbase / dscale (Sinkhorn's steps recomputed, or kept in a scratch)
+            _pre_dx_dfn     per (stream, D block, token split): dx = dx_res + pre_j dh + G fn
+                            + coef x, and the split's part of dfn = G^T x, fn's block loaded once
+            + 2 small torch sums (dfn's splits, the per-block sums).
+fp32 math throughout (the products with fn as tf32x3 dots), x / h / dx in x's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.mhc import (_load_parts, _logit_params, _mhc_mix_fwd, _mhc_tail_fwd, _pow2, _sinkhorn_bwd)
+from kernels.mhc_pre import _sinkhorn_bwd_saved
+from kernels.mhc_streams import _collapse_bwd, _collapse_fwd
+from kernels.opaque import opaque_to_compile
+
+
+@triton.jit
+def _pre_tail_bwd(MIX, R, BASE, SCALE, DPRE, DPOST, DCOMB, G, COEF, PART, SCR, T, K, NM, iters, eps,
+                  N: tl.constexpr, NP: tl.constexpr, SAVED: tl.constexpr, BLOCK_T: tl.constexpr):
+    """G [T, NM] = dmix * r (the gradient of x fn^T), COEF [T] = -(r^2 / K) <dmix, mixes> (the
+    r-path: dx gets coef * x), PART[pid] = (sum_t dlogit [NM], per-group sum_t <dlogit, mixes>
+    [3]) of this block, where logits = scale_group * mixes + base and dmix = dlogit * scale_group."""
+    pid = tl.program_id(0)
+    rt = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = rt < T
+    rt64 = rt.to(tl.int64)
+    rj = tl.arange(0, NP)
+    j_ok = rj < N
+    mpre, mpost, mcomb, m2, cmask = _load_parts(MIX, rt, t_ok, N, NM, NP)
+    s0, s1, s2, bpre, bpost, bcomb = _logit_params(SCALE, BASE, rj, j_ok, N)
+    in2 = rt64[:, None] * N + rj[None, :]
+    g_pre = tl.load(DPRE + in2, mask=m2, other=0.0)
+    g_post = tl.load(DPOST + in2, mask=m2, other=0.0)
+    sp = tl.sigmoid(s0 * mpre + bpre[None, :])
+    sq = tl.sigmoid(s1 * mpost + bpost[None, :])
+    d_pre = tl.where(m2, g_pre * sp * (1.0 - sp), 0.0)
+    d_post = tl.where(m2, 2.0 * g_post * sq * (1.0 - sq), 0.0)
+    i3 = rt64[:, None, None] * (N * N) + rj[None, :, None] * N + rj[None, None, :]
+    g_comb = tl.load(DCOMB + i3, mask=cmask, other=0.0)
+    if SAVED:
+        d_comb = _sinkhorn_bwd_saved(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps, SCR, rt64, t_ok, NP)
+    else:
+        d_comb = _sinkhorn_bwd(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps)
+    r = tl.load(R + rt, mask=t_ok, other=0.0)
+    dot_pre = tl.sum(d_pre * mpre, 1)
+    dot_post = tl.sum(d_post * mpost, 1)
+    dot_comb = tl.sum(tl.sum(d_comb * mcomb, 2), 1)
+    tl.store(COEF + rt, -(s0 * dot_pre + s1 * dot_post + s2 * dot_comb) * r * r / K, mask=t_ok)
+    grow = G + rt64 * NM
+    tl.store(grow[:, None] + rj[None, :], d_pre * (s0 * r)[:, None], mask=m2)
+    tl.store(grow[:, None] + N + rj[None, :], d_post * (s1 * r)[:, None], mask=m2)
+    tl.store(grow[:, None, None] + 2 * N + rj[None, :, None] * N + rj[None, None, :], d_comb * (s2 * r)[:, None, None],
+             mask=cmask)
+    prow = PART + pid * (NM + 3)
+    tl.store(prow + rj, tl.sum(d_pre, 0), mask=j_ok)
+    tl.store(prow + N + rj, tl.sum(d_post, 0), mask=j_ok)
+    tl.store(prow + 2 * N + rj[:, None] * N + rj[None, :], tl.sum(d_comb, 0), mask=j_ok[:, None] & j_ok[None, :])
+    tl.store(prow + NM, tl.sum(dot_pre, 0))
+    tl.store(prow + NM + 1, tl.sum(dot_post, 0))
+    tl.store(prow + NM + 2, tl.sum(dot_comb, 0))
+
+
+@triton.jit
+def _pre_dx_dfn(X, FN, G, COEF, PRE, DH, DXRES, DX, DFN, T, D, NM, T_PER,
+                N: tl.constexpr, NM_P: tl.constexpr, HAS_DXRES: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (stream j, D block, token split s): dx[t, j, d] = dx_res + pre_j dh + (G fn)[t, jD + d]
+    + coef x over the split's tokens, and DFN[s][:, jD + d] = sum over them of G^T x. fn's
+    [NM, BLOCK_D] block is read once per program (not once per token block)."""
+    d_blocks = tl.cdiv(D, BLOCK_D)
+    j = tl.program_id(0) // d_blocks
+    rd = (tl.program_id(0) % d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(1)
+    K = N * D
+    d_ok = rd < D
+    rm = tl.arange(0, NM_P)
+    m_ok = rm < NM
+    f = tl.load(FN + rm[:, None] * K + j * D + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    acc = tl.zeros([NM_P, BLOCK_D], dtype=tl.float32)
+    t_end = tl.minimum(T, (split + 1) * T_PER)
+    for t0 in range(split * T_PER, t_end, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        t_ok = rt < t_end
+        rt64 = rt.to(tl.int64)
+        mtd = t_ok[:, None] & d_ok[None, :]
+        g = tl.load(G + rt64[:, None] * NM + rm[None, :], mask=t_ok[:, None] & m_ok[None, :], other=0.0)
+        c = tl.load(COEF + rt, mask=t_ok, other=0.0)
+        p = tl.load(PRE + rt64 * N + j, mask=t_ok, other=0.0)
+        xoff = rt64[:, None] * K + j * D + rd[None, :]
+        x = tl.load(X + xoff, mask=mtd, other=0.0).to(tl.float32)
+        dh = tl.load(DH + rt64[:, None] * D + rd[None, :], mask=mtd, other=0.0).to(tl.float32)
+        dx = tl.dot(g, f, input_precision="tf32x3") + c[:, None] * x + p[:, None] * dh
+        if HAS_DXRES:
+            dx += tl.load(DXRES + xoff, mask=mtd, other=0.0).to(tl.float32)
+        tl.store(DX + xoff, dx.to(DX.dtype.element_ty), mask=mtd)
+        acc += tl.dot(tl.trans(g), x, input_precision="tf32x3")
+    tl.store(DFN + split.to(tl.int64) * NM * K + rm[:, None] * K + j * D + rd[None, :], acc,
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- tiles
+# Each kernel's candidates: (meta-parameters, num_warps, num_stages); the first is what runs off
+# CUDA (the interpreter) and what ``config="default"`` pins. Chosen from sm_90 compiles on the CPU
+# (Triton 3.9 + ptxas -v: no or little register spilling; the tf32x3 products need ~140-250
+# registers, the stream passes 30-100) and the H100 sweeps of bench/mhc.py (collapse / mix
+# tiles); the device times them at the first call per shape.
+_CANDIDATES = {
+    "mix": [({"BLOCK_T": 64, "BLOCK_K": 64}, 8, 3), ({"BLOCK_T": 64, "BLOCK_K": 32}, 8, 3),
+            ({"BLOCK_T": 128, "BLOCK_K": 32}, 8, 3), ({"BLOCK_T": 64, "BLOCK_K": 32}, 4, 3)],
+    "tail": [({"BLOCK_T": 32}, 4, 1), ({"BLOCK_T": 16}, 2, 1)],
+    "collapse": [({"BLOCK_T": 4, "BLOCK_D": 256}, 4, 1), ({"BLOCK_T": 8, "BLOCK_D": 128}, 4, 1),
+                 ({"BLOCK_T": 2, "BLOCK_D": 512}, 4, 1), ({"BLOCK_T": 8, "BLOCK_D": 256}, 8, 1)],
+    "dpre": [({"BLOCK_T": 2, "BLOCK_D": 128}, 4, 2), ({"BLOCK_T": 4, "BLOCK_D": 128}, 4, 2),
+             ({"BLOCK_T": 2, "BLOCK_D": 256}, 4, 2), ({"BLOCK_T": 4, "BLOCK_D": 256}, 8, 2)],
+    "tail_bwd": [({"SAVED": False}, 4, 1), ({"SAVED": True}, 4, 1)],
+    "dx_dfn": [({"BLOCK_T": 32, "BLOCK_D": 64}, 8, 3), ({"BLOCK_T": 16, "BLOCK_D": 128}, 8, 3),
+               ({"BLOCK_T": 16, "BLOCK_D": 64}, 4, 3), ({"BLOCK_T": 64, "BLOCK_D": 64}, 8, 3),
+               ({"BLOCK_T": 32, "BLOCK_D": 32}, 4, 3)],
+}
+_TAIL_BWD_BLOCK_T = 16   # fixed: PART has one row per block (sized on the host)
+_DFN_SPLIT_TOKENS = 1024  # tokens per dfn split (a multiple of every BLOCK_T above)
+_DFN_SPLITS_MAX = 16
+
+
+def _configs(name: str) -> list[triton.Config]:
+    return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in _CANDIDATES[name]]
+
+
+_TUNED = {
+    "mix": triton.autotune(_configs("mix"), key=["T", "K"])(_mhc_mix_fwd),
+    "tail": triton.autotune(_configs("tail"), key=["T"])(_mhc_tail_fwd),
+    "collapse": triton.autotune(_configs("collapse"), key=["T", "D"])(_collapse_fwd),
+    "dpre": triton.autotune(_configs("dpre"), key=["T", "D"])(_collapse_bwd),
+    "tail_bwd": triton.autotune(_configs("tail_bwd"), key=["T"])(_pre_tail_bwd),
+    "dx_dfn": triton.autotune(_configs("dx_dfn"), key=["T", "D"])(_pre_dx_dfn),
+}
+_RAW = {"mix": _mhc_mix_fwd, "tail": _mhc_tail_fwd, "collapse": _collapse_fwd, "dpre": _collapse_bwd,
+        "tail_bwd": _pre_tail_bwd, "dx_dfn": _pre_dx_dfn}
+
+
+def _launch(name: str, grid, args: tuple, const: dict, config) -> None:
+    """Launch kernel ``name``: autotuned (``config`` None, on CUDA), or with fixed meta-parameters
+    (``config``: "default" = the first candidate, or a dict overriding its entries; off CUDA the
+    first candidate always: the interpreter is not timed)."""
+    if config is None:
+        _TUNED[name][grid](*args, **const)
+        return
+    meta, warps, stages = _CANDIDATES[name][0]
+    meta = dict(meta)
+    if isinstance(config, dict):
+        meta.update({k: v for k, v in config.items() if k in meta})
+    _RAW[name][grid(meta)](*args, **const, **meta, num_warps=warps, num_stages=stages)
+
+
+def tuned_configs() -> dict[str, dict]:
+    """What autotune picked so far, per kernel: {name: {key: 'meta, warps, stages'}} (bench)."""
+    return {name: {str(k): str(c) for k, c in t.cache.items()} for name, t in _TUNED.items()}
+
+
+def _dfn_splits(T: int, config) -> tuple[int, int]:
+    """(splits, tokens per split) of dfn's reduction over tokens: at most _DFN_SPLITS_MAX, tokens
+    per split a multiple of _DFN_SPLIT_TOKENS (so every candidate BLOCK_T divides it; a config
+    dict's "SPLIT_TOKENS" overrides it: tests split small inputs). Fixed by T alone, so autotune
+    cannot change dfn's order of summation across splits."""
+    unit = config.get("SPLIT_TOKENS", _DFN_SPLIT_TOKENS) if isinstance(config, dict) else _DFN_SPLIT_TOKENS
+    splits = max(1, min(_DFN_SPLITS_MAX, triton.cdiv(T, unit)))
+    per = triton.cdiv(triton.cdiv(T, splits), unit) * unit
+    return triton.cdiv(T, per), per
+
+
+class _MHCPreSplit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, config):
+        D = x.shape[-1]
+        K = n * D
+        xf = x.reshape(-1, K).contiguous()
+        T, NM = xf.shape[0], fn.shape[0]
+        fn32, base32, scale32 = fn.float().contiguous(), base.float().contiguous(), scale.float().contiguous()
+        dev = x.device
+        config = config if dev.type == "cuda" else (config or "default")
+        mixes = torch.empty(T, NM, device=dev, dtype=torch.float32)
+        r = torch.empty(T, device=dev, dtype=torch.float32)
+        pre = torch.empty(T, n, device=dev, dtype=torch.float32)
+        post = torch.empty_like(pre)
+        comb = torch.empty(T, n, n, device=dev, dtype=torch.float32)
+        h = torch.empty(T, D, device=dev, dtype=x.dtype)
+        NP, nm_p = _pow2(n), max(16, _pow2(NM))
+        if T > 0:
+            _launch("mix", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, fn32, mixes, r, T, K, NM, norm_eps),
+                    {"NM_P": nm_p}, config)
+            _launch("tail", lambda m: (triton.cdiv(T, m["BLOCK_T"]),),
+                    (mixes, base32, scale32, pre, post, comb, T, n, NM, iters, eps), {"NP": NP}, config)
+            _launch("collapse", lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(D, m["BLOCK_D"])),
+                    (xf, pre, h, T, D), {"N": n, "NP": NP}, config)
+        ctx.save_for_backward(xf, fn32, base32, scale32, mixes, r, pre)
+        ctx.meta = (x.shape, n, iters, eps, config, fn.dtype, base.dtype, scale.dtype)
+        lead = x.shape[:-2]
+        return h.view(*lead, D), x, post.view(*lead, n), comb.view(*lead, n, n)
+
+    @staticmethod
+    def backward(ctx, dh, dx_res, dpost, dcomb):
+        xf, fn32, base32, scale32, mixes, r, pre = ctx.saved_tensors
+        xshape, n, iters, eps, config, fdt, bdt, sdt = ctx.meta
+        T, K = xf.shape
+        D, NM = K // n, fn32.shape[0]
+        dev = xf.device
+
+        def f32(g, *shape):  # a missing gradient is zero
+            if g is None:
+                return torch.zeros(T, *shape, device=dev, dtype=torch.float32)
+            return g.reshape(T, *shape).to(torch.float32).contiguous()
+
+        if T == 0:
+            return (torch.empty_like(xf).view(xshape), torch.zeros_like(fn32).to(fdt),
+                    torch.zeros_like(base32).to(bdt), torch.zeros_like(scale32).to(sdt), None, None, None, None, None)
+        dh = torch.zeros(T, D, device=dev, dtype=xf.dtype) if dh is None else dh.reshape(T, D).contiguous()
+        dpost, dcomb = f32(dpost, n), f32(dcomb, n, n)
+        has_dxres = dx_res is not None
+        dx_res = dx_res.reshape(T, K).contiguous() if has_dxres else xf   # xf: an unread placeholder
+        NP, nm_p = _pow2(n), max(16, _pow2(NM))
+        dpre = torch.empty(T, n, device=dev, dtype=torch.float32)
+        _launch("dpre", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, pre, dh, xf, dpre, T, D),
+                {"N": n, "NP": NP, "WRITE_DX": False}, config)
+        g = torch.empty(T, NM, device=dev, dtype=torch.float32)
+        coef = torch.empty(T, device=dev, dtype=torch.float32)
+        P = triton.cdiv(T, _TAIL_BWD_BLOCK_T)
+        part = torch.empty(P, NM + 3, device=dev, dtype=torch.float32)
+        # Sinkhorn's step inputs when SAVED: 2 (iters - 1) NP^2 fp32 per token, transient
+        scratch = torch.empty(T * max(1, 2 * (iters - 1)) * NP * NP, device=dev, dtype=torch.float32)
+        _launch("tail_bwd", lambda m: (P,), (mixes, r, base32, scale32, dpre, dpost, dcomb, g, coef, part, scratch,
+                                             T, K, NM, iters, eps),
+                {"N": n, "NP": NP, "BLOCK_T": _TAIL_BWD_BLOCK_T}, config)
+        splits, per = _dfn_splits(T, config)
+        dx = torch.empty_like(xf)
+        dfn = torch.empty(splits, NM, K, device=dev, dtype=torch.float32)
+        _launch("dx_dfn", lambda m: (n * triton.cdiv(D, m["BLOCK_D"]), splits),
+                (xf, fn32, g, coef, pre, dh, dx_res, dx, dfn, T, D, NM, per),
+                {"N": n, "NM_P": nm_p, "HAS_DXRES": has_dxres}, config)
+        dfn = dfn[0] if splits == 1 else dfn.sum(0)
+        sums = part.sum(0)
+        # dbase = sum_t dlogit; dscale per group = sum_t <dlogit, mixes> of the group
+        return (dx.view(xshape), dfn.to(fdt), sums[:NM].to(bdt), sums[NM:].to(sdt), None, None, None, None, None)
+
+
+@opaque_to_compile
+def mhc_pre_split_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int,
+                         iters: int, eps: float, norm_eps: float, *, config: str | dict | None = None):
+    """Triton version of ``model.hyper_connections.mhc_pre`` (as kernels/mhc_pre.py's
+    ``mhc_pre_triton``): x [..., n, D] -> (h [..., D] in x's dtype, x_res (= x), post [..., n],
+    comb [..., n, n] fp32); differentiable in x (through h, post, comb and x_res), fn, base, scale.
+    ``config``: None autotunes each kernel on CUDA (first call per shape); "default" pins every
+    kernel's first candidate; a dict such as {"BLOCK_T": 16, "BLOCK_K": 16, "BLOCK_D": 16,
+    "SAVED": True, "SPLIT_TOKENS": 16} overrides those entries of every kernel that has them
+    (tests, sweeps)."""
+    if x.dim() < 2 or x.shape[-2] != n:
+        raise ValueError(f"mhc_pre_split_triton: x must be [..., n={n}, D], got {tuple(x.shape)}")
+    K = n * x.shape[-1]
+    if fn.shape != ((2 + n) * n, K):
+        raise ValueError(f"mhc_pre_split_triton: fn must be [{(2 + n) * n}, {K}], got {tuple(fn.shape)}")
+    if base.shape != ((2 + n) * n,) or scale.shape != (3,):
+        raise ValueError(f"mhc_pre_split_triton: base must be [{(2 + n) * n}] and scale [3], "
+                         f"got {tuple(base.shape)} and {tuple(scale.shape)}")
+    if iters < 1:
+        raise ValueError(f"mhc_pre_split_triton: iters must be >= 1, got {iters}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"mhc_pre_split_triton: x dtype must be fp16, bf16 or fp32, got {x.dtype}")
+    if isinstance(config, dict):
+        bad = {k: v for k, v in config.items() if k.startswith("BLOCK_") and (v < 1 or v & (v - 1))}
+        if bad or config.get("BLOCK_T", 16) < 16 or config.get("SPLIT_TOKENS", 1) < 1:
+            raise ValueError(f"mhc_pre_split_triton: config tiles must be powers of 2 with BLOCK_T >= 16 "
+                             f"and SPLIT_TOKENS >= 1, got {config}")
+    elif config not in (None, "default"):
+        raise ValueError(f"mhc_pre_split_triton: config must be None, 'default' or a dict, got {config!r}")
+    return _MHCPreSplit.apply(x, fn, base, scale, int(n), int(iters), float(eps), float(norm_eps), config)

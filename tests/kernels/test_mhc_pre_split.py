@@ -1,0 +1,106 @@
+"""kernels/mhc_pre_split.py (the mHC site pre as per-token coefficient kernels + passes over x)
+vs model.hyper_connections.mhc_pre, in the interpreter on CPU (fp32 / fp16): h, post, comb and
+the gradients of x (through h, post, comb AND x_res), fn, base, scale; n = 4, 3 and 2, D not a
+power of 2, token counts not multiples of the tiles, dfn's reduction split over several token
+ranges, Sinkhorn's backward with its steps recomputed and saved, and with the kernels' default
+tiles. Also: the same results as kernels/mhc_pre.py (the fused schedule it replaces)."""
+import pytest
+import torch
+
+from kernels.mhc_pre import mhc_pre_triton
+from kernels.mhc_pre_split import _dfn_splits, mhc_pre_split_triton
+from model.hyper_connections import mhc_pre
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _inputs(n, D, lead, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    NM = (2 + n) * n
+    x = torch.randn(*lead, n, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    fn = (torch.randn(NM, n * D, generator=g) / (n * D) ** 0.5).to(DEVICE).requires_grad_()
+    base = torch.randn(NM, generator=g).to(DEVICE).requires_grad_()
+    scale = (torch.rand(3, generator=g) + 0.5).to(DEVICE).requires_grad_()
+    return x, fn, base, scale
+
+
+def _grads(op, inputs, args, cots, **kw):
+    outs = op(*inputs, *args, **kw)
+    h, x_res, post, comb = outs
+    # x_res goes through a mix-like product so its gradient is not just the cotangent
+    loss = sum((o.float() * c).sum() for o, c in zip((h, x_res * 0.5, post, comb), cots))
+    return outs, torch.autograd.grad(loss, inputs)
+
+
+SMALL = {"BLOCK_T": 16, "BLOCK_K": 16, "BLOCK_D": 16}
+
+
+@pytest.mark.parametrize("n,D,lead,dtype,iters,config,tol", [
+    (4, 40, (2, 37), torch.float32, 20, dict(SMALL, SPLIT_TOKENS=16), 1e-4),            # 5 dfn splits
+    (4, 40, (2, 37), torch.float32, 20, dict(SMALL, SPLIT_TOKENS=32, SAVED=True), 1e-4),  # Sinkhorn saved
+    (3, 24, (45,), torch.float32, 5, dict(SMALL, SPLIT_TOKENS=16), 1e-4),               # padded n x n tiles
+    (3, 24, (21,), torch.float32, 20, "default", 1e-4),                                   # the kernels' own tiles
+    (4, 40, (1, 33), torch.float16, 20, {"BLOCK_T": 32, "BLOCK_K": 32, "BLOCK_D": 16, "SPLIT_TOKENS": 32}, 1e-3),
+    (2, 16, (9,), torch.float32, 1, None, 1e-4),
+])
+def test_matches_reference(n, D, lead, dtype, iters, config, tol):
+    inputs = _inputs(n, D, lead, dtype, n * 100 + D)
+    args = (n, iters, 1e-6, 1e-6)
+    g = torch.Generator().manual_seed(5)
+    cots = [torch.randn(s, generator=g).to(DEVICE) for s in
+            [(*lead, D), (*lead, n, D), (*lead, n), (*lead, n, n)]]
+    ref, g_ref = _grads(mhc_pre, inputs, args, cots)
+    got, g_got = _grads(mhc_pre_split_triton, inputs, args, cots, config=config)
+    for name, a, b in zip(["h", "x_res", "post", "comb"], got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert _rel(a, b) < tol, (name, _rel(a, b))
+    for name, a, b in zip(["dx", "dfn", "dbase", "dscale"], g_got, g_ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert _rel(a, b) < 10 * tol, (name, _rel(a, b))
+
+
+def test_same_as_fused_schedule():
+    """The split schedule and kernels/mhc_pre.py compute the same op (fp32, close to rounding)."""
+    inputs = _inputs(4, 24, (2, 19), torch.float32, 3)
+    args = (4, 20, 1e-6, 1e-6)
+    cots = [torch.randn(s, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+            for s in [(2, 19, 24), (2, 19, 4, 24), (2, 19, 4), (2, 19, 4, 4)]]
+    a_out, a_g = _grads(mhc_pre_triton, inputs, args, cots, tiles=(16, 16, 16))
+    b_out, b_g = _grads(mhc_pre_split_triton, inputs, args, cots, config=dict(SMALL, SPLIT_TOKENS=16))
+    for a, b in zip(list(a_out) + list(a_g), list(b_out) + list(b_g)):
+        assert _rel(b, a) < 1e-5
+
+
+def test_unused_outputs_get_zero_gradients():
+    """Only h is used (x_res, post, comb unused: their gradients arrive as None)."""
+    x, fn, base, scale = _inputs(4, 24, (19,), torch.float32, 7)
+    args = (4, 20, 1e-6, 1e-6)
+    cot = torch.randn(19, 24, device=DEVICE)
+    g_ref = torch.autograd.grad((mhc_pre(x, fn, base, scale, *args)[0] * cot).sum(), [x, fn, base, scale])
+    got = mhc_pre_split_triton(x, fn, base, scale, *args, config=SMALL)[0]
+    g_got = torch.autograd.grad((got * cot).sum(), [x, fn, base, scale])
+    for name, a, b in zip(["dx", "dfn", "dbase", "dscale"], g_got, g_ref):
+        assert _rel(a, b) < 1e-3, (name, _rel(a, b))
+
+
+def test_dfn_splits_cover_the_tokens():
+    for T in (1, 1023, 1024, 1025, 16384, 65536, 1 << 20):
+        splits, per = _dfn_splits(T, None)
+        assert per % 1024 == 0 and splits <= 16 and (splits - 1) * per < T <= splits * per, T
+    assert _dfn_splits(37, {"SPLIT_TOKENS": 16}) == (3, 16)
+
+
+def test_bad_input_raises():
+    x = torch.randn(5, 4, 8)
+    with pytest.raises(ValueError, match="fn must be"):
+        mhc_pre_split_triton(x, torch.randn(24, 31), torch.randn(24), torch.randn(3), 4, 20, 1e-6, 1e-6)
+    with pytest.raises(ValueError, match="config tiles must be"):
+        mhc_pre_split_triton(x, torch.randn(24, 32), torch.randn(24), torch.randn(3), 4, 20, 1e-6, 1e-6,
+                             config={"BLOCK_T": 8})
+    with pytest.raises(ValueError, match="config must be"):
+        mhc_pre_split_triton(x, torch.randn(24, 32), torch.randn(24), torch.randn(3), 4, 20, 1e-6, 1e-6,
+                             config="fast")
