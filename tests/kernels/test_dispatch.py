@@ -41,6 +41,7 @@ def test_auto_on_cuda_picks_the_kernel_except_fp64():
     ("model.moe", "get_swiglu_activation", "kernels.swiglu", "swiglu_activation_triton"),
     ("model.moe", "get_permute_tokens", "kernels.moe_permute", "permute_tokens_triton"),
     ("model.moe", "get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton"),
+    ("model.loss", "get_chunk_cross_entropy", "kernels.cross_entropy", "chunk_cross_entropy_triton"),
 ])
 def test_measured_kernels_are_auto_on_cuda(user, getter, module, kernel):
     """Kernels that won on the H200 (dispatch.AUTO_KEEPS_REFERENCE's comment): auto picks them on
