@@ -9,8 +9,9 @@ One process, < 1 min on an H200:
 2. the chunk op alone, reference vs the kernel at several tiles (BLOCK_V, num_warps), with and
    without the gradient: CUDA-event medians and the kernel's effective bandwidth (two fp32
    reads + one bf16 write per element with the gradient, one read without);
-3. linear_cross_entropy forward + backward, kernel_impl=torch vs triton, rounds interleaved
-   (order alternating): median ms and peak memory above the inputs.
+3. linear_cross_entropy forward + backward, kernel_impl=torch vs triton, and the kernel at other
+   chunk sizes (--chunks), rounds interleaved (order alternating): median ms, peak memory above
+   the inputs.
 
     python bench/cross_entropy.py --out $OUT/cross_entropy.md          # GPU: 16384 x 1024 -> 129280
     python bench/cross_entropy.py --tiny                               # CPU pipeline check (interpreter)
@@ -36,7 +37,7 @@ from model.loss import (IGNORE_INDEX, chunk_cross_entropy, default_chunk_tokens,
                         linear_cross_entropy)
 
 # (BLOCK_V, num_warps) swept at the real size; None = the kernel's default (kernels.cross_entropy.tiles)
-TILES = [None, (2048, 4), (4096, 4), (8192, 8), (8192, 16), (16384, 16), (32768, 32)]
+TILES = [None, (2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (32768, 32)]
 TINY_TILES = [None, (256, 4)]
 
 
@@ -152,28 +153,37 @@ def chunk_table(h, w, y, chunk, device, reps, tile_list) -> list[str]:
     return rows + ["", f"{c} x {V} fp32 logits per chunk;"] + [f"- {n}" for n in notes]
 
 
-def head_table(h, w, y, chunk, device, rounds) -> list[str]:
-    impls = ["torch", "triton"] if device.type == "cuda" else ["torch"]
+def head_table(h, w, y, chunk, device, rounds, other_chunks=()) -> list[str]:
+    """linear_cross_entropy fwd+bwd: kernel_impl=torch and =triton at the default chunk, then the
+    kernel at ``other_chunks`` tokens per chunk (does a chunk of a multiple of 128 tokens, or a
+    longer one, use the head's GEMMs better: M = c in the logits and hidden-gradient GEMMs, K = c
+    in the weight gradient's, whose fp32 [V, D] accumulator is read and written once per chunk?),
+    all interleaved with the order alternating; off CUDA every variant runs the reference."""
+    kern = "triton" if device.type == "cuda" else "torch"
+    variants = [("torch", chunk), (kern, chunk)] + [(kern, c) for c in other_chunks if c != chunk]
+    if device.type != "cuda":
+        variants = variants[:1] + variants[2:]
     fns = {}
-    for impl in impls:
+    for impl, c in variants:
         hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
 
-        def step(hh=hh, ww=ww, impl=impl):
+        def step(hh=hh, ww=ww, impl=impl, c=c):
             hh.grad = ww.grad = None
-            linear_cross_entropy(hh, ww, y, chunk_tokens=chunk, kernel_impl=impl).backward()
-        fns[impl] = step
+            linear_cross_entropy(hh, ww, y, chunk_tokens=c, kernel_impl=impl).backward()
+        fns[(impl, c)] = step
         step()
-    times = {impl: [] for impl in impls}
-    for r in range(rounds):   # interleaved, order alternating: neither runs always first
-        for impl in (impls if r % 2 == 0 else impls[::-1]):
-            times[impl] += timed(fns[impl], device, 2)
-    rows = [fmt_row(["linear_cross_entropy fwd+bwd", "median ms", "min-max ms", "peak MiB above inputs", "vs torch"]),
-            "|---|---|---|---|---|"]
-    base = median(times["torch"])
-    for impl in impls:
-        ms = median(times[impl])
-        rows.append(fmt_row([f"kernel_impl={impl}", f"{ms:.2f}", f"{min(times[impl]):.2f}-{max(times[impl]):.2f}",
-                             f"{peak_mib(fns[impl], device.type):,.0f}", f"{base / ms:.2f}x"]))
+    times = {v: [] for v in variants}
+    for r in range(rounds):   # interleaved, order alternating: none runs always first
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            times[v] += timed(fns[v], device, 2)
+    rows = [fmt_row(["linear_cross_entropy fwd+bwd", "tokens per chunk", "median ms", "min-max ms",
+                     "peak MiB above inputs", "vs torch"]), "|---|---|---|---|---|---|"]
+    base = median(times[variants[0]])
+    for v in variants:
+        ms = median(times[v])
+        rows.append(fmt_row([f"kernel_impl={v[0]}", f"{v[1]}" + (" (default)" if v[1] == chunk else ""),
+                             f"{ms:.2f}", f"{min(times[v]):.2f}-{max(times[v]):.2f}",
+                             f"{peak_mib(fns[v], device.type):,.0f}", f"{base / ms:.2f}x"]))
     return rows
 
 
@@ -185,6 +195,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="CPU pipeline check: 64 x 16 -> 1000, chunks of 24")
     ap.add_argument("--reps", type=int, default=20, help="timed calls per chunk-op variant")
     ap.add_argument("--rounds", type=int, default=6, help="interleaved rounds (2 calls each) of the head")
+    ap.add_argument("--chunks", type=int, nargs="*", default=[512, 1024, 2048],
+                    help="tokens per chunk to time the kernel at besides the default (default_chunk_tokens)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     from bench.throughput import header_line   # here: bench/throughput.py's checks import this module
@@ -203,7 +215,7 @@ def main() -> None:
         lines.append(f"- {'PASS' if passed else 'FAIL'} {what}: {detail}")
     print("\n".join(lines), flush=True)   # the checks first: they stand even if timing fails
     timing = ["", *chunk_table(h, w, y, chunk, device, reps, TINY_TILES if a.tiny else TILES), "",
-              *head_table(h, w, y, chunk, device, rounds), "", f"({time.time() - t0:.0f} s in all)"]
+              *head_table(h, w, y, chunk, device, rounds, [16] if a.tiny else a.chunks), "", f"({time.time() - t0:.0f} s in all)"]
     print("\n".join(timing))
     text = "\n".join(lines + timing)
     if a.out:
