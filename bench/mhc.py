@@ -22,9 +22,10 @@ split pre), interleaved: the issue's "mHC overhead vs residual". Both in one GPU
 
 ``--ops pre`` (~1 min): the site pre's kernels at the small preset's micro-batch (16K tokens x 4
 x 1024, bf16): both pres checked against the reference, then one site's forward+backward (pre,
-stand-in sublayer, Triton post-mix) profiled per kernel, fused pre (before) vs split pre (after,
-autotuned): microseconds per call, the bytes each kernel must move at least, GB/s, and that as a
-share of a plain copy's GB/s (x.clone(), the bandwidth ceiling); the tiles autotune picked:
+stand-in sublayer, Triton post-mix, autotuned in both) profiled per kernel, fused pre (before)
+vs split pre (after, autotuned): microseconds per call, the bytes each kernel must move at least,
+GB/s, and that as a share of a plain copy's GB/s (x.clone(), the bandwidth ceiling); the tiles
+autotune picked:
 
     python bench/mhc.py --ops pre
 """
@@ -558,8 +559,12 @@ def pre_kernels(T=16384, n=4, D=1024, log=print, check_shapes=((16384, 4, 1024),
         a, b = res.values()
         log(f"site fwd+bwd: fused {a:.3f} ms, split {b:.3f} ms ({a / b:.2f}x)")
     try:
-        for name, picks in split_mod.tuned_configs().items():
-            for key, cfg in picks.items():
+        import kernels.mhc_streams as streams
+
+        picks = dict(split_mod.tuned_configs(), post_mix_fwd=streams._MIX_FWD.picks(),
+                     post_mix_bwd=streams._MIX_BWD.picks())
+        for name, by_key in picks.items():
+            for key, cfg in by_key.items():
                 log(f"autotune {name} {key}: {cfg}")
     except Exception as exc:
         log(f"[autotune picks unavailable: {type(exc).__name__}: {exc}]")

@@ -34,6 +34,7 @@ from kernels.mhc import (_load_parts, _logit_params, _mhc_mix_fwd, _mhc_tail_fwd
 from kernels.mhc_pre import _sinkhorn_bwd_saved
 from kernels.mhc_streams import _collapse_bwd, _collapse_fwd
 from kernels.opaque import opaque_to_compile
+from kernels.tuning import Tuned
 
 
 @triton.jit
@@ -121,8 +122,8 @@ def _pre_dx_dfn(X, FN, G, COEF, PRE, DH, DXRES, DX, DFN, T, D, NM, T_PER,
 
 
 # ----------------------------------------------------------------------------- tiles
-# Each kernel's candidates: (meta-parameters, num_warps, num_stages); the first is what runs off
-# CUDA (the interpreter) and what ``config="default"`` pins. Chosen from sm_90 compiles on the CPU
+# Each kernel's candidates (kernels/tuning.py): (meta-parameters, num_warps, num_stages); the first
+# runs off CUDA and under config="default". Chosen from sm_90 compiles on the CPU
 # (Triton 3.9 + ptxas -v: no or little register spilling; the tf32x3 products need ~140-250
 # registers, the stream passes 30-100) and the H100 sweeps of bench/mhc.py (collapse / mix
 # tiles); the device times them at the first call per shape.
@@ -142,41 +143,18 @@ _CANDIDATES = {
 _TAIL_BWD_BLOCK_T = 16   # fixed: PART has one row per block (sized on the host)
 _DFN_SPLIT_TOKENS = 1024  # tokens per dfn split (a multiple of every BLOCK_T above)
 _DFN_SPLITS_MAX = 16
-
-
-def _configs(name: str) -> list[triton.Config]:
-    return [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in _CANDIDATES[name]]
-
-
-_TUNED = {
-    "mix": triton.autotune(_configs("mix"), key=["T", "K"])(_mhc_mix_fwd),
-    "tail": triton.autotune(_configs("tail"), key=["T"])(_mhc_tail_fwd),
-    "collapse": triton.autotune(_configs("collapse"), key=["T", "D"])(_collapse_fwd),
-    "dpre": triton.autotune(_configs("dpre"), key=["T", "D"])(_collapse_bwd),
-    "tail_bwd": triton.autotune(_configs("tail_bwd"), key=["T"])(_pre_tail_bwd),
-    "dx_dfn": triton.autotune(_configs("dx_dfn"), key=["T", "D"])(_pre_dx_dfn),
+_KEYS = {"mix": ["T", "K"], "tail": ["T"], "collapse": ["T", "D"], "dpre": ["T", "D"], "tail_bwd": ["T"],
+         "dx_dfn": ["T", "D"]}
+_KERNELS = {
+    name: Tuned(kernel, _CANDIDATES[name], _KEYS[name])
+    for name, kernel in (("mix", _mhc_mix_fwd), ("tail", _mhc_tail_fwd), ("collapse", _collapse_fwd),
+                         ("dpre", _collapse_bwd), ("tail_bwd", _pre_tail_bwd), ("dx_dfn", _pre_dx_dfn))
 }
-_RAW = {"mix": _mhc_mix_fwd, "tail": _mhc_tail_fwd, "collapse": _collapse_fwd, "dpre": _collapse_bwd,
-        "tail_bwd": _pre_tail_bwd, "dx_dfn": _pre_dx_dfn}
-
-
-def _launch(name: str, grid, args: tuple, const: dict, config) -> None:
-    """Launch kernel ``name``: autotuned (``config`` None, on CUDA), or with fixed meta-parameters
-    (``config``: "default" = the first candidate, or a dict overriding its entries; off CUDA the
-    first candidate always: the interpreter is not timed)."""
-    if config is None:
-        _TUNED[name][grid](*args, **const)
-        return
-    meta, warps, stages = _CANDIDATES[name][0]
-    meta = dict(meta)
-    if isinstance(config, dict):
-        meta.update({k: v for k, v in config.items() if k in meta})
-    _RAW[name][grid(meta)](*args, **const, **meta, num_warps=warps, num_stages=stages)
 
 
 def tuned_configs() -> dict[str, dict]:
-    """What autotune picked so far, per kernel: {name: {key: 'meta, warps, stages'}} (bench)."""
-    return {name: {str(k): str(c) for k, c in t.cache.items()} for name, t in _TUNED.items()}
+    """What autotune picked so far, per kernel: {name: {key: config}} (bench/mhc.py)."""
+    return {name: k.picks() for name, k in _KERNELS.items()}
 
 
 def _dfn_splits(T: int, config) -> tuple[int, int]:
@@ -190,6 +168,10 @@ def _dfn_splits(T: int, config) -> tuple[int, int]:
     return triton.cdiv(T, per), per
 
 
+def _run(name: str, grid, args: tuple, const: dict, config) -> None:
+    _KERNELS[name].launch(grid, args, const, config, on_cuda=args[0].is_cuda)
+
+
 class _MHCPreSplit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, config):
@@ -199,7 +181,6 @@ class _MHCPreSplit(torch.autograd.Function):
         T, NM = xf.shape[0], fn.shape[0]
         fn32, base32, scale32 = fn.float().contiguous(), base.float().contiguous(), scale.float().contiguous()
         dev = x.device
-        config = config if dev.type == "cuda" else (config or "default")
         mixes = torch.empty(T, NM, device=dev, dtype=torch.float32)
         r = torch.empty(T, device=dev, dtype=torch.float32)
         pre = torch.empty(T, n, device=dev, dtype=torch.float32)
@@ -208,11 +189,11 @@ class _MHCPreSplit(torch.autograd.Function):
         h = torch.empty(T, D, device=dev, dtype=x.dtype)
         NP, nm_p = _pow2(n), max(16, _pow2(NM))
         if T > 0:
-            _launch("mix", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, fn32, mixes, r, T, K, NM, norm_eps),
+            _run("mix", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, fn32, mixes, r, T, K, NM, norm_eps),
                     {"NM_P": nm_p}, config)
-            _launch("tail", lambda m: (triton.cdiv(T, m["BLOCK_T"]),),
+            _run("tail", lambda m: (triton.cdiv(T, m["BLOCK_T"]),),
                     (mixes, base32, scale32, pre, post, comb, T, n, NM, iters, eps), {"NP": NP}, config)
-            _launch("collapse", lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(D, m["BLOCK_D"])),
+            _run("collapse", lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(D, m["BLOCK_D"])),
                     (xf, pre, h, T, D), {"N": n, "NP": NP}, config)
         ctx.save_for_backward(xf, fn32, base32, scale32, mixes, r, pre)
         ctx.meta = (x.shape, n, iters, eps, config, fn.dtype, base.dtype, scale.dtype)
@@ -241,7 +222,7 @@ class _MHCPreSplit(torch.autograd.Function):
         dx_res = dx_res.reshape(T, K).contiguous() if has_dxres else xf   # xf: an unread placeholder
         NP, nm_p = _pow2(n), max(16, _pow2(NM))
         dpre = torch.empty(T, n, device=dev, dtype=torch.float32)
-        _launch("dpre", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, pre, dh, xf, dpre, T, D),
+        _run("dpre", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, pre, dh, xf, dpre, T, D),
                 {"N": n, "NP": NP, "WRITE_DX": False}, config)
         g = torch.empty(T, NM, device=dev, dtype=torch.float32)
         coef = torch.empty(T, device=dev, dtype=torch.float32)
@@ -249,13 +230,13 @@ class _MHCPreSplit(torch.autograd.Function):
         part = torch.empty(P, NM + 3, device=dev, dtype=torch.float32)
         # Sinkhorn's step inputs when SAVED: 2 (iters - 1) NP^2 fp32 per token, transient
         scratch = torch.empty(T * max(1, 2 * (iters - 1)) * NP * NP, device=dev, dtype=torch.float32)
-        _launch("tail_bwd", lambda m: (P,), (mixes, r, base32, scale32, dpre, dpost, dcomb, g, coef, part, scratch,
+        _run("tail_bwd", lambda m: (P,), (mixes, r, base32, scale32, dpre, dpost, dcomb, g, coef, part, scratch,
                                              T, K, NM, iters, eps),
                 {"N": n, "NP": NP, "BLOCK_T": _TAIL_BWD_BLOCK_T}, config)
         splits, per = _dfn_splits(T, config)
         dx = torch.empty_like(xf)
         dfn = torch.empty(splits, NM, K, device=dev, dtype=torch.float32)
-        _launch("dx_dfn", lambda m: (n * triton.cdiv(D, m["BLOCK_D"]), splits),
+        _run("dx_dfn", lambda m: (n * triton.cdiv(D, m["BLOCK_D"]), splits),
                 (xf, fn32, g, coef, pre, dh, dx_res, dx, dfn, T, D, NM, per),
                 {"N": n, "NM_P": nm_p, "HAS_DXRES": has_dxres}, config)
         dfn = dfn[0] if splits == 1 else dfn.sum(0)

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels.opaque import opaque_to_compile
+from kernels.tuning import Tuned
 
 
 def _pow2(x: int) -> int:
@@ -146,6 +147,16 @@ _BD_MAX = 256
 # and backward (8, 128) 0.41 vs 0.62. (block_t, block_d); None = the rule in _blocks.
 _COLLAPSE_BWD_TILE = (2, 128)
 _MIX_TILE = (8, 128)
+# On CUDA with no tiles given, the mix's tiles are autotuned (kernels/tuning.py) from these, the
+# H100 pick first: compiled for sm_90, (8, 128) takes 255 registers and its backward spills 320 B
+# per thread; the smaller tiles take 56-128 registers but timed slower on the H100 at 4K tokens.
+_MIX_FWD = Tuned(_mix_fwd, [({"BLOCK_T": 8, "BLOCK_D": 128}, 4, 3), ({"BLOCK_T": 4, "BLOCK_D": 256}, 4, 3),
+                            ({"BLOCK_T": 2, "BLOCK_D": 512}, 4, 3), ({"BLOCK_T": 4, "BLOCK_D": 128}, 4, 3)],
+                 key=["T", "D"])
+_MIX_BWD = Tuned(_mix_bwd, [({"BLOCK_T": 8, "BLOCK_D": 128}, 4, 3), ({"BLOCK_T": 8, "BLOCK_D": 128}, 8, 3),
+                            ({"BLOCK_T": 4, "BLOCK_D": 128}, 4, 3), ({"BLOCK_T": 2, "BLOCK_D": 256}, 4, 3),
+                            ({"BLOCK_T": 4, "BLOCK_D": 256}, 8, 3)],
+                 key=["T", "D"])
 
 
 def _blocks(n: int, D: int, elems: int, block_t: int | None, block_d: int | None) -> tuple[int, int, int]:
@@ -201,7 +212,10 @@ class _MixStreams(torch.autograd.Function):
         out = torch.empty_like(xf)
         NP, BT, BD = _blocks(n, D, _FWD_ELEMS, block_t or _MIX_TILE[0],
                              block_d or min(_MIX_TILE[1], max(16, _pow2(D))))
-        if T > 0 and D > 0:
+        if T > 0 and D > 0 and x.is_cuda and block_t is None and block_d is None:
+            _MIX_FWD.launch(lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(D, m["BLOCK_D"])),
+                            (ff, xf, pf, cf, out, T, D), {"N": n, "NP": NP}, None, on_cuda=True)
+        elif T > 0 and D > 0:
             _mix_fwd[(triton.cdiv(T, BT), triton.cdiv(D, BD))](ff, xf, pf, cf, out, T, D, N=n, NP=NP,
                                                                BLOCK_T=BT, BLOCK_D=BD)
         ctx.save_for_backward(ff, xf, pf, cf)
@@ -220,7 +234,10 @@ class _MixStreams(torch.autograd.Function):
         dcomb = torch.empty(T, n, n, device=xf.device, dtype=torch.float32)
         NP, BT, BD = _blocks(n, D, _BWD_ELEMS, block_t or _MIX_TILE[0],
                              block_d or min(_MIX_TILE[1], max(16, _pow2(D))))
-        if T > 0 and D > 0:
+        if T > 0 and D > 0 and xf.is_cuda and block_t is None and block_d is None:
+            _MIX_BWD.launch(lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (ff, xf, pf, cf, g, df, dx, dpost, dcomb, T, D),
+                            {"N": n, "NP": NP}, None, on_cuda=True)
+        elif T > 0 and D > 0:
             _mix_bwd[(triton.cdiv(T, BT),)](ff, xf, pf, cf, g, df, dx, dpost, dcomb, T, D, N=n, NP=NP,
                                             BLOCK_T=BT, BLOCK_D=BD)
         return (df.view(fshape), dx.view(xshape), dpost.view(pshape).to(pdt), dcomb.view(cshape).to(cdt),

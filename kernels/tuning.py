@@ -1,0 +1,42 @@
+"""A Triton kernel with a short list of tile candidates: autotuned on CUDA, pinned elsewhere.
+
+``Tuned(kernel, candidates, key)``: ``candidates`` = [(meta-parameters, num_warps, num_stages)];
+``launch(grid, args, const, config)`` runs
+  * config None on CUDA: ``triton.autotune`` over the candidates, keyed on the argument names in
+    ``key`` (and the tensors' dtypes). Each new key times every candidate once, on the first
+    (eager) call: in train/cuda_graph.py that is the warm-up before the capture, whose replays
+    then launch the picked tile with no host work;
+  * config "default", or any config off CUDA (the interpreter is not timed): the first candidate;
+  * config a dict: the first candidate with the dict's entries for its meta-parameters replaced
+    (tests, sweeps; entries a kernel does not have are ignored).
+``grid`` is a function of the meta-parameters (the tiles decide the program count).
+Results can differ in the last bits between candidates (fp32 sums in another order), as between
+any two tile sizes; a run's picks are fixed once made (``picks``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import triton
+
+
+class Tuned:
+    def __init__(self, kernel, candidates: list[tuple[dict, int, int]], key: list[str]) -> None:
+        self.kernel = kernel
+        self.candidates = candidates
+        configs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in candidates]
+        self.tuned = triton.autotune(configs, key=key)(kernel)
+
+    def launch(self, grid: Callable[[dict], tuple], args: tuple, const: dict, config, on_cuda: bool) -> None:
+        if config is None and on_cuda:
+            self.tuned[grid](*args, **const)
+            return
+        meta, warps, stages = self.candidates[0]
+        meta = dict(meta)
+        if isinstance(config, dict):
+            meta.update({k: v for k, v in config.items() if k in meta})
+        self.kernel[grid(meta)](*args, **const, **meta, num_warps=warps, num_stages=stages)
+
+    def picks(self) -> dict[str, str]:
+        """{tuning key: the picked config} so far (bench output)."""
+        return {str(k): str(c) for k, c in self.tuned.cache.items()}
