@@ -44,6 +44,7 @@ from model.chunk_layout import AttentionCarry
 from model.indexer import Indexer, get_indexer_topk, indexer_kl_loss_dense, indexer_kl_loss_selected, indexer_recall
 from model.layout import CompressedLayout, DocLayout, queries_with_entries
 from model.norms import RMSNorm, rms_norm
+from model.profile_ranges import component
 from model.rope import RoPE
 from model.sparse_attention import get_sparse_attention
 
@@ -66,6 +67,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.ratio = compress_ratio
         self.is_csa = compress_ratio != 0 and cfg.is_csa(compress_ratio)
+        self.kind = "window" if compress_ratio == 0 else ("csa" if self.is_csa else "hca")
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.window = cfg.window
         self.o_groups, self.o_lora_rank = cfg.o_groups, cfg.o_lora_rank
@@ -163,28 +165,32 @@ class Attention(nn.Module):
                 cl = entries.new_layout                                  # the blocks pooled here
             else:
                 cl = layout.compressed.get(self.ratio) or CompressedLayout.build(layout, self.ratio)
-            ckv, c_end = self.compressor(x, cl), cl.c_end                # [B, N, hd], [B, N]
+            with component("compressor"):
+                ckv, c_end = self.compressor(x, cl), cl.c_end            # [B, N, hd], [B, N]
             if carry is not None:   # + the entries of earlier chunks (state)
                 ckv_new, ckv, c_end = ckv, entries.merge(carry.state("ckv", ckv), ckv), entries.c_end
             # (a chunk's state pass also keeps the indexer keys: a later chunk's loss reads them)
             use_indexer = self.indexer is not None and (self.mode == "sparse" or want_loss
                                                         or (carry is not None and self.training))
             if use_indexer:
-                q_i, w_i, k_i = self.indexer.project(x, qr, pos, cl)     # [B,L,Hi,Di] [B,L,Hi] [B,N,Di]
-                if carry is not None:
-                    k_new, k_i = k_i, entries.merge(carry.state("index_keys", k_i), k_i)
+                with component("indexer"):
+                    q_i, w_i, k_i = self.indexer.project(x, qr, pos, cl)  # [B,L,Hi,Di] [B,L,Hi] [B,N,Di]
+                    if carry is not None:
+                        k_new, k_i = k_i, entries.merge(carry.state("index_keys", k_i), k_i)
             if use_indexer and self.mode == "sparse":
                 # select without gradient and without the [B, L, N] matrix; score (with
                 # gradient) only the K selected entries, for the indexer loss
-                with torch.no_grad():
-                    topk_idx = self._select(q_i, w_i, k_i, c_end, doc_start)             # [B, L, K]
-                if want_loss:
-                    selected = self.indexer.selected_scores(q_i, w_i, k_i, topk_idx)       # [B, L, K]
+                with component("indexer"):
+                    with torch.no_grad():
+                        topk_idx = self._select(q_i, w_i, k_i, c_end, doc_start)         # [B, L, K]
+                    if want_loss:
+                        selected = self.indexer.selected_scores(q_i, w_i, k_i, topk_idx)   # [B, L, K]
             elif use_indexer and want_loss:
                 # dense mode: the loss scores every visible entry, in query chunks (no [B, L, N])
                 dense_idx = (q_i, w_i, k_i)
 
-        o, lse = self._attend(q, kv, doc_start, ckv, c_end, topk_idx)    # [B, L, H, hd], [B, L, H]
+        with component("core"):   # the one attention kernel (window + compressed entries + sink)
+            o, lse = self._attend(q, kv, doc_start, ckv, c_end, topk_idx)  # [B, L, H, hd], [B, L, H]
         recall = None
         if self.measure_recall and (topk_idx is not None or dense_idx is not None):
             with torch.no_grad():   # dense mode: the top-k the indexer would select
@@ -196,11 +202,12 @@ class Attention(nn.Module):
         indexer_loss = None
         # a chunk's halo queries are not its own: they see no entry in the loss
         kl_start = doc_start if carry is None else carry.frame.kl_doc_start
-        if selected is not None:
-            indexer_loss = indexer_kl_loss_selected(q, ckv, lse, self.scale, selected, topk_idx, c_end, kl_start,
-                                                    impl=self.cfg.attention_impl)
-        elif dense_idx is not None:
-            indexer_loss = indexer_kl_loss_dense(*dense_idx, q, ckv, lse, self.scale, c_end, kl_start)
+        with component("indexer"):   # its loss (the KL to the attention's mass on the entries)
+            if selected is not None:
+                indexer_loss = indexer_kl_loss_selected(q, ckv, lse, self.scale, selected, topk_idx, c_end,
+                                                        kl_start, impl=self.cfg.attention_impl)
+            elif dense_idx is not None:
+                indexer_loss = indexer_kl_loss_dense(*dense_idx, q, ckv, lse, self.scale, c_end, kl_start)
         if indexer_loss is not None and carry is not None:
             # mean over this chunk's queries -> its share of the mean over the whole sequence
             n_here = queries_with_entries(c_end, kl_start).to(indexer_loss.dtype)

@@ -33,6 +33,7 @@ from model.dispatch import dispatcher
 from kernels.checks import require
 from model.config import ModelConfig
 from model.matmul import linears_fp32_fused, linears_fp32_supported
+from model.profile_ranges import component
 from model.recompute import recompute_in_backward
 
 logger = logging.getLogger(__name__)
@@ -397,17 +398,20 @@ class RoutedExperts(nn.Module):
         ``counts``: ``expert_counts`` of these indices when the caller has them already (MoE does:
         its load), else counted here."""
         T, K = indices.shape
-        flat_expert = indices.reshape(-1)  # [T*K]
-        # sort the (token, slot) pairs by expert so each expert sees one contiguous segment
-        order = torch.argsort(flat_expert, stable=True)
-        if counts is None:
-            counts = expert_counts(flat_expert, self.n_experts)
         dev, dt = x.device, x.dtype
-        x_sorted = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K)  # [T*K, D]
-        w_sorted = weights.reshape(-1).index_select(0, order)  # [T*K]
-        out = run_experts(self.impl, x_sorted, counts, self.w1, self.w2, self.w3, self.limit, w_sorted,
-                          get_swiglu_activation(self.kernel_impl, dev, dt))
-        return get_unpermute_tokens(self.kernel_impl, dev, dt)(out, order, K, T)
+        with component("dispatch"):
+            flat_expert = indices.reshape(-1)  # [T*K]
+            # sort the (token, slot) pairs by expert so each expert sees one contiguous segment
+            order = torch.argsort(flat_expert, stable=True)
+            if counts is None:
+                counts = expert_counts(flat_expert, self.n_experts)
+            x_sorted = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K)  # [T*K, D]
+            w_sorted = weights.reshape(-1).index_select(0, order)  # [T*K]
+        with component("mlp"):
+            out = run_experts(self.impl, x_sorted, counts, self.w1, self.w2, self.w3, self.limit, w_sorted,
+                              get_swiglu_activation(self.kernel_impl, dev, dt))
+        with component("combine"):
+            return get_unpermute_tokens(self.kernel_impl, dev, dt)(out, order, K, T)
 
 
 class SharedExpert(nn.Module):
@@ -501,11 +505,14 @@ class MoE(nn.Module):
         ri = None if routing_indices is None else self._check_routing_indices(routing_indices, B, L)
 
         x_flat = x.reshape(B * L, D)  # [T, D]
-        weights, indices, scores = self.gate(x_flat, ids, ri)  # [T, K], [T, K], [T, E]
-        counts = expert_counts(indices.reshape(-1), self.n_experts)  # [E] long: the experts' rows and the load
-        y = self.experts(x_flat, weights, indices, counts)  # [T, D] fp32
+        with component("router"):
+            weights, indices, scores = self.gate(x_flat, ids, ri)  # [T, K], [T, K], [T, E]
+            counts = expert_counts(indices.reshape(-1), self.n_experts)  # [E] long: the experts' rows and the load
+        with component("experts"):
+            y = self.experts(x_flat, weights, indices, counts)  # [T, D] fp32
         if self.shared is not None:
-            y = y + self.shared(x_flat)   # promoted to y's fp32 inside the add (no separate cast launch)
+            with component("shared"):
+                y = y + self.shared(x_flat)   # promoted to y's fp32 inside the add (no separate cast launch)
 
         load = counts.float()  # [E]
         if self.training and torch.is_grad_enabled():
@@ -516,8 +523,9 @@ class MoE(nn.Module):
         else:
             if callable(sequence):
                 sequence = sequence(indices)
-            balance = sequence_balance_loss(scores.view(B, L, -1), indices, self.n_experts,
-                                            self.cfg.balance_loss_alpha, sequence)
+            with component("balance_loss"):
+                balance = sequence_balance_loss(scores.view(B, L, -1), indices, self.n_experts,
+                                                self.cfg.balance_loss_alpha, sequence)
         aux = {"balance_loss": balance, "indices": indices, "load": load}
         return y.to(x.dtype).view(B, L, D), aux
 

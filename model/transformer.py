@@ -8,6 +8,7 @@ it to the total never changes the main model's gradient.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from model.layout import DocLayout
 from model.loss import IGNORE_INDEX, LMHead
 from model.moe import MoE
 from model.norms import RMSNorm
+from model.profile_ranges import component
 from model.accounting import count_params
 
 
@@ -53,13 +55,20 @@ class Block(nn.Module):
 
     def forward(self, x, input_ids, layout: DocLayout, routing_indices=None, carry: LayerCarry | None = None):
         # x: [B, L, n, D]; carry: this block's state from earlier chunks (chunked step)
-        h, attn_site = self.hc_attn.pre(x)
-        a_in = self.attn_norm(h)
-        a, attn_aux = self.attn(a_in, layout) if carry is None else carry.attention(self.attn, a_in, layout)
-        x = self.hc_attn.post(a, attn_site)
-        h, ffn_site = self.hc_ffn.pre(x)
-        f, moe_aux = self.ffn(self.ffn_norm(h), input_ids, routing_indices, carry and carry.moe_sequence)
-        x = self.hc_ffn.post(f, ffn_site)
+        # component(...): profiler ranges (model/profile_ranges.py), no-ops unless profiling
+        with component("mhc.pre"):
+            h, attn_site = self.hc_attn.pre(x)
+        with component(f"attn.{self.attn.kind}"):
+            a_in = self.attn_norm(h)
+            a, attn_aux = self.attn(a_in, layout) if carry is None else carry.attention(self.attn, a_in, layout)
+        with component("mhc.post"):
+            x = self.hc_attn.post(a, attn_site)
+        with component("mhc.pre"):
+            h, ffn_site = self.hc_ffn.pre(x)
+        with component("moe"):
+            f, moe_aux = self.ffn(self.ffn_norm(h), input_ids, routing_indices, carry and carry.moe_sequence)
+        with component("mhc.post"):
+            x = self.hc_ffn.post(f, ffn_site)
         return x, {"attn": attn_aux, "moe": moe_aux, "comb": (attn_site.comb, ffn_site.comb)}
 
 
@@ -82,7 +91,9 @@ class MTPModule(nn.Module):
         # h_streams: [B, L, n, D]; next_embed: [B, L, D] embedding of token t+k
         x = self.e_proj(self.enorm(next_embed)).unsqueeze(2) + self.h_proj(self.hnorm(h_streams))
         x, aux = self.block(x, input_ids, layout, routing_indices, carry)
-        return x, self.norm(self.hc_head(x)), aux
+        with component("mhc.head"):
+            h = self.hc_head(x)
+        return x, self.norm(h), aux
 
 
 class Transformer(nn.Module):
@@ -97,6 +108,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList([MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth)])
         self.mtp_loss_weight = cfg.mtp_loss_weight  # the trainer lowers it at LR decay (0.3 -> 0.1)
         self.activation_checkpointing = False
+        self.blocks_compiled = False   # compile_blocks: the blocks' insides have no profiler ranges
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -162,6 +174,7 @@ class Transformer(nn.Module):
         cfg.recompile_limit = max(cfg.recompile_limit, 8 * len(blocks))
         for b in blocks:
             b.compile(backend=backend, mode=mode, options=options)
+        self.blocks_compiled = True
 
     def indexer_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if ".indexer." in n]
@@ -181,14 +194,22 @@ class Transformer(nn.Module):
         return fn(*args)
 
     def _run_block(self, block: Block, x, input_ids, layout, routing, carry=None):
-        return self._checkpointed(block, x, input_ids, layout, routing, carry)
+        # a compiled block is one range (Inductor fuses across the ranges inside it)
+        with component("block(compiled)") if self.blocks_compiled else nullcontext():
+            return self._checkpointed(block, x, input_ids, layout, routing, carry)
 
+    # the ranges of a checkpointed function (below) open inside it: its recomputation in
+    # backward then carries the same names as its forward
     def _final_hidden(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.hc_head(x))                               # [B, L, n, D] -> [B, L, D]
+        with component("mhc.head"):
+            h = self.hc_head(x)                                         # [B, L, n, D] -> [B, L, D]
+        with component("lm_head"):
+            return self.norm(h)
 
     def _mtp_step(self, mod: MTPModule, x, tokens, layout, routing, carry=None):
         # the embedding lookup inside: a checkpoint then keeps token ids, not [B, L, D]
-        return mod(x, self.embed(tokens), tokens, layout, routing, carry)
+        with component("mtp"):
+            return mod(x, self.embed(tokens), tokens, layout, routing, carry)
 
     def _layout(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None) -> DocLayout:
         """The batch's DocLayout with every compressed ratio's layout built once (shared by the
@@ -203,8 +224,9 @@ class Transformer(nn.Module):
         main layers. ``carries``: per layer, its state from earlier chunks (chunked step)."""
         cfg = self.cfg
         B, L = input_ids.shape
-        emb = self.embed(input_ids)                                     # [B, L, D]
-        x = emb.unsqueeze(2).expand(B, L, cfg.n_streams, cfg.dim).contiguous()  # [B, L, n, D]
+        with component("embed"):
+            emb = self.embed(input_ids)                                 # [B, L, D]
+            x = emb.unsqueeze(2).expand(B, L, cfg.n_streams, cfg.dim).contiguous()  # [B, L, n, D]
         balance, idx_losses, used_routes, state_out = [], [], [], []
         for i, block in enumerate(self.layers):
             route = routing_indices[i] if routing_indices is not None else None
@@ -275,7 +297,8 @@ class Transformer(nn.Module):
         # (a chunk's state pass needs no head)
         hidden = (self._checkpointed(self._final_hidden, x) if want_loss or return_logits or return_hidden
                   else None)                                            # [B, L, D]
-        logits = self.head(hidden) if return_logits else None           # [B, L, V]
+        with component("lm_head"):
+            logits = self.head(hidden) if return_logits else None       # [B, L, V]
 
         losses: dict[str, torch.Tensor] = {}
         total = None
@@ -283,7 +306,8 @@ class Transformer(nn.Module):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
             if want_loss:
-                lm = self._lm_loss(hidden, labels, chunk and chunk.lm_count)
+                with component("lm_head"):
+                    lm = self._lm_loss(hidden, labels, chunk and chunk.lm_count)
                 total = lm
                 losses["lm"] = lm
             if cfg.mtp_depth > 0:
@@ -306,7 +330,8 @@ class Transformer(nn.Module):
                     state_out.append(aux["attn"].get("carry"))
                     collect.block(cfg.n_layers + k, mod.block, aux, composite=False)
                     if want_loss:
-                        mtp_losses.append(self._lm_loss(h_k, tgt, count))
+                        with component("mtp"), component("lm_head"):
+                            mtp_losses.append(self._lm_loss(h_k, tgt, count))
                     tok_in = tgt
                 if want_loss:
                     mtp = torch.stack(mtp_losses).mean()

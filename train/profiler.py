@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from model import profile_ranges
+
 log = logging.getLogger("train")
 
 TOP_OPS = 40
@@ -66,6 +68,7 @@ class StepProfiler:
             torch.cuda.synchronize(self.device)
         self._prof = profile(activities=acts, record_shapes=False)
         self._prof.__enter__()
+        profile_ranges.recording(True)   # the phase and component ranges, for the window only
         self._t0 = time.perf_counter()
 
     def _finish(self) -> None:
@@ -74,6 +77,7 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - self._t0
+        profile_ranges.recording(False)
         self._prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._prof.export_chrome_trace(str(self.out_dir / f"trace-rank{self.rank}.json"))
@@ -81,6 +85,13 @@ class StepProfiler:
         path.write_text(summary(self._prof, wall, self.window, self.device))
         self._prof, self.written = None, path
         log.info("profile of steps %s: %s", list(self.window), path)
+
+    def abandon(self) -> None:
+        """A profiled step raised: stop profiling (nothing is written) and the ranges."""
+        profile_ranges.recording(False)
+        if self._prof is not None:
+            prof, self._prof = self._prof, None
+            prof.__exit__(None, None, None)
 
     def close(self, reached_step: int) -> None:
         """At the end of the run: finish a window cut short; say so if it was never reached."""
@@ -99,7 +110,9 @@ class _After:
         return self
 
     def __exit__(self, *exc):
-        if self.last and exc[0] is None:
+        if exc[0] is not None:
+            self.prof.abandon()
+        elif self.last:
             self.prof._finish()
         return False
 

@@ -30,6 +30,7 @@ import torch
 from model.chunk_layout import halo_rows
 from model.chunked_step import chunked_forward, chunked_forward_backward
 from model.config import ModelConfig
+from model.profile_ranges import phase
 
 log = logging.getLogger(__name__)
 
@@ -222,12 +223,16 @@ def chunked_micro_step(engine, model, batch: dict, chunk: int, *, routing=None, 
 
     def backward(loss: torch.Tensor, last: bool) -> None:
         engine.set_gradient_accumulation_boundary(boundary and last)
-        engine.backward(corrupt(loss) if corrupt is not None else loss)
+        with phase("backward"):
+            engine.backward(corrupt(loss) if corrupt is not None else loss)
 
-    return chunked_forward_backward(
-        model, batch["input_ids"], batch["labels"], chunk, doc_ids=batch.get("doc_ids"),
-        routing_indices=routing, forward=engine, backward=backward,
-        grad_factor=backward_scale(engine), diagnostics=diagnostics)
+    # the state pass and every chunk's forward: the "forward" phase; each chunk's backward
+    # opens its own "backward" phase inside (the innermost phase counts)
+    with phase("forward"):
+        return chunked_forward_backward(
+            model, batch["input_ids"], batch["labels"], chunk, doc_ids=batch.get("doc_ids"),
+            routing_indices=routing, forward=engine, backward=backward,
+            grad_factor=backward_scale(engine), diagnostics=diagnostics)
 
 
 def chunk_by_length(stages, chunks: list[int] | None) -> Callable[[int], int]:
@@ -282,13 +287,15 @@ def micro_forward_backward(engine, model, batch: dict, *, chunk: int, routing=No
                                  diagnostics=diagnostics, corrupt=scaled)
         loss = out.loss
     else:
-        if context_parallel is not None:
-            out = context_parallel.forward(engine, batch, routing, diagnostics=diagnostics)
-        else:
-            out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"],
-                         routing_indices=routing, diagnostics=diagnostics)
+        with phase("forward"):
+            if context_parallel is not None:
+                out = context_parallel.forward(engine, batch, routing, diagnostics=diagnostics)
+            else:
+                out = engine(input_ids=batch["input_ids"], doc_ids=batch["doc_ids"], labels=batch["labels"],
+                             routing_indices=routing, diagnostics=diagnostics)
         loss = out.loss
-        engine.backward(scaled(loss))
+        with phase("backward"):   # DeepSpeed's backward: autograd, then its epilogue (all-reduce at the boundary)
+            engine.backward(scaled(loss))
     logged = loss.detach()
     if corrupt is not None and corrupt[0] != "scale_grad":
         logged = scaled(logged)

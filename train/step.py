@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from model.profile_ranges import micro_batch, phase
 from train.collectives import all_reduce_mean, world_size
 from train.plan import StepPlan, every
 from train.seq_chunk import backward_scale, micro_forward_backward
@@ -43,30 +44,41 @@ def train_step(run, plan: StepPlan) -> StepResult:
     step, stage, device = plan.step, plan.stage, run.device
     t0 = time.perf_counter()
     diagnose = run.dist.is_main and every(step + 1, run.settings.diagnostics_every)
-    run.injector.before_step(step)
-    batches = run.stability.begin_step(step, run.routing_forward, run.train_loader,
-                                       stage.grad_accum, run.snapshot_objects)
+    # phase(...): named ranges for logging.profile_steps (model/profile_ranges.py; no-ops otherwise)
+    with phase("step_begin"):   # snapshot, the step's batches, anticipatory routing's pre-pass
+        run.injector.before_step(step)
+        batches = run.stability.begin_step(step, run.routing_forward, run.train_loader,
+                                           stage.grad_accum, run.snapshot_objects)
     chunk = run.seq_chunks[stage.index] if run.seq_chunks else 0
     losses, diagnostics = _forward_backward(run, step, batches, diagnose, chunk)
-    if not run.stability.may_roll_back("loss"):
-        check_finite(step + 1, losses)
+    with phase("loss_readback"):   # the step's one host sync on the losses
+        if not run.stability.may_roll_back("loss"):
+            check_finite(step + 1, losses)
     check_grad = not run.stability.may_roll_back("grad_norm")
-    grad_norm = _grad_norm(run.trainable) if run.settings.zero_stage == 0 else None
-    if check_grad:
-        check_finite(step + 1, {"grad_norm": grad_norm})
-
-    run.engine.step()
-    if grad_norm is None:   # ZeRO: the engine's norm over the shards, known after the step
-        grad_norm = run.engine.get_global_grad_norm()
-        grad_norm = None if grad_norm is None else float(grad_norm)
+    with phase("grad_norm"):
+        grad_norm = _grad_norm(run.trainable) if run.settings.zero_stage == 0 else None
         if check_grad:
             check_finite(step + 1, {"grad_norm": grad_norm})
-    update_rms = run.optimizer.last_update_rms() if run.want_update_norm else None
-    maxvio = _update_router_biases(run.model, device, frozen=plan.indexer_warmup)
+
+    # DeepSpeed's step: gradient clipping, the client optimizer (its own "Optimizer.step#..."
+    # range inside), zeroing the gradients
+    with phase("optimizer"):
+        run.engine.step()
+    with phase("grad_norm"):
+        if grad_norm is None:   # ZeRO: the engine's norm over the shards, known after the step
+            grad_norm = run.engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            if check_grad:
+                check_finite(step + 1, {"grad_norm": grad_norm})
+    with phase("update_rms"):
+        update_rms = run.optimizer.last_update_rms() if run.want_update_norm else None
+    with phase("router_bias"):
+        maxvio = _update_router_biases(run.model, device, frozen=plan.indexer_warmup)
 
     # spike detection on values every rank agrees on; a rollback restores the snapshot
-    observed = run.stability.detector_inputs(losses["loss"], grad_norm, update_rms, device)
-    next_step = run.stability.end_step(step, observed, run.snapshot_objects)
+    with phase("step_end"):
+        observed = run.stability.detector_inputs(losses["loss"], grad_norm, update_rms, device)
+        next_step = run.stability.end_step(step, observed, run.snapshot_objects)
     return StepResult(next_step=next_step, losses=losses, grad_norm=grad_norm,
                       update_rms=update_rms, update_norm=observed.get("update_norm"),
                       router_maxvio=maxvio, diagnostics=diagnostics,
@@ -88,24 +100,37 @@ def _forward_backward(run, step: int, batches: list, diagnose: bool, chunk: int 
     graphs = run.cuda_graphs if not chunk and run.context_parallel is None else None
     scale = backward_scale(engine) if graphs is not None else None
     for micro, cpu_batch in enumerate(batches):
+        with micro_batch(micro):
+            res = _micro_step(run, step, micro, cpu_batch, last=micro == accum - 1, chunk=chunk,
+                              graphs=graphs, scale=scale, diagnose=diagnose and micro == 0,
+                              corrupt=corrupt[micro])
+            with phase("loss_sum"):
+                terms = [res.logged] + [res.losses.get(k, loss_sum.new_zeros(())) for k in LOSS_KEYS]
+                loss_sum += torch.stack([t.to(torch.float64) for t in terms])
+        if res.diagnostics:
+            diagnostics = res.diagnostics
+    with phase("loss_readback"):
+        mean = all_reduce_mean(loss_sum / accum, device)
+    return dict(zip(["loss"] + [f"loss/{k}" for k in LOSS_KEYS], mean)), diagnostics
+
+
+def _micro_step(run, step: int, micro: int, cpu_batch: dict, *, last: bool, chunk: int, graphs, scale,
+                diagnose: bool, corrupt):
+    """One micro-batch to the device and through forward and backward (a graph replay when
+    ``graphs``, unless it has diagnostics or an injected corruption)."""
+    engine, device = run.engine, run.device
+    with phase("batch_to_device"):
         routing = run.stability.routing_for(step, micro, cpu_batch)
         if routing is not None:
             routing = [r.to(device, non_blocking=True) for r in routing]
         batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-        last = micro == accum - 1
-        engine.set_gradient_accumulation_boundary(last)
-        if graphs is not None and not (diagnose and micro == 0) and corrupt[micro] is None:
-            res = graphs(batch, routing, scale, step=step)
-        else:   # corrupt: stability.inject (experiments only)
-            res = micro_forward_backward(engine, run.model, batch, chunk=chunk, routing=routing, boundary=last,
-                                         diagnostics=diagnose and micro == 0, corrupt=corrupt[micro],
-                                         context_parallel=run.context_parallel)
-        terms = [res.logged] + [res.losses.get(k, loss_sum.new_zeros(())) for k in LOSS_KEYS]
-        loss_sum += torch.stack([t.to(torch.float64) for t in terms])
-        if res.diagnostics:
-            diagnostics = res.diagnostics
-    mean = all_reduce_mean(loss_sum / accum, device)
-    return dict(zip(["loss"] + [f"loss/{k}" for k in LOSS_KEYS], mean)), diagnostics
+    engine.set_gradient_accumulation_boundary(last)
+    if graphs is not None and not diagnose and corrupt is None:
+        with phase("graph_replay"):   # forward+backward in one replay: no component ranges inside
+            return graphs(batch, routing, scale, step=step)
+    # corrupt: stability.inject (experiments only); the forward / backward phases open inside
+    return micro_forward_backward(engine, run.model, batch, chunk=chunk, routing=routing, boundary=last,
+                                  diagnostics=diagnose, corrupt=corrupt, context_parallel=run.context_parallel)
 
 
 def _grad_norm(params: list[torch.Tensor]) -> float:
