@@ -40,6 +40,7 @@ from train.engine import set_batch_shape
 from train.metrics import peak_memory_gb
 from train.plan import StepPlan, apply_plan, every
 from train.profiler import StepProfiler
+from train.router_balance import CollapseWatch
 from train.rng import rng_state
 from train.seq_chunk import no_grad_forward
 from train.setup import Run, setup
@@ -70,6 +71,7 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
     announce = True               # re-entering a stage after a rollback: no new stage event
     initial_val = final_val = None
     window = Throughput()
+    collapse = CollapseWatch.for_model(run.model)
     profiler = StepProfiler(s.profile_window, run.run_dir / "profile", run.dist.rank, run.device)
     run.engine.train()
     if step == 0:
@@ -92,6 +94,8 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             continue
         step = result.next_step
         window.add(stage.tokens_per_step)
+        if result.router_maxvio and run.dist.is_main:
+            collapse.check(step, result.router_maxvio, run.metrics)
         if every(step, s.log_every) or step == end_step:
             log_train_step(run, plan, result, window)
         if result.diagnostics:
