@@ -129,18 +129,20 @@ def _pre_dx_dfn(X, FN, G, COEF, PRE, DH, DXRES, DX, DFN, T, D, NM, T_PER,
 # tiles); the device times them at the first call per shape.
 _CANDIDATES = {
     "mix": [({"BLOCK_T": 64, "BLOCK_K": 64}, 8, 3), ({"BLOCK_T": 64, "BLOCK_K": 32}, 8, 3),
-            ({"BLOCK_T": 128, "BLOCK_K": 32}, 8, 3), ({"BLOCK_T": 64, "BLOCK_K": 32}, 4, 3)],
+            ({"BLOCK_T": 128, "BLOCK_K": 32}, 8, 3)],
     "tail": [({"BLOCK_T": 32}, 4, 1), ({"BLOCK_T": 16}, 2, 1)],
     "collapse": [({"BLOCK_T": 4, "BLOCK_D": 256}, 4, 1), ({"BLOCK_T": 8, "BLOCK_D": 128}, 4, 1),
-                 ({"BLOCK_T": 2, "BLOCK_D": 512}, 4, 1), ({"BLOCK_T": 8, "BLOCK_D": 256}, 8, 1)],
+                 ({"BLOCK_T": 2, "BLOCK_D": 512}, 4, 1)],
     "dpre": [({"BLOCK_T": 2, "BLOCK_D": 128}, 4, 2), ({"BLOCK_T": 4, "BLOCK_D": 128}, 4, 2),
-             ({"BLOCK_T": 2, "BLOCK_D": 256}, 4, 2), ({"BLOCK_T": 4, "BLOCK_D": 256}, 8, 2)],
-    "tail_bwd": [({"SAVED": False}, 4, 1), ({"SAVED": True}, 4, 1)],
+             ({"BLOCK_T": 2, "BLOCK_D": 256}, 4, 2)],
+    # Sinkhorn's backward: steps recomputed (O(iters^2) n x n normalisations per token, no memory)
+    # or kept in a scratch (O(iters), 2 (iters - 1) NP^2 fp32 per token written and read back)
+    "tail_bwd": [({"SAVED": False}, 4, 1), ({"SAVED": True}, 4, 1), ({"SAVED": True}, 2, 1)],
     "dx_dfn": [({"BLOCK_T": 32, "BLOCK_D": 64}, 8, 3), ({"BLOCK_T": 16, "BLOCK_D": 128}, 8, 3),
-               ({"BLOCK_T": 16, "BLOCK_D": 64}, 4, 3), ({"BLOCK_T": 64, "BLOCK_D": 64}, 8, 3),
-               ({"BLOCK_T": 32, "BLOCK_D": 32}, 4, 3)],
+               ({"BLOCK_T": 16, "BLOCK_D": 64}, 4, 3), ({"BLOCK_T": 64, "BLOCK_D": 64}, 8, 3)],
 }
 _TAIL_BWD_BLOCK_T = 16   # fixed: PART has one row per block (sized on the host)
+_SCRATCH_MAX_BYTES = 256 << 20   # above this (~100K tokens at 20 iterations) Sinkhorn's backward recomputes
 _DFN_SPLIT_TOKENS = 1024  # tokens per dfn split (a multiple of every BLOCK_T above)
 _DFN_SPLITS_MAX = 16
 _KEYS = {"mix": ["T", "K"], "tail": ["T"], "collapse": ["T", "D"], "dpre": ["T", "D"], "tail_bwd": ["T"],
@@ -228,11 +230,16 @@ class _MHCPreSplit(torch.autograd.Function):
         coef = torch.empty(T, device=dev, dtype=torch.float32)
         P = triton.cdiv(T, _TAIL_BWD_BLOCK_T)
         part = torch.empty(P, NM + 3, device=dev, dtype=torch.float32)
-        # Sinkhorn's step inputs when SAVED: 2 (iters - 1) NP^2 fp32 per token, transient
-        scratch = torch.empty(T * max(1, 2 * (iters - 1)) * NP * NP, device=dev, dtype=torch.float32)
+        # Sinkhorn's step inputs for the SAVED candidates: 2 (iters - 1) NP^2 fp32 per token, transient;
+        # past _SCRATCH_MAX_BYTES (long sequences) only the recomputing one runs
+        scratch_elems = T * max(1, 2 * (iters - 1)) * NP * NP
+        tail_config = config
+        if scratch_elems * 4 > _SCRATCH_MAX_BYTES:
+            tail_config, scratch_elems = {"SAVED": False}, 1
+        scratch = torch.empty(scratch_elems, device=dev, dtype=torch.float32)
         _run("tail_bwd", lambda m: (P,), (mixes, r, base32, scale32, dpre, dpost, dcomb, g, coef, part, scratch,
-                                             T, K, NM, iters, eps),
-                {"N": n, "NP": NP, "BLOCK_T": _TAIL_BWD_BLOCK_T}, config)
+                                         T, K, NM, iters, eps),
+             {"N": n, "NP": NP, "BLOCK_T": _TAIL_BWD_BLOCK_T}, tail_config)
         splits, per = _dfn_splits(T, config)
         dx = torch.empty_like(xf)
         dfn = torch.empty(splits, NM, K, device=dev, dtype=torch.float32)

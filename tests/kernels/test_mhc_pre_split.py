@@ -104,3 +104,19 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="config must be"):
         mhc_pre_split_triton(x, torch.randn(24, 32), torch.randn(24), torch.randn(3), 4, 20, 1e-6, 1e-6,
                              config="fast")
+
+
+def test_long_inputs_recompute_sinkhorn_steps(monkeypatch):
+    """Past the scratch cap the backward runs the recomputing Sinkhorn even when SAVED is asked
+    for (its scratch is then not allocated: a SAVED run would write out of bounds)."""
+    import kernels.mhc_pre_split as mod
+
+    monkeypatch.setattr(mod, "_SCRATCH_MAX_BYTES", 0)
+    inputs = _inputs(4, 24, (21,), torch.float32, 11)
+    args = (4, 20, 1e-6, 1e-6)
+    cots = [torch.randn(s, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+            for s in [(21, 24), (21, 4, 24), (21, 4), (21, 4, 4)]]
+    _, g_ref = _grads(mhc_pre, inputs, args, cots)
+    _, g_got = _grads(mhc_pre_split_triton, inputs, args, cots, config=dict(SMALL, SAVED=True))
+    for name, a, b in zip(["dx", "dfn", "dbase", "dscale"], g_got, g_ref):
+        assert _rel(a, b) < 1e-3, (name, _rel(a, b))
