@@ -24,8 +24,9 @@ split pre), interleaved: the issue's "mHC overhead vs residual". Both in one GPU
 x 1024, bf16): both pres checked against the reference, then one site's forward+backward (pre,
 stand-in sublayer, Triton post-mix, autotuned in both) profiled per kernel, fused pre (before)
 vs split pre (after, autotuned): microseconds per call, the bytes each kernel must move at least,
-GB/s, and that as a share of a plain copy's GB/s (x.clone(), the bandwidth ceiling); the tiles
-autotune picked:
+GB/s, and that as a share of a plain copy's GB/s (x.clone(), the bandwidth ceiling); the split
+site captured as train/cuda_graph.py captures (autotune inside the warm-up) and replayed against
+eager; the tiles autotune picked:
 
     python bench/mhc.py --ops pre
 """
@@ -558,6 +559,7 @@ def pre_kernels(T=16384, n=4, D=1024, log=print, check_shapes=((16384, 4, 1024),
     if len(res) == 2:
         a, b = res.values()
         log(f"site fwd+bwd: fused {a:.3f} ms, split {b:.3f} ms ({a / b:.2f}x)")
+    graph_check(T // 2 if cuda else T, n, D, device, log)
     try:
         import kernels.mhc_streams as streams
 
@@ -569,6 +571,43 @@ def pre_kernels(T=16384, n=4, D=1024, log=print, check_shapes=((16384, 4, 1024),
     except Exception as exc:
         log(f"[autotune picks unavailable: {type(exc).__name__}: {exc}]")
     return res
+
+
+def graph_check(T, n, D, device, log=print) -> bool:
+    """The split site (autotuned pre + post-mix) captured as the trainer captures a micro-batch
+    (train/cuda_graph.py capture_graph: warm-up calls on a side stream, then the capture) at a
+    token count not yet seen, so autotune runs inside the warm-up; one replay must equal the
+    eager forward+backward bitwise (the same kernels and picks)."""
+    from kernels.mhc_pre_split import mhc_pre_split_triton
+    from kernels.mhc_streams import mix_streams_triton
+    from train.cuda_graph import capture_graph
+
+    try:
+        t0 = time.time()
+        NM = (2 + n) * n
+        dt = torch.bfloat16 if device == "cuda" else torch.float32
+        g = torch.Generator(device=device).manual_seed(3)
+        x = torch.randn(T, n, D, device=device, dtype=dt, generator=g).requires_grad_()
+        f = torch.randn(T, D, device=device, dtype=dt, generator=g).requires_grad_()
+        fn = (torch.randn(NM, n * D, device=device, generator=g) / (n * D) ** 0.5).requires_grad_()
+        base = torch.randn(NM, device=device, generator=g).requires_grad_()
+        scale = torch.full((3,), 0.5, device=device, requires_grad=True)
+        cot = torch.randn(T, n, D, device=device, dtype=dt, generator=g)
+
+        def fb():
+            h, x_res, post, comb = mhc_pre_split_triton(x, fn, base, scale, n, 20, 1e-6, 1e-6)
+            return torch.autograd.grad(mix_streams_triton(h * f, x_res, post, comb), [x, f, fn, base, scale], cot)
+
+        graph, static = capture_graph(fb, torch.device(device))
+        graph.replay()
+        eager = fb()
+        same = all(torch.equal(a, b) for a, b in zip(static, eager))
+        log(f"CUDA graph of the split site at {T} tokens (autotuned in the warm-up, then captured): "
+            f"replay == eager bitwise: {same} [{time.time() - t0:.0f} s]")
+        return same
+    except Exception as exc:
+        log(f"[CUDA graph check failed: {type(exc).__name__}: {str(exc)[:200]}]")
+        return False
 
 
 MODEL_HEADER = ["variant", "timed fwd+bwd", "fwd+bwd ms (median)", "min-max", "vs residual"]

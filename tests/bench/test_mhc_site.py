@@ -52,5 +52,6 @@ def test_pre_kernels_checks_and_times_both_pres():
     assert set(res) == {"fused (before)", "split (after)"}, text
     assert text.count("checks pass") == 3 and "checks pass" in text and ": False" not in text, text
     assert "x.clone()" in text and "ERROR" not in text and "failed" not in text, text
+    assert "replay == eager bitwise: True" in text, text   # off CUDA: train/cuda_graph.py's EagerGraph
     rows = _rows(lines)
     assert {"fused (before)", "split (after)"} <= set(rows), text
