@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 
 from train import router_balance
 from train.router_balance import CollapseWatch
@@ -66,3 +67,21 @@ def test_trainer_warns_and_logs_a_collapse_event(th, small_job, tmp_path, monkey
     learned = [i for i, flag in enumerate(made[0].learned) if flag]
     assert learned and [e["step"] for e in events] == [2] and events[0]["layers"] == learned
     assert any("MoE load collapse" in r.getMessage() for r in caplog.records)
+
+
+def test_trainer_moves_each_router_bias_by_exactly_the_speed_per_step_in_bf16(th, small_job, tmp_path):
+    """The bias the trainer leaves after n steps under DeepSpeed bf16 (ZeRO 0, the single-GPU
+    default): still fp32, every entry an integer multiple of bias_update_speed within n of 0 and
+    not all zero. A bias cast to bf16 (0.003 is not a bf16 number), touched by the optimizer or
+    its weight decay, or not updated, fails."""
+    speed, steps = 0.001, 4
+    result = th.run_job(tmp_path / "run", small_job + [
+        "train.precision=bf16", f"model.bias_update_speed={speed}", "logging.wandb.mode=disabled"])
+    state = torch.load(result.checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    biases = {k: v for k, v in state.items() if k.endswith("ffn.gate.bias")}
+    assert biases
+    for name, b in biases.items():
+        assert b.dtype == torch.float32, name
+        units = b.double() / speed
+        assert torch.allclose(units, units.round(), atol=1e-4), (name, b)
+        assert 1 - 1e-4 <= units.abs().max() <= steps + 1e-4, (name, b)
