@@ -84,12 +84,21 @@ def _pre_tail_bwd(MIX, R, BASE, SCALE, DPRE, DPOST, DCOMB, G, COEF, PART, SCR, T
 
 
 @triton.jit
+def _tf32_split(a):
+    """(hi, lo): hi = a rounded to tf32 (nearest, ties away: what tf32x3 dots use), lo = a - hi."""
+    hi = ((a.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return hi, a - hi
+
+
+@triton.jit
 def _pre_dx_dfn(X, FN, G, COEF, PRE, DH, DXRES, DX, DFN, T, D, NM, T_PER,
-                N: tl.constexpr, NM_P: tl.constexpr, HAS_DXRES: tl.constexpr,
+                N: tl.constexpr, NM_P: tl.constexpr, HAS_DXRES: tl.constexpr, X_IN_TF32: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (stream j, D block, token split s): dx[t, j, d] = dx_res + pre_j dh + (G fn)[t, jD + d]
     + coef x over the split's tokens, and DFN[s][:, jD + d] = sum over them of G^T x. fn's
-    [NM, BLOCK_D] block is read once per program (not once per token block)."""
+    [NM, BLOCK_D] block is read once per program (not once per token block). X_IN_TF32 (x in
+    fp16 / bf16, exact in tf32): G^T x as tf32x3 without its third product (G's high part times
+    x's low part, which is 0): two tf32 dots, G split by hand."""
     d_blocks = tl.cdiv(D, BLOCK_D)
     j = tl.program_id(0) // d_blocks
     rd = (tl.program_id(0) % d_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -116,7 +125,12 @@ def _pre_dx_dfn(X, FN, G, COEF, PRE, DH, DXRES, DX, DFN, T, D, NM, T_PER,
         if HAS_DXRES:
             dx += tl.load(DXRES + xoff, mask=mtd, other=0.0).to(tl.float32)
         tl.store(DX + xoff, dx.to(DX.dtype.element_ty), mask=mtd)
-        acc += tl.dot(tl.trans(g), x, input_precision="tf32x3")
+        if X_IN_TF32:
+            g_hi, g_lo = _tf32_split(g)
+            acc = tl.dot(tl.trans(g_lo), x, acc, input_precision="tf32")
+            acc = tl.dot(tl.trans(g_hi), x, acc, input_precision="tf32")
+        else:
+            acc += tl.dot(tl.trans(g), x, input_precision="tf32x3")
     tl.store(DFN + split.to(tl.int64) * NM * K + rm[:, None] * K + j * D + rd[None, :], acc,
              mask=m_ok[:, None] & d_ok[None, :])
 
@@ -245,7 +259,7 @@ class _MHCPreSplit(torch.autograd.Function):
         dfn = torch.empty(splits, NM, K, device=dev, dtype=torch.float32)
         _run("dx_dfn", lambda m: (n * triton.cdiv(D, m["BLOCK_D"]), splits),
                 (xf, fn32, g, coef, pre, dh, dx_res, dx, dfn, T, D, NM, per),
-                {"N": n, "NM_P": nm_p, "HAS_DXRES": has_dxres}, config)
+                {"N": n, "NM_P": nm_p, "HAS_DXRES": has_dxres, "X_IN_TF32": xf.dtype != torch.float32}, config)
         dfn = dfn[0] if splits == 1 else dfn.sum(0)
         sums = part.sum(0)
         # dbase = sum_t dlogit; dscale per group = sum_t <dlogit, mixes> of the group

@@ -6,9 +6,11 @@ ranges, Sinkhorn's backward with its steps recomputed and saved, and with the ke
 tiles. Also: the same results as kernels/mhc_pre.py (the fused schedule it replaces)."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels.mhc_pre import mhc_pre_triton
-from kernels.mhc_pre_split import _dfn_splits, mhc_pre_split_triton
+from kernels.mhc_pre_split import _dfn_splits, _tf32_split, mhc_pre_split_triton
 from model.hyper_connections import mhc_pre
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,3 +122,24 @@ def test_long_inputs_recompute_sinkhorn_steps(monkeypatch):
     _, g_got = _grads(mhc_pre_split_triton, inputs, args, cots, config=dict(SMALL, SAVED=True))
     for name, a, b in zip(["dx", "dfn", "dbase", "dscale"], g_got, g_ref):
         assert _rel(a, b) < 1e-3, (name, _rel(a, b))
+
+
+@triton.jit
+def _split_kernel(A, HI, LO, N: tl.constexpr):
+    r = tl.arange(0, N)
+    hi, lo = _tf32_split(tl.load(A + r))
+    tl.store(HI + r, hi)
+    tl.store(LO + r, lo)
+
+
+def test_tf32_split_is_exact_and_rounds_to_nearest():
+    """_tf32_split(a) = (hi, lo): hi has tf32's 10 mantissa bits (the low 13 bits zero) and is a
+    rounded to nearest, lo = a - hi exactly (so |lo| <= 2^-11 |a|)."""
+    a = torch.cat([torch.randn(252, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.arange(-6, 6).repeat(21),
+                   torch.tensor([1.0 + 2 ** -11, 1.0 + 2 ** -10 + 2 ** -12, -3.0 - 2 ** -10, 0.0])])
+    hi, lo = torch.empty_like(a), torch.empty_like(a)
+    _split_kernel[(1,)](a, hi, lo, N=256)
+    assert torch.all(hi.view(torch.int32) & 0x1FFF == 0)
+    assert torch.equal(hi + lo, a) and torch.all(lo.abs() <= a.abs() * 2.0 ** -11)
+    # a tie rounds away from zero (1 + half an ulp, -(3 + half an ulp)); below half an ulp, down
+    assert hi[-4:].tolist() == [1.0 + 2 ** -10, 1.0 + 2 ** -10, -3.0 - 2 ** -9, 0.0]
