@@ -133,6 +133,36 @@ def _sinkhorn_bwd(zcomb, g, cmask, iters, eps):
 
 
 @triton.jit
+def _sinkhorn_bwd_saved(zcomb, g, cmask, iters, eps, SCR, rt64, t_ok, NP: tl.constexpr):
+    """d(logits) of sinkhorn(zcomb) given d(comb) = g, in O(iters): the forward is run once more,
+    each step's input stored in this token block's rows of SCR [T, 2 (iters - 1), NP, NP] (the
+    same threads read back what they wrote), then the steps are walked backwards. (Recomputing
+    each step's input from the softmax instead, _sinkhorn_bwd, costs O(iters^2) cross-lane
+    reductions.) The gradient is zeroed on the padded entries after every step (see
+    _sinkhorn_bwd). Used by kernels/mhc_pre.py and kernels/mhc_pre_split.py."""
+    slots = 2 * (iters - 1)
+    rj = tl.arange(0, NP)
+    off = rt64[:, None, None] * (slots * NP * NP) + rj[None, :, None] * NP + rj[None, None, :]
+    smask = t_ok[:, None, None] & (rj >= 0)[None, :, None] & (rj >= 0)[None, None, :]
+    p, m0 = _softmax_eps(zcomb, cmask, eps)
+    m = _col_norm(m0, eps)
+    for i in range(0, iters - 1):
+        m_row = _row_norm(m, eps)
+        tl.store(SCR + off + (2 * i) * (NP * NP), m, mask=smask)
+        tl.store(SCR + off + (2 * i + 1) * (NP * NP), m_row, mask=smask)
+        m = _col_norm(m_row, eps)
+    tl.debug_barrier()
+    for i in range(0, iters - 1):
+        pair = iters - 2 - i
+        m = tl.load(SCR + off + (2 * pair) * (NP * NP), mask=smask, other=0.0)
+        m_row = tl.load(SCR + off + (2 * pair + 1) * (NP * NP), mask=smask, other=0.0)
+        g = tl.where(cmask, _col_norm_bwd(m_row, g, eps), 0.0)
+        g = tl.where(cmask, _row_norm_bwd(m, g, eps), 0.0)
+    g = tl.where(cmask, _col_norm_bwd(m0, g, eps), 0.0)
+    return tl.where(cmask, p * (g - tl.sum(g * p, 2)[:, :, None]), 0.0)  # softmax backward (+eps: none)
+
+
+@triton.jit
 def _logit_params(SCALE, BASE, rj, j_ok, n):
     """The three group scales and the pre / post / comb biases of the coefficient logits."""
     s0 = tl.load(SCALE)

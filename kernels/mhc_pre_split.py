@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mhc import (_load_parts, _logit_params, _mhc_mix_fwd, _mhc_tail_fwd, _pow2, _sinkhorn_bwd)
-from kernels.mhc_pre import _sinkhorn_bwd_saved
+from kernels.mhc import (_load_parts, _logit_params, _mhc_mix_fwd, _mhc_tail_fwd, _pow2, _sinkhorn_bwd,
+                         _sinkhorn_bwd_saved)
 from kernels.mhc_streams import _collapse_bwd, _collapse_fwd
 from kernels.opaque import opaque_to_compile
 from kernels.tuning import Tuned
