@@ -22,7 +22,8 @@ Launches, T tokens, K = nD (x read twice forward, twice backward; dfn needs no p
             _pre_dx_dfn     per (stream, D block, token split): dx = dx_res + pre_j dh + G fn
                             + coef x, and the split's part of dfn = G^T x, fn's block loaded once
             + 2 small torch sums (dfn's splits, the per-block sums).
-fp32 math throughout (the products with fn as tf32x3 dots), x / h / dx in x's dtype.
+fp32 math throughout (the products with fn and G as tf32x3 dots; dfn's, with x in 16 bits, as
+the two of its three tf32 products that are not 0), x / h / dx in x's dtype.
 """
 from __future__ import annotations
 
@@ -206,11 +207,11 @@ class _MHCPreSplit(torch.autograd.Function):
         NP, nm_p = _pow2(n), max(16, _pow2(NM))
         if T > 0:
             _run("mix", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, fn32, mixes, r, T, K, NM, norm_eps),
-                    {"NM_P": nm_p}, config)
+                 {"NM_P": nm_p}, config)
             _run("tail", lambda m: (triton.cdiv(T, m["BLOCK_T"]),),
-                    (mixes, base32, scale32, pre, post, comb, T, n, NM, iters, eps), {"NP": NP}, config)
+                 (mixes, base32, scale32, pre, post, comb, T, n, NM, iters, eps), {"NP": NP}, config)
             _run("collapse", lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(D, m["BLOCK_D"])),
-                    (xf, pre, h, T, D), {"N": n, "NP": NP}, config)
+                 (xf, pre, h, T, D), {"N": n, "NP": NP}, config)
         ctx.save_for_backward(xf, fn32, base32, scale32, mixes, r, pre)
         ctx.meta = (x.shape, n, iters, eps, config, fn.dtype, base.dtype, scale.dtype)
         lead = x.shape[:-2]
@@ -239,7 +240,7 @@ class _MHCPreSplit(torch.autograd.Function):
         NP, nm_p = _pow2(n), max(16, _pow2(NM))
         dpre = torch.empty(T, n, device=dev, dtype=torch.float32)
         _run("dpre", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, pre, dh, xf, dpre, T, D),
-                {"N": n, "NP": NP, "WRITE_DX": False}, config)
+             {"N": n, "NP": NP, "WRITE_DX": False}, config)
         g = torch.empty(T, NM, device=dev, dtype=torch.float32)
         coef = torch.empty(T, device=dev, dtype=torch.float32)
         P = triton.cdiv(T, _TAIL_BWD_BLOCK_T)
@@ -258,8 +259,8 @@ class _MHCPreSplit(torch.autograd.Function):
         dx = torch.empty_like(xf)
         dfn = torch.empty(splits, NM, K, device=dev, dtype=torch.float32)
         _run("dx_dfn", lambda m: (n * triton.cdiv(D, m["BLOCK_D"]), splits),
-                (xf, fn32, g, coef, pre, dh, dx_res, dx, dfn, T, D, NM, per),
-                {"N": n, "NM_P": nm_p, "HAS_DXRES": has_dxres, "X_IN_TF32": xf.dtype != torch.float32}, config)
+             (xf, fn32, g, coef, pre, dh, dx_res, dx, dfn, T, D, NM, per),
+             {"N": n, "NM_P": nm_p, "HAS_DXRES": has_dxres, "X_IN_TF32": xf.dtype != torch.float32}, config)
         dfn = dfn[0] if splits == 1 else dfn.sum(0)
         sums = part.sum(0)
         # dbase = sum_t dlogit; dscale per group = sum_t <dlogit, mixes> of the group
