@@ -26,10 +26,14 @@ class Tuned:
         self.candidates = candidates
         configs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in candidates]
         self.tuned = triton.autotune(configs, key=key)(kernel)
+        self.timings: dict[str, str] = {}   # tuning key -> every candidate's time (bench output)
 
     def launch(self, grid: Callable[[dict], tuple], args: tuple, const: dict, config, on_cuda: bool) -> None:
         if config is None and on_cuda:
+            known = set(self.tuned.cache)
             self.tuned[grid](*args, **const)
+            for key in set(self.tuned.cache) - known:   # tuned just now: keep what each candidate took
+                self.timings[str(key)] = _describe(getattr(self.tuned, "configs_timings", None))
             return
         meta, warps, stages = self.candidates[0]
         meta = dict(meta)
@@ -38,5 +42,16 @@ class Tuned:
         self.kernel[grid(meta)](*args, **const, **meta, num_warps=warps, num_stages=stages)
 
     def picks(self) -> dict[str, str]:
-        """{tuning key: the picked config} so far (bench output)."""
-        return {str(k): str(c) for k, c in self.tuned.cache.items()}
+        """{tuning key: the picked config (and every candidate's time)} so far (bench output)."""
+        return {str(k): f"{c}" + (f" [{self.timings[str(k)]}]" if self.timings.get(str(k)) else "")
+                for k, c in self.tuned.cache.items()}
+
+
+def _describe(timings) -> str:
+    """Triton's {config: [median ms, ...] or ms} as text; never raises (bookkeeping must not stop
+    a training step): an unexpected shape is described as such."""
+    try:
+        return ", ".join(f"{c}: {(t[0] if isinstance(t, (list, tuple)) else t) * 1e3:.1f} us"
+                         for c, t in (timings or {}).items())
+    except Exception as exc:  # a Triton version that records timings differently
+        return f"timings unreadable ({type(exc).__name__}: {exc})"

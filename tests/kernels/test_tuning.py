@@ -22,3 +22,31 @@ def test_first_candidate_off_cuda_and_dict_overrides():
         k.launch(grid, (out, 10), {}, config, on_cuda=False)
         assert out.tolist() == [want] * 10, (config, out.tolist())
     assert k.picks() == {}   # nothing timed off CUDA
+
+
+def test_tuning_on_cuda_keeps_every_candidates_time():
+    """The CUDA branch's bookkeeping, with Triton's autotuner stood in for: a key tuned by a launch
+    gets its candidates' times in picks(); a later launch of the same key adds nothing."""
+    class FakeAutotuner:
+        def __init__(self):
+            self.cache, self.launches = {}, 0
+            self.next_timings = {"BLOCK: 4": [0.0021, 0.002, 0.0022], "BLOCK: 8": 0.0012}
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                self.launches += 1
+                if (args[1],) not in self.cache:
+                    self.cache[(args[1],)] = "BLOCK: 8"
+                    self.configs_timings = self.next_timings
+            return run
+
+    k = Tuned(_write_block, [({"BLOCK": 4, "OTHER": 1}, 4, 1)], key=["N"])
+    k.tuned = FakeAutotuner()
+    for _ in range(2):
+        k.launch(lambda m: (1,), (None, 10), {}, None, on_cuda=True)
+    assert k.tuned.launches == 2
+    assert k.picks() == {"(10,)": "BLOCK: 8 [BLOCK: 4: 2.1 us, BLOCK: 8: 1.2 us]"}
+    k.tuned.next_timings = {"BLOCK: 4": "?"}
+    k.tuned.cache.clear()
+    k.launch(lambda m: (1,), (None, 10), {}, None, on_cuda=True)
+    assert "timings unreadable" in k.picks()["(10,)"]
