@@ -6,7 +6,13 @@ writes, per rank, into ``<run_dir>/profile/``:
 
 * ``trace-rank<r>.json``  the Chrome / Perfetto trace (open in ui.perfetto.dev);
 * ``summary-rank<r>.md``  wall time of the profiled steps, device-busy share (kernel time /
-  wall), kernel launches, and the top ops by self device time and by self host time.
+  wall), kernel launches; device time and launches by phase of the step (forward, backward,
+  optimizer, ...) and by model component (attention by kind, MoE, mHC, LM head, MTP; forward
+  and backward), read from the trace by train/profile_report.py (on CPU host op time stands in
+  for kernel time); and the top ops by self device time and by self host time.
+
+While the window records, the trainer's phases and the model's components open named ranges
+(model/profile_ranges.py); outside it they cost nothing.
 
 Profiling slows the profiled steps (the trace records every op): their tok/s is not the run's.
 Steps outside the window run unprofiled; a window past the run's end profiles nothing (the
@@ -80,9 +86,10 @@ class StepProfiler:
         profile_ranges.recording(False)
         self._prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._prof.export_chrome_trace(str(self.out_dir / f"trace-rank{self.rank}.json"))
+        trace = self.out_dir / f"trace-rank{self.rank}.json"
+        self._prof.export_chrome_trace(str(trace))
         path = self.out_dir / f"summary-rank{self.rank}.md"
-        path.write_text(summary(self._prof, wall, self.window, self.device))
+        path.write_text(summary(self._prof, wall, self.window, self.device, trace))
         self._prof, self.written = None, path
         log.info("profile of steps %s: %s", list(self.window), path)
 
@@ -117,6 +124,19 @@ class _After:
         return False
 
 
+def _breakdown(trace: Path) -> str:
+    """train/profile_report.py's tables; a trace it cannot read costs the tables, not the run
+    (said in the log and in the summary)."""
+    from train.profile_report import report
+
+    try:
+        return report(trace)
+    except Exception as exc:   # the steps ran; the trace stays for a rerun of the report
+        log.warning("profile: the breakdown by phase and component failed (%s: %s); rerun it with "
+                    "python -m train.profile_report %s", type(exc).__name__, exc, trace)
+        return f"(breakdown by phase and component failed: {type(exc).__name__}: {exc})\n"
+
+
 def _device_time_us(evt) -> float:
     # torch renamed cuda -> device in the profiler's averages; read whichever this torch has
     return float(getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0)) or 0.0)
@@ -126,10 +146,11 @@ def _is_kernel(evt) -> bool:
     return str(getattr(evt, "device_type", "")).endswith("CUDA")
 
 
-def summary(prof, wall_s: float, window, device: torch.device) -> str:
+def summary(prof, wall_s: float, window, device: torch.device, trace: Path | None = None) -> str:
     """The markdown summary of one profiled window (see the module doc). Kernel rows (device
     CUDA) give the busy share and the launch count; op rows (host side) are listed by the
-    device time of the kernels they launched, so nothing is counted twice."""
+    device time of the kernels they launched, so nothing is counted twice. ``trace``: the
+    exported Chrome trace, for the tables by phase and component."""
     events = prof.key_averages()
     kernel_rows = [e for e in events if _is_kernel(e)]
     kernel_us = sum(_device_time_us(e) for e in kernel_rows)
@@ -142,6 +163,9 @@ def summary(prof, wall_s: float, window, device: torch.device) -> str:
     if device.type == "cuda":
         lines += [f"kernels: {launches} launches, {kernel_us / 1e3:.1f} ms of kernel time "
                   f"({100 * kernel_us / 1e6 / wall_s:.0f}% of the wall time; the rest the GPU waits for the host)", ""]
+    if trace is not None:
+        lines.append(_breakdown(trace))
+    if device.type == "cuda":
         by_dev = sorted((e for e in ops if _device_time_us(e) > 0), key=_device_time_us, reverse=True)
         lines += ["## Top ops by self device time (the kernels each op launched)", "",
                   "| op | self device ms | calls |", "| --- | --- | --- |"]

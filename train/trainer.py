@@ -32,6 +32,7 @@ import torch
 from omegaconf import DictConfig
 
 from model.accounting import flops_per_token
+from model.profile_ranges import phase
 from train.checkpoint import CheckpointRef, job_id
 from train.collectives import all_reduce_sum
 from train.context_parallel import cp_layout, cp_size
@@ -94,16 +95,20 @@ def train(cfg: DictConfig, run_dir: str | Path, overrides: Sequence[str] = ()) -
             continue
         step = result.next_step
         window.add(stage.tokens_per_step)
-        if result.router_maxvio and run.dist.is_main:
-            collapse.check(step, result.router_maxvio, run.metrics)
-        if every(step, s.log_every) or step == end_step:
-            log_train_step(run, plan, result, window)
-        if result.diagnostics:
-            run.metrics.log(step, "diagnostics", result.diagnostics)
+        # (phases between steps: a profile window over several steps says what they cost)
+        with phase("log"):
+            if result.router_maxvio and run.dist.is_main:
+                collapse.check(step, result.router_maxvio, run.metrics)
+            if every(step, s.log_every) or step == end_step:
+                log_train_step(run, plan, result, window)
+            if result.diagnostics:
+                run.metrics.log(step, "diagnostics", result.diagnostics)
         if every(step, s.val_every) and step < end_step:
-            final_val = validate(run, stage, step)
+            with phase("validate"):
+                final_val = validate(run, stage, step)
         if every(step, s.ckpt_every) and step < end_step:
-            last_ckpt = save(run, step, stage)
+            with phase("checkpoint"):
+                last_ckpt = save(run, step, stage)
 
     run.progress.close()
     profiler.close(step)

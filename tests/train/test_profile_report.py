@@ -1,0 +1,94 @@
+"""train/profile_report.py on a hand-built GPU trace: every kernel reaches its phase, micro-batch
+and component through its launch (correlation id), the trainer's phase ranges (by time, for
+autograd's thread too) and the forward-backward links; what cannot be attributed is labelled."""
+import pytest
+
+from train.profile_report import LOST, UNLINKED_BACKWARD, UNRANGED_FORWARD, attribute, group_of, render
+
+MAIN, AUTOGRAD, LOADER, GPU = (1, 1), (1, 2), (1, 3), (0, 7)
+
+
+def _x(thread, cat, name, ts, end, **args):
+    return {"ph": "X", "cat": cat, "name": name, "pid": thread[0], "tid": thread[1], "ts": ts,
+            "dur": end - ts, "args": args}
+
+
+def _flow(ph, fid, thread, ts):
+    return {"ph": ph, "cat": "fwdbwd", "name": "fwdbwd", "id": fid, "pid": thread[0], "tid": thread[1], "ts": ts}
+
+
+def _launch(thread, corr, ts):
+    return _x(thread, "cuda_runtime", "cudaLaunchKernel", ts, ts + 1, correlation=corr)
+
+
+def _kernel(corr, ts, dur):
+    return _x(GPU, "kernel", f"k{corr}", ts, ts + dur, correlation=corr)
+
+
+@pytest.fixture
+def events():
+    ua = "user_annotation"
+    return [
+        _x(MAIN, ua, "micro:0", 0, 250),
+        _x(MAIN, ua, "phase:forward", 0, 100),
+        _x(MAIN, ua, "model:moe", 10, 50),
+        _x(MAIN, ua, "model:router", 10, 20),
+        _x(MAIN, "cpu_op", "aten::mm", 11, 19), _flow("s", 1, MAIN, 11), _launch(MAIN, 1, 12),
+        _x(MAIN, "cpu_op", "aten::add", 30, 40), _launch(MAIN, 2, 31),
+        _x(MAIN, "cpu_op", "aten::sum", 60, 70), _launch(MAIN, 3, 61),      # outside the model's ranges
+        _x(MAIN, ua, "phase:backward", 100, 250),
+        # autograd's device thread: the mm's backward (linked to aten::mm), then an AccumulateGrad
+        _x(AUTOGRAD, "cpu_op", "autograd::engine::evaluate_function: MmBackward0", 110, 140),
+        _x(AUTOGRAD, "cpu_op", "MmBackward0", 111, 139), _flow("f", 1, AUTOGRAD, 111),
+        _launch(AUTOGRAD, 4, 112),
+        _x(AUTOGRAD, "cpu_op", "autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 150, 160),
+        _launch(AUTOGRAD, 5, 151),
+        _x(LOADER, "cpu_op", "aten::copy_", 120, 130),                       # another thread: no phase
+        _x(MAIN, ua, "phase:optimizer", 250, 300),
+        _x(MAIN, ua, "Optimizer.step#Muon.step", 260, 290), _launch(MAIN, 6, 261),
+        _launch(MAIN, 7, 295),                                               # DeepSpeed's part
+        _kernel(1, 20, 10), _kernel(2, 40, 20), _kernel(3, 70, 5), _kernel(4, 120, 40),
+        _kernel(5, 170, 3), _kernel(6, 270, 7), _kernel(7, 300, 1),
+        _kernel(99, 310, 2),                                                 # its launch is not in the trace
+    ]
+
+
+def test_kernels_by_phase(events):
+    a = attribute(events)
+    assert a.device
+    got = {p: (round(r.us, 6), r.count) for p, r in a.phases.items()}
+    assert got == {"forward": (35, 3), "backward": (43, 2), "optimizer.step": (7, 1), "optimizer": (1, 1),
+                   LOST: (2, 1)}
+    assert a.total.us == 88 and a.total.count == 8
+    # each phase's own wall time: the optimizer's minus the client optimizer's range inside it
+    assert dict(a.phase_wall_us) == {"forward": 100, "backward": 150, "optimizer": 20, "optimizer.step": 30}
+    assert {k: r.us for k, r in a.micro.items()} == {(0, "forward"): 35, (0, "backward"): 43}
+
+
+def test_kernels_by_component(events):
+    a = attribute(events)
+    got = {k: r.us for k, r in a.components.items()}
+    assert got == {("moe/router", "forward"): 10, ("moe", "forward"): 20, (UNRANGED_FORWARD, "forward"): 5,
+                   ("moe/router", "backward"): 40,   # MmBackward0 -> aten::mm inside model:router
+                   (UNLINKED_BACKWARD, "backward"): 3}
+    assert a.unattributed_ops["forward: aten::sum"].us == 5
+    # the loader thread's op is host time of "other threads", never a phase's
+    assert a.phase_host_us["(other threads)"] == 10
+
+
+def test_render_is_self_explaining(events):
+    text = render(attribute(events))
+    assert "## Time by phase: device time (kernel durations)" in text
+    assert "| forward | 0.04 | 39.8% | 3 | 0.10 |" in text            # 35 us of 88
+    assert "| optimizer.step | 0.01 | 8.0% | 1 |" in text
+    assert "- optimizer.step: the client optimizer's update" in text   # the legend
+    # components: 50 of the 78 us of forward+backward kernels in moe, 8 us unattributed
+    assert "Attributed to a component: 89.7%" in text and "unattributed: 10.3%" in text
+    assert "| MoE (router, experts, shared, balance loss) | 0.03 | 0.04 | 0.00 | 0.07 | 89.7% |" in text
+
+
+@pytest.mark.parametrize("path, group", [
+    ("mtp/moe/experts/mlp", "MoE"), ("mtp", "MTP's own"), ("mtp/mhc.head", "mHC"), ("mhc.pre", "mHC"),
+    ("attn.csa/indexer", "attention, CSA"), ("moe/router", "MoE"), ("lm_head", "LM head")])
+def test_groups(path, group):
+    assert group_of(path).startswith(group)
