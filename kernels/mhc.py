@@ -32,8 +32,17 @@ def _pow2(x: int) -> int:
 
 
 @triton.jit
+def _tf32_split(a):
+    """(hi, lo): hi = a rounded to tf32 (nearest, ties away: what tf32x3 dots use), lo = a - hi."""
+    hi = ((a.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return hi, a - hi
+
+
+@triton.jit
 def _mhc_mix_fwd(X, FN, MIX, R, T, K, NM, norm_eps,
-                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NM_P: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, NM_P: tl.constexpr, X_IN_TF32: tl.constexpr = False):
+    """X_IN_TF32 (x in fp16 / bf16, exact in tf32): x fn^T as tf32x3 without its third product
+    (x's low part, 0, times fn's high part): two tf32 dots with fn split by hand."""
     pid = tl.program_id(0)
     rt = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rm = tl.arange(0, NM_P)
@@ -46,7 +55,12 @@ def _mhc_mix_fwd(X, FN, MIX, R, T, K, NM, norm_eps,
         x = tl.load(X + rt.to(tl.int64)[:, None] * K + rk[None, :], mask=t_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
         f = tl.load(FN + rm[:, None] * K + rk[None, :], mask=(rm < NM)[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(f), input_precision="tf32x3")
+        if X_IN_TF32:
+            f_hi, f_lo = _tf32_split(f)
+            acc = tl.dot(x, tl.trans(f_lo), acc, input_precision="tf32")
+            acc = tl.dot(x, tl.trans(f_hi), acc, input_precision="tf32")
+        else:
+            acc += tl.dot(x, tl.trans(f), input_precision="tf32x3")
         ssq += tl.sum(x * x, 1)
     r = 1.0 / tl.sqrt(ssq / K + norm_eps)
     tl.store(MIX + rt.to(tl.int64)[:, None] * NM + rm[None, :], acc * r[:, None],

@@ -22,8 +22,8 @@ Launches, T tokens, K = nD (x read twice forward, twice backward; dfn needs no p
             _pre_dx_dfn     per (stream, D block, token split): dx = dx_res + pre_j dh + G fn
                             + coef x, and the split's part of dfn = G^T x, fn's block loaded once
             + 2 small torch sums (dfn's splits, the per-block sums).
-fp32 math throughout (the products with fn and G as tf32x3 dots; dfn's, with x in 16 bits, as
-the two of its three tf32 products that are not 0), x / h / dx in x's dtype.
+fp32 math throughout (the products as tf32x3 dots; those with x, when x is fp16 / bf16 and so
+exact in tf32, as the two of tf32x3's three products that are not 0), x / h / dx in x's dtype.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.mhc import (_load_parts, _logit_params, _mhc_mix_fwd, _mhc_tail_fwd, _pow2, _sinkhorn_bwd,
-                         _sinkhorn_bwd_saved)
+                         _sinkhorn_bwd_saved, _tf32_split)
 from kernels.mhc_streams import _collapse_bwd, _collapse_fwd
 from kernels.opaque import opaque_to_compile
 from kernels.tuning import Tuned
@@ -82,13 +82,6 @@ def _pre_tail_bwd(MIX, R, BASE, SCALE, DPRE, DPOST, DCOMB, G, COEF, PART, SCR, T
     tl.store(prow + NM, tl.sum(dot_pre, 0))
     tl.store(prow + NM + 1, tl.sum(dot_post, 0))
     tl.store(prow + NM + 2, tl.sum(dot_comb, 0))
-
-
-@triton.jit
-def _tf32_split(a):
-    """(hi, lo): hi = a rounded to tf32 (nearest, ties away: what tf32x3 dots use), lo = a - hi."""
-    hi = ((a.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
-    return hi, a - hi
 
 
 @triton.jit
@@ -207,7 +200,7 @@ class _MHCPreSplit(torch.autograd.Function):
         NP, nm_p = _pow2(n), max(16, _pow2(NM))
         if T > 0:
             _run("mix", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, fn32, mixes, r, T, K, NM, norm_eps),
-                 {"NM_P": nm_p}, config)
+                 {"NM_P": nm_p, "X_IN_TF32": x.dtype != torch.float32}, config)
             _run("tail", lambda m: (triton.cdiv(T, m["BLOCK_T"]),),
                  (mixes, base32, scale32, pre, post, comb, T, n, NM, iters, eps), {"NP": NP}, config)
             _run("collapse", lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(D, m["BLOCK_D"])),

@@ -9,8 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.mhc import _tf32_split
 from kernels.mhc_pre import mhc_pre_triton
-from kernels.mhc_pre_split import _dfn_splits, _tf32_split, mhc_pre_split_triton
+from kernels.mhc_pre_split import _dfn_splits, mhc_pre_split_triton
 from model.hyper_connections import mhc_pre
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
