@@ -203,3 +203,12 @@ def test_head_module_loss_and_nll_equal_the_functions(impl):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(nll, ref_nll, rtol=1e-12, atol=1e-14)
     assert not nll.requires_grad
+
+
+def test_default_chunk_is_whole_tiles_of_about_a_gib_of_logits():
+    from model.loss import CHUNK_ALIGN, CHUNK_ELEMENTS, default_chunk_tokens
+    assert default_chunk_tokens(129280) == 2048             # V4's vocabulary: 1 GiB of fp32 logits
+    for v in (129280, 4096, 1000, 50257):
+        c = default_chunk_tokens(v)
+        assert c % CHUNK_ALIGN == 0 and 0 < c * v <= CHUNK_ELEMENTS
+    assert default_chunk_tokens(10**7) == CHUNK_ELEMENTS // 10**7   # under one tile: not rounded to 0
