@@ -96,6 +96,32 @@ GROUPS = (
 )
 
 
+# what each component range holds (the last name of a path; printed under the table)
+COMPONENT_NOTES = {
+    "embed": "token embedding and its copy into the mHC streams",
+    "mhc.pre": "mHC site before a sublayer: coefficients, Sinkhorn, stream collapse",
+    "mhc.post": "mHC site after a sublayer: post-mix of the output and the streams",
+    "mhc.head": "the head's stream collapse (HyperHead)",
+    "attn.window": "window-only layer: attention norm, q/kv projections and norms, RoPE, output projection",
+    "attn.csa": "CSA layer: as attn.window, outside its compressor / indexer / core",
+    "attn.hca": "HCA layer: as attn.window, outside its compressor / core",
+    "compressor": "the compressed entries: kv/gate projections, gated pooling, norm, RoPE",
+    "indexer": "CSA's indexer: projections, top-k selection, selected scores and its KL loss",
+    "core": "the one attention kernel: window + compressed entries + sink, one softmax",
+    "moe": "MoE layer: its norm and reshapes, outside router / experts / shared / balance loss",
+    "router": "gate logits (fp32), sqrt-softplus scores, top-k with bias (or hash), expert counts",
+    "experts": "routed experts, outside dispatch / mlp / combine",
+    "dispatch": "sort of (token, slot) pairs by expert, permuted tokens and weights",
+    "mlp": "the experts' GEMMs and clamped SwiGLU (grouped or per expert)",
+    "combine": "unpermute: each token's weighted sum over its experts",
+    "shared": "the shared expert's SwiGLU",
+    "balance_loss": "the sequence-wise balance loss",
+    "lm_head": "final norm, head GEMM and cross-entropy (the chunked loss forms its gradient in forward)",
+    "mtp": "an MTP module's own: embedding lookup, e/h projections and norms, final norm",
+    "block(compiled)": "a torch.compile'd block (model.compile=block): one range, fused inside",
+}
+
+
 @dataclass(eq=False)
 class Span:
     """One host event of the trace: an op, a range, or a runtime call."""
@@ -412,6 +438,8 @@ def render(a: Attribution, top_unattributed: int = 12) -> str:
         paths[c][unit] += r.count
     lines += ["### By component range (outer/inner; a row is the range's own time, nested ranges are their own rows)", ""]
     lines += _component_table("component", paths, fb_total, unit)
+    present = {c.rsplit("/", 1)[-1] for c in paths}
+    lines += [f"- {name}: {note}" for name, note in COMPONENT_NOTES.items() if name in present] + [""]
     if a.unattributed_ops:
         lines += [f"### Unattributed model-phase time by op (top {top_unattributed})", "",
                   "| phase: op (backward node > op) | ms | " + unit + " |", "| --- | --- | --- |"]
@@ -425,7 +453,7 @@ def _component_table(head: str, rows: dict[str, dict[str, float]], total: float,
                      extra_unit: str = "") -> list[str]:
     """rows: name -> {forward, backward, other: us, extra: us (extra_unit "ms") or a count}."""
     title = f"{extra} {extra_unit}".strip()
-    out = [f"| {head} | forward ms | backward ms | other ms | total ms | share | {title} |",
+    out = [f"| {head} | forward ms | backward ms | other ms | total ms | % of model time | {title} |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     directions = ("forward", "backward", "other")
     for name, d in sorted(rows.items(), key=lambda kv: -sum(kv[1][k] for k in directions)):
