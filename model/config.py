@@ -138,7 +138,16 @@ class ModelConfig:
     n_hash_layers: int = 3
     hash_seed: int = 0
     swiglu_limit: float = 10.0
+    # Aux-loss-free balancing: each step every learned router's bias moves each expert by exactly
+    # +-bias_update_speed (V4: 0.001, with a 2000-step lr warm-up). The router weight moves by
+    # up to 0.18 * dim * lr logits a step under Muon whatever its gradient's size, so at full lr
+    # from the first steps it can outrun the bias: tiny at lr 8e-3 (lr x dim = small's at 1e-3),
+    # 2-step warm-up, the experts' mean scores spread by ~0.01 a step vs the bias's 0.002 and
+    # the last layers collapse (bench/results/router-drift-cpu-2026-12-03.md; 0.01 keeps up).
+    # train/router_balance.py warns when a layer stays collapsed.
     bias_update_speed: float = 0.001
+    # sequence-wise balance loss weight (V4); its gradient is ~2-4% of the LM loss's on the
+    # router at init (tiny), so it is no brake on a drifting router under Muon
     balance_loss_alpha: float = 1e-4
     # --- hyper-connections
     hyper_connections: str = "mhc"
