@@ -257,6 +257,19 @@ class _Trace:
                             if s.cat == "cpu_op" and "External id" in s.args}
         self._components: dict[int, tuple[str | None, str]] = {}
 
+    def launch_of(self, kernel_args: dict) -> Span | None:
+        """The host event a kernel's work is attributed through: its runtime call (correlation
+        id), nested in the op that made it. A call outside every host event of its thread (the
+        host clocks of the calls and the ops disagree) stands for the op its External id names."""
+        call = self.by_correlation.get(kernel_args.get("correlation"))
+        if call is None:
+            return self.by_external.get(kernel_args.get("External id"))
+        if call.parent is None:
+            op = self.by_external.get(call.args.get("External id"))
+            if op is not None and op.thread == call.thread:
+                return op
+        return call
+
     def phase_at(self, span: Span) -> str:
         if span.thread != self.main and span.thread not in self.autograd_threads:
             return OTHER_THREADS
@@ -314,7 +327,7 @@ def attribute(events: list[dict]) -> Attribution:
     if device:
         for e in tr.device_events:
             args = e.get("args") or {}
-            launch = tr.by_correlation.get(args.get("correlation")) or tr.by_external.get(args.get("External id"))
+            launch = tr.launch_of(args)
             work.append((float(e.get("dur", 0.0)), launch))
     for s in tr.spans:
         if s.cat == "cpu_op":
