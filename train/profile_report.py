@@ -400,8 +400,9 @@ def render(a: Attribution, top_unattributed: int = 12) -> str:
         ("host op self time (CPU: ops stand in for kernels)", "ops")
     lines = [f"## Time by phase: {what}", "",
              f"Each {unit[:-1]} counts in the innermost phase open on the trainer's thread when it was "
-             f"launched. host wall: the phase range's own wall time; host ops: self time of the host ops "
-             f"in it (the rest of the wall is Python and waiting).", "",
+             f"launched" + (" (device ms: the sum of kernel durations)" if a.device else "") + ". host wall: "
+             f"the phase range's own wall time; host ops: self time of the host ops in it (the rest of the "
+             f"wall is Python and waiting).", "",
              f"| phase | {'device ms' if a.device else 'op ms'} | share | {unit} | host wall ms | host ops ms |",
              "| --- | --- | --- | --- | --- | --- |"]
     order = list(PHASE_NOTES)
