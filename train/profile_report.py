@@ -302,7 +302,7 @@ class _Trace:
 def _op_name(span: Span) -> str:
     """The innermost op around a launch (the runtime call's caller), for the unattributed list."""
     s: Span | None = span
-    while s is not None and s.cat not in ("cpu_op",):
+    while s is not None and s.cat != "cpu_op":
         s = s.parent
     if s is None:
         return span.name
