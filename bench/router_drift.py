@@ -68,7 +68,8 @@ def folded(batch: dict, vocab: int | None) -> dict:
 
 
 def run(preset: str, overrides: dict, lr: float, warmup: int, steps: int, seq: int, batch: int,
-        speed: float, seed: int, vocab: int | None = None) -> list[dict]:
+        speed: float, seed: int, vocab: int | None = None, data: dict | None = None) -> list[dict]:
+    """``data``: the data section (default: the shipped corpus)."""
     torch.manual_seed(seed)
     if vocab is not None:
         overrides = {**overrides, "vocab_size": vocab}
@@ -78,8 +79,7 @@ def run(preset: str, overrides: dict, lr: float, warmup: int, steps: int, seq: i
     optim = {"name": "muon", "lr": lr, "warmup_steps": warmup, "decay_start": steps}   # no decay within the run
     opt = build_optimizer(model, optim)
     sched = build_lr_scheduler(opt, optim, total_steps=steps)
-    data = build_data({"kind": "embedded"}, seq_len=seq, micro_batch=batch, seed=seed)
-    loader = iter(data.train_loader)
+    loader = iter(build_data(data or {"kind": "embedded"}, seq_len=seq, micro_batch=batch, seed=seed).train_loader)
     probe = folded(next(loader), vocab)
     prev = probe_scores(model, probe)
     rows = []
