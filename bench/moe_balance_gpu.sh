@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # MoE load collapse on one GPU: experiment=small_gpu at 131072-token steps with a 2-step lr
 # warm-up (the throughput benches' setting, where the learned routers collapsed: layer 11 MaxVio
-# 1.14 -> 8.5 of 9.67 over steps 1-10 at bias_update_speed 0.001), once per router-bias speed.
+# 1.14 -> 8.5 of 9.67 over steps 1-10 at V4's bias_update_speed 0.001; the preset now sets 0.01),
+# once per router-bias speed.
 #
 #   bash bench/moe_balance_gpu.sh OUT_DIR              # SPEEDS="0.01" STEPS=15 by default
 #   SPEEDS="0.01 0.001" STEPS=12 bash bench/moe_balance_gpu.sh OUT_DIR

@@ -143,7 +143,8 @@ class ModelConfig:
     # up to 0.18 * dim * lr logits a step under Muon whatever its gradient's size, so at full lr
     # from the first steps it can outrun the bias: tiny at lr 8e-3 (lr x dim = small's at 1e-3),
     # 2-step warm-up, the experts' mean scores spread by ~0.01 a step vs the bias's 0.002 and
-    # the last layers collapse (bench/results/router-drift-cpu-2026-12-03.md; 0.01 keeps up).
+    # the last layers collapse, with a 30-step warm-up too (bench/results/router-drift-cpu-
+    # 2026-12-03.md; 0.01 keeps up): experiment=small_gpu / long_gpu set 0.01.
     # train/router_balance.py warns when a layer stays collapsed.
     bias_update_speed: float = 0.001
     # sequence-wise balance loss weight (V4); its gradient is ~2-4% of the LM loss's on the

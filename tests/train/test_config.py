@@ -140,3 +140,10 @@ def test_long_gpu_turns_on_the_long_context_evidence(th):
 
     EvalSettings.from_config(cfg.eval).check()
     assert not EvalSettings.from_config(th.compose().eval).enabled   # off by default
+
+
+@pytest.mark.parametrize("experiment, speed", [(None, 0.001), ("small_gpu", 0.01), ("long_gpu", 0.01)])
+def test_router_bias_speed_is_v4s_by_default_and_faster_in_the_full_lr_gpu_presets(th, experiment, speed):
+    """V4's 0.001 outruns the learned routers at small's lr x dim (conf/experiment/small_gpu.yaml)."""
+    cfg = th.compose(*([f"experiment={experiment}"] if experiment else []))
+    assert cfg.model.bias_update_speed == speed
