@@ -331,7 +331,7 @@ def bench_indexer_loss(rep: Report, sizes=INDEXER_LOSS_BENCH, device="cuda", rou
     """Reference vs kernel at one CSA layer's sizes, interleaved (bench/timing.py): the KL target
     (no grad), the selected scores forward, forward + backward, and the whole indexer loss
     forward + backward (scores + target + KL, gradients of q_idx, w, k_idx). Median ms and the
-    transient memory. Then (CUDA) a tile sweep of the kernels: block_k x num_warps."""
+    transient memory. Then (CUDA) the kernels' tile candidates as autotune timed them."""
     import functools
 
     from bench.timing import Variant, interleave, median
@@ -379,22 +379,15 @@ def bench_indexer_loss(rep: Report, sizes=INDEXER_LOSS_BENCH, device="cuda", rou
                  f"{vk.transient_gib * 1024:.0f}"]))
     if not (sweep and torch.device(device).type == "cuda"):
         return
+    # the kernels' tile candidates as autotune timed them at this size (kernels/indexer_loss.py)
+    from kernels.indexer_loss import tuned_configs
+    attention_mass_on_selected_triton(*mass_args)
+    torch.autograd.grad(selected_indexer_scores_triton(*leaves, inp["topk"]), leaves, cot)
     log("")
-    log("kernel tiles (CUDA-event median ms): block_k x num_warps")
-    hdr = ["kernel", *[f"bk {bk} / {nw}w" for bk in (16, 32, 64, 128) for nw in (2, 4, 8)]]
-    log(fmt(hdr)); log(fmt(["---"] * len(hdr)))
-    for kname, call in (
-            ("KL target", lambda bk, nw: attention_mass_on_selected_triton(*mass_args, block_k=bk, num_warps=nw)),
-            ("scores fwd+bwd", lambda bk, nw: torch.autograd.grad(
-                selected_indexer_scores_triton(*leaves, inp["topk"], block_k=bk, num_warps=nw), leaves, cot))):
-        cells = []
-        for bk in (16, 32, 64, 128):
-            for nw in (2, 4, 8):
-                try:
-                    cells.append(f"{ba.time_ms(functools.partial(call, bk, nw), budget_s=0.3):.2f}")
-                except Exception as exc:
-                    cells.append(f"ERROR {type(exc).__name__}")
-        log(fmt([kname, *cells]))
+    log("kernel tiles: autotune's pick [every candidate's time]")
+    for name, picks in tuned_configs().items():
+        for key, pick in picks.items():
+            log(f"- {name} {key}: {pick}")
 
 
 def check_indexer(rep: Report) -> None:

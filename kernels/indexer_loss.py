@@ -33,6 +33,7 @@ import triton.language as tl
 
 from kernels.checks import check_selected
 from kernels.opaque import opaque_to_compile
+from kernels.tuning import Tuned
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # the scores kernels hold a query's whole [Hi, Di] block (and its fp32 dq) in registers
@@ -81,11 +82,22 @@ def _scores_fwd(Q, W, KI, IDX, OUT, L, Hi, Di, N, K,
 
 
 @triton.jit
-def _scores_bwd(Q, W, KI, IDX, G, DQ, DW, DK, L, Hi, Di, N, K,
+def _scores_bwd(Q, W, KI, IDX, G, DQ, DW, DK, B, L, Hi, Di, N, K,
                 sq_b, sq_t, sq_h, sw_b, sw_t, sk_b, sk_n, si_b, si_t, sg_b, sg_t, sdw_b, sdw_t, sdk_b, sdk_n,
-                HP: tl.constexpr, DP: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+                HP: tl.constexpr, DP: tl.constexpr, BLOCK_K: tl.constexpr, SPREAD: tl.constexpr,
+                PREC: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    b, t = pid // L, pid % L
+    if SPREAD == 1:   # consecutive programs: consecutive queries of one sequence
+        b, t = pid // L, pid % L
+    else:
+        # consecutive programs (those resident together) take queries of different sequences and
+        # SPREAD places apart in each, which select fewer common entries: fewer atomics on one dk
+        # row at a time. Only the order of dk's additions changes (already run-to-run).
+        per = tl.cdiv(L, SPREAD)
+        b, r = pid % B, pid // B
+        t = (r % SPREAD) * per + r // SPREAD
+        if t >= L:
+            return
     rh, rd = tl.arange(0, HP), tl.arange(0, DP)
     h_ok, d_ok = rh < Hi, rd < Di
     q_off = b * sq_b + t * sq_t + rh[:, None] * sq_h + rd[None, :]
@@ -159,26 +171,111 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# ----------------------------------------------------------------------------- tiles
+# Candidates per kernel (kernels/tuning.py): (meta-parameters, num_warps, num_stages); the first is
+# the tile these kernels ran before autotuning (off CUDA, config="default"), so autotune can only
+# replace it by one the device measured faster. All compiled for sm_90 on the CPU (Triton 3.9,
+# cuobjdump --dump-resource-usage): registers at (Hi x Di | heads x head-dim chunk) of the small
+# (16 x 128 | 16 heads, 256) and flash (64 x 128 | 64 heads, 512) presets, none with a stack
+# frame (spills) unless noted. Scores forward: 72 | 64 registers now; BLOCK_K 64: 106 | 94,
+# 128: 175 | 148, 16 at 4 warps: 72 | 80.
+_SCORES_FWD = [({"BLOCK_K": 32}, 8, 3), ({"BLOCK_K": 64}, 8, 3), ({"BLOCK_K": 128}, 8, 3), ({"BLOCK_K": 16}, 4, 3)]
+
+
+def _scores_bwd_candidates(hp: int, dp: int) -> list[tuple[dict, int, int]]:
+    """Backward tiles: 170 | 236 registers now. Up to 16 x 128 heads x dims, BLOCK_K 64 fits
+    (213; 2 stages 188) and SPREAD (the dk atomics' program order: same registers) is tried; at
+    64 x 128 every larger tile spills (BLOCK_K 64: 104 B of stack, 32 at 4 warps: 24 B), BLOCK_K
+    16 at 4 warps (236) fits. BLOCK_K 64 at 4 warps spills at both (248 | 752 B)."""
+    current = ({"BLOCK_K": 32, "SPREAD": 1}, 8, 3)
+    if hp * dp <= 16 * 128:
+        return [current, ({"BLOCK_K": 32, "SPREAD": 16}, 8, 3), ({"BLOCK_K": 64, "SPREAD": 1}, 8, 3),
+                ({"BLOCK_K": 64, "SPREAD": 16}, 8, 2), ({"BLOCK_K": 16, "SPREAD": 1}, 4, 3)]
+    return [current, ({"BLOCK_K": 32, "SPREAD": 16}, 8, 3), ({"BLOCK_K": 16, "SPREAD": 1}, 4, 3)]
+
+
+# mass: (BLOCK_K, register budget (BLOCK_H + BLOCK_K) x BLOCK_D elements, warps); the first is the
+# rule these kernels ran with. 16 heads x 256: 64 x 64 now (128 registers); 32 x 256 (176), 64 x
+# 128 (192), 128 x 64 (176), at 4 warps 64 x 32 (128). 64 heads x 512: 64 x 64 now (174); 32 x 128
+# (231), 128 x 64 (!), at 4 warps 64 x 32 (!).
+_MASS_RULES = [(64, _MAX_MASS_BLOCK, 8), (32, 12288, 8), (64, 12288, 8), (128, 12288, 8), (64, 4096, 4)]
+
+
+def _mass_tile(H: int, D: int, block_k: int, budget: int) -> dict:
+    bh = min(_pow2(H), 64)
+    return {"BLOCK_H": bh, "BLOCK_K": block_k, "BLOCK_D": min(_pow2(D), max(16, _floor_pow2(budget // (bh + block_k))))}
+
+
+def _mass_candidates(H: int, D: int) -> list[tuple[dict, int, int]]:
+    out = []
+    for block_k, budget, warps in _MASS_RULES:
+        c = (_mass_tile(H, D, block_k, budget), warps, 3)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+_TUNED: dict[tuple, Tuned] = {}
+_KEYS = {"scores_fwd": ["L", "Hi", "Di", "K"], "scores_bwd": ["L", "Hi", "Di", "K"], "mass": ["L", "H", "D", "K"]}
+_KERNELS = {"scores_fwd": _scores_fwd, "scores_bwd": _scores_bwd, "mass": _mass_on_selected}
+
+
+def candidates(name: str, *dims: int) -> list[tuple[dict, int, int]]:
+    """Kernel ``name``'s candidates at (Hi, Di) (scores) or (H, D) (mass): tests force each one."""
+    if name == "scores_fwd":
+        return _SCORES_FWD
+    return _scores_bwd_candidates(_pow2(dims[0]), _pow2(dims[1])) if name == "scores_bwd" else _mass_candidates(*dims)
+
+
+def _tuned(name: str, *dims: int) -> Tuned:
+    cands = candidates(name, *dims)
+    key = (name, repr(cands))
+    if key not in _TUNED:   # one autotuner per candidate list (lists depend on the head shapes)
+        # the backward's dk is accumulated by atomics: zeroed before each timed run and the real one
+        _TUNED[key] = Tuned(_KERNELS[name], cands, _KEYS[name], reset_to_zero=["DK"] if name == "scores_bwd" else None)
+    return _TUNED[key]
+
+
+def tuned_configs() -> dict[str, dict]:
+    """What autotune picked so far, per kernel and candidate list (bench/indexer_loss.py)."""
+    return {f"{name} {i}": t.picks() for i, ((name, _), t) in enumerate(_TUNED.items())}
+
+
+def _check_config(fn: str, config) -> None:
+    if isinstance(config, dict):
+        for name, v in config.items():
+            if name.startswith("BLOCK_"):
+                _check_tile(fn, name, v)
+            elif name == "SPREAD" and v < 1:
+                raise ValueError(f"{fn}: SPREAD must be >= 1, got {v}")
+    elif config not in (None, "default"):
+        raise ValueError(f"{fn}: config must be None (autotune on CUDA), 'default' or a dict of tiles, got {config!r}")
+
+
+def _grid_rows(B: int, L: int):
+    """The backward's programs: one per query, each sequence's L rounded up to a multiple of SPREAD."""
+    return lambda m: (B * triton.cdiv(L, m["SPREAD"]) * m["SPREAD"],)
+
+
 class _SelectedScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, w, k, idx, block_k, num_warps):
+    def forward(ctx, q, w, k, idx, config):
         B, L, Hi, Di = q.shape
         N, K = k.shape[1], idx.shape[-1]
         out = torch.empty(B, L, K, device=q.device, dtype=torch.float32)
-        HP, DP = _pow2(Hi), _pow2(Di)
         if B * L and K:
-            _scores_fwd[(B * L,)](q, w, k, idx, out, L, Hi, Di, N, K,
-                                  q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1),
-                                  k.stride(0), k.stride(1), idx.stride(0), idx.stride(1), out.stride(0), out.stride(1),
-                                  HP=HP, DP=DP, BLOCK_K=block_k, PREC=_prec(q.dtype), num_warps=num_warps)
+            _tuned("scores_fwd", Hi, Di).launch(
+                lambda m: (B * L,),
+                (q, w, k, idx, out, L, Hi, Di, N, K, q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1),
+                 k.stride(0), k.stride(1), idx.stride(0), idx.stride(1), out.stride(0), out.stride(1)),
+                {"HP": _pow2(Hi), "DP": _pow2(Di), "PREC": _prec(q.dtype)}, config, on_cuda=q.is_cuda)
         ctx.save_for_backward(q, w, k, idx)
-        ctx.meta = (block_k, num_warps)
+        ctx.config = config
         return out
 
     @staticmethod
     def backward(ctx, g):
         q, w, k, idx = ctx.saved_tensors
-        block_k, num_warps = ctx.meta
         B, L, Hi, Di = q.shape
         N, K = k.shape[1], idx.shape[-1]
         g = _unit_last(g)
@@ -186,27 +283,28 @@ class _SelectedScores(torch.autograd.Function):
         dw = torch.empty(B, L, Hi, device=q.device, dtype=torch.float32)
         dk = torch.zeros(B, N, Di, device=q.device, dtype=torch.float32)
         if B * L and K:
-            _scores_bwd[(B * L,)](q, w, k, idx, g, dq, dw, dk, L, Hi, Di, N, K,
-                                  q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1),
-                                  k.stride(0), k.stride(1), idx.stride(0), idx.stride(1), g.stride(0), g.stride(1),
-                                  dw.stride(0), dw.stride(1), dk.stride(0), dk.stride(1),
-                                  HP=_pow2(Hi), DP=_pow2(Di), BLOCK_K=block_k, PREC=_prec(q.dtype),
-                                  num_warps=num_warps)
+            _tuned("scores_bwd", Hi, Di).launch(
+                _grid_rows(B, L),
+                (q, w, k, idx, g, dq, dw, dk, B, L, Hi, Di, N, K,
+                 q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), k.stride(0), k.stride(1),
+                 idx.stride(0), idx.stride(1), g.stride(0), g.stride(1), dw.stride(0), dw.stride(1),
+                 dk.stride(0), dk.stride(1)),
+                {"HP": _pow2(Hi), "DP": _pow2(Di), "PREC": _prec(q.dtype)}, ctx.config, on_cuda=q.is_cuda)
         else:
             dq.zero_(); dw.zero_()
-        return dq, dw.to(w.dtype), dk.to(k.dtype), None, None, None
+        return dq, dw.to(w.dtype), dk.to(k.dtype), None, None
 
 
 @opaque_to_compile
 def selected_indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk_idx: torch.Tensor,
-                                   max_chunk_elems: int = 1 << 26, *, block_k: int = 32,
-                                   num_warps: int = 8) -> torch.Tensor:
+                                   max_chunk_elems: int = 1 << 26, *, config: str | dict | None = None) -> torch.Tensor:
     """Triton ``model.indexer.selected_indexer_scores``: q_idx [B, L, Hi, Di], w [B, L, Hi], k_idx
     [B, N, Di] (q and k of one dtype: fp16 / bf16 / fp32), topk_idx [B, L, K] (-1 = empty) ->
     [B, L, K] fp32, -inf in empty slots; differentiable in q_idx, w, k_idx (dk by fp32 atomics:
-    see the module doc). ``block_k``: selected entries per tile (a power of two >= 16), forward and
-    backward. Defaults: no register spills at Hi x Di = 16 x 128 and 64 x 128 on sm_90 (cuobjdump
-    of the compiled kernels: backward 169 / 234 registers; block_k 64 spills at 4 warps)."""
+    see the module doc). ``config`` (kernels/tuning.py): None autotunes the forward's and the
+    backward's tiles on CUDA (first call per shape), "default" pins the first candidates, a dict
+    ({"BLOCK_K": selected entries per tile, a power of two >= 16; "SPREAD": the backward's
+    program order}) overrides them."""
     B, L, Hi, Di = q_idx.shape
     if w.shape != (B, L, Hi):
         raise ValueError(f"selected_indexer_scores: w must be [B, L, Hi] = {(B, L, Hi)}, got {tuple(w.shape)}")
@@ -214,38 +312,34 @@ def selected_indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: 
     if _pow2(Hi) * _pow2(Di) > _MAX_SCORE_BLOCK:
         raise ValueError(f"selected_indexer_scores_triton: index_n_heads x index_head_dim = {Hi} x {Di} exceeds the "
                          f"kernel's {_MAX_SCORE_BLOCK} register block (model.attention_impl=torch takes the reference)")
-    _check_tile("selected_indexer_scores_triton", "block_k", block_k)
-    return _SelectedScores.apply(_unit_last(q_idx), _unit_last(w), _unit_last(k_idx), _unit_last(topk_idx),
-                                 block_k, num_warps)
+    _check_config("selected_indexer_scores_triton", config)
+    return _SelectedScores.apply(_unit_last(q_idx), _unit_last(w), _unit_last(k_idx), _unit_last(topk_idx), config)
 
 
 @opaque_to_compile
 @torch.no_grad()
 def attention_mass_on_selected_triton(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale: float,
                                       topk_idx: torch.Tensor, max_chunk_elems: int = 1 << 26, *,
-                                      block_k: int = 64, block_h: int | None = None, block_d: int | None = None,
-                                      num_warps: int = 8) -> torch.Tensor:
+                                      config: str | dict | None = None) -> torch.Tensor:
     """Triton ``model.indexer.attention_mass_on_selected``: q [B, L, H, D], ckv [B, N, D] (one
     dtype: fp16 / bf16 / fp32), lse [B, L, H], topk_idx [B, L, K] (-1 = empty) -> [B, L, K] fp32,
-    0 in empty slots (no gradient). Tiles (powers of two >= 16): ``block_k`` selected entries,
-    ``block_h`` heads (default: all, at most 64), ``block_d`` head-dim channels per product
-    (default: the most with (block_h + block_k) x block_d <= 8192 elements: no register spills
-    at 16 x 256 and 64 x 512 on sm_90 with 8 warps, where 4 warps or larger chunks spill)."""
+    0 in empty slots (no gradient). Tiles (powers of two >= 16): BLOCK_K selected entries, BLOCK_H
+    heads, BLOCK_D head-dim channels per product; ``config`` as in ``selected_indexer_scores_triton``
+    (the first candidate: 64 entries, all heads up to 64, the most channels with (BLOCK_H +
+    BLOCK_K) x BLOCK_D <= 8192 elements)."""
     B, L, H, D = q.shape
     if lse.shape != (B, L, H):
         raise ValueError(f"attention_mass_on_selected: lse must be [B, L, H] = {(B, L, H)}, got {tuple(lse.shape)}")
     _check("attention_mass_on_selected", q, ckv, topk_idx)
-    BH = block_h or min(_pow2(H), 64)
-    BD = block_d or min(_pow2(D), max(16, _floor_pow2(_MAX_MASS_BLOCK // (BH + block_k))))
-    for name, v in (("block_k", block_k), ("block_h", BH), ("block_d", BD)):
-        _check_tile("attention_mass_on_selected_triton", name, v)
+    _check_config("attention_mass_on_selected_triton", config)
     q, ckv, lse, topk_idx = _unit_last(q), _unit_last(ckv), _unit_last(lse), _unit_last(topk_idx)
     K = topk_idx.shape[-1]
     out = torch.empty(B, L, K, device=q.device, dtype=torch.float32)
     if B * L and K:
-        _mass_on_selected[(B * L,)](q, ckv, lse, topk_idx, out, L, H, D, ckv.shape[1], K, float(scale),
-                                    q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1),
-                                    lse.stride(0), lse.stride(1), topk_idx.stride(0), topk_idx.stride(1),
-                                    out.stride(0), out.stride(1),
-                                    BLOCK_H=BH, BLOCK_D=BD, BLOCK_K=block_k, PREC=_prec(q.dtype), num_warps=num_warps)
+        _tuned("mass", H, D).launch(
+            lambda m: (B * L,),
+            (q, ckv, lse, topk_idx, out, L, H, D, ckv.shape[1], K, float(scale),
+             q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1), lse.stride(0), lse.stride(1),
+             topk_idx.stride(0), topk_idx.stride(1), out.stride(0), out.stride(1)),
+            {"PREC": _prec(q.dtype)}, config, on_cuda=q.is_cuda)
     return out

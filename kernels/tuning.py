@@ -3,7 +3,8 @@
 ``Tuned(kernel, candidates, key)``: ``candidates`` = [(meta-parameters, num_warps, num_stages)];
 ``launch(grid, args, const, config)`` runs
   * config None on CUDA: ``triton.autotune`` over the candidates, keyed on the argument names in
-    ``key`` (and the tensors' dtypes). Each new key times every candidate once, on the first
+    ``key`` (and the tensors' dtypes); ``reset_to_zero`` names the outputs a kernel accumulates
+    into (atomics): zeroed before each timed run and before the real one. Each new key times every candidate once, on the first
     (eager) call: in train/cuda_graph.py that is the warm-up before the capture, whose replays
     then launch the picked tile with no host work;
   * config "default", or any config off CUDA (the interpreter is not timed): the first candidate;
@@ -21,11 +22,12 @@ import triton
 
 
 class Tuned:
-    def __init__(self, kernel, candidates: list[tuple[dict, int, int]], key: list[str]) -> None:
+    def __init__(self, kernel, candidates: list[tuple[dict, int, int]], key: list[str],
+                 reset_to_zero: list[str] | None = None) -> None:
         self.kernel = kernel
         self.candidates = candidates
         configs = [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in candidates]
-        self.tuned = triton.autotune(configs, key=key)(kernel)
+        self.tuned = triton.autotune(configs, key=key, reset_to_zero=reset_to_zero)(kernel)
         self.timings: dict[str, str] = {}   # tuning key -> every candidate's time (bench output)
 
     def launch(self, grid: Callable[[dict], tuple], args: tuple, const: dict, config, on_cuda: bool) -> None:

@@ -6,7 +6,7 @@ chunks; then the Attention layer's indexer loss and gradients with the kernels v
 import pytest
 import torch
 
-from kernels.indexer_loss import attention_mass_on_selected_triton, selected_indexer_scores_triton
+from kernels.indexer_loss import attention_mass_on_selected_triton, candidates, selected_indexer_scores_triton
 from model.indexer import attention_mass_on_selected, selected_indexer_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,7 +41,7 @@ def test_selected_scores_forward_and_backward_match_reference(dtype, tol, B, L, 
     q, w, k = r(B, L, Hi, Di), r(B, L, Hi) * 0.3, r(B, N, Di)
     idx = _selection(g, B, L, N, K)
     leaves = [t.requires_grad_() for t in (q, w, k)]
-    got = selected_indexer_scores_triton(*leaves, idx, block_k=block_k)
+    got = selected_indexer_scores_triton(*leaves, idx, config={"BLOCK_K": block_k})
     ref = selected_indexer_scores(*leaves, idx)
     assert got.dtype == ref.dtype == torch.float32 and got.shape == ref.shape
     assert torch.equal(got == float("-inf"), idx < 0) and torch.equal(ref == float("-inf"), idx < 0)
@@ -74,19 +74,70 @@ def test_selected_scores_non_contiguous_inputs_and_empty_selection():
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("B,L,N,K,H,D,blocks", [
     (2, 11, 9, 21, 3, 40, {}),                                  # one head block, one chunk
-    (1, 7, 5, 18, 20, 40, {"block_h": 16, "block_d": 16}),      # 2 head blocks, 3 head-dim chunks
-    (3, 4, 6, 9, 16, 32, {"block_k": 32}),
+    (1, 7, 5, 18, 20, 40, {"BLOCK_H": 16, "BLOCK_D": 16}),      # 2 head blocks, 3 head-dim chunks
+    (3, 4, 6, 9, 16, 32, {"BLOCK_K": 32}),
 ])
 def test_attention_mass_on_selected_matches_reference(dtype, tol, B, L, N, K, H, D, blocks):
     g = torch.Generator().manual_seed(L * 10 + H)
     q, ckv = torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype), torch.randn(B, N, D, generator=g).to(DEVICE, dtype)
     lse = (torch.randn(B, L, H, generator=g) + 4).to(DEVICE)
     idx = _selection(g, B, L, N, K)
-    got = attention_mass_on_selected_triton(q, ckv, lse, D ** -0.5, idx, **blocks)
+    got = attention_mass_on_selected_triton(q, ckv, lse, D ** -0.5, idx, config=blocks or None)
     ref = attention_mass_on_selected(q, ckv, lse, D ** -0.5, idx)
     assert got.dtype == ref.dtype == torch.float32 and got.shape == ref.shape
     assert torch.equal(got[idx < 0], torch.zeros_like(got[idx < 0]))
     assert _rel(got, ref) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("Hi,Di", [(16, 128), (5, 24)])   # the small preset's indexer; odd heads / dims
+def test_every_scores_candidate_matches_reference(dtype, tol, Hi, Di):
+    """Each autotune candidate of the forward and of the backward, forced by its config dict (the
+    interpreter ignores warps and stages): odd L (not a multiple of SPREAD), odd K (not a multiple
+    of any BLOCK_K), two sequences whose dk rows the SPREAD order interleaves, entries picked by
+    many queries."""
+    B, L, N, K = 2, 19, 9, 37
+    g = torch.Generator().manual_seed(Hi * Di)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)
+    q, w, k = r(B, L, Hi, Di), r(B, L, Hi) * 0.3, r(B, N, Di)
+    idx = _selection(g, B, L, N, K)
+    leaves = [t.requires_grad_() for t in (q, w, k)]
+    ref = selected_indexer_scores(*leaves, idx)
+    cot = torch.randn(B, L, K, generator=g).to(DEVICE)
+    want = torch.autograd.grad(ref, leaves, cot)
+    valid = idx >= 0
+    metas = [m for m, _, _ in candidates("scores_fwd") + candidates("scores_bwd", Hi, Di)]
+    assert {m.get("SPREAD", 1) for m in metas} == {1, 16} and len({m["BLOCK_K"] for m in metas}) >= 3
+    for meta in metas:
+        got = selected_indexer_scores_triton(*leaves, idx, config=meta)
+        assert torch.equal(got == float("-inf"), ~valid) and _rel(got[valid], ref[valid]) < tol, meta
+        for a, b, name in zip(torch.autograd.grad(got, leaves, cot), want, "qwk"):
+            assert _rel(a, b) < tol, (meta, name, _rel(a, b))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("H,D", [(16, 256), (20, 40)])   # the small preset's attention; odd sizes
+def test_every_mass_candidate_matches_reference(dtype, tol, H, D):
+    B, L, N, K = 2, 5, 9, 37
+    g = torch.Generator().manual_seed(H * D)
+    q, ckv = torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype), torch.randn(B, N, D, generator=g).to(DEVICE, dtype)
+    lse = (torch.randn(B, L, H, generator=g) + 4).to(DEVICE)
+    idx = _selection(g, B, L, N, K)
+    ref = attention_mass_on_selected(q, ckv, lse, D ** -0.5, idx)
+    cands = candidates("mass", H, D)
+    assert len(cands) >= 3 and cands[0][0]["BLOCK_K"] == 64
+    for meta, _, _ in cands:
+        got = attention_mass_on_selected_triton(q, ckv, lse, D ** -0.5, idx, config=meta)
+        assert torch.equal(got[idx < 0], torch.zeros_like(got[idx < 0])) and _rel(got, ref) < tol, meta
+
+
+def test_first_candidates_are_the_tiles_before_autotuning():
+    """off CUDA and under config="default" the kernels keep their earlier tiles."""
+    assert candidates("scores_fwd")[0] == ({"BLOCK_K": 32}, 8, 3)
+    for hi, di in ((16, 128), (64, 128)):
+        assert candidates("scores_bwd", hi, di)[0] == ({"BLOCK_K": 32, "SPREAD": 1}, 8, 3)
+    assert candidates("mass", 16, 256)[0] == ({"BLOCK_H": 16, "BLOCK_K": 64, "BLOCK_D": 64}, 8, 3)
+    assert candidates("mass", 64, 512)[0] == ({"BLOCK_H": 64, "BLOCK_K": 64, "BLOCK_D": 64}, 8, 3)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -96,12 +147,16 @@ def test_bad_inputs_raise_clear_errors():
         selected_indexer_scores_triton(q, w, k.half(), idx)
     with pytest.raises(ValueError, match="w must be"):
         selected_indexer_scores_triton(q, w[..., :1], k, idx)
-    with pytest.raises(ValueError, match="block_k"):
-        selected_indexer_scores_triton(q, w, k, idx, block_k=24)
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        selected_indexer_scores_triton(q, w, k, idx, config={"BLOCK_K": 24})
+    with pytest.raises(ValueError, match="SPREAD"):
+        selected_indexer_scores_triton(q, w, k, idx, config={"SPREAD": 0})
+    with pytest.raises(ValueError, match="config must be"):
+        selected_indexer_scores_triton(q, w, k, idx, config="fast")
     with pytest.raises(ValueError, match="one dtype"):
         attention_mass_on_selected_triton(q, k.half(), w, 0.3, idx)
-    with pytest.raises(ValueError, match="block_h"):
-        attention_mass_on_selected_triton(q, k, w, 0.3, idx, block_h=8)
+    with pytest.raises(ValueError, match="BLOCK_H"):
+        attention_mass_on_selected_triton(q, k, w, 0.3, idx, config={"BLOCK_H": 8})
     with pytest.raises(ValueError, match="index_n_heads x index_head_dim"):
         selected_indexer_scores_triton(torch.randn(1, 3, 128, 256, device=DEVICE), torch.randn(1, 3, 128, device=DEVICE),
                                        torch.randn(1, 4, 256, device=DEVICE), idx)
