@@ -25,4 +25,4 @@ Triton still runs the model with the PyTorch references.
 # The options ``kernels.indexer_topk`` implements (here, Triton-free, so that model/config.py
 # validates ``model.indexer_score_dtype`` / ``model.indexer_select`` against the same tuples)
 INDEXER_SCORE_DTYPES = ("bf16", "fp8")
-INDEXER_SELECTS = ("chunked", "fused")
+INDEXER_SELECTS = ("chunked", "unsorted", "fused")

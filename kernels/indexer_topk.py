@@ -29,13 +29,19 @@ Score precision (``score_dtype``):
 
 Selection (``select``):
 * ``chunked``: ``torch.topk`` over each chunk's fp32 scores (the first version; ties arbitrary).
+* ``unsorted``: the same ``torch.topk`` with ``sorted=False``: the same selected set (CUDA's
+  top-k selects first, then sorts the K survivors by value: the H200 profile of the small preset,
+  [4, 4096, 1024] -> K = 256, has that sort, radixSortKVInPlace, at 14 of its 33 ms), slots in no
+  particular order. Every consumer of the selection (sparse attention, indexer loss, recall)
+  treats it as a set; bench/indexer_select.py checks the sets and times both.
 * ``fused``: our exact selection kernel, one program per query row, over a chunk sized to stay
   in L2, so the scores never round-trip through HBM (see ``_select_topk_kernel`` for why this
   and not a running top-k inside the scoring kernel). Deterministic ties: the lower entry index
   wins, exactly as ``model.indexer.select_topk``.
 
-Both return [B, L, min(k, N)] long, -1 for empty slots, slots in descending score order (ties:
-lower index first; ``ordered=False`` in the fused path gives ascending entry order instead).
+All return [B, L, min(k, N)] long, -1 for empty slots, slots in descending score order (ties:
+lower index first; ``ordered=False`` in the fused path gives ascending entry order instead;
+``unsorted``: any order).
 Forward only: the selection is not differentiable, and the indexer's KL loss needs scores on the
 selected set only (see ``model.indexer``).
 """
@@ -289,7 +295,7 @@ DEFAULT_TILES = (64, 128, 4, 3)
 SELECT_ROW_BLOCK = 16384
 # default chunk sizes (fp32 score elements per chunk): the fused path wants the chunk in L2
 # (50 MB on H100: 2^22 elements = 16 MB); torch.topk's chunked path was swept at 2^26
-CHUNK_ELEMS = {"chunked": 1 << 26, "fused": 1 << 22}
+CHUNK_ELEMS = {"chunked": 1 << 26, "unsorted": 1 << 26, "fused": 1 << 22}
 
 
 def _scores_chunk(q, w, k, c_end, doc_start, t0, t1, n_cols, out, tiles=DEFAULT_TILES, k_scale=None):
@@ -375,8 +381,9 @@ def indexer_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_en
     chunk: queries per chunk (default: as many as fit ``max_chunk_elems`` fp32 scores, whose
     default depends on ``select``: ``CHUNK_ELEMS``); tiles: (BLOCK_T, BLOCK_N, num_warps,
     num_stages) of the scoring kernel; score_dtype: "bf16" (inputs as given) | "fp8";
-    select: "chunked" (torch.topk, ties arbitrary) | "fused" (exact, ties to the lower index;
-    ``ordered=False`` leaves the slots in ascending index order); row_block: see _select_chunk.
+    select: "chunked" (torch.topk, ties arbitrary) | "unsorted" (the same set, slots unordered) |
+    "fused" (exact, ties to the lower index; ``ordered=False`` leaves the slots in ascending index
+    order); row_block: see _select_chunk.
     """
     if k < 1:
         raise ValueError(f"indexer_topk: k must be >= 1, got {k}")
@@ -416,6 +423,6 @@ def indexer_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_en
             continue
         sc = buf[:, : t1 - t0, :nc]
         kc = min(K, nc)
-        vals, idx = sc.topk(kc, dim=-1)
+        vals, idx = sc.topk(kc, dim=-1, sorted=select != "unsorted")
         out[:, t0:t1, :kc] = torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx)
     return out

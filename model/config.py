@@ -118,8 +118,9 @@ class ModelConfig:
     index_topk: int = 512
     # indexer selection on CUDA (kernels/indexer_topk.py): score precision bf16 (the model dtype)
     # or fp8 (e4m3 q per token-head, k per entry, fp32 scales; as V4 runs its indexer); the
-    # top-k: chunked (torch.topk per chunk) or fused (exact in-house select over L2-sized chunks,
-    # ties to the lower index). fp8 without fp8 tensor cores: logged, PyTorch fp8 reference.
+    # top-k: chunked (torch.topk per chunk), unsorted (the same set without sorting the K slots) or
+    # fused (exact in-house select over L2-sized chunks, ties to the lower index). fp8 without fp8
+    # tensor cores: logged, PyTorch fp8 reference.
     indexer_score_dtype: str = "bf16"
     indexer_select: str = "chunked"
     # --- RoPE: theta on window-only layers; YaRN-scaled theta on compressed layers

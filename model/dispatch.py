@@ -177,7 +177,7 @@ def _fp8_kernel_ok(device: torch.device | str | None) -> tuple[bool, str]:
 def indexer_topk_dispatcher(reference: Callable, reference_fp8: Callable) -> Callable[..., Callable]:
     """get(impl, device, dtype, score_dtype="bf16", select="chunked") -> fn(q_idx, w, k_idx,
     c_end, doc_start, k) -> topk_idx [B, L, min(k, N)] (-1 = empty): the Triton scorer + top-k
-    (``kernels.indexer_topk``: score_dtype bf16 | fp8, select chunked | fused), or ``reference``
+    (``kernels.indexer_topk``: score_dtype bf16 | fp8, select chunked | unsorted | fused), or ``reference``
     (``select_topk(indexer_scores(...), k)``; fp8: ``reference_fp8``, of the fp8-quantised q and
     k). fp8 without fp8 tensor cores: impl='triton' raises; 'auto' logs once and takes the
     PyTorch fp8 reference (never a silent bf16 fallback)."""

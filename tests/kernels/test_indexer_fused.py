@@ -143,7 +143,9 @@ def test_config_validates_the_new_options():
         ModelConfig.from_preset("tiny", indexer_score_dtype="fp16")
     with pytest.raises(ConfigError, match="indexer_select"):
         ModelConfig.from_preset("tiny", indexer_select="radix")
-    assert dispatch.INDEXER_SCORE_DTYPES == ("bf16", "fp8") and dispatch.INDEXER_SELECTS == ("chunked", "fused")
+    assert dispatch.INDEXER_SCORE_DTYPES == ("bf16", "fp8")
+    assert dispatch.INDEXER_SELECTS == ("chunked", "unsorted", "fused")
+    assert ModelConfig.from_preset("tiny", indexer_select="unsorted").indexer_select == "unsorted"
 
 
 def test_dispatch_fp8_on_cpu_logs_once_and_uses_the_fp8_reference(caplog):

@@ -54,9 +54,30 @@ def test_topk_matches_select_topk(k, chunk):
     assert not ((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()
 
 
+@pytest.mark.parametrize("k,chunk", [(5, 64), (40, 64), (16, None)])
+def test_unsorted_selects_the_same_set_as_chunked(k, chunk):
+    """select="unsorted" (torch.topk without sorting the K slots) returns exactly the indices of
+    select="chunked", as sets per query, with exact ties: two heads make ReLU-zero scores common,
+    and duplicated entries score equal for every query (ties inside the set and across its
+    boundary); k = 40 exceeds every query's visible count (empty slots)."""
+    q, w, k_idx, c_end, ds = _case(2, 150, 2, 32, 4, [[33], [70, 71]], torch.float32, seed=k + 1)
+    k_idx[:, 6] = k_idx[:, 5]
+    k_idx[:, 20:24] = k_idx[:, 19:20]
+    scores = indexer_scores(q, w, k_idx, c_end, ds)
+    assert (scores == 0).sum() > 100   # the ties are there
+    ref = indexer_topk(q, w, k_idx, c_end, ds, k, chunk=chunk)
+    got = indexer_topk(q, w, k_idx, c_end, ds, k, chunk=chunk, select="unsorted")
+    assert got.shape == ref.shape
+    assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
+    pick = lambda idx: torch.gather(scores, 2, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf"))
+    assert torch.equal(pick(ref), pick(select_topk(scores, k)))   # and both are a top-k
+
+
 def test_bad_inputs_raise():
     q, w, k, c_end, ds = _case(1, 20, 2, 32, 4, [[]], torch.float32, seed=0)
     with pytest.raises(ValueError, match="w must be"):
         indexer_topk(q, w[..., :1], k, c_end, ds, 3)
     with pytest.raises(ValueError, match="k must be"):
         indexer_topk(q, w, k, c_end, ds, 0)
+    with pytest.raises(ValueError, match="select must be one of"):
+        indexer_topk(q, w, k, c_end, ds, 3, select="sorted")
