@@ -38,6 +38,7 @@ import triton.language as tl
 
 from kernels.checks import require
 from kernels.opaque import opaque_to_compile
+from kernels.tuning import Tuned
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,8 @@ def _sparse_attn_fwd(
                 vis = ok[None, :] & row_ok[:, None]
                 m_i, l_i, acc = _online_update(q, k, vis, m_i, l_i, acc, qk_scale)
         else:
-            n_lo = tl.load(NRANGE + b * snr_b + 2 * pid_t)
-            n_hi = tl.load(NRANGE + b * snr_b + 2 * pid_t + 1)
+            n_lo = tl.load(NRANGE + b * snr_b + 2 * t_first)
+            n_hi = tl.load(NRANGE + b * snr_b + 2 * t_last + 1)
             for n0 in range(n_lo, n_hi, BLOCK_N):
                 k, vis, rn, ok = _dense_tile(c_base, CEND + b * sce_b, n0, n_hi, sc_n, rd, d_ok,
                                              ds_row, t, BLOCK_N)
@@ -273,8 +274,8 @@ def _sparse_attn_bwd_q(
                     tl.atomic_add(dc_base + idx.to(tl.int64)[:, None] * sdc_n + rd[None, :], dk,
                                   mask=ok[:, None] & d_ok[None, :], sem="relaxed")
         else:
-            n_lo = tl.load(NRANGE + b * snr_b + 2 * pid_t)
-            n_hi = tl.load(NRANGE + b * snr_b + 2 * pid_t + 1)
+            n_lo = tl.load(NRANGE + b * snr_b + 2 * t_first)
+            n_hi = tl.load(NRANGE + b * snr_b + 2 * t_last + 1)
             for n0 in range(n_lo, n_hi, BLOCK_N):
                 k, vis, rn, ok = _dense_tile(c_base, CEND + b * sce_b, n0, n_hi, sc_n, rd, d_ok,
                                              ds_row, t, BLOCK_N)
@@ -433,8 +434,9 @@ def _sparse_attn_bwd_dc(
             _dc_scatter(dc_base, rows, ok, pt, dst, q0, do0, q1, do1, sdc_n, D, DC, NUM_DC)
     else:
         ds_row = tl.load(DSTART + b * sds_b + t, mask=t < L, other=0)
-        n_lo = tl.load(NRANGE + b * snr_b + 2 * pid_t)
-        n_hi = tl.load(NRANGE + b * snr_b + 2 * pid_t + 1)
+        t_last = tl.minimum(t_first + BLOCK_T - 1, L - 1)
+        n_lo = tl.load(NRANGE + b * snr_b + 2 * t_first)
+        n_hi = tl.load(NRANGE + b * snr_b + 2 * t_last + 1)
         for n0 in range(n_lo, n_hi, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
             ok = rn < n_hi
@@ -509,6 +511,93 @@ def default_configs(n_heads: int, head_dim: int, topk_mode: bool) -> SparseAtten
         kv_t = 16 // kv_h
     bwd_kv = KernelConfig(kv_t, kv_h, 32 if d > 128 else 64, 8 if d > 256 else 4, 1 if d > 128 else 2)
     return SparseAttentionConfigs(fwd, bwd_q, bwd_kv)
+
+
+# ----------------------------------------------------------------------------- autotuned tiles
+# The three kernels of the default path are launched through kernels/tuning.py: the tile that a
+# variant (or ``configs=``) names is the first candidate (off CUDA, tune="default", a shrunk
+# retry), and on CUDA triton.autotune also times a few alternatives on the first call per shape
+# (in train/cuda_graph.py's eager warm-up, before capture), so it can only pick a faster one.
+# Alternatives are moves away from that tile, kept when they compile for sm_90 without spilling
+# at the small preset (16 heads x 256, see _TILE_MOVES). The grid follows the tile; the
+# dense-compressed entry table (_nrange) is per token, so every tile height reads it.
+_TUNE_KEYS = {
+    "fwd": ["L", "H", "N", "K", "D", "HAS_C", "TOPK_MODE"],
+    "bwd_q": ["L", "H", "N", "K", "D", "HAS_C", "TOPK_MODE", "DO_DQ", "DO_DC"],
+    "bwd_kv": ["L", "H", "D"],
+}
+
+
+def _half(x: int) -> int:
+    return max(1, x // 2)
+
+
+# kernel -> candidates as replacements of the named tile's fields (functions of it). sm_90 compiles
+# on the CPU (Triton 3.9, ptxas -v, bf16, small preset's 16 heads x 256; a top-k tile has 1 token):
+#   fwd    named (4 x 16, 64 keys, 4 warps) spills 136 B (window) / 300 B (HCA); top-k (128 keys)
+#          504 B. 8 warps: 248 / 225 / 206 registers, no spill; half the keys with 3 stages:
+#          254 / 239 / 217; 8 warps, 3 stages: 248 / 221 / 213.
+#   bwd_q  named (4 x 16 rows, 32 keys, 4 warps) spills 476 B (window) / 1800 B (HCA: dq and the
+#          d(ckv) products in one pass); every 64-row tile spills (8 warps still 56 / 480 B). With 32
+#          rows: 8 warps 127 / 179 registers; 16 keys 227 / 250; 16 rows 148 / 186, no spill. The
+#          top-k passes (1 x 16 rows, 32 keys) do not spill (dq 162, d(ckv) 255 registers); 8 warps
+#          128 / 166, 16 keys 136 / 168; 64 keys spill in the d(ckv) pass (176 B): not a candidate.
+#   bwd_kv named (32 keys x 4 x 16 query rows, 4 warps) spills 292 B; 8 warps: 181 registers (1 or
+#          2 stages: 176), 8 warps with 2 x 16 query rows: 139, no spill; 64 keys spill (140+ B).
+_TILE_MOVES = {
+    "fwd": [{"num_warps": 8},
+            lambda c: {"block_n": max(16, c.block_n // 2), "num_stages": 3},
+            {"num_warps": 8, "num_stages": 3}],
+    "bwd_q": [lambda c: {"block_t": _half(c.block_t), "num_warps": 8, "num_stages": 2},
+              lambda c: {"block_t": _half(c.block_t), "block_n": max(16, c.block_n // 2), "num_stages": 2},
+              lambda c: {"block_t": _half(_half(c.block_t)), "num_stages": 2}],
+    "bwd_kv": [{"num_warps": 8},
+               {"num_warps": 8, "num_stages": 2},
+               lambda c: {"block_t": _half(c.block_t), "num_warps": 8}],
+}
+
+
+def tile_candidates(kernel: str, cfg: KernelConfig) -> list[KernelConfig]:
+    """``cfg`` first, then its _TILE_MOVES alternatives (distinct, at least 16 rows and keys)."""
+    out = [cfg]
+    for move in _TILE_MOVES[kernel]:
+        c = dataclasses.replace(cfg, **(move(cfg) if callable(move) else move))
+        if c not in out and c.block_n >= 16 and c.block_t * c.block_h >= 16:
+            out.append(c)
+    return out
+
+
+def _meta(kernel: str, c: KernelConfig) -> dict:
+    if kernel == "bwd_kv":
+        return {"BLOCK_S": c.block_n, "BLOCK_T": c.block_t, "BLOCK_H": c.block_h}
+    return {"BLOCK_T": c.block_t, "BLOCK_H": c.block_h, "BLOCK_N": c.block_n}
+
+
+_TUNED: dict[tuple[str, KernelConfig], Tuned] = {}   # (kernel, named tile) -> its candidates
+
+
+def _tuned(kernel: str, cfg: KernelConfig) -> Tuned:
+    if (kernel, cfg) not in _TUNED:
+        fn = {"fwd": _sparse_attn_fwd, "bwd_q": _sparse_attn_bwd_q, "bwd_kv": _sparse_attn_bwd_window_kv}[kernel]
+        cands = tile_candidates(kernel, cfg)
+        # bwd_q adds d(ckv) with atomics: zeroed before each timed run (and the real one)
+        _TUNED[kernel, cfg] = Tuned(fn, [(_meta(kernel, c), c.num_warps, c.num_stages) for c in cands],
+                                    _TUNE_KEYS[kernel], reset_to_zero=["DCKV"] if kernel == "bwd_q" else None)
+    return _TUNED[kernel, cfg]
+
+
+def _grid_q(L: int, H: int, B: int):
+    return lambda m: (triton.cdiv(L, m["BLOCK_T"]), triton.cdiv(H, m["BLOCK_H"]), B)
+
+
+def _kernel_tune(tune, kernel: str):
+    """One kernel's share of ``tune``: None (autotune on CUDA), "default", or its meta dict."""
+    return tune.get(kernel, "default") if isinstance(tune, dict) else tune
+
+
+def tuned_configs() -> dict[str, dict]:
+    """What autotune picked so far: {"<kernel> <named tile>": {key: pick [every candidate's time]}}."""
+    return {f"{kernel} {cfg}": t.picks() for (kernel, cfg), t in _TUNED.items() if t.picks()}
 
 
 # ----------------------------------------------------------------------------- variants
@@ -658,16 +747,16 @@ def _log_shrink(what: str, asked: KernelConfig, used: KernelConfig) -> None:
     log.warning("sparse_attention_triton %s: tile %s does not fit this GPU; using %s", what, asked, used)
 
 
-def _nrange(doc_start: torch.Tensor, c_end: torch.Tensor, L: int, block_t: int) -> torch.Tensor:
-    """[B, n_blocks, 2] int32: the entry range [lo, hi) any token of each query block can see
-    (c_end sorted per row: lo = first entry ending at/after the block's doc start, hi = first
-    entry ending after the block's last token)."""
-    t_first = torch.arange(0, L, block_t, device=c_end.device)
-    t_last = (t_first + block_t - 1).clamp(max=L - 1)
-    B = c_end.shape[0]
+def _nrange(doc_start: torch.Tensor, c_end: torch.Tensor) -> torch.Tensor:
+    """[B, L, 2] int32: per token t, the compressed entries [lo, hi) it could see (c_end sorted
+    per row: lo = first entry ending at/after t's doc start, hi = first entry ending after t).
+    Both are non-decreasing in t, so a query block [t0, t1] reads lo[t0] and hi[t1]: per token
+    rather than per block, the table fits every tile height (autotune's candidates differ)."""
+    B, L = doc_start.shape
     ce = c_end.contiguous()
-    lo = torch.searchsorted(ce, doc_start[:, t_first].contiguous().to(ce.dtype), right=False)
-    hi = torch.searchsorted(ce, t_last.to(ce.dtype).expand(B, -1).contiguous(), right=True)
+    t = torch.arange(L, device=c_end.device, dtype=ce.dtype)
+    lo = torch.searchsorted(ce, doc_start.contiguous().to(ce.dtype), right=False)
+    hi = torch.searchsorted(ce, t.expand(B, -1).contiguous(), right=True)
     return torch.stack([lo, hi], dim=-1).to(torch.int32).contiguous()
 
 
@@ -722,7 +811,7 @@ def _check_inputs(q, kv, sink, doc_start, window, ckv, c_end, topk_idx):
 
 
 def _launch_fwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, cfg: KernelConfig,
-                clean_idx: bool = False):
+                clean_idx: bool = False, tune=None):
     B, L, H, D = q.shape
     has_c = ckv is not None
     topk_mode = has_c and topk_idx is not None
@@ -738,27 +827,25 @@ def _launch_fwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, cfg
     K = topk_idx.shape[2] if topk_mode else 0
 
     def launch(c: KernelConfig):
-        nrange = _nrange(doc_start, c_end, L, c.block_t) if has_c and not topk_mode else dummy
-        grid = (triton.cdiv(L, c.block_t), triton.cdiv(H, c.block_h), B)
-        _sparse_attn_fwd[grid](
-            q, kv, ckv_, cend_, topk_, sink, doc_start, nrange, o, lse,
-            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
-            ckv_.stride(0), ckv_.stride(1), cend_.stride(0), topk_.stride(0), topk_.stride(1) if topk_mode else 0,
-            doc_start.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-            nrange.stride(0),
-            L, H, N, K, D, window, scale * LOG2E,
-            HAS_C=has_c, TOPK_MODE=topk_mode,
-            BLOCK_T=c.block_t, BLOCK_H=c.block_h, BLOCK_D=max(16, _pow2(D)), BLOCK_N=c.block_n,
-            CLEAN_IDX=clean_idx and topk_mode, PREFETCH=c.prefetch and topk_mode,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )
+        nrange = _nrange(doc_start, c_end) if has_c and not topk_mode else dummy
+        _tuned("fwd", c).launch(
+            _grid_q(L, H, B),
+            (q, kv, ckv_, cend_, topk_, sink, doc_start, nrange, o, lse,
+             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+             ckv_.stride(0), ckv_.stride(1), cend_.stride(0), topk_.stride(0), topk_.stride(1) if topk_mode else 0,
+             doc_start.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+             nrange.stride(0),
+             L, H, N, K, D, window, scale * LOG2E),
+            dict(HAS_C=has_c, TOPK_MODE=topk_mode, BLOCK_D=max(16, _pow2(D)),
+                 CLEAN_IDX=clean_idx and topk_mode, PREFETCH=c.prefetch and topk_mode),
+            _kernel_tune(tune, "fwd"), q.is_cuda)
 
     _with_shrink(launch, cfg, topk_mode, "forward")
     return o, lse
 
 
 def _launch_bwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, o, lse, do, dlse,
-                cfgs: SparseAttentionConfigs, clean_topk: torch.Tensor | None = None):
+                cfgs: SparseAttentionConfigs, clean_topk: torch.Tensor | None = None, tune=None):
     B, L, H, D = q.shape
     has_c = ckv is not None
     topk_mode = has_c and topk_idx is not None
@@ -771,18 +858,17 @@ def _launch_bwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, o, 
     else:
         dq, delta, dckv32 = _launch_bwd_fused(q, kv, doc_start, window, scale, ckv, c_end,
                                               topk_idx if clean_topk is None else clean_topk, o, lse, do, dlse,
-                                              cfgs, clean_topk is not None)
+                                              cfgs, clean_topk is not None, tune)
     dkv = torch.empty_like(kv)
 
     def launch_kv(c: KernelConfig):
-        _sparse_attn_bwd_window_kv[(triton.cdiv(L, c.block_n), B)](
-            q, kv, doc_start, do, lse, delta, dkv,
-            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), doc_start.stride(0),
-            o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-            L, H, D, window, scale * LOG2E, scale,
-            BLOCK_S=c.block_n, BLOCK_T=c.block_t, BLOCK_H=c.block_h, BLOCK_D=BLOCK_D,
-            num_warps=c.num_warps, num_stages=c.num_stages,
-        )
+        _tuned("bwd_kv", c).launch(
+            lambda m: (triton.cdiv(L, m["BLOCK_S"]), B),
+            (q, kv, doc_start, do, lse, delta, dkv,
+             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), doc_start.stride(0),
+             o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+             L, H, D, window, scale * LOG2E, scale),
+            dict(BLOCK_D=BLOCK_D), _kernel_tune(tune, "bwd_kv"), q.is_cuda)
 
     _with_shrink(launch_kv, cfgs.bwd_kv, False, "backward window dkv")
     # sink: d lse / d sink = p_sink, and ds_sink = p_sink * (0 - delta)
@@ -791,7 +877,8 @@ def _launch_bwd(q, kv, sink, doc_start, window, scale, ckv, c_end, topk_idx, o, 
     return dq, dkv, dsink.to(sink.dtype), dckv
 
 
-def _launch_bwd_fused(q, kv, doc_start, window, scale, ckv, c_end, topk_idx, o, lse, do, dlse, cfgs, clean):
+def _launch_bwd_fused(q, kv, doc_start, window, scale, ckv, c_end, topk_idx, o, lse, do, dlse, cfgs, clean,
+                      tune=None):
     """The baseline query pass: delta, dq and d(ckv) by atomics in one launch (two with split).
     clean: topk_idx is already clean (_clean_topk)."""
     B, L, H, D = q.shape
@@ -810,24 +897,22 @@ def _launch_bwd_fused(q, kv, doc_start, window, scale, ckv, c_end, topk_idx, o, 
     BLOCK_D = max(16, _pow2(D))
 
     def launch_q(c: KernelConfig):
-        nrange = _nrange(doc_start, c_end, L, c.block_t) if has_c and not topk_mode else dummy
-        grid = (triton.cdiv(L, c.block_t), triton.cdiv(H, c.block_h), B)
+        nrange = _nrange(doc_start, c_end) if has_c and not topk_mode else dummy
         if has_c:
             dckv32.zero_()  # a retry after a failed second pass must not add twice
         passes = [(True, False), (False, True)] if (c.split and has_c) else [(True, has_c)]
         for do_dq, do_dc in passes:
-            _sparse_attn_bwd_q[grid](
-                q, kv, ckv_, cend_, topk_, doc_start, nrange, o, do, lse, dlse_, dq, delta, dckv32,
-                q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
-                ckv_.stride(0), ckv_.stride(1), cend_.stride(0), topk_.stride(0), topk_.stride(1) if topk_mode else 0,
-                doc_start.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-                nrange.stride(0), dckv32.stride(0) if has_c else 0, dckv32.stride(1) if has_c else 0,
-                L, H, N, K, D, window, scale * LOG2E, scale,
-                HAS_C=has_c, TOPK_MODE=topk_mode, HAS_DLSE=dlse is not None, DO_DQ=do_dq, DO_DC=do_dc,
-                BLOCK_T=c.block_t, BLOCK_H=c.block_h, BLOCK_D=BLOCK_D, BLOCK_N=c.block_n,
-                CLEAN_IDX=clean and topk_mode, PREFETCH=c.prefetch and topk_mode,
-                num_warps=c.num_warps, num_stages=c.num_stages,
-            )
+            _tuned("bwd_q", c).launch(
+                _grid_q(L, H, B),
+                (q, kv, ckv_, cend_, topk_, doc_start, nrange, o, do, lse, dlse_, dq, delta, dckv32,
+                 q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+                 ckv_.stride(0), ckv_.stride(1), cend_.stride(0), topk_.stride(0), topk_.stride(1) if topk_mode else 0,
+                 doc_start.stride(0), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+                 nrange.stride(0), dckv32.stride(0) if has_c else 0, dckv32.stride(1) if has_c else 0,
+                 L, H, N, K, D, window, scale * LOG2E, scale),
+                dict(HAS_C=has_c, TOPK_MODE=topk_mode, HAS_DLSE=dlse is not None, DO_DQ=do_dq, DO_DC=do_dc,
+                     BLOCK_D=BLOCK_D, CLEAN_IDX=clean and topk_mode, PREFETCH=c.prefetch and topk_mode),
+                _kernel_tune(tune, "bwd_q"), q.is_cuda)
 
     _with_shrink(launch_q, cfgs.bwd_q, topk_mode, "backward dq")
     return dq, delta, dckv32
@@ -854,7 +939,7 @@ def _launch_bwd_split(q, kv, doc_start, window, scale, ckv, c_end, topk_idx, o, 
                                       num_warps=4)
 
     def launch_q(c: KernelConfig):
-        nrange = _nrange(doc_start, c_end, L, c.block_t) if not topk_mode else dummy
+        nrange = _nrange(doc_start, c_end) if not topk_mode else dummy
         grid = (triton.cdiv(L, c.block_t), triton.cdiv(H, c.block_h), B)
         _sparse_attn_bwd_q[grid](
             q, kv, ckv, c_end, topk_, doc_start, nrange, o, do, lse, lse, dq, delta, dckv32,
@@ -874,7 +959,7 @@ def _launch_bwd_split(q, kv, doc_start, window, scale, ckv, c_end, topk_idx, o, 
     def launch_dc(c: KernelConfig):
         dckv32.zero_()  # a retry must not add twice
         block_t = 1 if topk_mode else c.block_t
-        nrange = _nrange(doc_start, c_end, L, block_t) if not topk_mode else dummy
+        nrange = _nrange(doc_start, c_end) if not topk_mode else dummy
         dc = c.d_chunk if c.d_chunk and c.d_chunk < BLOCK_D else BLOCK_D
         if BLOCK_D // dc > 2:
             raise ValueError(f"sparse_attention_triton: d_chunk {c.d_chunk} gives more than 2 chunks of {BLOCK_D}")
@@ -897,14 +982,14 @@ def _launch_bwd_split(q, kv, doc_start, window, scale, ckv, c_end, topk_idx, o, 
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv, sink, doc_start, ckv, c_end, topk_idx, window, scale, cfgs):
+    def forward(ctx, q, kv, sink, doc_start, ckv, c_end, topk_idx, window, scale, cfgs, tune):
         clean = None
         if cfgs.clean_idx and ckv is not None and topk_idx is not None:
             clean = _clean_topk(topk_idx, c_end, doc_start)
         o, lse = _launch_fwd(q, kv, sink, doc_start, window, scale, ckv, c_end,
-                             topk_idx if clean is None else clean, cfgs.fwd, clean_idx=clean is not None)
+                             topk_idx if clean is None else clean, cfgs.fwd, clean_idx=clean is not None, tune=tune)
         ctx.save_for_backward(q, kv, sink, doc_start, ckv, c_end, topk_idx, o, lse, clean)
-        ctx.window, ctx.scale, ctx.cfgs = window, scale, cfgs
+        ctx.window, ctx.scale, ctx.cfgs, ctx.tune = window, scale, cfgs, tune
         ctx.set_materialize_grads(False)
         return o, lse
 
@@ -914,8 +999,8 @@ class _SparseAttention(torch.autograd.Function):
         do = torch.zeros_like(o) if do is None else do.contiguous()
         dlse = None if dlse is None else dlse.float().contiguous()
         dq, dkv, dsink, dckv = _launch_bwd(q, kv, sink, doc_start, ctx.window, ctx.scale, ckv, c_end,
-                                           topk_idx, o, lse, do, dlse, ctx.cfgs, clean)
-        return dq, dkv, dsink, None, dckv, None, None, None, None, None
+                                           topk_idx, o, lse, do, dlse, ctx.cfgs, clean, ctx.tune)
+        return dq, dkv, dsink, None, dckv, None, None, None, None, None, None
 
 
 @opaque_to_compile
@@ -933,18 +1018,38 @@ def sparse_attention_triton(
     *,
     configs: SparseAttentionConfigs | None = None,
     variant: str | None = None,
+    tune: str | dict | None = None,
 ):
     """Triton version of ``model.sparse_attention.sparse_attention`` (same arguments, same
     results; ``configs`` overrides the tile shapes, for benchmarks; ``variant`` picks a named
     entry of ``VARIANTS``, by default the environment variable HYBRIDLM_SPARSE_ATTN_VARIANT or
-    else ``DEFAULT_VARIANT``). Differentiable in q, kv, sink, ckv, and through lse when returned."""
+    else ``DEFAULT_VARIANT``). Differentiable in q, kv, sink, ckv, and through lse when returned.
+
+    ``tune`` (the forward, query-pass and window-dkv kernels; kernels/tuning.py): None autotunes
+    the variant's tiles against their alternatives (tile_candidates) on CUDA, first call per
+    shape; "default" runs the named tiles as they are (as do explicit ``configs`` or ``variant``,
+    which name tiles to benchmark); a dict {"fwd" | "bwd_q" | "bwd_kv": {"BLOCK_N": 32, ...}}
+    overrides those meta-parameters of the named tile (tests, sweeps; other kernels: "default")."""
     _check_inputs(q, kv, sink, doc_start, window, ckv, c_end, topk_idx)
     B, L, H, D = q.shape
     topk_mode = ckv is not None and topk_idx is not None
+    named = variant or os.environ.get(VARIANT_ENV)
     if configs is not None:
         cfgs = configs
     else:
-        cfgs = variant_configs(variant or os.environ.get(VARIANT_ENV) or DEFAULT_VARIANT, H, D, topk_mode)
+        cfgs = variant_configs(named or DEFAULT_VARIANT, H, D, topk_mode)
+    if tune is None and (configs is not None or named):
+        tune = "default"
+    elif isinstance(tune, dict):
+        if not set(tune) <= set(_TUNE_KEYS):
+            raise ValueError(f"sparse_attention_triton: tune keys must be among {sorted(_TUNE_KEYS)}, got {sorted(tune)}")
+        tiles = [v for meta in tune.values() for k, v in meta.items() if k.startswith("BLOCK_")]
+        if any(v < 1 or v & (v - 1) for v in tiles) or (topk_mode and any(
+                tune.get(k, {}).get("BLOCK_T", 1) != 1 for k in ("fwd", "bwd_q"))):
+            raise ValueError(f"sparse_attention_triton: tune tiles must be powers of 2 (BLOCK_T = 1 in top-k "
+                             f"mode for fwd and bwd_q), got {tune}")
+    elif tune not in (None, "default"):
+        raise ValueError(f"sparse_attention_triton: tune must be None, 'default' or a dict, got {tune!r}")
     q, kv = q.contiguous(), kv.contiguous()
     doc_start = doc_start.to(torch.int32).contiguous()
     if ckv is not None:
@@ -952,5 +1057,6 @@ def sparse_attention_triton(
         c_end = c_end.to(torch.int32).contiguous()
         if topk_idx is not None:
             topk_idx = topk_idx.to(torch.int32).contiguous()
-    o, lse = _SparseAttention.apply(q, kv, sink, doc_start, ckv, c_end, topk_idx, int(window), float(scale), cfgs)
+    o, lse = _SparseAttention.apply(q, kv, sink, doc_start, ckv, c_end, topk_idx, int(window), float(scale), cfgs,
+                                    tune)
     return (o, lse) if return_lse else o

@@ -26,7 +26,7 @@ def _layout(B, L, cuts, ratio):
     return lay, CompressedLayout.build(lay, ratio)
 
 
-def _run_both(q, kv, sink, lay, window, ckv, c_end, topk, configs=None, use_lse_grad=True):
+def _run_both(q, kv, sink, lay, window, ckv, c_end, topk, configs=None, use_lse_grad=True, tune=None):
     """Forward + backward of the reference and the kernel with the same random cotangents."""
     leaves = [q, kv, sink] + ([ckv] if ckv is not None else [])
     results = []
@@ -37,7 +37,7 @@ def _run_both(q, kv, sink, lay, window, ckv, c_end, topk, configs=None, use_lse_
             o, lse = sparse_attention(q, kv, sink, lay.doc_start, window, q.shape[-1] ** -0.5, **kw)
         else:
             o, lse = sparse_attention_triton(q, kv, sink, lay.doc_start, window, q.shape[-1] ** -0.5,
-                                             configs=configs, **kw)
+                                             configs=configs, tune=tune, **kw)
         if do is None:
             do, dlse = torch.randn_like(o), torch.randn_like(lse)
         loss = (o.float() * do.float()).sum() + ((lse * dlse).sum() if use_lse_grad else 0.0)
@@ -229,3 +229,71 @@ def test_named_variants_run(variant, monkeypatch):
     q, kv, sink, ckv = _inputs(B, L, H, D, N, torch.float32, seed=21)
     topk = torch.randint(-1, N, (B, L, K), generator=torch.Generator().manual_seed(8)).to(DEVICE)
     _check(_run_both(q, kv, sink, lay, window, ckv, cl.c_end, topk), tol=2e-5)
+
+
+# ----------------------------------------------------------------------------- autotune candidates
+# On CUDA the forward, query-pass and window-dkv kernels are autotuned over tile_candidates (the
+# named tile first). Every candidate must give the reference's results: forced here one at a time
+# (tune={kernel: its meta-parameters}) from the small preset's tiles (16 heads), on odd lengths,
+# an odd head dim and document boundaries; the grids and the per-token entry table follow the tile.
+def _small_preset_candidates(topk_mode):
+    from kernels.sparse_attention import _meta, tile_candidates, variant_configs
+
+    cfgs = variant_configs("tuned", 16, 256, topk_mode)
+    return {k: [_meta(k, c) for c in tile_candidates(k, getattr(cfgs, k))] for k in ("fwd", "bwd_q", "bwd_kv")}
+
+
+def _candidate_tunes(topk_mode):
+    cands = _small_preset_candidates(topk_mode)
+    n = max(len(v) for v in cands.values())
+    return [{k: v[min(i, len(v) - 1)] for k, v in cands.items()} for i in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["window", "dense", "topk"])
+def test_every_autotune_candidate_matches_reference(mode):
+    cands = _small_preset_candidates(mode == "topk")
+    assert all(len(v) >= 2 for v in cands.values()), cands   # something to choose between
+    B, L, H, D, window, ratio, K = 2, 45, 16, 40, 8, 4, 7
+    lay, cl = _layout(B, L, [[17], [4, 30]], ratio)
+    N = cl.c_end.shape[1] if mode != "window" else 0
+    q, kv, sink, ckv = _inputs(B, L, H, D, N, torch.float32, seed=hash(mode) % 1000)
+    topk = None
+    if mode == "topk":
+        topk = torch.randint(-1, N, (B, L, K), generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    c_end = cl.c_end if N else None
+    for tune in _candidate_tunes(mode == "topk"):
+        try:
+            _check(_run_both(q, kv, sink, lay, window, ckv, c_end, topk, tune=tune), tol=2e-5)
+        except AssertionError as exc:
+            raise AssertionError(f"tune={tune}: {exc}") from exc
+
+
+def test_autotune_candidates_fp16_hca_ratio():
+    """fp16, the HCA ratio (entries complete every 16 tokens here), the candidates' tile heights."""
+    B, L, H, D, window, ratio = 1, 61, 16, 32, 8, 16
+    lay, cl = _layout(B, L, [[22]], ratio)
+    q, kv, sink, ckv = _inputs(B, L, H, D, cl.c_end.shape[1], torch.float16, seed=13)
+    for tune in _candidate_tunes(False):
+        _check(_run_both(q, kv, sink, lay, window, ckv, cl.c_end, None, tune=tune), tol=1e-2)
+
+
+def test_tune_argument_checks_and_atomics_reset():
+    from kernels.sparse_attention import _tuned, variant_configs
+
+    B, L, H, D = 1, 16, 2, 32
+    lay, cl = _layout(B, L, [[]], 4)
+    q, kv, sink, ckv = _inputs(B, L, H, D, cl.c_end.shape[1], torch.float32, seed=1)
+    with pytest.raises(ValueError, match="tune keys"):
+        sparse_attention_triton(q, kv, sink, lay.doc_start, 4, 0.1, tune={"fwdd": {}})
+    with pytest.raises(ValueError, match="powers of 2"):
+        sparse_attention_triton(q, kv, sink, lay.doc_start, 4, 0.1, tune={"fwd": {"BLOCK_N": 24}})
+    topk = torch.zeros(B, L, 2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="BLOCK_T = 1"):
+        sparse_attention_triton(q, kv, sink, lay.doc_start, 4, 0.1, ckv=ckv, c_end=cl.c_end, topk_idx=topk,
+                                tune={"bwd_q": {"BLOCK_T": 2}})
+    with pytest.raises(ValueError, match="tune must be"):
+        sparse_attention_triton(q, kv, sink, lay.doc_start, 4, 0.1, tune="fast")
+    # timing runs a candidate many times: the query pass's d(ckv) atomics are zeroed before each
+    cfgs = variant_configs("tuned", 16, 256, True)
+    assert _tuned("bwd_q", cfgs.bwd_q).tuned.reset_to_zero == ["DCKV"]
+    assert _tuned("fwd", cfgs.fwd).tuned.reset_to_zero == []
