@@ -205,3 +205,71 @@ def test_attention_layer_indexer_loss_with_kernels_matches_reference(monkeypatch
     for (name, _), a, b in zip(attn.indexer.named_parameters(), g_k, g_ref):
         assert b.abs().max() > 0, name
         assert _rel(a, b) < tol, (name, _rel(a, b))
+
+
+_COMPILE_CANDIDATES_FOR_HOPPER = """
+import os, re, subprocess, tempfile
+import triton
+from triton.backends import backends
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from kernels import indexer_loss as il
+
+if "nvidia" not in backends:
+    print("SKIP no NVIDIA backend")
+    raise SystemExit(0)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+POINTERS = {"Q", "W", "KI", "C", "IDX", "OUT", "G", "DQ", "DW", "DK", "LSE"}
+FP32 = {"OUT", "G", "DW", "DK", "LSE"}   # fp32 buffers; IDX int64; other pointers the model dtype
+
+
+def resources(fn, consts, warps, stages):
+    sig = {}
+    for n in fn.arg_names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in POINTERS:
+            sig[n] = "*i64" if n == "IDX" else "*fp32" if n in FP32 else "*bf16"
+        else:
+            sig[n] = "fp32" if n == "scale" else "i32"
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    return {m: int(re.search(m + r":(\\d+)", out).group(1)) for m in ("REG", "STACK", "LOCAL")}
+
+
+for (hi, di), (h, d) in (((16, 128), (16, 256)), ((64, 128), (64, 512))):   # small, flash
+    jobs = [(il._scores_fwd, c, dict(HP=hi, DP=di)) for c in il.candidates("scores_fwd")]
+    jobs += [(il._scores_bwd, c, dict(HP=hi, DP=di)) for c in il.candidates("scores_bwd", hi, di)]
+    jobs += [(il._mass_on_selected, c, {}) for c in il.candidates("mass", h, d)]
+    for fn, (meta, warps, stages), shape in jobs:
+        r = resources(fn, dict(shape, PREC="tf32", **meta), warps, stages)
+        print(fn.__name__, shape, meta, warps, stages, r)
+        assert r["STACK"] == 0 and r["LOCAL"] == 0, ("spills", fn.__name__, shape, meta, warps, r)
+print("OK")
+"""
+
+
+@pytest.mark.slow   # ~1-2 min on a busy 2-core CPU: a fresh process, 26 compiles
+def test_every_candidate_compiles_for_hopper_without_spills():
+    """Each autotune candidate compiled as the H200 would (sm_90, bf16, outside the interpreter)
+    at the small and flash presets' head shapes: no stack frame (register spills), so autotune
+    never has to time a spilling tile."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(root), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_CANDIDATES_FOR_HOPPER], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if proc.stdout.startswith("SKIP"):
+        pytest.skip(proc.stdout.strip())
+    assert proc.stdout.strip().endswith("OK")
