@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run as a script
 
 SMALL = dict(B=4, L=4096, ratio=4, K=256, Hi=16, Di=128, H=16, D=256)
 TINY = dict(B=2, L=40, ratio=4, K=6, Hi=3, Di=16, H=3, D=32)

@@ -14,6 +14,11 @@ compressed entries gathered tile by tile into registers, never into HBM.
   rounding). A deterministic alternative (sort the B*L*K (query, slot) pairs by entry, then an
   entry-centric pass) rereads each selecting query's [Hi, Di] block per pair, Hi times the
   traffic of gathering the entries, and loses the tensor-core tile: not worth the determinism.
+  Fewer atomics by summing a tile of queries' dk in registers first would need their lists to
+  name the same entries slot for slot (they do not: each query's K entries are its own set, in
+  its own order); what autotune can try instead is SPREAD, a program order that keeps the
+  programs resident together on different sequences and distant queries, which share fewer
+  selected entries (less contention on one dk row).
 * ``attention_mass_on_selected_triton``  <- ``model.indexer.attention_mass_on_selected`` (no grad)
       mass[t, j] = sum_h exp(scale * q[t, h] . ckv[idx[t, j]] - lse[t, h])    fp32, 0 where idx < 0
   heads in blocks and the head dim in chunks so that the flash sizes (64 x 512) fit registers.
