@@ -83,34 +83,34 @@ class AttnInputs:
 
 
 def make_inputs(kind: str, L: int, H: int, D: int, dtype=torch.bfloat16, device=DEVICE,
-                doc_cuts=(), seed: int = 0, topk: int = TOPK) -> AttnInputs:
-    """One batch row; doc_cuts are token indices where a new document starts."""
+                doc_cuts=(), seed: int = 0, topk: int = TOPK, batch: int = 1) -> AttnInputs:
+    """``batch`` rows of L tokens; doc_cuts are token indices where a new document starts (every row)."""
     from model.layout import CompressedLayout, DocLayout
 
     g = torch.Generator(device=device).manual_seed(seed)
-    doc_ids = torch.zeros(1, L, dtype=torch.long, device=device)
+    doc_ids = torch.zeros(batch, L, dtype=torch.long, device=device)
     for c in doc_cuts:
         doc_ids[:, c:] += 1
     lay = DocLayout.from_doc_ids(doc_ids)
-    q = torch.randn(1, L, H, D, device=device, generator=g).to(dtype).requires_grad_()
-    kv = torch.randn(1, L, D, device=device, generator=g).to(dtype).requires_grad_()
+    q = torch.randn(batch, L, H, D, device=device, generator=g).to(dtype).requires_grad_()
+    kv = torch.randn(batch, L, D, device=device, generator=g).to(dtype).requires_grad_()
     sink = torch.randn(H, device=device, generator=g).requires_grad_()
     ckv = c_end = topk_idx = None
     if kind != "window":
         ratio = HCA_RATIO if kind == "hca" else CSA_RATIO
         cl = CompressedLayout.build(lay, ratio)
         N = cl.c_end.shape[1]
-        ckv = torch.randn(1, N, D, device=device, generator=g).to(dtype).requires_grad_()
+        ckv = torch.randn(batch, N, D, device=device, generator=g).to(dtype).requires_grad_()
         c_end = cl.c_end
         if kind == "csa":
             if doc_cuts:  # per-document visibility: pick among entries visible under the layout
                 t = torch.arange(L, device=device)
                 vis = (c_end[:, None, :] >= lay.doc_start[:, :, None]) & (c_end[:, None, :] <= t[None, :, None])
-                scores = torch.rand(1, L, N, device=device, generator=g).masked_fill(~vis, float("-inf"))
+                scores = torch.rand(batch, L, N, device=device, generator=g).masked_fill(~vis, float("-inf"))
                 vals, idx = scores.topk(min(topk, N), dim=-1)
                 topk_idx = torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx).to(torch.int32)
             else:
-                topk_idx = random_topk(L, topk, ratio, device, g)
+                topk_idx = torch.cat([random_topk(L, topk, ratio, device, g) for _ in range(batch)])
     return AttnInputs(q, kv, sink, lay.doc_start, ckv, c_end, topk_idx, WINDOW, D ** -0.5)
 
 
@@ -340,6 +340,94 @@ def _peer_cells(r):
             f"{r['fwd_tflops']:.1f}", f"{r['fb_tflops']:.1f}", f"{r['fb_peak_mib']:.0f}", r.get("note", "")]
 
 
+# ----------------------------------------------------------------------------- autotune (issue 16)
+TUNE_KINDS = ("window", "hca", "csa")
+
+
+def small_preset_heads() -> tuple[int, int, int]:
+    """(heads, head dim, top-k) of conf/model/small.yaml (its window is WINDOW, its ratios 4 / 128)."""
+    import yaml
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf/model/small.yaml")
+    with open(path) as fh:
+        m = yaml.safe_load(fh)
+    if m["window"] != WINDOW or m["csa_ratio"] != CSA_RATIO:
+        raise ValueError(f"{path}: window {m['window']} / csa_ratio {m['csa_ratio']} differ from this "
+                         f"benchmark's {WINDOW} / {CSA_RATIO}: update WINDOW / CSA_RATIO here")
+    return m["n_heads"], m["head_dim"], m["index_topk"]
+
+
+def run_tune(kinds=TUNE_KINDS, batch: int = 4, L: int = 4096, heads=None, doc_cuts=(1531, 2890),
+             log=print, tol: float = 1e-2, budget_s: float = 0.3, dtype=torch.bfloat16) -> bool:
+    """The sparse-attention kernels' autotune at one micro-batch (default: experiment=small_gpu's
+    4 x 4096 tokens at the small preset's heads). Per layer kind: every candidate of the named tiles
+    (kernels.sparse_attention.tile_candidates, run pinned through configs=: exactly its tile, warps
+    and stages) against the named tile (relative L2 of o and every gradient, < tol); autotune's
+    result (tune=None) likewise; then forward and forward+backward times of the named tile
+    (tune="default") and of autotune's picks; last, every pick with every candidate's time.
+    Off CUDA (tests) nothing is timed and tune=None runs the named tiles. True if every check passed."""
+    import dataclasses
+
+    from kernels import sparse_attention as sa
+
+    H, D, topk = heads or small_preset_heads()
+    timed = torch.device(DEVICE).type == "cuda"
+    ok_all = True
+    log(f"autotune at {batch} x {L} tokens, {H} heads x {D}, top-{topk}, documents cut at {list(doc_cuts)}")
+    hdr = ["layer", "tiles (fwd / bwd_q / bwd_kv: T x H, keys, warps, stages)", "o", "dq", "dkv", "dsink", "dckv",
+           f"pass (< {tol:g})"]
+    log(fmt_row(hdr)); log(fmt_row(["---"] * len(hdr)))
+    times = []
+    for kind in kinds:
+        inp = make_inputs(kind, L, H, D, dtype=dtype, doc_cuts=doc_cuts, seed=len(kind), topk=topk, batch=batch)
+        named = sa.variant_configs(sa.DEFAULT_VARIANT, H, D, inp.topk_idx is not None)
+        do = torch.randn(inp.q.shape, device=inp.q.device, generator=torch.Generator(inp.q.device).manual_seed(1))
+        do = do.to(inp.q.dtype)
+
+        def run(**kw):
+            o = sa.sparse_attention_triton(*inp.args(), **kw)
+            return [o.detach(), *torch.autograd.grad(o, inp.leaves(), do)]
+
+        ref = run(tune="default")
+        cands = {k: sa.tile_candidates(k, getattr(named, k)) for k in ("fwd", "bwd_q", "bwd_kv")}
+        trials = [(f"candidate {i}", dict(configs=dataclasses.replace(
+            named, **{k: v[min(i, len(v) - 1)] for k, v in cands.items()})))
+            for i in range(1, max(len(v) for v in cands.values()))] + [("autotune", {})]
+        for name, kw in trials:
+            got = run(**kw)
+            errs = [_rel_err(a, b) for a, b in zip(got, ref)]
+            ok = all(torch.isfinite(x.float()).all().item() for x in got) and all(e < tol for e in errs)
+            ok_all &= ok
+            c = kw.get("configs")
+            tiles = " / ".join(f"{t.block_t}x{t.block_h}, {t.block_n}, w{t.num_warps}, s{t.num_stages}"
+                               for t in (c.fwd, c.bwd_q, c.bwd_kv)) if c else "autotune's picks"
+            log(fmt_row([kind, f"{name}: {tiles}"] + [f"{e:.1e}" for e in errs] + ["-"] * (5 - len(errs))
+                        + ["yes" if ok else "NO"]))
+        if timed:
+            row = [kind]
+            for tune in ("default", None):
+                fwd, fwd_bwd = fwd_bwd_fns(sa.sparse_attention_triton, inp, tune=tune)
+                row += [time_ms(fwd, budget_s), time_ms(fwd_bwd, budget_s)]
+            times.append(row)
+        del inp, ref
+    if timed:
+        hdr = ["layer", "fwd ms named", "fwd ms autotune", "fwd+bwd ms named", "fwd+bwd ms autotune", "fwd+bwd speedup"]
+        log(""); log(fmt_row(hdr)); log(fmt_row(["---"] * len(hdr)))
+        for kind, f0, fb0, f1, fb1 in times:
+            log(fmt_row([kind, f"{f0:.3f}", f"{f1:.3f}", f"{fb0:.3f}", f"{fb1:.3f}", f"{fb0 / fb1:.2f}x"]))
+    log("")
+    log("autotune's picks (kernel, named tile: tuning key -> pick [every candidate's time]):")
+    for name, picks in sa.tuned_configs().items():
+        for key, pick in picks.items():
+            log(f"- {name}: {key} -> {pick}")
+    log(f"all checks passed: {ok_all}")
+    return ok_all
+
+
+def _rel_err(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
@@ -348,22 +436,30 @@ def main(argv=None):
     ap.add_argument("--kinds", nargs="+", default=["csa", "hca"])
     ap.add_argument("--peers", action="store_true", help="also time dense SDPA, NSA and the reference")
     ap.add_argument("--out", default=None, help="write the markdown tables here")
+    ap.add_argument("--tune", action="store_true",
+                    help="only the autotune check and timing at one micro-batch (run_tune), not the tables")
+    ap.add_argument("--tune-shape", type=int, nargs=2, default=[4, 4096], metavar=("BATCH", "L"))
+    ap.add_argument("--tune-kinds", nargs="+", default=list(TUNE_KINDS), choices=TUNE_KINDS)
     a = ap.parse_args(argv)
     lines = []
 
     def log(s):
         print(s, flush=True)
         lines.append(s)
+        if a.out:  # written as it goes: a run cut short keeps what it measured
+            with open(a.out, "w") as fh:
+                fh.write("\n".join(lines) + "\n")
 
+    if a.tune:
+        log(f"device: {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}, torch {torch.__version__}")
+        ok = run_tune(a.tune_kinds, *a.tune_shape, log=log)
+        raise SystemExit(0 if ok else 1)
     log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     log(fmt_row(OUR_HEADER)); log(fmt_row(["---"] * len(OUR_HEADER)))
     run_table(a.lengths, a.configs, a.kinds, a.fwd_only_lengths, log=log)
     if a.peers:
         log(fmt_row(PEER_HEADER)); log(fmt_row(["---"] * len(PEER_HEADER)))
         run_peers(a.lengths, log=log)
-    if a.out:
-        with open(a.out, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
