@@ -169,10 +169,24 @@ def test_bad_inputs_raise_clear_errors():
             selected_indexer_scores_triton(q, w, k, idx + 4)
 
 
+def _layer_configs(cfg) -> list[tuple[dict | None, dict | None]]:
+    """(scores config, mass config) pairs that force every candidate of the three kernels at the
+    layer's head shapes (None: the default path, as the model calls it)."""
+    import itertools
+
+    scores = [m for m, _, _ in candidates("scores_fwd") + candidates("scores_bwd", cfg.index_n_heads, cfg.index_head_dim)]
+    mass = [m for m, _, _ in candidates("mass", cfg.n_heads, cfg.head_dim)]
+    return list(itertools.zip_longest(scores, mass))
+
+
+@pytest.mark.parametrize("forced", [False, pytest.param(True, marks=pytest.mark.slow)])   # True: ~20 s
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-def test_attention_layer_indexer_loss_with_kernels_matches_reference(monkeypatch, dtype, tol):
+def test_attention_layer_indexer_loss_with_kernels_matches_reference(monkeypatch, dtype, tol, forced):
     """The CSA layer's sparse indexer loss (tiny config, three packed documents, a query with
-    an empty set) and every indexer parameter's gradient: kernels vs references, same weights."""
+    an empty set) and every indexer parameter's gradient: kernels vs references, same weights;
+    the kernels on their default path, then with each autotune candidate forced."""
+    import functools
+
     import model.indexer as mi
     from model.attention import Attention
     from model.config import ModelConfig
@@ -188,23 +202,24 @@ def test_attention_layer_indexer_loss_with_kernels_matches_reference(monkeypatch
     doc_ids = torch.tensor([[0] * 37, [0] * 9 + [1] * 17 + [2] * 11]).to(DEVICE)
     lay = DocLayout.from_doc_ids(doc_ids)
     x = torch.randn(*doc_ids.shape, cfg.dim, device=DEVICE).to(dtype)
-    results, calls = [], []
-    for kernels in (False, True):
+    run = lambda: attn(x, lay)[1]["indexer_loss"]
+    l_ref = run()
+    g_ref = torch.autograd.grad(l_ref, list(attn.indexer.parameters()))
+    assert float(l_ref.detach()) > 0
+    for sc, mc in _layer_configs(cfg) if forced else [(None, None)]:
+        calls = []
         with monkeypatch.context() as m:
-            if kernels:
-                m.setattr(mi, "get_selected_indexer_scores",
-                          lambda *a, **k: calls.append("scores") or selected_indexer_scores_triton)
-                m.setattr(mi, "get_attention_mass_on_selected",
-                          lambda *a, **k: calls.append("mass") or attention_mass_on_selected_triton)
-            _, aux = attn(x, lay)
-            loss = aux["indexer_loss"]
-            results.append((loss.detach(), torch.autograd.grad(loss, list(attn.indexer.parameters()))))
-    assert calls == ["scores", "mass"]
-    (l_ref, g_ref), (l_k, g_k) = results
-    assert float(l_ref) > 0 and abs(float(l_k) - float(l_ref)) <= tol * float(l_ref)
-    for (name, _), a, b in zip(attn.indexer.named_parameters(), g_k, g_ref):
-        assert b.abs().max() > 0, name
-        assert _rel(a, b) < tol, (name, _rel(a, b))
+            m.setattr(mi, "get_selected_indexer_scores", lambda *a, **k: calls.append("scores") or functools.partial(
+                selected_indexer_scores_triton, config=sc))
+            m.setattr(mi, "get_attention_mass_on_selected", lambda *a, **k: calls.append("mass") or functools.partial(
+                attention_mass_on_selected_triton, config=mc))
+            l_k = run()
+            g_k = torch.autograd.grad(l_k, list(attn.indexer.parameters()))
+        assert calls == ["scores", "mass"]
+        assert abs(float(l_k.detach()) - float(l_ref.detach())) <= tol * float(l_ref.detach()), (sc, mc)
+        for (name, _), a, b in zip(attn.indexer.named_parameters(), g_k, g_ref):
+            assert b.abs().max() > 0, name
+            assert _rel(a, b) < tol, (sc, mc, name, _rel(a, b))
 
 
 _COMPILE_CANDIDATES_FOR_HOPPER = """
