@@ -50,3 +50,14 @@ def test_tuning_on_cuda_keeps_every_candidates_time():
     k.tuned.cache.clear()
     k.launch(lambda m: (1,), (None, 10), {}, None, on_cuda=True)
     assert "timings unreadable" in k.picks()["(10,)"]
+
+
+def test_accumulated_outputs_are_zeroed_around_autotuning():
+    """Outputs a kernel adds into (the indexer loss's dk atomics) go to Triton's reset_to_zero:
+    zeroed before every timed candidate and before the real launch, so tuning cannot add into them."""
+    from kernels import indexer_loss as il
+
+    assert Tuned(_write_block, [({"BLOCK": 4, "OTHER": 1}, 4, 1)], key=["N"], reset_to_zero=["OUT"]).tuned.reset_to_zero \
+        == ["OUT"]
+    assert il._tuned("scores_bwd", 16, 128).tuned.reset_to_zero == ["DK"]
+    assert il._tuned("scores_fwd", 16, 128).tuned.reset_to_zero == []
