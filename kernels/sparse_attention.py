@@ -533,17 +533,17 @@ def _half(x: int) -> int:
 
 
 # kernel -> candidates as replacements of the named tile's fields (functions of it). sm_90 compiles
-# on the CPU (Triton 3.9, ptxas -v, bf16, small preset's 16 heads x 256; a top-k tile has 1 token):
-#   fwd    named (4 x 16, 64 keys, 4 warps) spills 136 B (window) / 300 B (HCA); top-k (128 keys)
-#          504 B. 8 warps: 248 / 225 / 206 registers, no spill; half the keys with 3 stages:
-#          254 / 239 / 217; 8 warps, 3 stages: 248 / 221 / 213.
-#   bwd_q  named (4 x 16 rows, 32 keys, 4 warps) spills 476 B (window) / 1800 B (HCA: dq and the
-#          d(ckv) products in one pass); every 64-row tile spills (8 warps still 56 / 480 B). With 32
-#          rows: 8 warps 127 / 179 registers; 16 keys 227 / 250; 16 rows 148 / 186, no spill. The
-#          top-k passes (1 x 16 rows, 32 keys) do not spill (dq 162, d(ckv) 255 registers); 8 warps
-#          128 / 166, 16 keys 136 / 168; 64 keys spill in the d(ckv) pass (176 B): not a candidate.
-#   bwd_kv named (32 keys x 4 x 16 query rows, 4 warps) spills 292 B; 8 warps: 181 registers (1 or
-#          2 stages: 176), 8 warps with 2 x 16 query rows: 139, no spill; 64 keys spill (140+ B).
+# on the CPU (Triton 3.9, bf16, the small preset's 16 heads x 256 with every pointer and integer
+# argument a multiple of 16 as at the 4 x 4096 micro-batch; cuobjdump registers / stack bytes;
+# tests/kernels/test_sparse_attention.py re-checks that no alternative spills):
+#   fwd    named tiles do not spill (window 254 registers, HCA 255, top-k 176); 8 warps 209 / 214 /
+#          128, half the keys with 3 stages 211 / 237 / 137, 8 warps with 3 stages 211 / 216 / 128.
+#   bwd_q  named 4 x 16 rows, 32 keys, 4 warps spills: 88 B (window), 856 B (HCA: dq and the
+#          d(ckv) products in one pass); the top-k passes (1 x 16 rows) 128 registers (dq) and
+#          168 + 16 B of stack (d(ckv)). Half the rows with 8 warps: 96 / 176, top-k 94 / 106;
+#          half the rows and keys: 158 / 229, top-k 106 / 122; a quarter of the rows: 106 / 241.
+#   bwd_kv named 32 keys x 4 x 16 query rows, 4 warps spills 208 B; 8 warps 162, 8 warps with
+#          2 x 16 query rows 160, no spill (8 warps with 2 stages: 16 B of stack, not a candidate).
 _TILE_MOVES = {
     "fwd": [{"num_warps": 8},
             lambda c: {"block_n": max(16, c.block_n // 2), "num_stages": 3},
@@ -551,9 +551,7 @@ _TILE_MOVES = {
     "bwd_q": [lambda c: {"block_t": _half(c.block_t), "num_warps": 8, "num_stages": 2},
               lambda c: {"block_t": _half(c.block_t), "block_n": max(16, c.block_n // 2), "num_stages": 2},
               lambda c: {"block_t": _half(_half(c.block_t)), "num_stages": 2}],
-    "bwd_kv": [{"num_warps": 8},
-               {"num_warps": 8, "num_stages": 2},
-               lambda c: {"block_t": _half(c.block_t), "num_warps": 8}],
+    "bwd_kv": [{"num_warps": 8}, lambda c: {"block_t": _half(c.block_t), "num_warps": 8}],
 }
 
 
