@@ -82,7 +82,9 @@ def test_unused_outputs_get_zero_gradients():
     """Only h is used (x_res, post, comb unused: their gradients arrive as None)."""
     x, fn, base, scale = _inputs(4, 24, (19,), torch.float32, 7)
     args = (4, 20, 1e-6, 1e-6)
-    cot = torch.randn(19, 24, device=DEVICE)
+    # seeded: unseeded, the suite's RNG state once drew a cotangent whose dscale (one sum over every
+    # token, -2.6e-3) cancelled to a 1.25e-3 relative fp32 difference (fresh-clone CI, 2026-12-03)
+    cot = torch.randn(19, 24, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     g_ref = torch.autograd.grad((mhc_pre(x, fn, base, scale, *args)[0] * cot).sum(), [x, fn, base, scale])
     got = mhc_pre_split_triton(x, fn, base, scale, *args, config=SMALL)[0]
     g_got = torch.autograd.grad((got * cot).sum(), [x, fn, base, scale])
