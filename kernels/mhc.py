@@ -189,6 +189,49 @@ def _logit_params(SCALE, BASE, rj, j_ok, n):
 
 
 @triton.jit
+def _pre_tail_grads(g_pre, MIX, R, BASE, SCALE, DPOST, DCOMB, G, PART, SCR, pid, rt, rt64, t_ok, K, NM, iters, eps,
+                    N: tl.constexpr, NP: tl.constexpr, SAVED: tl.constexpr):
+    """One token block of the site pre's coefficient backward, given d(pre) ``g_pre`` [BLOCK_T, NP]
+    (the fused pre computes it in registers, the split pre loads it): stores G [T, NM] = dmix * r (the
+    gradient of x fn^T) and PART[pid] = (sum_t dlogit [NM], per-group sum_t <dlogit, mixes> [3]), where
+    logits = scale_group * mixes + base and dmix = dlogit * scale_group; returns coef [BLOCK_T] =
+    -(r^2 / K) <dmix, mixes> (the r-path: dx gets coef * x)."""
+    rj = tl.arange(0, NP)
+    j_ok = rj < N
+    mpre, mpost, mcomb, m2, cmask = _load_parts(MIX, rt, t_ok, N, NM, NP)
+    s0, s1, s2, bpre, bpost, bcomb = _logit_params(SCALE, BASE, rj, j_ok, N)
+    in2 = rt64[:, None] * N + rj[None, :]
+    g_post = tl.load(DPOST + in2, mask=m2, other=0.0)
+    sp = tl.sigmoid(s0 * mpre + bpre[None, :])
+    sq = tl.sigmoid(s1 * mpost + bpost[None, :])
+    d_pre = tl.where(m2, g_pre * sp * (1.0 - sp), 0.0)
+    d_post = tl.where(m2, 2.0 * g_post * sq * (1.0 - sq), 0.0)
+    i3 = rt64[:, None, None] * (N * N) + rj[None, :, None] * N + rj[None, None, :]
+    g_comb = tl.load(DCOMB + i3, mask=cmask, other=0.0)
+    if SAVED:
+        d_comb = _sinkhorn_bwd_saved(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps, SCR, rt64, t_ok, NP)
+    else:
+        d_comb = _sinkhorn_bwd(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps)
+    r = tl.load(R + rt, mask=t_ok, other=0.0)
+    dot_pre = tl.sum(d_pre * mpre, 1)
+    dot_post = tl.sum(d_post * mpost, 1)
+    dot_comb = tl.sum(tl.sum(d_comb * mcomb, 2), 1)
+    grow = G + rt64 * NM
+    tl.store(grow[:, None] + rj[None, :], d_pre * (s0 * r)[:, None], mask=m2)
+    tl.store(grow[:, None] + N + rj[None, :], d_post * (s1 * r)[:, None], mask=m2)
+    tl.store(grow[:, None, None] + 2 * N + rj[None, :, None] * N + rj[None, None, :], d_comb * (s2 * r)[:, None, None],
+             mask=cmask)
+    prow = PART + pid * (NM + 3)
+    tl.store(prow + rj, tl.sum(d_pre, 0), mask=j_ok)
+    tl.store(prow + N + rj, tl.sum(d_post, 0), mask=j_ok)
+    tl.store(prow + 2 * N + rj[:, None] * N + rj[None, :], tl.sum(d_comb, 0), mask=j_ok[:, None] & j_ok[None, :])
+    tl.store(prow + NM, tl.sum(dot_pre, 0))
+    tl.store(prow + NM + 1, tl.sum(dot_post, 0))
+    tl.store(prow + NM + 2, tl.sum(dot_comb, 0))
+    return -(s0 * dot_pre + s1 * dot_post + s2 * dot_comb) * r * r / K
+
+
+@triton.jit
 def _mhc_tail_fwd(MIX, BASE, SCALE, PRE, POST, COMB, T, n, NM, iters, eps,
                   BLOCK_T: tl.constexpr, NP: tl.constexpr):
     pid = tl.program_id(0)

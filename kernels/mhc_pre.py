@@ -30,8 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mhc import (_load_parts, _logit_params, _pow2, _sinkhorn_bwd, _sinkhorn_bwd_saved,
-                         _sinkhorn_fwd)
+from kernels.mhc import _load_parts, _logit_params, _pow2, _pre_tail_grads, _sinkhorn_fwd
 from kernels.opaque import opaque_to_compile
 
 
@@ -104,39 +103,10 @@ def _mhc_pre_bwd(X, FN, BASE, SCALE, MIX, R, PRE, DH, DXRES, DPOST, DCOMB, G, PA
         dh = tl.load(DH + rt64[:, None] * D + rd[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         x3 = tl.load(X + xrow + rd[None, None, :], mask=m2[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
         dpre += tl.sum(x3 * dh[:, None, :], 2)
-    # 2. the tail's backward: d(logits), logits = scale_group * mixes + base
-    mpre, mpost, mcomb, m2, cmask = _load_parts(MIX, rt, t_ok, N, NM, NP)
-    s0, s1, s2, bpre, bpost, bcomb = _logit_params(SCALE, BASE, rj, j_ok, N)
+    # 2. the tail's backward (d(logits), logits = scale_group * mixes + base): G, PART and the r-path's coef
+    coef = _pre_tail_grads(dpre, MIX, R, BASE, SCALE, DPOST, DCOMB, G, PART, SCR, pid, rt, rt64, t_ok, K, NM, iters, eps,
+                           N, NP, SAVED)
     in2 = rt64[:, None] * N + rj[None, :]
-    g_post = tl.load(DPOST + in2, mask=m2, other=0.0)
-    sp = tl.sigmoid(s0 * mpre + bpre[None, :])
-    sq = tl.sigmoid(s1 * mpost + bpost[None, :])
-    d_pre = tl.where(m2, dpre * sp * (1.0 - sp), 0.0)
-    d_post = tl.where(m2, 2.0 * g_post * sq * (1.0 - sq), 0.0)
-    i3 = rt64[:, None, None] * (N * N) + rj[None, :, None] * N + rj[None, None, :]
-    g_comb = tl.load(DCOMB + i3, mask=cmask, other=0.0)
-    if SAVED:
-        d_comb = _sinkhorn_bwd_saved(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps, SCR, rt64, t_ok, NP)
-    else:
-        d_comb = _sinkhorn_bwd(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps)
-    # dmix = dlogit * scale_group; d(x fn^T) = dmix * r; coef = -(r^2 / K) <dmix, mixes> (the r-path)
-    r = tl.load(R + rt, mask=t_ok, other=0.0)
-    dot_pre = tl.sum(d_pre * mpre, 1)
-    dot_post = tl.sum(d_post * mpost, 1)
-    dot_comb = tl.sum(tl.sum(d_comb * mcomb, 2), 1)
-    coef = -(s0 * dot_pre + s1 * dot_post + s2 * dot_comb) * r * r / K
-    grow = G + rt64 * NM
-    tl.store(grow[:, None] + rj[None, :], d_pre * (s0 * r)[:, None], mask=m2)
-    tl.store(grow[:, None] + N + rj[None, :], d_post * (s1 * r)[:, None], mask=m2)
-    tl.store(grow[:, None, None] + 2 * N + rj[None, :, None] * N + rj[None, None, :], d_comb * (s2 * r)[:, None, None],
-             mask=cmask)
-    prow = PART + pid * (NM + 3)
-    tl.store(prow + rj, tl.sum(d_pre, 0), mask=j_ok)
-    tl.store(prow + N + rj, tl.sum(d_post, 0), mask=j_ok)
-    tl.store(prow + 2 * N + rj[:, None] * N + rj[None, :], tl.sum(d_comb, 0), mask=j_ok[:, None] & j_ok[None, :])
-    tl.store(prow + NM, tl.sum(dot_pre, 0))
-    tl.store(prow + NM + 1, tl.sum(dot_post, 0))
-    tl.store(prow + NM + 2, tl.sum(dot_comb, 0))
     tl.debug_barrier()  # G's rows are re-read below as one [BLOCK_T, NM] tile for the product with fn
     rm = tl.arange(0, NM_P)
     g = tl.load(G + rt64[:, None] * NM + rm[None, :], mask=t_ok[:, None] & (rm < NM)[None, :], other=0.0)

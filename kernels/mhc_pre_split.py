@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mhc import (_load_parts, _logit_params, _mhc_mix_fwd, _mhc_tail_fwd, _pow2, _sinkhorn_bwd,
-                         _sinkhorn_bwd_saved, _tf32_split)
+from kernels.mhc import _mhc_mix_fwd, _mhc_tail_fwd, _pow2, _pre_tail_grads, _tf32_split
 from kernels.mhc_streams import _collapse_bwd, _collapse_fwd
 from kernels.opaque import opaque_to_compile
 from kernels.tuning import Tuned
@@ -49,39 +48,11 @@ def _pre_tail_bwd(MIX, R, BASE, SCALE, DPRE, DPOST, DCOMB, G, COEF, PART, SCR, T
     t_ok = rt < T
     rt64 = rt.to(tl.int64)
     rj = tl.arange(0, NP)
-    j_ok = rj < N
-    mpre, mpost, mcomb, m2, cmask = _load_parts(MIX, rt, t_ok, N, NM, NP)
-    s0, s1, s2, bpre, bpost, bcomb = _logit_params(SCALE, BASE, rj, j_ok, N)
-    in2 = rt64[:, None] * N + rj[None, :]
-    g_pre = tl.load(DPRE + in2, mask=m2, other=0.0)
-    g_post = tl.load(DPOST + in2, mask=m2, other=0.0)
-    sp = tl.sigmoid(s0 * mpre + bpre[None, :])
-    sq = tl.sigmoid(s1 * mpost + bpost[None, :])
-    d_pre = tl.where(m2, g_pre * sp * (1.0 - sp), 0.0)
-    d_post = tl.where(m2, 2.0 * g_post * sq * (1.0 - sq), 0.0)
-    i3 = rt64[:, None, None] * (N * N) + rj[None, :, None] * N + rj[None, None, :]
-    g_comb = tl.load(DCOMB + i3, mask=cmask, other=0.0)
-    if SAVED:
-        d_comb = _sinkhorn_bwd_saved(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps, SCR, rt64, t_ok, NP)
-    else:
-        d_comb = _sinkhorn_bwd(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps)
-    r = tl.load(R + rt, mask=t_ok, other=0.0)
-    dot_pre = tl.sum(d_pre * mpre, 1)
-    dot_post = tl.sum(d_post * mpost, 1)
-    dot_comb = tl.sum(tl.sum(d_comb * mcomb, 2), 1)
-    tl.store(COEF + rt, -(s0 * dot_pre + s1 * dot_post + s2 * dot_comb) * r * r / K, mask=t_ok)
-    grow = G + rt64 * NM
-    tl.store(grow[:, None] + rj[None, :], d_pre * (s0 * r)[:, None], mask=m2)
-    tl.store(grow[:, None] + N + rj[None, :], d_post * (s1 * r)[:, None], mask=m2)
-    tl.store(grow[:, None, None] + 2 * N + rj[None, :, None] * N + rj[None, None, :], d_comb * (s2 * r)[:, None, None],
-             mask=cmask)
-    prow = PART + pid * (NM + 3)
-    tl.store(prow + rj, tl.sum(d_pre, 0), mask=j_ok)
-    tl.store(prow + N + rj, tl.sum(d_post, 0), mask=j_ok)
-    tl.store(prow + 2 * N + rj[:, None] * N + rj[None, :], tl.sum(d_comb, 0), mask=j_ok[:, None] & j_ok[None, :])
-    tl.store(prow + NM, tl.sum(dot_pre, 0))
-    tl.store(prow + NM + 1, tl.sum(dot_post, 0))
-    tl.store(prow + NM + 2, tl.sum(dot_comb, 0))
+    m2 = t_ok[:, None] & (rj < N)[None, :]
+    g_pre = tl.load(DPRE + rt64[:, None] * N + rj[None, :], mask=m2, other=0.0)
+    coef = _pre_tail_grads(g_pre, MIX, R, BASE, SCALE, DPOST, DCOMB, G, PART, SCR, pid, rt, rt64, t_ok, K, NM, iters, eps,
+                           N, NP, SAVED)
+    tl.store(COEF + rt, coef, mask=t_ok)
 
 
 @triton.jit
