@@ -380,6 +380,17 @@ class _MHCCoefficients(torch.autograd.Function):
 
 
 @opaque_to_compile
+def pre_forward_buffers(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int):
+    """The site pre's inputs as its kernels read them and its outputs, for x [..., n, D]: (x as
+    [T, nD], fn / base / scale in fp32, mixes [T, NM], r [T], pre / post [T, n], comb [T, n, n] in
+    fp32, h [T, D] in x's dtype), shared by the fused and the split pre."""
+    T, D, NM = x.numel() // (n * x.shape[-1]), x.shape[-1], fn.shape[0]
+    f32 = dict(device=x.device, dtype=torch.float32)
+    return (x.reshape(T, n * D).contiguous(), fn.float().contiguous(), base.float().contiguous(),
+            scale.float().contiguous(), torch.empty(T, NM, **f32), torch.empty(T, **f32), torch.empty(T, n, **f32),
+            torch.empty(T, n, **f32), torch.empty(T, n, n, **f32), torch.empty(T, D, device=x.device, dtype=x.dtype))
+
+
 def mhc_coefficients_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                             n: int, iters: int, eps: float, norm_eps: float):
     """Triton version of ``model.hyper_connections.mhc_coefficients`` (same arguments and

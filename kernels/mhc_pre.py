@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mhc import _load_parts, _logit_params, _pow2, _pre_tail_grads, _sinkhorn_fwd
+from kernels.mhc import _load_parts, _logit_params, _pow2, _pre_tail_grads, _sinkhorn_fwd, pre_forward_buffers
 from kernels.opaque import opaque_to_compile
 
 
@@ -165,16 +165,8 @@ class _MHCPre(torch.autograd.Function):
     def forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, tiles, saved):
         D = x.shape[-1]
         K = n * D
-        xf = x.reshape(-1, K).contiguous()
+        xf, fn32, base32, scale32, mixes, r, pre, post, comb, h = pre_forward_buffers(x, fn, base, scale, n)
         T, NM = xf.shape[0], fn.shape[0]
-        fn32, base32, scale32 = fn.float().contiguous(), base.float().contiguous(), scale.float().contiguous()
-        dev = x.device
-        mixes = torch.empty(T, NM, device=dev, dtype=torch.float32)
-        r = torch.empty(T, device=dev, dtype=torch.float32)
-        pre = torch.empty(T, n, device=dev, dtype=torch.float32)
-        post = torch.empty_like(pre)
-        comb = torch.empty(T, n, n, device=dev, dtype=torch.float32)
-        h = torch.empty(T, D, device=dev, dtype=x.dtype)
         bt, bk, bd = tiles
         nm_p = max(16, _pow2(NM))
         if T > 0:

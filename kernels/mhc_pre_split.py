@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mhc import _mhc_mix_fwd, _mhc_tail_fwd, _pow2, _pre_tail_grads, _tf32_split
+from kernels.mhc import _mhc_mix_fwd, _mhc_tail_fwd, _pow2, _pre_tail_grads, _tf32_split, pre_forward_buffers
 from kernels.mhc_streams import _collapse_bwd, _collapse_fwd
 from kernels.opaque import opaque_to_compile
 from kernels.tuning import Tuned
@@ -158,16 +158,8 @@ class _MHCPreSplit(torch.autograd.Function):
     def forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, config):
         D = x.shape[-1]
         K = n * D
-        xf = x.reshape(-1, K).contiguous()
+        xf, fn32, base32, scale32, mixes, r, pre, post, comb, h = pre_forward_buffers(x, fn, base, scale, n)
         T, NM = xf.shape[0], fn.shape[0]
-        fn32, base32, scale32 = fn.float().contiguous(), base.float().contiguous(), scale.float().contiguous()
-        dev = x.device
-        mixes = torch.empty(T, NM, device=dev, dtype=torch.float32)
-        r = torch.empty(T, device=dev, dtype=torch.float32)
-        pre = torch.empty(T, n, device=dev, dtype=torch.float32)
-        post = torch.empty_like(pre)
-        comb = torch.empty(T, n, n, device=dev, dtype=torch.float32)
-        h = torch.empty(T, D, device=dev, dtype=x.dtype)
         NP, nm_p = _pow2(n), max(16, _pow2(NM))
         if T > 0:
             _run("mix", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, fn32, mixes, r, T, K, NM, norm_eps),

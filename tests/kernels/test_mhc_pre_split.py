@@ -13,22 +13,7 @@ from kernels.mhc import _tf32_split
 from kernels.mhc_pre import mhc_pre_triton
 from kernels.mhc_pre_split import _dfn_splits, mhc_pre_split_triton
 from model.hyper_connections import mhc_pre
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
-def _inputs(n, D, lead, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    NM = (2 + n) * n
-    x = torch.randn(*lead, n, D, generator=g).to(DEVICE, dtype).requires_grad_()
-    fn = (torch.randn(NM, n * D, generator=g) / (n * D) ** 0.5).to(DEVICE).requires_grad_()
-    base = torch.randn(NM, generator=g).to(DEVICE).requires_grad_()
-    scale = (torch.rand(3, generator=g) + 0.5).to(DEVICE).requires_grad_()
-    return x, fn, base, scale
+from test_mhc_pre import DEVICE, _inputs, _rel   # the fused pre's tests: same inputs, same measure
 
 
 def _grads(op, inputs, args, cots, **kw):
