@@ -10,6 +10,7 @@ import model.loss as loss_mod
 from kernels.cross_entropy import chunk_cross_entropy_triton
 from model.config import ModelConfig
 from model.loss import IGNORE_INDEX, LMHead, chunk_cross_entropy, linear_cross_entropy, reference_linear_cross_entropy
+from hopper_compile import run_fresh
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -213,17 +214,4 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
     TTIR -> PTX -> cubin; in a fresh process, outside the interpreter) for every gradient dtype
     and without, so a type or lowering error shows here, not in a GPU call. With V and the strides
     divisible by 16 (Triton's specialisation at V = 129280) the row loads are 128-bit."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(root), TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    if proc.stdout.startswith("SKIP"):
-        pytest.skip(proc.stdout.strip())
-    assert proc.stdout.strip().endswith("OK")
+    run_fresh(_COMPILE_FOR_HOPPER, timeout=300)

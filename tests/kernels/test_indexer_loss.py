@@ -8,6 +8,7 @@ import torch
 
 from kernels.indexer_loss import attention_mass_on_selected_triton, candidates, selected_indexer_scores_triton
 from model.indexer import attention_mass_on_selected, selected_indexer_scores
+from hopper_compile import run_fresh
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -274,17 +275,4 @@ def test_every_candidate_compiles_for_hopper_without_spills():
     """Each autotune candidate compiled as the H200 would (sm_90, bf16, outside the interpreter)
     at the small and flash presets' head shapes: no stack frame (register spills), so autotune
     never has to time a spilling tile."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(root), TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_CANDIDATES_FOR_HOPPER], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    if proc.stdout.startswith("SKIP"):
-        pytest.skip(proc.stdout.strip())
-    assert proc.stdout.strip().endswith("OK")
+    run_fresh(_COMPILE_CANDIDATES_FOR_HOPPER, timeout=600)

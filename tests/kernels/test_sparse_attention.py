@@ -9,6 +9,7 @@ from kernels.sparse_attention import (KernelConfig, SparseAttentionConfigs, defa
                                       sparse_attention_triton)
 from model.layout import CompressedLayout, DocLayout
 from model.sparse_attention import sparse_attention
+from hopper_compile import run_fresh
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -368,17 +369,4 @@ def test_every_autotune_alternative_compiles_for_hopper_without_spills():
     entries, top-k; the query pass's dq / d(ckv) passes): no stack frame (register spills). The
     named tiles compile too; at this head dim most of them spill (see _TILE_MOVES), which is why
     the alternatives exist."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(root), TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_CANDIDATES_FOR_HOPPER], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    if proc.stdout.startswith("SKIP"):
-        pytest.skip(proc.stdout.strip())
-    assert proc.stdout.strip().endswith("OK")
+    run_fresh(_COMPILE_CANDIDATES_FOR_HOPPER, timeout=900)
