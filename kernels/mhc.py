@@ -380,6 +380,23 @@ class _MHCCoefficients(torch.autograd.Function):
 
 
 @opaque_to_compile
+def check_pre_inputs(name: str, x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                     n: int, iters: int) -> None:
+    """The site pre's argument checks (fused and split pre): one ValueError naming ``name`` and the bad input."""
+    if x.dim() < 2 or x.shape[-2] != n:
+        raise ValueError(f"{name}: x must be [..., n={n}, D], got {tuple(x.shape)}")
+    K = n * x.shape[-1]
+    if fn.shape != ((2 + n) * n, K):
+        raise ValueError(f"{name}: fn must be [{(2 + n) * n}, {K}], got {tuple(fn.shape)}")
+    if base.shape != ((2 + n) * n,) or scale.shape != (3,):
+        raise ValueError(f"{name}: base must be [{(2 + n) * n}] and scale [3], "
+                         f"got {tuple(base.shape)} and {tuple(scale.shape)}")
+    if iters < 1:
+        raise ValueError(f"{name}: iters must be >= 1, got {iters}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{name}: x dtype must be fp16, bf16 or fp32, got {x.dtype}")
+
+
 def pre_forward_buffers(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int):
     """The site pre's inputs as its kernels read them and its outputs, for x [..., n, D]: (x as
     [T, nD], fn / base / scale in fp32, mixes [T, NM], r [T], pre / post [T, n], comb [T, n, n] in
@@ -389,6 +406,23 @@ def pre_forward_buffers(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, s
     return (x.reshape(T, n * D).contiguous(), fn.float().contiguous(), base.float().contiguous(),
             scale.float().contiguous(), torch.empty(T, NM, **f32), torch.empty(T, **f32), torch.empty(T, n, **f32),
             torch.empty(T, n, **f32), torch.empty(T, n, n, **f32), torch.empty(T, D, device=x.device, dtype=x.dtype))
+
+
+def pre_cotangents(xf: torch.Tensor, n: int, dh, dx_res, dpost, dcomb):
+    """The site pre's incoming gradients as its backward kernels read them (xf: x as [T, nD]): dh
+    [T, D] in x's dtype, dx_res [T, nD] (xf as an unread placeholder when None), dpost [T, n] and
+    dcomb [T, n, n] in fp32 (zeros when None), and whether dx_res came."""
+    T, K = xf.shape
+
+    def f32(g, *shape):
+        if g is None:
+            return torch.zeros(T, *shape, device=xf.device, dtype=torch.float32)
+        return g.reshape(T, *shape).to(torch.float32).contiguous()
+
+    dh = torch.zeros(T, K // n, device=xf.device, dtype=xf.dtype) if dh is None else dh.reshape(T, K // n).contiguous()
+    has_dxres = dx_res is not None
+    dx_res = dx_res.reshape(T, K).contiguous() if has_dxres else xf
+    return dh, dx_res, f32(dpost, n), f32(dcomb, n, n), has_dxres
 
 
 def mhc_coefficients_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mhc import _load_parts, _logit_params, _pow2, _pre_tail_grads, _sinkhorn_fwd, pre_forward_buffers
+from kernels.mhc import (_load_parts, _logit_params, _pow2, _pre_tail_grads, _sinkhorn_fwd, check_pre_inputs,
+                         pre_cotangents, pre_forward_buffers)
 from kernels.opaque import opaque_to_compile
 
 
@@ -185,16 +186,7 @@ class _MHCPre(torch.autograd.Function):
         T, K = xf.shape
         D, NM = K // n, fn32.shape[0]
         dev = xf.device
-
-        def f32(g, *shape):  # a missing gradient is zero
-            if g is None:
-                return torch.zeros(T, *shape, device=dev, dtype=torch.float32)
-            return g.reshape(T, *shape).to(torch.float32).contiguous()
-
-        dh = (torch.zeros(T, D, device=dev, dtype=xf.dtype) if dh is None else dh.reshape(T, D).contiguous())
-        dpost, dcomb = f32(dpost, n), f32(dcomb, n, n)
-        has_dxres = dx_res is not None
-        dx_res = dx_res.reshape(T, K).contiguous() if has_dxres else xf   # xf: an unread placeholder
+        dh, dx_res, dpost, dcomb, has_dxres = pre_cotangents(xf, n, dh, dx_res, dpost, dcomb)
         bt, bk, bd = tiles
         nm_p = max(16, _pow2(NM))
         P = triton.cdiv(T, bt)
@@ -232,18 +224,7 @@ def mhc_pre_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale:
     (O(iters)); False recomputes them in registers (O(iters^2), no memory). The default stays
     False (the version checked and timed on the H200) until bench/mhc.py's sweep shows the saved
     one correct and faster there."""
-    if x.dim() < 2 or x.shape[-2] != n:
-        raise ValueError(f"mhc_pre_triton: x must be [..., n={n}, D], got {tuple(x.shape)}")
-    K = n * x.shape[-1]
-    if fn.shape != ((2 + n) * n, K):
-        raise ValueError(f"mhc_pre_triton: fn must be [{(2 + n) * n}, {K}], got {tuple(fn.shape)}")
-    if base.shape != ((2 + n) * n,) or scale.shape != (3,):
-        raise ValueError(f"mhc_pre_triton: base must be [{(2 + n) * n}] and scale [3], "
-                         f"got {tuple(base.shape)} and {tuple(scale.shape)}")
-    if iters < 1:
-        raise ValueError(f"mhc_pre_triton: iters must be >= 1, got {iters}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"mhc_pre_triton: x dtype must be fp16, bf16 or fp32, got {x.dtype}")
+    check_pre_inputs("mhc_pre_triton", x, fn, base, scale, n, iters)
     tiles = tuple(tiles or DEFAULT_TILES)
     if tiles[0] < 16 or any(t & (t - 1) for t in tiles):
         raise ValueError(f"mhc_pre_triton: tiles must be powers of 2 with block_t >= 16, got {tiles}")

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.mhc import _mhc_mix_fwd, _mhc_tail_fwd, _pow2, _pre_tail_grads, _tf32_split, pre_forward_buffers
+from kernels.mhc import (_mhc_mix_fwd, _mhc_tail_fwd, _pow2, _pre_tail_grads, _tf32_split, check_pre_inputs,
+                         pre_cotangents, pre_forward_buffers)
 from kernels.mhc_streams import _collapse_bwd, _collapse_fwd
 from kernels.opaque import opaque_to_compile
 from kernels.tuning import Tuned
@@ -180,19 +181,10 @@ class _MHCPreSplit(torch.autograd.Function):
         T, K = xf.shape
         D, NM = K // n, fn32.shape[0]
         dev = xf.device
-
-        def f32(g, *shape):  # a missing gradient is zero
-            if g is None:
-                return torch.zeros(T, *shape, device=dev, dtype=torch.float32)
-            return g.reshape(T, *shape).to(torch.float32).contiguous()
-
         if T == 0:
             return (torch.empty_like(xf).view(xshape), torch.zeros_like(fn32).to(fdt),
                     torch.zeros_like(base32).to(bdt), torch.zeros_like(scale32).to(sdt), None, None, None, None, None)
-        dh = torch.zeros(T, D, device=dev, dtype=xf.dtype) if dh is None else dh.reshape(T, D).contiguous()
-        dpost, dcomb = f32(dpost, n), f32(dcomb, n, n)
-        has_dxres = dx_res is not None
-        dx_res = dx_res.reshape(T, K).contiguous() if has_dxres else xf   # xf: an unread placeholder
+        dh, dx_res, dpost, dcomb, has_dxres = pre_cotangents(xf, n, dh, dx_res, dpost, dcomb)
         NP, nm_p = _pow2(n), max(16, _pow2(NM))
         dpre = torch.empty(T, n, device=dev, dtype=torch.float32)
         _run("dpre", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, pre, dh, xf, dpre, T, D),
@@ -233,18 +225,7 @@ def mhc_pre_split_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, 
     kernel's first candidate; a dict such as {"BLOCK_T": 16, "BLOCK_K": 16, "BLOCK_D": 16,
     "SAVED": True, "SPLIT_TOKENS": 16} overrides those entries of every kernel that has them
     (tests, sweeps)."""
-    if x.dim() < 2 or x.shape[-2] != n:
-        raise ValueError(f"mhc_pre_split_triton: x must be [..., n={n}, D], got {tuple(x.shape)}")
-    K = n * x.shape[-1]
-    if fn.shape != ((2 + n) * n, K):
-        raise ValueError(f"mhc_pre_split_triton: fn must be [{(2 + n) * n}, {K}], got {tuple(fn.shape)}")
-    if base.shape != ((2 + n) * n,) or scale.shape != (3,):
-        raise ValueError(f"mhc_pre_split_triton: base must be [{(2 + n) * n}] and scale [3], "
-                         f"got {tuple(base.shape)} and {tuple(scale.shape)}")
-    if iters < 1:
-        raise ValueError(f"mhc_pre_split_triton: iters must be >= 1, got {iters}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"mhc_pre_split_triton: x dtype must be fp16, bf16 or fp32, got {x.dtype}")
+    check_pre_inputs("mhc_pre_split_triton", x, fn, base, scale, n, iters)
     if isinstance(config, dict):
         bad = {k: v for k, v in config.items() if k.startswith("BLOCK_") and (v < 1 or v & (v - 1))}
         if bad or config.get("BLOCK_T", 16) < 16 or config.get("SPLIT_TOKENS", 1) < 1:

@@ -25,6 +25,17 @@ def _inputs(n, D, lead, dtype, seed):
     return x, fn, base, scale
 
 
+def assert_site_close(got, ref, g_got, g_ref, tol):
+    """Outputs (h, x_res, post, comb) within ``tol`` of the reference's, same shapes and dtypes;
+    the gradients of (x, fn, base, scale) within 10 x tol."""
+    for name, a, b in zip(["h", "x_res", "post", "comb"], got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert _rel(a, b) < tol, (name, _rel(a, b))
+    for name, a, b in zip(["dx", "dfn", "dbase", "dscale"], g_got, g_ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert _rel(a, b) < 10 * tol, (name, _rel(a, b))
+
+
 def _loss(outs, cots):
     h, x_res, post, comb = outs
     # x_res goes through a mix-like product so its gradient is not just the cotangent
@@ -49,12 +60,7 @@ def test_matches_reference(n, D, lead, dtype, iters, tiles, saved, tol):
     params = [x, fn, base, scale]
     g_ref = torch.autograd.grad(_loss(ref, cots), params)
     g_got = torch.autograd.grad(_loss(got, cots), params)
-    for name, a, b in zip(["h", "x_res", "post", "comb"], got, ref):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        assert _rel(a, b) < tol, (name, _rel(a, b))
-    for name, a, b in zip(["dx", "dfn", "dbase", "dscale"], g_got, g_ref):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert _rel(a, b) < 10 * tol, (name, _rel(a, b))
+    assert_site_close(got, ref, g_got, g_ref, tol)
 
 
 def test_unused_outputs_get_zero_gradients():

@@ -13,7 +13,7 @@ from kernels.mhc import _tf32_split
 from kernels.mhc_pre import mhc_pre_triton
 from kernels.mhc_pre_split import _dfn_splits, mhc_pre_split_triton
 from model.hyper_connections import mhc_pre
-from test_mhc_pre import DEVICE, _inputs, _rel   # the fused pre's tests: same inputs, same measure
+from test_mhc_pre import DEVICE, _inputs, _rel, assert_site_close   # the fused pre's tests: same inputs and measure
 
 
 def _grads(op, inputs, args, cots, **kw):
@@ -43,12 +43,7 @@ def test_matches_reference(n, D, lead, dtype, iters, config, tol):
             [(*lead, D), (*lead, n, D), (*lead, n), (*lead, n, n)]]
     ref, g_ref = _grads(mhc_pre, inputs, args, cots)
     got, g_got = _grads(mhc_pre_split_triton, inputs, args, cots, config=config)
-    for name, a, b in zip(["h", "x_res", "post", "comb"], got, ref):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        assert _rel(a, b) < tol, (name, _rel(a, b))
-    for name, a, b in zip(["dx", "dfn", "dbase", "dscale"], g_got, g_ref):
-        assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert _rel(a, b) < 10 * tol, (name, _rel(a, b))
+    assert_site_close(got, ref, g_got, g_ref, tol)
 
 
 def test_same_as_fused_schedule():
