@@ -2,7 +2,7 @@
 # The GPU measurements still owed (issue 16 open; 13 and 14 ended blocked, their parts kept), in parts
 # that fit one H200 device call each or together, most important first; each part under its own limit.
 #
-#   bash bench/gpu_followup.sh OUT_DIR [PART ...]     # default: trainer compiled matmul peers graphstep
+#   bash bench/gpu_followup.sh OUT_DIR [PART ...]     # default: idxtune attntune balance graph8
 #
 #   experiments  issue 14: all evidence experiments at tiny scale at once (bench/experiments/gpu.sh all;
 #                ~190 s); the runs and reports come back as OUT_DIR/exp.tgz (re-plot: gpu.sh's header)
@@ -24,6 +24,12 @@
 #   loss         issue 16: the LM-head loss's per-chunk Triton kernel vs its torch reference at 16384 x 1024
 #                -> 129280 bf16: checks, tile sweep, linear_cross_entropy fwd+bwd both ways (bench/cross_entropy.py;
 #                < 60 s); tp4's auto vs all variants differ only by this kernel (held back from auto)
+#   mhcpre       issue 16: the mHC site pre, fused vs split (autotuned) per kernel with GB/s (bench/mhc.py --ops pre; ~40 s)
+#   attntune     issue 16: sparse-attention tiles, old vs autotuned, checked (bench/attention.py --tune; ~60-120 s)
+#   idxtune      issue 16: indexer-loss tiles old vs autotuned, top-k sorted vs unsorted sets (bench/indexer_loss.py; ~60 s)
+#   balance      MoE MaxVio per layer at small_gpu's bias speed 0.01, 15 steps (bench/moe_balance_gpu.sh; ~100 s)
+#   graph8       issue 16: the preset (8 x 4K) eager vs train.cuda_graph=true, 4 steps of 524K tokens each (~250 s):
+#                make graphs the preset's default if they win with the same losses
 #   graphstep    issue 16: train.cuda_graph=false vs true in python -m train experiment=small_gpu, 10 steps
 #                each at 1 x 4K and 4 x 4K (bench/graph_step.py: losses side by side, tok/s; ~200 s)
 #
@@ -32,10 +38,10 @@
 set -uo pipefail
 OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers|tp4|launches|graphstep|loss ...]}
 shift
-PARTS=${*:-trainer compiled matmul peers graphstep}
+PARTS=${*:-idxtune attntune balance graph8}
 for part in $PARTS; do   # refuse a misspelled part before any GPU time is spent
-  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep|loss) ;;
-    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep loss)" >&2; exit 2 ;; esac
+  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep|loss|mhcpre|attntune|idxtune|balance|graph8) ;;
+    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep loss mhcpre attntune idxtune balance graph8)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -80,6 +86,24 @@ for part in $PARTS; do
       el "throughput 4x exit $?"; grep -vE '^(W|I)[0-9]{4} ' $TMP/followup_tp4.log | tail -8 > "$OUT/tp4.log" ;;
     loss)
       timeout 90 $PY bench/cross_entropy.py --out "$OUT/cross_entropy.md" > "$OUT/cross_entropy.log" 2>&1; el "loss exit $?" ;;
+    mhcpre)
+      timeout 100 $PY bench/mhc.py --ops pre > $TMP/followup_mhcpre.log 2>&1; el "mhc pre exit $?"
+      grep -vi warn $TMP/followup_mhcpre.log | tail -70 > "$OUT/mhc_pre.txt" ;;
+    attntune)
+      timeout 300 $PY bench/attention.py --tune --out "$OUT/attention-tune.md" > "$OUT/attntune.log" 2>&1; el "attention tune exit $?" ;;
+    idxtune)
+      timeout 120 $PY bench/indexer_loss.py --out "$OUT" > "$OUT/idxtune.log" 2>&1; el "indexer tune exit $?" ;;
+    balance)
+      timeout 150 bash bench/moe_balance_gpu.sh "$TMP/balance" > "$OUT/balance.log" 2>&1; el "balance exit $?"
+      cp "$TMP/balance/maxvio.md" "$OUT/maxvio.md" 2>/dev/null ;;
+    graph8)
+      for g in false true; do
+        RUN=$TMP/hybridlm_followup_graph8_$g; rm -rf "$RUN"
+        timeout 140 $PY -m train experiment=small_gpu "hydra.run.dir=$RUN" train.tokens=$(( 4 * 524288 )) train.val_every=0 \
+          train.ckpt_every=0 data.val_batches=1 optim.warmup_steps=2 train.cuda_graph=$g logging.wandb.mode=disabled \
+          train.progress=false > $TMP/followup_graph8_$g.log 2>&1; el "preset cuda_graph=$g exit $?"
+        cp "$RUN/metrics.jsonl" "$OUT/graph8_$g.jsonl" 2>/dev/null
+      done ;;
     launches)
       timeout 150 $PY bench/launches.py --preset small --seq 1024 --cuda > "$OUT/launches.txt" 2>&1; el "launches exit $?" ;;
     graphstep)
