@@ -379,7 +379,6 @@ class _MHCCoefficients(torch.autograd.Function):
         return (dx.view(xshape), dfn.to(fdt), dbase.to(bdt), dscale.to(sdt), None, None, None, None)
 
 
-@opaque_to_compile
 def check_pre_inputs(name: str, x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                      n: int, iters: int) -> None:
     """The site pre's argument checks (fused and split pre): one ValueError naming ``name`` and the bad input."""
@@ -425,6 +424,7 @@ def pre_cotangents(xf: torch.Tensor, n: int, dh, dx_res, dpost, dcomb):
     return dh, dx_res, f32(dpost, n), f32(dcomb, n, n), has_dxres
 
 
+@opaque_to_compile
 def mhc_coefficients_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                             n: int, iters: int, eps: float, norm_eps: float):
     """Triton version of ``model.hyper_connections.mhc_coefficients`` (same arguments and
