@@ -32,9 +32,10 @@ class Tuned:
 
     def launch(self, grid: Callable[[dict], tuple], args: tuple, const: dict, config, on_cuda: bool) -> None:
         if config is None and on_cuda:
-            known = set(self.tuned.cache)
+            n_known = len(self.tuned.cache)   # the cache only grows: a new entry = tuned just now
             self.tuned[grid](*args, **const)
-            for key in set(self.tuned.cache) - known:   # tuned just now: keep what each candidate took
+            if len(self.tuned.cache) != n_known:   # the dict's last entry; no set copies per launch
+                key = next(reversed(self.tuned.cache))
                 self.timings[str(key)] = _describe(getattr(self.tuned, "configs_timings", None))
             return
         meta, warps, stages = self.candidates[0]
