@@ -32,8 +32,11 @@ Selection (``select``):
 * ``unsorted``: the same ``torch.topk`` with ``sorted=False``: the same selected set (CUDA's
   top-k selects first, then sorts the K survivors by value: the H200 profile of the small preset,
   [4, 4096, 1024] -> K = 256, has that sort, radixSortKVInPlace, at 14 of its 33 ms), slots in no
-  particular order. Every consumer of the selection (sparse attention, indexer loss, recall)
-  treats it as a set; bench/indexer_select.py checks the sets and times both.
+  particular order. The model's default (model.indexer_select): the gather of the winners is the
+  same kernel either way (``sorted`` only decides the sort after it), and every consumer of the
+  selection (sparse attention, indexer loss, recall, context parallel) treats it as a set
+  (tests/model/test_selection_order.py, tests/kernels/test_selection_order.py);
+  bench/indexer_loss.py checks the sets and times both on the GPU.
 * ``fused``: our exact selection kernel, one program per query row, over a chunk sized to stay
   in L2, so the scores never round-trip through HBM (see ``_select_topk_kernel`` for why this
   and not a running top-k inside the scoring kernel). Deterministic ties: the lower entry index

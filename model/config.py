@@ -118,11 +118,16 @@ class ModelConfig:
     index_topk: int = 512
     # indexer selection on CUDA (kernels/indexer_topk.py): score precision bf16 (the model dtype)
     # or fp8 (e4m3 q per token-head, k per entry, fp32 scales; as V4 runs its indexer); the
-    # top-k: chunked (torch.topk per chunk), unsorted (the same set without sorting the K slots) or
-    # fused (exact in-house select over L2-sized chunks, ties to the lower index). fp8 without fp8
-    # tensor cores: logged, PyTorch fp8 reference.
+    # top-k: chunked (torch.topk per chunk, slots sorted by score), unsorted (the same set without
+    # sorting the K slots) or fused (exact in-house select over L2-sized chunks, ties to the lower
+    # index). fp8 without fp8 tensor cores: logged, PyTorch fp8 reference.
+    # unsorted is the default: on CUDA torch.topk gathers the winners with one kernel whatever
+    # `sorted` says and sorted=True only adds a sort of the K winners (H200, small at 4 x 4K:
+    # radixSortKVInPlace, 14 of topk's 33 ms a step); no consumer reads the slot order (sparse
+    # attention, indexer loss, recall, context parallel: tests/model/test_selection_order.py and
+    # tests/kernels/test_selection_order.py). chunked keeps score-ordered slots for inspection.
     indexer_score_dtype: str = "bf16"
-    indexer_select: str = "chunked"
+    indexer_select: str = "unsorted"
     # --- RoPE: theta on window-only layers; YaRN-scaled theta on compressed layers
     rope_theta: float = 10000.0
     compress_rope_theta: float = 160000.0
