@@ -26,12 +26,17 @@ forward work outside any component (DeepSpeed's hooks, the loss sum, the model's
 backward nodes without a forward op (``AccumulateGrad``: gradient accumulation into .grad,
 DeepSpeed's epilogue), and a graph replay (train.cuda_graph: one launch, no ranges inside).
 
+On a GPU trace two more tables: device time by kernel kind (matmuls, Triton kernels, and
+PyTorch's glue kernels: casts, copies, elementwise math, reductions, sorts), and the forward's and
+backward's glue kernels by component and launching op: the list of what fusion can still remove.
+
 Run it on a saved trace: ``python -m train.profile_report <run_dir>/profile/trace-rank0.json``.
 """
 from __future__ import annotations
 
 import bisect
 import json
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -79,6 +84,34 @@ PHASE_NOTES = {
     OTHER_THREADS: "threads that are neither the trainer's nor autograd's (data, communication)",
     LOST: "kernels whose launching call the trace does not hold (no correlation to a host event)",
 }
+
+# what a kernel is, by its name (the first pattern that matches): matrix products, Triton kernels
+# (ours, and Inductor's ``triton_*`` under torch.compile), and the rest, PyTorch's own "glue"
+# kernels between them (casts, copies, elementwise math, reductions, sorts, fills), which move
+# bytes without doing the model's FLOPs: the part of the step that fusion removes.
+KERNEL_KINDS = (
+    ("matmul (cuBLAS / CUTLASS)", re.compile(r"nvjet|gemm|cutlass|xmma|cublas|sm90_", re.I)),
+    # a Triton kernel is named after its function (``_rope``); C++ kernels' names are mangled
+    # (``_ZN...``) or demangled signatures (``void at::native::...``)
+    ("Triton", re.compile(r"^(triton_|_(?!Z)\w*$)")),
+    ("sort / top-k", re.compile(r"sort|topk|radix", re.I)),
+    ("copy / cast", re.compile(r"copy|Copy|Memcpy|cat|Cat")),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled")),
+    ("reduction", re.compile(r"reduce|Reduce|norm_kernel")),
+    ("index / scatter / gather", re.compile(r"index|scatter|gather|Index")),
+    ("fill / memset", re.compile(r"fill|Memset|memset", re.I)),
+    ("multi-tensor (foreach)", re.compile(r"multi_tensor_apply")),
+)
+OTHER_KIND = "other"
+NOT_GLUE = frozenset({"matmul (cuBLAS / CUTLASS)", "Triton"})
+
+
+def kernel_kind(name: str) -> str:
+    for kind, pattern in KERNEL_KINDS:
+        if pattern.search(name):
+            return kind
+    return OTHER_KIND
+
 
 # component roll-up: a component path (an MTP module's without its leading "mtp/": its block's
 # parts count with the main stack's, and a column says how much of each is MTP's) -> its group
@@ -151,6 +184,9 @@ class Attribution:
     # (component path or an unattributed label, "forward" | "backward" | "other") -> Row
     components: dict[tuple[str, str], Row] = field(default_factory=lambda: defaultdict(Row))
     unattributed_ops: dict[str, Row] = field(default_factory=lambda: defaultdict(Row))
+    kinds: dict[str, Row] = field(default_factory=lambda: defaultdict(Row))   # kernel_kind -> Row (device)
+    # glue kernels (kinds not in NOT_GLUE) of the model phases: (direction, component or label, op) -> Row
+    glue: dict[tuple[str, str, str], Row] = field(default_factory=lambda: defaultdict(Row))
     total: Row = field(default_factory=Row)
 
 
@@ -323,19 +359,21 @@ def attribute(events: list[dict]) -> Attribution:
         outer = _nearest_phase(s)
         if outer is not None:
             out.phase_wall_us[_phase_label(outer)] -= s.end - s.ts
-    work: list[tuple[float, Span]] = []
+    work: list[tuple[float, Span | None, str | None]] = []
     if device:
         for e in tr.device_events:
             args = e.get("args") or {}
             launch = tr.launch_of(args)
-            work.append((float(e.get("dur", 0.0)), launch))
+            kind = kernel_kind(e.get("name", ""))
+            work.append((float(e.get("dur", 0.0)), launch, kind))
+            _add(out.kinds[kind], float(e.get("dur", 0.0)))
     for s in tr.spans:
         if s.cat == "cpu_op":
             self_us = max(0.0, (s.end - s.ts) - s.nested_us)
             out.phase_host_us[tr.phase_at(s)] += self_us
             if not device:
-                work.append((self_us, s))
-    for us, launch in work:
+                work.append((self_us, s, None))
+    for us, launch, kind in work:
         out.total.us += us
         out.total.count += 1
         if launch is None:
@@ -360,8 +398,12 @@ def attribute(events: list[dict]) -> Attribution:
             if direction != "other" or phase == "graph_replay":   # (the rest of step_begin is no model work)
                 _add(out.components[(label, direction)], us)
                 _add(out.unattributed_ops[f"{phase}: {_op_name(launch)}"], us)
+                if kind is not None and kind not in NOT_GLUE:
+                    _add(out.glue[(direction, label, _op_name(launch))], us)
             continue
         _add(out.components[(path, direction)], us)
+        if kind is not None and kind not in NOT_GLUE:
+            _add(out.glue[(direction, path, _op_name(launch))], us)
     return out
 
 
@@ -394,7 +436,7 @@ def _pct(part: float, whole: float) -> str:
     return f"{100 * part / whole:.1f}%" if whole > 0 else "-"
 
 
-def render(a: Attribution, top_unattributed: int = 12) -> str:
+def render(a: Attribution, top_unattributed: int = 12, top_glue: int = 25) -> str:
     """The markdown tables (phase, micro-batch, component group, component, unattributed)."""
     what, unit = ("device time (kernel durations)", "kernels") if a.device else \
         ("host op self time (CPU: ops stand in for kernels)", "ops")
@@ -460,7 +502,28 @@ def render(a: Attribution, top_unattributed: int = 12) -> str:
         for name, r in sorted(a.unattributed_ops.items(), key=lambda kv: -kv[1].us)[:top_unattributed]:
             lines.append(f"| {name[:100]} | {_ms(r.us)} | {r.count} |")
         lines.append("")
+    if a.kinds:
+        lines += _kind_tables(a, top_glue)
     return "\n".join(lines) + "\n"
+
+
+def _kind_tables(a: Attribution, top: int) -> list[str]:
+    """Device time by kernel kind (all phases), then the model phases' glue kernels by component and op."""
+    glue_us = sum(r.us for k, r in a.kinds.items() if k not in NOT_GLUE)
+    lines = ["## Time by kernel kind: device time, all phases", "",
+             f"Kinds by kernel name (train/profile_report.py KERNEL_KINDS). Everything but matmuls and Triton kernels "
+             f"is PyTorch's glue between them: {_ms(glue_us)} ms, {_pct(glue_us, a.total.us)} of device time.", "",
+             "| kind | ms | share | kernels | us per kernel |", "| --- | --- | --- | --- | --- |"]
+    for kind, r in sorted(a.kinds.items(), key=lambda kv: -kv[1].us):
+        lines.append(f"| {kind} | {_ms(r.us)} | {_pct(r.us, a.total.us)} | {r.count} | {r.us / max(r.count, 1):.1f} |")
+    lines.append("")
+    if a.glue:
+        lines += [f"### Glue kernels of the forward and backward by component and op (top {top})", "",
+                  "| direction | component | op (backward node > op) | ms | kernels |", "| --- | --- | --- | --- | --- |"]
+        for (d, c, op), r in sorted(a.glue.items(), key=lambda kv: -kv[1].us)[:top]:
+            lines.append(f"| {d} | {c} | {op[:90]} | {_ms(r.us)} | {r.count} |")
+        lines.append("")
+    return lines
 
 
 def _component_table(head: str, rows: dict[str, dict[str, float]], total: float, extra: str,

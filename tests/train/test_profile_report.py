@@ -3,7 +3,8 @@ and component through its launch (correlation id), the trainer's phase ranges (b
 autograd's thread too) and the forward-backward links; what cannot be attributed is labelled."""
 import pytest
 
-from train.profile_report import LOST, UNLINKED_BACKWARD, UNRANGED_FORWARD, attribute, group_of, render
+from train.profile_report import (LOST, UNLINKED_BACKWARD, UNRANGED_FORWARD, attribute, group_of, kernel_kind,
+                                  render)
 
 MAIN, AUTOGRAD, LOADER, GPU = (1, 1), (1, 2), (1, 3), (0, 7)
 
@@ -87,6 +88,50 @@ def test_render_is_self_explaining(events):
     # components: 74 of the 82 us of forward+backward kernels in moe, 8 us unattributed
     assert "Attributed to a component: 90.2%" in text and "unattributed: 9.8%" in text
     assert "| MoE (router, experts, shared, balance loss) | 0.03 | 0.04 | 0.00 | 0.07 | 90.2% |" in text
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9x", "matmul"),   # mangled: not Triton
+    ("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize64x128x8", "matmul"),
+    ("_rope", "Triton"), ("_sparse_attn_bwd_q", "Triton"), ("triton_poi_fused_add_0", "Triton"),
+    ("_scores_fwd", "Triton"), ("_gather_selected", "Triton"),   # a Triton name with 'gather' in it stays Triton
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>", "elementwise"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)",
+     "copy / cast"),
+    ("Memcpy DtoD (Device -> Device)", "copy / cast"),
+    ("void at::native::radixSortKVInPlace<2, -1, 32, 32, float, long, unsigned int>", "sort / top-k"),
+    ("void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float>>", "reduction"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::TensorListMetadata<2>>",
+     "multi-tensor"),
+    ("Memset (Device)", "fill / memset"),
+])
+def test_kernel_kind(name, kind):
+    assert kernel_kind(name).startswith(kind)
+
+
+def test_glue_by_kind_and_component(events):
+    """Kernel kinds over all phases; the glue table holds only the model phases' non-matmul,
+    non-Triton kernels, each under its component (backward ones through the forward link)."""
+    names = {1: "nvjet_sm90_tst_128x128", 2: "void at::native::vectorized_elementwise_kernel<4, add>",
+             3: "void at::native::reduce_kernel<512, 1>", 4: "void at::native::unrolled_elementwise_kernel<"
+             "direct_copy_kernel_cuda>", 5: "void at::native::vectorized_elementwise_kernel<4, add_>",
+             6: "_muon_update", 7: "void at::native::reduce_kernel<norm>", 8: "nvjet_sm90_tst_64x64",
+             99: "_lost"}
+    for e in events:
+        if e["cat"] == "kernel":
+            e["name"] = names[e["args"]["correlation"]]
+    a = attribute(events)
+    assert {k: (r.us, r.count) for k, r in a.kinds.items()} == {
+        "matmul (cuBLAS / CUTLASS)": (14, 2), "elementwise": (23, 2), "reduction": (6, 2), "copy / cast": (40, 1),
+        "Triton": (9, 2)}
+    assert {k: r.us for k, r in a.glue.items()} == {
+        ("forward", "moe", "aten::add"): 20, ("forward", UNRANGED_FORWARD, "aten::sum"): 5,
+        ("backward", "moe/router", "MmBackward0 > MmBackward0"): 40,   # (node > op, as the unattributed list)
+        ("backward", UNLINKED_BACKWARD, "autograd::engine::evaluate_function: torch::autograd::AccumulateGrad"): 3}
+    text = render(a)
+    assert "PyTorch's glue between them: 0.07 ms, 75.0% of device time." in text   # 69 of 92 us
+    assert "| backward | moe/router | MmBackward0 > MmBackward0 | 0.04 | 1 |" in text
 
 
 @pytest.mark.parametrize("path, group", [
