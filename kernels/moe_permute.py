@@ -6,6 +6,7 @@ so sorted row n belongs to token order[n] // k. Its inverse ``slot`` [T, k] (slo
 order[n] = t*k + j) turns every reduction into a gather:
     permute    fwd  xs[n] = x[order[n] // k]          bwd  dx[t] = sum_j dxs[slot[t, j]]
     unpermute  fwd  y[t]  = sum_j out[slot[t, j]]     bwd  dout[n] = dy[order[n] // k]
+               (+ add[t], in add's dtype: the shared expert's output joins the fp32 sum;  dadd = dy)
 Each token's k rows are summed in fp32 registers in a fixed order: deterministic, and no fp32
 copy of the [T*k, D] rows (the reference's unpermute casts them and index_adds with atomics; its
 permute backward index_adds in the activation dtype).
@@ -43,7 +44,8 @@ def _expand_rows(SRC, ORDER, DST, N, D, K, BLOCK_N: tl.constexpr, BLOCK_D: tl.co
 
 
 @triton.jit
-def _sum_rows(SRC, SLOT, DST, T, D, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sum_rows(SRC, SLOT, ADD, DST, T, D, K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_T: tl.constexpr,
+              BLOCK_D: tl.constexpr):
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok = rt < T
@@ -53,6 +55,8 @@ def _sum_rows(SRC, SLOT, DST, T, D, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOC
     for j in tl.static_range(K):
         row = tl.load(SLOT + rt64 * K + j, mask=t_ok, other=0)
         acc += tl.load(SRC + row[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_ADD:
+        acc += tl.load(ADD + rt64[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(DST + rt64[:, None] * D + rd[None, :], acc.to(DST.dtype.element_ty), mask=m)
 
 
@@ -82,12 +86,13 @@ def _expand(src: torch.Tensor, order: torch.Tensor, k: int, dtype, tiles) -> tor
     return dst
 
 
-def _sum(src: torch.Tensor, slot: torch.Tensor, dtype, tiles) -> torch.Tensor:
+def _sum(src: torch.Tensor, slot: torch.Tensor, dtype, tiles, add: torch.Tensor | None = None) -> torch.Tensor:
     (T, k), D = slot.shape, src.shape[1]
     dst = torch.empty(T, D, device=src.device, dtype=dtype)
     BT, BD = _tiles(D, *tiles)
     if T and D:
-        _sum_rows[(triton.cdiv(T, BT), triton.cdiv(D, BD))](src, slot, dst, T, D, K=k, BLOCK_T=BT, BLOCK_D=BD)
+        _sum_rows[(triton.cdiv(T, BT), triton.cdiv(D, BD))](src, slot, src if add is None else add, dst, T, D,
+                                                            K=k, HAS_ADD=add is not None, BLOCK_T=BT, BLOCK_D=BD)
     return dst
 
 
@@ -108,16 +113,20 @@ class _Permute(torch.autograd.Function):
 
 class _Unpermute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, out, order, k, n_tokens, tiles):
+    def forward(ctx, out, order, k, n_tokens, add, tiles):
         ctx.save_for_backward(order)
         ctx.meta = (k, out.dtype, tiles)
-        return _sum(out.contiguous(), _slot(order, n_tokens, k), torch.float32, tiles)
+        if add is not None:
+            add = add.contiguous()
+        return _sum(out.contiguous(), _slot(order, n_tokens, k), torch.float32 if add is None else add.dtype,
+                    tiles, add)
 
     @staticmethod
     def backward(ctx, dy):
         (order,) = ctx.saved_tensors
         k, dtype, tiles = ctx.meta
-        return _expand(dy.contiguous(), order, k, dtype, tiles), None, None, None, None
+        dadd = dy if ctx.needs_input_grad[4] else None   # y = sum + add: add's gradient is dy itself
+        return _expand(dy.contiguous(), order, k, dtype, tiles), None, None, None, dadd, None
 
 
 def _check(op: str, rows: torch.Tensor, order: torch.Tensor, n: int) -> None:
@@ -137,11 +146,15 @@ def permute_tokens_triton(x: torch.Tensor, order: torch.Tensor, k: int, *, block
 
 
 @opaque_to_compile
-def unpermute_tokens_triton(out: torch.Tensor, order: torch.Tensor, k: int, n_tokens: int, *,
-                            block_rows: int | None = None, block_d: int | None = None) -> torch.Tensor:
+def unpermute_tokens_triton(out: torch.Tensor, order: torch.Tensor, k: int, n_tokens: int,
+                            add: torch.Tensor | None = None, *, block_rows: int | None = None,
+                            block_d: int | None = None) -> torch.Tensor:
     """Triton version of ``model.moe.unpermute_tokens``: out [T*k, D], order [T*k] -> y [T, D]
-    fp32 (each token's k rows summed in fp32); differentiable in out."""
+    fp32 (each token's k rows summed in fp32), or y + add in add's dtype (add [T, D], added to
+    the fp32 sum); differentiable in out and add."""
     _check("unpermute_tokens_triton", out, order, n_tokens * k)
     if out.shape[0] != n_tokens * k:
         raise ValueError(f"unpermute_tokens_triton: out must have {n_tokens * k} rows, got {out.shape[0]}")
-    return _Unpermute.apply(out, order.contiguous(), k, n_tokens, (block_rows, block_d))
+    if add is not None and add.shape != (n_tokens, out.shape[1]):
+        raise ValueError(f"unpermute_tokens_triton: add must be [{n_tokens}, {out.shape[1]}], got {tuple(add.shape)}")
+    return _Unpermute.apply(out, order.contiguous(), k, n_tokens, add, (block_rows, block_d))

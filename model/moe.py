@@ -140,15 +140,20 @@ def permute_tokens(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor
 get_permute_tokens = dispatcher("permute_tokens", permute_tokens)
 
 
-def unpermute_tokens(out: torch.Tensor, order: torch.Tensor, k: int, n_tokens: int) -> torch.Tensor:
+def unpermute_tokens(out: torch.Tensor, order: torch.Tensor, k: int, n_tokens: int,
+                     add: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of ``permute_tokens`` with the sum over each token's k rows: out [T*k, D] ->
     y [T, D] fp32 (fp64 for fp64). A gather of each token's k rows summed in fp32: autograd keeps
     only the index (an index_add_ of out.float() kept an fp32 copy of every expert row).
+    ``add`` [T, D] (the shared expert's output): y + add, summed in fp32 after the k rows and
+    returned in add's dtype, the same numbers as adding it to the fp32 y and casting, without the
+    mixed-dtype add and the two casts (forward and backward) around it.
     Triton: ``kernels/moe_permute.py`` (the same gather-sum)."""
     slot = torch.empty_like(order)
     slot[order] = torch.arange(order.numel(), device=order.device)     # row of pair (t, j) = t*k + j
     rows = out.index_select(0, slot).view(n_tokens, k, out.shape[-1])
-    return rows.sum(1, dtype=torch.promote_types(out.dtype, torch.float32))
+    y = rows.sum(1, dtype=torch.promote_types(out.dtype, torch.float32))
+    return y if add is None else (y + add).to(add.dtype)
 
 
 get_unpermute_tokens = dispatcher("unpermute_tokens", unpermute_tokens)
@@ -393,10 +398,11 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                counts: torch.Tensor | None = None) -> torch.Tensor:
+                counts: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, D], weights [T, K], indices [T, K] -> y [T, D] fp32 (sum over each token's K experts).
         ``counts``: ``expert_counts`` of these indices when the caller has them already (MoE does:
-        its load), else counted here."""
+        its load), else counted here. ``add`` [T, D] (the shared expert's output): returns y + add
+        in add's dtype, added inside the combine (``unpermute_tokens``)."""
         T, K = indices.shape
         dev, dt = x.device, x.dtype
         with component("dispatch"):
@@ -411,7 +417,7 @@ class RoutedExperts(nn.Module):
             out = run_experts(self.impl, x_sorted, counts, self.w1, self.w2, self.w3, self.limit, w_sorted,
                               get_swiglu_activation(self.kernel_impl, dev, dt))
         with component("combine"):
-            return get_unpermute_tokens(self.kernel_impl, dev, dt)(out, order, K, T)
+            return get_unpermute_tokens(self.kernel_impl, dev, dt)(out, order, K, T, add)
 
 
 class SharedExpert(nn.Module):
@@ -508,11 +514,13 @@ class MoE(nn.Module):
         with component("router"):
             weights, indices, scores = self.gate(x_flat, ids, ri)  # [T, K], [T, K], [T, E]
             counts = expert_counts(indices.reshape(-1), self.n_experts)  # [E] long: the experts' rows and the load
-        with component("experts"):
-            y = self.experts(x_flat, weights, indices, counts)  # [T, D] fp32
+        shared = None
         if self.shared is not None:
             with component("shared"):
-                y = y + self.shared(x_flat)   # promoted to y's fp32 inside the add (no separate cast launch)
+                shared = self.shared(x_flat)   # [T, D] x's dtype
+        with component("experts"):
+            # [T, D]: fp32, or routed + shared in x's dtype, added in fp32 inside the combine
+            y = self.experts(x_flat, weights, indices, counts, add=shared)
 
         load = counts.float()  # [E]
         if self.training and torch.is_grad_enabled():

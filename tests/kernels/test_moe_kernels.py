@@ -120,6 +120,26 @@ def test_permute_unpermute_match_reference(dtype, tol, T, K, D, tiles):
     del E
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("T,K,D,tiles", [(13, 3, 40, (4, 16)), (6, 1, 24, (None, None))])
+def test_unpermute_with_shared_output_added_matches_reference(dtype, tol, T, K, D, tiles):
+    """The shared expert's output joins the combine: y + add in add's dtype, fwd and both gradients."""
+    g = torch.Generator().manual_seed(T * 7 + K)
+    order = torch.argsort(torch.randint(0, 4, (T * K,), generator=g), stable=True).to(DEVICE)
+    out = torch.randn(T * K, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    add = torch.randn(T, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    y_ref = unpermute_tokens(out, order, K, T, add)
+    y = unpermute_tokens_triton(out, order, K, T, add, block_rows=tiles[0], block_d=tiles[1])
+    assert y.dtype == dtype
+    _close("y", y, y_ref, tol)
+    dy = torch.randn(T, D, generator=g).to(DEVICE, dtype)
+    for a, b, name in zip(torch.autograd.grad(y, [out, add], dy), torch.autograd.grad(y_ref, [out, add], dy),
+                          ["dout", "dadd"]):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="add must be"):
+        unpermute_tokens_triton(out, order, K, T, add[:-1])
+
+
 def test_permute_empty_and_bad_order():
     x = torch.zeros(0, 8, device=DEVICE, requires_grad=True)
     order = torch.zeros(0, dtype=torch.long, device=DEVICE)

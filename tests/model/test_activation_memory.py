@@ -117,11 +117,12 @@ def test_fp32_internals_are_recomputed_bit_exactly(name):
     assert held1.get("float32", 0) >= x.numel() * 4      # what the plain op kept
 
 
-def _unpermute_index_add(out, order, k, n_tokens):
-    """The combine as it was: index_add_ of out.float() (kept an fp32 copy of out for backward)."""
+def _unpermute_index_add(out, order, k, n_tokens, add=None):
+    """The combine as it was: index_add_ of out.float() (kept an fp32 copy of out for backward),
+    the shared expert's output added after it."""
     y = torch.zeros(n_tokens, out.shape[-1], dtype=torch.promote_types(out.dtype, torch.float32))
     y.index_add_(0, order // k, out.to(y.dtype))
-    return y
+    return y if add is None else (y + add).to(add.dtype)
 
 
 def test_moe_combine_gather_sum():

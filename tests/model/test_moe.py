@@ -390,6 +390,26 @@ def test_routed_experts_with_callers_counts_equal_own_counts():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_combine_adds_the_shared_output_as_the_separate_add_did(dtype):
+    """unpermute_tokens(..., add) equals the fp32 combine + add.float() cast to add's dtype, bit for
+    bit, forward and both gradients (odd sizes, an expert with no rows)."""
+    from model.moe import unpermute_tokens
+
+    T, k, Dm = 11, 3, 10
+    g = torch.Generator().manual_seed(3)
+    order = torch.argsort(torch.tensor([0, 2, 3])[torch.randint(0, 3, (T * k,), generator=g)], stable=True)
+    out = torch.randn(T * k, Dm, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    add = torch.randn(T, Dm, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    dy = torch.randn(T, Dm, generator=g, dtype=torch.float64).to(dtype)
+    fused = unpermute_tokens(out, order, k, T, add)
+    separate = (unpermute_tokens(out, order, k, T) + add.float()).to(dtype) if dtype != torch.float64 \
+        else unpermute_tokens(out, order, k, T) + add
+    assert fused.dtype == dtype and torch.equal(fused, separate)
+    for a, b in zip(torch.autograd.grad(fused, [out, add], dy), torch.autograd.grad(separate, [out, add], dy)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_router_tensor_core_logits_equal_the_upcast_reference(monkeypatch, dtype):
     """The router's logits through model/matmul.py's bf16-GEMM-with-fp32-output form (impl='triton'
     on CUDA bf16; forced here, where it runs as upcast products) equal the fp32-upcast reference:
