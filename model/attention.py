@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from model.compressor import Compressor
+from model.grouped_linear import grouped_linear
 from model.config import ATTENTION_MODES, ModelConfig
 from model.chunk_layout import AttentionCarry
 from model.indexer import Indexer, get_indexer_topk, indexer_kl_loss_dense, indexer_kl_loss_selected, indexer_recall
@@ -214,11 +215,9 @@ class Attention(nn.Module):
             indexer_loss = indexer_loss * n_here * carry.indexer_norm
 
         o = self.rope.apply(o, pos, inverse=True)
-        g = self.o_groups
-        o = o.reshape(B, L, g, H * hd // g)                              # [B, L, g, H*hd/g]
-        wo_a = self.wo_a.weight.view(g, self.o_lora_rank, -1)            # [g, r, H*hd/g]
-        o = torch.einsum("blgi,gri->blgr", o, wo_a)                      # [B, L, g, r]
-        out = self.wo_b(o.flatten(2))                                    # [B, L, D]
+        # [B, L, H*hd] -> [B, L, g*r]: head group k through its rows of wo_a (model/grouped_linear.py)
+        o = grouped_linear(o.flatten(2), self.wo_a.weight, self.o_groups, impl=self.cfg.attention_impl)
+        out = self.wo_b(o)                                               # [B, L, D]
         sink_mass = None
         if self.measure_sink:
             with torch.no_grad():   # over this chunk's own queries (a frame's halo rows belong to the previous)
