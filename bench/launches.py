@@ -76,11 +76,12 @@ TRITON_LAUNCHES = {
     # + dw.to + dk.to; the KL target: _mass_on_selected, no gradient
     "selected_indexer_scores": (1, 4),
     "attention_mass_on_selected": (1, 0),
-    # the MoE kernels (one launch each way; the permutes also build the inverse slot map)
+    # the MoE kernels (one launch each way; the permutes' forwards also build the inverse slot
+    # map, _inverse: one more launch each)
     "topk_routing": (1, 1),
     "swiglu_activation": (1, 1),
-    "permute_tokens": (1, 1),
-    "unpermute_tokens": (1, 1),
+    "permute_tokens": (2, 1),
+    "unpermute_tokens": (2, 1),
     # the LM-head loss's per chunk (kernels/cross_entropy.py): _cross_entropy_rows, inside the
     # loss's own autograd forward | no gradient of its own
     "chunk_cross_entropy": (1, 0),

@@ -5,6 +5,8 @@ Matches ``model.moe.permute_tokens(x, order, k)`` and ``unpermute_tokens(out, or
 so sorted row n belongs to token order[n] // k. Its inverse ``slot`` [T, k] (slot[t, j] = n where
 order[n] = t*k + j) turns every reduction into a gather:
     permute    fwd  xs[n] = x[order[n] // k]          bwd  dx[t] = sum_j dxs[slot[t, j]]
+               (handles=2: xs twice, for the W1 and W3 GEMMs;     dx[t] = sum_j (dxs1 + dxs2)[slot[t, j]]
+                the two gradients meet here, not in a [T*k, D] add before this kernel)
     unpermute  fwd  y[t]  = sum_j out[slot[t, j]]     bwd  dout[n] = dy[order[n] // k]
                (+ add[t], in add's dtype: the shared expert's output joins the fp32 sum;  dadd = dy)
 Each token's k rows are summed in fp32 registers in a fixed order: deterministic, and no fp32
@@ -44,8 +46,8 @@ def _expand_rows(SRC, ORDER, DST, N, D, K, BLOCK_N: tl.constexpr, BLOCK_D: tl.co
 
 
 @triton.jit
-def _sum_rows(SRC, SLOT, ADD, DST, T, D, K: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_T: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+def _sum_rows(SRC, SRC2, SLOT, ADD, DST, T, D, K: tl.constexpr, HAS_SRC2: tl.constexpr, HAS_ADD: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok = rt < T
@@ -55,6 +57,8 @@ def _sum_rows(SRC, SLOT, ADD, DST, T, D, K: tl.constexpr, HAS_ADD: tl.constexpr,
     for j in tl.static_range(K):
         row = tl.load(SLOT + rt64 * K + j, mask=t_ok, other=0)
         acc += tl.load(SRC + row[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_SRC2:
+            acc += tl.load(SRC2 + row[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_ADD:
         acc += tl.load(ADD + rt64[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(DST + rt64[:, None] * D + rd[None, :], acc.to(DST.dtype.element_ty), mask=m)
@@ -86,29 +90,39 @@ def _expand(src: torch.Tensor, order: torch.Tensor, k: int, dtype, tiles) -> tor
     return dst
 
 
-def _sum(src: torch.Tensor, slot: torch.Tensor, dtype, tiles, add: torch.Tensor | None = None) -> torch.Tensor:
+def _sum(src: torch.Tensor, slot: torch.Tensor, dtype, tiles, add: torch.Tensor | None = None,
+         src2: torch.Tensor | None = None) -> torch.Tensor:
+    """dst[t] = sum_j (src + src2)[slot[t, j]] (+ add[t]) in fp32 -> dtype."""
     (T, k), D = slot.shape, src.shape[1]
     dst = torch.empty(T, D, device=src.device, dtype=dtype)
     BT, BD = _tiles(D, *tiles)
     if T and D:
-        _sum_rows[(triton.cdiv(T, BT), triton.cdiv(D, BD))](src, slot, src if add is None else add, dst, T, D,
-                                                            K=k, HAS_ADD=add is not None, BLOCK_T=BT, BLOCK_D=BD)
+        _sum_rows[(triton.cdiv(T, BT), triton.cdiv(D, BD))](
+            src, src if src2 is None else src2, slot, src if add is None else add, dst, T, D, K=k,
+            HAS_SRC2=src2 is not None, HAS_ADD=add is not None, BLOCK_T=BT, BLOCK_D=BD)
     return dst
 
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, order, k, tiles):
+    def forward(ctx, x, order, k, handles, tiles):
         x = x.contiguous()
         ctx.save_for_backward(_slot(order, x.shape[0], k))
         ctx.meta = (x.dtype, tiles)
-        return _expand(x, order, k, x.dtype, tiles)
+        ctx.set_materialize_grads(False)
+        xs = _expand(x, order, k, x.dtype, tiles)
+        # a second output on the same memory (detach: not a view, so autograd hands this
+        # Function its own gradient for it instead of adding the two first)
+        return xs if handles == 1 else (xs, xs.detach())
 
     @staticmethod
-    def backward(ctx, dxs):
+    def backward(ctx, *dxs):
         (slot,) = ctx.saved_tensors
         dtype, tiles = ctx.meta
-        return _sum(dxs.contiguous(), slot, dtype, tiles), None, None, None
+        got = [d.contiguous() for d in dxs if d is not None]
+        if not got:
+            return None, None, None, None, None
+        return _sum(got[0], slot, dtype, tiles, src2=got[1] if len(got) > 1 else None), None, None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -137,12 +151,15 @@ def _check(op: str, rows: torch.Tensor, order: torch.Tensor, n: int) -> None:
 
 
 @opaque_to_compile
-def permute_tokens_triton(x: torch.Tensor, order: torch.Tensor, k: int, *, block_rows: int | None = None,
-                          block_d: int | None = None) -> torch.Tensor:
+def permute_tokens_triton(x: torch.Tensor, order: torch.Tensor, k: int, handles: int = 1, *,
+                          block_rows: int | None = None, block_d: int | None = None):
     """Triton version of ``model.moe.permute_tokens``: x [T, D], order [T*k] -> [T*k, D] in x's
-    dtype; differentiable in x (the backward sums each token's k rows in fp32)."""
+    dtype (``handles=2``: a pair of outputs on that one tensor); differentiable in x (the
+    backward sums each token's k rows of every handle's gradient in fp32)."""
     _check("permute_tokens_triton", x, order, x.shape[0] * k if x.dim() == 2 else -1)
-    return _Permute.apply(x, order.contiguous(), k, (block_rows, block_d))
+    if handles not in (1, 2):
+        raise ValueError(f"permute_tokens_triton: handles must be 1 or 2, got {handles}")
+    return _Permute.apply(x, order.contiguous(), k, handles, (block_rows, block_d))
 
 
 @opaque_to_compile

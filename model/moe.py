@@ -81,13 +81,16 @@ def swiglu(
     limit: float,
     weight: torch.Tensor | None = None,
     act=swiglu_activation,
+    x_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Clamped SwiGLU expert. x [T, D]; w1, w3 [inter, D]; w2 [D, inter]; weight [T] or None.
 
     Elementwise math in fp32 (``act``: the reference or its Triton kernel); the result of W2 is
-    in x's dtype.
+    in x's dtype. ``x_up``: the same rows as x for W3 through a second autograd handle
+    (``permute_tokens(..., handles=2)``), default x.
     """
-    return F.linear(act(F.linear(x, w1), F.linear(x, w3), limit, weight), w2)  # [T, D]
+    up = F.linear(x if x_up is None else x_up, w3)
+    return F.linear(act(F.linear(x, w1), up, limit, weight), w2)  # [T, D]
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -130,11 +133,17 @@ def topk_routing(logits: torch.Tensor, bias: torch.Tensor, k: int,
 get_topk_routing = dispatcher("topk_routing", topk_routing)
 
 
-def permute_tokens(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+def permute_tokens(x: torch.Tensor, order: torch.Tensor, k: int, handles: int = 1):
     """Rows of x [T, D] in expert-sorted order: row n is token order[n] // k ((token, slot) pairs
     flattened token-major, ``order`` = their stable sort by expert). -> [T*k, D].
+    ``handles=2``: a pair of handles on the same rows, one per consumer (the experts' W1 and W3
+    GEMMs). Here both are the one tensor, so autograd adds their [T*k, D] gradients; the Triton
+    backward sums both inside its gather instead (no such add: it was 13 ms of a 131K-token step).
     Triton: ``kernels/moe_permute.py`` (backward without atomics)."""
-    return x.index_select(0, order // k)
+    if handles not in (1, 2):
+        raise ValueError(f"permute_tokens: handles must be 1 or 2, got {handles}")
+    xs = x.index_select(0, order // k)
+    return xs if handles == 1 else (xs, xs)
 
 
 get_permute_tokens = dispatcher("permute_tokens", permute_tokens)
@@ -332,13 +341,15 @@ def _grad_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def experts_loop(x_sorted: torch.Tensor, counts: list[int], w1, w2, w3, limit: float,
-                 w_sorted: torch.Tensor, act=swiglu_activation) -> torch.Tensor:
-    """Reference: x_sorted [N, D] grouped by expert, counts[e] rows each -> [N, D] in x's dtype."""
+                 w_sorted: torch.Tensor, act=swiglu_activation, x_up: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: x_sorted [N, D] grouped by expert, counts[e] rows each -> [N, D] in x's dtype.
+    ``x_up``: the rows for W3 through a second handle (``permute_tokens(..., handles=2)``)."""
+    x_up = x_sorted if x_up is None else x_up
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n:
             seg = slice(start, start + n)
-            outs.append(swiglu(x_sorted[seg], w1[e], w2[e], w3[e], limit, w_sorted[seg], act))
+            outs.append(swiglu(x_sorted[seg], w1[e], w2[e], w3[e], limit, w_sorted[seg], act, x_up[seg]))
             start += n
     return torch.cat(outs) if outs else x_sorted.new_zeros(0, x_sorted.shape[-1])
 
@@ -355,32 +366,34 @@ def _aligned(w: torch.Tensor) -> torch.Tensor:
 
 
 def experts_grouped(x_sorted: torch.Tensor, counts: torch.Tensor, w1, w2, w3, limit: float,
-                    w_sorted: torch.Tensor, act=swiglu_activation) -> torch.Tensor:
+                    w_sorted: torch.Tensor, act=swiglu_activation, x_up: torch.Tensor | None = None) -> torch.Tensor:
     """The same as ``experts_loop`` with grouped GEMMs; counts [E] (device tensor, no host sync)."""
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
     dt = x_sorted.dtype
     w1, w2, w3 = (_aligned(w.to(dt)) for w in (w1, w2, w3))
     gate = _grad_contiguous(torch._grouped_mm(x_sorted, w1.transpose(-2, -1), offs=offs))
-    up = _grad_contiguous(torch._grouped_mm(x_sorted, w3.transpose(-2, -1), offs=offs))
+    up = _grad_contiguous(torch._grouped_mm(x_sorted if x_up is None else x_up, w3.transpose(-2, -1), offs=offs))
     h = act(gate, up, limit, w_sorted)
     return _grad_contiguous(torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs))
 
 
 def run_experts(impl: str, x_sorted: torch.Tensor, counts: torch.Tensor, w1, w2, w3,
-                limit: float, w_sorted: torch.Tensor, act=swiglu_activation) -> torch.Tensor:
+                limit: float, w_sorted: torch.Tensor, act=swiglu_activation,
+                x_up: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch on ``moe_impl`` (auto | grouped | loop). counts: [E] rows per expert; ``act``:
-    the SwiGLU activation (reference or Triton, ``model.moe_kernel_impl``)."""
+    the SwiGLU activation (reference or Triton, ``model.moe_kernel_impl``); ``x_up``: the rows
+    for W3 through a second handle (``permute_tokens(..., handles=2)``), default x_sorted."""
     if x_sorted.shape[0] == 0:   # no rows here (e.g. an idle EP rank): zero output, zero gradients
         touch = sum(w.sum() for w in (w1, w2, w3)).to(x_sorted.dtype) * 0
         return x_sorted.new_zeros(0, w2.shape[-2]) + touch
     if impl != "loop":
         reason = grouped_unsupported_reason(x_sorted, w1)
         if reason is None:
-            return experts_grouped(x_sorted, counts, w1, w2, w3, limit, w_sorted, act)
+            return experts_grouped(x_sorted, counts, w1, w2, w3, limit, w_sorted, act, x_up)
         if impl == "grouped":
             raise RuntimeError(f"model.moe_impl=grouped: {reason}")
         _log_once(f"MoE experts run as a per-expert loop (moe_impl=auto): {reason}")
-    return experts_loop(x_sorted, counts.tolist(), w1, w2, w3, limit, w_sorted, act)
+    return experts_loop(x_sorted, counts.tolist(), w1, w2, w3, limit, w_sorted, act, x_up)
 
 
 class RoutedExperts(nn.Module):
@@ -411,11 +424,12 @@ class RoutedExperts(nn.Module):
             order = torch.argsort(flat_expert, stable=True)
             if counts is None:
                 counts = expert_counts(flat_expert, self.n_experts)
-            x_sorted = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K)  # [T*K, D]
+            # [T*K, D] twice: one handle for W1, one for W3, their gradients summed in the permute
+            x_gate, x_up = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K, 2)
             w_sorted = weights.reshape(-1).index_select(0, order)  # [T*K]
         with component("mlp"):
-            out = run_experts(self.impl, x_sorted, counts, self.w1, self.w2, self.w3, self.limit, w_sorted,
-                              get_swiglu_activation(self.kernel_impl, dev, dt))
+            out = run_experts(self.impl, x_gate, counts, self.w1, self.w2, self.w3, self.limit, w_sorted,
+                              get_swiglu_activation(self.kernel_impl, dev, dt), x_up)
         with component("combine"):
             return get_unpermute_tokens(self.kernel_impl, dev, dt)(out, order, K, T, add)
 

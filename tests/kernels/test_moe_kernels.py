@@ -121,6 +121,28 @@ def test_permute_unpermute_match_reference(dtype, tol, T, K, D, tiles):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("T,K,D,tiles", [(13, 3, 40, (4, 16)), (5, 6, 24, (None, None))])
+def test_permute_two_handles_sum_both_gradients_in_the_gather(dtype, tol, T, K, D, tiles):
+    """handles=2 (the W1 and W3 GEMMs' inputs): the same rows twice, dx = the reference's gradient
+    of both (which autograd adds first); either handle alone gives its own gradient."""
+    g = torch.Generator().manual_seed(T * 3 + K)
+    order = torch.argsort(torch.tensor([0, 2, 5])[torch.randint(0, 3, (T * K,), generator=g)], stable=True).to(DEVICE)
+    x = torch.randn(T, D, generator=g).to(DEVICE, dtype).requires_grad_()
+    a_ref, b_ref = permute_tokens(x, order, K, 2)
+    a, b = permute_tokens_triton(x, order, K, 2, block_rows=tiles[0], block_d=tiles[1])
+    assert torch.equal(a, a_ref) and torch.equal(b, b_ref) and a.data_ptr() == b.data_ptr()
+    ca, cb = (torch.randn(T * K, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    got = torch.autograd.grad((a.float() * ca).sum() + (b.float() * cb).sum(), x)[0]
+    ref = torch.autograd.grad((a_ref.float() * ca).sum() + (b_ref.float() * cb).sum(), x)[0]
+    _close("dx (both)", got, ref, tol)
+    a, b = permute_tokens_triton(x, order, K, 2, block_rows=tiles[0], block_d=tiles[1])
+    a_ref, b_ref = permute_tokens(x, order, K, 2)
+    _close("dx (second only)", torch.autograd.grad(b, x, cb)[0], torch.autograd.grad(b_ref, x, cb)[0], tol)
+    with pytest.raises(ValueError, match="handles"):
+        permute_tokens_triton(x, order, K, 3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
 @pytest.mark.parametrize("T,K,D,tiles", [(13, 3, 40, (4, 16)), (6, 1, 24, (None, None))])
 def test_unpermute_with_shared_output_added_matches_reference(dtype, tol, T, K, D, tiles):
     """The shared expert's output joins the combine: y + add in add's dtype, fwd and both gradients."""
