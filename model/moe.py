@@ -212,6 +212,19 @@ def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     return counts.scatter_add_(0, experts, torch.ones_like(experts))
 
 
+def sort_by_expert(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """order [N] (long): the stable sort of a flat expert index tensor [N], i.e.
+    ``torch.argsort(experts, stable=True)``, with the keys narrowed to the fewest bytes that hold
+    n_experts (uint8 up to 256 experts, int16 up to 32768): CUDA's radix sort makes one pass per
+    key byte (CUB onesweep: 8 over int64 keys, 10 kernels per sort in the H200 trace), and a stable
+    sort orders equal keys the same whatever their width."""
+    if n_experts <= 256:
+        experts = experts.to(torch.uint8)
+    elif n_experts <= 32768:
+        experts = experts.to(torch.int16)
+    return torch.argsort(experts, stable=True)
+
+
 def max_violation(load: torch.Tensor) -> torch.Tensor:
     """MaxVio = (max load - mean load) / mean load over experts (0 = perfectly balanced).
 
@@ -421,7 +434,7 @@ class RoutedExperts(nn.Module):
         with component("dispatch"):
             flat_expert = indices.reshape(-1)  # [T*K]
             # sort the (token, slot) pairs by expert so each expert sees one contiguous segment
-            order = torch.argsort(flat_expert, stable=True)
+            order = sort_by_expert(flat_expert, self.n_experts)
             if counts is None:
                 counts = expert_counts(flat_expert, self.n_experts)
             # [T*K, D] twice: one handle for W1, one for W3, their gradients summed in the permute

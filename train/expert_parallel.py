@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import RoutedExperts, run_experts
+from model.moe import RoutedExperts, run_experts, sort_by_expert
 
 
 # ---------------------------------------------------------------------------- groups
@@ -184,7 +184,7 @@ class ParallelExperts(_moe_marker_base()):
         T, K = indices.shape
         P, n_local, group = self.ep_size, self.n_local, self.groups.ep_group
         flat_expert = indices.reshape(-1)                       # [T*K] global expert ids
-        order = torch.argsort(flat_expert, stable=True)
+        order = sort_by_expert(flat_expert, self.n_experts)
         token_of = order // K                                   # [T*K] source token per sorted slot
         x_sorted = x.index_select(0, token_of)                  # [T*K, D], grouped by expert
         w_sorted = weights.reshape(-1).index_select(0, order).float()   # [T*K]

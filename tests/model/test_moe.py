@@ -356,6 +356,19 @@ def test_expert_counts_match_bincount_without_a_data_dependent_shape():
     assert torch.equal(expert_counts(idx[:0], 4), torch.zeros(4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("n_experts", [5, 256, 257, 32768, 40000])
+def test_sort_by_expert_is_the_stable_argsort(n_experts):
+    """Narrowed keys (uint8 / int16 / as given) give the int64 stable argsort exactly, ties included."""
+    from model.moe import sort_by_expert
+
+    g = torch.Generator().manual_seed(n_experts)
+    experts = torch.randint(0, n_experts, (997,), generator=g)
+    experts[::3] = n_experts - 1          # many ties, and the largest id (255 / 32767 fit the narrow keys)
+    experts[1::7] = 0
+    assert torch.equal(sort_by_expert(experts, n_experts), torch.argsort(experts, stable=True))
+    assert sort_by_expert(experts[:0], n_experts).shape == (0,)
+
+
 def test_out_of_range_routing_indices_are_refused():
     moe = make()
     x = torch.randn(1, 3, D)
