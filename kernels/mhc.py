@@ -69,16 +69,30 @@ def _mhc_mix_fwd(X, FN, MIX, R, T, K, NM, norm_eps,
 
 
 @triton.jit
-def _load_parts(MIX, rt, t_ok, n, NM, NP: tl.constexpr):
-    """pre/post mixes [BT, NP] and comb mixes [BT, NP, NP] of one token block (padded with 0)."""
+def _load_pre(MIX, rt, t_ok, n, NM, NP: tl.constexpr):
+    """pre mixes [BT, NP] of one token block (padded with 0) and their mask."""
+    rj = tl.arange(0, NP)
+    m2 = t_ok[:, None] & (rj < n)[None, :]
+    return tl.load(MIX + rt.to(tl.int64)[:, None] * NM + rj[None, :], mask=m2, other=0.0), m2
+
+
+@triton.jit
+def _load_post_comb(MIX, rt, t_ok, n, NM, NP: tl.constexpr):
+    """post mixes [BT, NP] and comb mixes [BT, NP, NP] of one token block (padded with 0), comb's mask."""
     rj = tl.arange(0, NP)
     j_ok = rj < n
     row = MIX + rt.to(tl.int64) * NM
-    m2 = t_ok[:, None] & j_ok[None, :]
-    mpre = tl.load(row[:, None] + rj[None, :], mask=m2, other=0.0)
-    mpost = tl.load(row[:, None] + n + rj[None, :], mask=m2, other=0.0)
+    mpost = tl.load(row[:, None] + n + rj[None, :], mask=t_ok[:, None] & j_ok[None, :], other=0.0)
     cmask = t_ok[:, None, None] & j_ok[None, :, None] & j_ok[None, None, :]
     mcomb = tl.load(row[:, None, None] + 2 * n + rj[None, :, None] * n + rj[None, None, :], mask=cmask, other=0.0)
+    return mpost, mcomb, cmask
+
+
+@triton.jit
+def _load_parts(MIX, rt, t_ok, n, NM, NP: tl.constexpr):
+    """pre/post mixes [BT, NP] and comb mixes [BT, NP, NP] of one token block (padded with 0)."""
+    mpre, m2 = _load_pre(MIX, rt, t_ok, n, NM, NP)
+    mpost, mcomb, cmask = _load_post_comb(MIX, rt, t_ok, n, NM, NP)
     return mpre, mpost, mcomb, m2, cmask
 
 
@@ -177,78 +191,95 @@ def _sinkhorn_bwd_saved(zcomb, g, cmask, iters, eps, SCR, rt64, t_ok, NP: tl.con
 
 
 @triton.jit
-def _logit_params(SCALE, BASE, rj, j_ok, n):
-    """The three group scales and the pre / post / comb biases of the coefficient logits."""
-    s0 = tl.load(SCALE)
+def _post_comb_params(SCALE, BASE, rj, j_ok, n):
+    """The post / comb group scales and biases of the coefficient logits."""
     s1 = tl.load(SCALE + 1)
     s2 = tl.load(SCALE + 2)
-    bpre = tl.load(BASE + rj, mask=j_ok, other=0.0)
     bpost = tl.load(BASE + n + rj, mask=j_ok, other=0.0)
     bcomb = tl.load(BASE + 2 * n + rj[:, None] * n + rj[None, :], mask=j_ok[:, None] & j_ok[None, :], other=0.0)
-    return s0, s1, s2, bpre, bpost, bcomb
+    return s1, s2, bpost, bcomb
+
+
+@triton.jit
+def _logit_params(SCALE, BASE, rj, j_ok, n):
+    """The three group scales and the pre / post / comb biases of the coefficient logits."""
+    s1, s2, bpost, bcomb = _post_comb_params(SCALE, BASE, rj, j_ok, n)
+    return tl.load(SCALE), s1, s2, tl.load(BASE + rj, mask=j_ok, other=0.0), bpost, bcomb
 
 
 @triton.jit
 def _pre_tail_grads(g_pre, MIX, R, BASE, SCALE, DPOST, DCOMB, G, PART, SCR, pid, rt, rt64, t_ok, K, NM, iters, eps,
-                    N: tl.constexpr, NP: tl.constexpr, SAVED: tl.constexpr):
+                    N: tl.constexpr, NP: tl.constexpr, SAVED: tl.constexpr, PRE_ONLY: tl.constexpr):
     """One token block of the site pre's coefficient backward, given d(pre) ``g_pre`` [BLOCK_T, NP]
     (the fused pre computes it in registers, the split pre loads it): stores G [T, NM] = dmix * r (the
-    gradient of x fn^T) and PART[pid] = (sum_t dlogit [NM], per-group sum_t <dlogit, mixes> [3]), where
+    gradient of x fn^T) and PART[pid] = (sum_t dlogit [NM], per-group sum_t <dlogit, mixes> [groups]), where
     logits = scale_group * mixes + base and dmix = dlogit * scale_group; returns coef [BLOCK_T] =
-    -(r^2 / K) <dmix, mixes> (the r-path: dx gets coef * x)."""
+    -(r^2 / K) <dmix, mixes> (the r-path: dx gets coef * x). PRE_ONLY (the stream head, NM = N):
+    the pre group alone (one scale, no post, no comb: DPOST / DCOMB / SCR unread), PART rows NM + 1."""
     rj = tl.arange(0, NP)
     j_ok = rj < N
-    mpre, mpost, mcomb, m2, cmask = _load_parts(MIX, rt, t_ok, N, NM, NP)
-    s0, s1, s2, bpre, bpost, bcomb = _logit_params(SCALE, BASE, rj, j_ok, N)
-    in2 = rt64[:, None] * N + rj[None, :]
-    g_post = tl.load(DPOST + in2, mask=m2, other=0.0)
-    sp = tl.sigmoid(s0 * mpre + bpre[None, :])
-    sq = tl.sigmoid(s1 * mpost + bpost[None, :])
+    mpre, m2 = _load_pre(MIX, rt, t_ok, N, NM, NP)
+    s0 = tl.load(SCALE)
+    sp = tl.sigmoid(s0 * mpre + tl.load(BASE + rj, mask=j_ok, other=0.0)[None, :])
     d_pre = tl.where(m2, g_pre * sp * (1.0 - sp), 0.0)
-    d_post = tl.where(m2, 2.0 * g_post * sq * (1.0 - sq), 0.0)
-    i3 = rt64[:, None, None] * (N * N) + rj[None, :, None] * N + rj[None, None, :]
-    g_comb = tl.load(DCOMB + i3, mask=cmask, other=0.0)
-    if SAVED:
-        d_comb = _sinkhorn_bwd_saved(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps, SCR, rt64, t_ok, NP)
-    else:
-        d_comb = _sinkhorn_bwd(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps)
     r = tl.load(R + rt, mask=t_ok, other=0.0)
     dot_pre = tl.sum(d_pre * mpre, 1)
-    dot_post = tl.sum(d_post * mpost, 1)
-    dot_comb = tl.sum(tl.sum(d_comb * mcomb, 2), 1)
     grow = G + rt64 * NM
     tl.store(grow[:, None] + rj[None, :], d_pre * (s0 * r)[:, None], mask=m2)
-    tl.store(grow[:, None] + N + rj[None, :], d_post * (s1 * r)[:, None], mask=m2)
-    tl.store(grow[:, None, None] + 2 * N + rj[None, :, None] * N + rj[None, None, :], d_comb * (s2 * r)[:, None, None],
-             mask=cmask)
-    prow = PART + pid * (NM + 3)
-    tl.store(prow + rj, tl.sum(d_pre, 0), mask=j_ok)
-    tl.store(prow + N + rj, tl.sum(d_post, 0), mask=j_ok)
-    tl.store(prow + 2 * N + rj[:, None] * N + rj[None, :], tl.sum(d_comb, 0), mask=j_ok[:, None] & j_ok[None, :])
-    tl.store(prow + NM, tl.sum(dot_pre, 0))
-    tl.store(prow + NM + 1, tl.sum(dot_post, 0))
-    tl.store(prow + NM + 2, tl.sum(dot_comb, 0))
-    return -(s0 * dot_pre + s1 * dot_post + s2 * dot_comb) * r * r / K
+    if PRE_ONLY:
+        prow = PART + pid * (NM + 1)
+        tl.store(prow + rj, tl.sum(d_pre, 0), mask=j_ok)
+        tl.store(prow + NM, tl.sum(dot_pre, 0))
+        dot = s0 * dot_pre
+    else:
+        mpost, mcomb, cmask = _load_post_comb(MIX, rt, t_ok, N, NM, NP)
+        s1, s2, bpost, bcomb = _post_comb_params(SCALE, BASE, rj, j_ok, N)
+        g_post = tl.load(DPOST + rt64[:, None] * N + rj[None, :], mask=m2, other=0.0)
+        sq = tl.sigmoid(s1 * mpost + bpost[None, :])
+        d_post = tl.where(m2, 2.0 * g_post * sq * (1.0 - sq), 0.0)
+        i3 = rt64[:, None, None] * (N * N) + rj[None, :, None] * N + rj[None, None, :]
+        g_comb = tl.load(DCOMB + i3, mask=cmask, other=0.0)
+        if SAVED:
+            d_comb = _sinkhorn_bwd_saved(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps, SCR, rt64, t_ok,
+                                         NP)
+        else:
+            d_comb = _sinkhorn_bwd(s2 * mcomb + bcomb[None, :, :], g_comb, cmask, iters, eps)
+        dot_post = tl.sum(d_post * mpost, 1)
+        dot_comb = tl.sum(tl.sum(d_comb * mcomb, 2), 1)
+        tl.store(grow[:, None] + N + rj[None, :], d_post * (s1 * r)[:, None], mask=m2)
+        tl.store(grow[:, None, None] + 2 * N + rj[None, :, None] * N + rj[None, None, :],
+                 d_comb * (s2 * r)[:, None, None], mask=cmask)
+        prow = PART + pid * (NM + 3)
+        tl.store(prow + rj, tl.sum(d_pre, 0), mask=j_ok)
+        tl.store(prow + N + rj, tl.sum(d_post, 0), mask=j_ok)
+        tl.store(prow + 2 * N + rj[:, None] * N + rj[None, :], tl.sum(d_comb, 0), mask=j_ok[:, None] & j_ok[None, :])
+        tl.store(prow + NM, tl.sum(dot_pre, 0))
+        tl.store(prow + NM + 1, tl.sum(dot_post, 0))
+        tl.store(prow + NM + 2, tl.sum(dot_comb, 0))
+        dot = s0 * dot_pre + s1 * dot_post + s2 * dot_comb
+    return -dot * r * r / K
 
 
 @triton.jit
 def _mhc_tail_fwd(MIX, BASE, SCALE, PRE, POST, COMB, T, n, NM, iters, eps,
-                  BLOCK_T: tl.constexpr, NP: tl.constexpr):
+                  BLOCK_T: tl.constexpr, NP: tl.constexpr, PRE_ONLY: tl.constexpr = False):
+    """PRE_ONLY (the stream head, NM = n): pre alone from one scale and n biases; POST / COMB unwritten."""
     pid = tl.program_id(0)
     rt = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = rt < T
     rj = tl.arange(0, NP)
     j_ok = rj < n
-    mpre, mpost, mcomb, m2, cmask = _load_parts(MIX, rt, t_ok, n, NM, NP)
-    s0, s1, s2, bpre, bpost, bcomb = _logit_params(SCALE, BASE, rj, j_ok, n)
-    pre = tl.sigmoid(s0 * mpre + bpre[None, :]) + eps
-    post = 2.0 * tl.sigmoid(s1 * mpost + bpost[None, :])
-    m = _sinkhorn_fwd(s2 * mcomb + bcomb[None, :, :], cmask, iters, eps)
+    mpre, m2 = _load_pre(MIX, rt, t_ok, n, NM, NP)
+    pre = tl.sigmoid(tl.load(SCALE) * mpre + tl.load(BASE + rj, mask=j_ok, other=0.0)[None, :]) + eps
     out2 = rt.to(tl.int64)[:, None] * n + rj[None, :]
     tl.store(PRE + out2, pre, mask=m2)
-    tl.store(POST + out2, post, mask=m2)
-    tl.store(COMB + rt.to(tl.int64)[:, None, None] * (n * n) + rj[None, :, None] * n + rj[None, None, :], m,
-             mask=cmask)
+    if not PRE_ONLY:
+        mpost, mcomb, cmask = _load_post_comb(MIX, rt, t_ok, n, NM, NP)
+        s1, s2, bpost, bcomb = _post_comb_params(SCALE, BASE, rj, j_ok, n)
+        tl.store(POST + out2, 2.0 * tl.sigmoid(s1 * mpost + bpost[None, :]), mask=m2)
+        m = _sinkhorn_fwd(s2 * mcomb + bcomb[None, :, :], cmask, iters, eps)
+        tl.store(COMB + rt.to(tl.int64)[:, None, None] * (n * n) + rj[None, :, None] * n + rj[None, None, :], m,
+                 mask=cmask)
 
 
 @triton.jit
@@ -380,15 +411,17 @@ class _MHCCoefficients(torch.autograd.Function):
 
 
 def check_pre_inputs(name: str, x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
-                     n: int, iters: int) -> None:
-    """The site pre's argument checks (fused and split pre): one ValueError naming ``name`` and the bad input."""
+                     n: int, iters: int, pre_only: bool = False) -> None:
+    """The site pre's argument checks (fused and split pre; ``pre_only``: the stream head's pre-only
+    weights, fn [n, nD], base [n], scale [1]): one ValueError naming ``name`` and the bad input."""
     if x.dim() < 2 or x.shape[-2] != n:
         raise ValueError(f"{name}: x must be [..., n={n}, D], got {tuple(x.shape)}")
     K = n * x.shape[-1]
-    if fn.shape != ((2 + n) * n, K):
-        raise ValueError(f"{name}: fn must be [{(2 + n) * n}, {K}], got {tuple(fn.shape)}")
-    if base.shape != ((2 + n) * n,) or scale.shape != (3,):
-        raise ValueError(f"{name}: base must be [{(2 + n) * n}] and scale [3], "
+    NM, groups = (n, 1) if pre_only else ((2 + n) * n, 3)
+    if fn.shape != (NM, K):
+        raise ValueError(f"{name}: fn must be [{NM}, {K}], got {tuple(fn.shape)}")
+    if base.shape != (NM,) or scale.shape != (groups,):
+        raise ValueError(f"{name}: base must be [{NM}] and scale [{groups}], "
                          f"got {tuple(base.shape)} and {tuple(scale.shape)}")
     if iters < 1:
         raise ValueError(f"{name}: iters must be >= 1, got {iters}")

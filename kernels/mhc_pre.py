@@ -106,7 +106,7 @@ def _mhc_pre_bwd(X, FN, BASE, SCALE, MIX, R, PRE, DH, DXRES, DPOST, DCOMB, G, PA
         dpre += tl.sum(x3 * dh[:, None, :], 2)
     # 2. the tail's backward (d(logits), logits = scale_group * mixes + base): G, PART and the r-path's coef
     coef = _pre_tail_grads(dpre, MIX, R, BASE, SCALE, DPOST, DCOMB, G, PART, SCR, pid, rt, rt64, t_ok, K, NM, iters, eps,
-                           N, NP, SAVED)
+                           N, NP, SAVED, False)
     in2 = rt64[:, None] * N + rj[None, :]
     tl.debug_barrier()  # G's rows are re-read below as one [BLOCK_T, NM] tile for the product with fn
     rm = tl.arange(0, NM_P)

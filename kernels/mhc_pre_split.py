@@ -22,6 +22,10 @@ Launches, T tokens, K = nD (x read twice forward, twice backward; dfn needs no p
             _pre_dx_dfn     per (stream, D block, token split): dx = dx_res + pre_j dh + G fn
                             + coef x, and the split's part of dfn = G^T x, fn's block loaded once
             + 2 small torch sums (dfn's splits, the per-block sums).
+The stream head (``mhc_head_triton``, model.hyper_connections.mhc_head: the final collapse with
+pre-only weights sigmoid(scale mixes + base) + eps, fn [n, nD]) runs the same launches with the
+tails' PRE_ONLY flag (no post, no Sinkhorn, NM = n): no fp32 copy of x, which the reference makes
+twice forward and twice backward among its ~46 launches.
 fp32 math throughout (the products as tf32x3 dots; those with x, when x is fp16 / bf16 and so
 exact in tf32, as the two of tf32x3's three products that are not 0), x / h / dx in x's dtype.
 """
@@ -40,7 +44,8 @@ from kernels.tuning import Tuned
 
 @triton.jit
 def _pre_tail_bwd(MIX, R, BASE, SCALE, DPRE, DPOST, DCOMB, G, COEF, PART, SCR, T, K, NM, iters, eps,
-                  N: tl.constexpr, NP: tl.constexpr, SAVED: tl.constexpr, BLOCK_T: tl.constexpr):
+                  N: tl.constexpr, NP: tl.constexpr, SAVED: tl.constexpr, BLOCK_T: tl.constexpr,
+                  PRE_ONLY: tl.constexpr = False):
     """G [T, NM] = dmix * r (the gradient of x fn^T), COEF [T] = -(r^2 / K) <dmix, mixes> (the
     r-path: dx gets coef * x), PART[pid] = (sum_t dlogit [NM], per-group sum_t <dlogit, mixes>
     [3]) of this block, where logits = scale_group * mixes + base and dmix = dlogit * scale_group."""
@@ -52,7 +57,7 @@ def _pre_tail_bwd(MIX, R, BASE, SCALE, DPRE, DPOST, DCOMB, G, COEF, PART, SCR, T
     m2 = t_ok[:, None] & (rj < N)[None, :]
     g_pre = tl.load(DPRE + rt64[:, None] * N + rj[None, :], mask=m2, other=0.0)
     coef = _pre_tail_grads(g_pre, MIX, R, BASE, SCALE, DPOST, DCOMB, G, PART, SCR, pid, rt, rt64, t_ok, K, NM, iters, eps,
-                           N, NP, SAVED)
+                           N, NP, SAVED, PRE_ONLY)
     tl.store(COEF + rt, coef, mask=t_ok)
 
 
@@ -125,8 +130,9 @@ _TAIL_BWD_BLOCK_T = 16   # fixed: PART has one row per block (sized on the host)
 _SCRATCH_MAX_BYTES = 256 << 20   # above this (~100K tokens at 20 iterations) Sinkhorn's backward recomputes
 _DFN_SPLIT_TOKENS = 1024  # tokens per dfn split (a multiple of every BLOCK_T above)
 _DFN_SPLITS_MAX = 16
-_KEYS = {"mix": ["T", "K"], "tail": ["T"], "collapse": ["T", "D"], "dpre": ["T", "D"], "tail_bwd": ["T"],
-         "dx_dfn": ["T", "D"]}
+# NM (the coefficient count) tells the site pres ((2+n)n) from the stream head (n) at the same shape of x
+_KEYS = {"mix": ["T", "K", "NM"], "tail": ["T", "NM"], "collapse": ["T", "D"], "dpre": ["T", "D"],
+         "tail_bwd": ["T", "NM"], "dx_dfn": ["T", "D", "NM"]}
 _KERNELS = {
     name: Tuned(kernel, _CANDIDATES[name], _KEYS[name])
     for name, kernel in (("mix", _mhc_mix_fwd), ("tail", _mhc_tail_fwd), ("collapse", _collapse_fwd),
@@ -154,65 +160,102 @@ def _run(name: str, grid, args: tuple, const: dict, config) -> None:
     _KERNELS[name].launch(grid, args, const, config, on_cuda=args[0].is_cuda)
 
 
+def _forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, config, pre_only):
+    """mix, tail, collapse: (h [T, D], post [T, n], comb [T, n, n]; post / comb unwritten when
+    ``pre_only``); saves what ``_backward`` needs on ``ctx``."""
+    D = x.shape[-1]
+    K = n * D
+    xf, fn32, base32, scale32, mixes, r, pre, post, comb, h = pre_forward_buffers(x, fn, base, scale, n)
+    T, NM = xf.shape[0], fn.shape[0]
+    NP, nm_p = _pow2(n), max(16, _pow2(NM))
+    if T > 0:
+        _run("mix", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, fn32, mixes, r, T, K, NM, norm_eps),
+             {"NM_P": nm_p, "X_IN_TF32": x.dtype != torch.float32}, config)
+        _run("tail", lambda m: (triton.cdiv(T, m["BLOCK_T"]),),
+             (mixes, base32, scale32, pre, post, comb, T, n, NM, iters, eps), {"NP": NP, "PRE_ONLY": pre_only}, config)
+        _run("collapse", lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(D, m["BLOCK_D"])),
+             (xf, pre, h, T, D), {"N": n, "NP": NP}, config)
+    ctx.save_for_backward(xf, fn32, base32, scale32, mixes, r, pre)
+    ctx.meta = (x.shape, n, iters, eps, config, fn.dtype, base.dtype, scale.dtype, pre_only)
+    return h, post, comb
+
+
+def _backward(ctx, dh, dx_res, dpost, dcomb):
+    """dpre, the tail's backward, dx and dfn: (dx, dfn, dbase, dscale) in the inputs' shapes and dtypes."""
+    xf, fn32, base32, scale32, mixes, r, pre = ctx.saved_tensors
+    xshape, n, iters, eps, config, fdt, bdt, sdt, pre_only = ctx.meta
+    T, K = xf.shape
+    D, NM = K // n, fn32.shape[0]
+    dev = xf.device
+    if T == 0:
+        return (torch.empty_like(xf).view(xshape), torch.zeros_like(fn32).to(fdt),
+                torch.zeros_like(base32).to(bdt), torch.zeros_like(scale32).to(sdt))
+    if pre_only:   # the head: h is the only output; DPOST / DCOMB are not read (placeholders, no zero fills)
+        dh, dx_res, dpost, dcomb, has_dxres = dh.reshape(T, D).contiguous(), xf, mixes, mixes, False
+    else:
+        dh, dx_res, dpost, dcomb, has_dxres = pre_cotangents(xf, n, dh, dx_res, dpost, dcomb)
+    NP, nm_p = _pow2(n), max(16, _pow2(NM))
+    dpre = torch.empty(T, n, device=dev, dtype=torch.float32)
+    _run("dpre", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, pre, dh, xf, dpre, T, D),
+         {"N": n, "NP": NP, "WRITE_DX": False}, config)
+    g = torch.empty(T, NM, device=dev, dtype=torch.float32)
+    coef = torch.empty(T, device=dev, dtype=torch.float32)
+    P = triton.cdiv(T, _TAIL_BWD_BLOCK_T)
+    groups = 1 if pre_only else 3
+    part = torch.empty(P, NM + groups, device=dev, dtype=torch.float32)
+    # Sinkhorn's step inputs for the SAVED candidates: 2 (iters - 1) NP^2 fp32 per token, transient;
+    # past _SCRATCH_MAX_BYTES (long sequences) only the recomputing one runs; no Sinkhorn (the head): none
+    scratch_elems = T * max(1, 2 * (iters - 1)) * NP * NP
+    tail_config = config
+    if pre_only or scratch_elems * 4 > _SCRATCH_MAX_BYTES:
+        tail_config, scratch_elems = {"SAVED": False}, 1
+    scratch = torch.empty(scratch_elems, device=dev, dtype=torch.float32)
+    _run("tail_bwd", lambda m: (P,), (mixes, r, base32, scale32, dpre, dpost, dcomb, g, coef, part, scratch,
+                                     T, K, NM, iters, eps),
+         {"N": n, "NP": NP, "BLOCK_T": _TAIL_BWD_BLOCK_T, "PRE_ONLY": pre_only}, tail_config)
+    splits, per = _dfn_splits(T, config)
+    dx = torch.empty_like(xf)
+    dfn = torch.empty(splits, NM, K, device=dev, dtype=torch.float32)
+    _run("dx_dfn", lambda m: (n * triton.cdiv(D, m["BLOCK_D"]), splits),
+         (xf, fn32, g, coef, pre, dh, dx_res, dx, dfn, T, D, NM, per),
+         {"N": n, "NM_P": nm_p, "HAS_DXRES": has_dxres, "X_IN_TF32": xf.dtype != torch.float32}, config)
+    dfn = dfn[0] if splits == 1 else dfn.sum(0)
+    sums = part.sum(0)
+    # dbase = sum_t dlogit; dscale per group = sum_t <dlogit, mixes> of the group
+    return dx.view(xshape), dfn.to(fdt), sums[:NM].to(bdt), sums[NM:].to(sdt)
+
+
 class _MHCPreSplit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, config):
-        D = x.shape[-1]
-        K = n * D
-        xf, fn32, base32, scale32, mixes, r, pre, post, comb, h = pre_forward_buffers(x, fn, base, scale, n)
-        T, NM = xf.shape[0], fn.shape[0]
-        NP, nm_p = _pow2(n), max(16, _pow2(NM))
-        if T > 0:
-            _run("mix", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, fn32, mixes, r, T, K, NM, norm_eps),
-                 {"NM_P": nm_p, "X_IN_TF32": x.dtype != torch.float32}, config)
-            _run("tail", lambda m: (triton.cdiv(T, m["BLOCK_T"]),),
-                 (mixes, base32, scale32, pre, post, comb, T, n, NM, iters, eps), {"NP": NP}, config)
-            _run("collapse", lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(D, m["BLOCK_D"])),
-                 (xf, pre, h, T, D), {"N": n, "NP": NP}, config)
-        ctx.save_for_backward(xf, fn32, base32, scale32, mixes, r, pre)
-        ctx.meta = (x.shape, n, iters, eps, config, fn.dtype, base.dtype, scale.dtype)
+        h, post, comb = _forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, config, pre_only=False)
         lead = x.shape[:-2]
-        return h.view(*lead, D), x, post.view(*lead, n), comb.view(*lead, n, n)
+        return h.view(*lead, x.shape[-1]), x, post.view(*lead, n), comb.view(*lead, n, n)
 
     @staticmethod
     def backward(ctx, dh, dx_res, dpost, dcomb):
-        xf, fn32, base32, scale32, mixes, r, pre = ctx.saved_tensors
-        xshape, n, iters, eps, config, fdt, bdt, sdt = ctx.meta
-        T, K = xf.shape
-        D, NM = K // n, fn32.shape[0]
-        dev = xf.device
-        if T == 0:
-            return (torch.empty_like(xf).view(xshape), torch.zeros_like(fn32).to(fdt),
-                    torch.zeros_like(base32).to(bdt), torch.zeros_like(scale32).to(sdt), None, None, None, None, None)
-        dh, dx_res, dpost, dcomb, has_dxres = pre_cotangents(xf, n, dh, dx_res, dpost, dcomb)
-        NP, nm_p = _pow2(n), max(16, _pow2(NM))
-        dpre = torch.empty(T, n, device=dev, dtype=torch.float32)
-        _run("dpre", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, pre, dh, xf, dpre, T, D),
-             {"N": n, "NP": NP, "WRITE_DX": False}, config)
-        g = torch.empty(T, NM, device=dev, dtype=torch.float32)
-        coef = torch.empty(T, device=dev, dtype=torch.float32)
-        P = triton.cdiv(T, _TAIL_BWD_BLOCK_T)
-        part = torch.empty(P, NM + 3, device=dev, dtype=torch.float32)
-        # Sinkhorn's step inputs for the SAVED candidates: 2 (iters - 1) NP^2 fp32 per token, transient;
-        # past _SCRATCH_MAX_BYTES (long sequences) only the recomputing one runs
-        scratch_elems = T * max(1, 2 * (iters - 1)) * NP * NP
-        tail_config = config
-        if scratch_elems * 4 > _SCRATCH_MAX_BYTES:
-            tail_config, scratch_elems = {"SAVED": False}, 1
-        scratch = torch.empty(scratch_elems, device=dev, dtype=torch.float32)
-        _run("tail_bwd", lambda m: (P,), (mixes, r, base32, scale32, dpre, dpost, dcomb, g, coef, part, scratch,
-                                         T, K, NM, iters, eps),
-             {"N": n, "NP": NP, "BLOCK_T": _TAIL_BWD_BLOCK_T}, tail_config)
-        splits, per = _dfn_splits(T, config)
-        dx = torch.empty_like(xf)
-        dfn = torch.empty(splits, NM, K, device=dev, dtype=torch.float32)
-        _run("dx_dfn", lambda m: (n * triton.cdiv(D, m["BLOCK_D"]), splits),
-             (xf, fn32, g, coef, pre, dh, dx_res, dx, dfn, T, D, NM, per),
-             {"N": n, "NM_P": nm_p, "HAS_DXRES": has_dxres, "X_IN_TF32": xf.dtype != torch.float32}, config)
-        dfn = dfn[0] if splits == 1 else dfn.sum(0)
-        sums = part.sum(0)
-        # dbase = sum_t dlogit; dscale per group = sum_t <dlogit, mixes> of the group
-        return (dx.view(xshape), dfn.to(fdt), sums[:NM].to(bdt), sums[NM:].to(sdt), None, None, None, None, None)
+        return _backward(ctx, dh, dx_res, dpost, dcomb) + (None,) * 5
+
+
+class _MHCHead(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, fn, base, scale, n, eps, norm_eps, config):
+        h, _, _ = _forward(ctx, x, fn, base, scale, n, 1, eps, norm_eps, config, pre_only=True)
+        return h.view(*x.shape[:-2], x.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dh):
+        return _backward(ctx, dh, None, None, None) + (None,) * 4
+
+
+def _check_config(name: str, config) -> None:
+    if isinstance(config, dict):
+        bad = {k: v for k, v in config.items() if k.startswith("BLOCK_") and (v < 1 or v & (v - 1))}
+        if bad or config.get("BLOCK_T", 16) < 16 or config.get("SPLIT_TOKENS", 1) < 1:
+            raise ValueError(f"{name}: config tiles must be powers of 2 with BLOCK_T >= 16 "
+                             f"and SPLIT_TOKENS >= 1, got {config}")
+    elif config not in (None, "default"):
+        raise ValueError(f"{name}: config must be None, 'default' or a dict, got {config!r}")
 
 
 @opaque_to_compile
@@ -226,11 +269,18 @@ def mhc_pre_split_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, 
     "SAVED": True, "SPLIT_TOKENS": 16} overrides those entries of every kernel that has them
     (tests, sweeps)."""
     check_pre_inputs("mhc_pre_split_triton", x, fn, base, scale, n, iters)
-    if isinstance(config, dict):
-        bad = {k: v for k, v in config.items() if k.startswith("BLOCK_") and (v < 1 or v & (v - 1))}
-        if bad or config.get("BLOCK_T", 16) < 16 or config.get("SPLIT_TOKENS", 1) < 1:
-            raise ValueError(f"mhc_pre_split_triton: config tiles must be powers of 2 with BLOCK_T >= 16 "
-                             f"and SPLIT_TOKENS >= 1, got {config}")
-    elif config not in (None, "default"):
-        raise ValueError(f"mhc_pre_split_triton: config must be None, 'default' or a dict, got {config!r}")
+    _check_config("mhc_pre_split_triton", config)
     return _MHCPreSplit.apply(x, fn, base, scale, int(n), int(iters), float(eps), float(norm_eps), config)
+
+
+@opaque_to_compile
+def mhc_head_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int, eps: float,
+                    norm_eps: float, *, config: str | dict | None = None) -> torch.Tensor:
+    """Triton version of ``model.hyper_connections.mhc_head`` (the final stream collapse): x [..., n, D]
+    -> h [..., D] in x's dtype; differentiable in x, fn [n, nD], base [n], scale [1]. The site pre's
+    kernels with its coefficients cut to the pre group (``PRE_ONLY``: sigmoid + eps, no post, no
+    Sinkhorn): x read twice forward (mix, collapse) and twice backward (dpre, dx / dfn), no fp32
+    copy of it. ``config`` as for ``mhc_pre_split_triton``."""
+    check_pre_inputs("mhc_head_triton", x, fn, base, scale, n, 1, pre_only=True)
+    _check_config("mhc_head_triton", config)
+    return _MHCHead.apply(x, fn, base, scale, int(n), float(eps), float(norm_eps), config)

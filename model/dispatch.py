@@ -46,6 +46,7 @@ KERNELS = {
     "mhc_coefficients": ("kernels.mhc", "mhc_coefficients_triton"),
     "collapse_streams": ("kernels.mhc_streams", "collapse_streams_triton"),
     "mhc_pre": ("kernels.mhc_pre_split", "mhc_pre_split_triton"),
+    "mhc_head": ("kernels.mhc_pre_split", "mhc_head_triton"),
     "mix_streams": ("kernels.mhc_streams", "mix_streams_triton"),
     "topk_routing": ("kernels.moe_router", "topk_routing_triton"),
     "swiglu_activation": ("kernels.swiglu", "swiglu_activation_triton"),

@@ -55,6 +55,15 @@ def sinkhorn_knopp(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor
     return m
 
 
+def _normed_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """linear(rms_norm(flatten(x)), fn) as DeepSeek computes it: the linear first, then times
+    rsqrt(mean(x^2) + norm_eps) (same value, cheaper). x [..., n, D] -> [..., rows of fn] (fp32+)."""
+    cd = _compute_dtype(x)
+    xf = x.flatten(-2).to(cd)  # [..., nD]
+    rsqrt = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm_eps)  # [..., 1]
+    return F.linear(xf, fn.to(cd)) * rsqrt
+
+
 def mhc_coefficients(
     x: torch.Tensor,
     fn: torch.Tensor,
@@ -76,9 +85,7 @@ def mhc_coefficients(
     if x.shape[-2] != n:
         raise ValueError(f"mhc_coefficients: x has {x.shape[-2]} streams, expected n={n}")
     cd = _compute_dtype(x)
-    xf = x.flatten(-2).to(cd)  # [..., nD]
-    rsqrt = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm_eps)  # [..., 1]
-    mixes = F.linear(xf, fn.to(cd)) * rsqrt  # [..., (2+n)n]
+    mixes = _normed_mixes(x, fn, norm_eps)  # [..., (2+n)n]
     base, scale = base.to(cd), scale.to(cd)
     pre = torch.sigmoid(scale[0] * mixes[..., :n] + base[:n]) + eps
     post = 2.0 * torch.sigmoid(scale[1] * mixes[..., n:2 * n] + base[n:2 * n])
@@ -151,6 +158,27 @@ def mhc_pre(
 
 
 get_mhc_pre = dispatcher("mhc_pre", mhc_pre)
+
+
+def mhc_head_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, eps: float,
+                     norm_eps: float) -> torch.Tensor:
+    """The stream head's collapse weights: the mHC pre group alone (no post, no Sinkhorn).
+    x [..., n, D], fn [n, nD], base [n], scale [1] -> sigmoid(scale * mixes + base) + eps [..., n] (fp32+)."""
+    cd = _compute_dtype(x)
+    return torch.sigmoid(scale.to(cd) * _normed_mixes(x, fn, norm_eps) + base.to(cd)) + eps
+
+
+def mhc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int, eps: float,
+             norm_eps: float) -> torch.Tensor:
+    """The final collapse of the streams: x [..., n, D] -> h [..., D] (x's dtype) =
+    collapse_streams(x, mhc_head_weights(x, ...)). The Triton path (kernels/mhc_pre_split.py's
+    ``mhc_head_triton``) runs the site pre's kernels on the pre group, with no fp32 copy of x."""
+    if x.shape[-2] != n:
+        raise ValueError(f"mhc_head: x has {x.shape[-2]} streams, expected n={n}")
+    return collapse_streams(x, mhc_head_weights(x, fn, base, scale, eps, norm_eps))
+
+
+get_mhc_head = dispatcher("mhc_head", mhc_head)
 
 
 def mix_streams(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -311,6 +339,7 @@ class HyperHead(nn.Module):
         self.eps = cfg.hc_eps
         self.norm_eps = cfg.norm_eps
         self.init_alpha = cfg.hc_init_alpha
+        self.mhc_impl = cfg.mhc_impl
         if self.kind != "residual":
             n, D = self.n, cfg.dim
             self.fn = nn.Parameter(torch.empty(n, n * D, dtype=torch.float32))
@@ -328,19 +357,16 @@ class HyperHead(nn.Module):
         self.scale.fill_(self.init_alpha)
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., n, D] -> collapse weights [..., n] (fp32)."""
-        cd = _compute_dtype(x)
-        xf = x.flatten(-2).to(cd)
-        rsqrt = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        mixes = F.linear(xf, self.fn.to(cd)) * rsqrt  # [..., n]
-        return torch.sigmoid(self.scale.to(cd) * mixes + self.base.to(cd)) + self.eps
+        """x [..., n, D] -> collapse weights [..., n] (fp32; the reference's, for diagnostics)."""
+        return mhc_head_weights(x, self.fn, self.base, self.scale, self.eps, self.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[2] != self.n or x.shape[3] != self.dim:
             raise ValueError(f"HyperHead: x must be [B, L, n={self.n}, D={self.dim}], got {list(x.shape)}")
         if self.kind == "residual":
             return x[:, :, 0]
-        return collapse_streams(x, self.weights(x))
+        head = get_mhc_head(self.mhc_impl, x.device, x.dtype)  # Triton on CUDA
+        return head(x, self.fn, self.base, self.scale, self.n, self.eps, self.norm_eps)
 
     def expand(self, h: torch.Tensor) -> torch.Tensor:
         """Embedding [B, L, D] -> n identical streams [B, L, n, D]."""
