@@ -43,6 +43,8 @@ aten = torch.ops.aten
 TRITON_LAUNCHES = {
     # _rms_fwd | _rms_bwd + part.sum(0) + dw.to(bf16) (a weightless norm: 1 | 1)
     "rms_norm": (1, 3),
+    # the norm with RoPE fused (q, kv, compressed entries): the same kernels with the rotation inside
+    "rms_norm_rope": (1, 3),
     # _rope | _rope with the inverse sign
     "rope_rotate": (1, 1),
     # kernels/mhc_pre_split.py: fn/base/scale .float() + _mhc_mix_fwd + _mhc_tail_fwd + _collapse_fwd |

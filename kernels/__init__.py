@@ -10,7 +10,8 @@ reference it replaces (the reference lives in ``model/`` and is the contract):
 * ``kernels.mhc``                                       <- ``model.hyper_connections`` coefficients + Sinkhorn
 * ``kernels.moe_router`` / ``kernels.swiglu`` / ``kernels.moe_permute``  <- ``model.moe`` (``topk_routing``,
   ``swiglu_activation``, ``permute_tokens`` / ``unpermute_tokens``)
-* ``kernels.rms_norm``                                  <- ``model.norms.rms_norm_reference``
+* ``kernels.rms_norm``                                  <- ``model.norms.rms_norm_reference``; with RoPE
+  fused: ``model.rope.rms_norm_rope``
 * ``kernels.rope``                                      <- ``model.rope.rope_rotate``
 * ``kernels.compressor_pool``                           <- ``model.compressor.compressor_pool`` (gated pooling)
 * ``kernels.checks``: value checks on tensors without a host sync (kernels and model use them)

@@ -44,7 +44,7 @@ from model.config import ATTENTION_MODES, ModelConfig
 from model.chunk_layout import AttentionCarry
 from model.indexer import Indexer, get_indexer_topk, indexer_kl_loss_dense, indexer_kl_loss_selected, indexer_recall
 from model.layout import CompressedLayout, DocLayout, queries_with_entries
-from model.norms import RMSNorm, rms_norm
+from model.norms import RMSNorm
 from model.profile_ranges import component
 from model.rope import RoPE
 from model.sparse_attention import get_sparse_attention
@@ -155,9 +155,9 @@ class Attention(nn.Module):
         want_loss = self.training and (carry is None or carry.need_loss)
 
         qr = self.q_norm(self.wq_a(x))                                   # [B, L, q_lora_rank]
-        q = rms_norm(self.wq_b(qr).view(B, L, H, hd), self.eps)          # [B, L, H, hd]
-        q = self.rope.apply(q, pos)
-        kv = self.rope.apply(self.kv_norm(self.wkv(x)), pos)             # [B, L, hd]
+        # norm + RoPE in one kernel each way (model/rope.py: RoPE.apply_normed)
+        q = self.rope.apply_normed(self.wq_b(qr).view(B, L, H, hd), pos, None, self.eps)   # [B, L, H, hd]
+        kv = self.rope.apply_normed(self.wkv(x), pos, self.kv_norm.weight, self.kv_norm.eps)  # [B, L, hd]
 
         ckv = c_end = topk_idx = dense_idx = selected = ckv_new = k_new = None
         if self.compressor is not None:

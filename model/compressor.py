@@ -77,9 +77,8 @@ class Compressor(nn.Module):
         pool = clayout.pooling if clayout.ratio == m else PoolingIndex.of(clayout, m)
         fn = get_compressor_pool(self.impl, kv.device, kv.dtype)
         pooled = fn(kv, gate, self.ape, pool.tokens, pool.prev, pool.no_prev, pool.invalid, self.overlap)
-        # pad entries pool to zero, and RMSNorm and RoPE keep a zero row zero
-        ckv = self.norm(pooled.to(x.dtype))
-        return self.rope.apply(ckv, clayout.c_pos)
+        # pad entries pool to zero, and RMSNorm and RoPE keep a zero row zero (one kernel each way)
+        return self.rope.apply_normed(pooled.to(x.dtype), clayout.c_pos, self.norm.weight, self.norm.eps)
 
 
 def compressor_pool(kv: torch.Tensor, gate: torch.Tensor, ape: torch.Tensor, tokens: torch.Tensor,

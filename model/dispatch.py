@@ -54,6 +54,7 @@ KERNELS = {
     "unpermute_tokens": ("kernels.moe_permute", "unpermute_tokens_triton"),
     "rope_rotate": ("kernels.rope", "rope_rotate_triton"),
     "rms_norm": ("kernels.rms_norm", "rms_norm_triton"),
+    "rms_norm_rope": ("kernels.rms_norm", "rms_norm_rope_triton"),
     "compressor_pool": ("kernels.compressor_pool", "compressor_pool_triton"),
     "chunk_cross_entropy": ("kernels.cross_entropy", "chunk_cross_entropy_triton"),
 }

@@ -24,6 +24,7 @@ import torch
 
 from model.dispatch import dispatcher
 from model.config import ModelConfig
+from model.norms import rms_norm_reference
 
 
 def default_inv_freq(rope_dim: int, theta: float) -> list[float]:
@@ -78,6 +79,18 @@ def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
 get_rope_rotate = dispatcher("rope_rotate", rope_rotate)
 
 
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor,
+                  inv_freq: torch.Tensor) -> torch.Tensor:
+    """RMS-normalise x over its last dim (``model.norms``; weight [D] or None), then rotate its last
+    2 * len(inv_freq) channels by positions [B, L] (``rope_rotate``): how q, kv and the compressed
+    entries are made. Triton: the norm's kernels with the rotation fused, one launch each way and
+    no pass of its own (``kernels/rms_norm.py``)."""
+    return rope_rotate(rms_norm_reference(x, weight, eps), positions, inv_freq)
+
+
+get_rms_norm_rope = dispatcher("rms_norm_rope", rms_norm_rope)
+
+
 class RoPE:
     """Rotary embedding for one layer kind. Holds no parameters or buffers (so ``module.to(
     bfloat16)`` can never round the frequencies); fp32 frequency tensors are cached per device.
@@ -120,10 +133,21 @@ class RoPE:
         x: [B, L, D] or [B, L, H, D]; positions: [B, L] (broadcast over heads).
         Returns x's dtype; the rotation is computed in fp32 (fp64 for fp64 inputs).
         """
+        self._check(x, positions, "apply")
+        return get_rope_rotate(self.impl, x.device, x.dtype)(x, positions, self._freq(positions.device), inverse)
+
+    def apply_normed(self, x: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor | None,
+                     eps: float) -> torch.Tensor:
+        """``apply(rms_norm(x))``: RMS-normalise x over its last dim (scale ``weight`` [D], an
+        ``RMSNorm``'s, or None), then rotate; one fused kernel each way (``rms_norm_rope``)."""
+        self._check(x, positions, "apply_normed")
+        return get_rms_norm_rope(self.impl, x.device, x.dtype)(x, weight, eps, positions,
+                                                               self._freq(positions.device))
+
+    def _check(self, x: torch.Tensor, positions: torch.Tensor, name: str) -> None:
         rd = self.rope_dim
         if x.shape[-1] < rd:
-            raise ValueError(f"RoPE.apply: last dim {x.shape[-1]} is smaller than rope_dim {rd}")
+            raise ValueError(f"RoPE.{name}: last dim {x.shape[-1]} is smaller than rope_dim {rd}")
         if tuple(positions.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"RoPE.apply: positions shape {tuple(positions.shape)} does not match "
+            raise ValueError(f"RoPE.{name}: positions shape {tuple(positions.shape)} does not match "
                              f"x's leading dims {tuple(x.shape[:2])}")
-        return get_rope_rotate(self.impl, x.device, x.dtype)(x, positions, self._freq(positions.device), inverse)
