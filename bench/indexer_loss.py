@@ -10,9 +10,10 @@ fewer than K), indexer 16 heads x 128, attention 16 heads x 256.
    differing from ``chunked`` (equal scores only: ties broken otherwise) for information.
 2. Loss kernels (kernels/indexer_loss.py): every autotune candidate forced (its tile; warps are
    the first candidate's) checked against the PyTorch reference (relative error, forward and
-   each gradient); then the tiles before autotuning (config="default") vs autotuned (None):
-   ms of the scores forward, forward + backward, the attention-mass gather; and autotune's pick
-   with every candidate's own time (warps and stages included).
+   each gradient; the backward's with dk="atomic", the dense dk's with dk="dense"); then the tiles
+   before autotuning (config="default") vs autotuned (None): ms of the scores forward, forward +
+   backward, the attention-mass gather; forward + backward with the dk atomics vs the dense dk;
+   and autotune's pick with every candidate's own time (warps and stages included).
 
     PYTHONUNBUFFERED=1 python bench/indexer_loss.py --out $OUT
 
@@ -122,9 +123,9 @@ def bench_loss(inp: dict, idx: torch.Tensor, device: str, log) -> bool:
     log(f"loss kernels vs reference ({inp['q'].dtype}, tolerance {tol}): relative error per candidate")
     log("| kernel | candidate tile | out | dq | dw | dk |")
     log("| --- | --- | --- | --- | --- | --- |")
-    for name in ("scores_fwd", "scores_bwd"):
+    for name, dk in (("scores_fwd", "auto"), ("scores_bwd", "atomic"), ("scores_dk", "dense")):
         for meta, warps, stages in candidates(name, Hi, Di):
-            out = selected_indexer_scores_triton(*leaves, idx, config=meta)
+            out = selected_indexer_scores_triton(*leaves, idx, config=meta, dk=dk)
             errs = [_rel(out[valid], ref[valid])] + [_rel(a, b) for a, b in
                                                      zip(torch.autograd.grad(out, leaves, cot), ref_g)]
             ok &= all(e < tol for e in errs)
@@ -146,6 +147,11 @@ def bench_loss(inp: dict, idx: torch.Tensor, device: str, log) -> bool:
         f(None)   # autotune outside the timing
         t0, t1 = _ms(lambda: f("default"), device), _ms(lambda: f(None), device)
         log(f"| {op} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x |")
+    # the backward's dk: fp32 atomics per slot vs the dense key-major pass (dk="auto" takes it here)
+    fb_dk = lambda dk: torch.autograd.grad(selected_indexer_scores_triton(*leaves, idx, dk=dk), leaves, cot)
+    t_at, t_de = _ms(lambda: fb_dk("atomic"), device), _ms(lambda: fb_dk("dense"), device)
+    log(f"| selected scores forward + backward, dk atomic -> dense (autotuned) | {t_at:.3f} | {t_de:.3f} | "
+        f"{t_at / t_de:.2f}x |")
     log("")
     log("autotune's picks [every candidate's time]:")
     for name, picks in tuned_configs().items():

@@ -8,17 +8,25 @@ compressed entries gathered tile by tile into registers, never into HBM.
       dd[h, j] = g[t, j] * w[t, h] * (dots[h, j] > 0)    (cast to q's dtype, as the reference)
       dq[t] = dd @ k_sel,  dw[t, h] = sum_j g[t, j] ReLU(dots[h, j]),  dk[idx[t, j]] += (dd^T q[t])[j]
   dq and dw are complete per program (plain stores). dk rows are shared by every query that
-  selected the entry and a top-k list has no cheap inverse, so each tile's [BLOCK_K, Di] block is
-  added with fp32 atomics (as the sparse attention's d(ckv), and sparse-MLA training kernels):
-  the summation ORDER of dk varies run to run (not bitwise deterministic; differences at fp32
-  rounding). A deterministic alternative (sort the B*L*K (query, slot) pairs by entry, then an
-  entry-centric pass) rereads each selecting query's [Hi, Di] block per pair, Hi times the
-  traffic of gathering the entries, and loses the tensor-core tile: not worth the determinism.
-  Fewer atomics by summing a tile of queries' dk in registers first would need their lists to
-  name the same entries slot for slot (they do not: each query's K entries are its own set, in
-  its own order); what autotune can try instead is SPREAD, a program order that keeps the
-  programs resident together on different sequences and distant queries, which share fewer
-  selected entries (less contention on one dk row).
+  selected the entry and a top-k list has no cheap inverse. Two ways (``dk``):
+  - dense (the default where it fits: N <= 4 K entries and B*L*N <= 2^26, the 4K-token stages):
+    the query pass scatters its slot gradients into a dense G [B, L, N] (zero where not
+    selected), then ``_scores_bwd_dk`` runs key-major over (entry block, query segment) tiles,
+        dk[s] = sum_t sum_h G[t, s] w[t, h] [q[t, h] . k[s] > 0] q[t, h]
+    (the same sum: the mask depends on (t, h, s) only), recomputing the dots on [64 x 64]
+    tensor-core tiles and skipping tiles where G is all zero, into per-segment partials summed
+    in a fixed order: deterministic, no atomics. Why: per 16 K tokens (small: K = 256, Di = 128)
+    the atomic path issues T*K*Di = 537 M fp32 atomics (2 GB of L2 read-modify-write); the H200
+    trace had the backward at 1.20 ms a launch against 0.43 ms for the forward (the same gather
+    and one of its three products), while the dense selection scorer does every (query, entry)
+    pair of the same shapes in 0.095 ms. The dense pass costs T * N_visible * Hi * Di * 4 FLOPs
+    (small, 16 K tokens: 69 GFLOP, ~70 us at peak) + G (64 MB fp32 zeroed, scattered, read once);
+  - atomic (long contexts, where N >> K makes the dense FLOPs and G quadratic): each tile's
+    [BLOCK_K, Di] block is added with fp32 atomics (as the sparse attention's d(ckv)): the
+    summation ORDER varies run to run (differences at fp32 rounding). Sorting the (query, slot)
+    pairs by entry for an entry-centric pass would reread each selecting query's [Hi, Di] block
+    per pair (Hi times the gather traffic); SPREAD (autotuned) orders the programs so that those
+    resident together share fewer entries (less contention on one dk row).
 * ``attention_mass_on_selected_triton``  <- ``model.indexer.attention_mass_on_selected`` (no grad)
       mass[t, j] = sum_h exp(scale * q[t, h] . ckv[idx[t, j]] - lse[t, h])    fp32, 0 where idx < 0
   heads in blocks and the head dim in chunks so that the flash sizes (64 x 512) fit registers.
@@ -87,10 +95,14 @@ def _scores_fwd(Q, W, KI, IDX, OUT, L, Hi, Di, N, K,
 
 
 @triton.jit
-def _scores_bwd(Q, W, KI, IDX, G, DQ, DW, DK, B, L, Hi, Di, N, K,
+def _scores_bwd(Q, W, KI, IDX, G, DQ, DW, DK, GF, B, L, Hi, Di, N, K,
                 sq_b, sq_t, sq_h, sw_b, sw_t, sk_b, sk_n, si_b, si_t, sg_b, sg_t, sdw_b, sdw_t, sdk_b, sdk_n,
+                sgf_b, sgf_t,
                 HP: tl.constexpr, DP: tl.constexpr, BLOCK_K: tl.constexpr, SPREAD: tl.constexpr,
-                PREC: tl.constexpr):
+                DENSE_DK: tl.constexpr, PREC: tl.constexpr):
+    """dq, dw of one query (complete here); dk: fp32 atomics of each tile's [BLOCK_K, Di] block
+    into DK, or (DENSE_DK) the query's slot gradients scattered into its row of the dense
+    GF [B, L, N] for ``_scores_bwd_dk``."""
     pid = tl.program_id(0).to(tl.int64)
     if SPREAD == 1:   # consecutive programs: consecutive queries of one sequence
         b, t = pid // L, pid % L
@@ -118,11 +130,56 @@ def _scores_bwd(Q, W, KI, IDX, G, DQ, DW, DK, B, L, Hi, Di, N, K,
         dw += tl.sum(tl.maximum(dots, 0.0) * g[None, :], 1)
         dd = tl.where(dots > 0.0, g[None, :] * w[:, None], 0.0).to(q.dtype)
         dq += tl.dot(dd, rows, input_precision=PREC)
-        dk = tl.dot(tl.trans(dd), q, input_precision=PREC)                     # [BLOCK_K, DP]
-        tl.atomic_add(dkb + idx[:, None] * sdk_n + rd[None, :], dk, mask=ok[:, None] & d_ok[None, :],
-                      sem="relaxed")
+        if DENSE_DK:   # the row is this program's own: the add only matters for a repeated entry
+            tl.atomic_add(GF + b * sgf_b + t * sgf_t + idx, g, mask=ok, sem="relaxed")
+        else:
+            dk = tl.dot(tl.trans(dd), q, input_precision=PREC)                 # [BLOCK_K, DP]
+            tl.atomic_add(dkb + idx[:, None] * sdk_n + rd[None, :], dk, mask=ok[:, None] & d_ok[None, :],
+                          sem="relaxed")
     tl.store(DQ + q_off, dq.to(DQ.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
     tl.store(DW + b * sdw_b + t * sdw_t + rh, dw, mask=h_ok)
+
+
+@triton.jit
+def _scores_bwd_dk(Q, W, KI, GF, DKP, L, Hi, Di, N, SEG,
+                   sq_b, sq_t, sq_h, sw_b, sw_t, sk_b, sk_n, sgf_b, sgf_t, sp_s, sp_b, sp_n,
+                   DP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, PREC: tl.constexpr):
+    """Key-major dk without atomics: program (entry block, query segment, b) sums over the
+    segment's queries and every head
+        dk[s] += sum_t sum_h (G[t, s] * w[t, h] * (q[t, h] . k[s] > 0)) q[t, h]
+    (G = the slot gradients scattered densely, 0 where s is not selected by t: the same sum as
+    the per-slot one) into its own partial DKP[segment, b, block] (summed on the host, in a
+    fixed order). Query tiles whose G block is all zero (not selected: causally or across
+    documents invisible, or not chosen) skip the head loop."""
+    pid_n, pid_s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, DP)
+    n_ok, d_ok = rn < N, rd < Di
+    k = tl.load(KI + b * sk_b + rn.to(tl.int64)[:, None] * sk_n + rd[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)                  # [BLOCK_N, DP]
+    acc = tl.zeros([BLOCK_N, DP], dtype=tl.float32)
+    t_lo = pid_s * SEG
+    seg0 = t_lo.to(tl.int64)
+    q_rel = tl.arange(0, BLOCK_T)[:, None] * sq_t + rd[None, :]                # int32: within one tile
+    for i in range(0, tl.minimum(SEG, L - t_lo), BLOCK_T):
+        # entries as the M side of both products (as flash attention's dK = dS^T Q): s^T = k q^T,
+        # dd^T from it, dk += dd^T q; no transposed register tile
+        t0 = seg0 + i
+        rt = t0 + tl.arange(0, BLOCK_T)
+        t_ok = (rt < L) & (rt < seg0 + SEG)
+        gt = tl.load(GF + b * sgf_b + rt[None, :] * sgf_t + rn[:, None],
+                     mask=n_ok[:, None] & t_ok[None, :], other=0.0)             # [BLOCK_N, BLOCK_T]
+        if tl.max(tl.abs(gt)) > 0.0:
+            # rows past the segment or L read zeros (L) or real rows whose G is 0 (segment): no effect
+            for h in range(0, Hi):
+                qh = tl.load(Q + (b * sq_b + t0 * sq_t + h * sq_h) + q_rel,
+                             mask=(rt < L)[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_T, DP]
+                wh = tl.load(W + b * sw_b + rt * sw_t + h, mask=t_ok, other=0.0).to(tl.float32)
+                st = tl.dot(k, tl.trans(qh), input_precision=PREC)             # [BLOCK_N, BLOCK_T]
+                ddt = tl.where(st > 0.0, gt * wh[None, :], 0.0).to(qh.dtype)
+                acc = tl.dot(ddt, qh, acc, input_precision=PREC)               # [BLOCK_N, DP]
+    tl.store(DKP + pid_s * sp_s + b * sp_b + rn.to(tl.int64)[:, None] * sp_n + rd[None, :], acc,
+             mask=n_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -199,6 +256,35 @@ def _scores_bwd_candidates(hp: int, dp: int) -> list[tuple[dict, int, int]]:
     return [current, ({"BLOCK_K": 32, "SPREAD": 16}, 8, 3), ({"BLOCK_K": 16, "SPREAD": 1}, 4, 3)]
 
 
+# dense dk (_scores_bwd_dk): entries x queries per tile, warps, stages; the first is the default.
+# sm_90 registers (Di = 128, compiled with the 16-divisibility a launch at the presets' sizes
+# specialises; the counts above were taken without it, which also blocks vectorised loads):
+# 202 | 229 | 168, no stack frame; the query pass with DENSE_DK: 76-80 (small), 117-128 (flash).
+_SCORES_DK = [({"BLOCK_N": 64, "BLOCK_T": 64}, 8, 2), ({"BLOCK_N": 128, "BLOCK_T": 64}, 8, 2),
+              ({"BLOCK_N": 64, "BLOCK_T": 32}, 4, 2)]
+# dk from the dense slot-gradient matrix G [B, L, N] when it is small and not much wider than the
+# selection: its FLOPs (every visible (query, entry) pair) are ~N_visible / K times the per-slot
+# products, which the 537 M fp32 atomics per 16 K tokens (small: K = 256, Di = 128) cost more
+# than at N <= 4 K; longer contexts (N >> K, G quadratic in L) keep the atomics.
+DENSE_DK_MAX_N_OVER_K = 4
+DENSE_DK_MAX_ELEMS = 1 << 26
+# the dense dk's query segments: about this many programs (entry blocks of 64 x segments x B)
+_DK_PROGRAMS = 512
+
+
+def dense_dk_fits(B: int, L: int, N: int, K: int) -> bool:
+    """Whether dk="auto" takes the dense, deterministic dk at these sizes."""
+    return N <= DENSE_DK_MAX_N_OVER_K * K and B * L * N <= DENSE_DK_MAX_ELEMS
+
+
+def _dk_segment(B: int, L: int, N: int, seg: int | None) -> int:
+    """Queries per segment of the dense dk (a multiple of 64, the largest BLOCK_T)."""
+    if seg is None:
+        n_seg = max(1, min(triton.cdiv(L, 64), _DK_PROGRAMS // (B * triton.cdiv(N, 64))))
+        seg = triton.cdiv(triton.cdiv(L, n_seg), 64) * 64
+    return seg
+
+
 # mass: (BLOCK_K, register budget (BLOCK_H + BLOCK_K) x BLOCK_D elements, warps); the first is the
 # rule these kernels ran with. 16 heads x 256: 64 x 64 now (128 registers); 32 x 256 (176), 64 x
 # 128 (192), 128 x 64 (176), at 4 warps 64 x 32 (128). 64 heads x 512: 64 x 64 now (174); 32 x 128
@@ -221,14 +307,18 @@ def _mass_candidates(H: int, D: int) -> list[tuple[dict, int, int]]:
 
 
 _TUNED: dict[tuple, Tuned] = {}
-_KEYS = {"scores_fwd": ["L", "Hi", "Di", "K"], "scores_bwd": ["L", "Hi", "Di", "K"], "mass": ["L", "H", "D", "K"]}
-_KERNELS = {"scores_fwd": _scores_fwd, "scores_bwd": _scores_bwd, "mass": _mass_on_selected}
+_KEYS = {"scores_fwd": ["L", "Hi", "Di", "K"], "scores_bwd": ["L", "Hi", "Di", "K", "DENSE_DK"],
+         "scores_dk": ["L", "Hi", "Di", "N"], "mass": ["L", "H", "D", "K"]}
+_KERNELS = {"scores_fwd": _scores_fwd, "scores_bwd": _scores_bwd, "scores_dk": _scores_bwd_dk,
+            "mass": _mass_on_selected}
 
 
 def candidates(name: str, *dims: int) -> list[tuple[dict, int, int]]:
     """Kernel ``name``'s candidates at (Hi, Di) (scores) or (H, D) (mass): tests force each one."""
     if name == "scores_fwd":
         return _SCORES_FWD
+    if name == "scores_dk":
+        return _SCORES_DK
     return _scores_bwd_candidates(_pow2(dims[0]), _pow2(dims[1])) if name == "scores_bwd" else _mass_candidates(*dims)
 
 
@@ -236,8 +326,10 @@ def _tuned(name: str, *dims: int) -> Tuned:
     cands = candidates(name, *dims)
     key = (name, repr(cands))
     if key not in _TUNED:   # one autotuner per candidate list (lists depend on the head shapes)
-        # the backward's dk is accumulated by atomics: zeroed before each timed run and the real one
-        _TUNED[key] = Tuned(_KERNELS[name], cands, _KEYS[name], reset_to_zero=["DK"] if name == "scores_bwd" else None)
+        # the backward accumulates by atomics (dk, or the dense G's rows): zeroed before each
+        # timed run and the real one
+        _TUNED[key] = Tuned(_KERNELS[name], cands, _KEYS[name],
+                            reset_to_zero=["DK", "GF"] if name == "scores_bwd" else None)
     return _TUNED[key]
 
 
@@ -251,8 +343,8 @@ def _check_config(fn: str, config) -> None:
         for name, v in config.items():
             if name.startswith("BLOCK_"):
                 _check_tile(fn, name, v)
-            elif name == "SPREAD" and v < 1:
-                raise ValueError(f"{fn}: SPREAD must be >= 1, got {v}")
+            elif name in ("SPREAD", "SEG") and v < 1:
+                raise ValueError(f"{fn}: {name} must be >= 1, got {v}")
     elif config not in (None, "default"):
         raise ValueError(f"{fn}: config must be None (autotune on CUDA), 'default' or a dict of tiles, got {config!r}")
 
@@ -264,7 +356,7 @@ def _grid_rows(B: int, L: int):
 
 class _SelectedScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, w, k, idx, config):
+    def forward(ctx, q, w, k, idx, config, dk_mode):
         B, L, Hi, Di = q.shape
         N, K = k.shape[1], idx.shape[-1]
         out = torch.empty(B, L, K, device=q.device, dtype=torch.float32)
@@ -275,7 +367,7 @@ class _SelectedScores(torch.autograd.Function):
                  k.stride(0), k.stride(1), idx.stride(0), idx.stride(1), out.stride(0), out.stride(1)),
                 {"HP": _pow2(Hi), "DP": _pow2(Di), "PREC": _prec(q.dtype)}, config, on_cuda=q.is_cuda)
         ctx.save_for_backward(q, w, k, idx)
-        ctx.config = config
+        ctx.config, ctx.dk_mode = config, dk_mode
         return out
 
     @staticmethod
@@ -286,30 +378,46 @@ class _SelectedScores(torch.autograd.Function):
         g = _unit_last(g)
         dq = torch.empty_like(q)
         dw = torch.empty(B, L, Hi, device=q.device, dtype=torch.float32)
-        dk = torch.zeros(B, N, Di, device=q.device, dtype=torch.float32)
-        if B * L and K:
-            _tuned("scores_bwd", Hi, Di).launch(
-                _grid_rows(B, L),
-                (q, w, k, idx, g, dq, dw, dk, B, L, Hi, Di, N, K,
-                 q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), k.stride(0), k.stride(1),
-                 idx.stride(0), idx.stride(1), g.stride(0), g.stride(1), dw.stride(0), dw.stride(1),
-                 dk.stride(0), dk.stride(1)),
-                {"HP": _pow2(Hi), "DP": _pow2(Di), "PREC": _prec(q.dtype)}, ctx.config, on_cuda=q.is_cuda)
-        else:
-            dq.zero_(); dw.zero_()
-        return dq, dw.to(w.dtype), dk.to(k.dtype), None, None
+        if not (B * L and K):
+            return dq.zero_(), dw.zero_().to(w.dtype), torch.zeros_like(k), None, None, None
+        dense = ctx.dk_mode == "dense" or (ctx.dk_mode == "auto" and dense_dk_fits(B, L, N, K))
+        # dense: the slot gradients scattered into G [B, L, N] (then _scores_bwd_dk); else dk by atomics
+        acc = torch.zeros((B, L, N) if dense else (B, N, Di), device=q.device, dtype=torch.float32)
+        consts = {"HP": _pow2(Hi), "DP": _pow2(Di), "DENSE_DK": dense, "PREC": _prec(q.dtype)}
+        _tuned("scores_bwd", Hi, Di).launch(
+            _grid_rows(B, L),
+            (q, w, k, idx, g, dq, dw, acc, acc, B, L, Hi, Di, N, K,
+             q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1), k.stride(0), k.stride(1),
+             idx.stride(0), idx.stride(1), g.stride(0), g.stride(1), dw.stride(0), dw.stride(1),
+             acc.stride(0), acc.stride(1), acc.stride(0), acc.stride(1)),
+            consts, ctx.config, on_cuda=q.is_cuda)
+        if not dense:
+            return dq, dw.to(w.dtype), acc.to(k.dtype), None, None, None
+        config = ctx.config if isinstance(ctx.config, dict) else {}
+        seg = _dk_segment(B, L, N, config.get("SEG"))
+        part = torch.empty(triton.cdiv(L, seg), B, N, Di, device=q.device, dtype=torch.float32)
+        _tuned("scores_dk", Hi, Di).launch(
+            lambda m: (triton.cdiv(N, m["BLOCK_N"]), part.shape[0], B),
+            (q, w, k, acc, part, L, Hi, Di, N, seg, q.stride(0), q.stride(1), q.stride(2), w.stride(0), w.stride(1),
+             k.stride(0), k.stride(1), acc.stride(0), acc.stride(1), part.stride(0), part.stride(1), part.stride(2)),
+            {"DP": _pow2(Di), "PREC": _prec(q.dtype)}, ctx.config, on_cuda=q.is_cuda)
+        dk = part[0] if part.shape[0] == 1 else part.sum(0)   # segments in a fixed order: deterministic
+        return dq, dw.to(w.dtype), dk.to(k.dtype), None, None, None
 
 
 @opaque_to_compile
 def selected_indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk_idx: torch.Tensor,
-                                   max_chunk_elems: int = 1 << 26, *, config: str | dict | None = None) -> torch.Tensor:
+                                   max_chunk_elems: int = 1 << 26, *, config: str | dict | None = None,
+                                   dk: str = "auto") -> torch.Tensor:
     """Triton ``model.indexer.selected_indexer_scores``: q_idx [B, L, Hi, Di], w [B, L, Hi], k_idx
     [B, N, Di] (q and k of one dtype: fp16 / bf16 / fp32), topk_idx [B, L, K] (-1 = empty) ->
-    [B, L, K] fp32, -inf in empty slots; differentiable in q_idx, w, k_idx (dk by fp32 atomics:
-    see the module doc). ``config`` (kernels/tuning.py): None autotunes the forward's and the
-    backward's tiles on CUDA (first call per shape), "default" pins the first candidates, a dict
-    ({"BLOCK_K": selected entries per tile, a power of two >= 16; "SPREAD": the backward's
-    program order}) overrides them."""
+    [B, L, K] fp32, -inf in empty slots; differentiable in q_idx, w, k_idx. ``dk``: "dense" (the
+    deterministic key-major pass over the dense slot gradients), "atomic" (fp32 atomics), "auto"
+    (dense where ``dense_dk_fits``; see the module doc). ``config`` (kernels/tuning.py): None
+    autotunes the kernels' tiles on CUDA (first call per shape), "default" pins the first
+    candidates, a dict ({"BLOCK_K": selected entries per tile, a power of two >= 16; "SPREAD": the
+    backward's program order; the dense dk's "BLOCK_N", "BLOCK_T" and "SEG", queries per
+    segment}) overrides them."""
     B, L, Hi, Di = q_idx.shape
     if w.shape != (B, L, Hi):
         raise ValueError(f"selected_indexer_scores: w must be [B, L, Hi] = {(B, L, Hi)}, got {tuple(w.shape)}")
@@ -318,7 +426,9 @@ def selected_indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: 
         raise ValueError(f"selected_indexer_scores_triton: index_n_heads x index_head_dim = {Hi} x {Di} exceeds the "
                          f"kernel's {_MAX_SCORE_BLOCK} register block (model.attention_impl=torch takes the reference)")
     _check_config("selected_indexer_scores_triton", config)
-    return _SelectedScores.apply(_unit_last(q_idx), _unit_last(w), _unit_last(k_idx), _unit_last(topk_idx), config)
+    if dk not in ("auto", "dense", "atomic"):
+        raise ValueError(f"selected_indexer_scores_triton: dk must be 'auto', 'dense' or 'atomic', got {dk!r}")
+    return _SelectedScores.apply(_unit_last(q_idx), _unit_last(w), _unit_last(k_idx), _unit_last(topk_idx), config, dk)
 
 
 @opaque_to_compile

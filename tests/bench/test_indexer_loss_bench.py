@@ -15,4 +15,5 @@ def test_tiny_run_checks_and_writes_its_tables(tmp_path):
     for row in ("| torch.topk sorted=False (unsorted) |", "| indexer_topk select=unsorted (scores + select) |",
                 "| selected scores forward + backward |", "| attention mass on selected |"):
         assert row in text, row
-    assert text.count("| scores_bwd |") >= 3
+    assert text.count("| scores_bwd |") >= 3 and text.count("| scores_dk |") >= 3
+    assert "| selected scores forward + backward, dk atomic -> dense (autotuned) |" in text

@@ -36,13 +36,16 @@ CASES = [  # B, L, N, K, Hi, Di, block_k
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("B,L,N,K,Hi,Di,block_k", CASES)
-def test_selected_scores_forward_and_backward_match_reference(dtype, tol, B, L, N, K, Hi, Di, block_k):
+@pytest.mark.parametrize("dk", ["dense", "atomic"])
+def test_selected_scores_forward_and_backward_match_reference(dtype, tol, B, L, N, K, Hi, Di, block_k, dk):
+    """dk both ways; the dense one in query segments of 5 (several per sequence, not a multiple
+    of the query tile)."""
     g = torch.Generator().manual_seed(B * 100 + K)
     r = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)
     q, w, k = r(B, L, Hi, Di), r(B, L, Hi) * 0.3, r(B, N, Di)
     idx = _selection(g, B, L, N, K)
     leaves = [t.requires_grad_() for t in (q, w, k)]
-    got = selected_indexer_scores_triton(*leaves, idx, config={"BLOCK_K": block_k})
+    got = selected_indexer_scores_triton(*leaves, idx, config={"BLOCK_K": block_k, "SEG": 5}, dk=dk)
     ref = selected_indexer_scores(*leaves, idx)
     assert got.dtype == ref.dtype == torch.float32 and got.shape == ref.shape
     assert torch.equal(got == float("-inf"), idx < 0) and torch.equal(ref == float("-inf"), idx < 0)
@@ -107,13 +110,32 @@ def test_every_scores_candidate_matches_reference(dtype, tol, Hi, Di):
     cot = torch.randn(B, L, K, generator=g).to(DEVICE)
     want = torch.autograd.grad(ref, leaves, cot)
     valid = idx >= 0
-    metas = [m for m, _, _ in candidates("scores_fwd") + candidates("scores_bwd", Hi, Di)]
-    assert {m.get("SPREAD", 1) for m in metas} == {1, 16} and len({m["BLOCK_K"] for m in metas}) >= 3
-    for meta in metas:
-        got = selected_indexer_scores_triton(*leaves, idx, config=meta)
+    metas = [(m, "atomic") for m, _, _ in candidates("scores_fwd") + candidates("scores_bwd", Hi, Di)]
+    metas += [(dict(m, SEG=7), "dense") for m, _, _ in candidates("scores_dk", Hi, Di)]
+    assert {m.get("SPREAD", 1) for m, _ in metas} == {1, 16} and len({m.get("BLOCK_K") for m, _ in metas}) >= 4
+    for meta, dk in metas:
+        got = selected_indexer_scores_triton(*leaves, idx, config=meta, dk=dk)
         assert torch.equal(got == float("-inf"), ~valid) and _rel(got[valid], ref[valid]) < tol, meta
         for a, b, name in zip(torch.autograd.grad(got, leaves, cot), want, "qwk"):
-            assert _rel(a, b) < tol, (meta, name, _rel(a, b))
+            assert _rel(a, b) < tol, (meta, dk, name, _rel(a, b))
+
+
+def test_dense_dk_is_deterministic_and_chosen_where_it_fits():
+    """The dense dk sums fixed partials in a fixed order (bitwise repeatable, unlike the
+    atomics); "auto" takes it at the small preset's 4 x 4K micro-batch (N = 1024 = 4 K) and keeps
+    the atomics where N >> K (the 64K stage) or G would be large."""
+    from kernels.indexer_loss import dense_dk_fits
+
+    assert dense_dk_fits(4, 4096, 1024, 256) and dense_dk_fits(8, 4096, 1024, 256)
+    assert not dense_dk_fits(1, 65536, 16384, 256) and not dense_dk_fits(64, 4096, 1024, 256)
+    g = torch.Generator().manual_seed(11)
+    B, L, N, K, Hi, Di = 2, 21, 9, 6, 3, 16
+    q, w, k = (torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in ((B, L, Hi, Di), (B, L, Hi), (B, N, Di)))
+    idx = _selection(g, B, L, N, K)
+    cot = torch.randn(B, L, K, generator=g).to(DEVICE)
+    dks = [torch.autograd.grad(selected_indexer_scores_triton(q, w, k, idx, config={"SEG": 8}, dk="dense"), k, cot)[0]
+           for _ in range(2)]
+    assert torch.equal(dks[0], dks[1]) and dks[0].abs().max() > 0
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
@@ -150,6 +172,8 @@ def test_bad_inputs_raise_clear_errors():
         selected_indexer_scores_triton(q, w[..., :1], k, idx)
     with pytest.raises(ValueError, match="BLOCK_K"):
         selected_indexer_scores_triton(q, w, k, idx, config={"BLOCK_K": 24})
+    with pytest.raises(ValueError, match="dk must be"):
+        selected_indexer_scores_triton(q, w, k, idx, dk="sorted")
     with pytest.raises(ValueError, match="SPREAD"):
         selected_indexer_scores_triton(q, w, k, idx, config={"SPREAD": 0})
     with pytest.raises(ValueError, match="config must be"):
@@ -236,8 +260,8 @@ if "nvidia" not in backends:
     print("SKIP no NVIDIA backend")
     raise SystemExit(0)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-POINTERS = {"Q", "W", "KI", "C", "IDX", "OUT", "G", "DQ", "DW", "DK", "LSE"}
-FP32 = {"OUT", "G", "DW", "DK", "LSE"}   # fp32 buffers; IDX int64; other pointers the model dtype
+POINTERS = {"Q", "W", "KI", "C", "IDX", "OUT", "G", "DQ", "DW", "DK", "GF", "DKP", "LSE"}
+FP32 = {"OUT", "G", "DW", "DK", "GF", "DKP", "LSE"}   # fp32 buffers; IDX int64; other pointers the model dtype
 
 
 def resources(fn, consts, warps, stages):
@@ -249,7 +273,10 @@ def resources(fn, consts, warps, stages):
             sig[n] = "*i64" if n == "IDX" else "*fp32" if n in FP32 else "*bf16"
         else:
             sig[n] = "fp32" if n == "scale" else "i32"
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+    # as a launch at the presets' sizes specialises: every pointer 16-byte aligned, every size and
+    # stride a multiple of 16 (without the hint loads are not vectorised: far more registers)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n not in consts and n != "scale"}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": warps, "num_stages": stages})
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
@@ -260,7 +287,9 @@ def resources(fn, consts, warps, stages):
 
 for (hi, di), (h, d) in (((16, 128), (16, 256)), ((64, 128), (64, 512))):   # small, flash
     jobs = [(il._scores_fwd, c, dict(HP=hi, DP=di)) for c in il.candidates("scores_fwd")]
-    jobs += [(il._scores_bwd, c, dict(HP=hi, DP=di)) for c in il.candidates("scores_bwd", hi, di)]
+    jobs += [(il._scores_bwd, c, dict(HP=hi, DP=di, DENSE_DK=dense)) for c in il.candidates("scores_bwd", hi, di)
+             for dense in (False, True)]
+    jobs += [(il._scores_bwd_dk, c, dict(DP=di)) for c in il.candidates("scores_dk", hi, di)]
     jobs += [(il._mass_on_selected, c, {}) for c in il.candidates("mass", h, d)]
     for fn, (meta, warps, stages), shape in jobs:
         r = resources(fn, dict(shape, PREC="tf32", **meta), warps, stages)
@@ -270,7 +299,7 @@ print("OK")
 """
 
 
-@pytest.mark.slow   # ~1-2 min on a busy 2-core CPU: a fresh process, 26 compiles
+@pytest.mark.slow   # ~2-3 min on a busy 2-core CPU: a fresh process, 42 compiles
 def test_every_candidate_compiles_for_hopper_without_spills():
     """Each autotune candidate compiled as the H200 would (sm_90, bf16, outside the interpreter)
     at the small and flash presets' head shapes: no stack frame (register spills), so autotune

@@ -53,11 +53,12 @@ def test_tuning_on_cuda_keeps_every_candidates_time():
 
 
 def test_accumulated_outputs_are_zeroed_around_autotuning():
-    """Outputs a kernel adds into (the indexer loss's dk atomics) go to Triton's reset_to_zero:
+    """Outputs a kernel adds into (the indexer loss's dk atomics, or its dense G's rows) go to Triton's reset_to_zero:
     zeroed before every timed candidate and before the real launch, so tuning cannot add into them."""
     from kernels import indexer_loss as il
 
     assert Tuned(_write_block, [({"BLOCK": 4, "OTHER": 1}, 4, 1)], key=["N"], reset_to_zero=["OUT"]).tuned.reset_to_zero \
         == ["OUT"]
-    assert il._tuned("scores_bwd", 16, 128).tuned.reset_to_zero == ["DK"]
+    assert il._tuned("scores_bwd", 16, 128).tuned.reset_to_zero == ["DK", "GF"]
+    assert il._tuned("scores_dk", 16, 128).tuned.reset_to_zero == []   # plain stores of its partials
     assert il._tuned("scores_fwd", 16, 128).tuned.reset_to_zero == []
