@@ -25,6 +25,8 @@
 #                -> 129280 bf16: checks, tile sweep, linear_cross_entropy fwd+bwd both ways (bench/cross_entropy.py;
 #                < 60 s); tp4's auto vs all variants differ only by this kernel (held back from auto)
 #   mhcpre       issue 16: the mHC site pre, fused vs split (autotuned) per kernel with GB/s (bench/mhc.py --ops pre; ~40 s)
+#   mhchead      issue 16: the stream head (HyperHead), reference vs mhc_head_triton (autotuned): checks, per kernel
+#                with GB/s, fwd+bwd ms at 16K tokens (bench/mhc.py --ops head; ~30 s); the trace had ~49 ms per step
 #   attntune     issue 16: sparse-attention tiles, old vs autotuned, checked (bench/attention.py --tune; ~60-120 s)
 #   idxtune      issue 16: indexer-loss tiles old vs autotuned, top-k sorted vs unsorted sets (bench/indexer_loss.py; ~60 s)
 #   balance      MoE MaxVio per layer at small_gpu's bias speed 0.01, 15 steps (bench/moe_balance_gpu.sh; ~100 s)
@@ -40,8 +42,8 @@ OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers
 shift
 PARTS=${*:-idxtune attntune balance graph8}
 for part in $PARTS; do   # refuse a misspelled part before any GPU time is spent
-  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep|loss|mhcpre|attntune|idxtune|balance|graph8) ;;
-    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep loss mhcpre attntune idxtune balance graph8)" >&2; exit 2 ;; esac
+  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep|loss|mhcpre|mhchead|attntune|idxtune|balance|graph8) ;;
+    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep loss mhcpre mhchead attntune idxtune balance graph8)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -89,6 +91,9 @@ for part in $PARTS; do
     mhcpre)
       timeout 100 $PY bench/mhc.py --ops pre > $TMP/followup_mhcpre.log 2>&1; el "mhc pre exit $?"
       grep -vi warn $TMP/followup_mhcpre.log | tail -70 > "$OUT/mhc_pre.txt" ;;
+    mhchead)
+      timeout 90 $PY bench/mhc.py --ops head > $TMP/followup_mhchead.log 2>&1; el "mhc head exit $?"
+      grep -vi warn $TMP/followup_mhchead.log | tail -50 > "$OUT/mhc_head.txt" ;;
     attntune)
       timeout 300 $PY bench/attention.py --tune --out "$OUT/attention-tune.md" > "$OUT/attntune.log" 2>&1; el "attention tune exit $?" ;;
     idxtune)

@@ -20,6 +20,11 @@ split pre), interleaved: the issue's "mHC overhead vs residual". Both in one GPU
 
     python bench/mhc.py --ops site model
 
+``--ops head`` (~30 s): the stream head (HyperHead's final collapse) at the same micro-batch,
+Triton (mhc_head_triton) checked against the reference, both profiled per kernel with GB/s:
+
+    python bench/mhc.py --ops head
+
 ``--ops pre`` (~1 min): the site pre's kernels at the small preset's micro-batch (16K tokens x 4
 x 1024, bf16): both pres checked against the reference, then one site's forward+backward (pre,
 stand-in sublayer, Triton post-mix, autotuned in both) profiled per kernel, fused pre (before)
@@ -573,6 +578,95 @@ def pre_kernels(T=16384, n=4, D=1024, log=print, check_shapes=((16384, 4, 1024),
     return res
 
 
+# the stream head (mhc_head_triton): the same kernels, _pre_dx_dfn without dx_res (S: n fp32 per token)
+_HEAD_KERNEL_BYTES = dict(_PRE_KERNEL_BYTES, _pre_dx_dfn=lambda X, H, S: 2 * X + H + S)
+
+
+def head_kernels(T=16384, n=4, D=1024, log=print, device=None, check_T=4097) -> dict[str, float]:
+    """The stream head (HyperHead's final collapse) at the small preset's micro-batch: the Triton
+    path (kernels/mhc_pre_split.py mhc_head_triton, autotuned) checked against the reference
+    mhc_head (bf16 x on CUDA, at T and at ``check_T`` tokens; fp32 off CUDA), then forward+backward
+    of both timed and profiled per kernel beside x.clone() (the bandwidth ceiling), with the bytes
+    each Triton kernel must move at least. The H200 trace of 2026-12-03 had the reference's head at
+    ~49 ms per 131K-token step for both heads (~1,100 kernels). Returns {path: fwd+bwd ms}."""
+    from kernels.mhc_pre_split import mhc_head_triton
+    from model.hyper_connections import mhc_head
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device == "cuda"
+    dt = torch.bfloat16 if cuda else torch.float32
+
+    def timer(fn):
+        if cuda:
+            return time_ms(fn, budget_s=0.3)
+        fn()   # the interpreter: wall clock of one call after a warm-up
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    paths = {"reference (before)": mhc_head, "triton (after)": mhc_head_triton}
+
+    def inputs(T_):
+        torch.manual_seed(T_)
+        x = torch.randn(T_, n, D, device=device, dtype=dt, requires_grad=True)
+        fn = (torch.randn(n, n * D, device=device) / (n * D) ** 0.5).requires_grad_()
+        base = torch.randn(n, device=device, requires_grad=True)
+        scale = (torch.rand(1, device=device) + 0.5).requires_grad_()
+        return [x, fn, base, scale], torch.randn(T_, D, device=device, dtype=dt)
+
+    def fb(op, leaves, cot):
+        return torch.autograd.grad(op(*leaves, n, 1e-6, 1e-6), leaves, cot)
+
+    hdr = ["tokens", "h", "dx", "dfn", "dbase", "dscale", "pass"]
+    log(f"stream head, {dt} x, Triton vs reference (relative error norms)")
+    log(fmt_row(hdr)); log(fmt_row(["---"] * len(hdr)))
+    for T_ in dict.fromkeys((T, check_T)):
+        try:
+            leaves, cot = inputs(T_)
+            ref = [mhc_head(*leaves, n, 1e-6, 1e-6)] + list(fb(mhc_head, leaves, cot))
+            got = [mhc_head_triton(*leaves, n, 1e-6, 1e-6)] + list(fb(mhc_head_triton, leaves, cot))
+            errs = [_rel(a, b) for a, b in zip(got, ref)]
+            tol_x = 1e-2 if cuda else 1e-4   # h, dx in x's dtype; dfn / dbase / dscale fp32 (tf32x3 products)
+            ok = errs[0] < tol_x and errs[1] < tol_x and all(e < 1e-3 for e in errs[2:])
+            log(fmt_row([T_] + [f"{e:.1e}" for e in errs] + ["yes" if ok else "NO"]))
+        except Exception as exc:
+            log(fmt_row([T_, f"ERROR {type(exc).__name__}: {str(exc)[:150]}"]))
+    res = {}
+    try:
+        leaves, cot = inputs(T)
+        x = leaves[0]
+        X, H, S = x.numel() * x.element_size(), T * D * x.element_size(), T * n * 4
+        copy_ms = timer(lambda: x.detach().clone())
+        copy_gbs = 2 * X / copy_ms / 1e6
+        log(f"\nstream head, {T} tokens x {n} x {D}, {dt}: x.clone() {copy_ms * 1e3:.0f} us = {copy_gbs:.0f} GB/s")
+    except Exception as exc:
+        log(f"[head setup failed: {type(exc).__name__}: {str(exc)[:200]}]")
+        return res
+    log(fmt_row(PRE_KERNEL_HEADER)); log(fmt_row(["---"] * len(PRE_KERNEL_HEADER)))
+    for label, op in paths.items():
+        try:
+            step = functools.partial(fb, op, leaves, cot)
+            res[label] = timer(step)
+            times = _kernel_times(step, cuda)
+            for name, (calls, ms) in sorted(times.items(), key=lambda kv: -kv[1][1])[:12]:
+                nbytes = _HEAD_KERNEL_BYTES.get(name) if op is mhc_head_triton else None
+                us = ms * 1e3 / max(calls, 1)
+                if nbytes is None:
+                    log(fmt_row([label, name[:60], calls, f"{us:.1f}", "-", "-", "-"]))
+                    continue
+                mb = nbytes(X, H, S) / 1e6
+                gbs = mb / us * 1e3
+                log(fmt_row([label, name, calls, f"{us:.1f}", f"{mb:.0f}", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"]))
+            log(fmt_row([label, f"whole head fwd+bwd ({sum(c for c, _ in times.values())} kernels)", 1,
+                         f"{res[label] * 1e3:.0f}", "", "", ""]))
+        except Exception as exc:
+            log(fmt_row([label, f"ERROR {type(exc).__name__}: {str(exc)[:200]}"]))
+    if len(res) == 2:
+        a, b = res.values()
+        log(f"head fwd+bwd: reference {a:.3f} ms, Triton {b:.3f} ms ({a / b:.2f}x)")
+    return res
+
+
 def graph_check(T, n, D, device, log=print) -> bool:
     """The split site (autotuned pre + post-mix) captured as the trainer captures a micro-batch
     (train/cuda_graph.py capture_graph: warm-up calls on a side stream, then the capture) at a
@@ -671,7 +765,7 @@ def model_overhead(seq=4096, preset="small", device="cuda", log=print, rounds=3,
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ops", nargs="+", choices=["coefficients", "streams", "site", "model", "pre"],
+    ap.add_argument("--ops", nargs="+", choices=["coefficients", "streams", "site", "model", "pre", "head"],
                     default=["coefficients", "streams"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536])
     ap.add_argument("--stream-tokens", type=int, nargs="+", default=[4096, 16384])
@@ -685,6 +779,10 @@ def main(argv=None):
         t0 = time.time()
         pre_kernels(a.pre_tokens)
         print(f"[--ops pre: {time.time() - t0:.0f} s]", flush=True)
+    if "head" in a.ops:
+        t0 = time.time()
+        head_kernels(a.pre_tokens)
+        print(f"[--ops head: {time.time() - t0:.0f} s]", flush=True)
     if "site" in a.ops:
         t0 = time.time()
         if torch.cuda.is_available():

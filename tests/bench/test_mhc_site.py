@@ -55,3 +55,19 @@ def test_pre_kernels_checks_and_times_both_pres():
     assert "replay == eager bitwise: True" in text, text   # off CUDA: train/cuda_graph.py's EagerGraph
     rows = _rows(lines)
     assert {"fused (before)", "split (after)"} <= set(rows), text
+
+
+def test_head_kernels_checks_and_times_both_paths():
+    """bench/mhc.py --ops head, in the interpreter at a tiny size: the Triton head passes its checks
+    against the reference at both token counts, both paths are profiled, nothing is an ERROR."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the head runs the Triton kernels: needs the interpreter on CPU")
+    from bench.mhc import head_kernels
+
+    lines = []
+    res = head_kernels(T=19, n=4, D=24, log=lines.append, device="cpu", check_T=7)
+    text = "\n".join(lines)
+    assert set(res) == {"reference (before)", "triton (after)"}, text
+    rows = _rows(lines)
+    assert rows["19"][-1] == "yes" and rows["7"][-1] == "yes", text
+    assert "x.clone()" in text and "ERROR" not in text and "failed" not in text, text
