@@ -369,6 +369,39 @@ def test_sort_by_expert_is_the_stable_argsort(n_experts):
     assert sort_by_expert(experts[:0], n_experts).shape == (0,)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_balance_loss_from_counts_equals_the_reference(chunked):
+    """The fused form (one weighted sum per token, hand-written backward) equals
+    sequence_balance_loss in fp64, value and gradient, B > 1, odd sizes, unchunked and as a chunk
+    of a longer sequence with its whole-sequence counts."""
+    from model.moe import balance_loss_from_counts, row_expert_counts
+
+    B, L, E_, K_ = 3, 7, 5, 2
+    g = torch.Generator().manual_seed(11)
+    scores = (torch.rand(B, L, E_, generator=g, dtype=torch.float64) + 0.05).requires_grad_()
+    idx = torch.stack([torch.randperm(E_, generator=g)[:K_] for _ in range(B * L)]).view(B, L, K_)
+    if chunked:
+        counts, length = row_expert_counts(idx, E_) + torch.randint(0, 9, (B, E_), generator=g), 19
+        ref = sequence_balance_loss(scores, idx, E_, 0.3, (counts, length))
+        got = balance_loss_from_counts(scores, counts, length, K_, 0.3)
+    else:
+        ref = sequence_balance_loss(scores, idx, E_, 0.3)
+        got = balance_loss_from_counts(scores, row_expert_counts(idx, E_, torch.long), L, K_, 0.3)
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=0)
+    cot = torch.tensor(1.7, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(got, scores, cot)[0], torch.autograd.grad(ref, scores, cot)[0],
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_row_expert_counts_count_every_slot():
+    from model.moe import row_expert_counts
+
+    idx = torch.tensor([[[0, 3], [3, 1], [3, 0]], [[2, 1], [1, 0], [0, 2]]])
+    want = torch.stack([torch.bincount(r.reshape(-1), minlength=4) for r in idx])
+    assert torch.equal(row_expert_counts(idx, 4, torch.long), want)
+    assert torch.equal(row_expert_counts(idx, 4), want.float())
+
+
 def test_out_of_range_routing_indices_are_refused():
     moe = make()
     x = torch.randn(1, 3, D)
