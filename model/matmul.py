@@ -48,12 +48,12 @@ class _LinearsFp32(torch.autograd.Function):
     x and the weights (bf16) for backward, not the fp32 upcasts autograd keeps for the reference.
 
     Backward: the reference's gradients are fp32 products cast once to bf16 (dx = sum_i dy_i @
-    w_i, dw_i = dy_i^T @ x). Each fp32 dy_i is split into bf16 hi + lo (hi = dy truncated to
-    bf16, lo = bf16(dy - hi): 16 significant bits, relative error <= 2^-16, far below the final
-    bf16 rounding at 2^-9) so that both products run as bf16 GEMMs with fp32 accumulation: one GEMM
-    for dx over [hi_0 | lo_0 | hi_1 | lo_1 ...] against [w_0; w_0; w_1; w_1 ...] (a copy of the
-    weights in backward only), one for every dw. 11 launches (the reference's backward: 8, plus
-    the SIMT fp32 GEMMs and the fp32 copies of x and the weights it keeps)."""
+    w_i, dw_i = dy_i^T @ x). Each fp32 dy_i is split into bf16 hi + lo (hi = dy rounded to bf16,
+    lo = bf16(dy - hi): relative error <= 2^-18, far below the final bf16 rounding at 2^-9) so
+    that both products run as bf16 GEMMs with fp32 accumulation: one GEMM for dx over
+    [hi_0 | lo_0 | hi_1 | lo_1 ...] against [w_0; w_0; w_1; w_1 ...] (a copy of the weights in
+    backward only), one for every dw. 6 + 2 * len(weights) launches (the reference's backward:
+    8, plus the SIMT fp32 GEMMs and the fp32 copies of x and the weights it keeps)."""
 
     @staticmethod
     def forward(ctx, x, *weights):
@@ -75,15 +75,17 @@ class _LinearsFp32(torch.autograd.Function):
         x2 = x.reshape(-1, D)
         M = x2.shape[0]
         acc = torch.promote_types(x.dtype, torch.float32)
-        dy = torch.stack([d.reshape(M, C).to(acc) for d in dys], 1)          # [M, nw, C]
-        if x.dtype == torch.bfloat16 and acc == torch.float32:
-            # hi: dy with the low 16 bits of its fp32 pattern cleared (exactly a bf16), so that
-            # dy - hi is exact; bit operations, not a cast round trip, which Inductor may fuse
-            # away (it keeps fused intermediates in fp32), leaving lo = 0
-            hi = (dy.view(torch.int32) & -65536).view(torch.float32)
-        else:   # fp32 / fp64 operands (tests): hi = dy exactly, lo = 0
-            hi = dy
-        split = torch.stack([hi, dy - hi], 2).to(x.dtype).view(M, nw * 2 * C)   # [hi_0 | lo_0 | hi_1 ...]
+        # [hi_0 | lo_0 | hi_1 | lo_1 ...] written in place, two passes per cotangent (stacking the
+        # fp32 cotangents, splitting and casting the stack cost five, ~4x the bytes). Eager only
+        # (linears_fp32_fused is opaque to torch.compile): Inductor would keep the bf16 hi in fp32
+        # registers and make lo = 0
+        split = x.new_empty(M, nw, 2, C)
+        for i, d in enumerate(dys):
+            d = d.reshape(M, C).to(acc)
+            hi, lo = split[:, i, 0], split[:, i, 1]
+            hi.copy_(d)                  # d rounded to x's dtype (fp32 / fp64 operands: d itself)
+            torch.sub(d, hi, out=lo)     # d - hi is exact in acc; rounded once (fp32 / fp64: 0)
+        split = split.view(M, nw * 2 * C)
         dx = dws = None
         if need_x:
             stacked = torch.cat([w for w in weights for _ in range(2)])          # [nw * 2 * C, D]
