@@ -32,6 +32,10 @@
 #   balance      MoE MaxVio per layer at small_gpu's bias speed 0.01, 15 steps (bench/moe_balance_gpu.sh; ~100 s)
 #   graph8       issue 16: the preset (8 x 4K) eager vs train.cuda_graph=true, 4 steps of 524K tokens each (~250 s):
 #                make graphs the preset's default if they win with the same losses
+#   base8        issue 16: the preset (8 x 4K) eager, 4 steps of 524K tokens, run from an older tree of the project
+#                (BASE_TREE, default .carry/base: `mkdir -p .carry/base && git archive <rev> | tar -x -C .carry/base`,
+#                carried) beside graph8's run of this tree in the same call: what the commits between did
+#                (~110 s; OUT_DIR/base8.jsonl; the tree's commit in OUT_DIR/summary.txt: BASE_REV, or the tree's .rev file)
 #   graphstep    issue 16: train.cuda_graph=false vs true in python -m train experiment=small_gpu, 10 steps
 #                each at 1 x 4K and 4 x 4K (bench/graph_step.py: losses side by side, tok/s; ~200 s)
 #
@@ -42,8 +46,8 @@ OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers
 shift
 PARTS=${*:-idxtune attntune balance graph8}
 for part in $PARTS; do   # refuse a misspelled part before any GPU time is spent
-  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep|loss|mhcpre|mhchead|attntune|idxtune|balance|graph8) ;;
-    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep loss mhcpre mhchead attntune idxtune balance graph8)" >&2; exit 2 ;; esac
+  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep|loss|mhcpre|mhchead|attntune|idxtune|balance|graph8|base8) ;;
+    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep loss mhcpre mhchead attntune idxtune balance graph8 base8)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -109,6 +113,20 @@ for part in $PARTS; do
           train.progress=false > $TMP/followup_graph8_$g.log 2>&1; el "preset cuda_graph=$g exit $?"
         cp "$RUN/metrics.jsonl" "$OUT/graph8_$g.jsonl" 2>/dev/null
       done ;;
+    base8)
+      BASE=$(cd "${BASE_TREE:-.carry/base}" 2>/dev/null && pwd)
+      if [ -z "$BASE" ] || [ ! -f "$BASE/train/__main__.py" ]; then
+        el "base8 skipped: BASE_TREE=${BASE_TREE:-.carry/base} holds no project tree (git archive <rev> | tar -x -C it)"
+        continue
+      fi
+      BASE_REV=${BASE_REV:-$(cat "$BASE/.rev" 2>/dev/null)}
+      RUN=$TMP/hybridlm_followup_base8; rm -rf "$RUN"
+      # the older tree first on the path (its train/, model/, kernels/), the carried wheels after it
+      (cd "$BASE" && PYTHONPATH="$BASE:${PYTHONPATH:-}" timeout 140 $PY -m train experiment=small_gpu "hydra.run.dir=$RUN" \
+        train.tokens=$(( 4 * 524288 )) train.val_every=0 train.ckpt_every=0 data.val_batches=1 optim.warmup_steps=2 \
+        logging.wandb.mode=disabled train.progress=false > $TMP/followup_base8.log 2>&1); el "base8 (${BASE_REV:-older tree}) exit $?"
+      tail -20 $TMP/followup_base8.log > "$OUT/base8.log"
+      cp "$RUN/metrics.jsonl" "$OUT/base8.jsonl" 2>/dev/null ;;
     launches)
       timeout 150 $PY bench/launches.py --preset small --seq 1024 --cuda > "$OUT/launches.txt" 2>&1; el "launches exit $?" ;;
     graphstep)
