@@ -48,10 +48,11 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------- functions
-def swiglu_activation(gate: torch.Tensor, up: torch.Tensor, limit: float,
+def swiglu_activation(gate: torch.Tensor, up: torch.Tensor | None, limit: float,
                       weight: torch.Tensor | None = None) -> torch.Tensor:
     """h = silu(min(gate, limit)) * clamp(up, -limit, limit) [* weight[:, None]], gate/up [N, I],
-    weight [N] or None -> [N, I] in gate's dtype, math in fp32. ``limit <= 0`` disables the clamp
+    weight [N] or None -> [N, I] in gate's dtype, math in fp32. ``up=None``: gate is [N, 2I] =
+    [gate | up] (``swiglu_gate_up``'s one GEMM). ``limit <= 0`` disables the clamp
     (as DeepSeek's code does for swiglu_limit = 0). Triton: ``kernels/swiglu.py``. Keeps only
     gate, up, weight for backward (bf16: the fp32 temporaries rerun there, model/recompute.py)."""
     return recompute_in_backward(_swiglu_fp32, gate, up, limit, weight)
@@ -60,9 +61,11 @@ def swiglu_activation(gate: torch.Tensor, up: torch.Tensor, limit: float,
 get_swiglu_activation = dispatcher("swiglu_activation", swiglu_activation)
 
 
-def _swiglu_fp32(gate: torch.Tensor, up: torch.Tensor, limit: float,
+def _swiglu_fp32(gate: torch.Tensor, up: torch.Tensor | None, limit: float,
                  weight: torch.Tensor | None) -> torch.Tensor:
     dt = gate.dtype
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
     gate, up = gate.to(_acc(gate)), up.to(_acc(up))
     if limit > 0:
         gate = gate.clamp(max=limit)
@@ -91,6 +94,16 @@ def swiglu(
     """
     up = F.linear(x if x_up is None else x_up, w3)
     return F.linear(act(F.linear(x, w1), up, limit, weight), w2)  # [T, D]
+
+
+def swiglu_gate_up(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float,
+                   act=swiglu_activation) -> torch.Tensor:
+    """``swiglu(x, w1, w2, w3, limit)`` with W1 and W3 as one GEMM over their concatenation
+    [2 inter, D] (the same dot products): x's gradient is then one product instead of two plus
+    a [T, D] add, and one GEMM fewer each way. The copy of the weights is small for the shared
+    expert (2 x 384 x 1024 in small); the routed experts' [E, inter, D] would cost more than the
+    add it saves, so they keep two GEMMs (their input gradients meet in the permute instead)."""
+    return F.linear(act(F.linear(x, torch.cat([w1, w3])), None, limit), w2)
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor, impl: str = "auto") -> torch.Tensor:
@@ -491,7 +504,7 @@ class SharedExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = get_swiglu_activation(self.kernel_impl, x.device, x.dtype)
-        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight, self.limit, act=act)
+        return swiglu_gate_up(x, self.w1.weight, self.w2.weight, self.w3.weight, self.limit, act=act)
 
 
 class MoE(nn.Module):

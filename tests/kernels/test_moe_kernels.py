@@ -88,6 +88,28 @@ def test_swiglu_matches_reference(dtype, tol, N, I, limit, weighted, tiles):
         _close(name, a, b, tol)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("N,I,limit,weighted,tiles", [(37, 24, 7.0, False, (4, 16)), (5, 40, 0.0, True, (None, None))])
+def test_swiglu_fused_gate_up_matches_reference(dtype, tol, N, I, limit, weighted, tiles):
+    """up=None: gate is [N, 2I] = [gate | up] (the shared expert's one GEMM); h and the one [N, 2I]
+    gradient (and the weight's) equal the reference's, itself the split form's."""
+    g = torch.Generator().manual_seed(N + I)
+    gu = (torch.randn(N, 2 * I, generator=g) * 6).to(DEVICE, dtype).requires_grad_()
+    weight = (torch.rand(N, generator=g) + 0.1).to(DEVICE).requires_grad_() if weighted else None
+    ref = swiglu_activation(gu, None, limit, weight)
+    split = swiglu_activation(gu[:, :I], gu[:, I:], limit, weight)
+    got = swiglu_activation_triton(gu, None, limit, weight, block_n=tiles[0], block_i=tiles[1])
+    assert torch.equal(ref, split)
+    _close("h", got, ref, tol)
+    dh = torch.randn(N, I, generator=g).to(DEVICE, dtype)
+    leaves = [gu] + ([weight] if weighted else [])
+    for name, a, b in zip(["dgate_up", "dweight"], torch.autograd.grad(got, leaves, dh),
+                          torch.autograd.grad(ref, leaves, dh)):
+        _close(name, a, b, tol)
+    with pytest.raises(ValueError, match="2I"):
+        swiglu_activation_triton(gu[:, 1:], None, limit)
+
+
 def test_swiglu_empty_rows():
     gate = torch.zeros(0, 16, device=DEVICE, requires_grad=True)
     w = torch.zeros(0, device=DEVICE, requires_grad=True)

@@ -402,6 +402,22 @@ def test_row_expert_counts_count_every_slot():
     assert torch.equal(row_expert_counts(idx, 4), want.float())
 
 
+def test_shared_expert_one_gate_up_gemm_equals_swiglu():
+    """swiglu_gate_up (W1 and W3 as one GEMM, the shared expert) = swiglu, fp64, output and the
+    gradients of x and all three weights; odd sizes."""
+    from model.moe import swiglu_gate_up
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    w1, w3 = (torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(10, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    a, b = swiglu_gate_up(x, w1, w2, w3, 1.5), swiglu(x, w1, w2, w3, 1.5)
+    torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
+    cot = torch.randn(9, 10, generator=g, dtype=torch.float64)
+    for u, v in zip(torch.autograd.grad(a, [x, w1, w2, w3], cot), torch.autograd.grad(b, [x, w1, w2, w3], cot)):
+        torch.testing.assert_close(u, v, rtol=1e-13, atol=1e-13)
+
+
 def test_out_of_range_routing_indices_are_refused():
     moe = make()
     x = torch.randn(1, 3, D)
