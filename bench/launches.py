@@ -47,6 +47,8 @@ TRITON_LAUNCHES = {
     "rms_norm_rope": (1, 3),
     # _rope | _rope with the inverse sign
     "rope_rotate": (1, 1),
+    # in place on a buffer its caller owns (no autograd): _rope without the pass-through copy
+    "rope_rotate_": (1, 0),
     # kernels/mhc_pre_split.py: fn/base/scale .float() + _mhc_mix_fwd + _mhc_tail_fwd + _collapse_fwd |
     # _collapse_bwd (dpre) + _pre_tail_bwd + _pre_dx_dfn + dfn.sum(0) + part.sum(0) + 3 casts of the
     # parameter gradients back to bf16 (kernels/mhc_pre.py's fused pre: 4 | 7)

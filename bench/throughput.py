@@ -56,6 +56,7 @@ FAST_PATHS = {
                 ("model.moe", "get_unpermute_tokens", "kernels.moe_permute", "unpermute_tokens_triton",
                  "unpermute_tokens")],
     "rope": [("model.rope", "get_rope_rotate", "kernels.rope", "rope_rotate_triton", "rope_rotate"),
+             ("model.rope", "get_rope_rotate_", "kernels.rope", "rope_rotate_triton_", "rope_rotate_"),
              ("model.rope", "get_rms_norm_rope", "kernels.rms_norm", "rms_norm_rope_triton", "rms_norm_rope")],
     "rmsnorm": [("model.norms", "get_rms_norm", "kernels.rms_norm", "rms_norm_triton", "rms_norm_reference")],
     "compressor": [("model.compressor", "get_compressor_pool", "kernels.compressor_pool", "compressor_pool_triton",

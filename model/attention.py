@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from model.compressor import Compressor
-from model.grouped_linear import grouped_linear
+from model.grouped_linear import unrotate_grouped_linear
 from model.config import ATTENTION_MODES, ModelConfig
 from model.chunk_layout import AttentionCarry
 from model.indexer import Indexer, get_indexer_topk, indexer_kl_loss_dense, indexer_kl_loss_selected, indexer_recall
@@ -214,9 +214,9 @@ class Attention(nn.Module):
             n_here = queries_with_entries(c_end, kl_start).to(indexer_loss.dtype)
             indexer_loss = indexer_loss * n_here * carry.indexer_norm
 
-        o = self.rope.apply(o, pos, inverse=True)
-        # [B, L, H*hd] -> [B, L, g*r]: head group k through its rows of wo_a (model/grouped_linear.py)
-        o = grouped_linear(o.flatten(2), self.wo_a.weight, self.o_groups, impl=self.cfg.attention_impl)
+        # RoPE^-1, then [B, L, H*hd] -> [B, L, g*r]: head group k through its rows of wo_a
+        # (model/grouped_linear.py: no copy either way, the gradient's un-rotation in place)
+        o = unrotate_grouped_linear(o, pos, self.rope, self.wo_a.weight, self.o_groups, impl=self.cfg.attention_impl)
         out = self.wo_b(o)                                               # [B, L, D]
         sink_mass = None
         if self.measure_sink:

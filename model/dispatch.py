@@ -53,6 +53,7 @@ KERNELS = {
     "permute_tokens": ("kernels.moe_permute", "permute_tokens_triton"),
     "unpermute_tokens": ("kernels.moe_permute", "unpermute_tokens_triton"),
     "rope_rotate": ("kernels.rope", "rope_rotate_triton"),
+    "rope_rotate_": ("kernels.rope", "rope_rotate_triton_"),
     "rms_norm": ("kernels.rms_norm", "rms_norm_triton"),
     "rms_norm_rope": ("kernels.rms_norm", "rms_norm_rope_triton"),
     "compressor_pool": ("kernels.compressor_pool", "compressor_pool_triton"),

@@ -16,10 +16,17 @@ layer and micro-batch, 22 ms per 131K-token step with the forward copies).
 y, dx and dweight come out in their final layouts, no copy either way. Same products, same
 accumulation: equal to the reference (bit-equal on CPU). Under torch.compile the reference
 (Inductor plans its own layouts); ``impl="torch"`` (model/dispatch.py's switch) the reference.
+
+``unrotate_grouped_linear`` is the attention's way out: o's inverse RoPE, then this map. As one
+Function its backward owns the input gradient it has just made, so it rotates that buffer in
+place on the rope channels (``RoPE.rotate_``: 64 of 256 per head read and written) where a
+separate rope op, whose incoming gradient may be shared, must write a whole new tensor.
 """
 from __future__ import annotations
 
 import torch
+
+from model.rope import RoPE
 
 
 def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -29,13 +36,35 @@ def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, groups: int)
     return torch.einsum("...gi,gri->...gr", xg, w).flatten(-2)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, groups: int) -> None:
+def _check(in_features: int, weight: torch.Tensor, groups: int) -> None:
     if groups < 1 or weight.dim() != 2 or weight.shape[0] % groups:
         raise ValueError(f"grouped_linear: weight [g * r, c] must split into groups={groups}, "
                          f"got {tuple(weight.shape)}")
-    if x.shape[-1] != groups * weight.shape[1]:
-        raise ValueError(f"grouped_linear: x's last dim {x.shape[-1]} must be groups * c = "
+    if in_features != groups * weight.shape[1]:
+        raise ValueError(f"grouped_linear: x's last dim {in_features} must be groups * c = "
                          f"{groups} * {weight.shape[1]} (weight {tuple(weight.shape)})")
+
+
+def _project(x3: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """x3 [M, g, c] -> y [M, g, r] (contiguous): one bmm over the groups, written through a view."""
+    c, r = weight.shape[1], weight.shape[0] // groups
+    y = x3.new_empty(x3.shape[0], groups, r)
+    torch.bmm(x3.transpose(0, 1), weight.view(groups, r, c).transpose(1, 2), out=y.transpose(0, 1))
+    return y
+
+
+def _project_backward(ctx, x3: torch.Tensor, weight: torch.Tensor, groups: int, dy: torch.Tensor):
+    """-> (dx [M, g, c] contiguous or None, dweight [g * r, c] or None), as ctx needs them."""
+    M, _, c = x3.shape
+    r = weight.shape[0] // groups
+    dy3 = dy.reshape(M, groups, r).transpose(0, 1)                    # [g, M, r] (strided view)
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = x3.new_empty(M, groups, c)
+        torch.bmm(dy3, weight.view(groups, r, c), out=dx.transpose(0, 1))
+    if ctx.needs_input_grad[1]:
+        dw = torch.bmm(dy3.transpose(1, 2), x3.transpose(0, 1)).view(groups * r, c)   # [g, r, c]
+    return dx, dw
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -43,34 +72,55 @@ class _GroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, groups):
-        c, r = weight.shape[1], weight.shape[0] // groups
-        x3 = x.reshape(-1, groups, c)                                 # [M, g, c] (a view of contiguous x)
-        y = x.new_empty(x3.shape[0], groups, r)
-        torch.bmm(x3.transpose(0, 1), weight.view(groups, r, c).transpose(1, 2), out=y.transpose(0, 1))
+        x3 = x.reshape(-1, groups, weight.shape[1])                   # [M, g, c] (a view of contiguous x)
         ctx.save_for_backward(x3, weight)
         ctx.meta = (x.shape, groups)
-        return y.view(*x.shape[:-1], groups * r)
+        return _project(x3, weight, groups).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
         x3, weight = ctx.saved_tensors
         shape, groups = ctx.meta
-        M, _, c = x3.shape
-        r = weight.shape[0] // groups
-        dy3 = dy.reshape(M, groups, r).transpose(0, 1)                # [g, M, r] (strided view)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = x3.new_empty(M, groups, c)
-            torch.bmm(dy3, weight.view(groups, r, c), out=dx.transpose(0, 1))
-            dx = dx.view(shape)
-        if ctx.needs_input_grad[1]:
-            dw = torch.bmm(dy3.transpose(1, 2), x3.transpose(0, 1)).view(groups * r, c)   # [g, r, c]
-        return dx, dw, None
+        dx, dw = _project_backward(ctx, x3, weight, groups, dy)
+        return None if dx is None else dx.view(shape), dw, None
+
+
+class _UnrotateGroupedLinear(torch.autograd.Function):
+    """o [B, L, H, hd] -> RoPE^-1 -> grouped map; backward rotates its own dx in place."""
+
+    @staticmethod
+    def forward(ctx, o, weight, groups, rope, positions):
+        o_rot = rope.apply(o, positions, inverse=True)                # (no autograd in here)
+        x3 = o_rot.reshape(-1, groups, weight.shape[1])
+        ctx.save_for_backward(x3, weight, positions)
+        ctx.meta = (o.shape, groups, rope)
+        return _project(x3, weight, groups).view(*o.shape[:2], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x3, weight, positions = ctx.saved_tensors
+        shape, groups, rope = ctx.meta
+        dx, dw = _project_backward(ctx, x3, weight, groups, dy)
+        if dx is not None:   # the transpose of the inverse rotation: the forward one, in place
+            dx = rope.rotate_(dx.view(shape), positions)
+        return dx, dw, None, None, None
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, groups: int, impl: str = "auto") -> torch.Tensor:
     """x [..., g * c], weight [g * r, c] -> [..., g * r] (module doc); differentiable in both."""
-    _check(x, weight, groups)
+    _check(x.shape[-1], weight, groups)
     if impl == "torch" or torch.compiler.is_compiling():
         return grouped_linear_reference(x, weight, groups)
     return _GroupedLinear.apply(x, weight, groups)
+
+
+def unrotate_grouped_linear(o: torch.Tensor, positions: torch.Tensor, rope: RoPE, weight: torch.Tensor,
+                            groups: int, impl: str = "auto") -> torch.Tensor:
+    """``grouped_linear(rope.apply(o, positions, inverse=True).flatten(2), weight, groups)``: o
+    [B, L, H, hd] (the attention's output), positions [B, L] -> [B, L, g * r] (module doc)."""
+    if o.dim() != 4:
+        raise ValueError(f"unrotate_grouped_linear: o must be [B, L, H, hd], got {tuple(o.shape)}")
+    _check(o.shape[2] * o.shape[3], weight, groups)
+    if impl == "torch" or torch.compiler.is_compiling():
+        return grouped_linear_reference(rope.apply(o, positions, inverse=True).flatten(2), weight, groups)
+    return _UnrotateGroupedLinear.apply(o, weight, groups, rope, positions)

@@ -79,6 +79,19 @@ def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
 get_rope_rotate = dispatcher("rope_rotate", rope_rotate)
 
 
+def rope_rotate_(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                 inverse: bool = False) -> torch.Tensor:
+    """``rope_rotate`` in place, no autograd: for a buffer the caller owns (a gradient it has just
+    made). Triton (``kernels/rope.py``): reads and writes the rotated channels only. Returns x."""
+    rd = 2 * inv_freq.shape[0]
+    with torch.no_grad():
+        x[..., -rd:] = rope_rotate(x[..., -rd:], positions, inv_freq, inverse)
+    return x
+
+
+get_rope_rotate_ = dispatcher("rope_rotate_", rope_rotate_)
+
+
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, positions: torch.Tensor,
                   inv_freq: torch.Tensor) -> torch.Tensor:
     """RMS-normalise x over its last dim (``model.norms``; weight [D] or None), then rotate its last
@@ -135,6 +148,12 @@ class RoPE:
         """
         self._check(x, positions, "apply")
         return get_rope_rotate(self.impl, x.device, x.dtype)(x, positions, self._freq(positions.device), inverse)
+
+    def rotate_(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """``apply`` in place on x's rope channels, outside autograd (for a buffer the caller
+        owns, e.g. a gradient its backward has just made); returns x."""
+        self._check(x, positions, "rotate_")
+        return get_rope_rotate_(self.impl, x.device, x.dtype)(x, positions, self._freq(positions.device), inverse)
 
     def apply_normed(self, x: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor | None,
                      eps: float) -> torch.Tensor:

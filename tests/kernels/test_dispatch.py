@@ -108,7 +108,7 @@ GETTERS = {"get_sparse_attention": "model.sparse_attention", "get_indexer_topk":
            "get_mhc_pre": "model.hyper_connections", "get_mhc_head": "model.hyper_connections",
            "get_mix_streams": "model.hyper_connections", "get_topk_routing": "model.moe",
            "get_swiglu_activation": "model.moe", "get_permute_tokens": "model.moe",
-           "get_unpermute_tokens": "model.moe", "get_rope_rotate": "model.rope", "get_rms_norm": "model.norms",
+           "get_unpermute_tokens": "model.moe", "get_rope_rotate": "model.rope", "get_rope_rotate_": "model.rope", "get_rms_norm": "model.norms",
            "get_rms_norm_rope": "model.rope",
            "get_compressor_pool": "model.compressor", "get_chunk_cross_entropy": "model.loss"}
 

@@ -48,3 +48,29 @@ def test_rope_apply_dispatches_and_inverse_undoes(monkeypatch):
     back = rope.apply(rope.apply(x, pos), pos, inverse=True)
     assert calls == ["rope_rotate", "rope_rotate"]
     torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,rd,inverse,block_r", [((2, 7, 3, 40), 16, False, 2), ((3, 5, 300), 64, True, None),
+                                                      ((1, 9, 16), 16, True, 4)])
+def test_rope_in_place_matches_reference(dtype, shape, rd, inverse, block_r):
+    # in place: the rope channels rotated as rope_rotate does, the others left untouched, the
+    # same storage returned; the reference in place equals the out-of-place reference
+    from kernels.rope import rope_rotate_triton_
+    from model.rope import rope_rotate_
+
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = torch.randn(*shape, generator=g).to(DEVICE, dtype)
+    pos = torch.randint(0, 70000, shape[:2], generator=g)
+    pos[0, 3:] = torch.arange(shape[1] - 3)                           # a document restarting at 0
+    pos = pos.to(DEVICE)
+    inv_freq = torch.tensor(yarn_inv_freq(rd, 160000.0, 16.0, 4096, 32.0, 1.0), device=DEVICE)
+    want = rope_rotate(x, pos, inv_freq, inverse)
+    ref = x.clone()
+    assert rope_rotate_(ref, pos, inv_freq, inverse) is ref and torch.equal(ref, want)
+    got = x.clone()
+    assert rope_rotate_triton_(got, pos, inv_freq, inverse, block_r=block_r) is got
+    assert _rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-3)
+    assert torch.equal(got[..., :-rd], x[..., :-rd])
+    with pytest.raises(ValueError, match="contiguous"):
+        rope_rotate_triton_(x[:, ::2], pos[:, ::2], inv_freq)

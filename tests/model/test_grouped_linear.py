@@ -76,3 +76,61 @@ def test_bad_shapes():
         grouped_linear(torch.randn(2, 12), torch.randn(8, 4), 3)
     with pytest.raises(ValueError, match="groups \\* c"):
         grouped_linear(torch.randn(2, 10), torch.randn(8, 4), 2)
+
+
+# ----------------------------------------------------------------------------- with o's inverse RoPE
+def _rope(rd=8):
+    from model.rope import RoPE, yarn_inv_freq
+
+    return RoPE(rd, yarn_inv_freq(rd, 160000.0, 16.0, 4096, 32.0, 1.0), impl="auto")
+
+
+def _unrotate_inputs(dtype, B=2, L=9, H=4, hd=12, groups=2, r=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    o = torch.randn(B, L, H, hd, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(groups * r, H * hd // groups, generator=g) * 0.2).to(dtype).requires_grad_()
+    pos = torch.randint(0, 70000, (B, L), generator=g)
+    pos[:, L // 2:] = torch.arange(L - L // 2)                         # a document boundary: positions restart
+    dy = torch.randn(B, L, groups * r, generator=g).to(dtype)
+    return o, w, pos, dy
+
+
+@pytest.mark.parametrize("B,L,H,hd,groups,r", [(2, 9, 4, 12, 2, 5), (3, 7, 6, 10, 3, 4), (1, 5, 2, 8, 1, 3)])
+def test_unrotate_grouped_linear_fp64_matches_reference(B, L, H, hd, groups, r):
+    from model.grouped_linear import unrotate_grouped_linear
+
+    rope = _rope(8)
+    o, w, pos, dy = _unrotate_inputs(torch.float64, B, L, H, hd, groups, r, seed=B + L + H)
+
+    def ref(o, w):
+        return grouped_linear_reference(rope.apply(o, pos, inverse=True).flatten(2), w, groups)
+
+    got = unrotate_grouped_linear(o, pos, rope, w, groups)
+    want = ref(o, w)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(got, [o, w], dy), torch.autograd.grad(want, [o, w], dy)):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    o2, w2, _, _ = _unrotate_inputs(torch.float64, 1, 3, 2, 8, 2, 2, seed=9)
+    assert torch.autograd.gradcheck(lambda a, b: unrotate_grouped_linear(a, pos[:1, :3], rope, b, 2), (o2, w2))
+
+
+def test_unrotate_grouped_linear_backward_rotates_in_place():
+    # the backward's rope is the in-place op on the gradient it made (rope_rotate_), no
+    # out-of-place rope_rotate and no copy
+    import model.rope as mr
+    from model.grouped_linear import unrotate_grouped_linear
+
+    rope = _rope(8)
+    o, w, pos, dy = _unrotate_inputs(torch.float32)
+    y = unrotate_grouped_linear(o, pos, rope, w, 2)
+    calls = []
+    real = mr.get_rope_rotate_
+    mr.get_rope_rotate_ = lambda *a: (lambda x, *b: calls.append(x.data_ptr()) or real(*a)(x, *b))
+    try:
+        with _Ops() as rec:
+            (do,) = torch.autograd.grad(y, [o], dy)
+    finally:
+        mr.get_rope_rotate_ = real
+    assert calls == [do.data_ptr()]
+    assert not {"clone", "contiguous"} & set(rec.names), rec.names
