@@ -6,6 +6,7 @@ dfn's reduction split over several token ranges, the kernels' own tiles; the fp3
 to an fp64 reference as the fp32 reference is; HyperHead routing through model.dispatch."""
 import pytest
 import torch
+from hopper_compile import run_fresh
 
 from kernels.mhc_pre_split import mhc_head_triton
 from model.hyper_connections import mhc_head
@@ -108,3 +109,62 @@ def test_hyper_head_uses_dispatch(monkeypatch):
     assert len(calls) == 1
     for a, b in zip(got, ref):
         assert _rel(a, b) < 1e-4, _rel(a, b)
+
+
+_COMPILE_FOR_HOPPER = """import inspect
+import triton
+from triton.backends import backends
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import kernels.mhc as mhc
+import kernels.mhc_pre_split as sp
+
+if "nvidia" not in backends:
+    print("SKIP no NVIDIA backend")
+    raise SystemExit(0)
+
+
+def compile_(fn, types, consts, warps=4):
+    # types: {arg: type} of the runtime args ('*fp32' pointers, 'i32', 'fp32'); consts: the constexprs
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in names}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps})
+    assert k.asm.get("cubin")
+    return k
+
+
+P32, I, F = "*fp32", "i32", "fp32"
+n = 4
+for pre_only in (True, False):
+    NM = n if pre_only else (2 + n) * n
+    compile_(mhc._mhc_tail_fwd, dict(MIX=P32, BASE=P32, SCALE=P32, PRE=P32, POST=P32, COMB=P32, T=I, n=I, NM=I,
+                                     iters=I, eps=F), {"BLOCK_T": 32, "NP": 4, "PRE_ONLY": pre_only})
+    for saved in ((False,) if pre_only else (False, True)):
+        compile_(sp._pre_tail_bwd, dict(MIX=P32, R=P32, BASE=P32, SCALE=P32, DPRE=P32, DPOST=P32, DCOMB=P32, G=P32,
+                                        COEF=P32, PART=P32, SCR=P32, T=I, K=I, NM=I, iters=I, eps=F),
+                 {"N": n, "NP": 4, "SAVED": saved, "BLOCK_T": 16, "PRE_ONLY": pre_only})
+    compile_(mhc._mhc_mix_fwd, dict(X="*bf16", FN=P32, MIX=P32, R=P32, T=I, K=I, NM=I, norm_eps=F),
+             {"BLOCK_T": 64, "BLOCK_K": 64, "NM_P": max(16, triton.next_power_of_2(NM)), "X_IN_TF32": True}, 8)
+    compile_(sp._pre_dx_dfn, dict(X="*bf16", FN=P32, G=P32, COEF=P32, PRE=P32, DH="*bf16", DXRES="*bf16", DX="*bf16",
+                                  DFN=P32, T=I, D=I, NM=I, T_PER=I),
+             {"N": n, "NM_P": max(16, triton.next_power_of_2(NM)), "HAS_DXRES": not pre_only, "X_IN_TF32": True,
+              "BLOCK_T": 32, "BLOCK_D": 64}, 8)
+    for out in ("*bf16", P32):
+        compile_(sp._pre_param_grads, dict(DFN_PART=P32, PART=P32, DFN=out, DBASE=out, DSCALE=out, SPLITS=I, NMK=I,
+                                           P=I, NM=I, W=I),
+                 {"BLOCK": sp._GRADS_BLOCK, "BLOCK_P": sp._GRADS_BLOCK_P,
+                  "W_P": triton.next_power_of_2(NM + (1 if pre_only else 3))})
+print("OK")
+"""
+
+
+@pytest.mark.slow   # a fresh process importing torch and ~13 sm_90 compiles
+def test_head_and_pre_kernels_compile_for_hopper_without_a_gpu():
+    """The interpreter runs the kernels as Python; this compiles them as the H200 would (sm_90,
+    bf16 x, outside the interpreter): the tails with and without PRE_ONLY, the mix and dx / dfn
+    passes at the head's NM = n and the pre's (2+n)n, _pre_param_grads writing bf16 and fp32
+    gradients, so a type or lowering error shows here, not in a GPU call (one did: a name typed
+    differently in the two branches of _pre_param_grads's runtime if)."""
+    run_fresh(_COMPILE_FOR_HOPPER, timeout=600)

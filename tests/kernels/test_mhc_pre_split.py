@@ -107,6 +107,28 @@ def test_long_inputs_recompute_sinkhorn_steps(monkeypatch):
         assert _rel(a, b) < 1e-3, (name, _rel(a, b))
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16])
+def test_parameter_gradients_from_their_partial_sums(monkeypatch, param_dtype):
+    """_pre_param_grads with small blocks (several dfn programs, a partial last one; PART's rows in
+    several steps, a partial last one), dfn split 5 ways: dfn / dbase / dscale equal the reference's
+    and come back in the parameters' dtype (fp16 here, as bf16 in training) written by the kernel."""
+    import kernels.mhc_pre_split as mod
+
+    monkeypatch.setattr(mod, "_GRADS_BLOCK", 64)
+    monkeypatch.setattr(mod, "_GRADS_BLOCK_P", 2)
+    x, fn, base, scale = _inputs(3, 20, (2, 37), torch.float32, 13)   # NM K = 15 x 60: 15 programs of 64
+    fn, base, scale = (p.detach().to(param_dtype).requires_grad_() for p in (fn, base, scale))
+    inputs, args = (x, fn, base, scale), (3, 5, 1e-6, 1e-6)
+    cots = [torch.randn(s, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+            for s in [(2, 37, 20), (2, 37, 3, 20), (2, 37, 3), (2, 37, 3, 3)]]
+    _, g_ref = _grads(mhc_pre, inputs, args, cots)
+    _, g_got = _grads(mhc_pre_split_triton, inputs, args, cots, config=dict(SMALL, SPLIT_TOKENS=16))
+    tol = 1e-3 if param_dtype == torch.float16 else 1e-4
+    for name, a, b in zip(["dx", "dfn", "dbase", "dscale"], g_got, g_ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert _rel(a, b) < tol, (name, _rel(a, b))
+
+
 @triton.jit
 def _split_kernel(A, HI, LO, N: tl.constexpr):
     r = tl.arange(0, N)
