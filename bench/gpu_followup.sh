@@ -36,6 +36,9 @@
 #                (BASE_TREE, default .carry/base: `mkdir -p .carry/base && git archive <rev> | tar -x -C .carry/base`,
 #                carried) beside graph8's run of this tree in the same call: what the commits between did
 #                (~110 s; OUT_DIR/base8.jsonl; the tree's commit in OUT_DIR/summary.txt: BASE_REV, or the tree's .rev file)
+#   attnglue     issue 16: the attention glue rework (q/kv norm with RoPE fused, o's RoPE^-1 + wo_a without
+#                copies, dx un-rotated in place): its kernel tests on CUDA, then old vs new fwd+bwd at 4 x 4K
+#                (bench/attn_glue.py; ~60 s; OUT_DIR/attn_glue.md)
 #   graphstep    issue 16: train.cuda_graph=false vs true in python -m train experiment=small_gpu, 10 steps
 #                each at 1 x 4K and 4 x 4K (bench/graph_step.py: losses side by side, tok/s; ~200 s)
 #
@@ -46,8 +49,8 @@ OUT=${1:?usage: bench/gpu_followup.sh OUT_DIR [experiments|trainer|cp1|mhc|peers
 shift
 PARTS=${*:-idxtune attntune balance graph8}
 for part in $PARTS; do   # refuse a misspelled part before any GPU time is spent
-  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep|loss|mhcpre|mhchead|attntune|idxtune|balance|graph8|base8) ;;
-    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep loss mhcpre mhchead attntune idxtune balance graph8 base8)" >&2; exit 2 ;; esac
+  case $part in experiments|trainer|compiled|matmul|cp1|mhc|peers|tp4|launches|graphstep|loss|mhcpre|mhchead|attntune|idxtune|balance|graph8|base8|attnglue) ;;
+    *) echo "gpu_followup.sh: unknown part '$part' (experiments trainer compiled matmul cp1 mhc peers tp4 launches graphstep loss mhcpre mhchead attntune idxtune balance graph8 base8 attnglue)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -76,6 +79,10 @@ for part in $PARTS; do
         model.compile=block logging.wandb.mode=disabled train.progress=false > $TMP/followup_compiled.log 2>&1
       el "trainer compiled exit $?"; tail -30 $TMP/followup_compiled.log > "$OUT/compiled.log"
       cp "$RUN/metrics.jsonl" "$OUT/compiled_metrics.jsonl" 2>/dev/null ;;
+    attnglue)
+      timeout 150 $PY -m pytest -q -x -p no:cacheprovider tests/kernels/test_rms_norm_kernel.py tests/kernels/test_rope_kernel.py \
+        tests/model/test_grouped_linear.py tests/model/test_matmul.py > "$OUT/attn_glue_tests.log" 2>&1; el "attnglue tests exit $?"
+      timeout 120 $PY bench/attn_glue.py > "$OUT/attn_glue.md" 2>&1; el "attnglue bench exit $?" ;;
     matmul)
       timeout 40 $PY bench/matmul_fp32_out.py --rounds 3 > "$OUT/matmul.md" 2>&1; el "matmul exit $?" ;;
     cp1)
