@@ -170,6 +170,9 @@ class _Reference(torch.autograd.Function):
             out = run(leaves)
         outs = out if isinstance(out, tuple) else (out,)
         ctx.leaves, ctx.outs, ctx.key = leaves, outs, key
+        # the kernels' Functions take None for an output without gradient (integer indices): no
+        # zero fill here either, which would count as a launch the fast path does not make
+        ctx.set_materialize_grads(False)
         _COUNTER.add(key, TRITON_LAUNCHES[key][0])
         ret = tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outs)
         ctx.mark_non_differentiable(*[o for o in ret if isinstance(o, torch.Tensor) and not o.is_floating_point()])

@@ -128,6 +128,8 @@ class _TopkRouting(torch.autograd.Function):
         ctx.save_for_backward(lf, indices)
         ctx.meta = (k, float(route_scale), BT)
         ctx.mark_non_differentiable(indices)
+        # no zero-filled [T, K] gradient for the indices (or an unused output): backward takes None
+        ctx.set_materialize_grads(False)
         return weights, indices, scores
 
     @staticmethod

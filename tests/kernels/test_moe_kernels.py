@@ -48,6 +48,35 @@ def test_router_matches_reference(T, E, K, block_t):
     _close("dlogits (weights only)", g_got, g_ref, 1e-5)
 
 
+def test_router_backward_fills_no_zero_gradient_for_the_indices():
+    """The indices carry no gradient: autograd must not zero-fill one for them (a [T, K] launch);
+    the scores-only gradient (weights unused) still matches the reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(11, 7, generator=g) * 3).to(DEVICE).requires_grad_()
+    bias = torch.zeros(7, device=DEVICE)
+    w, idx, s = topk_routing_triton(logits, bias, 3, 1.5)
+    cw, cs = torch.randn_like(w), torch.randn_like(s)
+    loss = (w * cw).sum() + (s * cs).sum()
+    with Ops() as ops:
+        loss.backward()
+    assert not [n for n in ops.names if n.startswith(("zeros", "fill", "zero_"))], ops.names
+    ref = topk_routing(logits, bias, 3, 1.5)
+    got = topk_routing_triton(logits, bias, 3, 1.5)
+    _close("dlogits (scores only)", torch.autograd.grad((got[2] * cs).sum(), logits)[0],
+           torch.autograd.grad((ref[2] * cs).sum(), logits)[0], 1e-5)
+
+
 def test_router_ties_take_the_lower_expert_and_empty_input():
     logits = torch.zeros(4, 8, device=DEVICE)
     w, idx, s = topk_routing_triton(logits, torch.zeros(8, device=DEVICE), 3, 1.0)
