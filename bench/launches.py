@@ -73,15 +73,17 @@ TRITON_LAUNCHES = {
     # + the indexer's top-k (CSA sparse): topk_idx.to(int32) + _clean_topk (~12 ops: compare,
     # where, gather, arange, 2 compares, and/or, where, cast) | + zeros(dckv32), zero_, dckv cast
     "sparse_attention/topk": (16, 11),
-    # _prepare's two int32 casts + full(-1) + _indexer_scores_kernel + topk + isneginf + full_like
-    # + where + the copy into out (one chunk at training lengths) | no gradient
-    "indexer_topk": (9, 0),
+    # one chunk (training lengths): _indexer_scores_kernel + topk + (values == -inf) + masked_fill_
+    # of the indices in place | no gradient
+    "indexer_topk": (4, 0),
     # _pool_fwd (fp32 kv: no cast) | one zeros for dkv and dgate + _pool_bwd + part.sum(0)
     # + dape.to(bf16)
     "compressor_pool": (1, 4),
-    # the sparse indexer loss (kernels/indexer_loss.py): _scores_fwd | zeros(dk fp32) + _scores_bwd
-    # + dw.to + dk.to; the KL target: _mass_on_selected, no gradient
-    "selected_indexer_scores": (1, 4),
+    # the sparse indexer loss (kernels/indexer_loss.py): _scores_fwd | the dense dk (dk="auto" at
+    # N <= 4 K): zeros(G fp32) + _scores_bwd + _scores_bwd_dk + part.sum(0) + dw.to + dk.to;
+    # "/given": the top-k's scores are the forward (no kernel); the KL target: _mass_on_selected
+    "selected_indexer_scores": (1, 6),
+    "selected_indexer_scores/given": (0, 6),
     "attention_mass_on_selected": (1, 0),
     # the MoE kernels (one launch each way; the permutes' forwards also build the inverse slot
     # map, _inverse: one more launch each)
@@ -191,6 +193,8 @@ class _Reference(torch.autograd.Function):
 
 
 def _key(op: str, args, kwargs) -> str:
+    if op == "selected_indexer_scores":
+        return op + ("/given" if kwargs.get("scores") is not None else "")
     if op != "sparse_attention":
         return op
     names = ("q", "kv", "sink", "doc_start", "window", "scale", "ckv", "c_end", "topk_idx")

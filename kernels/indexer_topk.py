@@ -91,8 +91,7 @@ def _indexer_scores_kernel(
     vis = (ce[None, :] >= ds[:, None]) & (ce[None, :] <= t[:, None]) & t_ok[:, None] & n_ok[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     t_last = tl.minimum(t_base + pid_t * BLOCK_T + BLOCK_T - 1, t_end - 1)
-    ce_first = tl.load(CEND + b * sce_b + pid_n * BLOCK_N)
-    if ce_first <= t_last:  # else: no query of the tile sees any entry of it (c_end sorted)
+    if tl.min(ce, 0) <= t_last:  # else: no query of the tile sees any entry of it
         k = tl.load(KI + b * sk_b + n.to(tl.int64)[:, None] * sk_n + rd[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)              # [BLOCK_N, BLOCK_D]
         q_base = Q + b * sq_b + t.to(tl.int64)[:, None] * sq_t + rd[None, :]
@@ -286,6 +285,11 @@ def _check(q_idx, w, k_idx, c_end, doc_start):
         raise ValueError(f"indexer: head dim must be >= 16, got {Di}")
     if k_idx.dtype != q_idx.dtype:
         raise ValueError(f"indexer: k_idx dtype {k_idx.dtype} differs from q_idx dtype {q_idx.dtype}")
+
+
+def _check_sorted(c_end: torch.Tensor) -> None:
+    """The chunk bounds (searchsorted) need c_end sorted; one chunk (training lengths) does not
+    (the scoring kernel's skip takes each tile's smallest c_end), so the check runs only there."""
     if c_end.shape[1] > 1:
         require((c_end[:, 1:] >= c_end[:, :-1]).all(),
                 "indexer: c_end must be non-decreasing per row (as CompressedLayout.build produces)")
@@ -334,9 +338,9 @@ def _select_chunk(scores, out, t0, t1, n_cols, K, ordered=True, row_block=SELECT
 
 
 def _prepare(q_idx, w, k_idx, c_end, doc_start):
+    # c_end / doc_start in the layout's own integer dtype (the kernel loads int32 or int64): no casts
     _check(q_idx, w, k_idx, c_end, doc_start)
-    return (q_idx.contiguous(), w.contiguous(), k_idx.contiguous(),
-            c_end.to(torch.int32).contiguous(), doc_start.to(torch.int32).contiguous())
+    return (q_idx.contiguous(), w.contiguous(), k_idx.contiguous(), c_end.contiguous(), doc_start.contiguous())
 
 
 def _check_modes(score_dtype: str, select: str) -> None:
@@ -377,7 +381,7 @@ def indexer_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_en
                  doc_start: torch.Tensor, k: int, chunk: int | None = None,
                  max_chunk_elems: int | None = None, tiles: tuple[int, int, int, int] = DEFAULT_TILES,
                  score_dtype: str = "bf16", select: str = "chunked", ordered: bool = True,
-                 row_block: int = SELECT_ROW_BLOCK) -> torch.Tensor:
+                 row_block: int = SELECT_ROW_BLOCK, return_scores: bool = False):
     """Top-k visible entries per query -> [B, L, min(k, N)] long, -1 for empty slots, slots in
     descending score order: ``select_topk(indexer_scores(...), k)`` without the [L, N] matrix.
 
@@ -386,7 +390,10 @@ def indexer_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_en
     num_stages) of the scoring kernel; score_dtype: "bf16" (inputs as given) | "fp8";
     select: "chunked" (torch.topk, ties arbitrary) | "unsorted" (the same set, slots unordered) |
     "fused" (exact, ties to the lower index; ``ordered=False`` leaves the slots in ascending index
-    order); row_block: see _select_chunk.
+    order); row_block: see _select_chunk. return_scores: (idx, the selected entries' scores
+    [B, L, K] fp32, -inf in empty slots: torch.topk's values, the indexer loss's forward, see
+    ``kernels.indexer_loss``), or (idx, None) where the selection's scores are not those (fp8
+    scoring, or the fused select, which keeps no values).
     """
     if k < 1:
         raise ValueError(f"indexer_topk: k must be >= 1, got {k}")
@@ -395,9 +402,12 @@ def indexer_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_en
     B, L, _, _ = q.shape
     N = kk.shape[1]
     K = min(k, N)
-    out = torch.full((B, L, K), -1, device=q.device, dtype=torch.long)
+    # the scores the selection compared are the loss's (bf16 scoring, torch.topk's values)
+    give = return_scores and score_dtype == "bf16" and select != "fused"
+    done = lambda idx, vals=None: (idx, vals if give else None) if return_scores else idx
+    empty = lambda: torch.full((B, L, K), -1, device=q.device, dtype=torch.long)
     if K == 0 or L == 0:
-        return out
+        return done(empty(), torch.full((B, L, K), float("-inf"), device=q.device))
     ks = None
     if score_dtype == "fp8":
         q, w, kk, ks = quantize_inputs(q, w, kk)
@@ -407,16 +417,25 @@ def indexer_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_en
         chunk = max(64, (max_chunk_elems // max(1, B * N)) // 64 * 64)
     starts = list(range(0, L, chunk))
     ends = [min(L, s + chunk) for s in starts]
-    # causal bound per chunk: entries with c_end <= last token. With one chunk (training
-    # lengths) N is that bound without a host sync (an entry ending later scores -inf in the
-    # kernel, so the result is the same). Several chunks: one sync for all of them, which saves
-    # scoring and selecting the entries past each chunk.
-    if len(starts) == 1:
-        n_hi = [N]
-    else:
-        last = torch.tensor([e - 1 for e in ends], device=q.device, dtype=ce.dtype)
-        n_hi = torch.searchsorted(ce, last.expand(B, -1).contiguous(), right=True).amax(0).tolist()
     buf = torch.empty(B, min(chunk, L), N, device=q.device, dtype=torch.float32)
+    if len(starts) == 1:
+        # one chunk (training lengths): every entry is scored (one ending after the last query
+        # scores -inf in the kernel), no host sync; torch.topk's outputs are the results as they
+        # are (no -1 prefill and copy): K = min(k, N) columns, empty slots where the value is -inf
+        _scores_chunk(q, w, kk, ce, ds, 0, L, N, buf, tiles, k_scale=ks)
+        if select == "fused":
+            out = empty()
+            _select_chunk(buf, out, 0, L, N, K, ordered=ordered, row_block=row_block)
+            return done(out)
+        vals, idx = buf.topk(K, dim=-1, sorted=select != "unsorted")
+        return done(idx.masked_fill_(vals == float("-inf"), -1), vals)
+    # several chunks: the causal bound per chunk (entries with c_end <= its last token), one host
+    # sync for all of them, which saves scoring and selecting the entries past each chunk
+    _check_sorted(ce)
+    last = torch.tensor([e - 1 for e in ends], device=q.device, dtype=ce.dtype)
+    n_hi = torch.searchsorted(ce, last.expand(B, -1).contiguous(), right=True).amax(0).tolist()
+    out = empty()
+    sel_vals = torch.full((B, L, K), float("-inf"), device=q.device) if give else None
     for t0, t1, nc in zip(starts, ends, n_hi):
         if nc == 0:
             continue
@@ -427,5 +446,7 @@ def indexer_topk(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, c_en
         sc = buf[:, : t1 - t0, :nc]
         kc = min(K, nc)
         vals, idx = sc.topk(kc, dim=-1, sorted=select != "unsorted")
-        out[:, t0:t1, :kc] = torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx)
-    return out
+        out[:, t0:t1, :kc] = idx.masked_fill_(vals == float("-inf"), -1)
+        if give:
+            sel_vals[:, t0:t1, :kc] = vals
+    return done(out, sel_vals)

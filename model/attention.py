@@ -23,7 +23,8 @@ built here (cheap index math); in a chunk, the frame's.
 CSA mode is the attribute ``mode`` ("dense" | "sparse", from cfg.attention_mode; change it with
 ``set_attention_mode``). The indexer runs in sparse mode (to select) and, in dense mode, only in
 training (for its loss). Sparse mode selects with ``model.indexer.get_indexer_topk`` (no
-gradient, no [B, L, N] matrix on CUDA) and computes the indexer loss on the selected set only
+gradient, no [B, L, N] matrix on CUDA; it also returns the selected entries' scores, which are
+the loss's forward values) and computes the indexer loss on the selected set only
 (``model.indexer.indexer_kl_loss_selected``); dense mode scores every visible entry, query
 chunk by query chunk (``model.indexer.indexer_kl_loss_dense``).
 ``aux["indexer_loss"]`` is computed in training mode only (None in eval and on non-CSA layers);
@@ -125,11 +126,13 @@ class Attention(nn.Module):
                   ckv, c_end, topk_idx, True)
 
     def _select(self, q_i: torch.Tensor, w_i: torch.Tensor, k_i: torch.Tensor, c_end: torch.Tensor,
-                doc_start: torch.Tensor) -> torch.Tensor:
-        """The indexer's top-k [B, L, K] (no gradient; kernel dispatch point)."""
+                doc_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The indexer's top-k [B, L, K] (no gradient; kernel dispatch point) and the selected
+        entries' scores [B, L, K] where the selection has them in the loss's precision (bf16
+        scoring, torch.topk: its values; else None): the indexer loss's forward, already done."""
         topk_fn = get_indexer_topk(self.cfg.attention_impl, q_i.device, q_i.dtype,
                                    self.cfg.indexer_score_dtype, self.cfg.indexer_select)
-        return topk_fn(q_i, w_i, k_i, c_end, doc_start, self.cfg.index_topk)
+        return topk_fn(q_i, w_i, k_i, c_end, doc_start, self.cfg.index_topk, return_scores=True)
 
     def _check_inputs(self, x: torch.Tensor, layout: DocLayout) -> None:
         if x.dim() != 3 or x.shape[-1] != self.cfg.dim:
@@ -183,9 +186,9 @@ class Attention(nn.Module):
                 # gradient) only the K selected entries, for the indexer loss
                 with component("indexer"):
                     with torch.no_grad():
-                        topk_idx = self._select(q_i, w_i, k_i, c_end, doc_start)         # [B, L, K]
+                        topk_idx, topk_scores = self._select(q_i, w_i, k_i, c_end, doc_start)   # [B, L, K]
                     if want_loss:
-                        selected = self.indexer.selected_scores(q_i, w_i, k_i, topk_idx)   # [B, L, K]
+                        selected = self.indexer.selected_scores(q_i, w_i, k_i, topk_idx, topk_scores)
             elif use_indexer and want_loss:
                 # dense mode: the loss scores every visible entry, in query chunks (no [B, L, N])
                 dense_idx = (q_i, w_i, k_i)
@@ -195,7 +198,7 @@ class Attention(nn.Module):
         recall = None
         if self.measure_recall and (topk_idx is not None or dense_idx is not None):
             with torch.no_grad():   # dense mode: the top-k the indexer would select
-                sel = topk_idx if topk_idx is not None else self._select(*dense_idx, c_end, doc_start)
+                sel = topk_idx if topk_idx is not None else self._select(*dense_idx, c_end, doc_start)[0]
                 h = carry.frame.halo if carry is not None else 0   # a chunk samples its own rows
                 recall = indexer_recall(q[:, h:], ckv, lse[:, h:], self.scale, sel[:, h:], c_end - h,
                                         doc_start[:, h:] - h, lse_covers_all=topk_idx is None)

@@ -143,9 +143,13 @@ class _SelectedIndexerScores(torch.autograd.Function):
     chunks; backward recomputes each chunk's gather instead of keeping [B, L, K, Di]."""
 
     @staticmethod
-    def forward(ctx, q, w, k, idx, chunk):
+    def forward(ctx, q, w, k, idx, chunk, given):
         B, L, Hi, Di = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)
+        ctx.save_for_backward(q, w, k, idx)
+        ctx.chunk = chunk
+        if given is not None:   # the caller's (the top-k's) values: the forward is done
+            return given.to(acc)
         safe = idx.clamp(min=0)
         out = torch.empty(B, L, idx.shape[-1], device=q.device, dtype=acc)
         for t0 in range(0, L, chunk):
@@ -153,8 +157,6 @@ class _SelectedIndexerScores(torch.autograd.Function):
             ks = gather_entries(k, safe[:, t0:t1])                               # [B, Lc, K, Di]
             dots = matmul_acc(q[:, t0:t1], ks.transpose(-1, -2), acc)            # [B, Lc, Hi, K]
             out[:, t0:t1] = (dots.relu_() * w[:, t0:t1, :, None].to(acc)).sum(2)
-        ctx.save_for_backward(q, w, k, idx)
-        ctx.chunk = chunk
         return out.masked_fill_(idx < 0, float("-inf"))
 
     @staticmethod
@@ -181,26 +183,32 @@ class _SelectedIndexerScores(torch.autograd.Function):
             dq[:, t0:t1] = matmul_acc(dd, ks, acc).to(q.dtype)                   # [B, Lc, Hi, Di]
             dks = matmul_acc(dd.transpose(-1, -2), qc, acc)                      # [B, Lc, K, Di]
             dk.index_add_(0, (sc + offset).reshape(-1), dks.reshape(-1, Di))
-        return dq, dw.to(w.dtype), dk.view(B, N, Di).to(k.dtype), None, None
+        return dq, dw.to(w.dtype), dk.view(B, N, Di).to(k.dtype), None, None, None
 
 
 def selected_indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.Tensor, topk_idx: torch.Tensor,
-                            max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
+                            max_chunk_elems: int = MAX_CHUNK_ELEMS, *, scores: torch.Tensor | None = None) -> torch.Tensor:
     """Indexer scores of the selected entries only, differentiable in q_idx, w and k_idx.
 
     q_idx [B, L, Hi, Di], w [B, L, Hi] (scales included), k_idx [B, N, Di], topk_idx [B, L, K]
     (-1 = empty slot) -> [B, L, K] fp32 (fp64 for fp64 inputs), -inf in empty slots. Equals
     ``indexer_scores(...)`` gathered at topk_idx for visible entries (visibility is not checked
     here: selected entries are visible by construction). Queries go in chunks of at most
-    ``max_chunk_elems`` elements of [B, chunk, K, max(Di, Hi)].
+    ``max_chunk_elems`` elements of [B, chunk, K, max(Di, Hi)]. ``scores`` [B, L, K]: these values
+    when the caller has them (the top-k's own, ``reference_indexer_topk(..., return_scores=True)``;
+    equal up to summation order): taken as the forward's output (detached), the backward as without.
     """
     B, L, Hi, Di = q_idx.shape
     if w.shape != (B, L, Hi):
         raise ValueError(f"selected_indexer_scores: w must be [B, L, Hi] = {(B, L, Hi)}, got {tuple(w.shape)}")
     check_selected("selected_indexer_scores", q_idx, k_idx, topk_idx)
     K = topk_idx.shape[-1]
+    if scores is not None and scores.shape != topk_idx.shape:
+        raise ValueError(f"selected_indexer_scores: scores must be {tuple(topk_idx.shape)} (the top-k's), "
+                         f"got {tuple(scores.shape)}")
     chunk = _query_chunk(B, K, max(Di, Hi), max_chunk_elems)
-    return _SelectedIndexerScores.apply(q_idx, w, k_idx, topk_idx.long(), chunk)
+    return _SelectedIndexerScores.apply(q_idx, w, k_idx, topk_idx.long(), chunk,
+                                        None if scores is None else scores.detach())
 
 
 @torch.no_grad()
@@ -417,11 +425,12 @@ class Indexer(nn.Module):
         w = self.weights_proj(x) * self.weight_scale                          # [B, L, Hi]
         return q, w, k
 
-    def selected_scores(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor,
-                        topk_idx: torch.Tensor) -> torch.Tensor:
+    def selected_scores(self, q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, topk_idx: torch.Tensor,
+                        scores: torch.Tensor | None = None) -> torch.Tensor:
         """``selected_indexer_scores`` of ``project``'s outputs at topk_idx [B, L, K] (sparse mode's
-        loss input, with gradient): the Triton kernel or the reference, by ``self.impl``."""
-        return get_selected_indexer_scores(self.impl, q.device, q.dtype)(q, w, k, topk_idx)
+        loss input, with gradient): the Triton kernel or the reference, by ``self.impl``.
+        ``scores``: the selection's own values of them, when it returned them (no forward pass)."""
+        return get_selected_indexer_scores(self.impl, q.device, q.dtype)(q, w, k, topk_idx, scores=scores)
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, positions: torch.Tensor, doc_start: torch.Tensor,
                 clayout: CompressedLayout) -> torch.Tensor:

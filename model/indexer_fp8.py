@@ -43,9 +43,11 @@ def indexer_scores_fp8_reference(q_idx, w, k_idx, c_end, doc_start) -> torch.Ten
     return indexer_scores(qd, w.float(), kd, c_end, doc_start)
 
 
-def indexer_topk_fp8_reference(q_idx, w, k_idx, c_end, doc_start, k: int) -> torch.Tensor:
-    """Reference fp8 selection: ``select_topk`` (deterministic ties) of the fp8 scores."""
-    return select_topk(indexer_scores_fp8_reference(q_idx, w, k_idx, c_end, doc_start), k)
+def indexer_topk_fp8_reference(q_idx, w, k_idx, c_end, doc_start, k: int, return_scores: bool = False):
+    """Reference fp8 selection: ``select_topk`` (deterministic ties) of the fp8 scores. With
+    ``return_scores``: (idx, None): fp8 scores are not the loss's (bf16) scores."""
+    idx = select_topk(indexer_scores_fp8_reference(q_idx, w, k_idx, c_end, doc_start), k)
+    return (idx, None) if return_scores else idx
 
 
 def topk_recall(got: torch.Tensor, ref: torch.Tensor, n_entries: int) -> float:

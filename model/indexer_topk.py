@@ -48,6 +48,11 @@ def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx)
 
 
-def reference_indexer_topk(q_idx, w, k_idx, c_end, doc_start, k: int) -> torch.Tensor:
-    """The top-k of the reference scores: what ``kernels.indexer_topk`` (bf16) selects."""
-    return select_topk(indexer_scores(q_idx, w, k_idx, c_end, doc_start), k)
+def reference_indexer_topk(q_idx, w, k_idx, c_end, doc_start, k: int, return_scores: bool = False):
+    """The top-k of the reference scores: what ``kernels.indexer_topk`` (bf16) selects. With
+    ``return_scores``: (idx, the selected entries' scores [B, L, K], -inf in empty slots)."""
+    scores = indexer_scores(q_idx, w, k_idx, c_end, doc_start)
+    idx = select_topk(scores, k)
+    if not return_scores:
+        return idx
+    return idx, torch.gather(scores, 2, idx.clamp(min=0)).masked_fill_(idx < 0, float("-inf"))

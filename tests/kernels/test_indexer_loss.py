@@ -59,6 +59,26 @@ def test_selected_scores_forward_and_backward_match_reference(dtype, tol, B, L, 
         assert b.abs().max() > 0, name
 
 
+def test_given_scores_skip_the_forward_kernel_and_keep_the_backward():
+    """scores= (the top-k's values): returned as the output, no forward kernel; the backward (both
+    dk modes) equals the one after the kernel's own forward."""
+    g = torch.Generator().manual_seed(12)
+    B, L, N, K, Hi, Di = 2, 11, 7, 5, 3, 16
+    q, w, k = (torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in ((B, L, Hi, Di), (B, L, Hi), (B, N, Di)))
+    idx = _selection(g, B, L, N, K)
+    own = selected_indexer_scores_triton(q, w, k, idx)
+    given = own.detach().clone()
+    cot = torch.randn(B, L, K, generator=g).to(DEVICE).masked_fill(idx < 0, 0.0)
+    for dk in ("dense", "atomic"):
+        got = selected_indexer_scores_triton(q, w, k, idx, scores=given, dk=dk)
+        assert torch.equal(got, given) and got.data_ptr() == given.data_ptr()   # no copy, no kernel
+        for a, b in zip(torch.autograd.grad(got, (q, w, k), cot),
+                        torch.autograd.grad(selected_indexer_scores_triton(q, w, k, idx, dk=dk), (q, w, k), cot)):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="scores must be fp32"):
+        selected_indexer_scores_triton(q, w, k, idx, scores=given.double())
+
+
 def test_selected_scores_non_contiguous_inputs_and_empty_selection():
     g = torch.Generator().manual_seed(5)
     B, L, N, K, Hi, Di = 2, 5, 6, 4, 2, 16

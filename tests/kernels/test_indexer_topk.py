@@ -81,3 +81,37 @@ def test_bad_inputs_raise():
         indexer_topk(q, w, k, c_end, ds, 0)
     with pytest.raises(ValueError, match="select must be one of"):
         indexer_topk(q, w, k, c_end, ds, 3, select="sorted")
+
+
+@pytest.mark.parametrize("select,chunk", [("unsorted", None), ("chunked", None), ("unsorted", 64), ("chunked", 64)])
+def test_returned_scores_are_the_selected_entries_scores(select, chunk):
+    """return_scores: the selected entries' scores slot for slot (what the indexer loss's forward
+    would compute: model.indexer.selected_indexer_scores), -inf exactly in the empty slots; one
+    chunk (torch.topk's outputs as they are) and several (K > some chunks' entries). k = 40 >
+    N = 37 for some queries: empty slots."""
+    from model.indexer import selected_indexer_scores
+
+    q, w, k_idx, c_end, ds = _case(2, 150, 2, 32, 4, [[33], [70, 71]], torch.float32, seed=3)
+    for k in (5, 40):
+        idx, vals = indexer_topk(q, w, k_idx, c_end, ds, k, chunk=chunk, select=select, return_scores=True)
+        assert torch.equal(idx, indexer_topk(q, w, k_idx, c_end, ds, k, chunk=chunk, select=select))
+        assert vals.dtype == torch.float32 and torch.equal(torch.isneginf(vals), idx < 0)
+        want = selected_indexer_scores(q, w, k_idx, idx)
+        ok = idx >= 0
+        assert ok.any() and (k == 5 or (~ok).any())
+        assert ((vals[ok] - want[ok]).abs().max() / want[ok].abs().max()).item() < 1e-5
+
+
+def test_scores_are_returned_only_where_they_are_the_loss_scores():
+    """fp8 scoring (its scores are of the quantised q and k) and the fused select (keeps no
+    values) return (idx, None): the loss then computes its own forward."""
+    q, w, k_idx, c_end, ds = _case(1, 40, 2, 32, 4, [[]], torch.float32, seed=4)
+    idx, vals = indexer_topk(q, w, k_idx, c_end, ds, 3, select="fused", return_scores=True)
+    assert vals is None and torch.equal(idx, indexer_topk(q, w, k_idx, c_end, ds, 3, select="fused"))
+    from model.indexer_fp8 import indexer_topk_fp8_reference
+    from model.indexer_topk import reference_indexer_topk
+
+    assert indexer_topk_fp8_reference(q, w, k_idx, c_end, ds, 3, return_scores=True)[1] is None
+    ridx, rvals = reference_indexer_topk(q, w, k_idx, c_end, ds, 3, return_scores=True)
+    assert torch.equal(ridx, reference_indexer_topk(q, w, k_idx, c_end, ds, 3))
+    assert torch.equal(torch.isneginf(rvals), ridx < 0)

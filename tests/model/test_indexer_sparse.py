@@ -53,6 +53,24 @@ def test_selected_scores_equal_full_matrix_gathered(chunk_elems):
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_given_scores_are_the_forward_and_leave_the_backward_alone():
+    """scores= (the top-k's own values, reference_indexer_topk(..., return_scores=True)): the
+    output is those values (no forward pass), the gradients are those of the computed forward."""
+    from model.indexer_topk import reference_indexer_topk
+
+    lay, cl, q_i, w, k_i, *_ = _setup(seed=4)
+    topk, vals = reference_indexer_topk(q_i, w, k_i, cl.c_end, lay.doc_start, 3, return_scores=True)
+    leaves = [t.detach().requires_grad_() for t in (q_i, w, k_i)]
+    got = selected_indexer_scores(*leaves, topk, scores=vals)
+    want = selected_indexer_scores(*leaves, topk)
+    assert torch.equal(got, vals) and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    cot = torch.randn(topk.shape, dtype=torch.float64).masked_fill(topk < 0, 0.0)
+    for a, b in zip(torch.autograd.grad(got, leaves, cot), torch.autograd.grad(want, leaves, cot)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="scores must be"):
+        selected_indexer_scores(q_i, w, k_i, topk, scores=vals[..., :2])
+
+
 def test_selected_scores_gradcheck():
     lay, cl, q_i, w, k_i, *_, topk = _setup(seed=2, Hi=2, Di=4)
     leaves = [t.detach().requires_grad_() for t in (q_i, w, k_i)]

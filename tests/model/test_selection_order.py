@@ -52,7 +52,7 @@ def test_layer_is_invariant_to_slot_order(monkeypatch, topk):
     shuffled = shuffle_slots(sel, seed=topk)
     assert not torch.equal(shuffled, sel) and torch.equal(shuffled.sort(-1).values, sel.sort(-1).values)
     calls = []
-    monkeypatch.setattr(attn, "_select", lambda *a: calls.append(1) or shuffled)
+    monkeypatch.setattr(attn, "_select", lambda *a: calls.append(1) or (shuffled, None))
     out_u, aux_u, grads_u = run()
     assert calls == [1] and torch.equal(aux_u["topk_idx"], shuffled)
     torch.testing.assert_close(out_u, out_s, rtol=1e-12, atol=1e-13)
