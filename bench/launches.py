@@ -49,13 +49,14 @@ TRITON_LAUNCHES = {
     "rope_rotate": (1, 1),
     # in place on a buffer its caller owns (no autograd): _rope without the pass-through copy
     "rope_rotate_": (1, 0),
-    # kernels/mhc_pre_split.py: fn/base/scale .float() + _mhc_mix_fwd + _mhc_tail_fwd + _collapse_fwd |
-    # _collapse_bwd (dpre) + _pre_tail_bwd + _pre_dx_dfn + _pre_param_grads (dfn's split sum, dbase /
-    # dscale's block sums, written in the parameters' dtype) (kernels/mhc_pre.py's fused pre: 4 | 7)
-    "mhc_pre": (6, 4),
+    # kernels/mhc_pre_split.py: _mhc_mix_fwd + _mhc_tail_fwd + _collapse_fwd (the parameters read in their
+    # own dtype: no casts) | _collapse_bwd (dpre) + _pre_tail_bwd + _pre_dx_dfn + _pre_param_grads (dfn's
+    # split sum, dbase / dscale's block sums, written in the parameters' dtype) (kernels/mhc_pre.py's
+    # fused pre: 1 | 7)
+    "mhc_pre": (3, 4),
     # the stream head (HyperHead), the same kernels on the pre group alone (mhc_head_triton): the same
     # launches, dh needs no zero fills of dpost / dcomb (the reference: 18 | 28)
-    "mhc_head": (6, 4),
+    "mhc_head": (3, 4),
     # _mhc_mix_fwd + _mhc_tail_fwd + 3 parameter casts | _mhc_tail_bwd + zeros/index_add for dscale
     # (2) + (dlogit * mixes).sum (2) + dbase sum + _mhc_mix_bwd + _mhc_dfn + 3 casts
     "mhc_coefficients": (5, 10),

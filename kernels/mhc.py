@@ -54,7 +54,8 @@ def _mhc_mix_fwd(X, FN, MIX, R, T, K, NM, norm_eps,
         k_ok = rk < K
         x = tl.load(X + rt.to(tl.int64)[:, None] * K + rk[None, :], mask=t_ok[:, None] & k_ok[None, :],
                     other=0.0).to(tl.float32)
-        f = tl.load(FN + rm[:, None] * K + rk[None, :], mask=(rm < NM)[:, None] & k_ok[None, :], other=0.0)
+        f = tl.load(FN + rm[:, None] * K + rk[None, :],
+                    mask=(rm < NM)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         if X_IN_TF32:
             f_hi, f_lo = _tf32_split(f)
             acc = tl.dot(x, tl.trans(f_lo), acc, input_precision="tf32")
@@ -193,10 +194,11 @@ def _sinkhorn_bwd_saved(zcomb, g, cmask, iters, eps, SCR, rt64, t_ok, NP: tl.con
 @triton.jit
 def _post_comb_params(SCALE, BASE, rj, j_ok, n):
     """The post / comb group scales and biases of the coefficient logits."""
-    s1 = tl.load(SCALE + 1)
-    s2 = tl.load(SCALE + 2)
-    bpost = tl.load(BASE + n + rj, mask=j_ok, other=0.0)
-    bcomb = tl.load(BASE + 2 * n + rj[:, None] * n + rj[None, :], mask=j_ok[:, None] & j_ok[None, :], other=0.0)
+    s1 = tl.load(SCALE + 1).to(tl.float32)
+    s2 = tl.load(SCALE + 2).to(tl.float32)
+    bpost = tl.load(BASE + n + rj, mask=j_ok, other=0.0).to(tl.float32)
+    bcomb = tl.load(BASE + 2 * n + rj[:, None] * n + rj[None, :], mask=j_ok[:, None] & j_ok[None, :],
+                    other=0.0).to(tl.float32)
     return s1, s2, bpost, bcomb
 
 
@@ -204,7 +206,7 @@ def _post_comb_params(SCALE, BASE, rj, j_ok, n):
 def _logit_params(SCALE, BASE, rj, j_ok, n):
     """The three group scales and the pre / post / comb biases of the coefficient logits."""
     s1, s2, bpost, bcomb = _post_comb_params(SCALE, BASE, rj, j_ok, n)
-    return tl.load(SCALE), s1, s2, tl.load(BASE + rj, mask=j_ok, other=0.0), bpost, bcomb
+    return tl.load(SCALE).to(tl.float32), s1, s2, tl.load(BASE + rj, mask=j_ok, other=0.0).to(tl.float32), bpost, bcomb
 
 
 @triton.jit
@@ -219,8 +221,8 @@ def _pre_tail_grads(g_pre, MIX, R, BASE, SCALE, DPOST, DCOMB, G, PART, SCR, pid,
     rj = tl.arange(0, NP)
     j_ok = rj < N
     mpre, m2 = _load_pre(MIX, rt, t_ok, N, NM, NP)
-    s0 = tl.load(SCALE)
-    sp = tl.sigmoid(s0 * mpre + tl.load(BASE + rj, mask=j_ok, other=0.0)[None, :])
+    s0 = tl.load(SCALE).to(tl.float32)
+    sp = tl.sigmoid(s0 * mpre + tl.load(BASE + rj, mask=j_ok, other=0.0).to(tl.float32)[None, :])
     d_pre = tl.where(m2, g_pre * sp * (1.0 - sp), 0.0)
     r = tl.load(R + rt, mask=t_ok, other=0.0)
     dot_pre = tl.sum(d_pre * mpre, 1)
@@ -270,7 +272,8 @@ def _mhc_tail_fwd(MIX, BASE, SCALE, PRE, POST, COMB, T, n, NM, iters, eps,
     rj = tl.arange(0, NP)
     j_ok = rj < n
     mpre, m2 = _load_pre(MIX, rt, t_ok, n, NM, NP)
-    pre = tl.sigmoid(tl.load(SCALE) * mpre + tl.load(BASE + rj, mask=j_ok, other=0.0)[None, :]) + eps
+    bpre = tl.load(BASE + rj, mask=j_ok, other=0.0).to(tl.float32)
+    pre = tl.sigmoid(tl.load(SCALE).to(tl.float32) * mpre + bpre[None, :]) + eps
     out2 = rt.to(tl.int64)[:, None] * n + rj[None, :]
     tl.store(PRE + out2, pre, mask=m2)
     if not PRE_ONLY:
@@ -324,7 +327,8 @@ def _mhc_mix_bwd(X, FN, G, COEF, DX, T, K, NM,
         k_ok = rk < K
         xm = t_ok[:, None] & k_ok[None, :]
         x = tl.load(X + rt.to(tl.int64)[:, None] * K + rk[None, :], mask=xm, other=0.0).to(tl.float32)
-        f = tl.load(FN + rm[:, None] * K + rk[None, :], mask=(rm < NM)[:, None] & k_ok[None, :], other=0.0)
+        f = tl.load(FN + rm[:, None] * K + rk[None, :],
+                    mask=(rm < NM)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         dx = tl.dot(g, f, input_precision="tf32x3") + c[:, None] * x
         tl.store(DX + rt.to(tl.int64)[:, None] * K + rk[None, :], dx.to(DX.dtype.element_ty), mask=xm)
 
@@ -431,12 +435,12 @@ def check_pre_inputs(name: str, x: torch.Tensor, fn: torch.Tensor, base: torch.T
 
 def pre_forward_buffers(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, n: int):
     """The site pre's inputs as its kernels read them and its outputs, for x [..., n, D]: (x as
-    [T, nD], fn / base / scale in fp32, mixes [T, NM], r [T], pre / post [T, n], comb [T, n, n] in
-    fp32, h [T, D] in x's dtype), shared by the fused and the split pre."""
+    [T, nD], fn / base / scale in their own dtype (the kernels convert them to fp32 as they load
+    them: bf16 parameters need no cast launches), mixes [T, NM], r [T], pre / post [T, n],
+    comb [T, n, n] in fp32, h [T, D] in x's dtype), shared by the fused and the split pre."""
     T, D, NM = x.numel() // (n * x.shape[-1]), x.shape[-1], fn.shape[0]
     f32 = dict(device=x.device, dtype=torch.float32)
-    return (x.reshape(T, n * D).contiguous(), fn.float().contiguous(), base.float().contiguous(),
-            scale.float().contiguous(), torch.empty(T, NM, **f32), torch.empty(T, **f32), torch.empty(T, n, **f32),
+    return (x.reshape(T, n * D).contiguous(), fn.contiguous(), base.contiguous(), scale.contiguous(), torch.empty(T, NM, **f32), torch.empty(T, **f32), torch.empty(T, n, **f32),
             torch.empty(T, n, **f32), torch.empty(T, n, n, **f32), torch.empty(T, D, device=x.device, dtype=x.dtype))
 
 

@@ -51,7 +51,8 @@ def _mhc_pre_fwd(X, FN, BASE, SCALE, MIX, R, PRE, POST, COMB, H, T, D, NM, iters
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < K
         x = tl.load(X + rt64[:, None] * K + rk[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        f = tl.load(FN + rm[:, None] * K + rk[None, :], mask=(rm < NM)[:, None] & k_ok[None, :], other=0.0)
+        f = tl.load(FN + rm[:, None] * K + rk[None, :],
+                    mask=(rm < NM)[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         acc += tl.dot(x, tl.trans(f), input_precision="tf32x3")
         ssq += tl.sum(x * x, 1)
     r = 1.0 / tl.sqrt(ssq / K + norm_eps)
@@ -122,7 +123,8 @@ def _mhc_pre_bwd(X, FN, BASE, SCALE, MIX, R, PRE, DH, DXRES, DPOST, DCOMB, G, PA
             xoff = rt64[:, None] * K + j * D + rd[None, :]
             x = tl.load(X + xoff, mask=mtd, other=0.0).to(tl.float32)
             dh = tl.load(DH + rt64[:, None] * D + rd[None, :], mask=mtd, other=0.0).to(tl.float32)
-            f = tl.load(FN + rm[:, None] * K + j * D + rd[None, :], mask=(rm < NM)[:, None] & d_ok[None, :], other=0.0)
+            f = tl.load(FN + rm[:, None] * K + j * D + rd[None, :],
+                        mask=(rm < NM)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             dx = tl.dot(g, f, input_precision="tf32x3") + coef[:, None] * x + pre_j[:, None] * dh
             if HAS_DXRES:
                 dx += tl.load(DXRES + xoff, mask=mtd, other=0.0).to(tl.float32)
@@ -166,25 +168,25 @@ class _MHCPre(torch.autograd.Function):
     def forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, tiles, saved):
         D = x.shape[-1]
         K = n * D
-        xf, fn32, base32, scale32, mixes, r, pre, post, comb, h = pre_forward_buffers(x, fn, base, scale, n)
+        xf, fn_in, base_in, scale_in, mixes, r, pre, post, comb, h = pre_forward_buffers(x, fn, base, scale, n)
         T, NM = xf.shape[0], fn.shape[0]
         bt, bk, bd = tiles
         nm_p = max(16, _pow2(NM))
         if T > 0:
-            _mhc_pre_fwd[(triton.cdiv(T, bt),)](xf, fn32, base32, scale32, mixes, r, pre, post, comb, h, T, D, NM,
+            _mhc_pre_fwd[(triton.cdiv(T, bt),)](xf, fn_in, base_in, scale_in, mixes, r, pre, post, comb, h, T, D, NM,
                                                iters, eps, norm_eps, N=n, NP=_pow2(n), NM_P=nm_p,
                                                BLOCK_T=bt, BLOCK_K=bk, BLOCK_D=bd)
-        ctx.save_for_backward(xf, fn32, base32, scale32, mixes, r, pre)
+        ctx.save_for_backward(xf, fn_in, base_in, scale_in, mixes, r, pre)
         ctx.meta = (x.shape, n, iters, eps, tiles, saved, fn.dtype, base.dtype, scale.dtype)
         lead = x.shape[:-2]
         return h.view(*lead, D), x, post.view(*lead, n), comb.view(*lead, n, n)
 
     @staticmethod
     def backward(ctx, dh, dx_res, dpost, dcomb):
-        xf, fn32, base32, scale32, mixes, r, pre = ctx.saved_tensors
+        xf, fn_in, base_in, scale_in, mixes, r, pre = ctx.saved_tensors
         xshape, n, iters, eps, tiles, saved, fdt, bdt, sdt = ctx.meta
         T, K = xf.shape
-        D, NM = K // n, fn32.shape[0]
+        D, NM = K // n, fn_in.shape[0]
         dev = xf.device
         dh, dx_res, dpost, dcomb, has_dxres = pre_cotangents(xf, n, dh, dx_res, dpost, dcomb)
         bt, bk, bd = tiles
@@ -194,12 +196,12 @@ class _MHCPre(torch.autograd.Function):
         part = torch.empty(P, NM + 3, device=dev, dtype=torch.float32)
         dx = torch.empty_like(xf)
         if T == 0:
-            return (dx.view(xshape), torch.zeros_like(fn32).to(fdt), torch.zeros_like(base32).to(bdt),
-                    torch.zeros_like(scale32).to(sdt), None, None, None, None, None, None)
+            return (dx.view(xshape), torch.zeros_like(fn_in).to(fdt), torch.zeros_like(base_in).to(bdt),
+                    torch.zeros_like(scale_in).to(sdt), None, None, None, None, None, None)
         # Sinkhorn's step inputs for the backward walk: 2 (iters - 1) n x n per token, transient
         steps = 2 * (iters - 1) if saved else 0
         scratch = torch.empty(max(1, T * steps * _pow2(n) ** 2), device=dev, dtype=torch.float32)
-        _mhc_pre_bwd[(P,)](xf, fn32, base32, scale32, mixes, r, pre, dh, dx_res, dpost, dcomb, g, part, dx, scratch,
+        _mhc_pre_bwd[(P,)](xf, fn_in, base_in, scale_in, mixes, r, pre, dh, dx_res, dpost, dcomb, g, part, dx, scratch,
                            T, D, NM, iters, eps, N=n, NP=_pow2(n), NM_P=nm_p, HAS_DXRES=has_dxres,
                            SAVED=saved, BLOCK_T=bt, BLOCK_K=bk, BLOCK_D=bd)
         splits = _dfn_split(T, K, bt, bk)

@@ -81,7 +81,8 @@ def _pre_dx_dfn(X, FN, G, COEF, PRE, DH, DXRES, DX, DFN, T, D, NM, T_PER,
     d_ok = rd < D
     rm = tl.arange(0, NM_P)
     m_ok = rm < NM
-    f = tl.load(FN + rm[:, None] * K + j * D + rd[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    f = tl.load(FN + rm[:, None] * K + j * D + rd[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     acc = tl.zeros([NM_P, BLOCK_D], dtype=tl.float32)
     t_end = tl.minimum(T, (split + 1) * T_PER)
     for t0 in range(split * T_PER, t_end, BLOCK_T):
@@ -196,31 +197,31 @@ def _forward(ctx, x, fn, base, scale, n, iters, eps, norm_eps, config, pre_only)
     ``pre_only``); saves what ``_backward`` needs on ``ctx``."""
     D = x.shape[-1]
     K = n * D
-    xf, fn32, base32, scale32, mixes, r, pre, post, comb, h = pre_forward_buffers(x, fn, base, scale, n)
+    xf, fn_in, base_in, scale_in, mixes, r, pre, post, comb, h = pre_forward_buffers(x, fn, base, scale, n)
     T, NM = xf.shape[0], fn.shape[0]
     NP, nm_p = _pow2(n), max(16, _pow2(NM))
     if T > 0:
-        _run("mix", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, fn32, mixes, r, T, K, NM, norm_eps),
+        _run("mix", lambda m: (triton.cdiv(T, m["BLOCK_T"]),), (xf, fn_in, mixes, r, T, K, NM, norm_eps),
              {"NM_P": nm_p, "X_IN_TF32": x.dtype != torch.float32}, config)
         _run("tail", lambda m: (triton.cdiv(T, m["BLOCK_T"]),),
-             (mixes, base32, scale32, pre, post, comb, T, n, NM, iters, eps), {"NP": NP, "PRE_ONLY": pre_only}, config)
+             (mixes, base_in, scale_in, pre, post, comb, T, n, NM, iters, eps), {"NP": NP, "PRE_ONLY": pre_only}, config)
         _run("collapse", lambda m: (triton.cdiv(T, m["BLOCK_T"]), triton.cdiv(D, m["BLOCK_D"])),
              (xf, pre, h, T, D), {"N": n, "NP": NP}, config)
-    ctx.save_for_backward(xf, fn32, base32, scale32, mixes, r, pre)
+    ctx.save_for_backward(xf, fn_in, base_in, scale_in, mixes, r, pre)
     ctx.meta = (x.shape, n, iters, eps, config, fn.dtype, base.dtype, scale.dtype, pre_only)
     return h, post, comb
 
 
 def _backward(ctx, dh, dx_res, dpost, dcomb):
     """dpre, the tail's backward, dx and dfn: (dx, dfn, dbase, dscale) in the inputs' shapes and dtypes."""
-    xf, fn32, base32, scale32, mixes, r, pre = ctx.saved_tensors
+    xf, fn_in, base_in, scale_in, mixes, r, pre = ctx.saved_tensors
     xshape, n, iters, eps, config, fdt, bdt, sdt, pre_only = ctx.meta
     T, K = xf.shape
-    D, NM = K // n, fn32.shape[0]
+    D, NM = K // n, fn_in.shape[0]
     dev = xf.device
     if T == 0:
-        return (torch.empty_like(xf).view(xshape), torch.zeros_like(fn32).to(fdt),
-                torch.zeros_like(base32).to(bdt), torch.zeros_like(scale32).to(sdt))
+        return (torch.empty_like(xf).view(xshape), torch.zeros_like(fn_in).to(fdt),
+                torch.zeros_like(base_in).to(bdt), torch.zeros_like(scale_in).to(sdt))
     if pre_only:   # the head: h is the only output; DPOST / DCOMB are not read (placeholders, no zero fills)
         dh, dx_res, dpost, dcomb, has_dxres = dh.reshape(T, D).contiguous(), xf, mixes, mixes, False
     else:
@@ -241,14 +242,14 @@ def _backward(ctx, dh, dx_res, dpost, dcomb):
     if pre_only or scratch_elems * 4 > _SCRATCH_MAX_BYTES:
         tail_config, scratch_elems = {"SAVED": False}, 1
     scratch = torch.empty(scratch_elems, device=dev, dtype=torch.float32)
-    _run("tail_bwd", lambda m: (P,), (mixes, r, base32, scale32, dpre, dpost, dcomb, g, coef, part, scratch,
+    _run("tail_bwd", lambda m: (P,), (mixes, r, base_in, scale_in, dpre, dpost, dcomb, g, coef, part, scratch,
                                      T, K, NM, iters, eps),
          {"N": n, "NP": NP, "BLOCK_T": _TAIL_BWD_BLOCK_T, "PRE_ONLY": pre_only}, tail_config)
     splits, per = _dfn_splits(T, config)
     dx = torch.empty_like(xf)
     dfn = torch.empty(splits, NM, K, device=dev, dtype=torch.float32)
     _run("dx_dfn", lambda m: (n * triton.cdiv(D, m["BLOCK_D"]), splits),
-         (xf, fn32, g, coef, pre, dh, dx_res, dx, dfn, T, D, NM, per),
+         (xf, fn_in, g, coef, pre, dh, dx_res, dx, dfn, T, D, NM, per),
          {"N": n, "NM_P": nm_p, "HAS_DXRES": has_dxres, "X_IN_TF32": xf.dtype != torch.float32}, config)
     # dbase = sum_t dlogit; dscale per group = sum_t <dlogit, mixes> of the group (PART's column sums)
     dfn_out = torch.empty(NM, K, device=dev, dtype=fdt)

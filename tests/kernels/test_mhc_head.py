@@ -47,6 +47,19 @@ def test_matches_reference(n, D, lead, dtype, config, tol):
         assert _rel(a, b) < (tol if name == "h" else 10 * tol), (name, _rel(a, b))
 
 
+def test_half_parameters_are_read_and_their_gradients_written_in_their_dtype():
+    """fp16 fn / base / scale (as bf16 in training): the kernels convert them as they load them (no
+    cast launches) and write their gradients in fp16, as the reference returns them."""
+    x, fn, base, scale = _inputs(4, 24, (2, 19), torch.float32, 17)
+    inputs = [x] + [p.detach().half().requires_grad_() for p in (fn, base, scale)]
+    cot = torch.randn(2, 19, 24, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    ref = _run(mhc_head, inputs, 4, cot)
+    got = _run(mhc_head_triton, inputs, 4, cot, config=dict(SMALL, SPLIT_TOKENS=16))
+    for name, a, b in zip(["h", "dx", "dfn", "dbase", "dscale"], got, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert _rel(a, b) < 1e-3, (name, _rel(a, b))
+
+
 def test_as_close_to_fp64_as_the_fp32_reference():
     """fp32 kernel and fp32 reference against the fp64 reference: the kernel's error at most 3x
     the reference's (+ 1e-6 for terms the reference happens to get nearly exact)."""
@@ -137,25 +150,24 @@ def compile_(fn, types, consts, warps=4):
 
 P32, I, F = "*fp32", "i32", "fp32"
 n = 4
-for pre_only in (True, False):
+for pre_only, PT in ((True, "*bf16"), (False, "*bf16"), (False, P32)):   # PT: the parameters' dtype
     NM = n if pre_only else (2 + n) * n
-    compile_(mhc._mhc_tail_fwd, dict(MIX=P32, BASE=P32, SCALE=P32, PRE=P32, POST=P32, COMB=P32, T=I, n=I, NM=I,
+    compile_(mhc._mhc_tail_fwd, dict(MIX=P32, BASE=PT, SCALE=PT, PRE=P32, POST=P32, COMB=P32, T=I, n=I, NM=I,
                                      iters=I, eps=F), {"BLOCK_T": 32, "NP": 4, "PRE_ONLY": pre_only})
     for saved in ((False,) if pre_only else (False, True)):
-        compile_(sp._pre_tail_bwd, dict(MIX=P32, R=P32, BASE=P32, SCALE=P32, DPRE=P32, DPOST=P32, DCOMB=P32, G=P32,
+        compile_(sp._pre_tail_bwd, dict(MIX=P32, R=P32, BASE=PT, SCALE=PT, DPRE=P32, DPOST=P32, DCOMB=P32, G=P32,
                                         COEF=P32, PART=P32, SCR=P32, T=I, K=I, NM=I, iters=I, eps=F),
                  {"N": n, "NP": 4, "SAVED": saved, "BLOCK_T": 16, "PRE_ONLY": pre_only})
-    compile_(mhc._mhc_mix_fwd, dict(X="*bf16", FN=P32, MIX=P32, R=P32, T=I, K=I, NM=I, norm_eps=F),
+    compile_(mhc._mhc_mix_fwd, dict(X="*bf16", FN=PT, MIX=P32, R=P32, T=I, K=I, NM=I, norm_eps=F),
              {"BLOCK_T": 64, "BLOCK_K": 64, "NM_P": max(16, triton.next_power_of_2(NM)), "X_IN_TF32": True}, 8)
-    compile_(sp._pre_dx_dfn, dict(X="*bf16", FN=P32, G=P32, COEF=P32, PRE=P32, DH="*bf16", DXRES="*bf16", DX="*bf16",
+    compile_(sp._pre_dx_dfn, dict(X="*bf16", FN=PT, G=P32, COEF=P32, PRE=P32, DH="*bf16", DXRES="*bf16", DX="*bf16",
                                   DFN=P32, T=I, D=I, NM=I, T_PER=I),
              {"N": n, "NM_P": max(16, triton.next_power_of_2(NM)), "HAS_DXRES": not pre_only, "X_IN_TF32": True,
               "BLOCK_T": 32, "BLOCK_D": 64}, 8)
-    for out in ("*bf16", P32):
-        compile_(sp._pre_param_grads, dict(DFN_PART=P32, PART=P32, DFN=out, DBASE=out, DSCALE=out, SPLITS=I, NMK=I,
-                                           P=I, NM=I, W=I),
-                 {"BLOCK": sp._GRADS_BLOCK, "BLOCK_P": sp._GRADS_BLOCK_P,
-                  "W_P": triton.next_power_of_2(NM + (1 if pre_only else 3))})
+    compile_(sp._pre_param_grads, dict(DFN_PART=P32, PART=P32, DFN=PT, DBASE=PT, DSCALE=PT, SPLITS=I, NMK=I, P=I,
+                                       NM=I, W=I),
+             {"BLOCK": sp._GRADS_BLOCK, "BLOCK_P": sp._GRADS_BLOCK_P,
+              "W_P": triton.next_power_of_2(NM + (1 if pre_only else 3))})
 print("OK")
 """
 
@@ -164,7 +176,7 @@ print("OK")
 def test_head_and_pre_kernels_compile_for_hopper_without_a_gpu():
     """The interpreter runs the kernels as Python; this compiles them as the H200 would (sm_90,
     bf16 x, outside the interpreter): the tails with and without PRE_ONLY, the mix and dx / dfn
-    passes at the head's NM = n and the pre's (2+n)n, _pre_param_grads writing bf16 and fp32
-    gradients, so a type or lowering error shows here, not in a GPU call (one did: a name typed
+    passes at the head's NM = n and the pre's (2+n)n, with bf16 and fp32 parameters (read and, by
+    _pre_param_grads, their gradients written in their own dtype), so a type or lowering error shows here, not in a GPU call (one did: a name typed
     differently in the two branches of _pre_param_grads's runtime if)."""
     run_fresh(_COMPILE_FOR_HOPPER, timeout=600)

@@ -63,6 +63,17 @@ def test_matches_reference(n, D, lead, dtype, iters, tiles, saved, tol):
     assert_site_close(got, ref, g_got, g_ref, tol)
 
 
+def test_half_parameters():
+    """fp16 fn / base / scale: read as fp16 by the kernels (no casts), gradients returned in fp16."""
+    x, fn, base, scale = _inputs(4, 24, (2, 19), torch.float32, 9)
+    params = [x] + [p.detach().half().requires_grad_() for p in (fn, base, scale)]
+    args = (4, 5, 1e-6, 1e-6)
+    ref, got = mhc_pre(*params, *args), mhc_pre_triton(*params, *args)
+    cots = [torch.randn(r.shape, generator=torch.Generator().manual_seed(i)).to(DEVICE) for i, r in enumerate(ref)]
+    assert_site_close(got, ref, torch.autograd.grad(_loss(got, cots), params),
+                      torch.autograd.grad(_loss(ref, cots), params), 1e-3)
+
+
 def test_unused_outputs_get_zero_gradients():
     """Only h is used (x_res, post, comb unused: their gradients arrive as None)."""
     x, fn, base, scale = _inputs(4, 24, (19,), torch.float32, 7)
