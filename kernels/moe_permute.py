@@ -7,6 +7,8 @@ order[n] = t*k + j) turns every reduction into a gather:
     permute    fwd  xs[n] = x[order[n] // k]          bwd  dx[t] = sum_j dxs[slot[t, j]]
                (handles=2: xs twice, for the W1 and W3 GEMMs;     dx[t] = sum_j (dxs1 + dxs2)[slot[t, j]]
                 the two gradients meet here, not in a [T*k, D] add before this kernel)
+               (weights [T, k]: ws[n] = w[order[n]] too;           dw[t, j] = dws[slot[t, j]]
+                in the same launches: no index_select, zero fill and index_add of its own)
     unpermute  fwd  y[t]  = sum_j out[slot[t, j]]     bwd  dout[n] = dy[order[n] // k]
                (+ add[t], in add's dtype: the shared expert's output joins the fp32 sum;  dadd = dy)
 Each token's k rows are summed in fp32 registers in a fixed order: deterministic, and no fp32
@@ -35,19 +37,24 @@ def _inverse(ORDER, SLOT, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _expand_rows(SRC, ORDER, DST, N, D, K, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _expand_rows(SRC, ORDER, DST, W, WS, N, D, K, HAS_W: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n_ok = rn < N
     m = n_ok[:, None] & (rd < D)[None, :]
-    tok = tl.load(ORDER + rn, mask=n_ok, other=0) // K
+    o = tl.load(ORDER + rn, mask=n_ok, other=0)
+    tok = o // K
+    if HAS_W:
+        if tl.program_id(1) == 0:   # the routing weights ride along with the first column block
+            tl.store(WS + rn, tl.load(W + o, mask=n_ok, other=0.0), mask=n_ok)
     v = tl.load(SRC + tok[:, None] * D + rd[None, :], mask=m, other=0.0)
     tl.store(DST + rn.to(tl.int64)[:, None] * D + rd[None, :], v.to(DST.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _sum_rows(SRC, SRC2, SLOT, ADD, DST, T, D, K: tl.constexpr, HAS_SRC2: tl.constexpr, HAS_ADD: tl.constexpr,
-              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sum_rows(SRC, SRC2, SLOT, ADD, DWS, DW, DST, T, D, K: tl.constexpr, HAS_SRC2: tl.constexpr,
+              HAS_ADD: tl.constexpr, HAS_DW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     rt = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok = rt < T
@@ -59,6 +66,9 @@ def _sum_rows(SRC, SRC2, SLOT, ADD, DST, T, D, K: tl.constexpr, HAS_SRC2: tl.con
         acc += tl.load(SRC + row[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
         if HAS_SRC2:
             acc += tl.load(SRC2 + row[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
+        if HAS_DW:
+            if tl.program_id(1) == 0:   # the routing weights' gradient: a gather, like the rows'
+                tl.store(DW + rt64 * K + j, tl.load(DWS + row, mask=t_ok, other=0.0), mask=t_ok)
     if HAS_ADD:
         acc += tl.load(ADD + rt64[:, None] * D + rd[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(DST + rt64[:, None] * D + rd[None, :], acc.to(DST.dtype.element_ty), mask=m)
@@ -81,48 +91,70 @@ def _slot(order: torch.Tensor, n_tokens: int, k: int) -> torch.Tensor:
     return slot
 
 
-def _expand(src: torch.Tensor, order: torch.Tensor, k: int, dtype, tiles) -> torch.Tensor:
+def _expand(src: torch.Tensor, order: torch.Tensor, k: int, dtype, tiles,
+            w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dst [N, D] = src[order // k], ws [N] = w.flatten()[order] or None)."""
     N, D = order.numel(), src.shape[1]
     dst = torch.empty(N, D, device=src.device, dtype=dtype)
+    ws = None if w is None else torch.empty(N, device=w.device, dtype=w.dtype)
     BN, BD = _tiles(D, *tiles)
     if N and D:
-        _expand_rows[(triton.cdiv(N, BN), triton.cdiv(D, BD))](src, order, dst, N, D, k, BLOCK_N=BN, BLOCK_D=BD)
-    return dst
+        _expand_rows[(triton.cdiv(N, BN), triton.cdiv(D, BD))](src, order, dst, src if w is None else w,
+                                                               dst if ws is None else ws, N, D, k,
+                                                               HAS_W=w is not None, BLOCK_N=BN, BLOCK_D=BD)
+    elif ws is not None and N:
+        ws.copy_(w.reshape(-1)[order])
+    return dst, ws
 
 
 def _sum(src: torch.Tensor, slot: torch.Tensor, dtype, tiles, add: torch.Tensor | None = None,
-         src2: torch.Tensor | None = None) -> torch.Tensor:
-    """dst[t] = sum_j (src + src2)[slot[t, j]] (+ add[t]) in fp32 -> dtype."""
+         src2: torch.Tensor | None = None, dws: torch.Tensor | None = None):
+    """dst[t] = sum_j (src + src2)[slot[t, j]] (+ add[t]) in fp32 -> dtype; with dws [T*k]: also
+    (dst, dw [T, k] = dws[slot])."""
     (T, k), D = slot.shape, src.shape[1]
     dst = torch.empty(T, D, device=src.device, dtype=dtype)
+    dw = None if dws is None else torch.empty(T, k, device=dws.device, dtype=dws.dtype)
     BT, BD = _tiles(D, *tiles)
     if T and D:
         _sum_rows[(triton.cdiv(T, BT), triton.cdiv(D, BD))](
-            src, src if src2 is None else src2, slot, src if add is None else add, dst, T, D, K=k,
-            HAS_SRC2=src2 is not None, HAS_ADD=add is not None, BLOCK_T=BT, BLOCK_D=BD)
-    return dst
+            src, src if src2 is None else src2, slot, src if add is None else add,
+            src if dws is None else dws, dst if dw is None else dw, dst, T, D, K=k,
+            HAS_SRC2=src2 is not None, HAS_ADD=add is not None, HAS_DW=dws is not None, BLOCK_T=BT, BLOCK_D=BD)
+    elif dw is not None and T:
+        dw.copy_(dws[slot])
+    return dst if dws is None else (dst, dw)
 
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, order, k, handles, tiles):
+    def forward(ctx, x, weights, order, k, handles, tiles):
         x = x.contiguous()
         ctx.save_for_backward(_slot(order, x.shape[0], k))
-        ctx.meta = (x.dtype, tiles)
+        ctx.meta = (x.dtype, handles, tiles)
         ctx.set_materialize_grads(False)
-        xs = _expand(x, order, k, x.dtype, tiles)
+        xs, ws = _expand(x, order, k, x.dtype, tiles, None if weights is None else weights.contiguous())
         # a second output on the same memory (detach: not a view, so autograd hands this
         # Function its own gradient for it instead of adding the two first)
-        return xs if handles == 1 else (xs, xs.detach())
+        outs = (xs,) if handles == 1 else (xs, xs.detach())
+        outs += () if ws is None else (ws,)
+        return outs[0] if len(outs) == 1 else outs
 
     @staticmethod
-    def backward(ctx, *dxs):
+    def backward(ctx, *grads):
         (slot,) = ctx.saved_tensors
-        dtype, tiles = ctx.meta
-        got = [d.contiguous() for d in dxs if d is not None]
-        if not got:
-            return None, None, None, None, None
-        return _sum(got[0], slot, dtype, tiles, src2=got[1] if len(got) > 1 else None), None, None, None, None
+        dtype, handles, tiles = ctx.meta
+        got = [d.contiguous() for d in grads[:handles] if d is not None]
+        dws = grads[handles] if len(grads) > handles else None
+        dx = dw = None
+        if got:
+            src2 = got[1] if len(got) > 1 else None
+            if dws is None:
+                dx = _sum(got[0], slot, dtype, tiles, src2=src2)
+            else:
+                dx, dw = _sum(got[0], slot, dtype, tiles, src2=src2, dws=dws.contiguous())
+        elif dws is not None:
+            dw = dws[slot]
+        return dx, dw, None, None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -140,7 +172,7 @@ class _Unpermute(torch.autograd.Function):
         (order,) = ctx.saved_tensors
         k, dtype, tiles = ctx.meta
         dadd = dy if ctx.needs_input_grad[4] else None   # y = sum + add: add's gradient is dy itself
-        return _expand(dy.contiguous(), order, k, dtype, tiles), None, None, None, dadd, None
+        return _expand(dy.contiguous(), order, k, dtype, tiles)[0], None, None, None, dadd, None
 
 
 def _check(op: str, rows: torch.Tensor, order: torch.Tensor, n: int) -> None:
@@ -151,15 +183,19 @@ def _check(op: str, rows: torch.Tensor, order: torch.Tensor, n: int) -> None:
 
 
 @opaque_to_compile
-def permute_tokens_triton(x: torch.Tensor, order: torch.Tensor, k: int, handles: int = 1, *,
-                          block_rows: int | None = None, block_d: int | None = None):
+def permute_tokens_triton(x: torch.Tensor, order: torch.Tensor, k: int, handles: int = 1,
+                          weights: torch.Tensor | None = None, *, block_rows: int | None = None,
+                          block_d: int | None = None):
     """Triton version of ``model.moe.permute_tokens``: x [T, D], order [T*k] -> [T*k, D] in x's
-    dtype (``handles=2``: a pair of outputs on that one tensor); differentiable in x (the
-    backward sums each token's k rows of every handle's gradient in fp32)."""
+    dtype (``handles=2``: a pair of outputs on that one tensor; ``weights`` [T, k]: also the
+    weights in the same order, [T*k]); differentiable in x (the backward sums each token's k
+    rows of every handle's gradient in fp32) and weights."""
     _check("permute_tokens_triton", x, order, x.shape[0] * k if x.dim() == 2 else -1)
     if handles not in (1, 2):
         raise ValueError(f"permute_tokens_triton: handles must be 1 or 2, got {handles}")
-    return _Permute.apply(x, order.contiguous(), k, handles, (block_rows, block_d))
+    if weights is not None and weights.shape != (x.shape[0], k):
+        raise ValueError(f"permute_tokens_triton: weights must be [{x.shape[0]}, {k}], got {tuple(weights.shape)}")
+    return _Permute.apply(x, weights, order.contiguous(), k, handles, (block_rows, block_d))
 
 
 @opaque_to_compile

@@ -146,17 +146,23 @@ def topk_routing(logits: torch.Tensor, bias: torch.Tensor, k: int,
 get_topk_routing = dispatcher("topk_routing", topk_routing)
 
 
-def permute_tokens(x: torch.Tensor, order: torch.Tensor, k: int, handles: int = 1):
+def permute_tokens(x: torch.Tensor, order: torch.Tensor, k: int, handles: int = 1,
+                   weights: torch.Tensor | None = None):
     """Rows of x [T, D] in expert-sorted order: row n is token order[n] // k ((token, slot) pairs
     flattened token-major, ``order`` = their stable sort by expert). -> [T*k, D].
     ``handles=2``: a pair of handles on the same rows, one per consumer (the experts' W1 and W3
     GEMMs). Here both are the one tensor, so autograd adds their [T*k, D] gradients; the Triton
     backward sums both inside its gather instead (no such add: it was 13 ms of a 131K-token step).
+    ``weights`` [T, k] (the routing weights): also returned in the same order, [T*k], as the
+    last element (Triton: in the same launches, forward and backward).
     Triton: ``kernels/moe_permute.py`` (backward without atomics)."""
     if handles not in (1, 2):
         raise ValueError(f"permute_tokens: handles must be 1 or 2, got {handles}")
     xs = x.index_select(0, order // k)
-    return xs if handles == 1 else (xs, xs)
+    outs = (xs,) * handles
+    if weights is not None:
+        outs += (weights.reshape(-1).index_select(0, order),)
+    return outs[0] if len(outs) == 1 else outs
 
 
 get_permute_tokens = dispatcher("permute_tokens", permute_tokens)
@@ -481,8 +487,8 @@ class RoutedExperts(nn.Module):
             if counts is None:
                 counts = expert_counts(flat_expert, self.n_experts)
             # [T*K, D] twice: one handle for W1, one for W3, their gradients summed in the permute
-            x_gate, x_up = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K, 2)
-            w_sorted = weights.reshape(-1).index_select(0, order)  # [T*K]
+            # and the routing weights in the same order, w_sorted [T*K]
+            x_gate, x_up, w_sorted = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K, 2, weights)
         with component("mlp"):
             out = run_experts(self.impl, x_gate, counts, self.w1, self.w2, self.w3, self.limit, w_sorted,
                               get_swiglu_activation(self.kernel_impl, dev, dt), x_up)
