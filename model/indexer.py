@@ -419,8 +419,9 @@ class Indexer(nn.Module):
         folded in, k [B, N, Di]). Inputs are detached here: the indexer learns only from its loss."""
         x, qr = x.detach(), qr.detach()
         B, L, _ = x.shape
-        q = self.wq_b(qr).view(B, L, self.n_heads, self.head_dim)             # [B, L, Hi, Di]
-        q = self.rope.apply(q, positions)
+        # RoPE in place on the projection's fresh output (rope channels only read and written)
+        q = self.rope.apply_(self.wq_b(qr), positions, self.n_heads)           # [B, L, Hi * Di]
+        q = q.view(B, L, self.n_heads, self.head_dim)                         # [B, L, Hi, Di]
         k = self.compressor(x, clayout)                                       # [B, N, Di]
         w = self.weights_proj(x) * self.weight_scale                          # [B, L, Hi]
         return q, w, k

@@ -155,6 +155,19 @@ class RoPE:
         self._check(x, positions, "rotate_")
         return get_rope_rotate_(self.impl, x.device, x.dtype)(x, positions, self._freq(positions.device), inverse)
 
+    def apply_(self, x: torch.Tensor, positions: torch.Tensor, heads: int = 1) -> torch.Tensor:
+        """``apply`` in place, autograd-correct: x [B, L, heads * D] (a fresh result nobody keeps
+        for backward, e.g. a projection's output: autograd's version check refuses otherwise)
+        gets each head's rope channels rotated in place, only those read and written; its
+        gradient is rotated back out of place (the incoming gradient may be shared). Returns x;
+        under torch.compile the out-of-place ``apply``."""
+        if x.dim() != 3 or heads < 1 or x.shape[-1] % heads:
+            raise ValueError(f"RoPE.apply_: x must be [B, L, heads * D] with heads={heads}, got {tuple(x.shape)}")
+        if torch.compiler.is_compiling():
+            return self.apply(x.view(*x.shape[:2], heads, -1), positions).view(x.shape)
+        self._check(x.view(*x.shape[:2], heads, -1), positions, "apply_")
+        return _RotateInPlace.apply(x, positions, self, heads)
+
     def apply_normed(self, x: torch.Tensor, positions: torch.Tensor, weight: torch.Tensor | None,
                      eps: float) -> torch.Tensor:
         """``apply(rms_norm(x))``: RMS-normalise x over its last dim (scale ``weight`` [D], an
@@ -170,3 +183,22 @@ class RoPE:
         if tuple(positions.shape) != tuple(x.shape[:2]):
             raise ValueError(f"RoPE.{name}: positions shape {tuple(positions.shape)} does not match "
                              f"x's leading dims {tuple(x.shape[:2])}")
+
+
+class _RotateInPlace(torch.autograd.Function):
+    """``RoPE.apply_``: forward rotates x's rope channels in place (mark_dirty), backward the
+    gradient by the opposite angle into a new tensor."""
+
+    @staticmethod
+    def forward(ctx, x, positions, rope, heads):
+        rope.rotate_(x.view(*x.shape[:2], heads, -1), positions)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(positions)
+        ctx.meta = (rope, heads)
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        (positions,) = ctx.saved_tensors
+        rope, heads = ctx.meta
+        return rope.apply(dy.reshape(*dy.shape[:2], heads, -1), positions, inverse=True).view(dy.shape), None, None, None

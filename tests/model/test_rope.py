@@ -106,3 +106,37 @@ def test_bad_inputs(cfg):
         rope.apply(torch.randn(2, 5, cfg.head_dim), torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="rope_dim"):
         rope.apply(torch.randn(2, 5, cfg.rope_dim - 2), torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_apply_in_place_matches_apply_fp64():
+    # RoPE.apply_ (in place on a fresh [B, L, H * D] tensor) == apply on its per-head view, forward
+    # and backward, positions restarting at a document boundary; the same storage comes back
+    cfg = ModelConfig.from_preset("tiny")
+    rope = RoPE.for_ratio(cfg, 4)
+    g = torch.Generator().manual_seed(3)
+    B, L, H, D = 2, 7, 3, cfg.rope_dim + 6
+    w = torch.randn(H * D, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(B, L, 5, generator=g, dtype=torch.float64)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2], [9, 10, 11, 12, 13, 14, 15]])
+    dy = torch.randn(B, L, H * D, generator=g, dtype=torch.float64)
+    y = x @ w.t()
+    ptr = y.data_ptr()
+    got = rope.apply_(y, pos, H)
+    assert got.data_ptr() == ptr
+    want = rope.apply((x @ w.t()).view(B, L, H, D), pos).view(B, L, H * D)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got, w, dy)[0],
+                               torch.autograd.grad(want, w, dy)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_apply_in_place_refuses_a_saved_input():
+    # a tensor kept for another op's backward cannot be rotated in place: autograd says so
+    rope = RoPE(4, [1.0, 0.1])
+    w = torch.randn(8, 3, requires_grad=True)
+    y = torch.randn(1, 2, 3) @ w.t()
+    z = y * y                      # saves y
+    rope.apply_(y, torch.zeros(1, 2, dtype=torch.long), 2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+    with pytest.raises(ValueError, match="heads"):
+        rope.apply_(torch.randn(1, 2, 7), torch.zeros(1, 2, dtype=torch.long), 2)
