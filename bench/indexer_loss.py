@@ -12,7 +12,8 @@ fewer than K), indexer 16 heads x 128, attention 16 heads x 256.
    the first candidate's) checked against the PyTorch reference (relative error, forward and
    each gradient; the backward's with dk="atomic", the dense dk's with dk="dense"); then the tiles
    before autotuning (config="default") vs autotuned (None): ms of the scores forward, forward +
-   backward, the attention-mass gather; forward + backward with the dk atomics vs the dense dk;
+   backward, the attention-mass gather; the mass by per-query gathers vs dense tiles; forward +
+   backward with the dk atomics vs the dense dk;
    and autotune's pick with every candidate's own time (warps and stages included).
 
     PYTHONUNBUFFERED=1 python bench/indexer_loss.py --out $OUT
@@ -131,9 +132,16 @@ def bench_loss(inp: dict, idx: torch.Tensor, device: str, log) -> bool:
             ok &= all(e < tol for e in errs)
             log(f"| {name} | {meta} {warps}w {stages}s | " + " | ".join(f"{e:.1e}" for e in errs) + " |")
     for meta, warps, stages in candidates("mass", H, D):
-        e = _rel(attention_mass_on_selected_triton(*mass_args, config=meta), ref_m)
+        e = _rel(attention_mass_on_selected_triton(*mass_args, config=meta, dense="gather"), ref_m)
         ok &= e < tol
         log(f"| mass | {meta} {warps}w {stages}s | {e:.1e} | | | |")
+    # the dense mass: every visible pair on tensor-core tiles, then the slots read from it (the
+    # loss drops invisible selected slots; a causal top-k selects none)
+    visible = (inp["c_end"], inp["doc_start"])
+    for meta, warps, stages in candidates("mass_dense", H, D):
+        e = _rel(attention_mass_on_selected_triton(*mass_args, visible=visible, config=meta, dense="dense"), ref_m)
+        ok &= e < tol
+        log(f"| mass_dense | {meta} {warps}w {stages}s | {e:.1e} | | | |")
     log(f"all candidates within tolerance: {ok}")
 
     fwd = lambda c: selected_indexer_scores_triton(*leaves, idx, config=c)
@@ -147,6 +155,10 @@ def bench_loss(inp: dict, idx: torch.Tensor, device: str, log) -> bool:
         f(None)   # autotune outside the timing
         t0, t1 = _ms(lambda: f("default"), device), _ms(lambda: f(None), device)
         log(f"| {op} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x |")
+    dense_mass = lambda mode: attention_mass_on_selected_triton(*mass_args, visible=visible, dense=mode)
+    t_g, t_d = _ms(lambda: dense_mass("gather"), device), _ms(lambda: dense_mass("dense"), device)
+    log(f"| attention mass on selected, per-query gather -> dense tiles (autotuned) | {t_g:.3f} | {t_d:.3f} | "
+        f"{t_g / t_d:.2f}x |")
     # the backward's dk: fp32 atomics per slot vs the dense key-major pass (dk="auto" takes it here)
     fb_dk = lambda dk: torch.autograd.grad(selected_indexer_scores_triton(*leaves, idx, dk=dk), leaves, cot)
     t_at, t_de = _ms(lambda: fb_dk("atomic"), device), _ms(lambda: fb_dk("dense"), device)

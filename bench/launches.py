@@ -86,6 +86,8 @@ TRITON_LAUNCHES = {
     "selected_indexer_scores": (1, 6),
     "selected_indexer_scores/given": (0, 6),
     "attention_mass_on_selected": (1, 0),
+    # given the loss's visibility at N <= 4 K (dense_fits): _mass_dense over [B, L, N] + _gather_rows
+    "attention_mass_on_selected/dense": (2, 0),
     # the MoE kernels (one launch each way; the permutes' forwards also build the inverse slot
     # map, _inverse: one more launch each)
     "topk_routing": (1, 1),
@@ -196,6 +198,8 @@ class _Reference(torch.autograd.Function):
 def _key(op: str, args, kwargs) -> str:
     if op == "selected_indexer_scores":
         return op + ("/given" if kwargs.get("scores") is not None else "")
+    if op == "attention_mass_on_selected":
+        return op + ("/dense" if kwargs.get("visible") is not None else "")
     if op != "sparse_attention":
         return op
     names = ("q", "kv", "sink", "doc_start", "window", "scale", "ckv", "c_end", "topk_idx")

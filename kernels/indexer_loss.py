@@ -214,6 +214,55 @@ def _mass_on_selected(Q, C, LSE, IDX, OUT, L, H, D, N, K, scale,
         tl.store(out_row + rk, tl.where(ok, mass, 0.0), mask=rk < K)
 
 
+@triton.jit
+def _mass_dense(Q, C, LSE, CEND, DSTART, OUT, L, H, D, N, scale,
+                sq_b, sq_t, sq_h, sc_b, sc_n, sl_b, sl_t, sce_b, sds_b, so_b, so_t,
+                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """The mass on EVERY visible (query, entry) pair of a [BLOCK_T, BLOCK_N] tile, heads summed,
+    into the dense OUT [B, L, N] (0 where not visible): tensor-core tiles instead of per-query
+    gathers. Tiles no query of which sees an entry (the causal upper half, other documents) only
+    store zeros. Entry tiles vary fastest in the grid: the programs resident together share one
+    query tile (from L2)."""
+    pid_n, pid_t, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rd0 = tl.arange(0, BLOCK_D)
+    t_ok, n_ok = rt < L, rn < N
+    ce = tl.load(CEND + b * sce_b + rn, mask=n_ok, other=2147483647)
+    ds = tl.load(DSTART + b * sds_b + rt, mask=t_ok, other=0)
+    vis = (ce[None, :] >= ds[:, None]) & (ce[None, :] <= rt[:, None]) & t_ok[:, None] & n_ok[None, :]
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    if tl.max(vis.to(tl.int32)) > 0:
+        q_rel = tl.arange(0, BLOCK_T)[:, None] * sq_t                          # int32: within one tile
+        q_tile = Q + b * sq_b + (pid_t * BLOCK_T).to(tl.int64) * sq_t
+        c_tile = C + b * sc_b + rn.to(tl.int64)[:, None] * sc_n
+        for h in range(0, H):
+            s = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):   # the entry chunks stay in L1 across heads
+                rd = d0 + rd0
+                d_ok = rd < D
+                qh = tl.load(q_tile + h * sq_h + q_rel + rd[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                c = tl.load(c_tile + rd[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                s = tl.dot(qh, tl.trans(c), s, input_precision=PREC)
+            lse = tl.load(LSE + b * sl_b + rt.to(tl.int64) * sl_t + h, mask=t_ok, other=float("inf")).to(tl.float32)
+            acc += tl.exp(s * scale - lse[:, None])
+    tl.store(OUT + b * so_b + rt.to(tl.int64)[:, None] * so_t + rn[None, :], tl.where(vis, acc, 0.0),
+             mask=t_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gather_rows(DENSE, IDX, OUT, L, N, K, sd_b, sd_t, si_b, si_t, so_b, so_t, BLOCK_K: tl.constexpr):
+    """OUT[b, t, j] = DENSE[b, t, IDX[b, t, j]], 0 where the slot is empty: one query row."""
+    pid = tl.program_id(0).to(tl.int64)
+    b, t = pid // L, pid % L
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        idx = tl.load(IDX + b * si_b + t * si_t + rk, mask=rk < K, other=-1)
+        ok = (idx >= 0) & (idx < N)
+        v = tl.load(DENSE + b * sd_b + t * sd_t + idx, mask=ok, other=0.0)
+        tl.store(OUT + b * so_b + t * so_t + rk, v, mask=rk < K)
+
+
 # ----------------------------------------------------------------------------- host side
 def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"   # tf32 is ignored by 16-bit dots
@@ -274,8 +323,8 @@ DENSE_DK_MAX_ELEMS = 1 << 26
 _DK_PROGRAMS = 512
 
 
-def dense_dk_fits(B: int, L: int, N: int, K: int) -> bool:
-    """Whether dk="auto" takes the dense, deterministic dk at these sizes."""
+def dense_fits(B: int, L: int, N: int, K: int) -> bool:
+    """Whether "auto" takes the dense forms (the backward's dk; the mass, given visibility) at these sizes."""
     return N <= DENSE_DK_MAX_N_OVER_K * K and B * L * N <= DENSE_DK_MAX_ELEMS
 
 
@@ -285,6 +334,11 @@ def _dk_segment(B: int, L: int, N: int, seg: int | None) -> int:
         n_seg = max(1, min(triton.cdiv(L, 64), _DK_PROGRAMS // (B * triton.cdiv(N, 64))))
         seg = triton.cdiv(triton.cdiv(L, n_seg), 64) * 64
     return seg
+
+
+# dense mass (_mass_dense): queries x entries per tile, head-dim chunk, warps, stages.
+_MASS_DENSE = [({"BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_D": 64}, 4, 2), ({"BLOCK_T": 64, "BLOCK_N": 64, "BLOCK_D": 128}, 4, 2),
+               ({"BLOCK_T": 128, "BLOCK_N": 64, "BLOCK_D": 64}, 8, 2), ({"BLOCK_T": 64, "BLOCK_N": 128, "BLOCK_D": 64}, 8, 2)]
 
 
 # mass: (BLOCK_K, register budget (BLOCK_H + BLOCK_K) x BLOCK_D elements, warps); the first is the
@@ -310,9 +364,9 @@ def _mass_candidates(H: int, D: int) -> list[tuple[dict, int, int]]:
 
 _TUNED: dict[tuple, Tuned] = {}
 _KEYS = {"scores_fwd": ["L", "Hi", "Di", "K"], "scores_bwd": ["L", "Hi", "Di", "K", "DENSE_DK"],
-         "scores_dk": ["L", "Hi", "Di", "N"], "mass": ["L", "H", "D", "K"]}
+         "scores_dk": ["L", "Hi", "Di", "N"], "mass": ["L", "H", "D", "K"], "mass_dense": ["L", "H", "D", "N"]}
 _KERNELS = {"scores_fwd": _scores_fwd, "scores_bwd": _scores_bwd, "scores_dk": _scores_bwd_dk,
-            "mass": _mass_on_selected}
+            "mass": _mass_on_selected, "mass_dense": _mass_dense}
 
 
 def candidates(name: str, *dims: int) -> list[tuple[dict, int, int]]:
@@ -321,6 +375,8 @@ def candidates(name: str, *dims: int) -> list[tuple[dict, int, int]]:
         return _SCORES_FWD
     if name == "scores_dk":
         return _SCORES_DK
+    if name == "mass_dense":
+        return _MASS_DENSE
     return _scores_bwd_candidates(_pow2(dims[0]), _pow2(dims[1])) if name == "scores_bwd" else _mass_candidates(*dims)
 
 
@@ -382,7 +438,7 @@ class _SelectedScores(torch.autograd.Function):
         dw = torch.empty(B, L, Hi, device=q.device, dtype=torch.float32)
         if not (B * L and K):
             return dq.zero_(), dw.zero_().to(w.dtype), torch.zeros_like(k), None, None, None, None
-        dense = ctx.dk_mode == "dense" or (ctx.dk_mode == "auto" and dense_dk_fits(B, L, N, K))
+        dense = ctx.dk_mode == "dense" or (ctx.dk_mode == "auto" and dense_fits(B, L, N, K))
         # dense: the slot gradients scattered into G [B, L, N] (then _scores_bwd_dk); else dk by atomics
         acc = torch.zeros((B, L, N) if dense else (B, N, Di), device=q.device, dtype=torch.float32)
         consts = {"HP": _pow2(Hi), "DP": _pow2(Di), "DENSE_DK": dense, "PREC": _prec(q.dtype)}
@@ -417,7 +473,7 @@ def selected_indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: 
     fp32: the forward's values when the caller has them (the top-k's own, ``indexer_topk(...,
     return_scores=True)``): no forward kernel, the backward as without. ``dk``: "dense" (the
     deterministic key-major pass over the dense slot gradients), "atomic" (fp32 atomics), "auto"
-    (dense where ``dense_dk_fits``; see the module doc). ``config`` (kernels/tuning.py): None
+    (dense where ``dense_fits``; see the module doc). ``config`` (kernels/tuning.py): None
     autotunes the kernels' tiles on CUDA (first call per shape), "default" pins the first
     candidates, a dict ({"BLOCK_K": selected entries per tile, a power of two >= 16; "SPREAD": the
     backward's program order; the dense dk's "BLOCK_N", "BLOCK_T" and "SEG", queries per
@@ -443,26 +499,53 @@ def selected_indexer_scores_triton(q_idx: torch.Tensor, w: torch.Tensor, k_idx: 
 @torch.no_grad()
 def attention_mass_on_selected_triton(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale: float,
                                       topk_idx: torch.Tensor, max_chunk_elems: int = 1 << 26, *,
-                                      config: str | dict | None = None) -> torch.Tensor:
+                                      visible: tuple[torch.Tensor, torch.Tensor] | None = None,
+                                      config: str | dict | None = None, dense: str = "auto") -> torch.Tensor:
     """Triton ``model.indexer.attention_mass_on_selected``: q [B, L, H, D], ckv [B, N, D] (one
     dtype: fp16 / bf16 / fp32), lse [B, L, H], topk_idx [B, L, K] (-1 = empty) -> [B, L, K] fp32,
     0 in empty slots (no gradient). Tiles (powers of two >= 16): BLOCK_K selected entries, BLOCK_H
     heads, BLOCK_D head-dim channels per product; ``config`` as in ``selected_indexer_scores_triton``
     (the first candidate: 64 entries, all heads up to 64, the most channels with (BLOCK_H +
-    BLOCK_K) x BLOCK_D <= 8192 elements)."""
+    BLOCK_K) x BLOCK_D <= 8192 elements).
+
+    ``visible`` = (c_end [B, N], doc_start [B, L]): the caller ignores selected entries a query
+    cannot see, so where ``dense`` allows ("auto": ``dense_fits``; "dense"; "gather" never) the
+    mass of every visible pair is computed on tensor-core tiles into [B, L, N] (``_mass_dense``)
+    and the selected slots are read from it (0 for an invisible one). Why: the per-query gather
+    reads K rows of D per query (small: 256 x 256 bf16 = 128 KB a query, 2.1 GB per 16 K tokens
+    through L2; H200: 0.54 ms a launch); the dense tiles do the ~2x FLOPs of every visible pair
+    (causal half: ~73 GFLOP) reading q tiles from L2 and write 64 MB once."""
     B, L, H, D = q.shape
     if lse.shape != (B, L, H):
         raise ValueError(f"attention_mass_on_selected: lse must be [B, L, H] = {(B, L, H)}, got {tuple(lse.shape)}")
     _check("attention_mass_on_selected", q, ckv, topk_idx)
     _check_config("attention_mass_on_selected_triton", config)
+    if dense not in ("auto", "dense", "gather"):
+        raise ValueError(f"attention_mass_on_selected_triton: dense must be 'auto', 'dense' or 'gather', got {dense!r}")
     q, ckv, lse, topk_idx = _unit_last(q), _unit_last(ckv), _unit_last(lse), _unit_last(topk_idx)
-    K = topk_idx.shape[-1]
+    N, K = ckv.shape[1], topk_idx.shape[-1]
     out = torch.empty(B, L, K, device=q.device, dtype=torch.float32)
-    if B * L and K:
-        _tuned("mass", H, D).launch(
-            lambda m: (B * L,),
-            (q, ckv, lse, topk_idx, out, L, H, D, ckv.shape[1], K, float(scale),
+    if not (B * L and K):
+        return out
+    if visible is not None and (dense == "dense" or (dense == "auto" and dense_fits(B, L, N, K))):
+        c_end, doc_start = (_unit_last(t) for t in visible)
+        if c_end.shape != (B, N) or doc_start.shape != (B, L):
+            raise ValueError(f"attention_mass_on_selected_triton: visible must be (c_end [B, N] = {(B, N)}, doc_start "
+                             f"[B, L] = {(B, L)}), got {tuple(c_end.shape)}, {tuple(doc_start.shape)}")
+        full = torch.empty(B, L, N, device=q.device, dtype=torch.float32)
+        _tuned("mass_dense", H, D).launch(
+            lambda m: (triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(L, m["BLOCK_T"]), B),
+            (q, ckv, lse, c_end, doc_start, full, L, H, D, N, float(scale),
              q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1), lse.stride(0), lse.stride(1),
-             topk_idx.stride(0), topk_idx.stride(1), out.stride(0), out.stride(1)),
+             c_end.stride(0), doc_start.stride(0), full.stride(0), full.stride(1)),
             {"PREC": _prec(q.dtype)}, config, on_cuda=q.is_cuda)
+        _gather_rows[(B * L,)](full, topk_idx, out, L, N, K, full.stride(0), full.stride(1), topk_idx.stride(0),
+                               topk_idx.stride(1), out.stride(0), out.stride(1), BLOCK_K=min(256, _pow2(K)), num_warps=4)
+        return out
+    _tuned("mass", H, D).launch(
+        lambda m: (B * L,),
+        (q, ckv, lse, topk_idx, out, L, H, D, N, K, float(scale),
+         q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1), lse.stride(0), lse.stride(1),
+         topk_idx.stride(0), topk_idx.stride(1), out.stride(0), out.stride(1)),
+        {"PREC": _prec(q.dtype)}, config, on_cuda=q.is_cuda)
     return out

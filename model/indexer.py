@@ -213,12 +213,16 @@ def selected_indexer_scores(q_idx: torch.Tensor, w: torch.Tensor, k_idx: torch.T
 
 @torch.no_grad()
 def attention_mass_on_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, scale: float,
-                               topk_idx: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS) -> torch.Tensor:
+                               topk_idx: torch.Tensor, max_chunk_elems: int = MAX_CHUNK_ELEMS, *,
+                               visible: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Main attention's probability on each selected entry, summed over heads (no gradient).
 
     q [B, L, H, D] (roped, as attended), ckv [B, N, D], lse [B, L, H], topk_idx [B, L, K] (-1 =
     empty) -> [B, L, K] fp32 (fp64 for fp64 inputs), 0 in empty slots: ``attention_mass_on_entries``
     gathered at topk_idx, computed from the K gathered entries per query (chunks as above).
+    ``visible`` = (c_end, doc_start): the caller ignores selected entries a query cannot see, which
+    lets the fast path compute the mass densely over the visible pairs (kernels/indexer_loss.py);
+    here every selected entry is computed.
     """
     B, L, H, D = q.shape
     if lse.shape != (B, L, H):
@@ -261,7 +265,8 @@ def indexer_kl_loss_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tens
     t = torch.arange(L, device=c_end.device)
     in_set = (topk_idx >= 0) & (sel_end >= doc_start[:, :, None]) & (sel_end <= t[None, :, None])
     mass_fn = get_attention_mass_on_selected(impl, q.device, q.dtype)
-    target = mass_fn(q.detach(), ckv.detach(), lse.detach(), scale, topk_idx, max_chunk_elems)
+    target = mass_fn(q.detach(), ckv.detach(), lse.detach(), scale, topk_idx, max_chunk_elems,
+                     visible=(c_end, doc_start))   # in_set drops the others
     cdt = torch.promote_types(selected_scores.dtype, torch.float32)
     return _kl_over_set(target, selected_scores.to(cdt), in_set)
 

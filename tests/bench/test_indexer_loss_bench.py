@@ -17,3 +17,4 @@ def test_tiny_run_checks_and_writes_its_tables(tmp_path):
         assert row in text, row
     assert text.count("| scores_bwd |") >= 3 and text.count("| scores_dk |") >= 3
     assert "| selected scores forward + backward, dk atomic -> dense (autotuned) |" in text
+    assert text.count("| mass_dense |") >= 3 and "| attention mass on selected, per-query gather -> dense tiles" in text

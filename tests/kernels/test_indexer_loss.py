@@ -113,6 +113,47 @@ def test_attention_mass_on_selected_matches_reference(dtype, tol, B, L, N, K, H,
     assert _rel(got, ref) < tol
 
 
+def _visible_case(g, B, L, ratio, cuts):
+    """A packed-document layout's (c_end, doc_start) and its visibility [B, L, N]."""
+    from model.layout import CompressedLayout, DocLayout, compressed_mask
+
+    doc_ids = torch.zeros(B, L, dtype=torch.long)
+    for b, row in enumerate(cuts):
+        for c in row:
+            doc_ids[b, c:] += 1
+    lay = DocLayout.from_doc_ids(doc_ids.to(DEVICE))
+    cl = CompressedLayout.build(lay, ratio)
+    return cl.c_end, lay.doc_start, compressed_mask(lay.doc_start, cl.c_end)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("B,L,H,D,K,cuts", [
+    (2, 37, 3, 40, 21, [[11, 30], []]),     # packed documents, odd head dim (2 chunks of 32 at BLOCK_D 32)
+    (1, 70, 20, 32, 9, [[25]]),              # > one query tile (at BLOCK_T 64), 20 heads
+    (3, 17, 16, 32, 40, [[], [3], [8]]),     # K > N, B = 3
+])
+def test_dense_mass_matches_reference_on_visible_slots(dtype, tol, B, L, H, D, K, cuts):
+    """visible=(c_end, doc_start): every visible selected slot equals the reference (invisible
+    ones, which the loss drops, are 0), empty slots 0; every dense candidate forced; and
+    dense="gather" (or no visibility) takes the gather kernel: the reference everywhere."""
+    g = torch.Generator().manual_seed(L * 10 + H)
+    c_end, doc_start, vis = _visible_case(g, B, L, 4, cuts)
+    N = c_end.shape[1]
+    q, ckv = torch.randn(B, L, H, D, generator=g).to(DEVICE, dtype), torch.randn(B, N, D, generator=g).to(DEVICE, dtype)
+    lse = (torch.randn(B, L, H, generator=g) + 4).to(DEVICE)
+    idx = _selection(g, B, L, N, K)
+    ref = attention_mass_on_selected(q, ckv, lse, D ** -0.5, idx)
+    seen = (idx >= 0) & torch.gather(vis, 2, idx.clamp(min=0))
+    assert seen.any() and ((idx >= 0) & ~seen).any()     # both kinds of selected slots
+    metas = [None] + [dict(m, BLOCK_D=min(m["BLOCK_D"], 32)) for m, _, _ in candidates("mass_dense", H, D)]
+    for meta in metas:
+        got = attention_mass_on_selected_triton(q, ckv, lse, D ** -0.5, idx, visible=(c_end, doc_start), config=meta)
+        assert got.dtype == torch.float32 and torch.equal(got[~seen], torch.zeros_like(got[~seen])), meta
+        assert _rel(got[seen], ref[seen]) < tol, (meta, _rel(got[seen], ref[seen]))
+    for kw in ({"dense": "gather", "visible": (c_end, doc_start)}, {}):
+        assert _rel(attention_mass_on_selected_triton(q, ckv, lse, D ** -0.5, idx, **kw), ref) < tol
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("Hi,Di", [(16, 128), (5, 24)])   # the small preset's indexer; odd heads / dims
 def test_every_scores_candidate_matches_reference(dtype, tol, Hi, Di):
@@ -144,10 +185,10 @@ def test_dense_dk_is_deterministic_and_chosen_where_it_fits():
     """The dense dk sums fixed partials in a fixed order (bitwise repeatable, unlike the
     atomics); "auto" takes it at the small preset's 4 x 4K micro-batch (N = 1024 = 4 K) and keeps
     the atomics where N >> K (the 64K stage) or G would be large."""
-    from kernels.indexer_loss import dense_dk_fits
+    from kernels.indexer_loss import dense_fits
 
-    assert dense_dk_fits(4, 4096, 1024, 256) and dense_dk_fits(8, 4096, 1024, 256)
-    assert not dense_dk_fits(1, 65536, 16384, 256) and not dense_dk_fits(64, 4096, 1024, 256)
+    assert dense_fits(4, 4096, 1024, 256) and dense_fits(8, 4096, 1024, 256)
+    assert not dense_fits(1, 65536, 16384, 256) and not dense_fits(64, 4096, 1024, 256)
     g = torch.Generator().manual_seed(11)
     B, L, N, K, Hi, Di = 2, 21, 9, 6, 3, 16
     q, w, k = (torch.randn(*s, generator=g).to(DEVICE).requires_grad_() for s in ((B, L, Hi, Di), (B, L, Hi), (B, N, Di)))
@@ -200,6 +241,10 @@ def test_bad_inputs_raise_clear_errors():
         selected_indexer_scores_triton(q, w, k, idx, config="fast")
     with pytest.raises(ValueError, match="one dtype"):
         attention_mass_on_selected_triton(q, k.half(), w, 0.3, idx)
+    with pytest.raises(ValueError, match="dense must be"):
+        attention_mass_on_selected_triton(q, k, w, 0.3, idx, dense="yes")
+    with pytest.raises(ValueError, match="visible must be"):
+        attention_mass_on_selected_triton(q, k, w, 0.3, idx, visible=(idx[0], idx[0]), dense="dense")
     with pytest.raises(ValueError, match="BLOCK_H"):
         attention_mass_on_selected_triton(q, k, w, 0.3, idx, config={"BLOCK_H": 8})
     with pytest.raises(ValueError, match="index_n_heads x index_head_dim"):
@@ -280,7 +325,8 @@ if "nvidia" not in backends:
     print("SKIP no NVIDIA backend")
     raise SystemExit(0)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-POINTERS = {"Q", "W", "KI", "C", "IDX", "OUT", "G", "DQ", "DW", "DK", "GF", "DKP", "LSE"}
+POINTERS = {"Q", "W", "KI", "C", "IDX", "OUT", "G", "DQ", "DW", "DK", "GF", "DKP", "LSE", "CEND", "DSTART"}
+INT64 = {"IDX", "CEND", "DSTART"}
 FP32 = {"OUT", "G", "DW", "DK", "GF", "DKP", "LSE"}   # fp32 buffers; IDX int64; other pointers the model dtype
 
 
@@ -290,7 +336,7 @@ def resources(fn, consts, warps, stages):
         if n in consts:
             sig[n] = "constexpr"
         elif n in POINTERS:
-            sig[n] = "*i64" if n == "IDX" else "*fp32" if n in FP32 else "*bf16"
+            sig[n] = "*i64" if n in INT64 else "*fp32" if n in FP32 else "*bf16"
         else:
             sig[n] = "fp32" if n == "scale" else "i32"
     # as a launch at the presets' sizes specialises: every pointer 16-byte aligned, every size and
@@ -311,6 +357,7 @@ for (hi, di), (h, d) in (((16, 128), (16, 256)), ((64, 128), (64, 512))):   # sm
              for dense in (False, True)]
     jobs += [(il._scores_bwd_dk, c, dict(DP=di)) for c in il.candidates("scores_dk", hi, di)]
     jobs += [(il._mass_on_selected, c, {}) for c in il.candidates("mass", h, d)]
+    jobs += [(il._mass_dense, c, {}) for c in il.candidates("mass_dense", h, d)]
     for fn, (meta, warps, stages), shape in jobs:
         r = resources(fn, dict(shape, PREC="tf32", **meta), warps, stages)
         print(fn.__name__, shape, meta, warps, stages, r)
@@ -319,7 +366,7 @@ print("OK")
 """
 
 
-@pytest.mark.slow   # ~2-3 min on a busy 2-core CPU: a fresh process, 42 compiles
+@pytest.mark.slow   # ~2-3 min on a busy 2-core CPU: a fresh process, 50 compiles
 def test_every_candidate_compiles_for_hopper_without_spills():
     """Each autotune candidate compiled as the H200 would (sm_90, bf16, outside the interpreter)
     at the small and flash presets' head shapes: no stack frame (register spills), so autotune
