@@ -9,6 +9,8 @@ order[n] = t*k + j) turns every reduction into a gather:
                 the two gradients meet here, not in a [T*k, D] add before this kernel)
                (weights [T, k]: ws[n] = w[order[n]] too;           dw[t, j] = dws[slot[t, j]]
                 in the same launches: no index_select, zero fill and index_add of its own)
+               (passthrough: x itself once more, for the shared     dx[t] += dxp[t]
+                expert; its gradient joins the same sum, not a [T, D] add after it)
     unpermute  fwd  y[t]  = sum_j out[slot[t, j]]     bwd  dout[n] = dy[order[n] // k]
                (+ add[t], in add's dtype: the shared expert's output joins the fp32 sum;  dadd = dy)
 Each token's k rows are summed in fp32 registers in a fixed order: deterministic, and no fp32
@@ -127,34 +129,40 @@ def _sum(src: torch.Tensor, slot: torch.Tensor, dtype, tiles, add: torch.Tensor 
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weights, order, k, handles, tiles):
+    def forward(ctx, x, weights, order, k, handles, passthrough, tiles):
         x = x.contiguous()
         ctx.save_for_backward(_slot(order, x.shape[0], k))
-        ctx.meta = (x.dtype, handles, tiles)
+        ctx.meta = (x.dtype, handles, passthrough, tiles)
         ctx.set_materialize_grads(False)
         xs, ws = _expand(x, order, k, x.dtype, tiles, None if weights is None else weights.contiguous())
-        # a second output on the same memory (detach: not a view, so autograd hands this
-        # Function its own gradient for it instead of adding the two first)
+        # more outputs on the same memory (detach: not a view, so autograd hands this Function
+        # each one's own gradient instead of adding them first)
         outs = (xs,) if handles == 1 else (xs, xs.detach())
+        outs += (x.detach(),) if passthrough else ()
         outs += () if ws is None else (ws,)
         return outs[0] if len(outs) == 1 else outs
 
     @staticmethod
     def backward(ctx, *grads):
         (slot,) = ctx.saved_tensors
-        dtype, handles, tiles = ctx.meta
+        dtype, handles, passthrough, tiles = ctx.meta
         got = [d.contiguous() for d in grads[:handles] if d is not None]
-        dws = grads[handles] if len(grads) > handles else None
+        rest = list(grads[handles:])
+        dxp = rest.pop(0) if passthrough else None
+        dws = rest.pop(0) if rest else None
+        if dxp is not None:
+            dxp = dxp.contiguous()
         dx = dw = None
         if got:
             src2 = got[1] if len(got) > 1 else None
             if dws is None:
-                dx = _sum(got[0], slot, dtype, tiles, src2=src2)
+                dx = _sum(got[0], slot, dtype, tiles, add=dxp, src2=src2)
             else:
-                dx, dw = _sum(got[0], slot, dtype, tiles, src2=src2, dws=dws.contiguous())
-        elif dws is not None:
-            dw = dws[slot]
-        return dx, dw, None, None, None, None
+                dx, dw = _sum(got[0], slot, dtype, tiles, add=dxp, src2=src2, dws=dws.contiguous())
+        else:
+            dx = dxp
+            dw = None if dws is None else dws[slot]
+        return dx, dw, None, None, None, None, None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -184,18 +192,19 @@ def _check(op: str, rows: torch.Tensor, order: torch.Tensor, n: int) -> None:
 
 @opaque_to_compile
 def permute_tokens_triton(x: torch.Tensor, order: torch.Tensor, k: int, handles: int = 1,
-                          weights: torch.Tensor | None = None, *, block_rows: int | None = None,
-                          block_d: int | None = None):
+                          weights: torch.Tensor | None = None, passthrough: bool = False, *,
+                          block_rows: int | None = None, block_d: int | None = None):
     """Triton version of ``model.moe.permute_tokens``: x [T, D], order [T*k] -> [T*k, D] in x's
-    dtype (``handles=2``: a pair of outputs on that one tensor; ``weights`` [T, k]: also the
-    weights in the same order, [T*k]); differentiable in x (the backward sums each token's k
-    rows of every handle's gradient in fp32) and weights."""
+    dtype (``handles=2``: a pair of outputs on that one tensor; ``passthrough``: then x itself
+    on its own memory; ``weights`` [T, k]: last, the weights in the same order, [T*k]);
+    differentiable in x (the backward sums each token's k rows of every handle's gradient, and
+    the passthrough's, in fp32) and weights."""
     _check("permute_tokens_triton", x, order, x.shape[0] * k if x.dim() == 2 else -1)
     if handles not in (1, 2):
         raise ValueError(f"permute_tokens_triton: handles must be 1 or 2, got {handles}")
     if weights is not None and weights.shape != (x.shape[0], k):
         raise ValueError(f"permute_tokens_triton: weights must be [{x.shape[0]}, {k}], got {tuple(weights.shape)}")
-    return _Permute.apply(x, weights, order.contiguous(), k, handles, (block_rows, block_d))
+    return _Permute.apply(x, weights, order.contiguous(), k, handles, passthrough, (block_rows, block_d))
 
 
 @opaque_to_compile

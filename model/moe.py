@@ -147,19 +147,21 @@ get_topk_routing = dispatcher("topk_routing", topk_routing)
 
 
 def permute_tokens(x: torch.Tensor, order: torch.Tensor, k: int, handles: int = 1,
-                   weights: torch.Tensor | None = None):
+                   weights: torch.Tensor | None = None, passthrough: bool = False):
     """Rows of x [T, D] in expert-sorted order: row n is token order[n] // k ((token, slot) pairs
     flattened token-major, ``order`` = their stable sort by expert). -> [T*k, D].
     ``handles=2``: a pair of handles on the same rows, one per consumer (the experts' W1 and W3
     GEMMs). Here both are the one tensor, so autograd adds their [T*k, D] gradients; the Triton
     backward sums both inside its gather instead (no such add: it was 13 ms of a 131K-token step).
+    ``passthrough``: x itself follows the row handles (the shared expert's input: on the Triton
+    path its gradient joins the permute's backward sum instead of a [T, D] add).
     ``weights`` [T, k] (the routing weights): also returned in the same order, [T*k], as the
     last element (Triton: in the same launches, forward and backward).
     Triton: ``kernels/moe_permute.py`` (backward without atomics)."""
     if handles not in (1, 2):
         raise ValueError(f"permute_tokens: handles must be 1 or 2, got {handles}")
     xs = x.index_select(0, order // k)
-    outs = (xs,) * handles
+    outs = (xs,) * handles + ((x,) if passthrough else ())
     if weights is not None:
         outs += (weights.reshape(-1).index_select(0, order),)
     return outs[0] if len(outs) == 1 else outs
@@ -473,11 +475,12 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                counts: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+                counts: torch.Tensor | None = None, shared: nn.Module | None = None) -> torch.Tensor:
         """x [T, D], weights [T, K], indices [T, K] -> y [T, D] fp32 (sum over each token's K experts).
         ``counts``: ``expert_counts`` of these indices when the caller has them already (MoE does:
-        its load), else counted here. ``add`` [T, D] (the shared expert's output): returns y + add
-        in add's dtype, added inside the combine (``unpermute_tokens``)."""
+        its load), else counted here. ``shared`` (the shared expert): runs on x through the
+        permute's passthrough handle (its input gradient joins the permute's backward sum) and
+        its output joins the combine: returns y + shared(x) in x's dtype (``unpermute_tokens``)."""
         T, K = indices.shape
         dev, dt = x.device, x.dtype
         with component("dispatch"):
@@ -487,8 +490,13 @@ class RoutedExperts(nn.Module):
             if counts is None:
                 counts = expert_counts(flat_expert, self.n_experts)
             # [T*K, D] twice: one handle for W1, one for W3, their gradients summed in the permute
-            # and the routing weights in the same order, w_sorted [T*K]
-            x_gate, x_up, w_sorted = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K, 2, weights)
+            # (x itself for the shared expert,) and the routing weights in the same order, w_sorted [T*K]
+            fanned = get_permute_tokens(self.kernel_impl, dev, dt)(x, order, K, 2, weights, shared is not None)
+            x_gate, x_up, w_sorted = fanned[0], fanned[1], fanned[-1]
+        add = None
+        if shared is not None:
+            with component("shared"):
+                add = shared(fanned[2])   # [T, D] x's dtype
         with component("mlp"):
             out = run_experts(self.impl, x_gate, counts, self.w1, self.w2, self.w3, self.limit, w_sorted,
                               get_swiglu_activation(self.kernel_impl, dev, dt), x_up)
@@ -595,13 +603,10 @@ class MoE(nn.Module):
                 counts = own_rows.sum(0)
             else:
                 counts = expert_counts(indices.reshape(-1), self.n_experts)  # [E] long: the experts' rows and the load
-        shared = None
-        if self.shared is not None:
-            with component("shared"):
-                shared = self.shared(x_flat)   # [T, D] x's dtype
         with component("experts"):
-            # [T, D]: fp32, or routed + shared in x's dtype, added in fp32 inside the combine
-            y = self.experts(x_flat, weights, indices, counts, add=shared)
+            # [T, D]: fp32, or routed + shared expert in x's dtype (the shared expert runs inside,
+            # on the permute's handle of x; its output is added in fp32 inside the combine)
+            y = self.experts(x_flat, weights, indices, counts, shared=self.shared)
 
         load = counts.float()  # [E]
         if self.training and torch.is_grad_enabled():

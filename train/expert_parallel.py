@@ -178,9 +178,9 @@ class ParallelExperts(_moe_marker_base()):
         """Called by DeepSpeed's engine: the groups exist already (``expert_parallel_groups``)."""
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                counts: torch.Tensor | None = None, add: torch.Tensor | None = None) -> torch.Tensor:
+                counts: torch.Tensor | None = None, shared: nn.Module | None = None) -> torch.Tensor:
         """As ``RoutedExperts.forward``; ``counts`` [E] (the caller's ``expert_counts``) are the rows sent
-        to each global expert; ``add`` (the shared expert's output) is added to the fp32 sum."""
+        to each global expert; ``shared(x)`` (the shared expert's output) is added to the fp32 sum."""
         T, K = indices.shape
         P, n_local, group = self.ep_size, self.n_local, self.groups.ep_group
         flat_expert = indices.reshape(-1)                       # [T*K] global expert ids
@@ -227,7 +227,10 @@ class ParallelExperts(_moe_marker_base()):
         y = y.index_add(0, token_of, y_sorted.float())
         self.last_counts = TokenCounts(sent=T * K, received=int(sum(out_splits)),
                                        per_local_expert=recv_counts.sum(0).tolist())
-        return y if add is None else (y + add).to(add.dtype)
+        if shared is None:
+            return y
+        add = shared(x)
+        return (y + add).to(add.dtype)
 
 
 # ---------------------------------------------------------------------------- apply

@@ -194,31 +194,35 @@ def test_permute_two_handles_sum_both_gradients_in_the_gather(dtype, tol, T, K, 
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
-@pytest.mark.parametrize("handles", [1, 2])
+@pytest.mark.parametrize("handles,passthrough", [(1, False), (2, False), (2, True)])
 @pytest.mark.parametrize("T,K,D,tiles", [(13, 3, 40, (4, 16)), (5, 6, 24, (None, None))])
-def test_permute_carries_the_routing_weights(dtype, tol, handles, T, K, D, tiles):
+def test_permute_carries_the_routing_weights(dtype, tol, handles, passthrough, T, K, D, tiles):
     """weights [T, K] fp32 come back sorted as the rows are ([T*K], last output), gradient
-    gathered back in the same backward launch; with the rows' gradients or alone."""
+    gathered back in the same backward launch; with the rows' gradients or alone. passthrough:
+    x itself (the shared expert's input) before them, its gradient added in the same sum."""
     g = torch.Generator().manual_seed(T * 5 + K + handles)
     order = torch.argsort(torch.tensor([1, 2, 4])[torch.randint(0, 3, (T * K,), generator=g)], stable=True).to(DEVICE)
     x = torch.randn(T, D, generator=g).to(DEVICE, dtype).requires_grad_()
     w = torch.rand(T, K, generator=g).to(DEVICE).requires_grad_()
     kw = dict(block_rows=tiles[0], block_d=tiles[1])
-    ref = permute_tokens(x, order, K, handles, w)
-    got = permute_tokens_triton(x, order, K, handles, w, **kw)
-    assert len(got) == len(ref) == handles + 1
+    ref = permute_tokens(x, order, K, handles, w, passthrough)
+    got = permute_tokens_triton(x, order, K, handles, w, passthrough, **kw)
+    assert len(got) == len(ref) == handles + 1 + passthrough
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
     cots = [torch.randn(T * K, D, generator=g).to(DEVICE, dtype) for _ in range(handles)] + \
-        [torch.randn(T * K, generator=g).to(DEVICE)]
+        [torch.randn(T, D, generator=g).to(DEVICE, dtype)] * passthrough + [torch.randn(T * K, generator=g).to(DEVICE)]
     loss = lambda outs: sum((o.float() * c.float()).sum() for o, c in zip(outs, cots))
     gx, gw = torch.autograd.grad(loss(got), [x, w])
     rx, rw = torch.autograd.grad(loss(ref), [x, w])
     _close("dx", gx, rx, tol)
     assert torch.equal(gw, rw)
-    got = permute_tokens_triton(x, order, K, handles, w, **kw)     # the weights' gradient alone
-    ref = permute_tokens(x, order, K, handles, w)
+    got = permute_tokens_triton(x, order, K, handles, w, passthrough, **kw)     # the weights' gradient alone
+    ref = permute_tokens(x, order, K, handles, w, passthrough)
     assert torch.equal(torch.autograd.grad(got[-1], w, cots[-1])[0], torch.autograd.grad(ref[-1], w, cots[-1])[0])
+    if passthrough:   # the passthrough's gradient alone
+        got = permute_tokens_triton(x, order, K, handles, w, passthrough, **kw)
+        assert torch.equal(torch.autograd.grad(got[handles], x, cots[handles])[0], cots[handles])
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
