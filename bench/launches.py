@@ -88,6 +88,8 @@ TRITON_LAUNCHES = {
     "attention_mass_on_selected": (1, 0),
     # given the loss's visibility at N <= 4 K (dense_fits): _mass_dense over [B, L, N] + _gather_rows
     "attention_mass_on_selected/dense": (2, 0),
+    # the selected-set KL: _kl_fwd + rows.sum(0) + clamp_min + div | g / n + _kl_bwd
+    "kl_over_selected": (4, 2),
     # the MoE kernels (one launch each way; the permutes' forwards also build the inverse slot
     # map, _inverse: one more launch each)
     "topk_routing": (1, 1),

@@ -6,7 +6,7 @@ reference it replaces (the reference lives in ``model/`` and is the contract):
   (bf16 | fp8 scores, chunked torch.topk | fused exact select); ``kernels.fp8`` (plain PyTorch)
   defines the fp8 bytes its quantiser reproduces, for it and for the reference ``model.indexer_fp8``
 * ``kernels.indexer_loss``                              <- ``model.indexer`` sparse-loss gathers
-  (``selected_indexer_scores`` forward + backward, ``attention_mass_on_selected``)
+  (``selected_indexer_scores`` forward + backward, ``attention_mass_on_selected``, ``kl_over_selected``)
 * ``kernels.mhc``                                       <- ``model.hyper_connections`` coefficients + Sinkhorn
 * ``kernels.moe_router`` / ``kernels.swiglu`` / ``kernels.moe_permute``  <- ``model.moe`` (``topk_routing``,
   ``swiglu_activation``, ``permute_tokens`` / ``unpermute_tokens``)

@@ -43,6 +43,7 @@ KERNELS = {
     "indexer_topk": ("kernels.indexer_topk", "indexer_topk"),
     "selected_indexer_scores": ("kernels.indexer_loss", "selected_indexer_scores_triton"),
     "attention_mass_on_selected": ("kernels.indexer_loss", "attention_mass_on_selected_triton"),
+    "kl_over_selected": ("kernels.indexer_loss", "kl_over_selected_triton"),
     "mhc_coefficients": ("kernels.mhc", "mhc_coefficients_triton"),
     "collapse_streams": ("kernels.mhc_streams", "collapse_streams_triton"),
     "mhc_pre": ("kernels.mhc_pre_split", "mhc_pre_split_triton"),

@@ -259,16 +259,31 @@ def indexer_kl_loss_selected(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tens
     if selected_scores.shape != topk_idx.shape:
         raise ValueError(f"indexer_kl_loss_selected: selected_scores {tuple(selected_scores.shape)} and "
                          f"topk_idx {tuple(topk_idx.shape)} must have the same shape")
+    mass_fn = get_attention_mass_on_selected(impl, q.device, q.dtype)
+    target = mass_fn(q.detach(), ckv.detach(), lse.detach(), scale, topk_idx, max_chunk_elems,
+                     visible=(c_end, doc_start))   # the KL drops the invisible ones
+    kl_fn = get_kl_over_selected(impl, selected_scores.device, selected_scores.dtype)
+    return kl_fn(target, selected_scores, topk_idx, c_end, doc_start)
+
+
+def kl_over_selected(target: torch.Tensor, selected_scores: torch.Tensor, topk_idx: torch.Tensor,
+                     c_end: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:
+    """The selected-set KL of ``indexer_kl_loss_selected`` from its target: target [B, L, K]
+    (unnormalised mass, no gradient), selected_scores [B, L, K] (the logits, with gradient),
+    topk_idx [B, L, K] (-1 = empty), c_end [B, N], doc_start [B, L] -> mean over queries with a
+    non-empty set of KL(normalised target || softmax(scores)) over the set: the selected slots
+    whose entry the query sees (doc_start[t] <= c_end <= t)."""
     B, L = doc_start.shape
     safe = topk_idx.clamp(min=0).long()
     sel_end = torch.gather(c_end, 1, safe.reshape(B, -1)).view_as(safe)            # [B, L, K]
     t = torch.arange(L, device=c_end.device)
     in_set = (topk_idx >= 0) & (sel_end >= doc_start[:, :, None]) & (sel_end <= t[None, :, None])
-    mass_fn = get_attention_mass_on_selected(impl, q.device, q.dtype)
-    target = mass_fn(q.detach(), ckv.detach(), lse.detach(), scale, topk_idx, max_chunk_elems,
-                     visible=(c_end, doc_start))   # in_set drops the others
     cdt = torch.promote_types(selected_scores.dtype, torch.float32)
     return _kl_over_set(target, selected_scores.to(cdt), in_set)
+
+
+# the fused form of the KL's ~35 forward and ~20 backward small ops (kernels/indexer_loss.py)
+get_kl_over_selected = dispatcher("kl_over_selected", kl_over_selected)
 
 
 # ----------------------------------------------------------------------------- recall (diagnostic)

@@ -104,6 +104,7 @@ def test_auto_keeps_the_reference_for_an_op_held_back(monkeypatch):
 
 GETTERS = {"get_sparse_attention": "model.sparse_attention", "get_indexer_topk": "model.indexer",
            "get_selected_indexer_scores": "model.indexer", "get_attention_mass_on_selected": "model.indexer",
+           "get_kl_over_selected": "model.indexer",
            "get_mhc_coefficients": "model.hyper_connections", "get_collapse_streams": "model.hyper_connections",
            "get_mhc_pre": "model.hyper_connections", "get_mhc_head": "model.hyper_connections",
            "get_mix_streams": "model.hyper_connections", "get_topk_routing": "model.moe",

@@ -6,7 +6,8 @@ chunks; then the Attention layer's indexer loss and gradients with the kernels v
 import pytest
 import torch
 
-from kernels.indexer_loss import attention_mass_on_selected_triton, candidates, selected_indexer_scores_triton
+from kernels.indexer_loss import (attention_mass_on_selected_triton, candidates, kl_over_selected_triton,
+                                  selected_indexer_scores_triton)
 from model.indexer import attention_mass_on_selected, selected_indexer_scores
 from hopper_compile import run_fresh
 
@@ -303,9 +304,10 @@ def test_attention_layer_indexer_loss_with_kernels_matches_reference(monkeypatch
                 selected_indexer_scores_triton, config=sc))
             m.setattr(mi, "get_attention_mass_on_selected", lambda *a, **k: calls.append("mass") or functools.partial(
                 attention_mass_on_selected_triton, config=mc))
+            m.setattr(mi, "get_kl_over_selected", lambda *a, **k: calls.append("kl") or kl_over_selected_triton)
             l_k = run()
             g_k = torch.autograd.grad(l_k, list(attn.indexer.parameters()))
-        assert calls == ["scores", "mass"]
+        assert calls == ["scores", "mass", "kl"]
         assert abs(float(l_k.detach()) - float(l_ref.detach())) <= tol * float(l_ref.detach()), (sc, mc)
         for (name, _), a, b in zip(attn.indexer.named_parameters(), g_k, g_ref):
             assert b.abs().max() > 0, name
@@ -325,9 +327,10 @@ if "nvidia" not in backends:
     print("SKIP no NVIDIA backend")
     raise SystemExit(0)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-POINTERS = {"Q", "W", "KI", "C", "IDX", "OUT", "G", "DQ", "DW", "DK", "GF", "DKP", "LSE", "CEND", "DSTART"}
+POINTERS = {"Q", "W", "KI", "C", "IDX", "OUT", "G", "DQ", "DW", "DK", "GF", "DKP", "LSE", "CEND", "DSTART",
+            "T", "S", "KL", "SCALE", "DS"}
 INT64 = {"IDX", "CEND", "DSTART"}
-FP32 = {"OUT", "G", "DW", "DK", "GF", "DKP", "LSE"}   # fp32 buffers; IDX int64; other pointers the model dtype
+FP32 = {"OUT", "G", "DW", "DK", "GF", "DKP", "LSE", "T", "S", "KL", "SCALE", "DS"}   # fp32 buffers; IDX int64; other pointers the model dtype
 
 
 def resources(fn, consts, warps, stages):
@@ -358,17 +361,43 @@ for (hi, di), (h, d) in (((16, 128), (16, 256)), ((64, 128), (64, 512))):   # sm
     jobs += [(il._scores_bwd_dk, c, dict(DP=di)) for c in il.candidates("scores_dk", hi, di)]
     jobs += [(il._mass_on_selected, c, {}) for c in il.candidates("mass", h, d)]
     jobs += [(il._mass_dense, c, {}) for c in il.candidates("mass_dense", h, d)]
+    jobs += [(fn, ({"BLOCK_K": 256 if hi == 16 else 512}, 4, 1), {}) for fn in (il._kl_fwd, il._kl_bwd)]   # index_topk
     for fn, (meta, warps, stages), shape in jobs:
-        r = resources(fn, dict(shape, PREC="tf32", **meta), warps, stages)
+        r = resources(fn, dict(shape, **({"PREC": "tf32"} if "PREC" in fn.arg_names else {}), **meta), warps, stages)
         print(fn.__name__, shape, meta, warps, stages, r)
         assert r["STACK"] == 0 and r["LOCAL"] == 0, ("spills", fn.__name__, shape, meta, warps, r)
 print("OK")
 """
 
 
-@pytest.mark.slow   # ~2-3 min on a busy 2-core CPU: a fresh process, 50 compiles
+@pytest.mark.slow   # ~2-3 min on a busy 2-core CPU: a fresh process, 54 compiles
 def test_every_candidate_compiles_for_hopper_without_spills():
     """Each autotune candidate compiled as the H200 would (sm_90, bf16, outside the interpreter)
     at the small and flash presets' head shapes: no stack frame (register spills), so autotune
     never has to time a spilling tile."""
     run_fresh(_COMPILE_CANDIDATES_FOR_HOPPER, timeout=600)
+
+
+@pytest.mark.parametrize("B,L,K,cuts", [(2, 37, 9, [[11, 30], []]), (3, 17, 40, [[], [3], [8]])])
+def test_kl_over_selected_matches_reference(B, L, K, cuts):
+    """The fused selected-set KL vs model.indexer.kl_over_selected (fp32, interpreter): value and
+    gradient, with packed documents (invisible selected slots), empty slots, queries with no set
+    (the first of each document), a query whose target has no mass on its set (KL and gradient
+    0), K not a power of two and K > N."""
+    from model.indexer import kl_over_selected
+
+    g = torch.Generator().manual_seed(B * 7 + K)
+    c_end, doc_start, _ = _visible_case(g, B, L, 4, cuts)
+    N = c_end.shape[1]
+    idx = _selection(g, B, L, N, K)
+    target = torch.rand(B, L, K, generator=g).to(DEVICE) ** 3
+    target[0, L - 1] = 0.0
+    scores = (torch.randn(B, L, K, generator=g) * 2).to(DEVICE).masked_fill(idx < 0, float("-inf")).requires_grad_()
+    ref = kl_over_selected(target, scores, idx, c_end, doc_start)
+    got = kl_over_selected_triton(target, scores, idx, c_end, doc_start)
+    assert float(ref) > 0 and abs(float(got) - float(ref)) <= 1e-5 * float(ref)
+    cot = torch.tensor(1.7, device=DEVICE)
+    gr, = torch.autograd.grad(ref, scores, cot)
+    gg, = torch.autograd.grad(got, scores, cot)
+    assert torch.isfinite(gg).all() and _rel(gg, gr) < 1e-5
+    assert torch.equal(gg[0, L - 1], torch.zeros_like(gg[0, L - 1]))
