@@ -9,10 +9,17 @@ in this call site's source) when the condition is false. Under torch.compile CPU
 
 ``check_selected``: the shapes and index range of a per-query selection of entries, shared by the
 sparse indexer loss's reference (model/indexer.py) and its kernels (kernels/indexer_loss.py).
+The loss's two ops check one selection against the same N: the range check (a max, a compare
+and an assert: three launches) runs once per selection tensor, version and N.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+# (selection, its version counter, N) of the last range check that ran (eager mode only)
+_last_range_check: tuple[weakref.ref, int, int] | None = None
 
 
 def require(ok: torch.Tensor, msg: str) -> None:
@@ -31,5 +38,14 @@ def check_selected(name: str, q: torch.Tensor, table: torch.Tensor, topk_idx: to
         raise ValueError(f"{name}: topk_idx must be [B, L, K] = [{B}, {L}, K], got {tuple(topk_idx.shape)}")
     if table.dim() != 3 or table.shape[0] != B or table.shape[2] != q.shape[-1]:
         raise ValueError(f"{name}: entries must be [B={B}, N, {q.shape[-1]}], got {tuple(table.shape)}")
-    if topk_idx.numel():
-        require(topk_idx.max() < table.shape[1], f"{name}: topk_idx holds an index >= N = {table.shape[1]}")
+    if not topk_idx.numel():
+        return
+    global _last_range_check
+    n = table.shape[1]
+    eager = not torch.compiler.is_compiling()
+    last = _last_range_check
+    if eager and last is not None and last[0]() is topk_idx and last[1:] == (topk_idx._version, n):
+        return   # this selection, unchanged since, was checked against this N
+    require(topk_idx.max() < n, f"{name}: topk_idx holds an index >= N = {n}")
+    if eager:
+        _last_range_check = (weakref.ref(topk_idx), topk_idx._version, n)
