@@ -28,7 +28,9 @@
 #   mhchead      issue 16: the stream head (HyperHead), reference vs mhc_head_triton (autotuned): checks, per kernel
 #                with GB/s, fwd+bwd ms at 16K tokens (bench/mhc.py --ops head; ~30 s); the trace had ~49 ms per step
 #   attntune     issue 16: sparse-attention tiles, old vs autotuned, checked (bench/attention.py --tune; ~60-120 s)
-#   idxtune      issue 16: indexer-loss tiles old vs autotuned, top-k sorted vs unsorted sets (bench/indexer_loss.py; ~60 s)
+#   idxtune      issue 16: indexer-loss tiles old vs autotuned, top-k sorted vs unsorted sets, the new dense forms
+#                checked and timed against the old (dk atomics -> key-major dense, mass gather -> dense tiles;
+#                expected ~1.20 -> ~0.65 ms and ~0.54 -> ~0.2 ms a launch, unmeasured) (bench/indexer_loss.py; ~90 s)
 #   balance      MoE MaxVio per layer at small_gpu's bias speed 0.01, 15 steps (bench/moe_balance_gpu.sh; ~100 s)
 #   graph8       issue 16: the preset (8 x 4K) eager vs train.cuda_graph=true, 4 steps of 524K tokens each (~250 s):
 #                make graphs the preset's default if they win with the same losses
@@ -108,7 +110,7 @@ for part in $PARTS; do
     attntune)
       timeout 300 $PY bench/attention.py --tune --out "$OUT/attention-tune.md" > "$OUT/attntune.log" 2>&1; el "attention tune exit $?" ;;
     idxtune)
-      timeout 120 $PY bench/indexer_loss.py --out "$OUT" > "$OUT/idxtune.log" 2>&1; el "indexer tune exit $?" ;;
+      timeout 240 $PY bench/indexer_loss.py --out "$OUT" > "$OUT/idxtune.log" 2>&1; el "indexer tune exit $?" ;;
     balance)
       timeout 150 bash bench/moe_balance_gpu.sh "$TMP/balance" > "$OUT/balance.log" 2>&1; el "balance exit $?"
       cp "$TMP/balance/maxvio.md" "$OUT/maxvio.md" 2>/dev/null ;;
