@@ -457,6 +457,20 @@ PRE_KERNEL_HEADER = ["pre", "kernel", "calls / site", "us / call", "MB moved (at
                      "of copy GB/s"]
 
 
+def _log_kernel_rows(label, times, kernel_bytes, sizes, copy_gbs, log, top=None) -> None:
+    """PRE_KERNEL_HEADER rows, slowest kernel first: calls, us per call and, for the kernels whose
+    least traffic ``kernel_bytes`` models (name -> f(X, H, S) bytes), MB, GB/s and % of the copy's."""
+    for name, (calls, ms) in sorted(times.items(), key=lambda kv: -kv[1][1])[:top]:
+        nbytes = kernel_bytes.get(name)
+        us = ms * 1e3 / max(calls, 1)
+        if nbytes is None:
+            log(fmt_row([label, name[:60], calls, f"{us:.1f}", "-", "-", "-"]))
+            continue
+        mb = nbytes(*sizes) / 1e6
+        gbs = mb / us * 1e3
+        log(fmt_row([label, name, calls, f"{us:.1f}", f"{mb:.0f}", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"]))
+
+
 def _kernel_times(step, cuda: bool = True, reps: int = 5) -> dict[str, tuple[int, float]]:
     """{CUDA kernel name: (calls per step, summed device ms per step)} over ``reps`` profiled steps
     (off CUDA: the top-level ATen ops and their CPU ms, a smoke test of the bench)."""
@@ -548,15 +562,7 @@ def pre_kernels(T=16384, n=4, D=1024, log=print, check_shapes=((16384, 4, 1024),
                 return torch.autograd.grad(mix_streams_triton(h * f, x_res, post, comb), leaves, cot)
 
             res[label] = timer(fb)
-            for name, (calls, ms) in sorted(_kernel_times(fb, cuda).items(), key=lambda kv: -kv[1][1]):
-                nbytes = _PRE_KERNEL_BYTES.get(name)
-                us = ms * 1e3 / max(calls, 1)
-                if nbytes is None:
-                    log(fmt_row([label, name[:60], calls, f"{us:.1f}", "-", "-", "-"]))
-                    continue
-                mb = nbytes(X, H, S) / 1e6
-                gbs = mb / us * 1e3
-                log(fmt_row([label, name, calls, f"{us:.1f}", f"{mb:.0f}", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"]))
+            _log_kernel_rows(label, _kernel_times(fb, cuda), _PRE_KERNEL_BYTES, (X, H, S), copy_gbs, log)
             log(fmt_row([label, "whole site fwd+bwd (CUDA events)", 1, f"{res[label] * 1e3:.0f}", "", "", ""]))
         except Exception as exc:
             log(fmt_row([label, f"ERROR {type(exc).__name__}: {str(exc)[:200]}"]))
@@ -648,15 +654,8 @@ def head_kernels(T=16384, n=4, D=1024, log=print, device=None, check_T=4097) -> 
             step = functools.partial(fb, op, leaves, cot)
             res[label] = timer(step)
             times = _kernel_times(step, cuda)
-            for name, (calls, ms) in sorted(times.items(), key=lambda kv: -kv[1][1])[:12]:
-                nbytes = _HEAD_KERNEL_BYTES.get(name) if op is mhc_head_triton else None
-                us = ms * 1e3 / max(calls, 1)
-                if nbytes is None:
-                    log(fmt_row([label, name[:60], calls, f"{us:.1f}", "-", "-", "-"]))
-                    continue
-                mb = nbytes(X, H, S) / 1e6
-                gbs = mb / us * 1e3
-                log(fmt_row([label, name, calls, f"{us:.1f}", f"{mb:.0f}", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"]))
+            _log_kernel_rows(label, times, _HEAD_KERNEL_BYTES if op is mhc_head_triton else {}, (X, H, S),
+                             copy_gbs, log, top=12)
             log(fmt_row([label, f"whole head fwd+bwd ({sum(c for c, _ in times.values())} kernels)", 1,
                          f"{res[label] * 1e3:.0f}", "", "", ""]))
         except Exception as exc:

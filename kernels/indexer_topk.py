@@ -35,7 +35,7 @@ Selection (``select``):
   particular order. The model's default (model.indexer_select): the gather of the winners is the
   same kernel either way (``sorted`` only decides the sort after it), and every consumer of the
   selection (sparse attention, indexer loss, recall, context parallel) treats it as a set
-  (tests/model/test_selection_order.py, tests/kernels/test_selection_order.py);
+  (tests/model/test_selection_order.py, tests/kernels/test_selection_order_kernels.py);
   bench/indexer_loss.py checks the sets and times both on the GPU.
 * ``fused``: our exact selection kernel, one program per query row, over a chunk sized to stay
   in L2, so the scores never round-trip through HBM (see ``_select_topk_kernel`` for why this

@@ -125,7 +125,7 @@ class ModelConfig:
     # `sorted` says and sorted=True only adds a sort of the K winners (H200, small at 4 x 4K:
     # radixSortKVInPlace, 14 of topk's 33 ms a step); no consumer reads the slot order (sparse
     # attention, indexer loss, recall, context parallel: tests/model/test_selection_order.py and
-    # tests/kernels/test_selection_order.py). chunked keeps score-ordered slots for inspection.
+    # tests/kernels/test_selection_order_kernels.py). chunked keeps score-ordered slots for inspection.
     indexer_score_dtype: str = "bf16"
     indexer_select: str = "unsorted"
     # --- RoPE: theta on window-only layers; YaRN-scaled theta on compressed layers

@@ -14,18 +14,14 @@ from kernels.indexer_topk import indexer_scores_triton, indexer_topk, quantize_f
 from model.config import ConfigError, ModelConfig
 from model.indexer import get_indexer_topk, indexer_scores, select_topk
 from model.indexer_topk import reference_indexer_topk
-from model.layout import CompressedLayout, DocLayout
+from model.layout import DocLayout
+from doc_layouts import layout_from_cuts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _layout(B, L, ratio, cuts):
-    doc_ids = torch.zeros(B, L, dtype=torch.long)
-    for b, row in enumerate(cuts):
-        for c in row:
-            doc_ids[b, c:] += 1
-    lay = DocLayout.from_doc_ids(doc_ids.to(DEVICE))
-    return lay, CompressedLayout.build(lay, ratio)
+    return layout_from_cuts(B, L, cuts, ratio, DEVICE)
 
 
 def _case(B, L, Hi, Di, ratio, cuts, dtype, seed, integer=False):

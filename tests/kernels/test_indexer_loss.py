@@ -9,6 +9,7 @@ import torch
 from kernels.indexer_loss import (attention_mass_on_selected_triton, candidates, kl_over_selected_triton,
                                   selected_indexer_scores_triton)
 from model.indexer import attention_mass_on_selected, selected_indexer_scores
+from doc_layouts import layout_from_cuts
 from hopper_compile import run_fresh
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,14 +117,9 @@ def test_attention_mass_on_selected_matches_reference(dtype, tol, B, L, N, K, H,
 
 def _visible_case(g, B, L, ratio, cuts):
     """A packed-document layout's (c_end, doc_start) and its visibility [B, L, N]."""
-    from model.layout import CompressedLayout, DocLayout, compressed_mask
+    from model.layout import compressed_mask
 
-    doc_ids = torch.zeros(B, L, dtype=torch.long)
-    for b, row in enumerate(cuts):
-        for c in row:
-            doc_ids[b, c:] += 1
-    lay = DocLayout.from_doc_ids(doc_ids.to(DEVICE))
-    cl = CompressedLayout.build(lay, ratio)
+    lay, cl = layout_from_cuts(B, L, cuts, ratio, DEVICE)
     return cl.c_end, lay.doc_start, compressed_mask(lay.doc_start, cl.c_end)
 
 

@@ -6,19 +6,14 @@ import torch
 
 from kernels.indexer_topk import indexer_scores_triton, indexer_topk
 from model.indexer import indexer_scores, select_topk
-from model.layout import CompressedLayout, DocLayout
+from doc_layouts import layout_from_cuts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case(B, L, Hi, Di, ratio, cuts, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    doc_ids = torch.zeros(B, L, dtype=torch.long)
-    for b, row in enumerate(cuts):
-        for c in row:
-            doc_ids[b, c:] += 1
-    lay = DocLayout.from_doc_ids(doc_ids.to(DEVICE))
-    cl = CompressedLayout.build(lay, ratio)
+    lay, cl = layout_from_cuts(B, L, cuts, ratio, DEVICE)
     N = cl.c_end.shape[1]
     q = torch.randn(B, L, Hi, Di, generator=g).to(DEVICE, dtype)
     w = torch.randn(B, L, Hi, generator=g).to(DEVICE, dtype)

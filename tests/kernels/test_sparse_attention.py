@@ -7,8 +7,8 @@ import torch
 
 from kernels.sparse_attention import (KernelConfig, SparseAttentionConfigs, default_configs,
                                       sparse_attention_triton)
-from model.layout import CompressedLayout, DocLayout
 from model.sparse_attention import sparse_attention
+from doc_layouts import layout_from_cuts
 from hopper_compile import run_fresh
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,12 +19,7 @@ def _rel(a, b):
 
 
 def _layout(B, L, cuts, ratio):
-    doc_ids = torch.zeros(B, L, dtype=torch.long)
-    for b, row_cuts in enumerate(cuts):
-        for c in row_cuts:
-            doc_ids[b, c:] += 1
-    lay = DocLayout.from_doc_ids(doc_ids.to(DEVICE))
-    return lay, CompressedLayout.build(lay, ratio)
+    return layout_from_cuts(B, L, cuts, ratio, DEVICE)
 
 
 def _run_both(q, kv, sink, lay, window, ckv, c_end, topk, configs=None, use_lse_grad=True, tune=None):

@@ -3,7 +3,6 @@ einsum reference, forward and both gradients (fp64 exact, bf16 equal, odd sizes,
 non-contiguous input), and the layouts it promises: no copy op forward or backward."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from model.grouped_linear import grouped_linear, grouped_linear_reference
 
@@ -48,22 +47,12 @@ def test_non_contiguous_input_and_torch_impl():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func._schema.name.split("::")[-1])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("fn,copies", [(grouped_linear, 0), (grouped_linear_reference, 3)])
-def test_copies_forward_and_backward(fn, copies):
+def test_copies_forward_and_backward(fn, copies, op_names):
     # the reference copies its group-major output forward and the input and weight gradients
     # backward; the bmm form writes every result in its final layout: 3 bmms, no copy
     x, w, dy = _inputs(torch.float32, (2, 8), 4, 16, 8)
-    with _Ops() as rec:
+    with op_names() as rec:
         y = fn(x, w, 4)
         y.backward(dy)
     copy_ops = [n for n in rec.names if n in ("clone", "copy_", "contiguous", "_to_copy")]
@@ -115,7 +104,7 @@ def test_unrotate_grouped_linear_fp64_matches_reference(B, L, H, hd, groups, r):
     assert torch.autograd.gradcheck(lambda a, b: unrotate_grouped_linear(a, pos[:1, :3], rope, b, 2), (o2, w2))
 
 
-def test_unrotate_grouped_linear_backward_rotates_in_place():
+def test_unrotate_grouped_linear_backward_rotates_in_place(op_names):
     # the backward's rope is the in-place op on the gradient it made (rope_rotate_), no
     # out-of-place rope_rotate and no copy
     import model.rope as mr
@@ -128,7 +117,7 @@ def test_unrotate_grouped_linear_backward_rotates_in_place():
     real = mr.get_rope_rotate_
     mr.get_rope_rotate_ = lambda *a: (lambda x, *b: calls.append(x.data_ptr()) or real(*a)(x, *b))
     try:
-        with _Ops() as rec:
+        with op_names() as rec:
             (do,) = torch.autograd.grad(y, [o], dy)
     finally:
         mr.get_rope_rotate_ = real

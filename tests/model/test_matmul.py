@@ -159,23 +159,12 @@ def test_compiled_keeps_the_split(backend):
         assert (a == b).float().mean().item() > 0.97
 
 
-def test_backward_split_is_two_passes_per_cotangent():
+def test_backward_split_is_two_passes_per_cotangent(op_names):
     # the hi/lo split is written in place: per cotangent one rounding copy and one subtraction,
     # no stack of the fp32 cotangents and no cast of a stacked split (before: 5 passes, ~4x bytes)
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func._schema.name.split("::")[-1])
-            return func(*args, **(kwargs or {}))
-
     x, ws, cots = _inputs(torch.bfloat16, outs=(24, 24, 24))
     ys = linears_fp32_fused(x, *ws)
-    with Ops() as rec:
+    with op_names() as rec:
         torch.autograd.backward(ys, [c.float() for c in cots])
     before_gemm = rec.names[:rec.names.index("cat")]
     assert before_gemm.count("copy_") == 3 and before_gemm.count("sub") == 3, rec.names

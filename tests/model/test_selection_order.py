@@ -6,7 +6,7 @@ selection with every query's slots shuffled (empty -1 slots moved to the front, 
 top-k may leave them anywhere): the layer output, the indexer loss, every parameter's and the
 input's gradient and the recall diagnostic equal the sorted run's up to summation order. The
 Triton consumers (sparse attention, the indexer loss kernels) are covered under the interpreter
-in tests/kernels/test_selection_order.py."""
+in tests/kernels/test_selection_order_kernels.py."""
 import pytest
 import torch
 
