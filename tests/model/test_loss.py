@@ -176,8 +176,13 @@ def test_model_losses_and_grads_equal_reference_fp32():
         assert abs(out.losses[k] - ref_out.losses[k]) <= 1e-6 * abs(ref_out.losses[k]), k
     for n in ("head.weight", "norm.weight"):
         assert _rel(got[n], ref[n]) <= 1e-6, n
+    # floor 1e-5: both fp32 paths sit 1e-6..2e-4 from fp64 on the mHC parameters (measured 2026-12-03),
+    # so below ~1e-5 the ratio of the two errors is rounding luck (layers.0.hc_attn.scale: 2.7e-6 vs
+    # 7.6e-7 after a reordering of the MoE's sums); a real loss-path error is orders larger
     for n in ref:
-        assert _rel(got[n], truth[n]) <= 2 * _rel(ref[n], truth[n]) + 1e-6, n
+        assert _rel(got[n], truth[n]) <= 2 * _rel(ref[n], truth[n]) + 1e-5, n
+
+
 def test_model_returns_logits_only_when_asked():
     cfg = ModelConfig.from_preset("micro", vocab_size=97)
     model = Transformer(cfg)
