@@ -467,16 +467,5 @@ def mhc_coefficients_triton(x: torch.Tensor, fn: torch.Tensor, base: torch.Tenso
     """Triton version of ``model.hyper_connections.mhc_coefficients`` (same arguments and
     results: pre [..., n], post [..., n], comb [..., n, n], fp32; differentiable in x, fn,
     base and scale)."""
-    if x.dim() < 2 or x.shape[-2] != n:
-        raise ValueError(f"mhc_coefficients_triton: x must be [..., n={n}, D], got {tuple(x.shape)}")
-    K = n * x.shape[-1]
-    if fn.shape != ((2 + n) * n, K):
-        raise ValueError(f"mhc_coefficients_triton: fn must be [{(2 + n) * n}, {K}], got {tuple(fn.shape)}")
-    if base.shape != ((2 + n) * n,) or scale.shape != (3,):
-        raise ValueError(f"mhc_coefficients_triton: base must be [{(2 + n) * n}] and scale [3], "
-                         f"got {tuple(base.shape)} and {tuple(scale.shape)}")
-    if iters < 1:
-        raise ValueError(f"mhc_coefficients_triton: iters must be >= 1, got {iters}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"mhc_coefficients_triton: x dtype must be fp16, bf16 or fp32, got {x.dtype}")
+    check_pre_inputs("mhc_coefficients_triton", x, fn, base, scale, n, iters)
     return _MHCCoefficients.apply(x, fn, base, scale, int(n), int(iters), float(eps), float(norm_eps))
